@@ -1,0 +1,59 @@
+"""The command line: summary, train, eval, predict.
+
+    python main.py summary --config experiments/quickstart.py
+    python main.py train   --config experiments/quickstart.py --workdir runs/quickstart
+    python main.py eval    --workdir runs/quickstart [--config ...] [--output report.json]
+    python main.py predict --workdir runs/quickstart --input PATH --output DIR
+
+Any config field can be overridden, e.g. `--config.train.steps=100`.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+COMMANDS = ('summary', 'train', 'eval', 'predict')
+
+config_flags.DEFINE_config_file('config', None, 'Experiment file (experiments/*.py).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Run folder: config, checkpoints, reports.')
+flags.DEFINE_string('input', None, 'predict: an image file or a folder of images.')
+flags.DEFINE_string('output', None, 'eval: report JSON path; predict: output folder.')
+FLAGS = flags.FLAGS
+
+
+def _require(**values):
+  missing = [f'--{name}' for name, value in values.items() if not value]
+  if missing:
+    raise app.UsageError(f'{" and ".join(missing)} required')
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f'usage: main.py {{{",".join(COMMANDS)}}} [flags]')
+  command = argv[1]
+  # Imported here so that `--help` and usage errors answer without loading JAX.
+  import jax
+  jax.config.update('jax_compilation_cache_dir', '/tmp/seg-jax-cache')
+  if command == 'summary':
+    _require(config=FLAGS.config)
+    from seg import summary
+    print(summary.format_summary(FLAGS.config, summary.describe(FLAGS.config)))
+  elif command == 'train':
+    _require(config=FLAGS.config, workdir=FLAGS.workdir)
+    from seg import train
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  elif command == 'eval':
+    _require(workdir=FLAGS.workdir)
+    from seg import evaluate
+    evaluate.evaluate_workdir(FLAGS.workdir, FLAGS.config, FLAGS.output)
+  elif command == 'predict':
+    _require(workdir=FLAGS.workdir, input=FLAGS.input, output=FLAGS.output)
+    from seg import predict
+    if predict.predict_paths(FLAGS.workdir, FLAGS.input, FLAGS.output):
+      sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,1 @@
+"""DeepLabv3 + MobileNetV2 semantic segmentation in JAX/Flax."""

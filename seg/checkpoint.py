@@ -1,0 +1,94 @@
+"""Workdir layout and orbax checkpoints.
+
+    WORKDIR/config.json       the experiment's config (eval and predict rebuild the model from it)
+    WORKDIR/checkpoints/N/    one orbax checkpoint per saved step, items:
+        model: {'params', 'batch_stats'}   everything eval and predict need
+        train: {'opt_state', 'step'}       what resuming training needs besides
+    WORKDIR/eval.json         the last evaluation report
+
+Orbax writes each step to a temporary folder and renames it when complete,
+so a crash in the middle of a save never leaves a checkpoint that restores.
+"""
+
+import json
+import os
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json; refuses a workdir whose existing run has another model."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    if previous.get('model') != config.model.to_dict():
+      raise ValueError(
+          f'{workdir} holds a run of a different model ({path}: {previous.get("model")}); '
+          f'use another --workdir or remove that one')
+  with open(path, 'w') as f:
+    f.write(config.to_json(indent=2))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir} a training workdir?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def create_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+  """A manager over WORKDIR/checkpoints keeping the last `keep` checkpoints."""
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+      item_names=('model', 'train'))
+
+
+def save(manager: ocp.CheckpointManager, step: int, model_vars: Dict[str, Any],
+         train_vars: Dict[str, Any]) -> None:
+  """Saves host (unreplicated) pytrees for `step` (asynchronously; see `wait`)."""
+  manager.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model_vars),
+                                             train=ocp.args.StandardSave(train_vars)))
+
+
+def restore(manager: ocp.CheckpointManager, model_like: Dict[str, Any],
+            train_like: Optional[Dict[str, Any]] = None, step: Optional[int] = None):
+  """Restores (model_vars, train_vars or None) at `step` (default: latest), or None.
+
+  `model_like` / `train_like` give the structure, shapes and dtypes expected.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    return None
+  args = {'model': ocp.args.StandardRestore(model_like)}
+  if train_like is not None:
+    args['train'] = ocp.args.StandardRestore(train_like)
+  restored = manager.restore(step, args=ocp.args.Composite(**args))
+  return restored['model'], (restored['train'] if train_like is not None else None)
+
+
+def abstract_variables(model, image_size: int = 65) -> Dict[str, Any]:
+  """Shapes and dtypes of the model's params and batch_stats (nothing computed)."""
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False))
+  return {'params': shapes['params'], 'batch_stats': shapes['batch_stats']}
+
+
+def load_model_variables(workdir: str, model, step: Optional[int] = None):
+  """(variables {'params', 'batch_stats'}, step) of the latest (or given) checkpoint."""
+  manager = create_manager(workdir)
+  restored = restore(manager, abstract_variables(model), step=step)
+  if restored is None:
+    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
+                            f'train first (python main.py train --workdir {workdir} ...)')
+  return restored[0], manager.latest_step() if step is None else step

@@ -1,0 +1,38 @@
+"""Class names and the PASCAL VOC colour map (no TensorFlow: used by eval and predict)."""
+
+from typing import List
+
+import numpy as np
+
+VOC_CLASS_NAMES = (
+    'background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat',
+    'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant',
+    'sheep', 'sofa', 'train', 'tvmonitor')
+
+# The embedded dataset's 20 object classes: every colour family with every texture.
+EMBEDDED_COLOURS = ('red', 'yellow', 'green', 'blue')
+EMBEDDED_TEXTURES = ('solid', 'hstripes', 'vstripes', 'checker', 'dots')
+EMBEDDED_CLASS_NAMES = ('background',) + tuple(
+    f'{colour}-{texture}' for colour in EMBEDDED_COLOURS for texture in EMBEDDED_TEXTURES)
+
+
+def class_names(dataset: str, num_classes: int) -> List[str]:
+  """Human-readable names for `num_classes` classes of `dataset` (ids if unknown)."""
+  names = EMBEDDED_CLASS_NAMES if dataset == 'embedded' else VOC_CLASS_NAMES
+  if len(names) != num_classes:
+    return [str(i) for i in range(num_classes)]
+  return list(names)
+
+
+def voc_colormap(size: int = 256) -> np.ndarray:
+  """The PASCAL VOC palette: [size, 3] uint8, class i's colour from the bits of i."""
+  cmap = np.zeros((size, 3), np.uint8)
+  for i in range(size):
+    c, r, g, b = i, 0, 0, 0
+    for j in range(8):
+      r |= ((c >> 0) & 1) << (7 - j)
+      g |= ((c >> 1) & 1) << (7 - j)
+      b |= ((c >> 2) & 1) << (7 - j)
+      c >>= 3
+    cmap[i] = (r, g, b)
+  return cmap

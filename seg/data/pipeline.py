@@ -1,0 +1,141 @@
+"""Input pipelines: DeepLab's training augmentation and padded full-resolution evaluation.
+
+Batches come out as NumPy dicts for the process's local devices:
+  train: image [batch, crop, crop, 3] float32 in [0, 255], label [batch, crop, crop] uint8
+  eval:  image [batch, size, size, 3] float32 in [0, 255], label [batch, size, size] uint8
+         (255 outside the image), mask [batch] float32 (0 for padding examples).
+"""
+
+import math
+from typing import Dict, Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from seg.data import voc
+
+# The GPU belongs to JAX; TF only decodes and augments on the CPU.
+tf.config.set_visible_devices([], 'GPU')
+
+MEAN_PIXEL = 127.5  # pads images; maps to 0 after DeepLab's [-1, 1] scaling
+
+
+def _pad_to(image: tf.Tensor, label: tf.Tensor, height, width, ignore_label: int):
+  """Pads image (mean pixel) and label (ignore_label) at the bottom and right."""
+  pad_h = tf.maximum(height - tf.shape(image)[0], 0)
+  pad_w = tf.maximum(width - tf.shape(image)[1], 0)
+  paddings = [[0, pad_h], [0, pad_w], [0, 0]]
+  image = tf.pad(image - MEAN_PIXEL, paddings) + MEAN_PIXEL
+  label = tf.pad(tf.cast(label, tf.int32) - ignore_label, paddings) + ignore_label
+  return image, tf.cast(label, tf.uint8)
+
+
+def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: int,
+            min_scale: float, max_scale: float, scale_step: float,
+            ignore_label: int = 255):
+  """DeepLab's training augmentation, deterministic in `seed` (a [2] int tensor).
+
+  Random scale from {min_scale, min_scale + step, ..., max_scale} (bilinear
+  for the image, nearest for the label, aligned corners as TF1 DeepLab), pad
+  up to the crop (mean pixel / ignore_label), random crop, random horizontal
+  flip.
+
+  Args:
+    image: [height, width, 3] uint8 or float.
+    label: [height, width, 1] uint8.
+
+  Returns:
+    image [crop, crop, 3] float32 in [0, 255], label [crop, crop] uint8.
+  """
+  scale_seed, crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
+  scales = tf.range(min_scale, max_scale + scale_step / 2, scale_step)
+  scale = tf.gather(scales, tf.random.stateless_uniform(
+      [], scale_seed, 0, tf.size(scales), dtype=tf.int32))
+  size = tf.cast(tf.cast(tf.shape(image)[:2], tf.float32) * scale, tf.int32)
+  image = tf.compat.v1.image.resize(tf.cast(image, tf.float32), size,
+                                    tf.image.ResizeMethod.BILINEAR, align_corners=True)
+  label = tf.compat.v1.image.resize(label, size, tf.image.ResizeMethod.NEAREST_NEIGHBOR,
+                                    align_corners=True)
+  image, label = _pad_to(image, label, crop_size, crop_size, ignore_label)
+  both = tf.concat([image, tf.cast(label, tf.float32)], axis=-1)
+  both = tf.image.stateless_random_crop(both, [crop_size, crop_size, 4], crop_seed)
+  both = tf.image.stateless_random_flip_left_right(both, flip_seed)
+  return both[..., :3], tf.cast(tf.round(both[..., 3]), tf.uint8)
+
+
+def train_batches(data_config, batch_size: int, seed: int, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+  """Endless augmented training batches of this process's shard of the split.
+
+  Args:
+    batch_size: examples per batch for this process (global batch / processes).
+    seed: shuffling and augmentation seed.
+  """
+  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  ds = builder.as_dataset(split=data_config.train_split, shuffle_files=False)
+  if builder.info.splits[data_config.train_split].num_examples < process_count:
+    raise ValueError(f'split {data_config.train_split!r} has fewer examples than processes')
+  ds = ds.shard(process_count, process_index)
+  ds = ds.map(lambda ex: (ex['image'], ex['label']))
+  ds = ds.cache().repeat().shuffle(data_config.shuffle_buffer, seed=seed)
+  # Each example gets its own augmentation seed: (seed, running index).
+  ds = ds.enumerate()
+
+  def _augment(index, example):
+    image, label = example
+    image, label = augment(
+        image, label, tf.stack([tf.cast(seed, tf.int64), index]),
+        crop_size=data_config.crop_size, min_scale=data_config.min_scale,
+        max_scale=data_config.max_scale, scale_step=data_config.scale_step,
+        ignore_label=data_config.ignore_label)
+    return {'image': image, 'label': label}
+
+  ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
+  return iter(tfds.as_numpy(ds))
+
+
+def num_examples(data_config, split: str) -> int:
+  """Number of examples of a prepared split."""
+  return voc.prepare(data_config.dataset, data_config.data_dir).info.splits[split].num_examples
+
+
+def eval_batches(data_config, batch_size: int, split: str, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+  """Every example of this process's shard exactly once, at full resolution.
+
+  Images are padded (never resized or cropped) to `eval_size` x `eval_size`;
+  the last batch is completed with masked padding examples, and every process
+  yields the same number of batches so that collective steps line up.
+  """
+  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  total = builder.info.splits[split].num_examples
+  steps = math.ceil(math.ceil(total / process_count) / batch_size)
+  size = data_config.eval_size
+  ds = builder.as_dataset(split=split, shuffle_files=False).shard(process_count, process_index)
+
+  def _pad(ex):
+    shape = tf.shape(ex['image'])
+    check = tf.debugging.assert_less_equal(
+        tf.reduce_max(shape[:2]), size,
+        message=f'an image is larger than config.data.eval_size={size}; raise eval_size')
+    with tf.control_dependencies([check]):
+      image, label = _pad_to(tf.cast(ex['image'], tf.float32), ex['label'], size, size,
+                             data_config.ignore_label)
+    return {'image': image, 'label': label[..., 0], 'mask': tf.ones([], tf.float32)}
+
+  ds = ds.map(_pad, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
+  padding = {'image': np.full((size, size, 3), MEAN_PIXEL, np.float32),
+             'label': np.full((size, size), data_config.ignore_label, np.uint8),
+             'mask': np.zeros((), np.float32)}
+  produced = 0
+  for batch in tfds.as_numpy(ds):
+    missing = batch_size - len(batch['mask'])
+    if missing:
+      batch = {k: np.concatenate([v, np.stack([padding[k]] * missing)]) for k, v in batch.items()}
+    produced += 1
+    yield batch
+  for _ in range(steps - produced):
+    yield {k: np.stack([v] * batch_size) for k, v in padding.items()}
