@@ -10,7 +10,7 @@ Any config field can be overridden, e.g. `--config.train.steps=100`.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 COMMANDS = ('summary', 'train', 'eval', 'predict')
@@ -33,6 +33,8 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'usage: main.py {{{",".join(COMMANDS)}}} [flags]')
   command = argv[1]
+  logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO
+  sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once in logs too
   # Imported here so that `--help` and usage errors answer without loading JAX.
   import jax
   jax.config.update('jax_compilation_cache_dir', '/tmp/seg-jax-cache')

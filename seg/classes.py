@@ -10,8 +10,8 @@ VOC_CLASS_NAMES = (
     'sheep', 'sofa', 'train', 'tvmonitor')
 
 # The embedded dataset's 20 object classes: every colour family with every texture.
-EMBEDDED_COLOURS = ('red', 'yellow', 'green', 'blue')
-EMBEDDED_TEXTURES = ('solid', 'hstripes', 'vstripes', 'checker', 'dots')
+EMBEDDED_COLOURS = ('red', 'yellow', 'green', 'cyan', 'violet')
+EMBEDDED_TEXTURES = ('solid', 'stripes', 'checker', 'dots')
 EMBEDDED_CLASS_NAMES = ('background',) + tuple(
     f'{colour}-{texture}' for colour in EMBEDDED_COLOURS for texture in EMBEDDED_TEXTURES)
 

@@ -108,8 +108,9 @@ class Conv(nn.Module):
       y = conv(x, kernel, self.stride, self.dilation)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(y.dtype)
-    per_tap = 1 if self.depthwise else cin
-    self.sow('madds', 'conv', int(np.prod(y.shape[1:])) * per_tap * k * k)
+    if not self.is_initializing():  # keep the counts out of the model's variables
+      per_tap = 1 if self.depthwise else cin
+      self.sow('madds', 'conv', int(np.prod(y.shape[1:])) * per_tap * k * k)
     return y
 
 
@@ -135,6 +136,7 @@ class ConvBN(nn.Module):
              self.depthwise, name='depthwise' if self.depthwise else 'conv')(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                      epsilon=self.bn_epsilon, axis_name=self.axis_name if train else None,
+                     use_fast_variance=False,
                      name='BatchNorm')(x)
     return self.activation(x) if self.activation is not None else x
 

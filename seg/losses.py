@@ -21,5 +21,6 @@ def cross_entropy_sum(logits: jax.Array, labels: jax.Array,
   """
   valid = labels != ignore_label
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # bf16 -> f32
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
   return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid).astype(jnp.float32)

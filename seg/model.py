@@ -186,5 +186,8 @@ def create_model(model_config) -> DeepLabV3MobileNetV2:
 
 
 def preprocess(images: jax.Array) -> jax.Array:
-  """uint8 or float [0, 255] RGB -> float32 in [-1, 1], DeepLab's MobileNetV2 convention."""
-  return images.astype(jnp.float32) / 127.5 - 1.0
+  """uint8 or float [0, 255] RGB -> [-1, 1], DeepLab's MobileNetV2 convention.
+
+  Integer images become float32; float64 stays float64 (used by exactness tests).
+  """
+  return images.astype(jnp.promote_types(images.dtype, jnp.float32)) / 127.5 - 1.0

@@ -4,6 +4,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import jax_utils
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -24,7 +25,7 @@ def shard(batch: Any) -> Any:
 
 def replicate(tree: Any) -> Any:
   """Copies a host pytree onto every local device (leading device axis)."""
-  return jax.device_put_replicated(tree, jax.local_devices())
+  return jax_utils.replicate(tree)
 
 
 def unreplicate(tree: Any) -> Any:

@@ -1,9 +1,9 @@
 """The embedded dataset: synthetic scenes written in the exact PASCAL VOC 2012 layout.
 
 Each image holds one to three objects over a smooth, low-saturation
-background. An object's class is the pair (colour family, texture): four
-colour families times five textures give 20 object classes, so colour alone
-(shared by five classes) or texture alone (shared by four) never decides the
+background. An object's class is the pair (colour family, texture): five
+colour families times four textures give 20 object classes, so colour alone
+(shared by four classes) or texture alone (shared by five) never decides the
 class. Shapes (ellipses, rotated rectangles, triangles, polygons, stars),
 sizes, positions, texture periods and phases vary per object, objects overlap
 (later ones occlude earlier ones), and a void band (255) is drawn along every
@@ -27,7 +27,7 @@ from seg.classes import EMBEDDED_COLOURS, EMBEDDED_TEXTURES, voc_colormap
 NUM_TRAIN = 600
 NUM_VAL = 150
 MIN_SIZE, MAX_SIZE = 96, 160     # image height and width, pixels
-HUES = (0.0, 0.16, 0.33, 0.62)   # centres of the colour families
+HUES = (0.0, 0.15, 0.33, 0.52, 0.76)   # centres of the colour families
 HUE_JITTER = 0.04
 SHAPES = ('ellipse', 'rectangle', 'triangle', 'polygon', 'star')
 SPLIT_IDS = {'train': 0, 'val': 1}
@@ -84,14 +84,12 @@ def _texture(rng: np.random.Generator, h: int, w: int, texture: str,
   value = rng.uniform(0.65, 1.0)
   primary = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), value)) * 255
   secondary = primary * rng.uniform(0.3, 0.55)
-  period = rng.uniform(5, 10)
+  period = rng.uniform(8, 14)
   yy, xx = np.mgrid[0:h, 0:w] + rng.uniform(0, period, size=(2, 1, 1))
   if texture == 'solid':
     pattern = np.zeros((h, w), bool)
-  elif texture == 'hstripes':
-    pattern = (yy // (period / 2)) % 2 == 1
-  elif texture == 'vstripes':
-    pattern = (xx // (period / 2)) % 2 == 1
+  elif texture == 'stripes':   # horizontal or vertical
+    pattern = ((yy if rng.random() < 0.5 else xx) // (period / 2)) % 2 == 1
   elif texture == 'checker':
     pattern = ((yy // (period / 2)) + (xx // (period / 2))) % 2 == 1
   elif texture == 'dots':

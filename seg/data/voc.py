@@ -27,8 +27,11 @@ class VocSegmentationConfig(tfds.core.BuilderConfig):
 class VocSegmentation(tfds.core.GeneratorBasedBuilder):
   """Semantic segmentation examples: image, label (uint8 indices, 255 = void), file name."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Embedded generated dataset in the VOC 2012 layout.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Embedded generated dataset in the VOC 2012 layout.',
+      '1.1.0': 'Embedded: five colour families x four textures, coarser textures.',
+  }
   BUILDER_CONFIGS = [
       VocSegmentationConfig(
           name='embedded',
@@ -48,7 +51,8 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> Dict[str, Iterator]:
-    root = embedded.write_voc_layout(os.path.join(dl_manager.download_dir, 'embedded'))
+    root = embedded.write_voc_layout(
+        os.path.join(dl_manager.download_dir, f'embedded-{self.VERSION}'))
     return {split: self._generate_examples(root, split) for split in self.builder_config.splits}
 
   def _generate_examples(self, voc_root: str, split: str):

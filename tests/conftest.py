@@ -1,0 +1,30 @@
+"""Shared fixtures: four fake CPU devices, the embedded dataset prepared once per session."""
+
+import os
+
+# Must happen before JAX initialises its backends.
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_force_host_platform_device_count=4').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+
+from experiments import tiny  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def data_dir(tmp_path_factory):
+  """A TFDS data_dir holding the prepared embedded dataset."""
+  from seg.data import voc
+  path = str(tmp_path_factory.mktemp('tfds'))
+  voc.prepare('embedded', path)
+  return path
+
+
+@pytest.fixture
+def tiny_config(data_dir):
+  """experiments/tiny.py reading the session's dataset (unlocked for per-test changes)."""
+  config = tiny.get_config()
+  config.data.data_dir = data_dir
+  return config

@@ -1,0 +1,117 @@
+"""main.py end to end on the tiny config: train, eval, predict, summary."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from seg import checkpoint, evaluate, predict
+from seg.data import voc
+from seg.metrics import iou_report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args, check=True):
+  result = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+  if check and result.returncode != 0:
+    raise AssertionError(f'main.py {" ".join(args)} failed:\n{result.stdout}\n{result.stderr}')
+  return result
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_dir):
+  """A workdir trained by `main.py train` on the tiny config."""
+  workdir = str(tmp_path_factory.mktemp('cli') / 'run')
+  result = _main('train', '--config', 'experiments/tiny.py', '--workdir', workdir,
+                 f'--config.data.data_dir={data_dir}', '--config.train.steps=6')
+  return workdir, result.stdout
+
+
+def test_train_prints_progress_and_writes_a_report(trained):
+  workdir, stdout = trained
+  assert 'step      6/6' in stdout and 'img/s' in stdout and 'mIoU' in stdout
+  report = json.load(open(os.path.join(workdir, 'eval.json')))
+  assert report['num_images'] == 150
+  assert set(report) >= {'miou', 'per_class_iou', 'pixel_accuracy', 'num_images'}
+
+
+def test_eval_writes_the_json_report(trained, tmp_path):
+  workdir, _ = trained
+  output = str(tmp_path / 'report.json')
+  stdout = _main('eval', '--workdir', workdir, '--output', output).stdout
+  report = json.load(open(output))
+  assert report['num_images'] == 150 and len(report['per_class_iou']) == 21
+  assert 'red-solid' in stdout and 'pixel accuracy' in stdout
+  # The same checkpoint gives the same figures as the evaluation at the end of training.
+  assert report['miou'] == json.load(open(os.path.join(workdir, 'eval.json')))['miou']
+
+
+def test_predicted_masks_score_what_eval_scores(trained, data_dir):
+  # An independent path to the same number: masks from the predictor, labels read from the
+  # VOC PNGs, one NumPy confusion matrix over all pixels.
+  workdir, _ = trained
+  config = checkpoint.load_config(workdir)
+  [voc_root] = glob.glob(os.path.join(data_dir, 'downloads', 'embedded-*', 'VOCdevkit', 'VOC2012'))
+  model = evaluate.create_model(config.model)
+  variables, _ = checkpoint.load_model_variables(workdir, model)
+  predictor = predict.Predictor(model, variables, config.data.eval_size)
+  cm = np.zeros((21, 21), np.int64)
+  names = voc.read_split_list(voc_root, 'val')
+  for name in names:
+    image = predict.load_rgb(os.path.join(voc_root, 'JPEGImages', name + '.jpg'))
+    label = voc.read_label_png(os.path.join(voc_root, 'SegmentationClass', name + '.png'))
+    mask = predictor(image)
+    assert mask.shape == label.shape
+    valid = label != 255
+    np.add.at(cm, (label[valid], mask[valid]), 1)
+  ours = iou_report(cm, [str(i) for i in range(21)], len(names))
+  report = json.load(open(os.path.join(workdir, 'eval.json')))
+  assert np.isclose(ours['miou'], report['miou'], rtol=1e-6, atol=1e-6)
+  assert np.isclose(ours['pixel_accuracy'], report['pixel_accuracy'], rtol=1e-6)
+
+
+def test_predict_writes_palette_masks_and_reports_bad_files(trained, tmp_path):
+  workdir, _ = trained
+  inputs = tmp_path / 'in'
+  (inputs / 'sub').mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 255, (70, 90, 3), np.uint8)).save(inputs / 'a.jpg')
+  Image.fromarray(rng.integers(0, 255, (200, 50, 4), np.uint8)).save(inputs / 'sub' / 'b.png')
+  Image.fromarray(rng.integers(0, 255, (40, 41), np.uint8)).save(inputs / 'sub' / 'gray.png')
+  (inputs / 'broken.jpg').write_bytes(b'not an image')
+  out = tmp_path / 'out'
+  result = _main('predict', '--workdir', workdir, '--input', str(inputs), '--output', str(out),
+                 check=False)
+  assert result.returncode == 1
+  assert 'broken.jpg' in result.stdout and '3 image(s)' in result.stdout
+  for stem, size in (('a', (90, 70)), ('sub/b', (50, 200)), ('sub/gray', (41, 40))):
+    mask = Image.open(out / (stem + '.png'))
+    assert mask.mode == 'P' and mask.size == size
+    assert np.asarray(mask).max() < 21
+    assert Image.open(out / (stem + '_overlay.jpg')).size == size
+  assert sorted(os.listdir(inputs)) == ['a.jpg', 'broken.jpg', 'sub']   # inputs untouched
+
+
+def test_predict_refuses_an_output_inside_the_input(trained, tmp_path):
+  workdir, _ = trained
+  (tmp_path / 'in').mkdir()
+  with pytest.raises(ValueError, match='inside the input'):
+    predict.predict_paths(workdir, str(tmp_path / 'in'), str(tmp_path / 'in' / 'masks'))
+
+
+def test_summary_prints_the_paper_model():
+  stdout = _main('summary', '--config', 'experiments/base.py').stdout
+  assert 'trainable parameters    2,113,557' in stdout
+  assert '2.74B at 513x513' in stdout
+
+
+def test_bad_command_is_a_usage_error():
+  result = _main('fly', check=False)
+  assert result.returncode != 0 and 'usage' in (result.stdout + result.stderr).lower()

@@ -1,0 +1,94 @@
+"""DeepLab augmentation and padded evaluation batches."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from seg.data import pipeline, voc
+
+CROP = 65
+
+
+def _quadrants(h=48, w=40):
+  """Labels 1..4 in quadrants, a void band, and an image whose red channel encodes the label."""
+  label = np.zeros((h, w), np.uint8)
+  label[:h // 2, :w // 2], label[:h // 2, w // 2:] = 1, 2
+  label[h // 2:, :w // 2], label[h // 2:, w // 2:] = 3, 4
+  label[:, w // 2 - 1:w // 2 + 1] = 255
+  image = np.zeros((h, w, 3), np.uint8)
+  image[..., 0] = np.where(label == 255, 0, label * 50)
+  image[..., 1] = 200
+  return image, label
+
+
+@pytest.mark.parametrize('seed', range(12))
+def test_augmentation_keeps_image_and_label_aligned(seed):
+  image, label = _quadrants()
+  out_image, out_label = pipeline.augment(
+      tf.constant(image), tf.constant(label[..., None]), tf.constant([seed, 7], tf.int64),
+      crop_size=CROP, min_scale=0.5, max_scale=2.0, scale_step=0.25)
+  out_image, out_label = out_image.numpy(), out_label.numpy()
+  assert out_image.shape == (CROP, CROP, 3) and out_label.shape == (CROP, CROP)
+  padded = out_image[..., 1] == pipeline.MEAN_PIXEL
+  # Padding: mean pixel in the image exactly where the label is 255 outside the original.
+  assert np.all(out_label[padded] == 255)
+  # Interior pixels (a 3x3 neighbourhood of one class) carry their class in the red channel.
+  from scipy import ndimage
+  same = (ndimage.maximum_filter(out_label, 3) == ndimage.minimum_filter(out_label, 3))
+  interior = same & (out_label != 255)
+  assert interior.sum() > 50
+  np.testing.assert_allclose(out_image[..., 0][interior], 50.0 * out_label[interior], atol=1.0)
+  # Layout survives (up to a flip): class 1 above 3, and 1 beside 2.
+  rows, cols = np.nonzero(interior)
+  cls = out_label[rows, cols]
+  if {1, 3} <= set(cls):
+    assert rows[cls == 1].mean() < rows[cls == 3].mean()
+
+
+def test_augmentation_flips_and_scales():
+  image, label = _quadrants()
+  left_is_1, sizes = set(), set()
+  for seed in range(30):
+    out_image, out_label = pipeline.augment(
+        tf.constant(image), tf.constant(label[..., None]), tf.constant([seed, 0], tf.int64),
+        crop_size=CROP, min_scale=0.5, max_scale=2.0, scale_step=0.25)
+    out_label = out_label.numpy()
+    ones, twos = np.nonzero(out_label == 1), np.nonzero(out_label == 2)
+    if len(ones[1]) and len(twos[1]):
+      left_is_1.add(bool(ones[1].mean() < twos[1].mean()))
+    sizes.add(int(np.sum(out_label != 255)))
+  assert left_is_1 == {True, False}   # both orientations occur
+  assert len(sizes) > 3               # several scales occur
+
+
+def test_eval_batches_count_every_image_once(tiny_config):
+  config = tiny_config
+  total = pipeline.num_examples(config.data, 'val')
+  batch = 16    # does not divide 150: the last batch is padded
+  seen, batches = 0, 0
+  for b in pipeline.eval_batches(config.data, batch, 'val'):
+    batches += 1
+    assert b['image'].shape == (batch, config.data.eval_size, config.data.eval_size, 3)
+    assert b['label'].shape == (batch, config.data.eval_size, config.data.eval_size)
+    seen += int(b['mask'].sum())
+    assert np.all(b['label'][b['mask'] == 0] == 255)
+  assert seen == total == 150
+  assert batches == -(-total // batch)
+
+
+def test_eval_shards_give_every_process_the_same_steps(tiny_config):
+  counts, steps = [], []
+  for index in range(4):
+    batches = list(pipeline.eval_batches(tiny_config.data, 16, 'val', index, 4))
+    steps.append(len(batches))
+    counts.append(sum(int(b['mask'].sum()) for b in batches))
+  assert len(set(steps)) == 1
+  assert sum(counts) == 150
+
+
+def test_labels_are_read_as_palette_indices(data_dir):
+  builder = voc.get_builder('embedded', data_dir)
+  for example in builder.as_dataset(split='train').take(5):
+    values = set(np.unique(example['label'].numpy()))
+    assert values <= set(range(21)) | {255}
+    assert 255 in values and 0 in values
