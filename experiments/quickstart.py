@@ -16,7 +16,9 @@ def get_config():
   config.model.bn_momentum = 0.99      # a short run: statistics must follow the weights
   config.data.crop_size = 129
   config.data.eval_size = 161          # the embedded images are at most 160 pixels
-  config.train.steps = 1500
+  config.data.min_scale = 0.75         # small images: keep textures above the encoder's stride
+  config.data.max_scale = 1.5
+  config.train.steps = 2500
   config.train.batch_size = 16
   config.train.learning_rate = 0.05
   config.train.warmup_steps = 50

@@ -84,7 +84,8 @@ def _texture(rng: np.random.Generator, h: int, w: int, texture: str,
   value = rng.uniform(0.65, 1.0)
   primary = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), value)) * 255
   secondary = primary * rng.uniform(0.3, 0.55)
-  period = rng.uniform(8, 14)
+  # Coarse enough to survive the encoder's early strides and a 0.5x random scale.
+  period = rng.uniform(12, 20)
   yy, xx = np.mgrid[0:h, 0:w] + rng.uniform(0, period, size=(2, 1, 1))
   if texture == 'solid':
     pattern = np.zeros((h, w), bool)
@@ -94,7 +95,7 @@ def _texture(rng: np.random.Generator, h: int, w: int, texture: str,
     pattern = ((yy // (period / 2)) + (xx // (period / 2))) % 2 == 1
   elif texture == 'dots':
     dy, dx = yy % period - period / 2, xx % period - period / 2
-    pattern = dy * dy + dx * dx < (period / 3.5) ** 2
+    pattern = dy * dy + dx * dx < (period / 3) ** 2
   else:
     raise ValueError(texture)
   return np.where(pattern[..., None], secondary, primary)

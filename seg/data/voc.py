@@ -27,10 +27,11 @@ class VocSegmentationConfig(tfds.core.BuilderConfig):
 class VocSegmentation(tfds.core.GeneratorBasedBuilder):
   """Semantic segmentation examples: image, label (uint8 indices, 255 = void), file name."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {
       '1.0.0': 'Embedded generated dataset in the VOC 2012 layout.',
-      '1.1.0': 'Embedded: five colour families x four textures, coarser textures.',
+      '1.1.0': 'Embedded: five colour families x four textures.',
+      '1.2.0': 'Embedded: coarser textures (period 12 to 20 pixels).',
   }
   BUILDER_CONFIGS = [
       VocSegmentationConfig(
