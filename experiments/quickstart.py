@@ -18,7 +18,7 @@ def get_config():
   config.data.eval_size = 161          # the embedded images are at most 160 pixels
   config.data.min_scale = 0.75         # small images: keep textures above the encoder's stride
   config.data.max_scale = 1.5
-  config.train.steps = 2500
+  config.train.steps = 2200
   config.train.batch_size = 16
   config.train.learning_rate = 0.05
   config.train.warmup_steps = 50
