@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from seg.layers import Conv, ConvBN, resize_bilinear
 
 AXIS_NAME = 'batch'  # the one pmap axis: gradients, BatchNorm statistics, metrics
+MEAN_PIXEL = 127.5   # pads images (DeepLab's mean value); 0 after `preprocess`
 
 # (expansion t, output channels c, repeats n, first stride s) from the paper's Table 2.
 MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),

@@ -21,10 +21,9 @@ from PIL import Image, ImageOps
 
 from seg import checkpoint
 from seg.classes import voc_colormap
-from seg.model import create_model, preprocess
+from seg.model import MEAN_PIXEL, create_model, preprocess
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
-MEAN_PIXEL = 127.5
 BUCKET = 64            # larger images are padded up to a multiple of this (+1)
 OVERLAY_ALPHA = 0.5
 

@@ -14,11 +14,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from seg.data import voc
+from seg.model import MEAN_PIXEL
 
 # The GPU belongs to JAX; TF only decodes and augments on the CPU.
 tf.config.set_visible_devices([], 'GPU')
-
-MEAN_PIXEL = 127.5  # pads images; maps to 0 after DeepLab's [-1, 1] scaling
 
 
 def _pad_to(image: tf.Tensor, label: tf.Tensor, height, width, ignore_label: int):
