@@ -78,4 +78,5 @@ def _reexec_with_mimalloc():
 
 if __name__ == '__main__':
   _reexec_with_mimalloc()
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's C++ INFO lines drown the progress
   app.run(main)
