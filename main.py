@@ -4,6 +4,7 @@
     python main.py train   --config experiments/quickstart.py --workdir runs/quickstart
     python main.py eval    --workdir runs/quickstart [--config ...] [--output report.json]
     python main.py predict --workdir runs/quickstart --input PATH --output DIR
+    python main.py prepare-data --dataset {embedded,voc2012,train_aug} [--manual-dir DIR] [--data-dir DIR]
 
 Any config field can be overridden, e.g. `--config.train.steps=100`.
 """
@@ -15,13 +16,17 @@ import sysconfig
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ('summary', 'train', 'eval', 'predict')
+COMMANDS = ('summary', 'train', 'eval', 'predict', 'prepare-data')
 
 config_flags.DEFINE_config_file('config', None, 'Experiment file (experiments/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run folder: config, checkpoints, reports.')
 flags.DEFINE_string('input', None, 'predict: an image file or a folder of images.')
 flags.DEFINE_string('output', None, 'eval: report JSON path; predict: output folder.')
+flags.DEFINE_string('dataset', None, 'prepare-data: embedded, voc2012 or train_aug.')
+flags.DEFINE_string('manual-dir', '', 'prepare-data: folder with the source archives or their '
+                    'extracted folders (default: DATA_DIR/downloads/manual).')
+flags.DEFINE_string('data-dir', '', 'prepare-data: TFDS data_dir (default ~/tensorflow_datasets).')
 FLAGS = flags.FLAGS
 
 
@@ -57,6 +62,13 @@ def main(argv):
     from seg import predict
     if predict.predict_paths(FLAGS.workdir, FLAGS.input, FLAGS.output):
       sys.exit(1)
+  elif command == 'prepare-data':
+    _require(dataset=FLAGS.dataset)
+    from seg.data import voc
+    builder = voc.prepare(FLAGS.dataset, FLAGS['data-dir'].value, FLAGS['manual-dir'].value)
+    print(f'{FLAGS.dataset} prepared in {builder.data_dir}')
+    for split, info in builder.info.splits.items():
+      print(f'  {split:<10} {info.num_examples:>7,} examples')
 
 
 def _reexec_with_mimalloc():

@@ -91,3 +91,13 @@ def test_summary_counts_paper_multiply_adds():
   assert 2.70e9 < info['madds'] < 2.76e9
   assert info['features_shape'] == (1, 33, 33, 320)
   assert info['logits_shape'] == (1, 513, 513, 21)
+
+
+@pytest.mark.parametrize('name', ['quickstart', 'tiny', 'voc_mnv2_os16', 'voc_mnv2_os8_eval',
+                                  'voc_mnv2_050', 'voc_mnv2_aspp', 'voc_mnv2_trainval'])
+def test_every_experiment_builds_its_model(name):
+  import importlib
+  config = importlib.import_module(f'experiments.{name}').get_config()
+  info = summary.describe(config)
+  side = math.ceil(config.data.eval_size / config.model.output_stride)
+  assert info['features_shape'][1:3] == (side, side)

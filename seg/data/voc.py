@@ -1,27 +1,73 @@
-"""TFDS builder for PASCAL VOC 2012 semantic segmentation (VOCdevkit layout).
+"""TFDS builder for PASCAL VOC 2012 semantic segmentation (VOCdevkit layout) and SBD.
 
 tensorflow-datasets' own `voc` dataset carries no segmentation masks, hence
-this builder. Every config reads a `VOCdevkit/VOC2012` folder: JPEG images,
-palette PNG labels read as class indices (never through RGB; 255 = void) and
-the split lists in `ImageSets/Segmentation`. The `embedded` config first
-writes a generated dataset in that layout (`seg.data.embedded`), so the
-out-of-the-box data goes through exactly the reader that real VOC uses.
+this builder. Configs:
+
+  voc2012    VOC's own splits: train 1,464, val 1,449, trainval 2,913.
+  train_aug  DeepLab's augmented set: train_aug = VOC train + SBD train + SBD val
+             - VOC val (10,582 images), and val = VOC val (1,449).
+  embedded   a generated dataset written in the VOC layout (`seg.data.embedded`), so
+             the out-of-the-box data goes through exactly the reader real VOC uses.
+
+Labels are palette PNGs read as class indices (never through RGB; 255 = void)
+or, for images that only SBD annotates, `cls/<id>.mat` (`GTcls.Segmentation`)
+read with SciPy. Where VOC and SBD both annotate an image, VOC's label (with
+its void borders) is used.
+
+Sources come from the manual directory (`--manual-dir`: the archives or their
+extracted folders, the usual case behind a firewall) or else are downloaded by
+TFDS's download manager. Archives are checked for size and MD5 before use.
 """
 
 import dataclasses
+import hashlib
 import os
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
+import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from seg.data import embedded
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A published archive and the folder inside it that the builder reads."""
+  file_name: str
+  url: str
+  size: int
+  md5: str
+  folder: str
+
+
+SOURCES = {
+    'voc': Source('VOCtrainval_11-May-2012.tar',
+                  'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar',
+                  1_999_639_040, '6cd6e144f989b92b3379bac3b3de84fd',
+                  os.path.join('VOCdevkit', 'VOC2012')),
+    'sbd': Source('benchmark.tgz',
+                  'http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/'
+                  'semantic_contours/benchmark.tgz',
+                  1_419_539_633, '82b4d87ceb2ed10f6038a1cba92111cb',
+                  os.path.join('benchmark_RELEASE', 'dataset')),
+}
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    'Put into the manual directory (--manual-dir) either the archives or their extracted '
+    'folders: ' + '; '.join(f'{s.file_name} from {s.url} (or its folder {s.folder})'
+                            for s in SOURCES.values()) + '.')
+
+
+class SourceError(FileNotFoundError):
+  """A source archive or folder is missing, truncated or not the published file."""
+
+
 @dataclasses.dataclass
 class VocSegmentationConfig(tfds.core.BuilderConfig):
   splits: Tuple[str, ...] = ('train', 'val')
+  sources: Tuple[str, ...] = ()
 
 
 class VocSegmentation(tfds.core.GeneratorBasedBuilder):
@@ -31,13 +77,20 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {
       '1.0.0': 'Embedded generated dataset in the VOC 2012 layout.',
       '1.1.0': 'Embedded: five colour families x four textures.',
-      '1.2.0': 'Embedded: coarser textures (period 12 to 20 pixels).',
+      '1.2.0': 'Embedded: coarser textures (period 12 to 20 pixels); VOC 2012 and train_aug.',
   }
+  MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
       VocSegmentationConfig(
           name='embedded',
           description=f'Generated scenes ({embedded.NUM_TRAIN} train, {embedded.NUM_VAL} val) '
                       'in the VOC 2012 layout; 20 object classes + background.'),
+      VocSegmentationConfig(
+          name='voc2012', splits=('train', 'val', 'trainval'), sources=('voc',),
+          description='PASCAL VOC 2012 segmentation: train 1,464, val 1,449, trainval 2,913.'),
+      VocSegmentationConfig(
+          name='train_aug', splits=('train_aug', 'val'), sources=('voc', 'sbd'),
+          description='VOC train + SBD train + SBD val - VOC val (10,582); val = VOC val.'),
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -52,15 +105,104 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> Dict[str, Iterator]:
-    root = embedded.write_voc_layout(
-        os.path.join(dl_manager.download_dir, f'embedded-{self.VERSION}'))
-    return {split: self._generate_examples(root, split) for split in self.builder_config.splits}
+    name = self.builder_config.name
+    if name == 'embedded':
+      voc_root = embedded.write_voc_layout(
+          os.path.join(dl_manager.download_dir, f'embedded-{self.VERSION}'))
+      sbd_root = None
+    else:
+      roots = {key: locate_source(SOURCES[key], dl_manager) for key in self.builder_config.sources}
+      voc_root, sbd_root = roots['voc'], roots.get('sbd')
+    if name == 'train_aug':
+      lists = {'train_aug': train_aug_ids(voc_root, sbd_root),
+               'val': read_split_list(voc_root, 'val')}
+    else:
+      lists = {split: read_split_list(voc_root, split) for split in self.builder_config.splits}
+    return {split: self._generate_examples(voc_root, sbd_root, ids)
+            for split, ids in lists.items()}
 
-  def _generate_examples(self, voc_root: str, split: str):
-    for name in read_split_list(voc_root, split):
-      image_path = os.path.join(voc_root, 'JPEGImages', name + '.jpg')
-      label = read_label_png(os.path.join(voc_root, 'SegmentationClass', name + '.png'))
+  def _generate_examples(self, voc_root: str, sbd_root: Optional[str], ids: Iterable[str]):
+    for name in ids:
+      image_path, label = read_example(voc_root, sbd_root, name)
       yield name, {'image': image_path, 'label': label[..., None], 'file_name': name}
+
+
+def _manual_dir(dl_manager) -> Optional[str]:
+  try:
+    return os.fspath(dl_manager.manual_dir)
+  except (AssertionError, ValueError):  # not given, missing or empty
+    return None
+
+
+def _md5(path: str) -> str:
+  digest = hashlib.md5()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 22), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def verify_archive(path: str, source: Source) -> None:
+  """Raises SourceError unless `path` has the published size and MD5 of `source`."""
+  where = (f'; put the published {source.file_name} ({source.url}), or its extracted folder '
+           f'{source.folder}, into the manual directory (--manual-dir)')
+  size = os.path.getsize(path)
+  if size != source.size:
+    raise SourceError(f'{path} is {size:,} bytes, expected {source.size:,} '
+                      f'(truncated or another file){where}')
+  md5 = _md5(path)
+  if md5 != source.md5:
+    raise SourceError(f'{path} has MD5 {md5}, expected {source.md5}{where}')
+
+
+def locate_source(source: Source, dl_manager) -> str:
+  """The extracted `source.folder` from the manual dir (folder or archive) or a download."""
+  manual = _manual_dir(dl_manager)
+  if manual:
+    folder = os.path.join(manual, source.folder)
+    if os.path.isdir(folder):
+      return folder
+    archive = os.path.join(manual, source.file_name)
+    if os.path.isfile(archive):
+      verify_archive(archive, source)
+      return os.path.join(os.fspath(dl_manager.extract(archive)), source.folder)
+  try:
+    archive = os.fspath(dl_manager.download(source.url))
+  except Exception as e:  # no network, blocked, moved: say what to do instead
+    raise SourceError(
+        f'{source.file_name} not found in the manual directory ({manual or "none given"}) and '
+        f'its download from {source.url} failed ({type(e).__name__}: {e}). '
+        + MANUAL_DOWNLOAD_INSTRUCTIONS) from e
+  verify_archive(archive, source)
+  return os.path.join(os.fspath(dl_manager.extract(archive)), source.folder)
+
+
+def train_aug_ids(voc_root: str, sbd_root: str) -> list:
+  """DeepLab's train_aug: (VOC train | SBD train | SBD val) - VOC val, sorted."""
+  def sbd_list(split):
+    with open(os.path.join(sbd_root, split + '.txt')) as f:
+      return {line.strip() for line in f if line.strip()}
+  ids = set(read_split_list(voc_root, 'train')) | sbd_list('train') | sbd_list('val')
+  return sorted(ids - set(read_split_list(voc_root, 'val')))
+
+
+def read_example(voc_root: str, sbd_root: Optional[str], name: str):
+  """(image path, label [h, w] uint8) of one image id: VOC's label first, else SBD's."""
+  image_path = os.path.join(voc_root, 'JPEGImages', name + '.jpg')
+  label_path = os.path.join(voc_root, 'SegmentationClass', name + '.png')
+  if os.path.isfile(label_path):
+    return image_path, read_label_png(label_path)
+  if sbd_root is None:
+    raise SourceError(f'{label_path} is missing')
+  if not os.path.isfile(image_path):
+    image_path = os.path.join(sbd_root, 'img', name + '.jpg')
+  return image_path, read_label_mat(os.path.join(sbd_root, 'cls', name + '.mat'))
+
+
+def read_label_mat(path: str) -> np.ndarray:
+  """An SBD `cls/<id>.mat` as class indices: [height, width] uint8 (`GTcls.Segmentation`)."""
+  mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+  return np.asarray(mat['GTcls'].Segmentation, np.uint8)
 
 
 def read_split_list(voc_root: str, split: str) -> list:
@@ -88,8 +230,13 @@ def get_builder(dataset: str, data_dir: str = '') -> VocSegmentation:
   return VocSegmentation(config=dataset, data_dir=data_dir or None)
 
 
-def prepare(dataset: str, data_dir: str = '') -> VocSegmentation:
-  """Builds the dataset's TFRecords once (a no-op when already prepared)."""
+def prepare(dataset: str, data_dir: str = '', manual_dir: str = '') -> VocSegmentation:
+  """Builds the dataset's TFRecords once (a no-op when already prepared).
+
+  `manual_dir` holds the source archives or their extracted folders
+  (default: DATA_DIR/downloads/manual).
+  """
   builder = get_builder(dataset, data_dir)
-  builder.download_and_prepare()
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
   return builder

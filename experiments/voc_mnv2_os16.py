@@ -1,0 +1,29 @@
+"""DeepLabv3 + MobileNetV2 (width 1.0, OS16, reduced head) on PASCAL VOC 2012: the paper's recipe.
+
+    python main.py prepare-data --dataset train_aug --manual-dir /path/with/archives
+    python main.py train --config experiments/voc_mnv2_os16.py --workdir runs/voc_mnv2_os16
+    python main.py eval --workdir runs/voc_mnv2_os16 --output runs/voc_mnv2_os16/val.json
+
+The recipe of the MobileNetV2 paper and the DeepLab reference: train_aug (10,582
+images), 513x513 crops, global batch 16 split across devices, poly learning rate
+from 0.007 over 30,000 steps (power 0.9), momentum 0.9, weight decay 4e-5,
+BatchNorm fine-tuned (decay 0.9997) and synchronised across devices, random scale
+0.5-2.0, evaluation at OS16 on the 1,449 val images padded to 513x513.
+
+Aims for: 75.32% val mIoU, the MobileNetV2 paper's figure (Table 7, "MNet V2*",
+OS16, no ASPP, no MF), from a COCO-pretrained checkpoint; public reproductions
+report about 70-71% when starting from ImageNet weights alone. NOT reproduced in
+this repository: VOC, SBD and pretrained weights cannot be downloaded where it is
+developed, and importing ImageNet weights (issue 4) is not there yet, so this
+config trains from scratch unless initialised otherwise.
+"""
+
+from experiments import base
+
+
+def get_config():
+  config = base.get_config()
+  config.data.dataset = 'train_aug'
+  config.data.train_split = 'train_aug'
+  config.data.eval_split = 'val'
+  return config
