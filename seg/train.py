@@ -83,12 +83,11 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
         rngs={'dropout': rng}, mutable=['batch_stats'])
     loss_sum, count = cross_entropy_sum(logits, labels, ignore_label)
     total = jnp.maximum(lax.psum(count, AXIS_NAME), 1.0)
-    return loss_sum / total, (updates['batch_stats'], logits, count)
+    return loss_sum / total, (updates['batch_stats'], logits, loss_sum, count)
 
-  grads, (batch_stats, logits, count) = jax.grad(loss_fn, has_aux=True)(state.params)
+  grads, (batch_stats, logits, loss_sum, count) = jax.grad(loss_fn, has_aux=True)(state.params)
   # Each device's loss is already divided by the global pixel count: sum, not mean.
   grads = lax.psum(grads, AXIS_NAME)
-  loss_sum, _ = cross_entropy_sum(logits, labels, ignore_label)
   correct = jnp.sum((jnp.argmax(logits, -1) == labels) & (labels != ignore_label))
   sums = lax.psum({'loss': loss_sum, 'correct': correct.astype(jnp.float32), 'count': count},
                   AXIS_NAME)

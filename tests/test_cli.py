@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg import checkpoint, evaluate, predict
+from seg import checkpoint, predict
 from seg.data import voc
 from seg.metrics import iou_report
+from seg.model import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +60,7 @@ def test_predicted_masks_score_what_eval_scores(trained, data_dir):
   workdir, _ = trained
   config = checkpoint.load_config(workdir)
   [voc_root] = glob.glob(os.path.join(data_dir, 'downloads', 'embedded-*', 'VOCdevkit', 'VOC2012'))
-  model = evaluate.create_model(config.model)
+  model = create_model(config.model)
   variables, _ = checkpoint.load_model_variables(workdir, model)
   predictor = predict.Predictor(model, variables, config.data.eval_size)
   cm = np.zeros((21, 21), np.int64)

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 import scipy.io
+import tensorflow_datasets as tfds
 from flax import jax_utils
 from PIL import Image
 
@@ -108,13 +109,9 @@ def voc_data_dir(sources, tmp_path_factory):
 
 
 def _examples(builder, split):
-  return {ex['file_name'].decode(): ex for ex in
-          voc_as_numpy(builder, split)}
-
-
-def voc_as_numpy(builder, split):
-  import tensorflow_datasets as tfds
-  return tfds.as_numpy(builder.as_dataset(split=split))
+  """{file name: example as NumPy} of a prepared split."""
+  return {ex['file_name'].decode(): ex
+          for ex in tfds.as_numpy(builder.as_dataset(split=split))}
 
 
 def test_voc2012_from_archives(sources, voc_data_dir):
@@ -162,7 +159,6 @@ def test_truncated_archive_is_named_with_where_to_put_it(sources, tmp_path):
 def test_missing_source_says_what_to_download(sources, tmp_path, monkeypatch):
   def offline(self, url):
     raise ConnectionError(f'no route to {url}')   # what a firewalled cluster answers, at once
-  import tensorflow_datasets as tfds
   monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
   manual = tmp_path / 'manual'
   shutil.copytree(os.path.join(sources[0], 'VOCdevkit'), manual / 'VOCdevkit')
