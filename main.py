@@ -16,8 +16,6 @@ import sysconfig
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-COMMANDS = ('summary', 'train', 'eval', 'predict', 'prepare-data')
-
 config_flags.DEFINE_config_file('config', None, 'Experiment file (experiments/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run folder: config, checkpoints, reports.')
@@ -36,39 +34,59 @@ def _require(**values):
     raise app.UsageError(f'{" and ".join(missing)} required')
 
 
+def summary():
+  _require(config=FLAGS.config)
+  from seg import summary as summary_lib
+  print(summary_lib.format_summary(FLAGS.config, summary_lib.describe(FLAGS.config)))
+
+
+def train():
+  _require(config=FLAGS.config, workdir=FLAGS.workdir)
+  from seg import train as train_lib
+  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def evaluate():
+  _require(workdir=FLAGS.workdir)
+  from seg import evaluate as evaluate_lib
+  evaluate_lib.evaluate_workdir(FLAGS.workdir, FLAGS.config, FLAGS.output)
+
+
+def predict():
+  _require(workdir=FLAGS.workdir, input=FLAGS.input, output=FLAGS.output)
+  from seg import predict as predict_lib
+  if predict_lib.predict_paths(FLAGS.workdir, FLAGS.input, FLAGS.output):
+    sys.exit(1)
+
+
+def prepare_data():
+  _require(dataset=FLAGS.dataset)
+  from seg.data import voc
+  builder = voc.prepare(FLAGS.dataset, FLAGS['data-dir'].value, FLAGS['manual-dir'].value)
+  print(f'{FLAGS.dataset} prepared in {builder.data_dir}')
+  for split, info in builder.info.splits.items():
+    print(f'  {split:<10} {info.num_examples:>7,} examples')
+
+
+# Each command is a function of the parsed flags; imports happen inside them so that
+# `--help` and usage errors answer without loading JAX.
+COMMANDS = {
+    'summary': summary,
+    'train': train,
+    'eval': evaluate,
+    'predict': predict,
+    'prepare-data': prepare_data,
+}
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'usage: main.py {{{",".join(COMMANDS)}}} [flags]')
-  command = argv[1]
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO
   sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once in logs too
-  # Imported here so that `--help` and usage errors answer without loading JAX.
   import jax
   jax.config.update('jax_compilation_cache_dir', '/tmp/seg-jax-cache')
-  if command == 'summary':
-    _require(config=FLAGS.config)
-    from seg import summary
-    print(summary.format_summary(FLAGS.config, summary.describe(FLAGS.config)))
-  elif command == 'train':
-    _require(config=FLAGS.config, workdir=FLAGS.workdir)
-    from seg import train
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  elif command == 'eval':
-    _require(workdir=FLAGS.workdir)
-    from seg import evaluate
-    evaluate.evaluate_workdir(FLAGS.workdir, FLAGS.config, FLAGS.output)
-  elif command == 'predict':
-    _require(workdir=FLAGS.workdir, input=FLAGS.input, output=FLAGS.output)
-    from seg import predict
-    if predict.predict_paths(FLAGS.workdir, FLAGS.input, FLAGS.output):
-      sys.exit(1)
-  elif command == 'prepare-data':
-    _require(dataset=FLAGS.dataset)
-    from seg.data import voc
-    builder = voc.prepare(FLAGS.dataset, FLAGS['data-dir'].value, FLAGS['manual-dir'].value)
-    print(f'{FLAGS.dataset} prepared in {builder.data_dir}')
-    for split, info in builder.info.splits.items():
-      print(f'  {split:<10} {info.num_examples:>7,} examples')
+  COMMANDS[argv[1]]()
 
 
 def _reexec_with_mimalloc():
