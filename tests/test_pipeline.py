@@ -92,3 +92,36 @@ def test_labels_are_read_as_palette_indices(data_dir):
     values = set(np.unique(example['label'].numpy()))
     assert values <= set(range(21)) | {255}
     assert 255 in values and 0 in values
+
+
+def test_eval_images_larger_than_eval_size_are_kept_whole(tiny_config):
+  """With eval_size below some images' size, those come in batches of one larger shape."""
+  config = tiny_config
+  config.data.eval_size = 129
+  builder = voc.get_builder('embedded', config.data.data_dir)
+  heights, widths, labelled = [], [], 0
+  for example in builder.as_dataset(split='val'):
+    h, w = example['image'].shape[:2]
+    heights.append(h), widths.append(w)
+    labelled += int(np.sum(example['label'].numpy() != 255))
+  heights, widths = np.array(heights), np.array(widths)
+  large = np.maximum(heights, widths) > 129
+  assert 0 < large.sum() < len(large)   # both kinds occur in the generated split
+  big = lambda n: (n - 1 + 63) // 64 * 64 + 1
+  large_shape = (big(heights[large].max()), big(widths[large].max()))
+
+  shapes = []
+  for index in range(2):
+    seen = {}
+    for b in pipeline.eval_batches(config.data, 8, 'val', index, 2):
+      assert b['image'].shape[:3] == b['label'].shape
+      seen.setdefault(b['image'].shape[1:3], []).append(b)
+    shapes.append({shape: len(batches) for shape, batches in seen.items()})
+    for shape, batches in seen.items():
+      masks = np.concatenate([b['mask'] for b in batches])
+      labels = np.concatenate([b['label'] for b in batches])
+      labelled -= int(np.sum(labels[masks == 1] != 255))
+      assert np.all(labels[masks == 0] == 255)
+  assert shapes[0] == shapes[1]             # the same steps of each shape on both processes
+  assert set(shapes[0]) == {(129, 129), large_shape}
+  assert labelled == 0                      # every labelled pixel of the split, exactly once

@@ -101,33 +101,77 @@ def num_examples(data_config, split: str) -> int:
   return voc.prepare(data_config.dataset, data_config.data_dir).info.splits[split].num_examples
 
 
+def _round_up_to_bucket(n: int) -> int:
+  """The next size of the form k * 64 + 1: aligned-corner resizes stay on the stride grid."""
+  return -(-(n - 1) // 64) * 64 + 1
+
+
+_OVERSIZE_CACHE = {}
+
+
+def oversize_images(data_config, split: str):
+  """(indices, padded (height, width)) of the split's images larger than `eval_size`.
+
+  Reads only the JPEG headers; cached per prepared split, since training
+  evaluates the same split many times.
+  """
+  key = (data_config.dataset, data_config.data_dir, split, data_config.eval_size)
+  if key not in _OVERSIZE_CACHE:
+    builder = voc.prepare(data_config.dataset, data_config.data_dir)
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={'image': tfds.decode.SkipDecoding()})
+    shapes = np.concatenate(list(tfds.as_numpy(ds.map(
+        lambda ex: tf.image.extract_jpeg_shape(ex['image'])[:2],
+        num_parallel_calls=tf.data.AUTOTUNE).batch(1024))) or [np.zeros((0, 2), np.int32)])
+    indices = np.flatnonzero(shapes.max(axis=1) > data_config.eval_size)
+    shape = (tuple(_round_up_to_bucket(int(n)) for n in shapes[indices].max(axis=0))
+             if len(indices) else None)
+    _OVERSIZE_CACHE[key] = (indices, shape)
+  return _OVERSIZE_CACHE[key]
+
+
 def eval_batches(data_config, batch_size: int, split: str, process_index: int = 0,
                  process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
   """Every example of this process's shard exactly once, at full resolution.
 
-  Images are padded (never resized or cropped) to `eval_size` x `eval_size`;
-  the last batch is completed with masked padding examples, and every process
-  yields the same number of batches so that collective steps line up.
+  Images are padded (never resized or cropped) to `eval_size` x `eval_size`.
+  Images larger than that come after them, padded to one larger shape: the
+  split's largest height and width rounded up to k * 64 + 1 (one more
+  compiled shape; VOC's images, at most 500 pixels, never need it). In both
+  groups the last batch is completed with masked padding examples, and every
+  process yields the same number of batches of each shape so that collective
+  steps line up.
   """
   builder = voc.prepare(data_config.dataset, data_config.data_dir)
   total = builder.info.splits[split].num_examples
-  steps = math.ceil(math.ceil(total / process_count) / batch_size)
   size = data_config.eval_size
+  large, large_shape = oversize_images(data_config, split)
+  # tf.data's shard gives example i to process i % process_count.
+  shard_sizes = np.bincount(np.arange(total) % process_count, minlength=process_count)
+  large_per_shard = np.bincount(large % process_count, minlength=process_count)
+  steps = lambda counts: int(np.max(-(-counts // batch_size)))
   ds = builder.as_dataset(split=split, shuffle_files=False).shard(process_count, process_index)
+  fits = lambda ex: tf.reduce_max(tf.shape(ex['image'])[:2]) <= size
+  yield from _padded_batches(ds.filter(fits), data_config.ignore_label, batch_size, size, size,
+                             steps(shard_sizes - large_per_shard))
+  if len(large):
+    yield from _padded_batches(ds.filter(lambda ex: tf.logical_not(fits(ex))),
+                               data_config.ignore_label, batch_size, *large_shape,
+                               steps(large_per_shard))
+
+
+def _padded_batches(ds: tf.data.Dataset, ignore_label: int, batch_size: int, height: int,
+                    width: int, steps: int) -> Iterator[Dict[str, np.ndarray]]:
+  """`steps` batches of `ds`'s examples padded to height x width, then masked padding."""
 
   def _pad(ex):
-    shape = tf.shape(ex['image'])
-    check = tf.debugging.assert_less_equal(
-        tf.reduce_max(shape[:2]), size,
-        message=f'an image is larger than config.data.eval_size={size}; raise eval_size')
-    with tf.control_dependencies([check]):
-      image, label = _pad_to(tf.cast(ex['image'], tf.float32), ex['label'], size, size,
-                             data_config.ignore_label)
+    image, label = _pad_to(tf.cast(ex['image'], tf.float32), ex['label'], height, width,
+                           ignore_label)
     return {'image': image, 'label': label[..., 0], 'mask': tf.ones([], tf.float32)}
 
   ds = ds.map(_pad, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
-  padding = {'image': np.full((size, size, 3), MEAN_PIXEL, np.float32),
-             'label': np.full((size, size), data_config.ignore_label, np.uint8),
+  padding = {'image': np.full((height, width, 3), MEAN_PIXEL, np.float32),
+             'label': np.full((height, width), ignore_label, np.uint8),
              'mask': np.zeros((), np.float32)}
   produced = 0
   for batch in tfds.as_numpy(ds):
