@@ -11,10 +11,11 @@ Any config field can be overridden, e.g. `--config.train.steps=100`.
 
 import os
 import sys
-import sysconfig
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from seg import runtime
 
 config_flags.DEFINE_config_file('config', None, 'Experiment file (experiments/*.py).',
                                 lock_config=True)
@@ -89,24 +90,7 @@ def main(argv):
   COMMANDS[argv[1]]()
 
 
-def _reexec_with_mimalloc():
-  """Restarts this process with mimalloc preloaded, unless SEG_ALLOCATOR=system.
-
-  Under glibc's malloc, XLA's CPU runtime gets fresh pages from the kernel for
-  its buffers at every step: half the CPU time went to page faults, and
-  mimalloc (pip package cmeel-mimalloc) doubled training images/s here
-  (README, "Speed"). Preloading only works from the start of a process.
-  """
-  if (os.environ.get('SEG_ALLOCATOR', 'mimalloc') != 'mimalloc'
-      or 'mimalloc' in os.environ.get('LD_PRELOAD', '')):
-    return
-  lib = os.path.join(sysconfig.get_paths()['purelib'], 'cmeel.prefix', 'lib', 'libmimalloc.so')
-  if os.path.exists(lib):
-    preload = ':'.join(filter(None, [lib, os.environ.get('LD_PRELOAD')]))
-    os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, LD_PRELOAD=preload))
-
-
 if __name__ == '__main__':
-  _reexec_with_mimalloc()
+  runtime.reexec_with_mimalloc()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's C++ INFO lines drown the progress
   app.run(main)

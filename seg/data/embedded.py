@@ -101,10 +101,14 @@ def _texture(rng: np.random.Generator, h: int, w: int, texture: str,
   return np.where(pattern[..., None], secondary, primary)
 
 
-def make_example(seed: int, split: str, index: int) -> Tuple[np.ndarray, np.ndarray]:
-  """One scene: (image [h, w, 3] uint8, label [h, w] uint8 with 255 boundary bands)."""
+def make_example(seed: int, split: str, index: int,
+                 sizes: Tuple[int, int] = (MIN_SIZE, MAX_SIZE)) -> Tuple[np.ndarray, np.ndarray]:
+  """One scene: (image [h, w, 3] uint8, label [h, w] uint8 with 255 boundary bands).
+
+  Height and width are drawn from [sizes[0], sizes[1]].
+  """
   rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
-  h, w = (int(v) for v in rng.integers(MIN_SIZE, MAX_SIZE + 1, size=2))
+  h, w = (int(v) for v in rng.integers(sizes[0], sizes[1] + 1, size=2))
   image = _background(rng, h, w)
   label = np.zeros((h, w), np.uint8)
   for _ in range(int(rng.integers(1, 4))):
@@ -121,7 +125,7 @@ def make_example(seed: int, split: str, index: int) -> Tuple[np.ndarray, np.ndar
 
 
 def write_voc_layout(root: str, seed: int = 0, num_train: int = NUM_TRAIN,
-                     num_val: int = NUM_VAL) -> str:
+                     num_val: int = NUM_VAL, sizes: Tuple[int, int] = (MIN_SIZE, MAX_SIZE)) -> str:
   """Writes the dataset under `root/VOCdevkit/VOC2012`; returns that path.
 
   Writes into a temporary folder and renames it at the end, so an
@@ -138,7 +142,7 @@ def write_voc_layout(root: str, seed: int = 0, num_train: int = NUM_TRAIN,
     names = []
     for i in range(count):
       name = f'{split}_{i:05d}'
-      image, label = make_example(seed, split, i)
+      image, label = make_example(seed, split, i, sizes)
       Image.fromarray(image).save(os.path.join(tmp, 'VOC2012', 'JPEGImages', name + '.jpg'),
                                   quality=90)
       png = Image.fromarray(label, mode='P')
