@@ -63,7 +63,10 @@ def predict():
 def prepare_data():
   _require(dataset=FLAGS.dataset)
   from seg.data import voc
-  builder = voc.prepare(FLAGS.dataset, FLAGS['data-dir'].value, FLAGS['manual-dir'].value)
+  try:
+    builder = voc.prepare(FLAGS.dataset, FLAGS['data-dir'].value, FLAGS['manual-dir'].value)
+  except voc.SourceError as e:
+    sys.exit(f'prepare-data: {e}')
   print(f'{FLAGS.dataset} prepared in {builder.data_dir}')
   for split, info in builder.info.splits.items():
     print(f'  {split:<10} {info.num_examples:>7,} examples')

@@ -156,10 +156,18 @@ def test_truncated_archive_is_named_with_where_to_put_it(sources, tmp_path):
     voc.prepare('voc2012', str(tmp_path / 'tfds2'), str(manual))
 
 
-def test_missing_source_says_what_to_download(sources, tmp_path, monkeypatch):
-  def offline(self, url):
-    raise ConnectionError(f'no route to {url}')   # what a firewalled cluster answers, at once
-  monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
+@pytest.mark.parametrize('where', ['connect', 'download'])
+def test_missing_source_says_what_to_download(sources, tmp_path, monkeypatch, where):
+  def offline(*args, **kwargs):
+    raise ConnectionError('no route to host')   # what a firewalled cluster answers, at once
+  for name in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+    monkeypatch.delenv(name, raising=False)
+  if where == 'connect':   # TFDS's retries (minutes offline) are never reached
+    monkeypatch.setattr(voc.socket, 'create_connection', offline)
+    monkeypatch.setattr(tfds.download.DownloadManager, 'download', pytest.fail)
+  else:
+    monkeypatch.setattr(voc, '_check_reachable', lambda url: None)
+    monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
   manual = tmp_path / 'manual'
   shutil.copytree(os.path.join(sources[0], 'VOCdevkit'), manual / 'VOCdevkit')
   with pytest.raises(voc.SourceError,
