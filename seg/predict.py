@@ -379,7 +379,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
   if mode == 'P' and 'transparency' in image.info:
     image = image.convert('RGBA')
   if mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa') or image.mode == 'RGBA':
-    rgba = np.asarray(image.convert('RGBA'), np.float32)
+    rgba = np.asarray(image.convert('RGBA'), np.float64)
     alpha = rgba[..., 3:] / 255.0
     rgb = rgba[..., :3] * alpha + 127.5 * (1 - alpha)
     return np.round(rgb).astype(np.uint8)
@@ -639,7 +639,7 @@ def _reason(error: BaseException) -> str:
   text = str(error) or type(error).__name__
   if type(error).__name__ == 'UnidentifiedImageError':
     return 'not an image, or an unsupported format (cannot identify image file)'
-  if 'truncated' in text:
+  if 'truncated' in text.lower():
     return f'truncated image ({text})'
   if isinstance(error, ValueError):
     return text
