@@ -35,6 +35,7 @@ images may share a batch. `Predictor` is the plain jitted implementation.
 """
 
 import dataclasses
+import functools
 import glob as glob_lib
 import os
 import queue
@@ -475,10 +476,15 @@ def _atomic(path: str, write: Callable[[str], None]) -> None:
     raise
 
 
-def _palette_png(mask: np.ndarray) -> Image.Image:
+@functools.lru_cache(maxsize=1)
+def _colormap() -> np.ndarray:
   from seg.classes import voc_colormap
+  return voc_colormap()  # a 2,048-step Python loop: once, not per image
+
+
+def _palette_png(mask: np.ndarray) -> Image.Image:
   png = Image.fromarray(mask, mode='P')
-  png.putpalette(voc_colormap().reshape(-1).tolist())
+  png.putpalette(_colormap().reshape(-1).tolist())
   return png
 
 
@@ -517,9 +523,8 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
 
   `image` returns the [H, W, 3] uint8 image for the overlay (read lazily).
   """
-  from seg.classes import voc_colormap
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
-  cmap = voc_colormap()
+  cmap = _colormap()
   _atomic(stem + '_color.png', lambda p: Image.fromarray(cmap[mask]).save(p, format='PNG'))
   if options.overlay:
     rgb = image()
