@@ -79,6 +79,8 @@ def predict():
                                          batch_size=FLAGS['batch-size'].value)
   except (FileNotFoundError, ValueError) as e:  # bad arguments: one clear line, no traceback
     raise app.UsageError(str(e))
+  except KeyboardInterrupt:  # the summary said how to resume
+    sys.exit(130)
   if failures:
     sys.exit(1)
 

@@ -588,6 +588,7 @@ class Summary:
   failures: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
   seconds: float = 0.0
   ignored: int = 0
+  interrupted: bool = False
 
   def format(self, output_dir: str) -> str:
     rate = self.processed / max(self.seconds, 1e-9)
@@ -604,6 +605,10 @@ class Summary:
       lines.append(f'FAILED {path}: {reason}')
     if len(self.failures) > 50:
       lines.append(f'... and {len(self.failures) - 50} more failures')
+    if self.interrupted:
+      lines.append(f'INTERRUPTED after {self.processed + len(self.failures)} of '
+                   f'{self.total - self.skipped} inputs: run the same command again to resume '
+                   '(complete outputs are kept, partial ones were never renamed into place)')
     return '\n'.join(lines)
 
 
@@ -685,8 +690,10 @@ def run_jobs(segmenter: Segmenter, jobs: Sequence[Job], options: Options,
   decoders_left = [options.workers]
   resize_side = options.max_side if options.large_images == 'resize' else None
 
+  stop = threading.Event()
+
   def decode_loop():
-    while True:
+    while not stop.is_set():
       with lock:
         job = next(next_job, None)
       if job is None:
@@ -740,31 +747,37 @@ def run_jobs(segmenter: Segmenter, jobs: Sequence[Job], options: Options,
       submit(item)
 
   pending: Dict[Hashable, List[Item]] = {}
-  while True:
-    try:
-      item = decoded.get(timeout=0.05)
-    except queue.Empty:
-      with lock:
-        finished = decoders_left[0] == 0
-      if finished and decoded.empty() and not pending:
-        break
-      if pending and (finished or budget.waiting):  # no full batch is coming: run the largest
-        run_batch(pending.pop(max(pending, key=lambda k: len(pending[k]))))
-      continue
-    if item.tiled:
+  try:
+    while True:
       try:
-        predict_tiled(segmenter, item, options)
-      except Exception as e:
-        budget.release(item.image.nbytes)
-        finish(item.job, e)
+        item = decoded.get(timeout=0.05)
+      except queue.Empty:
+        with lock:
+          finished = decoders_left[0] == 0
+        if finished and decoded.empty() and not pending:
+          break
+        if pending and (finished or budget.waiting):  # no full batch is coming: run the largest
+          run_batch(pending.pop(max(pending, key=lambda k: len(pending[k]))))
         continue
-      submit(item)
-      continue
-    key = segmenter.bucket(*item.image.shape[:2])
-    group = pending.setdefault(key, [])
-    group.append(item)
-    if len(group) >= segmenter.batch_size:
-      run_batch(pending.pop(key))
+      if item.tiled:
+        try:
+          predict_tiled(segmenter, item, options)
+        except Exception as e:
+          budget.release(item.image.nbytes)
+          finish(item.job, e)
+          continue
+        submit(item)
+        continue
+      key = segmenter.bucket(*item.image.shape[:2])
+      group = pending.setdefault(key, [])
+      group.append(item)
+      if len(group) >= segmenter.batch_size:
+        run_batch(pending.pop(key))
+  except KeyboardInterrupt:  # finish the writes under way; the rest is done by the next run
+    summary.interrupted = True
+    stop.set()
+    with lock:
+      progress.stream.write('\n')
   writers.shutdown(wait=True)
   summary.seconds = time.time() - start
   return summary
@@ -837,6 +850,9 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
                   progress_stream=None) -> int:
   """`main.py predict`: masks for every input; prints a summary, returns #failures.
 
+  Ctrl-C stops reading new inputs, lets the writes under way finish, prints
+  the summary and raises KeyboardInterrupt again.
+
   `inputs`: a path or a list of input values (see `collect_inputs`).
   """
   options = options or Options()
@@ -852,4 +868,6 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
   summary = run_jobs(segmenter, jobs, options, progress_stream)
   summary.ignored = ignored
   log(summary.format(output_dir))
+  if summary.interrupted:
+    raise KeyboardInterrupt
   return len(summary.failures)

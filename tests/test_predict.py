@@ -284,6 +284,38 @@ def test_resumes_skips_done_inputs_and_overwrites_on_request(segmenter, tmp_path
   assert 'processed         3' in _run(segmenter, [str(inputs)], out, overwrite=True)[1]
 
 
+class _InterruptedOnSecondBatch(predict.Segmenter):
+  """The real predictor behind the Segmenter interface; Ctrl-C arrives during batch 2."""
+
+  def __init__(self, inner):
+    self.inner, self.batch_size, self.calls = inner, inner.batch_size, 0
+
+  def bucket(self, height, width):
+    return self.inner.bucket(height, width)
+
+  def predict(self, images):
+    self.calls += 1
+    if self.calls == 2:
+      raise KeyboardInterrupt
+    return self.inner.predict(images)
+
+
+def test_ctrl_c_keeps_finished_outputs_and_the_next_run_resumes(segmenter, tmp_path):
+  inputs, out = tmp_path / 'in', tmp_path / 'out'
+  inputs.mkdir()
+  for i in range(5):
+    Image.fromarray(_scene(30, 30, i)).save(inputs / f'{i}.png')
+  lines = []
+  with pytest.raises(KeyboardInterrupt):
+    predict.predict_paths('unused', str(inputs), str(out),
+                          segmenter=_InterruptedOnSecondBatch(segmenter), log=lines.append,
+                          progress_stream=io.StringIO())
+  assert 'INTERRUPTED after 2 of 5 inputs' in lines[-1] and 'processed         2' in lines[-1]
+  assert len(os.listdir(out)) == 4  # two inputs, two files each, no temporary files
+  failures, summary, _ = _run(segmenter, [str(inputs)], out)
+  assert failures == 0 and 'processed         3' in summary and 'skipped           2' in summary
+
+
 def test_bad_files_are_reported_one_by_one_and_the_run_goes_on(segmenter, tmp_path):
   inputs = tmp_path / 'in'
   inputs.mkdir()
