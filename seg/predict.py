@@ -409,7 +409,8 @@ def load_image(path: str, max_side: Optional[int] = None) -> Tuple[np.ndarray, T
     if max_side and max(width, height) > max_side and image.format == 'JPEG':
       # Decode at 1/2, 1/4 or 1/8 scale (still at least the target size).
       scale = max_side / max(width, height)
-      image.draft('RGB', (max(1, int(image.size[0] * scale)), max(1, int(image.size[1] * scale))))
+      image.draft(image.mode, (max(1, int(image.size[0] * scale)),
+                               max(1, int(image.size[1] * scale))))
     image.load()  # decode errors (truncated, corrupt) happen here
     oriented = ImageOps.exif_transpose(image)
     if max_side and max(oriented.size) > max_side:
@@ -563,7 +564,7 @@ class _Budget:
   """Bytes of decoded images held at once; one image is always let through."""
 
   def __init__(self, limit: int):
-    self.limit, self.used, self.waiting = limit, 0, 0
+    self.limit, self.used, self.waiting, self.peak = limit, 0, 0, 0
     self._cond = threading.Condition()
 
   def acquire(self, n: int) -> None:
@@ -573,6 +574,7 @@ class _Budget:
         self._cond.wait()
       self.waiting -= 1
       self.used += n
+      self.peak = max(self.peak, self.used)
 
   def release(self, n: int) -> None:
     with self._cond:
@@ -589,6 +591,7 @@ class Summary:
   seconds: float = 0.0
   ignored: int = 0
   interrupted: bool = False
+  peak_bytes_held: int = 0  # decoded images held at once, waiting for the model or writers
 
   def format(self, output_dir: str) -> str:
     rate = self.processed / max(self.seconds, 1e-9)
@@ -763,6 +766,8 @@ def run_jobs(segmenter: Segmenter, jobs: Sequence[Job], options: Options,
         try:
           predict_tiled(segmenter, item, options)
         except Exception as e:
+          if item.prob_file is not None:
+            item.prob_file.discard()
           budget.release(item.image.nbytes)
           finish(item.job, e)
           continue
@@ -780,6 +785,7 @@ def run_jobs(segmenter: Segmenter, jobs: Sequence[Job], options: Options,
       progress.stream.write('\n')
   writers.shutdown(wait=True)
   summary.seconds = time.time() - start
+  summary.peak_bytes_held = budget.peak
   return summary
 
 

@@ -419,10 +419,23 @@ def test_large_images_resize_within_the_compiled_shapes(segmenter, reference, tm
   probs /= probs.sum(-1, keepdims=True)
   upsampled = np.asarray(jax.image.resize(probs, (300, 400, 21), 'linear'))
   _assert_same_classes(mask, upsampled, near_tie=1e-4)
+  assert np.asarray(Image.open(tmp_path / 'out' / 'small.png')).shape == (100, 120)
   stored = np.load(tmp_path / 'out' / 'big_prob.npy')
   assert stored.shape == (21, 300, 400)
   np.testing.assert_allclose(stored.astype(np.float32), np.moveaxis(upsampled, -1, 0),
                              atol=2e-3)
+
+
+def test_a_large_turned_jpeg_keeps_its_full_oriented_size(segmenter, tmp_path):
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored 400 wide, 300 high; viewed 300 wide, 400 high
+  Image.fromarray(_scene(300, 400, 12)).save(tmp_path / 'turned.jpg', exif=exif)
+  image, original = predict.load_image(str(tmp_path / 'turned.jpg'), max_side=161)
+  assert original == (400, 300) and image.shape == (161, 121, 3)
+  assert _run(segmenter, [str(tmp_path / 'turned.jpg')], tmp_path / 'out', max_side=161,
+              overlay=True)[0] == 0
+  assert np.asarray(Image.open(tmp_path / 'out' / 'turned.png')).shape == (400, 300)
+  assert Image.open(tmp_path / 'out' / 'turned_overlay.jpg').size == (300, 400)
 
 
 def test_large_images_tile_within_the_compiled_shapes(segmenter, reference, tmp_path):
@@ -456,6 +469,10 @@ def test_a_budget_of_one_image_at_a_time_still_finishes(segmenter, tmp_path):
   jobs = predict.plan_jobs(files, str(tmp_path.parent / 'budget-out'), options)
   summary = predict.run_jobs(segmenter, jobs, options, io.StringIO(), bytes_in_flight=1)
   assert summary.processed == 5 and not summary.failures
+  assert summary.peak_bytes_held == 34 * 30 * 3  # one image at a time: the largest
+  summary = predict.run_jobs(segmenter, jobs, predict.Options(workers=2, overwrite=True),
+                             io.StringIO(), bytes_in_flight=2 * 30 * 30 * 3)
+  assert summary.processed == 5 and summary.peak_bytes_held <= 2 * 30 * 30 * 3
 
 
 def test_progress_updates_one_line_on_a_terminal():
