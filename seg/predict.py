@@ -171,7 +171,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class InputFile:
   path: str       # as found (absolute for list entries)
   relative: str   # mirrored under the output folder
-  error: str = '' # set when the input cannot even be looked at (e.g. missing list entry)
+  error: str = ''  # set when the input cannot even be looked at (e.g. missing list entry)
 
 
 def _is_glob(value: str) -> bool:

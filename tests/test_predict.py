@@ -495,17 +495,24 @@ def test_progress_updates_one_line_on_a_terminal():
 def test_main_predict_exit_status_progress_and_summary(model_dir, tmp_path):
   workdir, _, _ = model_dir
   (tmp_path / 'in').mkdir()
+  (tmp_path / 'more').mkdir()
   Image.fromarray(_scene(40, 50, 12)).save(tmp_path / 'in' / 'a.png')
   (tmp_path / 'in' / 'b.jpg').write_bytes(b'')
+  Image.fromarray(_scene(30, 20, 13)).save(tmp_path / 'more' / 'c.png')
+  Image.fromarray(_scene(20, 30, 14)).save(tmp_path / 'more' / 'd.png')
+  (tmp_path / 'more' / 'list.txt').write_text('d.png\nmissing.png\n')
+  more = f'{tmp_path}/more/c.png,{tmp_path}/more/list.txt'  # a comma list, a second --input
   args = [sys.executable, 'main.py', 'predict', '--workdir', workdir, '--input',
-          str(tmp_path / 'in'), '--output', str(tmp_path / 'out'), '--overlay',
+          str(tmp_path / 'in'), '--output', str(tmp_path / 'out'), '--input', more, '--overlay',
           '--probabilities=uint8', '--batch-size=2', '--workers=1']
   result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 1, result.stderr[-2000:]
-  assert 'failed            1' in result.stdout and 'empty file' in result.stdout
+  assert 'processed         3' in result.stdout and 'failed            2' in result.stdout
+  assert 'empty file' in result.stdout and 'missing.png: not found' in result.stdout
   assert 'images/s' in result.stderr and 'ETA' in result.stderr  # the progress line
-  assert sorted(os.listdir(tmp_path / 'out')) == ['a.png', 'a_color.png', 'a_overlay.jpg',
-                                                  'a_prob.npy']
+  assert sorted(os.listdir(tmp_path / 'out')) == [
+      f'{stem}{suffix}' for stem in 'acd'
+      for suffix in ('.png', '_color.png', '_overlay.jpg', '_prob.npy')]
   result = subprocess.run(args[:8] + [str(tmp_path / 'in' / 'masks')] + args[9:], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode != 0 and 'inside the input folder' in result.stderr
