@@ -3,8 +3,8 @@
     python main.py summary --config experiments/quickstart.py
     python main.py train   --config experiments/quickstart.py --workdir runs/quickstart
     python main.py eval    --workdir runs/quickstart [--config ...] [--output report.json]
-    python main.py predict --workdir runs/quickstart --input PATH[,PATH...] --output DIR \
-        [--overwrite] [--overlay] [--probabilities=float16] [--large-images=tile]
+    python main.py predict --workdir runs/quickstart --input PATH[,PATH...] --output DIR
+        [--overwrite] [--overlay] [--probabilities=float16] [--large-images=tile] ...
     python main.py prepare-data --dataset {embedded,voc2012,train_aug} [--manual-dir DIR] [--data-dir DIR]
 
 Any config field can be overridden, e.g. `--config.train.steps=100`.
