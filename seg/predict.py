@@ -404,7 +404,11 @@ def load_image(path: str, max_side: Optional[int] = None) -> Tuple[np.ndarray, T
     raise ValueError('empty file (0 bytes)')
   with Image.open(path) as image:
     width, height = image.size
-    if image.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90 or 270
+    try:
+      orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # unreadable EXIF: the pixels are still good, take them as stored
+      orientation = 1
+    if orientation in (5, 6, 7, 8):  # turned by 90 or 270 degrees
       width, height = height, width
     if max_side and max(width, height) > max_side and image.format == 'JPEG':
       # Decode at 1/2, 1/4 or 1/8 scale (still at least the target size).
@@ -412,7 +416,7 @@ def load_image(path: str, max_side: Optional[int] = None) -> Tuple[np.ndarray, T
       image.draft(image.mode, (max(1, int(image.size[0] * scale)),
                                max(1, int(image.size[1] * scale))))
     image.load()  # decode errors (truncated, corrupt) happen here
-    oriented = ImageOps.exif_transpose(image)
+    oriented = ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
     if max_side and max(oriented.size) > max_side:
       oriented = _resize_to_fit(oriented, (height, width), max_side)
     return _to_rgb(oriented), (height, width)
