@@ -1,6 +1,11 @@
 """`main.py predict` throughput and peak memory on the embedded JPEGs and one 8000x6000 photo.
 
     python benchmarks/predict_speed.py --workdir /tmp/p5-tiny [--images DIR]
+    python benchmarks/predict_speed.py --random-weights experiments/base.py \
+        --images 'DIR/train_000*.jpg' --only-batches
+
+`--random-weights CONFIG` times a model of that config with random weights of
+the right shapes (speed does not depend on the values) instead of a workdir.
 
 Runs each variant of the command in a fresh process (compilation included, as
 a user sees it) and prints one JSON line per variant: the summary's seconds
@@ -22,6 +27,8 @@ EMBEDDED = os.path.expanduser(
 
 flags.DEFINE_string('workdir', None, 'A trained workdir.')
 flags.DEFINE_string('images', EMBEDDED, 'Folder of images for the throughput runs.')
+flags.DEFINE_string('random-weights', None, 'Experiment file: time its model with random weights.')
+flags.DEFINE_bool('only-batches', False, 'Only the batch 8 / batch 1 runs on --images.')
 flags.DEFINE_string('write-big-jpeg', None, 'Internal: write the 8000x6000 JPEG here and exit '
                     '(in a process of its own, so that its memory does not count in the runs).')
 FLAGS = flags.FLAGS
@@ -35,6 +42,29 @@ def _big_jpeg(path: str) -> None:
   image = np.stack([(np.sin(xx / 300) + 1) * 127, (np.cos(yy / 200) + 1) * 127,
                     (xx + yy) % 256], -1).astype(np.uint8)
   Image.fromarray(image).save(path, quality=90)
+
+
+def _random_workdir(config_file: str, workdir: str) -> None:
+  """A workdir holding `config_file`'s model with random weights (for timing only)."""
+  import numpy as np
+  import jax
+  from ml_collections import config_flags as _  # noqa: F401  (config files import it)
+  import importlib.util
+  sys.path.insert(0, ROOT)
+  from seg import checkpoint
+  from seg.model import create_model
+  spec = importlib.util.spec_from_file_location('experiment', os.path.join(ROOT, config_file))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  model = create_model(config.model)
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda leaf: rng.normal(0, 0.05, leaf.shape).astype(np.float32),
+                           checkpoint.abstract_variables(model))
+  checkpoint.save_config(workdir, config)
+  manager = checkpoint.create_manager(workdir)
+  checkpoint.save(manager, 0, variables, {'step': np.int32(0)})
+  manager.wait_until_finished()
 
 
 def _run(name: str, args, output: str) -> dict:
@@ -54,9 +84,17 @@ def main(_):
   if FLAGS['write-big-jpeg'].value:
     _big_jpeg(FLAGS['write-big-jpeg'].value)
     return
-  if not FLAGS.workdir:
-    raise app.UsageError('--workdir required')
+  if not FLAGS.workdir and not FLAGS['random-weights'].value:
+    raise app.UsageError('--workdir or --random-weights required')
   with tempfile.TemporaryDirectory() as tmp:
+    if FLAGS['random-weights'].value:
+      FLAGS.workdir = os.path.join(tmp, 'random')
+      _random_workdir(FLAGS['random-weights'].value, FLAGS.workdir)
+    if FLAGS['only-batches'].value:
+      for i, batch in enumerate((8, 1)):
+        print(json.dumps(_run(f'batch {batch}', ['--input', FLAGS.images, f'--batch-size={batch}'],
+                              os.path.join(tmp, f'out{i}'))), flush=True)
+      return
     big = os.path.join(tmp, 'big', 'big.jpg')
     os.makedirs(os.path.dirname(big))
     subprocess.run([sys.executable, os.path.abspath(__file__), '--write-big-jpeg', big],
