@@ -46,10 +46,10 @@ def _big_jpeg(path: str) -> None:
 
 def _random_workdir(config_file: str, workdir: str) -> None:
   """A workdir holding `config_file`'s model with random weights (for timing only)."""
-  import numpy as np
-  import jax
-  from ml_collections import config_flags as _  # noqa: F401  (config files import it)
   import importlib.util
+
+  import jax
+  import numpy as np
   sys.path.insert(0, ROOT)
   from seg import checkpoint
   from seg.model import create_model
