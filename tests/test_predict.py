@@ -14,7 +14,6 @@ import sys
 import zlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
