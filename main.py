@@ -3,7 +3,8 @@
     python main.py summary --config experiments/quickstart.py
     python main.py train   --config experiments/quickstart.py --workdir runs/quickstart
     python main.py eval    --workdir runs/quickstart [--config ...] [--output report.json]
-    python main.py predict --workdir runs/quickstart --input PATH --output DIR
+    python main.py predict --workdir runs/quickstart --input PATH[,PATH...] --output DIR
+        [--overwrite] [--overlay] [--probabilities=float16] [--large-images=tile] ...
     python main.py prepare-data --dataset {embedded,voc2012,train_aug} [--manual-dir DIR] [--data-dir DIR]
 
 Any config field can be overridden, e.g. `--config.train.steps=100`.
@@ -20,12 +21,26 @@ from seg import runtime
 config_flags.DEFINE_config_file('config', None, 'Experiment file (experiments/*.py).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run folder: config, checkpoints, reports.')
-flags.DEFINE_string('input', None, 'predict: an image file or a folder of images.')
+flags.DEFINE_multi_string('input', None, 'predict: image files, folders (recursive), glob '
+                          'patterns or .txt/.lst lists of paths; repeat or comma-separate.')
 flags.DEFINE_string('output', None, 'eval: report JSON path; predict: output folder.')
 flags.DEFINE_string('dataset', None, 'prepare-data: embedded, voc2012 or train_aug.')
 flags.DEFINE_string('manual-dir', '', 'prepare-data: folder with the source archives or their '
                     'extracted folders (default: DATA_DIR/downloads/manual).')
 flags.DEFINE_string('data-dir', '', 'prepare-data: TFDS data_dir (default ~/tensorflow_datasets).')
+flags.DEFINE_bool('overwrite', False, 'predict: redo inputs whose outputs already exist '
+                  '(default: skip them, so an interrupted run resumes).')
+flags.DEFINE_bool('overlay', False, 'predict: also write NAME_overlay.jpg (image + colours).')
+flags.DEFINE_enum('probabilities', 'none', ['none', 'float16', 'uint8'],
+                  'predict: also write NAME_prob.npy, class probabilities [C, H, W] as float16 '
+                  'or uint8 round(255 p).')
+flags.DEFINE_integer('batch-size', 8, 'predict: images of one shape bucket per model call.')
+flags.DEFINE_enum('large-images', 'resize', ['resize', 'tile'],
+                  'predict: images with a side above --max-side are downscaled to fit and '
+                  'their class probabilities upsampled back (resize), or cut into '
+                  '--max-side tiles overlapping by 64 pixels (tile).')
+flags.DEFINE_integer('max-side', 2049, 'predict: the largest side predicted in one piece.')
+flags.DEFINE_integer('workers', 2, 'predict: decoding threads, and as many writing threads.')
 FLAGS = flags.FLAGS
 
 
@@ -56,7 +71,18 @@ def evaluate():
 def predict():
   _require(workdir=FLAGS.workdir, input=FLAGS.input, output=FLAGS.output)
   from seg import predict as predict_lib
-  if predict_lib.predict_paths(FLAGS.workdir, FLAGS.input, FLAGS.output):
+  options = predict_lib.Options(
+      overwrite=FLAGS.overwrite, overlay=FLAGS.overlay, probabilities=FLAGS.probabilities,
+      large_images=FLAGS['large-images'].value, max_side=FLAGS['max-side'].value,
+      workers=FLAGS.workers)
+  try:
+    failures = predict_lib.predict_paths(FLAGS.workdir, FLAGS.input, FLAGS.output, options,
+                                         batch_size=FLAGS['batch-size'].value)
+  except (FileNotFoundError, ValueError) as e:  # bad arguments: one clear line, no traceback
+    raise app.UsageError(str(e))
+  except KeyboardInterrupt:  # the summary said how to resume
+    sys.exit(130)
+  if failures:
     sys.exit(1)
 
 

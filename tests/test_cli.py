@@ -89,7 +89,7 @@ def test_predict_writes_palette_masks_and_reports_bad_files(trained, tmp_path):
   (inputs / 'broken.jpg').write_bytes(b'not an image')
   out = tmp_path / 'out'
   result = _main('predict', '--workdir', workdir, '--input', str(inputs), '--output', str(out),
-                 check=False)
+                 '--overlay', check=False)
   assert result.returncode == 1
   assert 'broken.jpg' in result.stdout and '3 image(s)' in result.stdout
   for stem, size in (('a', (90, 70)), ('sub/b', (50, 200)), ('sub/gray', (41, 40))):
