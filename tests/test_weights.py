@@ -24,6 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4  # of the largest logit / feature magnitude
 
 
+@pytest.fixture(scope='module', autouse=True)
+def _fast_compilation():
+  """XLA's optimisations cost more compile time than these tiny runs save (logic, not speed)."""
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', previous)
+
+
 def _hf_config(width=1.0, output_stride=8, num_labels=21):
   """google/deeplabv3_mobilenet_v2_1.0_513's config: transformers' defaults but these."""
   from transformers import MobileNetV2Config
@@ -352,13 +361,18 @@ def test_eval_accepts_an_imported_workdir(small_imported):
   assert 0.0 <= report['miou'] <= 1.0
 
 
+def _fresh_variables(model_config):
+  """Stand-ins for freshly initialised variables: random arrays of the model's shapes."""
+  rng = np.random.default_rng(0)
+  return jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
+                                checkpoint.abstract_variables(create_model(model_config)))
+
+
 def test_train_init_loads_the_whole_network_or_a_new_head(hf_small, small_imported, tiny_config):
   model, _ = hf_small
   workdir, _ = small_imported
   theirs = model.state_dict()
-  fresh = jax.device_get(create_model(tiny_config.model).init(
-      jax.random.key(0), jnp.zeros((1, 65, 65, 3)), train=False))
-  fresh = {c: fresh[c] for c in ('params', 'batch_stats')}
+  fresh = _fresh_variables(tiny_config.model)
   stem = theirs['mobilenet_v2.conv_stem.first_conv.convolution.weight'].numpy().transpose(2, 3, 1, 0)
   classifier = theirs['segmentation_head.classifier.convolution.weight'].numpy()[:, :, 0, 0].T
 
@@ -370,8 +384,7 @@ def test_train_init_loads_the_whole_network_or_a_new_head(hf_small, small_import
   np.testing.assert_allclose(loaded['params']['head']['logits']['kernel'][0, 0], classifier)
 
   tiny_config.model.num_classes = 5  # another dataset: the head starts afresh
-  fresh5 = jax.device_get(create_model(tiny_config.model).init(
-      jax.random.key(0), jnp.zeros((1, 65, 65, 3)), train=False))
+  fresh5 = _fresh_variables(tiny_config.model)
   loaded = weights.init_from_workdir(tiny_config, dict(fresh5), logs.append)
   assert 'head (17 variables) freshly initialised because its head differs (21 classes' in logs[-1]
   np.testing.assert_allclose(loaded['params']['MobilenetV2']['Conv']['conv']['kernel'], stem)
@@ -500,9 +513,10 @@ def test_training_from_an_imported_backbone(keras_imported, tiny_config, tmp_pat
   from seg import train
   tiny_config.train.init_from = keras_imported
   tiny_config.train.steps = 2
+  tiny_config.data.eval_split = 'val[:8]'  # training is the point here, not evaluation
   logs = []
   report = train.train_and_evaluate(tiny_config, str(tmp_path / 'run'), log=logs.append)
   assert any('backbone (255 variables) loaded, head (17 variables) freshly initialised because '
              'it has no head' in line for line in logs), logs
-  assert report['num_images'] == 150 and np.isfinite(report['miou'])
+  assert report['num_images'] == 8 and np.isfinite(report['miou'])
   assert os.path.exists(tmp_path / 'run' / 'checkpoints' / '2')
