@@ -75,7 +75,10 @@ def prepare_data():
 def import_weights(src):
   _require(format=FLAGS.format, output=FLAGS.output)
   from seg import weights
-  weights.import_weights(FLAGS.format, src, FLAGS.output, FLAGS.config)
+  try:
+    weights.import_weights(FLAGS.format, src, FLAGS.output, FLAGS.config)
+  except weights.WeightsMismatchError as e:  # the list of differences is the whole message
+    sys.exit(f'error: {e}')
 
 
 # Each command is a function of the parsed flags (and of its positional arguments, see

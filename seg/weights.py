@@ -24,7 +24,10 @@ Sources and their layouts:
   here; depthwise kernels are [kh, kw, channels, 1] and get transposed.
   `NAME/ExponentialMovingAverage` replaces `NAME` where present (TF-slim
   evaluates with the moving averages). Read with TensorFlow's checkpoint
-  reader, imported only inside that reader.
+  reader, imported only inside that reader. Dense atrous ASPP branches
+  (`aspp1/weights`...) map onto head 'aspp'; DeepLab's separable ones
+  (`aspp1_depthwise`, `aspp1_pointwise`) and its decoder have no counterpart
+  here and are reported as not variables of this network.
 - hf: transformers' `MobileNetV2ForSemanticSegmentation`, `MobileNetV2Model`
   and `MobileNetV2ForImageClassification` (`model.safetensors` or
   `pytorch_model.bin`, the latter needs PyTorch), with their config.json.
@@ -241,6 +244,8 @@ def read_deeplab_tf(path: str) -> SourceWeights:
     reason = _tf_skip_reason(base)
     if reason:
       source.skipped[name] = reason
+      if base + EMA_SUFFIX in present and name != base + EMA_SUFFIX:
+        source.skipped[base + EMA_SUFFIX] = reason
       continue
     ema = base + EMA_SUFFIX
     read = ema if ema in present else name
@@ -336,6 +341,8 @@ def _read_state_dict(folder: str) -> Tuple[str, Dict[str, np.ndarray]]:
 
 def read_hf(path: str) -> SourceWeights:
   """A transformers MobileNetV2 folder (config.json + model.safetensors or pytorch_model.bin)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: give the folder of a Hugging Face model')
   folder = path if os.path.isdir(path) else os.path.dirname(path)
   config_path = os.path.join(folder, 'config.json')
   if not os.path.exists(config_path):
