@@ -566,7 +566,8 @@ def infer_width(source: SourceWeights) -> Optional[float]:
   """The known width multiplier whose last block has the file's channel count."""
   if 'width' in source.hints:
     return source.hints['width']
-  last = source.arrays.get(f'params/{BACKBONE_SCOPE}/{_block_name(NUM_BLOCKS - 1)}/project/conv/kernel')
+  last_block = f'params/{BACKBONE_SCOPE}/{_block_name(NUM_BLOCKS - 1)}'
+  last = source.arrays.get(f'{last_block}/project/conv/kernel')
   if last is None:
     return None
   for width in KNOWN_WIDTHS:

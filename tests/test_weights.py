@@ -347,7 +347,8 @@ def test_predict_on_an_imported_workdir_gives_the_hf_masks(hf_small, small_impor
     padded = np.zeros((1, size, size, 3), np.float32)
     padded[0, :image.shape[0], :image.shape[1]] = image / 127.5 - 1.0
     logits = _torch_nhwc(lambda x: torch.nn.functional.interpolate(
-        model(pixel_values=x).logits, size=(size, size), mode='bilinear', align_corners=True), padded)
+        model(pixel_values=x).logits, size=(size, size), mode='bilinear', align_corners=True),
+        padded)
     expected = logits[0, :image.shape[0], :image.shape[1]].argmax(-1)
     mask = np.asarray(Image.open(tmp_path / 'out' / f'{name}.png'))
     assert (mask == expected).mean() > 0.999
@@ -375,7 +376,8 @@ def test_train_init_loads_the_whole_network_or_a_new_head(hf_small, small_import
   workdir, _ = small_imported
   theirs = model.state_dict()
   fresh = _fresh_variables(tiny_config.model)
-  stem = theirs['mobilenet_v2.conv_stem.first_conv.convolution.weight'].numpy().transpose(2, 3, 1, 0)
+  stem = theirs['mobilenet_v2.conv_stem.first_conv.convolution.weight'].numpy()
+  stem = stem.transpose(2, 3, 1, 0)
   classifier = theirs['segmentation_head.classifier.convolution.weight'].numpy()[:, :, 0, 0].T
 
   tiny_config.train.init_from = workdir
