@@ -6,6 +6,7 @@
     python main.py predict --workdir runs/quickstart --input PATH[,PATH...] --output DIR
         [--overwrite] [--overlay] [--probabilities=float16] [--large-images=tile] ...
     python main.py prepare-data --dataset {embedded,voc2012,train_aug} [--manual-dir DIR] [--data-dir DIR]
+    python main.py import-weights --format {deeplab-tf,hf,keras} SRC --output DIR [--config ...]
 
 Any config field can be overridden, e.g. `--config.train.steps=100`.
 """
@@ -23,7 +24,10 @@ config_flags.DEFINE_config_file('config', None, 'Experiment file (experiments/*.
 flags.DEFINE_string('workdir', None, 'Run folder: config, checkpoints, reports.')
 flags.DEFINE_multi_string('input', None, 'predict: image files, folders (recursive), glob '
                           'patterns or .txt/.lst lists of paths; repeat or comma-separate.')
-flags.DEFINE_string('output', None, 'eval: report JSON path; predict: output folder.')
+flags.DEFINE_string('output', None, 'eval: report JSON path; predict: output folder; '
+                    'import-weights: the workdir to write.')
+flags.DEFINE_enum('format', None, ['deeplab-tf', 'hf', 'keras'],
+                  'import-weights: the format of SRC (see seg/weights.py).')
 flags.DEFINE_string('dataset', None, 'prepare-data: embedded, voc2012 or train_aug.')
 flags.DEFINE_string('manual-dir', '', 'prepare-data: folder with the source archives or their '
                     'extracted folders (default: DATA_DIR/downloads/manual).')
@@ -98,25 +102,41 @@ def prepare_data():
     print(f'  {split:<10} {info.num_examples:>7,} examples')
 
 
-# Each command is a function of the parsed flags; imports happen inside them so that
-# `--help` and usage errors answer without loading JAX.
+def import_weights(src):
+  _require(format=FLAGS.format, output=FLAGS.output)
+  from seg import weights
+  try:
+    weights.import_weights(FLAGS.format, src, FLAGS.output, FLAGS.config)
+  except weights.WeightsMismatchError as e:  # the list of differences is the whole message
+    sys.exit(f'error: {e}')
+
+
+# Each command is a function of the parsed flags (and of its positional arguments, see
+# POSITIONAL); imports happen inside them so that `--help` and usage errors answer
+# without loading JAX.
 COMMANDS = {
     'summary': summary,
     'train': train,
     'eval': evaluate,
     'predict': predict,
     'prepare-data': prepare_data,
+    'import-weights': import_weights,
 }
+POSITIONAL = {'import-weights': ['SRC']}
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in COMMANDS:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'usage: main.py {{{",".join(COMMANDS)}}} [flags]')
+  names = POSITIONAL.get(argv[1], [])
+  if len(argv) - 2 != len(names):
+    raise app.UsageError(f'main.py {argv[1]} takes {" ".join(names) or "no arguments"} besides '
+                         f'flags, got {argv[2:]}')
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO
   sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once in logs too
   import jax
   jax.config.update('jax_compilation_cache_dir', '/tmp/seg-jax-cache')
-  COMMANDS[argv[1]]()
+  COMMANDS[argv[1]](*argv[2:])
 
 
 if __name__ == '__main__':

@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.bn_momentum = 0.9997    # DeepLab's batch_norm_decay
   config.model.backbone_bn_epsilon = 1e-3  # TF-slim MobileNetV2
   config.model.head_bn_epsilon = 1e-5      # DeepLab's ASPP
+  config.model.preprocessing = 'zero_mean_unit_range'  # inputs [-1, 1]; set by import-weights
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'embedded'     # a `seg.data.voc.VocSegmentation` config name
@@ -46,6 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 3
   config.train.eval_every = 5000       # 0 = only at the end
+  # Initialisation of a new run (not of a resumed one) from a workdir, e.g. one written by
+  # `import-weights`: init_part 'all' (whole network), 'backbone' (fresh head) or 'auto'
+  # (whole network if its head fits the config's classes and head type, else backbone).
+  config.train.init_from = ''
+  config.train.init_part = 'auto'
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 8           # global; the last batch is padded and masked

@@ -5,6 +5,8 @@
         model: {'params', 'batch_stats'}   everything eval and predict need
         train: {'opt_state', 'step'}       what resuming training needs besides
     WORKDIR/eval.json         the last evaluation report
+    WORKDIR/weights.json      only in workdirs written by `import-weights` (seg/weights.py);
+                              the 'model' item then holds only the backbone if it says so
 
 Orbax writes each step to a temporary folder and renames it when complete,
 so a crash in the middle of a save never leaves a checkpoint that restores.
@@ -61,6 +63,12 @@ def save(manager: ocp.CheckpointManager, step: int, model_vars: Dict[str, Any],
                                              train=ocp.args.StandardSave(train_vars)))
 
 
+def save_model_only(manager: ocp.CheckpointManager, step: int,
+                    model_vars: Dict[str, Any]) -> None:
+  """Saves only the 'model' item (imported weights have no training state)."""
+  manager.save(step, args=ocp.args.Composite(model=ocp.args.StandardSave(model_vars)))
+
+
 def restore(manager: ocp.CheckpointManager, model_like: Dict[str, Any],
             train_like: Optional[Dict[str, Any]] = None, step: Optional[int] = None):
   """Restores (model_vars, train_vars or None) at `step` (default: latest), or None.
@@ -86,9 +94,24 @@ def abstract_variables(model, image_size: int = 65) -> Dict[str, Any]:
 
 def load_model_variables(workdir: str, model, step: Optional[int] = None):
   """(variables {'params', 'batch_stats'}, step) of the latest (or given) checkpoint."""
+  record = os.path.join(workdir, 'weights.json')
+  if os.path.exists(record):
+    with open(record) as f:
+      if json.load(f).get('contents') == 'backbone':
+        raise ValueError(f'{workdir} holds imported backbone weights only ({record}): train '
+                         f'a head from them with --config.train.init_from={workdir}')
   manager = create_manager(workdir)
   restored = restore(manager, abstract_variables(model), step=step)
   if restored is None:
     raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}: '
                             f'train first (python main.py train --workdir {workdir} ...)')
   return restored[0], manager.latest_step() if step is None else step
+
+
+def load_raw_model_variables(workdir: str) -> Dict[str, Any]:
+  """The 'model' item of the latest checkpoint as saved (NumPy arrays), whatever its structure."""
+  manager = create_manager(workdir)
+  step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {os.path.join(workdir, "checkpoints")}')
+  return manager.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore()))['model']

@@ -24,6 +24,11 @@ STEM_CHANNELS = 32
 HEAD_CHANNELS = 256
 OUTPUT_STRIDES = (8, 16, 32)
 HEADS = ('reduced', 'aspp')
+BACKBONE_SCOPE = 'MobilenetV2'  # the backbone's variable scope, as in DeepLab's checkpoints
+# The input convention the weights expect, recorded as `config.model.preprocessing`:
+# DeepLab's `_preprocess_zero_mean_unit_range`, [0, 255] -> [-1, 1] (`preprocess` below).
+DEFAULT_PREPROCESSING = 'zero_mean_unit_range'
+PREPROCESSINGS = (DEFAULT_PREPROCESSING,)
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
@@ -165,7 +170,7 @@ class DeepLabV3MobileNetV2(nn.Module):
     """
     features = MobileNetV2(self.width, self.output_stride, self.bn_momentum,
                            self.backbone_bn_epsilon, self.axis_name,
-                           name='MobilenetV2')(images, train)
+                           name=BACKBONE_SCOPE)(images, train)
     # DeepLab doubles the atrous rates at output stride 8.
     rates = tuple(r * 16 // self.output_stride for r in (6, 12, 18))
     logits = DeepLabV3(self.num_classes, self.head, rates, self.dropout_rate,
@@ -177,7 +182,15 @@ class DeepLabV3MobileNetV2(nn.Module):
 
 
 def create_model(model_config) -> DeepLabV3MobileNetV2:
-  """Builds the network from `config.model` (see experiments/base.py)."""
+  """Builds the network from `config.model` (see experiments/base.py).
+
+  Refuses a `model.preprocessing` other than the one `preprocess` applies, so
+  that weights expecting other inputs are never run on [-1, 1] images.
+  """
+  preprocessing = model_config.get('preprocessing', DEFAULT_PREPROCESSING)
+  if preprocessing not in PREPROCESSINGS:
+    raise ValueError(f'model.preprocessing={preprocessing!r} is not implemented '
+                     f'(only {PREPROCESSINGS}: [0, 255] -> [-1, 1])')
   return DeepLabV3MobileNetV2(
       num_classes=model_config.num_classes, width=model_config.width,
       output_stride=model_config.output_stride, head=model_config.head,

@@ -62,6 +62,18 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,
                            tx=create_optimizer(config.train, learning_rate_fn))
 
 
+def init_from_pretrained(state: TrainState, config, log=print) -> TrainState:
+  """A new run's parameters and BatchNorm statistics from `config.train.init_from`.
+
+  What is loaded and what stays freshly initialised is decided and logged by
+  `seg.weights.init_from_workdir` (config.train.init_part).
+  """
+  from seg import weights
+  variables = weights.init_from_workdir(
+      config, {'params': state.params, 'batch_stats': state.batch_stats}, log)
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+
+
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                learning_rate_fn: Callable, ignore_label: int) -> Tuple[TrainState, Dict]:
   """One synchronous SGD step; runs under `pmap(axis_name=AXIS_NAME)`.
@@ -145,6 +157,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   manager = checkpoint.create_manager(workdir, config.train.keep_checkpoints)
   state = _restore(manager, state)
   start_step = int(state.step)
+  if not start_step and config.train.get('init_from'):
+    state = init_from_pretrained(state, config, log)
   num_steps = config.train.steps
   log(f'{jax.local_device_count()} local device(s) x {jax.process_count()} process(es), '
       f'global batch {config.train.batch_size}, '
