@@ -14,8 +14,12 @@ Aims for: 75.32% val mIoU, the MobileNetV2 paper's figure (Table 7, "MNet V2*",
 OS16, no ASPP, no MF), from a COCO-pretrained checkpoint; public reproductions
 report about 70-71% when starting from ImageNet weights alone. NOT reproduced in
 this repository: VOC, SBD and pretrained weights cannot be downloaded where it is
-developed, and importing ImageNet weights (issue 4) is not there yet, so this
-config trains from scratch unless initialised otherwise.
+developed. Start from ImageNet weights as the recipe does (README, "Pretrained
+weights"):
+
+    python main.py import-weights --format deeplab-tf mobilenet_v2_1.0_224 --output runs/mnv2_imagenet
+    python main.py train --config experiments/voc_mnv2_os16.py --workdir runs/voc_mnv2_os16 \
+        --config.train.init_from=runs/mnv2_imagenet
 """
 
 from experiments import base
