@@ -8,7 +8,16 @@ if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '
                              ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests compile the same tiny train and eval steps from fresh function objects; a
+# compilation cache for this session (empty at start, as in CI) compiles each one once.
+jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='seg-test-jax-cache-'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 from experiments import tiny  # noqa: E402
 
