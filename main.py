@@ -1,14 +1,17 @@
-"""The command line: summary, train, eval, predict.
+"""The command line: summary, train, eval, predict, prepare-data, benchmark, export.
 
     python main.py summary --config experiments/quickstart.py
     python main.py train   --config experiments/quickstart.py --workdir runs/quickstart
     python main.py eval    --workdir runs/quickstart [--config ...] [--output report.json]
     python main.py predict --workdir runs/quickstart --input PATH --output DIR
     python main.py prepare-data --dataset {embedded,voc2012,train_aug} [--manual-dir DIR] [--data-dir DIR]
+    python main.py benchmark --config experiments/base.py --batch-size 8 [--dtype bfloat16] [--json]
+    python main.py export  --workdir runs/quickstart --output model.jax [--platforms cpu,cuda]
 
 Any config field can be overridden, e.g. `--config.train.steps=100`.
 """
 
+import json
 import os
 import sys
 import sysconfig
@@ -25,6 +28,19 @@ flags.DEFINE_string('dataset', None, 'prepare-data: embedded, voc2012 or train_a
 flags.DEFINE_string('manual-dir', '', 'prepare-data: folder with the source archives or their '
                     'extracted folders (default: DATA_DIR/downloads/manual).')
 flags.DEFINE_string('data-dir', '', 'prepare-data: TFDS data_dir (default ~/tensorflow_datasets).')
+flags.DEFINE_integer('batch-size', 1, 'benchmark, export: images per compiled call.')
+flags.DEFINE_integer('height', 0, 'benchmark, export: padded input height (default eval_size).')
+flags.DEFINE_integer('width', 0, 'benchmark, export: padded input width (default eval_size).')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                  'benchmark, export: compute dtype of the engine (products accumulate in f32).')
+flags.DEFINE_enum('measure', 'network', ['network', 'predict'],
+                  'benchmark: network = float images -> logits at the output stride (what the '
+                  'peers time); predict = uint8 images -> class map at full size.')
+flags.DEFINE_integer('warmup', 3, 'benchmark: untimed runs first.')
+flags.DEFINE_integer('iters', 10, 'benchmark: timed runs (the median is reported).')
+flags.DEFINE_bool('json', False, 'benchmark: print one JSON line (../shared/bench/run_all.py).')
+flags.DEFINE_string('platforms', 'cpu,cuda', 'export: platforms to lower for, comma-separated.')
+flags.DEFINE_bool('symbolic-batch', True, 'export: a symbolic batch dimension (else --batch-size).')
 FLAGS = flags.FLAGS
 
 
@@ -68,6 +84,25 @@ def prepare_data():
     print(f'  {split:<10} {info.num_examples:>7,} examples')
 
 
+def benchmark():
+  if not FLAGS.config and not FLAGS.workdir:
+    raise app.UsageError('--config or --workdir required')
+  from benchmarks import inference_speed
+  record = inference_speed.benchmark(
+      FLAGS.config, FLAGS.workdir, FLAGS['batch-size'].value, FLAGS.height or None,
+      FLAGS.width or None, FLAGS.dtype, FLAGS.measure, FLAGS.warmup, FLAGS.iters)
+  print(json.dumps(record) if FLAGS.json else inference_speed.format_record(record))
+
+
+def export():
+  _require(workdir=FLAGS.workdir, output=FLAGS.output)
+  from seg import export as export_lib
+  export_lib.export_workdir(
+      FLAGS.workdir, FLAGS.output, FLAGS.platforms.split(','), FLAGS.config, FLAGS.dtype,
+      None if FLAGS['symbolic-batch'].value else FLAGS['batch-size'].value,
+      FLAGS.height or None, FLAGS.width or None)
+
+
 # Each command is a function of the parsed flags; imports happen inside them so that
 # `--help` and usage errors answer without loading JAX.
 COMMANDS = {
@@ -76,6 +111,8 @@ COMMANDS = {
     'eval': evaluate,
     'predict': predict,
     'prepare-data': prepare_data,
+    'benchmark': benchmark,
+    'export': export,
 }
 
 
