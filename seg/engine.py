@@ -63,17 +63,20 @@ def bucket_shape(height: int, width: int, eval_size: int) -> Tuple[int, int]:
 
 
 def _fold(conv: Dict[str, Any], bn: Dict[str, Any], stats: Dict[str, Any],
-          epsilon: float) -> Tuple[np.ndarray, np.ndarray]:
-  """Conv kernel [kh, kw, in, out] + inference BatchNorm -> (kernel * s, beta - mean * s)."""
-  kernel = np.asarray(conv['kernel'], np.float64)
-  scale = np.asarray(bn['scale'], np.float64) / np.sqrt(np.asarray(stats['var'], np.float64)
-                                                        + epsilon)
-  bias = np.asarray(bn['bias'], np.float64) - np.asarray(stats['mean'], np.float64) * scale
-  return (kernel * scale).astype(np.float32), bias.astype(np.float32)
+          epsilon: float) -> Tuple[jax.Array, jax.Array]:
+  """Conv kernel [kh, kw, in, out] + inference BatchNorm -> (kernel * s, beta - mean * s).
+
+  s = gamma / sqrt(var + eps), exactly what `nn.BatchNorm(use_running_average=True)`
+  multiplies by; float32 jnp ops, so that folding also runs inside jit/pmap.
+  """
+  scale = (jnp.asarray(bn['scale'], jnp.float32)
+           * lax.rsqrt(jnp.asarray(stats['var'], jnp.float32) + epsilon))
+  bias = jnp.asarray(bn['bias'], jnp.float32) - jnp.asarray(stats['mean'], jnp.float32) * scale
+  return jnp.asarray(conv['kernel'], jnp.float32) * scale, bias
 
 
 def fold_variables(model_config, variables: Dict[str, Any]) -> Dict[str, Any]:
-  """The model's {'params', 'batch_stats'} as folded inference weights (float32 NumPy).
+  """The model's {'params', 'batch_stats'} as folded inference weights (float32).
 
   Returns a pytree:
     stem: {w [3, 3, 3, c], b [c]}
@@ -121,8 +124,8 @@ def fold_variables(model_config, variables: Dict[str, Any]) -> Dict[str, Any]:
   head['proj_pool'] = w[:HEAD_CHANNELS]
   head['proj_branches'] = w[HEAD_CHANNELS:]
   head['proj_b'] = b
-  head['logits'] = {'w': np.asarray(hp['logits']['kernel'], np.float32)[0, 0],
-                    'b': np.asarray(hp['logits']['bias'], np.float32)}
+  head['logits'] = {'w': jnp.asarray(hp['logits']['kernel'], jnp.float32)[0, 0],
+                    'b': jnp.asarray(hp['logits']['bias'], jnp.float32)}
   folded['head'] = head
   return folded
 

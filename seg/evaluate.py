@@ -11,29 +11,43 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from seg import checkpoint, classes, parallel
+from seg import checkpoint, classes, engine, parallel
 from seg.metrics import confusion_matrix, format_report, iou_report
 from seg.model import AXIS_NAME, create_model, preprocess
 
 
-def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model,
-              num_classes: int, ignore_label: int) -> jax.Array:
+def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_config,
+              ignore_label: int) -> jax.Array:
   """Confusion matrix of one batch, summed over every device of the pmap axis.
 
+  The logits come from the inference engine's folded forward pass
+  (`seg.engine.forward`, float32), the same function `predict`, `benchmark`
+  and `export` run; folding the BatchNorm statistics costs a few small ops.
+
   Args:
-    batch: image [n, h, w, 3] float in [0, 255], label [n, h, w], mask [n].
+    variables: the model's {'params', 'batch_stats'}.
+    batch: image [n, h, w, 3] float in [0, 255] (padding = the mean pixel),
+      label [n, h, w], mask [n].
   """
-  logits = model.apply(variables, preprocess(batch['image']), train=False)
+  folded = engine.cast_folded(engine.fold_variables(model_config, variables), jnp.float32)
+  logits = engine.forward(folded, preprocess(batch['image']), width=model_config.width,
+                          output_stride=model_config.output_stride)
   predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  cm = confusion_matrix(batch['label'], predictions, num_classes, batch['mask'], ignore_label)
+  cm = confusion_matrix(batch['label'], predictions, model_config.num_classes, batch['mask'],
+                        ignore_label)
   return lax.psum(cm, AXIS_NAME)
 
 
 def make_p_eval_step(model, config):
-  """The pmapped evaluation step for `config`."""
+  """The pmapped evaluation step for `config` (`model` is unused: kept for callers).
+
+  Batches of different spatial shapes (e.g. images larger than `eval_size` in
+  a larger padded bucket) each compile once; pmap caches them by shape.
+  """
+  del model  # the engine rebuilds the forward pass from config.model
   return jax.pmap(functools.partial(
-      eval_step, model=model, num_classes=config.model.num_classes,
-      ignore_label=config.data.ignore_label), axis_name=AXIS_NAME)
+      eval_step, model_config=config.model, ignore_label=config.data.ignore_label),
+      axis_name=AXIS_NAME)
 
 
 def evaluate(p_eval_step, variables: Dict[str, Any], config, split: Optional[str] = None,
