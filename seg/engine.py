@@ -12,10 +12,11 @@ change the trained model; it re-expresses the same function for inference:
 - The image-pooling branch is constant over space, so its share of the
   concat projection is one [batch, 256] vector added as a bias, instead of a
   256-channel map concatenated and multiplied at every pixel.
-- `dtype=jnp.bfloat16` casts kernels and activations to bfloat16; every matrix
-  product accumulates in float32 (`preferred_element_type`), and biases,
-  activations and the logits stay float32 until they are cast for the next
-  product.
+- `dtype=jnp.bfloat16` computes the layers from the stride-16 features on
+  (the products with hundreds of channels, compute-bound) with bfloat16
+  inputs and float32 accumulation (`preferred_element_type`); biases,
+  activations, depthwise taps and logits are float32. The high-resolution
+  layers stay float32: they are memory-bound, and conversions made them slower.
 
 The folded forward pass is a pure function of (folded params, images), so it
 can be jitted, pmapped (`seg.evaluate`), or exported (`seg.export`).
@@ -62,21 +63,24 @@ def bucket_shape(height: int, width: int, eval_size: int) -> Tuple[int, int]:
 # Folding the trained variables.
 
 
-def _fold(conv: Dict[str, Any], bn: Dict[str, Any], stats: Dict[str, Any],
-          epsilon: float) -> Tuple[jax.Array, jax.Array]:
+def _fold(conv: Dict[str, Any], bn: Dict[str, Any], stats: Dict[str, Any], epsilon: float,
+          xp=jnp) -> Tuple[Any, Any]:
   """Conv kernel [kh, kw, in, out] + inference BatchNorm -> (kernel * s, beta - mean * s).
 
-  s = gamma / sqrt(var + eps), exactly what `nn.BatchNorm(use_running_average=True)`
-  multiplies by; float32 jnp ops, so that folding also runs inside jit/pmap.
+  s = gamma / sqrt(var + eps), what `nn.BatchNorm(use_running_average=True)`
+  multiplies by. `xp` is jnp (inside jit/pmap: `seg.evaluate`) or np (on the
+  host: no dispatch of dozens of tiny eager ops, each compiled once).
   """
-  scale = (jnp.asarray(bn['scale'], jnp.float32)
-           * lax.rsqrt(jnp.asarray(stats['var'], jnp.float32) + epsilon))
-  bias = jnp.asarray(bn['bias'], jnp.float32) - jnp.asarray(stats['mean'], jnp.float32) * scale
-  return jnp.asarray(conv['kernel'], jnp.float32) * scale, bias
+  f32 = lambda x: xp.asarray(x, xp.float32)
+  scale = f32(bn['scale']) / xp.sqrt(f32(stats['var']) + xp.float32(epsilon))
+  bias = f32(bn['bias']) - f32(stats['mean']) * scale
+  return f32(conv['kernel']) * scale, bias
 
 
-def fold_variables(model_config, variables: Dict[str, Any]) -> Dict[str, Any]:
+def fold_variables(model_config, variables: Dict[str, Any], xp=jnp) -> Dict[str, Any]:
   """The model's {'params', 'batch_stats'} as folded inference weights (float32).
+
+  `xp`: jnp (traceable, for use inside jit/pmap) or np (host arrays, no compiling).
 
   Returns a pytree:
     stem: {w [3, 3, 3, c], b [c]}
@@ -90,7 +94,7 @@ def fold_variables(model_config, variables: Dict[str, Any]) -> Dict[str, Any]:
   eps_b, eps_h = model_config.backbone_bn_epsilon, model_config.head_bn_epsilon
 
   def conv_bn(p, s, name, eps, inner='conv'):
-    w, b = _fold(p[name][inner], p[name]['BatchNorm'], s[name]['BatchNorm'], eps)
+    w, b = _fold(p[name][inner], p[name]['BatchNorm'], s[name]['BatchNorm'], eps, xp)
     return w, b
 
   w, b = conv_bn(enc_p, enc_s, 'Conv', eps_b)
@@ -124,17 +128,16 @@ def fold_variables(model_config, variables: Dict[str, Any]) -> Dict[str, Any]:
   head['proj_pool'] = w[:HEAD_CHANNELS]
   head['proj_branches'] = w[HEAD_CHANNELS:]
   head['proj_b'] = b
-  head['logits'] = {'w': jnp.asarray(hp['logits']['kernel'], jnp.float32)[0, 0],
-                    'b': jnp.asarray(hp['logits']['bias'], jnp.float32)}
+  head['logits'] = {'w': xp.asarray(hp['logits']['kernel'], xp.float32)[0, 0],
+                    'b': xp.asarray(hp['logits']['bias'], xp.float32)}
   folded['head'] = head
   return folded
 
 
-def cast_folded(folded: Dict[str, Any], dtype) -> Dict[str, Any]:
+def cast_folded(folded: Dict[str, Any], dtype, xp=jnp) -> Dict[str, Any]:
   """Kernels in `dtype` (what the products read); biases stay float32."""
   def cast(path, x):
-    return jnp.asarray(x, dtype if path[-1].key != 'b' and path[-1].key != 'proj_b'
-                       else jnp.float32)
+    return xp.asarray(x, dtype if path[-1].key not in ('b', 'proj_b') else xp.float32)
   return jax.tree_util.tree_map_with_path(cast, folded)
 
 
@@ -144,15 +147,17 @@ def cast_folded(folded: Dict[str, Any], dtype) -> Dict[str, Any]:
 
 def _pointwise(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   """1x1 convolution + bias: x [n, h, w, in] (dtype), w [in, out] -> [n, h, w, out] float32."""
-  y = lax.dot_general(x, w, (((3,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  y = lax.dot_general(x, w.astype(x.dtype), (((3,), (0,)), ((), ())),
+                      preferred_element_type=jnp.float32)
   return y + b
 
 
 def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
                dilation: int) -> jax.Array:
-  """3x3 depthwise 'SAME' conv + bias as shifted multiply-adds, in x's dtype.
+  """3x3 depthwise 'SAME' conv + bias as shifted multiply-adds, computed in float32.
 
-  x: [n, h, w, c]; w: [3, 3, c]. Returns [n, ceil(h / s), ceil(w / s), c].
+  (XLA's CPU code for bfloat16 arithmetic ran these ~2x slower than float32.)
+  x: [n, h, w, c]; w: [3, 3, c]. Returns float32 [n, ceil(h / s), ceil(w / s), c].
   """
   kh, kw = w.shape[:2]
   n, h, wd, c = x.shape
@@ -170,9 +175,9 @@ def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
                       (n, i * dilation + (out_h - 1) * stride + 1,
                        j * dilation + (out_w - 1) * stride + 1, c),
                       (1, stride, stride, 1))
-      term = tap * w[i, j]
+      term = tap.astype(jnp.float32) * w[i, j].astype(jnp.float32)
       out = term if out is None else out + term
-  return out + b.astype(out.dtype)
+  return out + b
 
 
 def _conv(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1,
@@ -205,27 +210,101 @@ def _stem(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   return out + b
 
 
+def _block_in_strips(x: jax.Array, block: Dict[str, Any], stride: int, residual: bool,
+                     rows: int, dtype) -> jax.Array:
+  """One inverted-residual block (dilation 1) computed strip by strip of `rows` output rows.
+
+  At high resolution the expanded tensor (e.g. 257 x 257 x 96 floats, 25 MB an
+  image) does not fit in cache: computed whole, it goes to memory and back
+  between the expand product, the depthwise taps and the projection. Here a
+  `lax.map` loop computes, per (image, strip), expand -> depthwise -> project on
+  rows + halo only, so the expanded strip stays in cache, and the full
+  expanded tensor never exists (less peak memory too).
+
+  x: [n, h, w, in] (dtype). Returns [n, ceil(h / stride), ceil(w / stride), out] (dtype).
+  """
+  n, h, w, cin = x.shape
+  top, _ = same_padding(h, 3, stride, 1)
+  left, right = same_padding(w, 3, stride, 1)
+  out_h, out_w = -(-h // stride), -(-w // stride)
+  strips = -(-out_h // rows)
+  in_rows = (rows - 1) * stride + 3  # input rows (with halo) one strip reads
+  total = (strips * rows - 1) * stride + 3
+  xp = jnp.pad(x, ((0, 0), (top, total - top - h), (left, right), (0, 0)))
+  col_ok = (jnp.arange(w + left + right) >= left) & (jnp.arange(w + left + right) < left + w)
+
+  def strip(index):
+    image, k = index // strips, index % strips
+    xs = lax.dynamic_slice(xp, (image, k * rows * stride, 0, 0), (1, in_rows) + xp.shape[2:])
+    if 'expand' in block:
+      e = _relu6(_pointwise(xs, block['expand']['w'], block['expand']['b']))
+      # 'SAME' pads the expanded activations with zeros, not expand(0).
+      r = k * rows * stride + jnp.arange(in_rows)
+      ok = ((r >= top) & (r < top + h))[:, None] & col_ok[None, :]
+      e = jnp.where(ok[None, :, :, None], e, 0.0)
+    else:
+      e = xs.astype(jnp.float32)
+    wd, bd = block['depthwise']['w'], block['depthwise']['b']
+    acc = None
+    for i in range(3):
+      for j in range(3):
+        tap = lax.slice(e, (0, i, j, 0), (1, i + (rows - 1) * stride + 1,
+                                          j + (out_w - 1) * stride + 1, e.shape[3]),
+                        (1, stride, stride, 1))
+        term = tap * wd[i, j].astype(jnp.float32)
+        acc = term if acc is None else acc + term
+    d = _relu6(acc + bd).astype(dtype)
+    y = _pointwise(d, block['project']['w'], block['project']['b'])
+    if residual:
+      y = y + xs[:, 1:1 + rows, left:left + w].astype(jnp.float32)
+    return y.astype(dtype)
+
+  out = lax.map(strip, jnp.arange(n * strips))  # [n * strips, 1, rows, out_w, out]
+  out = out.reshape(n, strips * rows, out_w, out.shape[-1])
+  return out[:, :out_h]
+
+
 def _relu6(x):
   return jnp.clip(x, 0.0, 6.0)
 
 
+# Strip-by-strip blocks (`_block_in_strips`) are off by default: at 513x513, batch 8, they cut
+# the compiled temp memory from 390 to 160 MiB but ran 10% (float32) to 2x (bfloat16) slower
+# here (README, "Speed on the CPU"). `strip_rows=16` turns them on.
+STRIP_ROWS = 0
+STRIP_MIN_HEIGHT = 129   # blocks whose input is at least this tall run in strips
+
+
 def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_stride: int,
-            dtype=jnp.float32, upsample: bool = True) -> jax.Array:
+            dtype=jnp.float32, upsample: bool = True, strip_rows: int = STRIP_ROWS,
+            strip_min_height: int = STRIP_MIN_HEIGHT) -> jax.Array:
   """The network's logits from the folded weights (`fold_variables` then `cast_folded`).
 
   Args:
     images: [n, h, w, 3] float in [-1, 1] (already preprocessed; padding is 0).
     width, output_stride: `config.model`'s (they fix strides and dilations).
-    dtype: the compute dtype of the products (float32 or bfloat16).
+    dtype: the input dtype of the stride >= 16 products (float32 or bfloat16).
     upsample: resize the logits to [h, w] (aligned corners) as the model does.
 
   Returns:
     float32 logits [n, h, w, classes] (or at the feature resolution).
   """
-  x = images.astype(dtype)
-  x = _relu6(_stem(images, folded['stem']['w'], folded['stem']['b'])).astype(dtype)
+  x = _relu6(_stem(images, folded['stem']['w'], folded['stem']['b']))
+  # A low-precision dtype only from the stride-16 features on (or the output stride, if
+  # smaller): there the products have hundreds of channels and bfloat16 doubles their
+  # speed, while the high-resolution layers are memory-bound and the float32 <-> bfloat16
+  # conversions made them slower (513x513: 44.9 ms all-bf16, 33.8 ms stride >= 16 only,
+  # 43.8 ms float32; README).
+  compute_dtype, input_stride = dtype, 2
   for block, (expanded, out, stride, dilation) in zip(folded['blocks'],
                                                       block_specs(width, output_stride)):
+    dtype = compute_dtype if input_stride >= min(16, output_stride) else jnp.float32
+    input_stride *= stride
+    x = x.astype(dtype)
+    residual = stride == 1 and x.shape[-1] == out
+    if strip_rows and dilation == 1 and x.shape[1] >= strip_min_height:
+      x = _block_in_strips(x, block, stride, residual, strip_rows, dtype)
+      continue
     inputs = x
     y = x
     if 'expand' in block:
@@ -233,10 +312,12 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
     y = _relu6(_depthwise(y, block['depthwise']['w'], block['depthwise']['b'], stride,
                           dilation)).astype(dtype)
     y = _pointwise(y, block['project']['w'], block['project']['b'])
-    if stride == 1 and inputs.shape[-1] == out:
+    if residual:
       y = y + inputs.astype(jnp.float32)
     x = y.astype(dtype)
 
+  dtype = compute_dtype
+  x = x.astype(dtype)
   head = folded['head']
   pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [n, c]
   pooled = jax.nn.relu(pooled.astype(dtype) @ head['pool']['w'].astype(dtype)
@@ -322,8 +403,8 @@ class Engine:
     self.eval_size = config.data.eval_size
     self.device = device or jax.local_devices()[0]
     self.log = log
-    self.folded = jax.device_put(cast_folded(fold_variables(config.model, variables), dtype),
-                                 self.device)
+    folded = fold_variables(config.model, jax.device_get(variables), xp=np)
+    self.folded = jax.device_put(cast_folded(folded, dtype, xp=np), self.device)
     static = dict(width=config.model.width, output_stride=config.model.output_stride,
                   dtype=dtype)
     self._static = static
