@@ -38,6 +38,8 @@ flags.DEFINE_enum('measure', 'network', ['network', 'predict'],
                   'peers time); predict = uint8 images -> class map at full size.')
 flags.DEFINE_integer('warmup', 3, 'benchmark: untimed runs first.')
 flags.DEFINE_integer('iters', 10, 'benchmark: timed runs (the median is reported).')
+flags.DEFINE_bool('image-by-image', True, 'benchmark: run the images of a batch one after '
+                  'the other inside the compiled call (less memory); --noimage-by-image: at once.')
 flags.DEFINE_bool('json', False, 'benchmark: print one JSON line (../shared/bench/run_all.py).')
 flags.DEFINE_string('platforms', 'cpu,cuda', 'export: platforms to lower for, comma-separated.')
 flags.DEFINE_bool('symbolic-batch', True, 'export: a symbolic batch dimension (else --batch-size).')
@@ -90,7 +92,8 @@ def benchmark():
   from benchmarks import inference_speed
   record = inference_speed.benchmark(
       FLAGS.config, FLAGS.workdir, FLAGS['batch-size'].value, FLAGS.height or None,
-      FLAGS.width or None, FLAGS.dtype, FLAGS.measure, FLAGS.warmup, FLAGS.iters)
+      FLAGS.width or None, FLAGS.dtype, FLAGS.measure, FLAGS.warmup, FLAGS.iters,
+      FLAGS['image-by-image'].value)
   print(json.dumps(record) if FLAGS.json else inference_speed.format_record(record))
 
 

@@ -73,7 +73,7 @@ def random_variables(model, seed: int = 0) -> Dict[str, Any]:
 def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
               height: Optional[int] = None, width: Optional[int] = None,
               dtype: str = 'float32', measure: str = 'network', warmup: int = 3,
-              iters: int = 10, log=print) -> Dict[str, Any]:
+              iters: int = 10, image_by_image: bool = True, log=print) -> Dict[str, Any]:
   """Times the engine; returns the JSON record (see the module docstring)."""
   from seg import checkpoint, engine
   from seg.model import create_model
@@ -92,7 +92,8 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
     variables = random_variables(create_model(config.model))
   height = height or config.data.eval_size
   width = width or config.data.eval_size
-  eng = engine.Engine(config, variables, dtype=dtype, batch_size=batch_size)
+  eng = engine.Engine(config, variables, dtype=dtype, batch_size=batch_size,
+                      image_by_image=image_by_image)
   rng = np.random.default_rng(0)
   start = time.perf_counter()
   if measure == 'network':
@@ -119,7 +120,9 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
   dtype_name = jnp.dtype(eng.dtype).name
   record = {
       'peer': 'seg-engine',
-      'variant': f'os{config.model.output_stride}/{dtype_name}/{measure}+{allocator()}',
+      'variant': (f'os{config.model.output_stride}/{dtype_name}/{measure}'
+                  f'{"" if image_by_image or batch_size == 1 else "/batched"}+{allocator()}'),
+      'image_by_image': image_by_image,
       'batch': batch_size,
       'input': f'{batch_size}x{height}x{width}x3 '
                f'{"float32" if measure == "network" else "uint8"}',
