@@ -1,5 +1,9 @@
 """The inference engine against the Flax model it was folded from (an independent computation)."""
 
+import os
+import subprocess
+import sys
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -199,3 +203,35 @@ def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
   # One scale of the average differs from the plain evaluation on this random model.
   single = np.argmax(_numpy_resize(np.asarray(features(variables, x)), (65, 65)), -1)
   assert (single != predictions).mean() > 0.01
+
+
+CACHE_SCRIPT = r'''
+import sys, time
+import jax
+events = []
+jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+jax.config.update('jax_compilation_cache_dir', sys.argv[1])  # as main.py does
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # tiny model: fast compiles
+from benchmarks import inference_speed
+from experiments import tiny
+from seg import engine
+from seg.model import create_model
+config = tiny.get_config()
+config.data.eval_size = 65
+variables = inference_speed.random_variables(create_model(config.model))
+engine.Engine(config, variables).compiled('classes', 1, 65, 65)
+assert '/jax/compilation_cache/cache_hits' not in events
+jax.clear_caches()  # forget the in-memory executables: only the disk cache is left
+engine.Engine(config, variables).compiled('classes', 1, 65, 65)
+print('hits', events.count('/jax/compilation_cache/cache_hits'))
+'''
+
+
+def test_ahead_of_time_compiles_come_back_from_the_persistent_cache(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run([sys.executable, '-c', CACHE_SCRIPT, str(tmp_path)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith('hits 1')
+  assert any(name.startswith('jit_class_map') for name in os.listdir(tmp_path))
