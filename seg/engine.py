@@ -135,9 +135,14 @@ def fold_variables(model_config, variables: Dict[str, Any], xp=jnp) -> Dict[str,
 
 
 def cast_folded(folded: Dict[str, Any], dtype, xp=jnp) -> Dict[str, Any]:
-  """Kernels in `dtype` (what the products read); biases stay float32."""
+  """1x1 kernels in `dtype` (what the products read); the rest stays float32.
+
+  Depthwise, stem and 3x3 kernels and all biases feed float32 arithmetic: kept
+  float32, they need no conversion op per tap at run time.
+  """
   def cast(path, x):
-    return xp.asarray(x, dtype if path[-1].key not in ('b', 'proj_b') else xp.float32)
+    matrix = path[-1].key in ('w', 'proj_pool', 'proj_branches') and x.ndim == 2
+    return xp.asarray(x, dtype if matrix else xp.float32)
   return jax.tree_util.tree_map_with_path(cast, folded)
 
 
@@ -185,7 +190,8 @@ def _conv(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1,
   """Dense kxk 'SAME' convolution + bias, float32 result."""
   pads = (same_padding(x.shape[1], w.shape[0], stride, dilation),
           same_padding(x.shape[2], w.shape[1], stride, dilation))
-  y = lax.conv_general_dilated(x, w, (stride, stride), pads, rhs_dilation=(dilation, dilation),
+  y = lax.conv_general_dilated(x, w.astype(x.dtype), (stride, stride), pads,
+                               rhs_dilation=(dilation, dilation),
                                dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                                preferred_element_type=jnp.float32)
   return y + b
