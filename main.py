@@ -1,4 +1,4 @@
-"""The command line: summary, train, eval, predict.
+"""The command line: summary, train, eval, predict, prepare-data, benchmark, export.
 
     python main.py summary --config experiments/quickstart.py
     python main.py train   --config experiments/quickstart.py --workdir runs/quickstart
@@ -7,10 +7,13 @@
         [--overwrite] [--overlay] [--probabilities=float16] [--large-images=tile] ...
     python main.py prepare-data --dataset {embedded,voc2012,train_aug} [--manual-dir DIR] [--data-dir DIR]
     python main.py import-weights --format {deeplab-tf,hf,keras} SRC --output DIR [--config ...]
+    python main.py benchmark --config experiments/base.py --batch-size 8 [--dtype bfloat16] [--json]
+    python main.py export  --workdir runs/quickstart --output model.jax [--platforms cpu,cuda]
 
 Any config field can be overridden, e.g. `--config.train.steps=100`.
 """
 
+import json
 import os
 import sys
 
@@ -38,13 +41,28 @@ flags.DEFINE_bool('overlay', False, 'predict: also write NAME_overlay.jpg (image
 flags.DEFINE_enum('probabilities', 'none', ['none', 'float16', 'uint8'],
                   'predict: also write NAME_prob.npy, class probabilities [C, H, W] as float16 '
                   'or uint8 round(255 p).')
-flags.DEFINE_integer('batch-size', 8, 'predict: images of one shape bucket per model call.')
+flags.DEFINE_integer('batch-size', None, 'Images per compiled call: predict (default 8, images '
+                     'of one shape bucket), benchmark and export (default 1).')
 flags.DEFINE_enum('large-images', 'resize', ['resize', 'tile'],
                   'predict: images with a side above --max-side are downscaled to fit and '
                   'their class probabilities upsampled back (resize), or cut into '
                   '--max-side tiles overlapping by 64 pixels (tile).')
 flags.DEFINE_integer('max-side', 2049, 'predict: the largest side predicted in one piece.')
 flags.DEFINE_integer('workers', 2, 'predict: decoding threads, and as many writing threads.')
+flags.DEFINE_integer('height', 0, 'benchmark, export: padded input height (default eval_size).')
+flags.DEFINE_integer('width', 0, 'benchmark, export: padded input width (default eval_size).')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                  'benchmark, export: compute dtype of the engine (products accumulate in f32).')
+flags.DEFINE_enum('measure', 'network', ['network', 'predict'],
+                  'benchmark: network = float images -> logits at the output stride (what the '
+                  'peers time); predict = uint8 images -> class map at full size.')
+flags.DEFINE_integer('warmup', 3, 'benchmark: untimed runs first.')
+flags.DEFINE_integer('iters', 10, 'benchmark: timed runs (the median is reported).')
+flags.DEFINE_bool('image-by-image', True, 'benchmark: run the images of a batch one after '
+                  'the other inside the compiled call (less memory); --noimage-by-image: at once.')
+flags.DEFINE_bool('json', False, 'benchmark: print one JSON line (../shared/bench/run_all.py).')
+flags.DEFINE_string('platforms', 'cpu,cuda', 'export: platforms to lower for, comma-separated.')
+flags.DEFINE_bool('symbolic-batch', True, 'export: a symbolic batch dimension (else --batch-size).')
 FLAGS = flags.FLAGS
 
 
@@ -81,7 +99,7 @@ def predict():
       workers=FLAGS.workers)
   try:
     failures = predict_lib.predict_paths(FLAGS.workdir, FLAGS.input, FLAGS.output, options,
-                                         batch_size=FLAGS['batch-size'].value)
+                                         batch_size=FLAGS['batch-size'].value or 8)
   except (FileNotFoundError, ValueError) as e:  # bad arguments: one clear line, no traceback
     raise app.UsageError(str(e))
   except KeyboardInterrupt:  # the summary said how to resume
@@ -100,6 +118,26 @@ def prepare_data():
   print(f'{FLAGS.dataset} prepared in {builder.data_dir}')
   for split, info in builder.info.splits.items():
     print(f'  {split:<10} {info.num_examples:>7,} examples')
+
+
+def benchmark():
+  if not FLAGS.config and not FLAGS.workdir:
+    raise app.UsageError('--config or --workdir required')
+  from benchmarks import inference_speed
+  record = inference_speed.benchmark(
+      FLAGS.config, FLAGS.workdir, FLAGS['batch-size'].value or 1, FLAGS.height or None,
+      FLAGS.width or None, FLAGS.dtype, FLAGS.measure, FLAGS.warmup, FLAGS.iters,
+      FLAGS['image-by-image'].value)
+  print(json.dumps(record) if FLAGS.json else inference_speed.format_record(record))
+
+
+def export():
+  _require(workdir=FLAGS.workdir, output=FLAGS.output)
+  from seg import export as export_lib
+  export_lib.export_workdir(
+      FLAGS.workdir, FLAGS.output, FLAGS.platforms.split(','), FLAGS.config, FLAGS.dtype,
+      None if FLAGS['symbolic-batch'].value else FLAGS['batch-size'].value or 1,
+      FLAGS.height or None, FLAGS.width or None)
 
 
 def import_weights(src):
@@ -121,6 +159,8 @@ COMMANDS = {
     'predict': predict,
     'prepare-data': prepare_data,
     'import-weights': import_weights,
+    'benchmark': benchmark,
+    'export': export,
 }
 POSITIONAL = {'import-weights': ['SRC']}
 
@@ -139,7 +179,11 @@ def main(argv):
   COMMANDS[argv[1]](*argv[2:])
 
 
+# Commands that only run the network: see seg/runtime.py on MIMALLOC_PURGE_DELAY.
+INFERENCE_COMMANDS = ('eval', 'predict', 'benchmark', 'export')
+
+
 if __name__ == '__main__':
-  runtime.reexec_with_mimalloc()
+  runtime.reexec_with_mimalloc(purge_at_once=len(sys.argv) > 1 and sys.argv[1] in INFERENCE_COMMANDS)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's C++ INFO lines drown the progress
   app.run(main)

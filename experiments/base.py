@@ -55,5 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 8           # global; the last batch is padded and masked
+  config.eval.scales = (1.0,)          # DeepLab's eval_scales; e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+  config.eval.flip = False             # also the left-right flipped image (DeepLab's add_flipped_images)
 
   return config

@@ -11,29 +11,86 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from seg import checkpoint, classes, parallel
+from seg import checkpoint, classes, engine, parallel
 from seg.metrics import confusion_matrix, format_report, iou_report
 from seg.model import AXIS_NAME, create_model, preprocess
 
 
-def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model,
-              num_classes: int, ignore_label: int) -> jax.Array:
-  """Confusion matrix of one batch, summed over every device of the pmap axis.
+def scaled_size(size: int, scale: float) -> int:
+  """DeepLab's `scale_dimension`: int((size - 1) * scale + 1), keeping k * 16 + 1 grids."""
+  return int((size - 1) * scale + 1)
+
+
+def multi_scale_logits(folded, images: jax.Array, *, model_config, scales=(1.0,),
+                       flip: bool = False) -> jax.Array:
+  """Class scores at full resolution, averaged over input scales (and flips) as DeepLab does.
+
+  For one scale without flip these are the network's logits. Otherwise each
+  scale s runs the network on the image resized (aligned corners) to
+  `scaled_size(h, s) x scaled_size(w, s)`, resizes its logits straight to
+  [h, w], and the softmax probabilities of every scale (and of every flipped
+  image, flipped back) are averaged: the "MF" rows of DeepLab's papers.
 
   Args:
-    batch: image [n, h, w, 3] float in [0, 255], label [n, h, w], mask [n].
+    images: [n, h, w, 3] in [-1, 1] (padding already 0).
+
+  Returns:
+    [n, h, w, classes] float32: logits, or averaged probabilities.
   """
-  logits = model.apply(variables, preprocess(batch['image']), train=False)
-  predictions = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  cm = confusion_matrix(batch['label'], predictions, num_classes, batch['mask'], ignore_label)
+  height, width = images.shape[1:3]
+  run = functools.partial(engine.forward, folded, width=model_config.width,
+                          output_stride=model_config.output_stride, upsample=False)
+  if tuple(scales) == (1.0,) and not flip:
+    return engine.resize_bilinear(run(images), (height, width))
+  probabilities = 0.0
+  for scale in scales:
+    size = (scaled_size(height, scale), scaled_size(width, scale))
+    scaled = images if size == (height, width) else engine.resize_bilinear(images, size)
+    variants = [(scaled, False)] + ([(scaled[:, :, ::-1], True)] if flip else [])
+    for x, flipped in variants:
+      p = jax.nn.softmax(engine.resize_bilinear(run(x), (height, width)), axis=-1)
+      probabilities = probabilities + (p[:, :, ::-1] if flipped else p)
+  return probabilities / (len(scales) * (2 if flip else 1))
+
+
+def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_config,
+              ignore_label: int, scales=(1.0,), flip: bool = False) -> jax.Array:
+  """Confusion matrix of one batch, summed over every device of the pmap axis.
+
+  The logits come from the inference engine's folded forward pass
+  (`seg.engine.forward`, float32), the same function `predict`, `benchmark`
+  and `export` run; folding the BatchNorm statistics costs a few small ops.
+  `scales`/`flip`: multi-scale and flipped evaluation (`multi_scale_logits`).
+
+  Args:
+    variables: the model's {'params', 'batch_stats'}.
+    batch: image [n, h, w, 3] float in [0, 255] (padding = the mean pixel),
+      label [n, h, w], mask [n].
+  """
+  folded = engine.cast_folded(engine.fold_variables(model_config, variables), jnp.float32)
+  scores = multi_scale_logits(folded, preprocess(batch['image']), model_config=model_config,
+                              scales=scales, flip=flip)
+  predictions = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  cm = confusion_matrix(batch['label'], predictions, model_config.num_classes, batch['mask'],
+                        ignore_label)
   return lax.psum(cm, AXIS_NAME)
 
 
 def make_p_eval_step(model, config):
-  """The pmapped evaluation step for `config`."""
+  """The pmapped evaluation step for `config` (`model` is unused: kept for callers).
+
+  Batches of different spatial shapes (e.g. images larger than `eval_size` in
+  a larger padded bucket) each compile once; pmap caches them by shape.
+  `config.eval.scales` / `config.eval.flip` (absent in older configs: one
+  scale, no flip) select multi-scale / flipped evaluation.
+  """
+  del model  # the engine rebuilds the forward pass from config.model
+  scales = tuple(float(s) for s in config.eval.get('scales', (1.0,)))
+  if not scales or min(scales) <= 0:
+    raise ValueError(f'config.eval.scales must be positive numbers, got {scales}')
   return jax.pmap(functools.partial(
-      eval_step, model=model, num_classes=config.model.num_classes,
-      ignore_label=config.data.ignore_label), axis_name=AXIS_NAME)
+      eval_step, model_config=config.model, ignore_label=config.data.ignore_label,
+      scales=scales, flip=bool(config.eval.get('flip', False))), axis_name=AXIS_NAME)
 
 
 def evaluate(p_eval_step, variables: Dict[str, Any], config, split: Optional[str] = None,

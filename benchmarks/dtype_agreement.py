@@ -1,0 +1,59 @@
+"""How often the bfloat16 engine predicts the float32 engine's class, over a whole split.
+
+    python benchmarks/dtype_agreement.py --workdir runs/quickstart [--split val]
+
+Runs the trained model of a workdir through `seg.engine.Engine` in float32
+and in bfloat16 (bf16 products accumulating in float32) on every image of the
+split (at its original size, padded as `eval` pads), and prints the share of
+pixels whose predicted class is identical, the worst image's share, and the
+largest logit difference relative to the largest float32 logit.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--split', default=None, help='default: the config\'s eval_split')
+  parser.add_argument('--batch-size', type=int, default=4)
+  args = parser.parse_args()
+
+  import numpy as np
+  import tensorflow_datasets as tfds  # benchmark-only script: reads the data like seg/data
+
+  from seg import checkpoint, engine
+  from seg.data import voc
+  from seg.model import create_model
+
+  config = checkpoint.load_config(args.workdir)
+  variables, step = checkpoint.load_model_variables(args.workdir, create_model(config.model))
+  split = args.split or config.data.eval_split
+  builder = voc.prepare(config.data.dataset, config.data.data_dir)
+  images = [ex['image'] for ex in tfds.as_numpy(builder.as_dataset(split=split))]
+  f32 = engine.Engine(config, variables, 'float32', args.batch_size)
+  bf16 = engine.Engine(config, variables, 'bfloat16', args.batch_size)
+  same = total = 0
+  worst, max_rel = 1.0, 0.0
+  for start in range(0, len(images), 32):
+    chunk = images[start:start + 32]
+    la, lb = f32.logits(chunk), bf16.logits(chunk)
+    for a, b in zip(la, lb):
+      agree = np.argmax(a, -1) == np.argmax(b, -1)
+      same += int(agree.sum())
+      total += agree.size
+      worst = min(worst, float(agree.mean()))
+      max_rel = max(max_rel, float(np.abs(a - b).max() / np.abs(a).max()))
+    print(f'  {min(start + 32, len(images))}/{len(images)} images', flush=True)
+  print(f'{args.workdir} (step {step}), {split}: {len(images)} images, {total:,} pixels')
+  print(f'  bfloat16 class == float32 class: {100 * same / total:.3f}% of pixels '
+        f'(worst image {100 * worst:.2f}%)')
+  print(f'  max |logit difference| / max |float32 logit|: {max_rel:.4f}')
+
+
+if __name__ == '__main__':
+  main()
