@@ -52,7 +52,8 @@ flags.DEFINE_integer('workers', 2, 'predict: decoding threads, and as many writi
 flags.DEFINE_integer('height', 0, 'benchmark, export: padded input height (default eval_size).')
 flags.DEFINE_integer('width', 0, 'benchmark, export: padded input width (default eval_size).')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
-                  'benchmark, export: compute dtype of the engine (products accumulate in f32).')
+                  'predict, benchmark, export: compute dtype of the engine (products '
+                  'accumulate in float32).')
 flags.DEFINE_enum('measure', 'network', ['network', 'predict'],
                   'benchmark: network = float images -> logits at the output stride (what the '
                   'peers time); predict = uint8 images -> class map at full size.')
@@ -99,7 +100,8 @@ def predict():
       workers=FLAGS.workers)
   try:
     failures = predict_lib.predict_paths(FLAGS.workdir, FLAGS.input, FLAGS.output, options,
-                                         batch_size=FLAGS['batch-size'].value or 8)
+                                         batch_size=FLAGS['batch-size'].value or 8,
+                                         dtype=FLAGS.dtype)
   except (FileNotFoundError, ValueError) as e:  # bad arguments: one clear line, no traceback
     raise app.UsageError(str(e))
   except KeyboardInterrupt:  # the summary said how to resume
@@ -184,6 +186,7 @@ INFERENCE_COMMANDS = ('eval', 'predict', 'benchmark', 'export')
 
 
 if __name__ == '__main__':
-  runtime.reexec_with_mimalloc(purge_at_once=len(sys.argv) > 1 and sys.argv[1] in INFERENCE_COMMANDS)
+  runtime.reexec_with_mimalloc(
+      purge_at_once=len(sys.argv) > 1 and sys.argv[1] in INFERENCE_COMMANDS)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's C++ INFO lines drown the progress
   app.run(main)

@@ -433,6 +433,11 @@ class Engine:
                                                    **self._batch_static))
     self._compiled: Dict[Tuple, Any] = {}
     self.compile_seconds: Dict[Tuple, float] = {}
+    self.shapes_run = set()  # (kind, batch, height, width) of the calls so far
+
+  def bucket(self, height: int, width: int) -> Tuple[int, int]:
+    """The padded shape of an image: images of equal buckets share one compiled call."""
+    return bucket_shape(height, width, self.eval_size)
 
   def forward(self, folded, images: jax.Array, upsample: bool = True) -> jax.Array:
     """`forward` with this engine's model and dtype (images: [n, h, w, 3] in [-1, 1])."""
@@ -454,8 +459,9 @@ class Engine:
     return self._compiled[key]
 
   def run_padded(self, kind: str, images: np.ndarray, sizes: np.ndarray) -> jax.Array:
-    """One compiled call on a canvas batch: images [batch_size, H, W, 3] uint8, sizes [batch_size, 2]."""
+    """One compiled call: images [batch_size, H, W, 3] uint8 (a canvas), sizes [batch_size, 2]."""
     fn = self.compiled(kind, *images.shape[:3])
+    self.shapes_run.add((kind, *images.shape[:3]))
     return fn(self.folded, jax.device_put(images, self.device),
               jax.device_put(sizes, self.device))
 
@@ -463,7 +469,7 @@ class Engine:
     outputs = []
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
-      shapes = [bucket_shape(im.shape[0], im.shape[1], self.eval_size) for im in chunk]
+      shapes = [self.bucket(*im.shape[:2]) for im in chunk]
       ph, pw = max(s[0] for s in shapes), max(s[1] for s in shapes)
       canvas = np.zeros((self.batch_size, ph, pw, 3), np.uint8)
       sizes = np.ones((self.batch_size, 2), np.int32)

@@ -31,7 +31,8 @@ Either way the number of compiled shapes is that of images up to `max_side`.
 
 The model sits behind a narrow interface (`Segmenter`): a list of uint8 RGB
 images in, class maps or logits out, and the shape bucket that decides which
-images may share a batch. `Predictor` is the plain jitted implementation.
+images may share a batch. `seg.engine.Engine`, the compiled inference engine
+that `eval` and `export` also use, implements it.
 """
 
 import dataclasses
@@ -43,14 +44,13 @@ import sys
 import threading
 import time
 from concurrent import futures
-from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
 LIST_EXTENSIONS = ('.txt', '.lst')
-BUCKET = 64                  # larger images are padded up to a multiple of this (+1)
 OVERLAY_ALPHA = 0.5
 LARGE_IMAGE_POLICIES = ('resize', 'tile')
 PROBABILITY_FORMATS = ('none', 'float16', 'uint8')
@@ -60,24 +60,12 @@ ROWS_PER_STRIP = 64          # rows upsampled at a time for resized large images
 EXIF_ORIENTATION = 0x0112
 
 
-def bucket_shape(height: int, width: int, eval_size: int) -> Tuple[int, int]:
-  """The padded input shape for an image: eval_size square, or the next bucket.
-
-  Sizes of the form k * 64 + 1 keep the aligned-corner resizes on the output
-  stride grid and bound the number of compiled shapes.
-  """
-  if max(height, width) <= eval_size:
-    return eval_size, eval_size
-  up = lambda n: -(-(n - 1) // BUCKET) * BUCKET + 1
-  return max(up(height), eval_size), max(up(width), eval_size)
-
-
 # ----------------------------------------------------------------------------------------------
 # The model behind a narrow interface.
 
 
-class Segmenter:
-  """What mask generation needs from a model (today `Predictor`; any engine fits).
+class Segmenter(Protocol):
+  """What mask generation needs from a model (`seg.engine.Engine`).
 
   images: a list of [h_i, w_i, 3] uint8 RGB arrays; images with equal
   `bucket(h, w)` are batched together by the caller.
@@ -96,64 +84,14 @@ class Segmenter:
     raise NotImplementedError
 
 
-class Predictor(Segmenter):
-  """Class maps for uint8 RGB images of any size, one jitted function per shape bucket.
-
-  A call pads each image with the mean pixel to its bucket and the batch to
-  the next power of two up to `batch_size`, so compiled shapes stay few.
-  """
-
-  def __init__(self, model, variables, eval_size: int, batch_size: int = 1):
-    import jax
-    import jax.numpy as jnp
-    from seg.model import preprocess
-    self.variables = jax.device_put(variables)
-    self.eval_size = eval_size
-    self.batch_size = batch_size
-    self.compiled_shapes = set()  # (kind, batch, height, width) of every call so far
-    logits = lambda v, x: model.apply(v, preprocess(x), train=False)
-    self._jitted = {
-        'classes': jax.jit(lambda v, x: jnp.argmax(logits(v, x), axis=-1).astype(jnp.uint8)),
-        'logits': jax.jit(logits)}
-
-  def bucket(self, height: int, width: int) -> Tuple[int, int]:
-    return bucket_shape(height, width, self.eval_size)
-
-  def __call__(self, image: np.ndarray) -> np.ndarray:
-    """image: [height, width, 3] uint8 -> [height, width] uint8 class ids."""
-    return self.predict([image])[0]
-
-  def predict(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
-    return self._run('classes', images)
-
-  def logits(self, images: Sequence[np.ndarray]) -> List[np.ndarray]:
-    return self._run('logits', images)
-
-  def _run(self, kind: str, images: Sequence[np.ndarray]) -> List[np.ndarray]:
-    from seg.model import MEAN_PIXEL
-    outputs = []
-    for start in range(0, len(images), self.batch_size):
-      chunk = images[start:start + self.batch_size]
-      shapes = [self.bucket(*image.shape[:2]) for image in chunk]
-      ph, pw = max(s[0] for s in shapes), max(s[1] for s in shapes)
-      n = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
-      padded = np.full((n, ph, pw, 3), MEAN_PIXEL, np.float32)
-      for i, image in enumerate(chunk):
-        padded[i, :image.shape[0], :image.shape[1]] = image
-      self.compiled_shapes.add((kind, n, ph, pw))
-      result = np.asarray(self._jitted[kind](self.variables, padded))
-      outputs.extend(result[i, :im.shape[0], :im.shape[1]] for i, im in enumerate(chunk))
-    return outputs
-
-
-def load_predictor(workdir: str, batch_size: int = 1) -> Tuple[Predictor, int]:
-  """(Predictor of the latest checkpoint of `workdir`, its step)."""
+def load_predictor(workdir: str, batch_size: int = 1, dtype: str = 'float32'):
+  """(the inference engine for the latest checkpoint of `workdir`, its step)."""
   from seg import checkpoint
+  from seg.engine import Engine
   from seg.model import create_model
   config = checkpoint.load_config(workdir)
-  model = create_model(config.model)
-  variables, step = checkpoint.load_model_variables(workdir, model)
-  return Predictor(model, variables, config.data.eval_size, batch_size), step
+  variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
+  return Engine(config, variables, dtype=dtype, batch_size=batch_size), step
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -857,13 +795,14 @@ def write_item(item: Item, options: Options) -> None:
 
 def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Options] = None,
                   batch_size: int = 8, segmenter: Optional[Segmenter] = None, log=print,
-                  progress_stream=None) -> int:
+                  progress_stream=None, dtype: str = 'float32') -> int:
   """`main.py predict`: masks for every input; prints a summary, returns #failures.
 
   Ctrl-C stops reading new inputs, lets the writes under way finish, prints
   the summary and raises KeyboardInterrupt again.
 
-  `inputs`: a path or a list of input values (see `collect_inputs`).
+  `inputs`: a path or a list of input values (see `collect_inputs`); `dtype`:
+  the engine's compute dtype ('float32' or 'bfloat16').
   """
   options = options or Options()
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -872,7 +811,7 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
   if not files:
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
   if segmenter is None:
-    segmenter, step = load_predictor(workdir, batch_size)
+    segmenter, step = load_predictor(workdir, batch_size, dtype)
     log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step {step}')
   jobs = plan_jobs(files, output_dir, options)
   summary = run_jobs(segmenter, jobs, options, progress_stream)

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from seg import checkpoint, predict
+from seg.engine import Engine
 from seg.data import voc
 from seg.metrics import iou_report
 from seg.model import create_model
@@ -62,13 +63,13 @@ def test_predicted_masks_score_what_eval_scores(trained, data_dir):
   [voc_root] = glob.glob(os.path.join(data_dir, 'downloads', 'embedded-*', 'VOCdevkit', 'VOC2012'))
   model = create_model(config.model)
   variables, _ = checkpoint.load_model_variables(workdir, model)
-  predictor = predict.Predictor(model, variables, config.data.eval_size)
+  engine = Engine(config, variables)
   cm = np.zeros((21, 21), np.int64)
   names = voc.read_split_list(voc_root, 'val')
   for name in names:
     image = predict.load_rgb(os.path.join(voc_root, 'JPEGImages', name + '.jpg'))
     label = voc.read_label_png(os.path.join(voc_root, 'SegmentationClass', name + '.png'))
-    mask = predictor(image)
+    [mask] = engine.predict([image])
     assert mask.shape == label.shape
     valid = label != 255
     np.add.at(cm, (label[valid], mask[valid]), 1)

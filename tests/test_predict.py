@@ -403,12 +403,12 @@ def test_large_images_resize_within_the_compiled_shapes(segmenter, reference, tm
   image = _scene(300, 400, 10)  # "large" here: max_side 161 = the tiny eval_size
   Image.fromarray(image).save(tmp_path / 'big.png')
   Image.fromarray(image[:100, :120]).save(tmp_path / 'small.png')
-  segmenter.compiled_shapes.clear()
+  segmenter.shapes_run.clear()
   failures, _, _ = _run(segmenter, [str(tmp_path / 'big.png'), str(tmp_path / 'small.png')],
                         tmp_path / 'out', large_images='resize', max_side=161,
                         probabilities='float16')
   assert failures == 0
-  assert {shape[2:] for shape in segmenter.compiled_shapes} == {(EVAL_SIZE, EVAL_SIZE)}
+  assert {shape[2:] for shape in segmenter.shapes_run} == {(EVAL_SIZE, EVAL_SIZE)}
   mask = _read_mask(tmp_path / 'out' / 'big.png')
   assert mask.shape == (300, 400)
   # Independently: PIL's bilinear downscale, the plain model, softmax, jax.image.resize up.
@@ -440,10 +440,10 @@ def test_a_large_turned_jpeg_keeps_its_full_oriented_size(segmenter, tmp_path):
 def test_large_images_tile_within_the_compiled_shapes(segmenter, reference, tmp_path):
   image = _scene(300, 400, 11)
   Image.fromarray(image).save(tmp_path / 'big.png')
-  segmenter.compiled_shapes.clear()
+  segmenter.shapes_run.clear()
   assert _run(segmenter, [str(tmp_path / 'big.png')], tmp_path / 'out', large_images='tile',
               max_side=161)[0] == 0
-  assert {shape[2:] for shape in segmenter.compiled_shapes} == {(EVAL_SIZE, EVAL_SIZE)}
+  assert {shape[2:] for shape in segmenter.shapes_run} == {(EVAL_SIZE, EVAL_SIZE)}
   mask = _read_mask(tmp_path / 'out' / 'big.png')
   assert mask.shape == (300, 400)
   # Tiles of 161 overlapping by 64 start at 0, 97, 139 (rows) and 0, 97, 194, 239 (columns);
