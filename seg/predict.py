@@ -1,16 +1,9 @@
 """Mask generation for many images: files, folders, globs and lists of paths.
 
-For every input image this writes, under the output folder and mirroring the
-input's relative path (see `collect_inputs`):
-  NAME.png          class indices as a palette PNG of the input's size (VOC's format)
-  NAME_color.png    the same classes as an RGB image in the VOC colours
-  NAME_overlay.jpg  (--overlay) the image blended with the class colours
-  NAME_prob.npy     (--probabilities) class probabilities [classes, height, width],
-                    float16, or uint8 holding round(255 * p)
-
-Every file is written to a temporary name and renamed when complete, so an
-interrupted run never leaves a half-written output that a later run would
-take as done; a run skips inputs whose outputs all exist (unless overwrite).
+Every input image (collected by `seg.inputs`, decoded by `seg.images`) gets
+its masks written under the output folder (`seg.masks`); a run skips inputs
+whose outputs all exist (unless overwrite), and since outputs are renamed into
+place only when complete, an interrupted run resumes where it stopped.
 
 Images are padded exactly as evaluation pads them (mean pixel, bottom and
 right, to `eval_size` or the next size bucket), so that a val image gets here
@@ -36,28 +29,24 @@ that `eval` and `export` also use, implements it.
 """
 
 import dataclasses
-import functools
-import glob as glob_lib
 import os
 import queue
 import sys
 import threading
 import time
 from concurrent import futures
-from typing import Callable, Dict, Hashable, List, Optional, Protocol, Sequence, Tuple
+from typing import Dict, Hashable, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
-LIST_EXTENSIONS = ('.txt', '.lst')
-OVERLAY_ALPHA = 0.5
+from seg.images import load_image, load_rgb
+from seg.inputs import IMAGE_EXTENSIONS, Job, check_output_folder, collect_inputs, plan_jobs
+from seg.masks import PROBABILITY_FORMATS, ProbabilityFile, write_masks
+
 LARGE_IMAGE_POLICIES = ('resize', 'tile')
-PROBABILITY_FORMATS = ('none', 'float16', 'uint8')
 TILE_OVERLAP = 64            # pixels shared by neighbouring tiles (policy 'tile')
 BYTES_IN_FLIGHT = 512 << 20  # decoded images waiting for the model or the writers
 ROWS_PER_STRIP = 64          # rows upsampled at a time for resized large images
-EXIF_ORIENTATION = 0x0112
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,127 +91,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs.
-
-
-@dataclasses.dataclass
-class InputFile:
-  path: str       # as found (absolute for list entries)
-  relative: str   # mirrored under the output folder
-  error: str = ''  # set when the input cannot even be looked at (e.g. missing list entry)
-
-
-def _is_glob(value: str) -> bool:
-  return any(c in value for c in '*?[')
-
-
-def _walk(folder: str) -> Tuple[List[str], int]:
-  """Image files under `folder` (sorted, recursive) and the number of other files."""
-  found, ignored = [], 0
-  for root, dirs, files in os.walk(folder):
-    dirs.sort()
-    for name in sorted(files):
-      if name.lower().endswith(IMAGE_EXTENSIONS):
-        found.append(os.path.join(root, name))
-      else:
-        ignored += 1
-  return found, ignored
-
-
-def _relative_to_common(paths: Sequence[str]) -> List[InputFile]:
-  if not paths:
-    return []
-  root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-  return [InputFile(p, os.path.relpath(os.path.abspath(p), root)) for p in paths]
-
-
-def _resolve(value: str, base: str = '') -> Tuple[List[InputFile], List[str], int]:
-  """One input value -> (files, folder roots, ignored non-image files in folders)."""
-  path = os.path.join(base, os.path.expanduser(value))
-  if os.path.isdir(path):
-    files, ignored = _walk(path)
-    return [InputFile(f, os.path.relpath(f, path)) for f in files], [path], ignored
-  if os.path.isfile(path):
-    if path.lower().endswith(LIST_EXTENSIONS) and not base:
-      return _read_list(path)
-    return [InputFile(path, os.path.basename(path))], [], 0
-  if _is_glob(path):
-    matches = sorted(glob_lib.glob(path, recursive=True))
-    files, roots, ignored = [], [], 0
-    for match in matches:
-      if os.path.isdir(match):
-        found, n = _walk(match)
-        files += found
-        ignored += n
-      elif not match.lower().endswith(LIST_EXTENSIONS):
-        files.append(match)
-    if not files:
-      raise FileNotFoundError(f'--input {value}: the pattern matches no file')
-    return _relative_to_common(files), roots, ignored
-  if base:  # a missing entry of a list is one failed input, not the end of the run
-    return [InputFile(path, os.path.basename(path), 'not found')], [], 0
-  raise FileNotFoundError(f'--input {value}: no such file, folder or pattern')
-
-
-def _read_list(list_path: str) -> Tuple[List[InputFile], List[str], int]:
-  """Entries of a list file; relative entries resolve against the list file's folder."""
-  base = os.path.dirname(os.path.abspath(list_path))
-  paths, missing, roots, ignored = [], [], [], 0
-  with open(list_path, encoding='utf-8') as f:
-    for line in f:
-      entry = line.strip()
-      if not entry or entry.startswith('#'):
-        continue
-      files, entry_roots, n = _resolve(entry, base)
-      roots += entry_roots
-      ignored += n
-      for item in files:
-        (missing if item.error else paths).append(item if item.error else item.path)
-  return _relative_to_common(paths) + missing, roots, ignored
-
-
-def collect_inputs(values: Sequence[str]) -> Tuple[List[InputFile], List[str], int]:
-  """All image inputs named by `values`, each once: (files, folder roots, ignored files).
-
-  A value is an image file, a folder (searched recursively for the extensions
-  in IMAGE_EXTENSIONS), a glob pattern (`**` recurses), or a list file
-  (.txt/.lst, one path, folder or pattern a line, `#` comments; relative
-  entries resolve against the list file's folder). A value may be a comma
-  list. Outputs mirror paths relative to a folder value, or, for files found
-  through a pattern or a list, relative to the deepest folder holding all of
-  them (a single file: its name).
-  """
-  result, roots, ignored, seen = [], [], 0, set()
-  for value in values:
-    parts = [value] if os.path.exists(value) else [v for v in value.split(',') if v]
-    for part in parts:
-      files, part_roots, n = _resolve(part)
-      roots += part_roots
-      ignored += n
-      for item in files:
-        key = os.path.realpath(item.path)
-        if key not in seen:
-          seen.add(key)
-          result.append(item)
-  return result, roots, ignored
-
-
-def check_output_folder(inputs: Sequence[InputFile], roots: Sequence[str], output_dir: str):
-  """Refuses an output folder inside an input folder, or one that holds an input file."""
-  out = os.path.realpath(output_dir)
-  inside = lambda path, folder: path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-  for root in roots:
-    if inside(out, os.path.realpath(root)):
-      raise ValueError(f'output folder {output_dir} is inside the input folder {root}; '
-                       'choose one outside it (inputs are never written to)')
-  for item in inputs:
-    if not item.error and inside(os.path.realpath(item.path), out):
-      raise ValueError(f'input {item.path} lies inside the output folder {output_dir}; '
-                       'choose an output folder that holds no input')
-
-
-# ----------------------------------------------------------------------------------------------
-# Jobs: one input and the outputs it should produce.
+# Options.
 
 
 @dataclasses.dataclass
@@ -247,126 +116,8 @@ class Options:
       raise ValueError('max_side and workers must be positive')
 
 
-def output_suffixes(options: Options) -> List[str]:
-  suffixes = ['.png', '_color.png']
-  if options.overlay:
-    suffixes.append('_overlay.jpg')
-  if options.probabilities != 'none':
-    suffixes.append('_prob.npy')
-  return suffixes
-
-
-@dataclasses.dataclass
-class Job:
-  path: str
-  stem: str           # output path without suffix
-  error: str = ''
-
-  def outputs(self, options: Options) -> List[str]:
-    return [self.stem + s for s in output_suffixes(options)]
-
-  def done(self, options: Options) -> bool:
-    return all(os.path.exists(p) for p in self.outputs(options))
-
-
-def plan_jobs(inputs: Sequence[InputFile], output_dir: str, options: Options) -> List[Job]:
-  """One job per input; inputs whose outputs would collide get their extension in the name.
-
-  `a.jpg` and `a.png` in one folder both map to `a.png`, as `a_color.png` maps
-  onto `a.png`'s colour mask: such inputs write `a.jpg.png`, `a.png.png`, ...
-  Collisions left after that fail those inputs with a reason.
-  """
-  jobs = [Job(i.path, os.path.join(output_dir, os.path.splitext(i.relative)[0]), i.error)
-          for i in inputs]
-  for attempt in range(2):
-    owners: Dict[str, List[int]] = {}
-    for index, job in enumerate(jobs):
-      if not job.error:
-        for path in job.outputs(options):
-          owners.setdefault(os.path.normcase(path), []).append(index)
-    clashes = {i for owner in owners.values() if len(owner) > 1 for i in owner}
-    for index in sorted(clashes):
-      job = jobs[index]
-      if attempt == 0:
-        job.stem = os.path.join(output_dir, inputs[index].relative)
-      else:
-        others = sorted({jobs[j].path for o in owners.values() if index in o for j in o} -
-                        {job.path})
-        job.error = f'its outputs would overwrite those of {", ".join(others)}'
-  return jobs
-
-
 # ----------------------------------------------------------------------------------------------
-# Reading images.
-
-
-def _to_rgb(image: Image.Image) -> np.ndarray:
-  """Any PIL mode -> [h, w, 3] uint8 RGB.
-
-  16-bit (I;16*, I) scale by 1/257 (65535 -> 255), float (F) clips to
-  [0, 255]; transparent pixels (RGBA, LA, palette transparency) are blended
-  over the mean grey that also pads images; CMYK uses Pillow's conversion
-  R = (255 - C)(255 - K) / 255 (no colour profile).
-  """
-  mode = image.mode
-  if mode.startswith('I') or mode == 'F':
-    values = np.asarray(image)
-    if mode.startswith('I'):
-      values = values.astype(np.float64) / 257.0
-    gray = np.clip(np.round(values), 0, 255).astype(np.uint8)
-    return np.repeat(gray[..., None], 3, axis=-1)
-  if mode == 'P' and 'transparency' in image.info:
-    image = image.convert('RGBA')
-  if mode in ('RGBA', 'LA', 'PA', 'La', 'RGBa') or image.mode == 'RGBA':
-    rgba = np.asarray(image.convert('RGBA'), np.float64)
-    alpha = rgba[..., 3:] / 255.0
-    rgb = rgba[..., :3] * alpha + 127.5 * (1 - alpha)
-    return np.round(rgb).astype(np.uint8)
-  if mode != 'RGB':
-    image = image.convert('RGB')
-  return np.asarray(image)
-
-
-def load_rgb(path: str) -> np.ndarray:
-  """An image file as [height, width, 3] uint8 RGB, EXIF orientation applied."""
-  return load_image(path)[0]
-
-
-def load_image(path: str, max_side: Optional[int] = None) -> Tuple[np.ndarray, Tuple[int, int]]:
-  """A file as ([h, w, 3] uint8 RGB, (H, W) original size), EXIF orientation applied.
-
-  With `max_side`, an image with a larger side is downscaled to fit it
-  (antialiased bilinear; JPEGs are decoded at a reduced scale first).
-  """
-  if os.path.getsize(path) == 0:
-    raise ValueError('empty file (0 bytes)')
-  with Image.open(path) as image:
-    width, height = image.size
-    try:
-      orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # unreadable EXIF: the pixels are still good, take them as stored
-      orientation = 1
-    if orientation in (5, 6, 7, 8):  # turned by 90 or 270 degrees
-      width, height = height, width
-    if max_side and max(width, height) > max_side and image.format == 'JPEG':
-      # Decode at 1/2, 1/4 or 1/8 scale (still at least the target size).
-      scale = max_side / max(width, height)
-      image.draft(image.mode, (max(1, int(image.size[0] * scale)),
-                               max(1, int(image.size[1] * scale))))
-    image.load()  # decode errors (truncated, corrupt) happen here
-    oriented = ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
-    if max_side and max(oriented.size) > max_side:
-      oriented = _resize_to_fit(oriented, (height, width), max_side)
-    return _to_rgb(oriented), (height, width)
-
-
-def _resize_to_fit(image: Image.Image, original: Tuple[int, int], max_side: int) -> Image.Image:
-  h, w = original
-  scale = max_side / max(h, w)
-  size = (max(1, round(w * scale)), max(1, round(h * scale)))
-  if image.mode not in ('RGB', 'RGBA', 'L', 'LA'):
-    image = Image.fromarray(_to_rgb(image))
-  return image.resize(size, Image.Resampling.BILINEAR)
+# Large images: upsampling resized predictions, tiling.
 
 
 def upsample_rows(scores: np.ndarray, height: int, width: int, row0: int,
@@ -400,86 +151,6 @@ def tile_starts(size: int, tile: int, overlap: int) -> Tuple[List[int], List[int
   starts = [min(i * stride, size - tile) for i in range(count)]
   bounds = [0] + [(starts[i + 1] + starts[i] + tile) // 2 for i in range(count - 1)] + [size]
   return starts, bounds
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing outputs (atomically).
-
-
-def _atomic(path: str, write: Callable[[str], None]) -> None:
-  """Calls write(temporary path) and renames it to `path` once complete."""
-  folder, name = os.path.split(path)
-  temporary = os.path.join(folder, f'.{name}.partial')
-  try:
-    write(temporary)
-    os.replace(temporary, path)
-  except BaseException:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-    raise
-
-
-@functools.lru_cache(maxsize=1)
-def _colormap() -> np.ndarray:
-  from seg.classes import voc_colormap
-  return voc_colormap()  # a 2,048-step Python loop: once, not per image
-
-
-def _palette_png(mask: np.ndarray) -> Image.Image:
-  png = Image.fromarray(mask, mode='P')
-  png.putpalette(_colormap().reshape(-1).tolist())
-  return png
-
-
-class ProbabilityFile:
-  """NAME_prob.npy [classes, H, W] written region by region through a memory map."""
-
-  def __init__(self, path: str, num_classes: int, height: int, width: int, fmt: str):
-    self.path, self.fmt = path, fmt
-    folder, name = os.path.split(path)
-    self.temporary = os.path.join(folder, f'.{name}.partial')
-    dtype = np.float16 if fmt == 'float16' else np.uint8
-    self.array = np.lib.format.open_memmap(self.temporary, mode='w+', dtype=dtype,
-                                           shape=(num_classes, height, width))
-
-  def write(self, row: int, col: int, probs: np.ndarray) -> None:
-    """probs: [h, w, classes] float in [0, 1], placed at (row, col)."""
-    values = np.moveaxis(probs, -1, 0)
-    if self.fmt == 'uint8':
-      values = np.round(values * 255)
-    self.array[:, row:row + probs.shape[0], col:col + probs.shape[1]] = values
-
-  def commit(self) -> None:
-    self.array.flush()
-    del self.array
-    os.replace(self.temporary, self.path)
-
-  def discard(self) -> None:
-    self.array = None
-    if os.path.exists(self.temporary):
-      os.remove(self.temporary)
-
-
-def write_masks(stem: str, mask: np.ndarray, options: Options,
-                image: Optional[Callable[[], np.ndarray]] = None) -> None:
-  """STEM.png (palette indices), STEM_color.png and, with overlay, STEM_overlay.jpg.
-
-  `image` returns the [H, W, 3] uint8 image for the overlay (read lazily).
-  """
-  os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
-  cmap = _colormap()
-  _atomic(stem + '_color.png', lambda p: Image.fromarray(cmap[mask]).save(p, format='PNG'))
-  if options.overlay:
-    rgb = image()
-    out = np.empty_like(rgb)
-    for r in range(0, mask.shape[0], 256):  # strips keep float temporaries small
-      m = mask[r:r + 256]
-      alpha = np.where(m[..., None] > 0, OVERLAY_ALPHA, 0.0).astype(np.float32)
-      blend = rgb[r:r + 256].astype(np.float32) * (1 - alpha) + cmap[m] * alpha
-      out[r:r + 256] = np.round(blend).astype(np.uint8)
-    _atomic(stem + '_overlay.jpg',
-            lambda p: Image.fromarray(out).save(p, format='JPEG', quality=90))
-  _atomic(stem + '.png', lambda p: _palette_png(mask).save(p, format='PNG'))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -801,8 +472,8 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
   Ctrl-C stops reading new inputs, lets the writes under way finish, prints
   the summary and raises KeyboardInterrupt again.
 
-  `inputs`: a path or a list of input values (see `collect_inputs`); `dtype`:
-  the engine's compute dtype ('float32' or 'bfloat16').
+  `inputs`: a path or a list of input values (see `seg.inputs.collect_inputs`);
+  `dtype`: the engine's compute dtype ('float32' or 'bfloat16').
   """
   options = options or Options()
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seg import checkpoint, predict
+from seg import checkpoint, images, predict
 from seg.engine import Engine
 from seg.data import voc
 from seg.metrics import iou_report
@@ -67,7 +67,7 @@ def test_predicted_masks_score_what_eval_scores(trained, data_dir):
   cm = np.zeros((21, 21), np.int64)
   names = voc.read_split_list(voc_root, 'val')
   for name in names:
-    image = predict.load_rgb(os.path.join(voc_root, 'JPEGImages', name + '.jpg'))
+    image = images.load_rgb(os.path.join(voc_root, 'JPEGImages', name + '.jpg'))
     label = voc.read_label_png(os.path.join(voc_root, 'SegmentationClass', name + '.png'))
     [mask] = engine.predict([image])
     assert mask.shape == label.shape

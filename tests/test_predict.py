@@ -1,5 +1,8 @@
 """Batch mask generation (`seg/predict.py`, `main.py predict`) on generated files.
 
+Also reading (`seg/images.py`), input collection (`seg/inputs.py`) and the
+files written (`seg/masks.py`).
+
 A tiny model with random weights is written once per module into a workdir;
 masks are checked against the plain Flax model applied in the test to the
 same pixels (padded with the mean pixel as evaluation pads), and pixels are
@@ -20,6 +23,8 @@ from PIL import Image
 
 from experiments import tiny
 from seg import checkpoint, predict
+from seg.images import load_image, load_rgb
+from seg.inputs import collect_inputs, plan_jobs
 from seg.model import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +147,7 @@ def test_masks_are_the_plain_models_argmax_at_the_original_size(segmenter, refer
   classes_seen = set()
   for name, image in images.items():
     stem = tmp_path / 'out' / os.path.splitext(name)[0]
-    pixels = predict.load_rgb(str(inputs / name))  # the JPEG's decoded pixels
+    pixels = load_rgb(str(inputs / name))  # the JPEG's decoded pixels
     mask = _read_mask(f'{stem}.png')
     _assert_same_classes(mask, reference(pixels))
     classes_seen |= set(np.unique(mask))
@@ -193,9 +198,9 @@ def test_files_folders_globs_and_lists(tmp_path):
       '\nmissing.png\n')
   photos, other = str(tmp_path / 'photos'), str(tmp_path / 'other')
   found = lambda values: [(os.path.relpath(f.path, tmp_path), f.relative, f.error)
-                          for f in predict.collect_inputs(values)[0]]
+                          for f in collect_inputs(values)[0]]
   # A folder: recursive, image extensions only, mirrored relative to the folder.
-  files, roots, ignored = predict.collect_inputs([photos])
+  files, roots, ignored = collect_inputs([photos])
   assert [(f.relative) for f in files] == ['a.jpg', os.path.join('2024', 'b.png')]
   assert roots == [photos] and ignored == 1
   # A file: its name. A glob: relative to the deepest folder holding every match.
@@ -212,9 +217,9 @@ def test_files_folders_globs_and_lists(tmp_path):
   assert [p for p, _, _ in both] == ['other/d.png', 'other/e.png', 'photos/a.jpg',
                                      'photos/2024/b.png']
   with pytest.raises(FileNotFoundError, match='no such file'):
-    predict.collect_inputs([str(tmp_path / 'nope')])
+    collect_inputs([str(tmp_path / 'nope')])
   with pytest.raises(FileNotFoundError, match='matches no file'):
-    predict.collect_inputs([str(tmp_path / '*.gif')])
+    collect_inputs([str(tmp_path / '*.gif')])
 
 
 def test_never_writes_into_the_input_tree(tmp_path):
@@ -244,7 +249,7 @@ def test_name_collisions_get_distinct_outputs(segmenter, reference, tmp_path):
       'a_color.png_color.png', 'b.png', 'b_color.png']
   for name, stem in (('a.jpg', 'a.jpg'), ('a.png', 'a.png'), ('a_color.png', 'a_color.png'),
                      ('b.png', 'b')):
-    pixels = predict.load_rgb(str(inputs / name))
+    pixels = load_rgb(str(inputs / name))
     _assert_same_classes(_read_mask(tmp_path / 'out' / f'{stem}.png'), reference(pixels))
 
 
@@ -389,7 +394,7 @@ def test_modes_and_orientation_become_the_equivalent_rgb(segmenter, reference, t
 
   for name, pixels in expected.items():
     [path] = [p for p in os.listdir(inputs) if os.path.splitext(p)[0] == name]
-    np.testing.assert_array_equal(predict.load_rgb(str(inputs / path)), pixels, err_msg=name)
+    np.testing.assert_array_equal(load_rgb(str(inputs / path)), pixels, err_msg=name)
   assert _run(segmenter, [str(inputs)], tmp_path / 'out')[0] == 0
   for name, pixels in expected.items():
     _assert_same_classes(_read_mask(tmp_path / 'out' / f'{name}.png'), reference(pixels))
@@ -429,7 +434,7 @@ def test_a_large_turned_jpeg_keeps_its_full_oriented_size(segmenter, tmp_path):
   exif = Image.Exif()
   exif[0x0112] = 6  # stored 400 wide, 300 high; viewed 300 wide, 400 high
   Image.fromarray(_scene(300, 400, 12)).save(tmp_path / 'turned.jpg', exif=exif)
-  image, original = predict.load_image(str(tmp_path / 'turned.jpg'), max_side=161)
+  image, original = load_image(str(tmp_path / 'turned.jpg'), max_side=161)
   assert original == (400, 300) and image.shape == (161, 121, 3)
   assert _run(segmenter, [str(tmp_path / 'turned.jpg')], tmp_path / 'out', max_side=161,
               overlay=True)[0] == 0
@@ -463,9 +468,9 @@ def test_tile_layout():
 def test_a_budget_of_one_image_at_a_time_still_finishes(segmenter, tmp_path):
   for i in range(5):
     Image.fromarray(_scene(30 + i, 30, i)).save(tmp_path / f'{i}.png')
-  files, _, _ = predict.collect_inputs([str(tmp_path)])
+  files, _, _ = collect_inputs([str(tmp_path)])
   options = predict.Options(workers=2)
-  jobs = predict.plan_jobs(files, str(tmp_path.parent / 'budget-out'), options)
+  jobs = plan_jobs(files, str(tmp_path.parent / 'budget-out'), options)
   summary = predict.run_jobs(segmenter, jobs, options, io.StringIO(), bytes_in_flight=1)
   assert summary.processed == 5 and not summary.failures
   assert summary.peak_bytes_held == 34 * 30 * 3  # one image at a time: the largest
