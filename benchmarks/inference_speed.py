@@ -19,7 +19,6 @@ Random weights unless a workdir is given (speed does not depend on values).
 """
 
 import datetime
-import json
 import os
 import platform
 import resource

@@ -26,7 +26,6 @@ Loading needs only `jax` and `numpy`, no code of this project:
     mask = np.asarray(predict.call(canvas, sizes))[0, :image.shape[0], :image.shape[1]]
 """
 
-import functools
 import os
 import time
 from typing import Optional, Sequence

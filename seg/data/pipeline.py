@@ -6,7 +6,6 @@ Batches come out as NumPy dicts for the process's local devices:
          (255 outside the image), mask [batch] float32 (0 for padding examples).
 """
 
-import math
 from typing import Dict, Iterator
 
 import numpy as np
