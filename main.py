@@ -5,6 +5,11 @@
     python main.py eval    --workdir runs/quickstart [--config ...] [--output report.json]
     python main.py predict --workdir runs/quickstart --input PATH --output DIR
     python main.py prepare-data --dataset {embedded,voc2012,train_aug} [--manual-dir DIR] [--data-dir DIR]
+    python main.py benchmark --train --config experiments/quickstart.py [--steps 30]
+
+Multi-host training: the same `train` command on every host, with
+`--coordinator HOST:PORT --num-processes N --process-id I` (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID; or none of them under SLURM / Open MPI).
 
 Any config field can be overridden, e.g. `--config.train.steps=100`.
 """
@@ -25,6 +30,17 @@ flags.DEFINE_string('dataset', None, 'prepare-data: embedded, voc2012 or train_a
 flags.DEFINE_string('manual-dir', '', 'prepare-data: folder with the source archives or their '
                     'extracted folders (default: DATA_DIR/downloads/manual).')
 flags.DEFINE_string('data-dir', '', 'prepare-data: TFDS data_dir (default ~/tensorflow_datasets).')
+flags.DEFINE_string('coordinator', os.environ.get('JAX_COORDINATOR_ADDRESS', ''),
+                    'train, multi-host: address:port of process 0, the same on every host '
+                    '(env JAX_COORDINATOR_ADDRESS). Without it and --num-processes, one process, '
+                    'or the cluster that JAX detects (SLURM, Open MPI, TPU).')
+flags.DEFINE_integer('num-processes', int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None,
+                     'train, multi-host: number of processes (env JAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process-id', int(os.environ.get('JAX_PROCESS_ID', -1)),
+                     'train, multi-host: this process, 0..num-processes-1 (env JAX_PROCESS_ID).')
+flags.DEFINE_bool('train', False, 'benchmark: training images/s per device (in-memory batches '
+                  'and the real input pipeline).')
+flags.DEFINE_integer('steps', 30, 'benchmark: timed steps per phase.')
 FLAGS = flags.FLAGS
 
 
@@ -42,8 +58,19 @@ def summary():
 
 def train():
   _require(config=FLAGS.config, workdir=FLAGS.workdir)
+  from seg import parallel
+  parallel.initialize_distributed(FLAGS.coordinator, FLAGS['num-processes'].value,
+                                  FLAGS['process-id'].value)
   from seg import train as train_lib
-  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # exit 0 also when stopped
+
+
+def benchmark():
+  _require(config=FLAGS.config)
+  if not FLAGS.train:
+    raise app.UsageError('benchmark: pass --train (training speed)')
+  from seg import train_benchmark
+  train_benchmark.run_train_benchmark(FLAGS.config, steps=FLAGS.steps)
 
 
 def evaluate():
@@ -76,6 +103,7 @@ COMMANDS = {
     'eval': evaluate,
     'predict': predict,
     'prepare-data': prepare_data,
+    'benchmark': benchmark,
 }
 
 

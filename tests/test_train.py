@@ -140,7 +140,7 @@ def test_restored_variables_predict_bit_identically(tiny_config, tmp_path):
   # Optimiser momentum comes back too.
   _, train_vars = checkpoint.restore(manager, {'params': host.params,
                                                'batch_stats': host.batch_stats},
-                                     {'opt_state': host.opt_state, 'step': host.step})
+                                     train._train_vars(host))
   for x, y in zip(jax.tree.leaves(train_vars['opt_state']), jax.tree.leaves(host.opt_state)):
     np.testing.assert_array_equal(x, y)
 
