@@ -30,8 +30,16 @@ def replicate(tree: Any) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-  """The first device's copy, fetched to the host."""
-  return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+  """This process's first local device's copy, fetched to the host.
+
+  Not `x[0]`: under several processes a pmapped output is a global array, and
+  indexing it would gather from another host's device.
+  """
+  def first(x):
+    if isinstance(x, jax.Array):   # a device's shard keeps the device axis (length 1)
+      return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+    return np.asarray(x[0])
+  return jax.tree.map(first, tree)
 
 
 def initialize_distributed(coordinator: str = '', num_processes: Optional[int] = None,
