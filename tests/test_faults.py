@@ -169,6 +169,7 @@ def test_sigterm_saves_and_exits_zero_sigkill_mid_save_resumes(data_dir, tmp_pat
   # The next start resumes from the newest complete checkpoint.
   process = _start_training(workdir, data_dir, 10_000)
   lines = _wait_for_line(process, 'resuming at step')
+  lines += _wait_for_line(process, 'step ')   # the signal handlers are in place
   process.send_signal(signal.SIGTERM)
   output = ''.join(lines) + process.communicate(timeout=300)[0]
   assert process.returncode == 0, output[-3000:]
