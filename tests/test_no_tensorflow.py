@@ -19,7 +19,7 @@ class NoTensorFlow:
 
 sys.meta_path.insert(0, NoTensorFlow())
 import jax, jax.numpy as jnp
-from seg import checkpoint, evaluate, metrics, model, predict, summary, train
+from seg import checkpoint, evaluate, metrics, model, parallel, plots, predict, summaries, summary, train, train_benchmark
 from experiments import tiny
 config = tiny.get_config()
 m = model.create_model(config.model)

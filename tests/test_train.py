@@ -148,3 +148,29 @@ def test_restored_variables_predict_bit_identically(tiny_config, tmp_path):
 def test_indivisible_batch_is_a_clear_error():
   with pytest.raises(ValueError, match='does not divide'):
     parallel.local_batch_size(6)   # 4 fake devices
+
+
+def test_bfloat16_compute_keeps_float32_state_and_follows_float32(tiny_config):
+  config = tiny_config
+  config.model.dropout_rate = 0.0
+  model = create_model(config.model)
+  lr = train.create_learning_rate_fn(config.train)
+  state = train.create_train_state(jax.random.key(0), config, model, lr)
+  batch = parallel.shard(next(pipeline.train_batches(config.data, 4, seed=0)))
+  results = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.train.compute_dtype = dtype
+    new, metrics = train.make_p_train_step(config, lr)(
+        jax_utils.replicate(state), batch, jax_utils.replicate(jax.random.key(1)))
+    results[dtype] = parallel.unreplicate(new), float(metrics['loss'][0])
+  (f32, loss32), (bf16, loss16) = results['float32'], results['bfloat16']
+  for tree in (bf16.params, bf16.batch_stats, bf16.opt_state):
+    floats = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.inexact)]
+    assert floats and all(x.dtype == np.float32 for x in floats)  # (optax's count is int32)
+  assert loss16 != loss32 and abs(loss16 - loss32) < 0.02 * loss32
+  # The bf16 update points where the float32 one does.
+  d32 = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(f32.params),
+                                                         jax.tree.leaves(state.params))])
+  d16 = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(bf16.params),
+                                                         jax.tree.leaves(state.params))])
+  assert np.dot(d32, d16) / (np.linalg.norm(d32) * np.linalg.norm(d16)) > 0.95
