@@ -10,10 +10,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_train_log(path: str) -> List[Dict]:
-  """The records of WORKDIR/train_log.jsonl, in step order (a resumed run appends)."""
+  """The records of WORKDIR/train_log.jsonl, one per step, in step order."""
   with open(path) as f:
     records = [json.loads(line) for line in f if line.strip()]
-  return sorted(records, key=lambda r: r['step'])
+  # A run killed after logging past its last checkpoint logs those steps again: keep the last.
+  return sorted({r['step']: r for r in records}.values(), key=lambda r: r['step'])
 
 
 def plot_training_curves(train_log_path: str, path: str) -> None:
