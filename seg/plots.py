@@ -21,10 +21,10 @@ def plot_training_curves(train_log_path: str, path: str) -> None:
   """Loss, pixel accuracy, learning rate and images/s against the step, as one PNG."""
   records = read_train_log(train_log_path)
   steps = [r['step'] for r in records]
-  panels = (('loss', 'training loss', False), ('pixel_accuracy', 'pixel accuracy', False),
-            ('learning_rate', 'learning rate', False), ('images_per_second', 'images/s', False))
+  panels = (('loss', 'training loss'), ('pixel_accuracy', 'pixel accuracy'),
+            ('learning_rate', 'learning rate'), ('images_per_second', 'images/s'))
   fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
-  for ax, (key, title, _) in zip(axes.flat, panels):
+  for ax, (key, title) in zip(axes.flat, panels):
     ax.plot(steps, [r.get(key, float('nan')) for r in records], lw=1.2)
     ax.set_title(title)
     ax.grid(alpha=0.3)

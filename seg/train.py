@@ -214,7 +214,7 @@ class _StopRequests:
     return bool(np.any(flags))
 
 
-def _check_finite(state: TrainState, skip: bool, log) -> int:
+def _check_finite(state: TrainState, skip: bool) -> int:
   """Raises on a non-finite step unless `skip`; returns the count of skipped steps."""
   count = int(parallel.unreplicate(state.nonfinite_steps))
   if count and not skip:
@@ -301,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
             jax.random.fold_in(step_rng, step)))
         is_log_step = step % config.train.log_every == 0 or step == num_steps
         if is_log_step:
-          skipped = _check_finite(state, skip_nonfinite, log)
+          skipped = _check_finite(state, skip_nonfinite)
           metrics = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
           now = time.time()
           rate = (step - last_log_step) * config.train.batch_size / (now - last_log)
@@ -319,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         if stop_requests.agreed(step, is_log_step) or step == stop_at_step:
           stopped = step
         if step % config.train.checkpoint_every == 0 or step == num_steps or stopped:
-          _check_finite(state, skip_nonfinite, log)   # never save after a non-finite step
+          _check_finite(state, skip_nonfinite)   # never save after a non-finite step
           _save(manager, state)
         if stopped:
           break
