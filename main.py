@@ -9,6 +9,11 @@
     python main.py import-weights --format {deeplab-tf,hf,keras} SRC --output DIR [--config ...]
     python main.py benchmark --config experiments/base.py --batch-size 8 [--dtype bfloat16] [--json]
     python main.py export  --workdir runs/quickstart --output model.jax [--platforms cpu,cuda]
+    python main.py benchmark --train --config experiments/quickstart.py [--steps 30]
+
+Multi-host training: the same `train` command on every host, with
+`--coordinator HOST:PORT --num-processes N --process-id I` (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID; or none of them under SLURM / Open MPI).
 
 Any config field can be overridden, e.g. `--config.train.steps=100`.
 """
@@ -64,6 +69,17 @@ flags.DEFINE_bool('image-by-image', True, 'benchmark: run the images of a batch 
 flags.DEFINE_bool('json', False, 'benchmark: print one JSON line (../shared/bench/run_all.py).')
 flags.DEFINE_string('platforms', 'cpu,cuda', 'export: platforms to lower for, comma-separated.')
 flags.DEFINE_bool('symbolic-batch', True, 'export: a symbolic batch dimension (else --batch-size).')
+flags.DEFINE_string('coordinator', os.environ.get('JAX_COORDINATOR_ADDRESS', ''),
+                    'train, multi-host: address:port of process 0, the same on every host '
+                    '(env JAX_COORDINATOR_ADDRESS). Without it and --num-processes, one process, '
+                    'or the cluster that JAX detects (SLURM, Open MPI, TPU).')
+flags.DEFINE_integer('num-processes', int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None,
+                     'train, multi-host: number of processes (env JAX_NUM_PROCESSES).')
+flags.DEFINE_integer('process-id', int(os.environ.get('JAX_PROCESS_ID', -1)),
+                     'train, multi-host: this process, 0..num-processes-1 (env JAX_PROCESS_ID).')
+flags.DEFINE_bool('train', False, 'benchmark: training images/s per device (in-memory batches '
+                  'and the real input pipeline).')
+flags.DEFINE_integer('steps', 30, 'benchmark: timed steps per phase.')
 FLAGS = flags.FLAGS
 
 
@@ -81,8 +97,11 @@ def summary():
 
 def train():
   _require(config=FLAGS.config, workdir=FLAGS.workdir)
+  from seg import parallel
+  parallel.initialize_distributed(FLAGS.coordinator, FLAGS['num-processes'].value,
+                                  FLAGS['process-id'].value)
   from seg import train as train_lib
-  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)  # exit 0 also when stopped
 
 
 def evaluate():
@@ -123,6 +142,11 @@ def prepare_data():
 
 
 def benchmark():
+  if FLAGS.train:  # training images/s: in-memory batches, then the real input pipeline
+    _require(config=FLAGS.config)
+    from seg import train_benchmark
+    train_benchmark.run_train_benchmark(FLAGS.config, steps=FLAGS.steps)
+    return
   if not FLAGS.config and not FLAGS.workdir:
     raise app.UsageError('--config or --workdir required')
   from benchmarks import inference_speed

@@ -52,6 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   # (whole network if its head fits the config's classes and head type, else backbone).
   config.train.init_from = ''
   config.train.init_part = 'auto'
+  config.train.compute_dtype = 'float32'  # 'bfloat16': mixed precision (params, loss stay f32)
+  config.train.skip_nonfinite = False  # True: skip (and count) steps with a NaN/inf loss or grad
+  config.train.summary_images = 3      # validation images sent to TensorBoard at each eval
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 8           # global; the last batch is padded and masked

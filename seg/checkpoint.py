@@ -35,8 +35,11 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f'{workdir} holds a run of a different model ({path}: {previous.get("model")}); '
           f'use another --workdir or remove that one')
-  with open(path, 'w') as f:
-    f.write(config.to_json(indent=2))
+  if jax.process_index() == 0:
+    # Written whole, then renamed: other processes of a multi-host run read it meanwhile.
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json(indent=2))
+    os.replace(path + '.tmp', path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

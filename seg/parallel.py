@@ -1,6 +1,7 @@
 """Splitting host batches across local devices and replicating state for `jax.pmap`."""
 
-from typing import Any
+import os
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -29,5 +30,42 @@ def replicate(tree: Any) -> Any:
 
 
 def unreplicate(tree: Any) -> Any:
-  """The first device's copy, fetched to the host."""
-  return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+  """This process's first local device's copy, fetched to the host.
+
+  Not `x[0]`: under several processes a pmapped output is a global array, and
+  indexing it would gather from another host's device.
+  """
+  def first(x):
+    if isinstance(x, jax.Array):   # a device's shard keeps the device axis (length 1)
+      return np.asarray(x.addressable_data(0)).reshape(x.shape[1:])
+    return np.asarray(x[0])
+  return jax.tree.map(first, tree)
+
+
+def initialize_distributed(coordinator: str = '', num_processes: Optional[int] = None,
+                           process_id: int = -1) -> None:
+  """Joins a multi-host run through `jax.distributed` before JAX's backends start.
+
+  With `coordinator` or `num_processes` > 1: those values (every process
+  passes the same coordinator address and process count, its own id). With
+  neither: JAX's own cluster detection where a cluster launched this process
+  (SLURM, Open MPI), else nothing (one process). After this, `pmap`'s axis
+  spans every device of every process: gradients, BatchNorm statistics and
+  metrics are reduced across hosts.
+  """
+  multi = bool(coordinator) or (num_processes or 1) > 1
+  in_cluster = any(int(os.environ.get(v, '1') or 1) > 1
+                   for v in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
+  if not multi and not in_cluster:
+    return
+  if multi and not (coordinator and num_processes and process_id >= 0):
+    raise ValueError('multi-host training needs --coordinator, --num-processes and '
+                     '--process-id (or their environment variables) together')
+  # CPU-only hosts need a collectives implementation across processes (ignored on GPUs).
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if multi:
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'--process-id {process_id} outside 0..{num_processes - 1}')
+    jax.distributed.initialize(coordinator, num_processes, process_id)
+  else:
+    jax.distributed.initialize()

@@ -20,7 +20,7 @@ class NoTensorFlow:
 sys.meta_path.insert(0, NoTensorFlow())
 import jax, jax.numpy as jnp
 from seg import (checkpoint, engine, evaluate, export, images, inputs, masks, metrics, model,
-                 predict, summary, train, weights)
+                 parallel, plots, predict, summaries, summary, train, train_benchmark, weights)
 from experiments import tiny
 config = tiny.get_config()
 m = model.create_model(config.model)

@@ -64,12 +64,19 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: i
 
 
 def train_batches(data_config, batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+                  process_count: int = 1, start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
   """Endless augmented training batches of this process's shard of the split.
+
+  The stream is a function of `seed` alone: the k-th example (its source
+  image and its augmentation) is the same in every run, so a run resumed at
+  `start_step` sees exactly the batches a straight run sees from that step.
+  The skipped examples go through the shuffle but not through decoding-heavy
+  augmentation.
 
   Args:
     batch_size: examples per batch for this process (global batch / processes).
     seed: shuffling and augmentation seed.
+    start_step: number of batches to skip (the step a resumed run starts after).
   """
   builder = voc.prepare(data_config.dataset, data_config.data_dir)
   ds = builder.as_dataset(split=data_config.train_split, shuffle_files=False)
@@ -77,9 +84,11 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
     raise ValueError(f'split {data_config.train_split!r} has fewer examples than processes')
   ds = ds.shard(process_count, process_index)
   ds = ds.map(lambda ex: (ex['image'], ex['label']))
+  # shuffle() after repeat() with an op-level seed is one deterministic stream (no
+  # reshuffling between iterations of it), unlike a shuffle reseeded on resumption.
   ds = ds.cache().repeat().shuffle(data_config.shuffle_buffer, seed=seed)
-  # Each example gets its own augmentation seed: (seed, running index).
-  ds = ds.enumerate()
+  # Each example gets its own augmentation seed: (seed, position in the stream).
+  ds = ds.enumerate().skip(start_step * batch_size)
 
   def _augment(index, example):
     image, label = example

@@ -1,0 +1,56 @@
+"""PNG plots beside a run's JSON: training curves and per-class IoU (matplotlib, Agg)."""
+
+import json
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use('Agg')  # files only: no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_train_log(path: str) -> List[Dict]:
+  """The records of WORKDIR/train_log.jsonl, one per step, in step order."""
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  # A run killed after logging past its last checkpoint logs those steps again: keep the last.
+  return sorted({r['step']: r for r in records}.values(), key=lambda r: r['step'])
+
+
+def plot_training_curves(train_log_path: str, path: str) -> None:
+  """Loss, pixel accuracy, learning rate and images/s against the step, as one PNG."""
+  records = read_train_log(train_log_path)
+  steps = [r['step'] for r in records]
+  panels = (('loss', 'training loss'), ('pixel_accuracy', 'pixel accuracy'),
+            ('learning_rate', 'learning rate'), ('images_per_second', 'images/s'))
+  fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+  for ax, (key, title) in zip(axes.flat, panels):
+    ax.plot(steps, [r.get(key, float('nan')) for r in records], lw=1.2)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+  for ax in axes[1]:
+    ax.set_xlabel('step')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_per_class_iou(report: Dict, path: str) -> None:
+  """Bar chart of `report['per_class_iou']` (a `seg.metrics.iou_report`), mIoU as a line.
+
+  Classes absent from both labels and predictions (IoU None) are left empty.
+  """
+  names = list(report['per_class_iou'])
+  values = [100 * (v if v is not None else float('nan')) for v in report['per_class_iou'].values()]
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.38 * len(names) + 1.5), 4.5))
+  ax.bar(range(len(names)), values, color='tab:blue')
+  ax.axhline(100 * report['miou'], color='tab:red', lw=1,
+             label=f'mIoU {100 * report["miou"]:.2f}%')
+  ax.set_xticks(range(len(names)), names, rotation=70, ha='right', fontsize=8)
+  ax.set_ylabel('IoU (%)')
+  ax.set_ylim(0, 100)
+  ax.legend(loc='lower right')
+  ax.grid(axis='y', alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
