@@ -108,7 +108,8 @@ def evaluate(p_eval_step, variables: Dict[str, Any], config, split: Optional[str
                                   jax.process_count())
   for batch in batches:
     num_images += int(batch['mask'].sum())
-    confusion += np.asarray(p_eval_step(variables, parallel.shard(batch))[0], np.int64)
+    confusion += parallel.unreplicate(
+        p_eval_step(variables, parallel.shard(batch))).astype(np.int64)
   num_images = int(np.asarray(jax.device_get(
       _sum_over_processes(np.int64(num_images)))))
   names = classes.class_names(config.data.dataset, config.model.num_classes)
@@ -131,6 +132,8 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
 
   `config` defaults to the one the workdir was trained with; data and eval
   fields of a given config may differ from training (e.g. another split).
+  `output` (report JSON) gets a bar chart of the per-class IoU beside it,
+  OUTPUT_STEM_per_class_iou.png.
   """
   config = config or checkpoint.load_config(workdir)
   model = create_model(config.model)
@@ -140,9 +143,12 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
                     log=log)
   report['step'] = step
   log(format_report(report))
-  if output:
+  if output and jax.process_index() == 0:
+    from seg import plots
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, 'w') as f:
       json.dump(report, f, indent=2)
-    log(f'wrote {output}')
+    chart = os.path.splitext(output)[0] + '_per_class_iou.png'
+    plots.plot_per_class_iou(report, chart)
+    log(f'wrote {output} and {chart}')
   return report

@@ -53,6 +53,8 @@ def test_eval_writes_the_json_report(trained, tmp_path):
   assert 'red-solid' in stdout and 'pixel accuracy' in stdout
   # The same checkpoint gives the same figures as the evaluation at the end of training.
   assert report['miou'] == json.load(open(os.path.join(workdir, 'eval.json')))['miou']
+  with Image.open(tmp_path / 'report_per_class_iou.png') as chart:
+    assert chart.format == 'PNG' and chart.width > 600
 
 
 def test_predicted_masks_score_what_eval_scores(trained, data_dir):
