@@ -67,11 +67,14 @@ def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,
   size = config.data.crop_size
   variables = jax.jit(functools.partial(model.init, train=False))(
       rng, jnp.zeros((1, size, size, 3), jnp.float32))
-  return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                           batch_stats=variables['batch_stats'],
-                           tx=create_optimizer(config.train, learning_rate_fn),
-                           nonfinite_steps=jnp.zeros((), jnp.int32),
-                           first_nonfinite_step=jnp.full((), -1, jnp.int32))
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                            batch_stats=variables['batch_stats'],
+                            tx=create_optimizer(config.train, learning_rate_fn),
+                            nonfinite_steps=jnp.zeros((), jnp.int32),
+                            first_nonfinite_step=jnp.full((), -1, jnp.int32))
+  # TrainState.create's step is the Python int 0, a weakly typed input; the step's output
+  # is a strong int32, so the second call of the pmapped step compiled it all over again.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def _all_finite(tree) -> jax.Array:
