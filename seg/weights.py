@@ -24,7 +24,7 @@ Sources and their layouts:
   here; depthwise kernels are [kh, kw, channels, 1] and get transposed.
   `NAME/ExponentialMovingAverage` replaces `NAME` where present (TF-slim
   evaluates with the moving averages). Read with TensorFlow's checkpoint
-  reader, imported only inside that reader. Dense atrous ASPP branches
+  reader (`seg/data/tf_checkpoint.py`), behind the data layer. Dense atrous ASPP branches
   (`aspp1/weights`...) map onto head 'aspp'; DeepLab's separable ones
   (`aspp1_depthwise`, `aspp1_pointwise`) and its decoder have no counterpart
   here and are reported as not variables of this network.
@@ -203,33 +203,11 @@ def _tf_skip_reason(name: str) -> Optional[str]:
   return None
 
 
-def resolve_tf_checkpoint(path: str) -> str:
-  """A TF checkpoint prefix from a prefix, an .index/.data file or a folder holding one."""
-  import tensorflow as tf  # conversion only: TensorFlow stays out of the JAX side
-  if os.path.isdir(path):
-    prefix = tf.train.latest_checkpoint(path)
-    if prefix:
-      return prefix
-    indexes = sorted(f[:-len('.index')] for f in os.listdir(path) if f.endswith('.index'))
-    if len(indexes) != 1:
-      raise FileNotFoundError(f'{path}: expected one TF checkpoint (NAME.index + NAME.data-*), '
-                              f'found {len(indexes)}: {indexes}')
-    return os.path.join(path, indexes[0])
-  for suffix in ('.index', '.meta'):
-    if path.endswith(suffix):
-      path = path[:-len(suffix)]
-  path = re.sub(r'\.data-\d+-of-\d+$', '', path)
-  if not os.path.exists(path + '.index'):
-    raise FileNotFoundError(f'{path}.index not found: give a TF checkpoint prefix '
-                            f'(e.g. .../model.ckpt-30000) or its folder')
-  return path
-
-
 def read_deeplab_tf(path: str) -> SourceWeights:
   """A DeepLab or TF-slim MobileNetV2 TF1 checkpoint, EMA values preferred."""
-  import tensorflow as tf  # conversion only: TensorFlow stays out of the JAX side
-  prefix = resolve_tf_checkpoint(path)
-  reader = tf.train.load_checkpoint(prefix)
+  from seg.data import tf_checkpoint  # TensorFlow's reader, behind the data layer
+  prefix = tf_checkpoint.resolve_prefix(path)
+  reader = tf_checkpoint.load(prefix)
   names = sorted(reader.get_variable_to_shape_map())
   source = SourceWeights(f'TF checkpoint {prefix}')
   present = set(names)
