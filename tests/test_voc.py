@@ -1,9 +1,13 @@
 """VOC 2012 and SBD (train_aug) from small archives written in the real formats."""
 
 import dataclasses
+import fcntl
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import time
 
 import jax
 import numpy as np
@@ -140,6 +144,37 @@ def test_train_aug_from_extracted_folders(sources, tmp_path):
     source = 'voc' if name in labels['voc'] else 'sbd'
     np.testing.assert_array_equal(ex['label'][..., 0], labels[source][name])
   assert examples[NOT_IN_VOC_JPEGS]['image'].shape[:2] == labels['sbd'][NOT_IN_VOC_JPEGS].shape
+
+
+def test_processes_preparing_at_once_wait_for_one_build(sources, tmp_path):
+  """Two processes of a multi-host run on one machine share a data_dir: one builds, one reuses.
+
+  (Without the lock, the second crashed renaming its half of the same files.)
+  """
+  root, _, _ = sources
+  data_dir = str(tmp_path / 'tfds')
+  lock_dir = os.path.dirname(voc.get_builder('voc2012', data_dir).data_dir)
+  os.makedirs(lock_dir)
+  code = ('import sys; from seg.data import voc; '
+          'b = voc.prepare("voc2012", sys.argv[1], sys.argv[2]); '
+          'print("examples", b.info.splits["train"].num_examples, b.info.splits["val"].num_examples)')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  logs = [tmp_path / f'process{i}.log' for i in range(2)]
+  with open(os.path.join(lock_dir, '.prepare.lock'), 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held here until both processes wait for it
+    processes = [subprocess.Popen([sys.executable, '-c', code, data_dir, root], cwd=repo,
+                                  stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+                 for log in logs]
+    deadline = time.monotonic() + 120
+    while not all('waiting for another process' in log.read_text() for log in logs):
+      assert time.monotonic() < deadline and all(p.poll() is None for p in processes), \
+          [log.read_text()[-2000:] for log in logs]
+      time.sleep(0.2)
+    fcntl.flock(lock, fcntl.LOCK_UN)
+  for process, log in zip(processes, logs):
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert 'examples 6 4' in log.read_text()
+  assert [d for d in os.listdir(lock_dir) if d.startswith('incomplete')] == []
 
 
 def test_truncated_archive_is_named_with_where_to_put_it(sources, tmp_path):

@@ -20,6 +20,7 @@ TFDS's download manager. Archives are checked for size and MD5 before use.
 """
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import socket
@@ -248,13 +249,34 @@ def get_builder(dataset: str, data_dir: str = '') -> VocSegmentation:
   return VocSegmentation(config=dataset, data_dir=data_dir or None)
 
 
-def prepare(dataset: str, data_dir: str = '', manual_dir: str = '') -> VocSegmentation:
+def prepare(dataset: str, data_dir: str = '', manual_dir: str = '',
+            log=print) -> VocSegmentation:
   """Builds the dataset's TFRecords once (a no-op when already prepared).
 
   `manual_dir` holds the source archives or their extracted folders
   (default: DATA_DIR/downloads/manual).
+
+  Safe to call from several processes at once (the processes of a multi-host
+  run on one machine, or hosts sharing a data_dir): an exclusive lock on
+  `DATA_DIR/voc_segmentation/DATASET/.prepare.lock` lets one of them build
+  while the others wait and then reuse its result.
   """
   builder = get_builder(dataset, data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+  if builder.is_prepared():
+    return builder
+  lock_dir = os.path.dirname(builder.data_dir)  # DATA_DIR/voc_segmentation/DATASET
+  os.makedirs(lock_dir, exist_ok=True)
+  with open(os.path.join(lock_dir, '.prepare.lock'), 'a') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      log(f'waiting for another process that prepares {dataset!r} in {lock_dir}')
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      # A fresh builder: one made before another process finished would not see its splits.
+      builder = get_builder(dataset, data_dir)
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return builder
