@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.scale_step = 0.25
   config.data.ignore_label = 255
   config.data.shuffle_buffer = 1000
+  config.data.cache = 'decoded'        # 'decoded' | 'encoded' | 'none' (seg/data/pipeline.py)
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = 30_000

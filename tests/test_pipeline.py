@@ -125,3 +125,19 @@ def test_eval_images_larger_than_eval_size_are_kept_whole(tiny_config):
   assert shapes[0] == shapes[1]             # the same steps of each shape on both processes
   assert set(shapes[0]) == {(129, 129), large_shape}
   assert labelled == 0                      # every labelled pixel of the split, exactly once
+
+
+@pytest.mark.parametrize('cache', ['encoded', 'none'])
+def test_training_stream_is_the_same_whatever_is_cached(tiny_config, cache):
+  """data.cache only moves decoding after the shuffle: the batches are identical."""
+  decoded = pipeline.train_batches(tiny_config.data, 4, seed=5)
+  expected = [next(decoded) for _ in range(3)]
+  tiny_config.data.cache = cache
+  got = pipeline.train_batches(tiny_config.data, 4, seed=5)
+  resumed = next(pipeline.train_batches(tiny_config.data, 4, seed=5, start_step=2))
+  for batch, want in zip([next(got) for _ in range(3)] + [resumed], expected + expected[2:]):
+    np.testing.assert_array_equal(batch['image'], want['image'])
+    np.testing.assert_array_equal(batch['label'], want['label'])
+  tiny_config.data.cache = 'pixels'
+  with pytest.raises(ValueError, match='data.cache must be one of'):
+    next(pipeline.train_batches(tiny_config.data, 4, seed=5))
