@@ -216,74 +216,12 @@ def _stem(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   return out + b
 
 
-def _block_in_strips(x: jax.Array, block: Dict[str, Any], stride: int, residual: bool,
-                     rows: int, dtype) -> jax.Array:
-  """One inverted-residual block (dilation 1) computed strip by strip of `rows` output rows.
-
-  At high resolution the expanded tensor (e.g. 257 x 257 x 96 floats, 25 MB an
-  image) does not fit in cache: computed whole, it goes to memory and back
-  between the expand product, the depthwise taps and the projection. Here a
-  `lax.map` loop computes, per (image, strip), expand -> depthwise -> project on
-  rows + halo only, so the expanded strip stays in cache, and the full
-  expanded tensor never exists (less peak memory too).
-
-  x: [n, h, w, in] (dtype). Returns [n, ceil(h / stride), ceil(w / stride), out] (dtype).
-  """
-  n, h, w, cin = x.shape
-  top, _ = same_padding(h, 3, stride, 1)
-  left, right = same_padding(w, 3, stride, 1)
-  out_h, out_w = -(-h // stride), -(-w // stride)
-  strips = -(-out_h // rows)
-  in_rows = (rows - 1) * stride + 3  # input rows (with halo) one strip reads
-  total = (strips * rows - 1) * stride + 3
-  xp = jnp.pad(x, ((0, 0), (top, total - top - h), (left, right), (0, 0)))
-  col_ok = (jnp.arange(w + left + right) >= left) & (jnp.arange(w + left + right) < left + w)
-
-  def strip(index):
-    image, k = index // strips, index % strips
-    xs = lax.dynamic_slice(xp, (image, k * rows * stride, 0, 0), (1, in_rows) + xp.shape[2:])
-    if 'expand' in block:
-      e = _relu6(_pointwise(xs, block['expand']['w'], block['expand']['b']))
-      # 'SAME' pads the expanded activations with zeros, not expand(0).
-      r = k * rows * stride + jnp.arange(in_rows)
-      ok = ((r >= top) & (r < top + h))[:, None] & col_ok[None, :]
-      e = jnp.where(ok[None, :, :, None], e, 0.0)
-    else:
-      e = xs.astype(jnp.float32)
-    wd, bd = block['depthwise']['w'], block['depthwise']['b']
-    acc = None
-    for i in range(3):
-      for j in range(3):
-        tap = lax.slice(e, (0, i, j, 0), (1, i + (rows - 1) * stride + 1,
-                                          j + (out_w - 1) * stride + 1, e.shape[3]),
-                        (1, stride, stride, 1))
-        term = tap * wd[i, j].astype(jnp.float32)
-        acc = term if acc is None else acc + term
-    d = _relu6(acc + bd).astype(dtype)
-    y = _pointwise(d, block['project']['w'], block['project']['b'])
-    if residual:
-      y = y + xs[:, 1:1 + rows, left:left + w].astype(jnp.float32)
-    return y.astype(dtype)
-
-  out = lax.map(strip, jnp.arange(n * strips))  # [n * strips, 1, rows, out_w, out]
-  out = out.reshape(n, strips * rows, out_w, out.shape[-1])
-  return out[:, :out_h]
-
-
 def _relu6(x):
   return jnp.clip(x, 0.0, 6.0)
 
 
-# Strip-by-strip blocks (`_block_in_strips`) are off by default: at 513x513, batch 8, they cut
-# the compiled temp memory from 390 to 160 MiB but ran 10% (float32) to 2x (bfloat16) slower
-# here (README, "Speed on the CPU"). `strip_rows=16` turns them on.
-STRIP_ROWS = 0
-STRIP_MIN_HEIGHT = 129   # blocks whose input is at least this tall run in strips
-
-
 def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_stride: int,
-            dtype=jnp.float32, upsample: bool = True, strip_rows: int = STRIP_ROWS,
-            strip_min_height: int = STRIP_MIN_HEIGHT, image_by_image: bool = False) -> jax.Array:
+            dtype=jnp.float32, upsample: bool = True, image_by_image: bool = False) -> jax.Array:
   """The network's logits from the folded weights (`fold_variables` then `cast_folded`).
 
   Args:
@@ -300,8 +238,7 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   """
   if image_by_image and images.shape[0] > 1:
     one = functools.partial(forward, folded, width=width, output_stride=output_stride,
-                            dtype=dtype, upsample=upsample, strip_rows=strip_rows,
-                            strip_min_height=strip_min_height)
+                            dtype=dtype, upsample=upsample)
     return lax.map(lambda image: one(image[None])[0], images)
   x = _relu6(_stem(images, folded['stem']['w'], folded['stem']['b']))
   # A low-precision dtype only from the stride-16 features on (or the output stride, if
@@ -316,9 +253,6 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
     input_stride *= stride
     x = x.astype(dtype)
     residual = stride == 1 and x.shape[-1] == out
-    if strip_rows and dilation == 1 and x.shape[1] >= strip_min_height:
-      x = _block_in_strips(x, block, stride, residual, strip_rows, dtype)
-      continue
     inputs = x
     y = x
     if 'expand' in block:
