@@ -18,6 +18,21 @@ import pytest  # noqa: E402
 from experiments import tiny  # noqa: E402
 
 
+@pytest.fixture(scope='session', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the session, empty at its start.
+
+  Every `make_p_train_step`, `train_and_evaluate` and `create_train_state` call jits
+  its functions anew, so JAX's in-memory caches miss and identical programs (the tiny
+  config's init, train and eval steps) were compiled again in test after test.
+  """
+  import jax
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  yield
+  jax.config.update('jax_compilation_cache_dir', previous)
+
+
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
   """A TFDS data_dir holding the prepared embedded dataset."""

@@ -46,12 +46,13 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   # The reference: this process, 4 devices, the whole global batches.
   config = multihost_worker.tiny_config()
   model = create_model(config.model)
+  previous = jax.config.read('jax_disable_most_optimizations')
   jax.config.update('jax_disable_most_optimizations', True)   # as the workers
   try:
     with jax.enable_x64(True):
       reference = parallel.unreplicate(multihost_worker.run_steps(config, 0, 1))
   finally:
-    jax.config.update('jax_disable_most_optimizations', False)
+    jax.config.update('jax_disable_most_optimizations', previous)
   init = train.create_train_state(jax.random.split(jax.random.key(config.train.seed))[0],
                                   config, model, train.create_learning_rate_fn(config.train))
   manager = checkpoint.create_manager(str(tmp_path / 'run'))

@@ -33,6 +33,7 @@ def test_run_writes_tensorboard_summaries_and_plots_and_skips_nonfinite(
   config = tiny_config
   config.train.steps, config.train.log_every, config.train.summary_images = 4, 2, 2
   config.train.skip_nonfinite = True
+  config.data.eval_split = 'val[:8]'  # the summaries of an evaluation, not its figure
   monkeypatch.setattr(pipeline, 'train_batches', _poisoned(pipeline.train_batches, 3))
   workdir = str(tmp_path / 'run')
   report = train.train_and_evaluate(config, workdir, log=lambda _: None)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import scipy.io
 import tensorflow_datasets as tfds
-from flax import jax_utils
 from PIL import Image
 
 from seg import evaluate, parallel, train
@@ -216,10 +215,10 @@ def test_training_step_and_evaluation_on_prepared_voc(voc_data_dir, tiny_config)
   config.data.dataset, config.data.data_dir = 'voc2012', voc_data_dir
   model = create_model(config.model)
   lr = train.create_learning_rate_fn(config.train)
-  state = jax_utils.replicate(train.create_train_state(jax.random.key(0), config, model, lr))
+  state = parallel.replicate(train.create_train_state(jax.random.key(0), config, model, lr))
   batch = parallel.shard(next(pipeline.train_batches(config.data, 4, seed=0)))
   state, metrics = train.make_p_train_step(config, lr)(
-      state, batch, jax_utils.replicate(jax.random.key(0)))
+      state, batch, parallel.replicate(jax.random.key(0)))
   assert np.isfinite(float(metrics['loss'][0]))
   report = evaluate.evaluate(evaluate.make_p_eval_step(model, config),
                              {'params': state.params, 'batch_stats': state.batch_stats}, config)

@@ -516,14 +516,15 @@ def test_keras_backbone_features_match(keras_ref, keras_imported, tmp_path, lega
 def test_training_from_an_imported_backbone(keras_imported, tiny_config, tmp_path):
   from seg import train
   tiny_config.train.init_from = keras_imported
-  tiny_config.train.steps = 2
+  # tiny.py's 4 steps: the same training program as other tests, from the session's cache.
+  tiny_config.train.steps = 4
   tiny_config.data.eval_split = 'val[:8]'  # training is the point here, not evaluation
   logs = []
   report = train.train_and_evaluate(tiny_config, str(tmp_path / 'run'), log=logs.append)
   assert any('backbone (255 variables) loaded, head (17 variables) freshly initialised because '
              'it has no head' in line for line in logs), logs
   assert report['num_images'] == 8 and np.isfinite(report['miou'])
-  assert os.path.exists(tmp_path / 'run' / 'checkpoints' / '2')
+  assert os.path.exists(tmp_path / 'run' / 'checkpoints' / '4')
 
 
 def test_a_model_with_another_input_convention_is_refused(tiny_config):
