@@ -17,16 +17,6 @@ from seg.model import MEAN_PIXEL, create_model, preprocess
 EVAL_SIZE = 65
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compiles():
-  # These tests check numbers, not speed: skip XLA's slow optimisation passes. Restore the
-  # previous value (conftest.py turns them off for the whole session).
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
-
-
 def _random_variables(model_config, seed=0):
   """Initialised variables with BatchNorm statistics and affine terms far from identity.
 

@@ -24,15 +24,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4  # of the largest logit / feature magnitude
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _fast_compilation():
-  """XLA's optimisations cost more compile time than these tiny runs save (logic, not speed)."""
-  previous = jax.config.read('jax_disable_most_optimizations')
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', previous)
-
-
 def _hf_config(width=1.0, output_stride=8, num_labels=21):
   """google/deeplabv3_mobilenet_v2_1.0_513's config: transformers' defaults but these."""
   from transformers import MobileNetV2Config
