@@ -16,7 +16,6 @@ with (seed, split, i). Nothing here needs TensorFlow; the TFDS builder in
 
 import colorsys
 import os
-import shutil
 from typing import Tuple
 
 import numpy as np
@@ -153,10 +152,5 @@ def write_voc_layout(root: str, seed: int = 0, num_train: int = NUM_TRAIN,
     with open(os.path.join(tmp, 'VOC2012', 'ImageSets', 'Segmentation', split + '.txt'),
               'w') as f:
       f.write('\n'.join(names) + '\n')
-  try:
-    os.rename(tmp, os.path.join(root, 'VOCdevkit'))
-  except OSError:
-    if not os.path.isdir(voc):
-      raise
-    shutil.rmtree(tmp)  # another process wrote the same dataset first
+  os.rename(tmp, os.path.join(root, 'VOCdevkit'))
   return voc
