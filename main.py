@@ -201,7 +201,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO
   sys.stdout.reconfigure(line_buffering=True)  # progress shows up at once in logs too
   import jax
-  jax.config.update('jax_compilation_cache_dir', '/tmp/seg-jax-cache')
+  jax.config.update('jax_compilation_cache_dir', runtime.compilation_cache_dir())
   COMMANDS[argv[1]](*argv[2:])
 
 

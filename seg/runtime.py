@@ -31,3 +31,17 @@ def reexec_with_mimalloc(purge_at_once: bool = False) -> None:
     if purge_at_once:
       env.setdefault('MIMALLOC_PURGE_DELAY', '0')
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def compilation_cache_dir() -> str:
+  """Where JAX's persistent compilation cache lives for this project's commands.
+
+  JAX_COMPILATION_CACHE_DIR when set (JAX's own variable), else
+  $XDG_CACHE_HOME/seg/jax (~/.cache/seg/jax): per user, so that two users of one
+  machine do not share, or fail to write, one folder.
+  """
+  chosen = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if chosen:
+    return chosen
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'seg', 'jax')

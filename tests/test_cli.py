@@ -19,9 +19,9 @@ from seg.model import create_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _main(*args, check=True):
+def _main(*args, check=True, env=None):
   result = subprocess.run([sys.executable, 'main.py', *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, env=env)
   if check and result.returncode != 0:
     raise AssertionError(f'main.py {" ".join(args)} failed:\n{result.stdout}\n{result.stderr}')
   return result
@@ -29,23 +29,27 @@ def _main(*args, check=True):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, data_dir):
-  """A workdir trained by `main.py train` on the tiny config."""
-  workdir = str(tmp_path_factory.mktemp('cli') / 'run')
+  """A workdir trained by `main.py train` on the tiny config, and its compilation cache."""
+  root = tmp_path_factory.mktemp('cli')
+  workdir, cache = str(root / 'run'), str(root / 'jax_cache')
   result = _main('train', '--config', 'experiments/tiny.py', '--workdir', workdir,
-                 f'--config.data.data_dir={data_dir}', '--config.train.steps=6')
-  return workdir, result.stdout
+                 f'--config.data.data_dir={data_dir}', '--config.train.steps=6',
+                 env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache))
+  return workdir, result.stdout, cache
 
 
 def test_train_prints_progress_and_writes_a_report(trained):
-  workdir, stdout = trained
+  workdir, stdout, cache = trained
   assert 'step      6/6' in stdout and 'img/s' in stdout and 'mIoU' in stdout
   report = json.load(open(os.path.join(workdir, 'eval.json')))
   assert report['num_images'] == 150
   assert set(report) >= {'miou', 'per_class_iou', 'pixel_accuracy', 'num_images'}
+  # JAX's own variable chooses the persistent compilation cache (default ~/.cache/seg/jax).
+  assert any(name.startswith('jit_') for name in os.listdir(cache))
 
 
 def test_eval_writes_the_json_report(trained, tmp_path):
-  workdir, _ = trained
+  workdir = trained[0]
   output = str(tmp_path / 'report.json')
   stdout = _main('eval', '--workdir', workdir, '--output', output).stdout
   report = json.load(open(output))
@@ -60,7 +64,7 @@ def test_eval_writes_the_json_report(trained, tmp_path):
 def test_predicted_masks_score_what_eval_scores(trained, data_dir):
   # An independent path to the same number: masks from the predictor, labels read from the
   # VOC PNGs, one NumPy confusion matrix over all pixels.
-  workdir, _ = trained
+  workdir = trained[0]
   config = checkpoint.load_config(workdir)
   [voc_root] = glob.glob(os.path.join(data_dir, 'downloads', 'embedded-*', 'VOCdevkit', 'VOC2012'))
   model = create_model(config.model)
@@ -82,7 +86,7 @@ def test_predicted_masks_score_what_eval_scores(trained, data_dir):
 
 
 def test_predict_writes_palette_masks_and_reports_bad_files(trained, tmp_path):
-  workdir, _ = trained
+  workdir = trained[0]
   inputs = tmp_path / 'in'
   (inputs / 'sub').mkdir(parents=True)
   rng = np.random.default_rng(0)
@@ -104,7 +108,7 @@ def test_predict_writes_palette_masks_and_reports_bad_files(trained, tmp_path):
 
 
 def test_predict_refuses_an_output_inside_the_input(trained, tmp_path):
-  workdir, _ = trained
+  workdir = trained[0]
   (tmp_path / 'in').mkdir()
   with pytest.raises(ValueError, match='inside the input'):
     predict.predict_paths(workdir, str(tmp_path / 'in'), str(tmp_path / 'in' / 'masks'))
@@ -119,3 +123,15 @@ def test_summary_prints_the_paper_model():
 def test_bad_command_is_a_usage_error():
   result = _main('fly', check=False)
   assert result.returncode != 0 and 'usage' in (result.stdout + result.stderr).lower()
+
+
+def test_compilation_cache_is_per_user_unless_jax_variable_chooses(monkeypatch, tmp_path):
+  from seg import runtime
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+  monkeypatch.delenv('XDG_CACHE_HOME', raising=False)
+  monkeypatch.setenv('HOME', str(tmp_path))
+  assert runtime.compilation_cache_dir() == str(tmp_path / '.cache' / 'seg' / 'jax')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+  assert runtime.compilation_cache_dir() == str(tmp_path / 'xdg' / 'seg' / 'jax')
+  monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'mine'))
+  assert runtime.compilation_cache_dir() == str(tmp_path / 'mine')
