@@ -1,4 +1,8 @@
-"""Shared fixtures: four fake CPU devices, the embedded dataset prepared once per session."""
+"""Shared fixtures: four fake CPU devices, the embedded dataset prepared once per run.
+
+Under pytest-xdist (`-n 2`, the README's command) the workers share the run's dataset and
+compilation cache: one folder beside their own temporary folders.
+"""
 
 import os
 
@@ -18,9 +22,19 @@ import pytest  # noqa: E402
 from experiments import tiny  # noqa: E402
 
 
+def _run_folder(tmp_path_factory, name):
+  """A folder for the whole run: shared by the xdist workers, else this session's own."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    base = base.parent   # pytest-N/popen-gwK -> pytest-N, one per run
+  path = base / name
+  path.mkdir(exist_ok=True)
+  return path
+
+
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
-  """One persistent compilation cache for the session, empty at its start.
+  """One persistent compilation cache for the run, empty at its start.
 
   Every `make_p_train_step`, `train_and_evaluate` and `create_train_state` call jits
   its functions anew, so JAX's in-memory caches miss and identical programs (the tiny
@@ -28,16 +42,17 @@ def compilation_cache(tmp_path_factory):
   """
   import jax
   previous = jax.config.jax_compilation_cache_dir
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update('jax_compilation_cache_dir', str(_run_folder(tmp_path_factory, 'jax_cache')))
   yield
   jax.config.update('jax_compilation_cache_dir', previous)
 
 
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
-  """A TFDS data_dir holding the prepared embedded dataset."""
+  """A TFDS data_dir holding the prepared embedded dataset (one worker builds it, under
+  voc.prepare's lock; the others wait and reuse it)."""
   from seg.data import voc
-  path = str(tmp_path_factory.mktemp('tfds'))
+  path = str(_run_folder(tmp_path_factory, 'tfds'))
   voc.prepare('embedded', path)
   return path
 
@@ -48,3 +63,4 @@ def tiny_config(data_dir):
   config = tiny.get_config()
   config.data.data_dir = data_dir
   return config
+
