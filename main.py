@@ -113,6 +113,7 @@ def evaluate():
 def predict():
   _require(workdir=FLAGS.workdir, input=FLAGS.input, output=FLAGS.output)
   from seg import predict as predict_lib
+  from seg.engine import batch_devices
   options = predict_lib.Options(
       overwrite=FLAGS.overwrite, overlay=FLAGS.overlay, probabilities=FLAGS.probabilities,
       large_images=FLAGS['large-images'].value, max_side=FLAGS['max-side'].value,
@@ -120,7 +121,7 @@ def predict():
   try:
     failures = predict_lib.predict_paths(FLAGS.workdir, FLAGS.input, FLAGS.output, options,
                                          batch_size=FLAGS['batch-size'].value or 8,
-                                         dtype=FLAGS.dtype)
+                                         dtype=FLAGS.dtype, devices=batch_devices())
   except (FileNotFoundError, ValueError) as e:  # bad arguments: one clear line, no traceback
     raise app.UsageError(str(e))
   except KeyboardInterrupt:  # the summary said how to resume
@@ -212,5 +213,9 @@ INFERENCE_COMMANDS = ('eval', 'predict', 'benchmark', 'export')
 if __name__ == '__main__':
   runtime.reexec_with_mimalloc(
       purge_at_once=len(sys.argv) > 1 and sys.argv[1] in INFERENCE_COMMANDS)
+  trains = any(a in ('--train', '--train=true', '--train=True', '--train=1') for a in sys.argv)
+  if len(sys.argv) > 1 and (sys.argv[1] == 'predict' or
+                            (sys.argv[1] == 'benchmark' and not trains)):
+    runtime.split_cpu_into_devices()  # batches computed as two parts at once on a CPU
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's C++ INFO lines drown the progress
   app.run(main)

@@ -49,6 +49,15 @@ def allocator() -> str:
   return 'glibc'
 
 
+def load_config(path: str):
+  """The config of an experiment file (its `get_config()`), without absl's flags."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('experiment', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def random_variables(model, seed: int = 0) -> Dict[str, Any]:
   """He-initialised NumPy variables of the model's shapes, with nothing compiled.
 
@@ -92,35 +101,48 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
   height = height or config.data.eval_size
   width = width or config.data.eval_size
   eng = engine.Engine(config, variables, dtype=dtype, batch_size=batch_size,
-                      image_by_image=image_by_image)
+                      image_by_image=image_by_image, devices=engine.batch_devices())
+  # As `Engine.run_padded`: equal parts of the batch on every device, all at once.
+  parts = len(eng.devices) if batch_size % len(eng.devices) == 0 else 1
+  part = batch_size // parts
   rng = np.random.default_rng(0)
+  network = jax.jit(lambda f, x: eng.forward(f, x, upsample=False))
+  calls = []
   start = time.perf_counter()
-  if measure == 'network':
-    fn = jax.jit(lambda f, x: eng.forward(f, x, upsample=False)).lower(
-        eng.folded, jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.float32)).compile()
-    x = rng.uniform(-1, 1, (batch_size, height, width, 3)).astype(np.float32)
-    args = (eng.folded, jax.device_put(x, eng.device))
-  else:
-    fn = eng.compiled('classes', batch_size, height, width)
-    x = rng.integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8)
-    sizes = np.tile(np.array([[height, width]], np.int32), (batch_size, 1))
-    args = (eng.folded, jax.device_put(x, eng.device), jax.device_put(sizes, eng.device))
+  for device in eng.devices[:parts]:
+    on = jax.sharding.SingleDeviceSharding(device)
+    folded = eng.folded_on[device]
+    if measure == 'network':
+      fn = network.lower(folded, jax.ShapeDtypeStruct((part, height, width, 3), jnp.float32,
+                                                      sharding=on)).compile()
+      x = rng.uniform(-1, 1, (part, height, width, 3)).astype(np.float32)
+      calls.append((fn, (folded, jax.device_put(x, device))))
+    else:
+      fn = eng.compiled('classes', part, height, width, device=device)
+      x = rng.integers(0, 256, (part, height, width, 3), dtype=np.uint8)
+      sizes = np.tile(np.array([[height, width]], np.int32), (part, 1))
+      calls.append((fn, (folded, jax.device_put(x, device), jax.device_put(sizes, device))))
+
+  def run():
+    return jax.block_until_ready([fn(*args) for fn, args in calls])
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
   for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
+    run()
   warmup_s = time.perf_counter() - start
   times = []
   for i in range(iters):
     start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
+    out = run()[0]
     times.append((time.perf_counter() - start) * 1000)
   median = statistics.median(times)
   dtype_name = jnp.dtype(eng.dtype).name
   record = {
       'peer': 'seg-engine',
       'variant': (f'os{config.model.output_stride}/{dtype_name}/{measure}'
-                  f'{"" if image_by_image or batch_size == 1 else "/batched"}+{allocator()}'),
+                  f'{"" if image_by_image or batch_size == 1 else "/batched"}'
+                  f'{f"/{parts}parts" if parts > 1 else ""}+{allocator()}'),
+      'devices': parts,
       'image_by_image': image_by_image,
       'batch': batch_size,
       'input': f'{batch_size}x{height}x{width}x3 '
@@ -139,7 +161,7 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
       'iters': iters,
       'compile_s': round(compile_s, 2),
       'warmup_s': round(warmup_s, 2),
-      'output_shape': list(out.shape),
+      'output_shape': [batch_size] + list(out.shape[1:]),
       'allocator': allocator(),
       'ld_preload': os.environ.get('LD_PRELOAD', ''),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
@@ -164,7 +186,9 @@ def format_record(r: Dict[str, Any]) -> str:
       f'  median {r["median_ms"]:.1f} ms per batch of {r["batch"]}  '
       f'(min {r["min_ms"]:.1f}, max {r["max_ms"]:.1f}, {r["iters"]} runs after '
       f'{r["warmup"]} warm-up)',
-      f'  {r["ms_per_image"]:.1f} ms/image, {r["images_per_s"]:.1f} images/s',
+      f'  {r["ms_per_image"]:.1f} ms/image, {r["images_per_s"]:.1f} images/s'
+      + (f' (each batch as {r["devices"]} parts at once on {r["devices"]} devices)'
+         if r['devices'] > 1 else ''),
       f'  compile {r["compile_s"]:.1f}s; peak RSS {r["peak_rss_mb"]:.0f} MiB '
       f'(JAX runtime alone: {r["runtime_baseline_rss_mb"]:.0f} MiB)',
   ])

@@ -17,7 +17,6 @@ are both hand-written for this CPU; XLA's CPU dot is generated code.)
 
 import argparse
 import collections
-import importlib.util
 import os
 import statistics
 import sys
@@ -70,10 +69,8 @@ def main():
   import jax.numpy as jnp
   import numpy as np
 
-  spec = importlib.util.spec_from_file_location('experiment', args.config)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from benchmarks.inference_speed import load_config
+  config = load_config(args.config)
   shapes = product_shapes(config.model, args.size)
   rng = np.random.default_rng(0)
   kinds = ('xla float32', 'xla bfloat16', 'numpy float32')

@@ -73,14 +73,15 @@ class Segmenter(Protocol):
     raise NotImplementedError
 
 
-def load_predictor(workdir: str, batch_size: int = 1, dtype: str = 'float32'):
-  """(the inference engine for the latest checkpoint of `workdir`, its step)."""
+def load_predictor(workdir: str, batch_size: int = 1, dtype: str = 'float32', devices=None):
+  """(the inference engine for the latest checkpoint of `workdir`, its step); `devices`
+  as `seg.engine.Engine`'s (default: the first)."""
   from seg import checkpoint
   from seg.engine import Engine
   from seg.model import create_model
   config = checkpoint.load_config(workdir)
   variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
-  return Engine(config, variables, dtype=dtype, batch_size=batch_size), step
+  return Engine(config, variables, dtype=dtype, batch_size=batch_size, devices=devices), step
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -466,14 +467,15 @@ def write_item(item: Item, options: Options) -> None:
 
 def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Options] = None,
                   batch_size: int = 8, segmenter: Optional[Segmenter] = None, log=print,
-                  progress_stream=None, dtype: str = 'float32') -> int:
+                  progress_stream=None, dtype: str = 'float32', devices=None) -> int:
   """`main.py predict`: masks for every input; prints a summary, returns #failures.
 
   Ctrl-C stops reading new inputs, lets the writes under way finish, prints
   the summary and raises KeyboardInterrupt again.
 
   `inputs`: a path or a list of input values (see `seg.inputs.collect_inputs`);
-  `dtype`: the engine's compute dtype ('float32' or 'bfloat16').
+  `dtype`: the engine's compute dtype ('float32' or 'bfloat16'); `devices`: what
+  the engine splits each batch over (`seg.engine.batch_devices()` from `main.py`).
   """
   options = options or Options()
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -482,8 +484,11 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
   if not files:
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
   if segmenter is None:
-    segmenter, step = load_predictor(workdir, batch_size, dtype)
-    log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step {step}')
+    segmenter, step = load_predictor(workdir, batch_size, dtype, devices)
+    parts = len(segmenter.devices) if batch_size % len(segmenter.devices) == 0 else 1
+    split = f', each batch of {batch_size} as {parts} parts at once' if parts > 1 else ''
+    log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '
+        f'{step}{split}')
   jobs = plan_jobs(files, output_dir, options)
   summary = run_jobs(segmenter, jobs, options, progress_stream)
   summary.ignored = ignored

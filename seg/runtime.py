@@ -45,3 +45,19 @@ def compilation_cache_dir() -> str:
     return chosen
   root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return os.path.join(root, 'seg', 'jax')
+
+
+def split_cpu_into_devices(count: int = 2) -> None:
+  """Shows the CPU to XLA as `count` devices, unless XLA_FLAGS already sets a number.
+
+  For `predict` and `benchmark`: the engine then computes a batch as `count` parts
+  at once (`seg.engine.Engine.run_padded`). On this project's 2-core machine, batch 8
+  at 513x513 took 38.1 instead of 41.1 ms/image in float32 and 33.0 instead of 35.8
+  in bfloat16, and `predict` wrote ~19.6 instead of ~17.0 images/s (README
+  "Inference"). Never more devices than CPUs. Must run before
+  JAX starts; accelerators are unaffected.
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  if '--xla_force_host_platform_device_count' not in flags:
+    count = max(1, min(count, os.cpu_count() or 1))
+    os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={count}'.strip()

@@ -97,10 +97,30 @@ def test_predict_pads_with_the_mean_pixel_and_crops_back(tiny_model):
     # Float32 folding reorders sums: allow a near-tie pixel or two to flip.
     assert (mask == expected).mean() >= 0.999
   # Chunks were (65x65 bucket x2) and (129x65 bucket, padded with a dummy image): 2 shapes.
-  assert sorted(k[2:] for k in eng._compiled) == [(65, 65), (129, 65)]
+  assert sorted(k[2:4] for k in eng._compiled) == [(65, 65), (129, 65)]
   again = eng.predict(np.stack([images[0][:, :65]] * 3))  # an array of 3 images
   assert again.shape == (3, 40, 65) and len(eng._compiled) == 2  # nothing recompiled
   np.testing.assert_array_equal(again[2], masks[0])
+
+
+def test_a_batch_split_over_devices_gives_the_one_device_results(tiny_model):
+  config, _, variables = tiny_model
+  devices = jax.local_devices()[:2]
+  assert len(set(devices)) == 2
+  rng = np.random.default_rng(4)
+  images = [rng.integers(0, 256, shape, np.uint8) for shape in
+            [(40, 65, 3), (65, 17, 3), (60, 60, 3), (30, 50, 3), (65, 65, 3)]]
+  one = engine.Engine(config, variables, batch_size=4)
+  expected_masks, expected_logits = one.predict(images), one.logits(images)
+  for batch_size, parts in ((4, 2), (3, 1)):   # 3 images do not split over 2 devices
+    split = engine.Engine(config, variables, batch_size=batch_size, devices=devices)
+    for mask, expected in zip(split.predict(images), expected_masks):
+      np.testing.assert_array_equal(mask, expected)
+    for logits, expected in zip(split.logits(images), expected_logits):
+      np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    # Each part ran on its own device: batch_size / parts images there.
+    assert {(k[1], k[4]) for k in split._compiled} == {
+        (batch_size // parts, device) for device in devices[:parts]}
 
 
 @pytest.mark.parametrize('size, expected', [((10, 10), (65, 65)), ((65, 65), (65, 65)),
