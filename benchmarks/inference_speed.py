@@ -102,8 +102,8 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
   width = width or config.data.eval_size
   eng = engine.Engine(config, variables, dtype=dtype, batch_size=batch_size,
                       image_by_image=image_by_image, devices=engine.batch_devices())
-  # As `Engine.run_padded`: equal parts of the batch on every device, all at once.
-  parts = len(eng.devices) if batch_size % len(eng.devices) == 0 else 1
+  # As `Engine.run_padded`: equal parts of the batch on the devices, all at once.
+  parts = eng.parts(batch_size)
   part = batch_size // parts
   rng = np.random.default_rng(0)
   network = jax.jit(lambda f, x: eng.forward(f, x, upsample=False))

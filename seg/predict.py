@@ -485,7 +485,7 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
   if segmenter is None:
     segmenter, step = load_predictor(workdir, batch_size, dtype, devices)
-    parts = len(segmenter.devices) if batch_size % len(segmenter.devices) == 0 else 1
+    parts = segmenter.parts(batch_size)
     split = f', each batch of {batch_size} as {parts} parts at once' if parts > 1 else ''
     log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '
         f'{step}{split}')
