@@ -17,10 +17,6 @@ tensors show cosines near 0 and say nothing about precision.)
 """
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
@@ -37,8 +33,10 @@ def main():
 
   from seg import checkpoint
   from seg.data import pipeline
-  from seg.losses import cross_entropy_sum
-  from seg.model import AXIS_NAME, create_model, preprocess
+  from seg.model import create_model
+  from seg.parallel import AXIS_NAME
+  from seg.preprocessing import preprocess
+  from seg.train.loss import cross_entropy_sum
 
   config = checkpoint.load_config(args.workdir)
   model = create_model(config.model)

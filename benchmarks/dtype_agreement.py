@@ -2,7 +2,7 @@
 
     python benchmarks/dtype_agreement.py --workdir runs/quickstart [--split val]
 
-Runs the trained model of a workdir through `seg.engine.Engine` in float32
+Runs the trained model of a workdir through `seg.inference.engine.Engine` in float32
 and in bfloat16 (bf16 products accumulating in float32) on every image of the
 split (at its original size, padded as `eval` pads), and prints the share of
 pixels whose predicted class is identical, the worst image's share, and the
@@ -10,10 +10,6 @@ largest logit difference relative to the largest float32 logit.
 """
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
@@ -26,7 +22,8 @@ def main():
   import numpy as np
   import tensorflow_datasets as tfds  # benchmark-only script: reads the data like seg/data
 
-  from seg import checkpoint, engine
+  from seg import checkpoint
+  from seg.inference import engine
   from seg.data import voc
   from seg.model import create_model
 

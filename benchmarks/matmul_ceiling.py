@@ -17,12 +17,8 @@ are both hand-written for this CPU; XLA's CPU dot is generated code.)
 
 import argparse
 import collections
-import os
 import statistics
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def product_shapes(model_config, size: int):
@@ -69,8 +65,8 @@ def main():
   import jax.numpy as jnp
   import numpy as np
 
-  from benchmarks.inference_speed import load_config
-  config = load_config(args.config)
+  from seg.config import load_experiment
+  config = load_experiment(args.config)
   shapes = product_shapes(config.model, args.size)
   rng = np.random.default_rng(0)
   kinds = ('xla float32', 'xla bfloat16', 'numpy float32')

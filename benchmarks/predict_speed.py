@@ -48,11 +48,10 @@ def _random_workdir(config_file: str, workdir: str) -> None:
   """A workdir holding `config_file`'s model with random weights (for timing only)."""
   import jax
   import numpy as np
-  sys.path.insert(0, ROOT)
-  from benchmarks.inference_speed import load_config
   from seg import checkpoint
+  from seg.config import load_experiment
   from seg.model import create_model
-  config = load_config(os.path.join(ROOT, config_file))
+  config = load_experiment(os.path.join(ROOT, config_file))
   model = create_model(config.model)
   rng = np.random.default_rng(0)
   variables = jax.tree.map(lambda leaf: rng.normal(0, 0.05, leaf.shape).astype(np.float32),

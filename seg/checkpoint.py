@@ -1,11 +1,11 @@
-"""Workdir layout and orbax checkpoints.
+"""The workdir of a run: its layout, config.json and orbax checkpoints.
 
     WORKDIR/config.json       the experiment's config (eval and predict rebuild the model from it)
     WORKDIR/checkpoints/N/    one orbax checkpoint per saved step, items:
         model: {'params', 'batch_stats'}   everything eval and predict need
         train: {'opt_state', 'step'}       what resuming training needs besides
     WORKDIR/eval.json         the last evaluation report
-    WORKDIR/weights.json      only in workdirs written by `import-weights` (seg/weights.py);
+    WORKDIR/weights.json      only in workdirs written by `import-weights` (seg/weights/);
                               the 'model' item then holds only the backbone if it says so
 
 Orbax writes each step to a temporary folder and renames it when complete,
@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+
+from seg.config import with_defaults
 
 CONFIG_FILE = 'config.json'
 
@@ -43,12 +45,12 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with."""
+  """The config a workdir was trained with (fields added since then at their defaults)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir} a training workdir?')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return with_defaults(ml_collections.ConfigDict(json.load(f)))
 
 
 def create_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:

@@ -1,4 +1,4 @@
-"""Splitting host batches across local devices and replicating state for `jax.pmap`."""
+"""Devices and processes: the pmap axis, batch sharding, state replication, `jax.distributed`."""
 
 import os
 from typing import Any, Optional
@@ -7,7 +7,7 @@ import jax
 import numpy as np
 from flax import jax_utils
 
-from seg.model import AXIS_NAME
+AXIS_NAME = 'batch'  # the one pmap axis: gradients, BatchNorm statistics, metrics
 
 
 def local_batch_size(global_batch: int) -> int:

@@ -36,7 +36,7 @@ def plot_training_curves(train_log_path: str, path: str) -> None:
 
 
 def plot_per_class_iou(report: Dict, path: str) -> None:
-  """Bar chart of `report['per_class_iou']` (a `seg.metrics.iou_report`), mIoU as a line.
+  """Bar chart of `report['per_class_iou']` (a `seg.inference.metrics.iou_report`), mIoU as a line.
 
   Classes absent from both labels and predictions (IoU None) are left empty.
   """

@@ -1,13 +1,14 @@
 """Model, training step, metrics, evaluation and prediction import no TensorFlow.
 
-The GPU machines have JAX but not TensorFlow: everything outside `seg/data` must run there.
+The GPU machines have JAX but not TensorFlow: every module outside `seg/data` must import
+and the training step must run there.
 """
 
 import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 SCRIPT = r'''
 import sys
@@ -19,14 +20,21 @@ class NoTensorFlow:
 
 sys.meta_path.insert(0, NoTensorFlow())
 import jax, jax.numpy as jnp
-from seg import (checkpoint, engine, evaluate, export, images, inputs, masks, metrics, model,
-                 parallel, plots, predict, summaries, summary, train, train_benchmark, weights)
+import importlib, pkgutil
+import seg
+modules = [m.name for m in pkgutil.walk_packages(seg.__path__, 'seg.')
+           if not m.name.startswith('seg.data')]
+assert len(modules) > 30, modules
+for name in modules:  # every module outside the data layer imports without TensorFlow
+  importlib.import_module(name)
+from seg import model
+from seg.train import step as step_lib
 from experiments import tiny
 config = tiny.get_config()
 m = model.create_model(config.model)
-lr = train.create_learning_rate_fn(config.train)
-state = train.create_train_state(jax.random.key(0), config, m, lr)
-p_step = train.make_p_train_step(config, lr)
+lr = step_lib.create_learning_rate_fn(config.train)
+state = step_lib.create_train_state(jax.random.key(0), config, m, lr)
+p_step = step_lib.make_p_train_step(config, lr)
 from flax import jax_utils
 batch = {'image': jnp.zeros((1, 2, 33, 33, 3)), 'label': jnp.zeros((1, 2, 33, 33), jnp.uint8)}
 state, out = p_step(jax_utils.replicate(state), batch, jax_utils.replicate(jax.random.key(1)))

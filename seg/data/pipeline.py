@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from seg.data import voc
-from seg.model import MEAN_PIXEL
+from seg.preprocessing import MEAN_PIXEL, padded_size
 
 # The GPU belongs to JAX; TF only decodes and augments on the CPU.
 tf.config.set_visible_devices([], 'GPU')
@@ -87,7 +87,7 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
     seed: shuffling and augmentation seed.
     start_step: number of batches to skip (the step a resumed run starts after).
   """
-  cache = data_config.get('cache', 'decoded')
+  cache = data_config.cache
   if cache not in CACHES:
     raise ValueError(f'data.cache must be one of {CACHES}, got {cache!r}')
   builder = voc.prepare(data_config.dataset, data_config.data_dir)
@@ -131,11 +131,6 @@ def num_examples(data_config, split: str) -> int:
   return voc.prepare(data_config.dataset, data_config.data_dir).info.splits[split].num_examples
 
 
-def _round_up_to_bucket(n: int) -> int:
-  """The next size of the form k * 64 + 1: aligned-corner resizes stay on the stride grid."""
-  return -(-(n - 1) // 64) * 64 + 1
-
-
 _OVERSIZE_CACHE = {}
 
 
@@ -154,7 +149,7 @@ def oversize_images(data_config, split: str):
         lambda ex: tf.image.extract_jpeg_shape(ex['image'])[:2],
         num_parallel_calls=tf.data.AUTOTUNE).batch(1024))) or [np.zeros((0, 2), np.int32)])
     indices = np.flatnonzero(shapes.max(axis=1) > data_config.eval_size)
-    shape = (tuple(_round_up_to_bucket(int(n)) for n in shapes[indices].max(axis=0))
+    shape = (tuple(padded_size(int(n)) for n in shapes[indices].max(axis=0))
              if len(indices) else None)
     _OVERSIZE_CACHE[key] = (indices, shape)
   return _OVERSIZE_CACHE[key]

@@ -1,0 +1,166 @@
+"""The commands' flags (argparse) and `--config.FIELD=VALUE` overrides of experiment configs.
+
+Every command has its own flags, so `main.py COMMAND --help` shows only those. Flags are
+spelt with hyphens on the command line (`--batch-size`) and read with underscores in code
+(`args.batch_size`). A switch `--x` is turned off with `--no-x` (or absl's `--nox`).
+"""
+
+import argparse
+import os
+import re
+from typing import List, Tuple
+
+DTYPES = ('float32', 'bfloat16')
+_OVERRIDE = re.compile(r'^--config\.([A-Za-z_][\w.]*)(?:=(.*))?$', re.S)
+
+
+class _Bool(argparse.Action):
+  """A switch: --x turns it on, --no-x (or absl's spelling --nox) off."""
+
+  def __init__(self, option_strings, dest, default=False, help=None):
+    name = option_strings[0][2:]
+    super().__init__([f'--{name}', f'--no-{name}', f'--no{name}'], dest, nargs=0,
+                     default=default, help=help)
+
+  def format_usage(self) -> str:
+    return ' | '.join(self.option_strings[:2])
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    setattr(namespace, self.dest, not option_string.startswith('--no'))
+
+
+def _positive(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be a positive integer, got {text}')
+  return value
+
+
+def _add_config(p, required: bool, what: str) -> None:
+  p.add_argument('--config', required=required, metavar='FILE',
+                 help=f'experiment file (experiments/*.py){what}; any field can then be '
+                      'overridden with --config.FIELD=VALUE, e.g. --config.train.steps=100')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The parser of every command (`args.command` names the one given)."""
+  parser = argparse.ArgumentParser(
+      description='DeepLabv3 + MobileNetV2 in JAX: train, evaluate, predict masks, export.',
+      epilog='"main.py COMMAND --help" shows the flags of a command.')
+  commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+  p = commands.add_parser('summary', help='parameters, multiply-adds and shapes of a model')
+  _add_config(p, True, '')
+
+  p = commands.add_parser('train', help='train (resuming from the workdir), then evaluate')
+  _add_config(p, True, '')
+  p.add_argument('--workdir', required=True, help='run folder: config, checkpoints, reports')
+  p.add_argument('--coordinator', default=os.environ.get('JAX_COORDINATOR_ADDRESS', ''),
+                 help='multi-host: address:port of process 0, the same on every host '
+                      '(env JAX_COORDINATOR_ADDRESS). Without it and --num-processes: one '
+                      'process, or the cluster JAX detects (SLURM, Open MPI)')
+  p.add_argument('--num-processes', type=int,
+                 default=int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None,
+                 help='multi-host: number of processes (env JAX_NUM_PROCESSES)')
+  p.add_argument('--process-id', type=int, default=int(os.environ.get('JAX_PROCESS_ID', -1)),
+                 help='multi-host: this process, 0..num-processes-1 (env JAX_PROCESS_ID)')
+
+  p = commands.add_parser('eval', help='mIoU of the latest checkpoint of a workdir')
+  p.add_argument('--workdir', required=True)
+  _add_config(p, False, ' (default: the workdir\'s own config)')
+  p.add_argument('--output', help='also write the report as JSON (and a per-class chart)')
+
+  p = commands.add_parser('predict', help='masks for image files, folders, globs and lists')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--input', action='append', required=True,
+                 help='image files, folders (recursive), glob patterns or .txt/.lst lists of '
+                      'paths; repeat or comma-separate')
+  p.add_argument('--output', required=True, help='output folder')
+  p.add_argument('--overwrite', action=_Bool,
+                 help='redo inputs whose outputs exist (default: skip them, so a run resumes)')
+  p.add_argument('--overlay', action=_Bool, help='also write NAME_overlay.jpg')
+  p.add_argument('--probabilities', default='none', choices=('none', 'float16', 'uint8'),
+                 help='also write NAME_prob.npy, class probabilities [C, H, W]')
+  p.add_argument('--batch-size', type=_positive, default=8,
+                 help='images of one padding bucket per compiled call')
+  p.add_argument('--large-images', default='resize', choices=('resize', 'tile'),
+                 help='images with a side above --max-side are downscaled to fit and their '
+                      'class probabilities upsampled back (resize), or cut into tiles (tile)')
+  p.add_argument('--max-side', type=_positive, default=2049,
+                 help='the largest side predicted in one piece')
+  p.add_argument('--workers', type=_positive, default=2,
+                 help='decoding threads, and as many writing threads')
+  p.add_argument('--dtype', default='float32', choices=DTYPES, help='engine compute dtype')
+
+  p = commands.add_parser('prepare-data', help='build a dataset\'s TFDS files')
+  p.add_argument('--dataset', required=True, choices=('embedded', 'voc2012', 'train_aug'))
+  p.add_argument('--manual-dir', default='',
+                 help='folder with the source archives or their extracted folders '
+                      '(default: DATA_DIR/downloads/manual)')
+  p.add_argument('--data-dir', default='', help='TFDS data_dir (default ~/tensorflow_datasets)')
+
+  p = commands.add_parser('import-weights', help='a published checkpoint -> a workdir')
+  p.add_argument('src', metavar='SRC', help='the checkpoint (file or folder, see --format)')
+  p.add_argument('--format', required=True, choices=('deeplab-tf', 'hf', 'keras'))
+  p.add_argument('--output', required=True, help='the workdir to write')
+  _add_config(p, False, ' whose model the weights must fit (default: taken from the file)')
+
+  p = commands.add_parser('benchmark', help='inference (or --train: training) speed')
+  _add_config(p, False, ' (random weights), or --workdir')
+  p.add_argument('--workdir', help='time a trained model instead of random weights')
+  p.add_argument('--batch-size', type=_positive, default=1)
+  p.add_argument('--height', type=int, default=0, help='padded input height (default eval_size)')
+  p.add_argument('--width', type=int, default=0, help='padded input width (default eval_size)')
+  p.add_argument('--dtype', default='float32', choices=DTYPES)
+  p.add_argument('--measure', default='network', choices=('network', 'predict'),
+                 help='network: float images -> logits at the output stride (what the peers '
+                      'time); predict: uint8 images -> class map at full size')
+  p.add_argument('--warmup', type=int, default=3, help='untimed runs first')
+  p.add_argument('--iters', type=_positive, default=10, help='timed runs (median reported)')
+  p.add_argument('--image-by-image', action=_Bool, default=True,
+                 help='run the images of a batch one after the other inside the compiled '
+                      'call (less memory); --no-image-by-image: at once')
+  p.add_argument('--json', action=_Bool, help='print one JSON line (benchmarks/peers/run.py)')
+  p.add_argument('--train', action=_Bool,
+                 help='training images/s: in-memory batches and the real input pipeline')
+  p.add_argument('--steps', type=_positive, default=30, help='--train: timed steps per phase')
+
+  p = commands.add_parser('export', help='the prediction function as one jax.export file')
+  p.add_argument('--workdir', required=True)
+  p.add_argument('--output', required=True, help='the file to write')
+  _add_config(p, False, ' (default: the workdir\'s own config)')
+  p.add_argument('--platforms', default='cpu,cuda', help='comma-separated, e.g. cpu,cuda')
+  p.add_argument('--dtype', default='float32', choices=DTYPES)
+  p.add_argument('--symbolic-batch', action=_Bool, default=True,
+                 help='a symbolic batch dimension (else --batch-size)')
+  p.add_argument('--batch-size', type=_positive, default=1)
+  p.add_argument('--height', type=int, default=0, help='canvas height (default eval_size)')
+  p.add_argument('--width', type=int, default=0, help='canvas width (default eval_size)')
+  return parser
+
+
+def split_overrides(argv: List[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+  """(the other arguments, [(field, value text)]) of `--config.FIELD=VALUE` or
+  `--config.FIELD VALUE` arguments."""
+  rest, overrides, i = [], [], 0
+  while i < len(argv):
+    m = _OVERRIDE.match(argv[i])
+    if m and m.group(2) is not None:
+      overrides.append((m.group(1), m.group(2)))
+    elif m and i + 1 < len(argv):
+      overrides.append((m.group(1), argv[i + 1]))
+      i += 1
+    else:
+      rest.append(argv[i])
+    i += 1
+  return rest, overrides
+
+
+def parse(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+  """Parses `argv`; `args.overrides` holds the config overrides. Usage errors exit 2."""
+  rest, overrides = split_overrides(argv)
+  args = parser.parse_args(rest)
+  if overrides and 'config' not in vars(args):
+    parser.error(f'{args.command} takes no --config.FIELD overrides')
+  args.overrides = overrides
+  return args

@@ -1,0 +1,60 @@
+"""Process-level settings that must be made before anything else runs (allocator, devices, caches).
+
+Imports nothing heavy: the CLI and the benchmark scripts call this first thing.
+"""
+
+import os
+import sys
+import sysconfig
+
+
+def reexec_with_mimalloc(purge_at_once: bool = False) -> None:
+  """Restarts this process with mimalloc preloaded, unless SEG_ALLOCATOR=system.
+
+  Under glibc's malloc, XLA's CPU runtime gets fresh pages from the kernel for
+  its buffers at every step, and page faults take much of the CPU time; mimalloc
+  (pip package cmeel-mimalloc) keeps them (docs/performance.md). Preloading only
+  works from the start of a process.
+
+  `purge_at_once` (inference): each call frees one large activation arena, and
+  mimalloc's default delayed purge lets the peak resident set wander upwards;
+  immediate purging holds it low at the same speed (docs/performance.md).
+  """
+  if (os.environ.get('SEG_ALLOCATOR', 'mimalloc') != 'mimalloc'
+      or 'mimalloc' in os.environ.get('LD_PRELOAD', '')):
+    return
+  lib = os.path.join(sysconfig.get_paths()['purelib'], 'cmeel.prefix', 'lib', 'libmimalloc.so')
+  if os.path.exists(lib):
+    preload = ':'.join(filter(None, [lib, os.environ.get('LD_PRELOAD')]))
+    env = dict(os.environ, LD_PRELOAD=preload)
+    if purge_at_once:
+      env.setdefault('MIMALLOC_PURGE_DELAY', '0')
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def compilation_cache_dir() -> str:
+  """Where JAX's persistent compilation cache lives for this project's commands.
+
+  JAX_COMPILATION_CACHE_DIR when set (JAX's own variable), else
+  $XDG_CACHE_HOME/seg/jax (~/.cache/seg/jax): per user, so that two users of one
+  machine do not share, or fail to write, one folder.
+  """
+  chosen = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+  if chosen:
+    return chosen
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'seg', 'jax')
+
+
+def split_cpu_into_devices(count: int = 2) -> None:
+  """Shows the CPU to XLA as `count` devices, unless XLA_FLAGS already sets a number.
+
+  For `predict` and `benchmark`: the engine then computes a batch as `count` parts
+  at once (`seg.inference.engine.Engine.run_padded`), which keeps both cores of a
+  2-core machine busy in the program's single-threaded stretches (docs/performance.md).
+  Never more devices than CPUs. Must run before JAX starts; accelerators are unaffected.
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  if '--xla_force_host_platform_device_count' not in flags:
+    count = max(1, min(count, os.cpu_count() or 1))
+    os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={count}'.strip()

@@ -1,0 +1,153 @@
+"""Experiment configuration: every field with its default, loading experiment files, overrides.
+
+An experiment is a Python file (`experiments/*.py`) whose `get_config()` returns an
+`ml_collections.ConfigDict`, usually `default_config()` with a few fields changed. Fields
+mirror DeepLab's `train.py` flags where one exists. Configs are locked after loading, so a
+misspelt field is an error, and any field can be overridden on the command line
+(`--config.train.steps=100`, `apply_overrides`). A workdir's config.json written by an older
+version gets the fields it lacks from here (`with_defaults`), so code never repeats a default.
+"""
+
+import ast
+import importlib.util
+import os
+from typing import Any, Iterable, Tuple
+
+import ml_collections
+
+from seg.preprocessing import ZERO_MEAN_UNIT_RANGE
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every field with its default: DeepLab's recipe for MobileNetV2 on PASCAL VOC."""
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.num_classes = 21
+  config.model.width = 1.0             # MobileNetV2 width (depth) multiplier
+  config.model.output_stride = 16      # 8, 16 or 32
+  config.model.head = 'reduced'        # 'reduced' (image pooling + 1x1) or 'aspp'
+  config.model.dropout_rate = 0.1      # DeepLab's keep probability 0.9
+  config.model.bn_momentum = 0.9997    # DeepLab's batch_norm_decay
+  config.model.backbone_bn_epsilon = 1e-3  # TF-slim MobileNetV2
+  config.model.head_bn_epsilon = 1e-5      # DeepLab's ASPP
+  config.model.preprocessing = ZERO_MEAN_UNIT_RANGE  # inputs [-1, 1] (seg.preprocessing)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = 'embedded'     # a `seg.data.voc.VocSegmentation` config name
+  config.data.data_dir = ''            # TFDS data_dir; '' = TFDS's default (~/tensorflow_datasets)
+  config.data.train_split = 'train'
+  config.data.eval_split = 'val'
+  config.data.crop_size = 513          # training crop (k * 16 + 1 keeps grids aligned)
+  config.data.eval_size = 513          # evaluation pads every image to this size
+  config.data.min_scale = 0.5
+  config.data.max_scale = 2.0
+  config.data.scale_step = 0.25
+  config.data.ignore_label = 255
+  config.data.shuffle_buffer = 1000
+  config.data.cache = 'decoded'        # 'decoded' | 'encoded' | 'none' (seg/data/pipeline.py)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 30_000
+  config.train.batch_size = 16         # global, split across every device
+  config.train.learning_rate = 0.007   # base of the poly schedule
+  config.train.lr_power = 0.9
+  config.train.warmup_steps = 0
+  config.train.momentum = 0.9
+  config.train.weight_decay = 4e-5     # on conv kernels except depthwise, as TF-slim
+  config.train.seed = 0
+  config.train.log_every = 50
+  config.train.checkpoint_every = 1000
+  config.train.keep_checkpoints = 3
+  config.train.eval_every = 5000       # 0 = only at the end
+  # Initialisation of a new run (not of a resumed one) from a workdir, e.g. one written by
+  # `import-weights`: init_part 'all' (whole network), 'backbone' (fresh head) or 'auto'
+  # (whole network if its head fits the config's classes and head type, else backbone).
+  config.train.init_from = ''
+  config.train.init_part = 'auto'
+  config.train.compute_dtype = 'float32'  # 'bfloat16': mixed precision (params, loss stay f32)
+  config.train.skip_nonfinite = False  # True: skip (and count) steps with a NaN/inf loss or grad
+  config.train.summary_images = 3      # validation images sent to TensorBoard at each eval
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 8           # global; the last batch is padded and masked
+  config.eval.scales = (1.0,)          # DeepLab's eval_scales; e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+  config.eval.flip = False             # also the left-right flipped image (DeepLab's add_flipped_images)
+
+  return config
+
+
+def load_experiment(path: str, overrides: Iterable[Tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  """The locked config of an experiment file (its `get_config()`), with `overrides` applied.
+
+  overrides: (dotted field, value text) pairs, e.g. ('train.steps', '100').
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'experiment file {path} not found (e.g. experiments/quickstart.py)')
+  spec = importlib.util.spec_from_file_location(
+      'experiment_' + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ValueError(f'{path} defines no get_config()')
+  config = module.get_config()
+  config.lock()
+  apply_overrides(config, overrides)
+  return config
+
+
+def _parse(field: str, current: Any, text: str) -> Any:
+  """`text` as a value of the type of `current` (the field's present value)."""
+  try:
+    if isinstance(current, bool):
+      lowered = text.strip().lower()
+      if lowered in ('true', '1', 'yes'):
+        return True
+      if lowered in ('false', '0', 'no'):
+        return False
+      raise ValueError('expected true or false')
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    value = ast.literal_eval(text)
+    if isinstance(current, (tuple, list)):
+      value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    return value
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f'--config.{field}={text}: not a {type(current).__name__} ({e})') from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Iterable[Tuple[str, str]]) -> None:
+  """Sets each (dotted field, value text); an unknown field is an error naming its siblings."""
+  for field, text in overrides:
+    *parents, leaf = field.split('.')
+    node = config
+    for i, key in enumerate(parents + [leaf]):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        where = '.'.join(parents[:i]) or 'config'
+        known = ', '.join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ''
+        raise ValueError(f'--config.{field}: {where} has no field {key!r} (fields: {known})')
+      if key != leaf or i < len(parents):
+        node = node[key]
+    with config.unlocked():
+      node[leaf] = _parse(field, node[leaf], text)
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the fields it lacks (a config.json of an older version) taken from
+  `default_config()`; fields it has are kept."""
+  merged = default_config()
+
+  def fill(target, source):
+    for key, value in source.items():
+      if isinstance(value, ml_collections.ConfigDict) and key in target:
+        fill(target[key], value)
+      else:
+        target[key] = value
+
+  fill(merged, config)
+  return merged

@@ -1,0 +1,182 @@
+"""The inference engine: a trained model folded for speed and compiled ahead of time.
+
+One engine serves `eval`, `predict`, `benchmark` and `export`. It folds the variables
+(`seg.inference.fold`), runs the folded forward pass (`seg.inference.forward`) and compiles
+one executable per (kind, batch size, padded shape, device), ahead of time; JAX's persistent
+compilation cache (set up by the CLI) keeps them across runs.
+
+Shape policy (`seg.preprocessing`, shared with evaluation and prediction): an image is padded
+with the mean pixel at its bottom and right to `eval_size` square, or, when a side is larger,
+to the next size of the form k * 64 + 1 (`bucket_shape`).
+"""
+
+import functools
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seg.inference.fold import cast_folded, fold_variables
+from seg.inference.forward import class_map, forward
+from seg.preprocessing import bucket_shape, preprocess_padded
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def batch_devices() -> List[jax.Device]:
+  """What `predict` and `benchmark` split batches over: every local device if they are
+  CPUs (`seg.cli.process` shows a CPU to XLA as two), else the first accelerator."""
+  devices = jax.local_devices()
+  return devices if devices[0].platform == 'cpu' else devices[:1]
+
+
+class Engine:
+  """Compiled inference for one trained model: class maps and logits of uint8 images.
+
+      engine = Engine(config, variables, dtype='bfloat16')
+      masks = engine.predict(images)      # [n, h, w, 3] uint8 -> [n, h, w] uint8
+
+  Every call pads to the shape bucket of its images (`bucket_shape`), splits
+  the batch into chunks of `batch_size` (the last one padded), and runs the
+  executable compiled ahead of time for (batch_size, bucket, dtype); given
+  several `devices`, each runs an equal part of a chunk (`run_padded`).
+  """
+
+  def __init__(self, config, variables: Dict[str, Any], dtype='float32', batch_size: int = 1,
+               device: Optional[jax.Device] = None, image_by_image: Optional[bool] = None,
+               log=None, devices: Optional[Sequence[jax.Device]] = None):
+    if isinstance(dtype, str):
+      if dtype not in DTYPES:
+        raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+      dtype = DTYPES[dtype]
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be positive, got {batch_size}')
+    if device is not None and devices is not None:
+      raise ValueError('give device or devices, not both')
+    self.config = config
+    self.dtype = dtype
+    self.batch_size = batch_size
+    self.eval_size = config.data.eval_size
+    # A batch is split over `devices` when their number divides it (see `run_padded`).
+    self.devices = list(devices) if devices else [device or jax.local_devices()[0]]
+    self.device = self.devices[0]
+    self.log = log
+    folded = cast_folded(fold_variables(config.model, jax.device_get(variables), xp=np), dtype,
+                         xp=np)
+    self.folded_on = {d: jax.device_put(folded, d) for d in self.devices}
+    self.folded = self.folded_on[self.device]
+    static = dict(width=config.model.width, output_stride=config.model.output_stride,
+                  dtype=dtype)
+    # One image at a time by default on the CPU: a fraction of the memory (see `forward`).
+    if image_by_image is None:
+      image_by_image = self.device.platform == 'cpu'
+    self.image_by_image = image_by_image
+    self.static = static  # the keyword arguments of `forward` / `class_map` besides the batch
+    self._batch_static = dict(static, image_by_image=image_by_image)
+    self._class_map = jax.jit(functools.partial(class_map, **self._batch_static))
+    self._logits = jax.jit(lambda f, x, s: forward(f, preprocess_padded(x, s),
+                                                   **self._batch_static))
+    self._compiled: Dict[Tuple, Any] = {}
+    self.compile_seconds: Dict[Tuple, float] = {}
+    self.shapes_run = set()  # (kind, batch, height, width) of the calls so far
+
+  def bucket(self, height: int, width: int) -> Tuple[int, int]:
+    """The padded shape of an image: images of equal buckets share one compiled call."""
+    return bucket_shape(height, width, self.eval_size)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, **kwargs) -> Tuple['Engine', int]:
+    """(the engine for the latest checkpoint of `workdir`, its step); `kwargs` as `Engine`'s."""
+    from seg import checkpoint
+    from seg.model import create_model
+    config = checkpoint.load_config(workdir)
+    variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
+    return cls(config, variables, **kwargs), step
+
+  def forward(self, folded, images: jax.Array, upsample: bool = True) -> jax.Array:
+    """`forward` with this engine's model and dtype (images: [n, h, w, 3] in [-1, 1])."""
+    return forward(folded, images, upsample=upsample, **self._batch_static)
+
+  def compiled(self, kind: str, batch: int, height: int, width: int,
+               device: Optional[jax.Device] = None):
+    """The executable for ('classes' | 'logits', batch, height, width) on `device` (default
+    the engine's first), compiled once."""
+    device = device or self.device
+    key = (kind, batch, height, width, device)
+    if key not in self._compiled:
+      start = time.perf_counter()
+      fn = self._class_map if kind == 'classes' else self._logits
+      on = jax.sharding.SingleDeviceSharding(device)
+      images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8, sharding=on)
+      sizes = jax.ShapeDtypeStruct((batch, 2), jnp.int32, sharding=on)
+      self._compiled[key] = fn.lower(self.folded_on[device], images, sizes).compile()
+      self.compile_seconds[key] = time.perf_counter() - start
+      if self.log:
+        where = f' on {device}' if len(self.devices) > 1 else ''
+        self.log(f'compiled {kind} for {batch}x{height}x{width} '
+                 f'{jnp.dtype(self.dtype).name}{where} in {self.compile_seconds[key]:.1f}s')
+    return self._compiled[key]
+
+  def parts(self, batch: int) -> int:
+    """Into how many parts `run_padded` splits a batch: one per device if they divide it."""
+    return len(self.devices) if batch % len(self.devices) == 0 else 1
+
+  def run_padded(self, kind: str, images: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Compiled calls on a canvas: images [batch, H, W, 3] uint8, sizes [batch, 2].
+
+    With several devices whose number divides the batch, each computes an equal part
+    and all parts run at once: a CPU shown to XLA as two devices (`seg.cli.process`) then
+    keeps both cores busy in the single-threaded parts of the program (docs/performance.md).
+    """
+    parts = self.parts(len(images))
+    size = len(images) // parts
+    self.shapes_run.add((kind, *images.shape[:3]))
+    outputs = []
+    for i, device in enumerate(self.devices[:parts]):  # dispatch all, then wait
+      rows = slice(i * size, (i + 1) * size)
+      fn = self.compiled(kind, size, *images.shape[1:3], device=device)
+      outputs.append(fn(self.folded_on[device], jax.device_put(images[rows], device),
+                        jax.device_put(sizes[rows], device)))
+    return np.concatenate([np.asarray(out) for out in outputs])
+
+  def _batches(self, images: Sequence[np.ndarray], kind: str) -> List[np.ndarray]:
+    outputs = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      shapes = [self.bucket(*im.shape[:2]) for im in chunk]
+      ph, pw = max(s[0] for s in shapes), max(s[1] for s in shapes)
+      canvas = np.zeros((self.batch_size, ph, pw, 3), np.uint8)
+      sizes = np.ones((self.batch_size, 2), np.int32)
+      for i, image in enumerate(chunk):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+          raise ValueError(f'expected [height, width, 3] uint8 images, got {image.shape} '
+                           f'{image.dtype}')
+        canvas[i, :image.shape[0], :image.shape[1]] = image
+        sizes[i] = image.shape[:2]
+      result = self.run_padded(kind, canvas, sizes)
+      outputs.extend(result[i, :im.shape[0], :im.shape[1]] for i, im in enumerate(chunk))
+    return outputs
+
+  def predict(self, images) -> Any:
+    """Class ids of images.
+
+    Args:
+      images: [n, h, w, 3] uint8, or a list of [h_i, w_i, 3] uint8 of any sizes.
+
+    Returns:
+      [n, h, w] uint8 for an array, a list of [h_i, w_i] uint8 for a list.
+    """
+    if isinstance(images, np.ndarray):
+      if images.ndim != 4:
+        raise ValueError(f'expected [n, height, width, 3] uint8, got shape {images.shape}')
+      return np.stack(self._batches(list(images), 'classes')) if len(images) else \
+          np.zeros(images.shape[:3], np.uint8)
+    return self._batches(list(images), 'classes')
+
+  def logits(self, images) -> Any:
+    """float32 logits [n, h, w, classes] (or a list), computed like `predict`."""
+    if isinstance(images, np.ndarray):
+      return np.stack(self._batches(list(images), 'logits'))
+    return self._batches(list(images), 'logits')

@@ -1,0 +1,159 @@
+"""Evaluation: one confusion matrix over every pixel of a split, accumulated on the devices."""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from seg import checkpoint, classes, parallel
+from seg.inference import fold
+from seg.inference.forward import forward
+from seg.inference.metrics import confusion_matrix, format_report, iou_report
+from seg.model import create_model
+from seg.model.layers import resize_bilinear
+from seg.parallel import AXIS_NAME
+from seg.preprocessing import preprocess
+
+
+def scaled_size(size: int, scale: float) -> int:
+  """DeepLab's `scale_dimension`: int((size - 1) * scale + 1), keeping k * 16 + 1 grids."""
+  return int((size - 1) * scale + 1)
+
+
+def multi_scale_logits(folded, images: jax.Array, *, model_config, scales=(1.0,),
+                       flip: bool = False) -> jax.Array:
+  """Class scores at full resolution, averaged over input scales (and flips) as DeepLab does.
+
+  For one scale without flip these are the network's logits. Otherwise each
+  scale s runs the network on the image resized (aligned corners) to
+  `scaled_size(h, s) x scaled_size(w, s)`, resizes its logits straight to
+  [h, w], and the softmax probabilities of every scale (and of every flipped
+  image, flipped back) are averaged: the "MF" rows of DeepLab's papers.
+
+  Args:
+    images: [n, h, w, 3] in [-1, 1] (padding already 0).
+
+  Returns:
+    [n, h, w, classes] float32: logits, or averaged probabilities.
+  """
+  height, width = images.shape[1:3]
+  run = functools.partial(forward, folded, width=model_config.width,
+                          output_stride=model_config.output_stride, upsample=False)
+  if tuple(scales) == (1.0,) and not flip:
+    return resize_bilinear(run(images), (height, width))
+  probabilities = 0.0
+  for scale in scales:
+    size = (scaled_size(height, scale), scaled_size(width, scale))
+    scaled = images if size == (height, width) else resize_bilinear(images, size)
+    variants = [(scaled, False)] + ([(scaled[:, :, ::-1], True)] if flip else [])
+    for x, flipped in variants:
+      p = jax.nn.softmax(resize_bilinear(run(x), (height, width)), axis=-1)
+      probabilities = probabilities + (p[:, :, ::-1] if flipped else p)
+  return probabilities / (len(scales) * (2 if flip else 1))
+
+
+def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_config,
+              ignore_label: int, scales=(1.0,), flip: bool = False) -> jax.Array:
+  """Confusion matrix of one batch, summed over every device of the pmap axis.
+
+  The logits come from the inference engine's folded forward pass
+  (`seg.inference.forward.forward`, float32), the same function `predict`, `benchmark`
+  and `export` run; folding the BatchNorm statistics costs a few small ops.
+  `scales`/`flip`: multi-scale and flipped evaluation (`multi_scale_logits`).
+
+  Args:
+    variables: the model's {'params', 'batch_stats'}.
+    batch: image [n, h, w, 3] float in [0, 255] (padding = the mean pixel),
+      label [n, h, w], mask [n].
+  """
+  folded = fold.cast_folded(fold.fold_variables(model_config, variables), jnp.float32)
+  scores = multi_scale_logits(folded, preprocess(batch['image']), model_config=model_config,
+                              scales=scales, flip=flip)
+  predictions = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  cm = confusion_matrix(batch['label'], predictions, model_config.num_classes, batch['mask'],
+                        ignore_label)
+  return lax.psum(cm, AXIS_NAME)
+
+
+def make_p_eval_step(model, config):
+  """The pmapped evaluation step for `config` (`model` is unused: kept for callers).
+
+  Batches of different spatial shapes (e.g. images larger than `eval_size` in
+  a larger padded bucket) each compile once; pmap caches them by shape.
+  `config.eval.scales` / `config.eval.flip` (absent in older configs: one
+  scale, no flip) select multi-scale / flipped evaluation.
+  """
+  del model  # the engine rebuilds the forward pass from config.model
+  scales = tuple(float(s) for s in config.eval.scales)
+  if not scales or min(scales) <= 0:
+    raise ValueError(f'config.eval.scales must be positive numbers, got {scales}')
+  return jax.pmap(functools.partial(
+      eval_step, model_config=config.model, ignore_label=config.data.ignore_label,
+      scales=scales, flip=bool(config.eval.flip)), axis_name=AXIS_NAME)
+
+
+def evaluate(p_eval_step, variables: Dict[str, Any], config, split: Optional[str] = None,
+             log=print) -> Dict:
+  """Runs `p_eval_step` over a whole split; `variables` are replicated on the devices.
+
+  Returns the report of `seg.inference.metrics.iou_report`.
+  """
+  from seg.data import pipeline  # TensorFlow stays out of the import of this module.
+  split = split or config.data.eval_split
+  batch_size = parallel.local_batch_size(config.eval.batch_size)
+  confusion = np.zeros((config.model.num_classes,) * 2, np.int64)
+  num_images, start = 0, time.time()
+  batches = pipeline.eval_batches(config.data, batch_size, split, jax.process_index(),
+                                  jax.process_count())
+  for batch in batches:
+    num_images += int(batch['mask'].sum())
+    confusion += parallel.unreplicate(
+        p_eval_step(variables, parallel.shard(batch))).astype(np.int64)
+  num_images = int(np.asarray(jax.device_get(
+      _sum_over_processes(np.int64(num_images)))))
+  names = classes.class_names(config.data.dataset, config.model.num_classes)
+  report = iou_report(confusion, names, num_images)
+  log(f'evaluated {num_images} images of {split!r} in {time.time() - start:.1f}s: '
+      f'mIoU {100 * report["miou"]:.2f}%')
+  return report
+
+
+def _sum_over_processes(value):
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(value).sum()
+
+
+def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
+                     log=print) -> Dict:
+  """`main.py eval`: evaluates the latest checkpoint of `workdir` and prints the table.
+
+  `config` defaults to the one the workdir was trained with; data and eval
+  fields of a given config may differ from training (e.g. another split).
+  `output` (report JSON) gets a bar chart of the per-class IoU beside it,
+  OUTPUT_STEM_per_class_iou.png.
+  """
+  config = config or checkpoint.load_config(workdir)
+  model = create_model(config.model)
+  variables, step = checkpoint.load_model_variables(workdir, model)
+  log(f'evaluating {workdir} at step {step}')
+  report = evaluate(make_p_eval_step(model, config), parallel.replicate(variables), config,
+                    log=log)
+  report['step'] = step
+  log(format_report(report))
+  if output and jax.process_index() == 0:
+    from seg import plots
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, 'w') as f:
+      json.dump(report, f, indent=2)
+    chart = os.path.splitext(output)[0] + '_per_class_iou.png'
+    plots.plot_per_class_iou(report, chart)
+    log(f'wrote {output} and {chart}')
+  return report

@@ -1,0 +1,180 @@
+"""The network's forward pass on folded weights (`seg.inference.fold`): what inference runs.
+
+It re-expresses the trained model's function for speed, without changing it:
+- 1x1 convolutions are `dot_general` over the channel axis of NHWC tensors (a [pixels, in] x
+  [in, out] matrix product); depthwise 3x3 convolutions are nine shifted multiply-adds (XLA's
+  grouped convolution is far slower on the CPU, `seg/model/layers.py`).
+- The image-pooling branch is constant over space, so its share of the concat projection is
+  one [batch, 256] vector added as a bias, instead of a 256-channel map concatenated and
+  multiplied at every pixel.
+- `dtype=jnp.bfloat16` computes the layers from the stride-16 features on (the products with
+  hundreds of channels, compute-bound) with bfloat16 inputs and float32 accumulation
+  (`preferred_element_type`); biases, activations, depthwise taps and logits are float32. The
+  high-resolution layers stay float32: they are memory-bound, and conversions made them slower.
+
+`forward` is a pure function of (folded params, images), so it can be jitted, pmapped
+(`seg.inference.evaluate`) or exported (`seg.inference.export`).
+"""
+
+import functools
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seg.model import block_specs
+from seg.model.layers import resize_bilinear, same_padding
+from seg.preprocessing import preprocess_padded
+
+
+def _pointwise(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """1x1 convolution + bias: x [n, h, w, in] (dtype), w [in, out] -> [n, h, w, out] float32."""
+  y = lax.dot_general(x, w.astype(x.dtype), (((3,), (0,)), ((), ())),
+                      preferred_element_type=jnp.float32)
+  return y + b
+
+
+def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
+               dilation: int) -> jax.Array:
+  """3x3 depthwise 'SAME' conv + bias as shifted multiply-adds, computed in float32.
+
+  (XLA's CPU code for bfloat16 elementwise arithmetic is slower than for float32.)
+  x: [n, h, w, c]; w: [3, 3, c]. Returns float32 [n, ceil(h / s), ceil(w / s), c].
+  """
+  kh, kw = w.shape[:2]
+  n, h, wd, c = x.shape
+  pad_h = same_padding(h, kh, stride, dilation)
+  pad_w = same_padding(wd, kw, stride, dilation)
+  xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
+  # Materialise the padded input: fused into the taps, the pad becomes a bounds check per
+  # element that keeps XLA from vectorising the multiply-adds.
+  xp = lax.optimization_barrier(xp)
+  out_h, out_w = -(-h // stride), -(-wd // stride)
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = lax.slice(xp, (0, i * dilation, j * dilation, 0),
+                      (n, i * dilation + (out_h - 1) * stride + 1,
+                       j * dilation + (out_w - 1) * stride + 1, c),
+                      (1, stride, stride, 1))
+      term = tap.astype(jnp.float32) * w[i, j].astype(jnp.float32)
+      out = term if out is None else out + term
+  return out + b
+
+
+def _conv(x: jax.Array, w: jax.Array, b: jax.Array, stride: int = 1,
+          dilation: int = 1) -> jax.Array:
+  """Dense kxk 'SAME' convolution + bias, float32 result."""
+  pads = (same_padding(x.shape[1], w.shape[0], stride, dilation),
+          same_padding(x.shape[2], w.shape[1], stride, dilation))
+  y = lax.conv_general_dilated(x, w.astype(x.dtype), (stride, stride), pads,
+                               rhs_dilation=(dilation, dilation),
+                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                               preferred_element_type=jnp.float32)
+  return y + b
+
+
+def _stem(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """The 3x3 stride-2 'SAME' stem conv on 3 channels as 27 broadcast multiply-adds.
+
+  XLA's CPU convolution with 3 input channels uses the vector units poorly; as one
+  elementwise fusion it is several times faster (docs/performance.md).
+  x: [n, h, w, 3]; w: [3, 3, 3, c].
+  """
+  n, h, wd, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), same_padding(h, 3, 2, 1), same_padding(wd, 3, 2, 1), (0, 0)))
+  out_h, out_w = -(-h // 2), -(-wd // 2)
+  out = None
+  for i in range(3):
+    for j in range(3):
+      tap = lax.slice(xp, (0, i, j, 0), (n, i + 2 * out_h - 1, j + 2 * out_w - 1, 3), (1, 2, 2, 1))
+      for c in range(3):
+        term = tap[..., c:c + 1].astype(jnp.float32) * w[i, j, c].astype(jnp.float32)
+        out = term if out is None else out + term
+  return out + b
+
+
+def _relu6(x):
+  return jnp.clip(x, 0.0, 6.0)
+
+
+def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_stride: int,
+            dtype=jnp.float32, upsample: bool = True, image_by_image: bool = False) -> jax.Array:
+  """The network's logits from the folded weights (`fold_variables` then `cast_folded`).
+
+  Args:
+    images: [n, h, w, 3] float in [-1, 1] (already preprocessed; padding is 0).
+    width, output_stride: `config.model`'s (they fix strides and dilations).
+    dtype: the input dtype of the stride >= 16 products (float32 or bfloat16).
+    upsample: resize the logits to [h, w] (aligned corners) as the model does.
+    image_by_image: run the images of the batch one after the other (`lax.map`):
+      the activations of one image instead of n are live (a fraction of the memory).
+
+  Returns:
+    float32 logits [n, h, w, classes] (or at the feature resolution).
+  """
+  if image_by_image and images.shape[0] > 1:
+    one = functools.partial(forward, folded, width=width, output_stride=output_stride,
+                            dtype=dtype, upsample=upsample)
+    return lax.map(lambda image: one(image[None])[0], images)
+  x = _relu6(_stem(images, folded['stem']['w'], folded['stem']['b']))
+  # A low-precision dtype only from the stride-16 features on (or the output stride, if
+  # smaller): there the products have hundreds of channels and bfloat16 doubles their
+  # speed, while the high-resolution layers are memory-bound and the float32 <-> bfloat16
+  # conversions cost more than they save (docs/performance.md).
+  compute_dtype, input_stride = dtype, 2
+  for block, (expanded, out, stride, dilation) in zip(folded['blocks'],
+                                                      block_specs(width, output_stride)):
+    dtype = compute_dtype if input_stride >= min(16, output_stride) else jnp.float32
+    input_stride *= stride
+    x = x.astype(dtype)
+    residual = stride == 1 and x.shape[-1] == out
+    inputs = x
+    y = x
+    if 'expand' in block:
+      y = _relu6(_pointwise(y, block['expand']['w'], block['expand']['b'])).astype(dtype)
+    y = _relu6(_depthwise(y, block['depthwise']['w'], block['depthwise']['b'], stride,
+                          dilation)).astype(dtype)
+    y = _pointwise(y, block['project']['w'], block['project']['b'])
+    if residual:
+      y = y + inputs.astype(jnp.float32)
+    x = y.astype(dtype)
+
+  dtype = compute_dtype
+  x = x.astype(dtype)
+  head = folded['head']
+  pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [n, c]
+  pooled = jax.nn.relu(pooled.astype(dtype) @ head['pool']['w'].astype(dtype)
+                       + head['pool']['b'])
+  pooled_term = lax.dot_general(pooled.astype(dtype), head['proj_pool'],
+                                (((1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)  # [n, 256]
+  branches = [jax.nn.relu(_pointwise(x, head['aspp0']['w'], head['aspp0']['b']))]
+  rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
+  for i, rate in enumerate(rates, start=1):
+    if f'aspp{i}' in head:
+      branches.append(jax.nn.relu(_conv(x, head[f'aspp{i}']['w'], head[f'aspp{i}']['b'],
+                                        dilation=rate)))
+  y = jnp.concatenate(branches, axis=-1).astype(dtype) if len(branches) > 1 else \
+      branches[0].astype(dtype)
+  y = _pointwise(y, head['proj_branches'], head['proj_b'])
+  y = jax.nn.relu(y + pooled_term[:, None, None, :]).astype(dtype)
+  logits = _pointwise(y, head['logits']['w'], head['logits']['b'])
+  if upsample:
+    logits = resize_bilinear(logits, images.shape[1:3])
+  return logits
+
+
+def class_map(folded, images: jax.Array, sizes: Optional[jax.Array], *, width: float,
+              output_stride: int, dtype=jnp.float32, image_by_image: bool = False) -> jax.Array:
+  """uint8 images [n, h, w, 3] (+ valid sizes [n, 2]) -> class ids [n, h, w] uint8.
+
+  The whole prediction function: preprocessing, padding, network, argmax.
+  """
+  logits = forward(folded, preprocess_padded(images, sizes), width=width,
+                   output_stride=output_stride, dtype=dtype, image_by_image=image_by_image)
+  return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
+
+
+# ----------------------------------------------------------------------------------------------

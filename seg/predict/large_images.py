@@ -1,0 +1,110 @@
+"""Images with a side above `--max-side`: the two policies.
+
+  resize  the image is downscaled (antialiased bilinear, Pillow, `seg.predict.images`) to fit
+          `max_side`, predicted, and its class probabilities are upsampled (bilinear,
+          half-pixel centres) to the original size in strips of rows (`upsample_rows`); the
+          class map is their argmax
+  tile    the image is cut into `max_side` tiles overlapping by `TILE_OVERLAP` pixels; each
+          pixel takes the prediction of the tile whose centre region holds it (every tile
+          sees only its own context) (`predict_tiled`)
+Either way the number of compiled shapes is that of images up to `max_side`.
+"""
+
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from seg.predict.options import TILE_OVERLAP, Options
+from seg.predict.outputs import ProbabilityFile
+
+ROWS_PER_STRIP = 64          # rows upsampled at a time for resized large images
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """[..., classes] float -> probabilities over the last axis, float32."""
+  logits = logits.astype(np.float32)
+  e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def upsample_rows(scores: np.ndarray, height: int, width: int, row0: int,
+                  row1: int) -> np.ndarray:
+  """Rows [row0, row1) of `scores` [h, w, C] resized bilinearly to [height, width, C].
+
+  Half-pixel centres (as `jax.image.resize(..., 'linear')`), edges clamped.
+  """
+  def taps(out_size, in_size, start, stop):
+    x = (np.arange(start, stop) + 0.5) * (in_size / out_size) - 0.5
+    x = np.clip(x, 0, in_size - 1)
+    lo = np.floor(x).astype(np.int64)
+    hi = np.minimum(lo + 1, in_size - 1)
+    return lo, hi, (x - lo).astype(np.float32)
+
+  r_lo, r_hi, r_t = taps(height, scores.shape[0], row0, row1)
+  rows = scores[r_lo] * (1 - r_t)[:, None, None] + scores[r_hi] * r_t[:, None, None]
+  c_lo, c_hi, c_t = taps(width, scores.shape[1], 0, width)
+  return rows[:, c_lo] * (1 - c_t)[None, :, None] + rows[:, c_hi] * c_t[None, :, None]
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> Tuple[List[int], List[int]]:
+  """Tile origins along one axis and the boundaries between the regions they own.
+
+  Tile i owns [bounds[i], bounds[i + 1]): the middle of each overlap splits it.
+  """
+  if size <= tile:
+    return [0], [0, size]
+  stride = tile - overlap
+  count = -(-(size - tile) // stride) + 1
+  starts = [min(i * stride, size - tile) for i in range(count)]
+  bounds = [0] + [(starts[i + 1] + starts[i] + tile) // 2 for i in range(count - 1)] + [size]
+  return starts, bounds
+
+
+def predict_tiled(engine, item, options: Options) -> None:
+  """Fills item.mask (and a probability file) tile by tile; see the module docstring."""
+  height, width = item.image.shape[:2]
+  tile = options.max_side
+  rows, row_bounds = tile_starts(height, tile, TILE_OVERLAP)
+  cols, col_bounds = tile_starts(width, tile, TILE_OVERLAP)
+  want_probs = options.probabilities != 'none'
+  item.mask = np.zeros((height, width), np.uint8)
+  cells = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
+  for start in range(0, len(cells), engine.batch_size):
+    batch = cells[start:start + engine.batch_size]
+    crops = [item.image[rows[i]:rows[i] + tile, cols[j]:cols[j] + tile] for i, j in batch]
+    if want_probs:
+      results = [softmax(l) for l in engine.logits(crops)]
+    else:
+      results = engine.predict(crops)
+    for (i, j), result in zip(batch, results):
+      r0, r1 = row_bounds[i] - rows[i], row_bounds[i + 1] - rows[i]
+      c0, c1 = col_bounds[j] - cols[j], col_bounds[j + 1] - cols[j]
+      owned = result[r0:r1, c0:c1]
+      if want_probs:
+        if item.prob_file is None:
+          os.makedirs(os.path.dirname(item.job.stem) or '.', exist_ok=True)
+          item.prob_file = ProbabilityFile(item.job.stem + '_prob.npy', result.shape[-1],
+                                           height, width, options.probabilities)
+        item.prob_file.write(row_bounds[i], col_bounds[j], owned)
+        owned = owned.argmax(axis=-1)
+      item.mask[row_bounds[i]:row_bounds[i + 1], col_bounds[j]:col_bounds[j + 1]] = owned
+
+
+def upsample_resized(probs: np.ndarray, original: Tuple[int, int],
+                     prob_file: Optional[ProbabilityFile] = None) -> np.ndarray:
+  """The class map at the original size of a resized image, strip by strip.
+
+  probs: [h, w, C] class probabilities of the downscaled image; original: (H, W). Each strip
+  of ROWS_PER_STRIP rows is upsampled (`upsample_rows`), its argmax taken and, with
+  `prob_file`, its probabilities written, so the full-size scores are never held at once.
+  Returns [H, W] uint8.
+  """
+  height, width = original
+  mask = np.empty((height, width), np.uint8)
+  for r in range(0, height, ROWS_PER_STRIP):
+    strip = upsample_rows(probs, height, width, r, min(r + ROWS_PER_STRIP, height))
+    mask[r:r + strip.shape[0]] = strip.argmax(axis=-1)
+    if prob_file is not None:
+      prob_file.write(r, 0, strip)
+  return mask

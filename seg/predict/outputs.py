@@ -1,0 +1,112 @@
+"""The files `predict` writes for every input image, each written atomically.
+
+Under the output folder, mirroring the input's relative path (see
+`seg.predict.files.collect_inputs`):
+  NAME.png          class indices as a palette PNG of the input's size (VOC's format)
+  NAME_color.png    the same classes as an RGB image in the VOC colours
+  NAME_overlay.jpg  (--overlay) the image blended with the class colours
+  NAME_prob.npy     (--probabilities) class probabilities [classes, height, width],
+                    float16, or uint8 holding round(255 * p)
+
+Every file is written to a temporary name and renamed when complete, so an
+interrupted run never leaves a half-written output that a later run would
+take as done.
+"""
+
+import functools
+import os
+from typing import Callable, List, Optional
+
+import numpy as np
+from PIL import Image
+
+from seg.predict.options import Options
+
+
+OVERLAY_ALPHA = 0.5
+
+
+def output_suffixes(options: Options) -> List[str]:
+  suffixes = ['.png', '_color.png']
+  if options.overlay:
+    suffixes.append('_overlay.jpg')
+  if options.probabilities != 'none':
+    suffixes.append('_prob.npy')
+  return suffixes
+
+
+def _atomic(path: str, write: Callable[[str], None]) -> None:
+  """Calls write(temporary path) and renames it to `path` once complete."""
+  folder, name = os.path.split(path)
+  temporary = os.path.join(folder, f'.{name}.partial')
+  try:
+    write(temporary)
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
+
+
+@functools.lru_cache(maxsize=1)
+def _colormap() -> np.ndarray:
+  from seg.classes import voc_colormap
+  return voc_colormap()  # a 2,048-step Python loop: once, not per image
+
+
+def _palette_png(mask: np.ndarray) -> Image.Image:
+  png = Image.fromarray(mask, mode='P')
+  png.putpalette(_colormap().reshape(-1).tolist())
+  return png
+
+
+class ProbabilityFile:
+  """NAME_prob.npy [classes, H, W] written region by region through a memory map."""
+
+  def __init__(self, path: str, num_classes: int, height: int, width: int, fmt: str):
+    self.path, self.fmt = path, fmt
+    folder, name = os.path.split(path)
+    self.temporary = os.path.join(folder, f'.{name}.partial')
+    dtype = np.float16 if fmt == 'float16' else np.uint8
+    self.array = np.lib.format.open_memmap(self.temporary, mode='w+', dtype=dtype,
+                                           shape=(num_classes, height, width))
+
+  def write(self, row: int, col: int, probs: np.ndarray) -> None:
+    """probs: [h, w, classes] float in [0, 1], placed at (row, col)."""
+    values = np.moveaxis(probs, -1, 0)
+    if self.fmt == 'uint8':
+      values = np.round(values * 255)
+    self.array[:, row:row + probs.shape[0], col:col + probs.shape[1]] = values
+
+  def commit(self) -> None:
+    self.array.flush()
+    del self.array
+    os.replace(self.temporary, self.path)
+
+  def discard(self) -> None:
+    self.array = None
+    if os.path.exists(self.temporary):
+      os.remove(self.temporary)
+
+
+def write_masks(stem: str, mask: np.ndarray, options: Options,
+                image: Optional[Callable[[], np.ndarray]] = None) -> None:
+  """STEM.png (palette indices), STEM_color.png and, with overlay, STEM_overlay.jpg.
+
+  `image` returns the [H, W, 3] uint8 image for the overlay (read lazily).
+  """
+  os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
+  cmap = _colormap()
+  _atomic(stem + '_color.png', lambda p: Image.fromarray(cmap[mask]).save(p, format='PNG'))
+  if options.overlay:
+    rgb = image()
+    out = np.empty_like(rgb)
+    for r in range(0, mask.shape[0], 256):  # strips keep float temporaries small
+      m = mask[r:r + 256]
+      alpha = np.where(m[..., None] > 0, OVERLAY_ALPHA, 0.0).astype(np.float32)
+      blend = rgb[r:r + 256].astype(np.float32) * (1 - alpha) + cmap[m] * alpha
+      out[r:r + 256] = np.round(blend).astype(np.uint8)
+    _atomic(stem + '_overlay.jpg',
+            lambda p: Image.fromarray(out).save(p, format='JPEG', quality=90))
+  _atomic(stem + '.png', lambda p: _palette_png(mask).save(p, format='PNG'))
+

@@ -1,0 +1,297 @@
+"""`main.py predict`: masks for many images, as a pipeline decode -> batch -> run -> write.
+
+Every input image (collected by `seg.predict.files`, decoded by `seg.predict.images`) gets its
+masks written under the output folder (`seg.predict.outputs`); a run skips inputs whose
+outputs all exist (unless overwrite), and since outputs are renamed into place only when
+complete, an interrupted run resumes where it stopped.
+
+Images are padded exactly as evaluation pads them (`seg.preprocessing`), so that a val image
+gets here the same mask that `eval` scores. Images of one padding bucket share a batch. Images
+with a side above `max_side` follow the large-image policy (`seg.predict.large_images`).
+"""
+
+import dataclasses
+import os
+import queue
+import threading
+import time
+from concurrent import futures
+from typing import Dict, Hashable, List, Optional, Tuple
+
+import numpy as np
+
+from seg.predict.files import (IMAGE_EXTENSIONS, Job, check_output_folder, collect_inputs,
+                               plan_jobs)
+from seg.predict.images import load_image, load_rgb
+from seg.predict.large_images import predict_tiled, softmax, upsample_resized
+from seg.predict.options import Options
+from seg.predict.outputs import ProbabilityFile, write_masks
+from seg.predict.progress import Progress, RunReport, failure_reason
+
+BYTES_IN_FLIGHT = 512 << 20  # decoded images waiting for the model or the writers
+
+
+@dataclasses.dataclass
+class Item:
+  """A decoded input on its way through the model to the writers."""
+  job: Job
+  image: np.ndarray                 # [h, w, 3] uint8, downscaled if resized
+  original: Tuple[int, int]         # (H, W) of the input
+  tiled: bool = False
+  mask: Optional[np.ndarray] = None
+  probs: Optional[np.ndarray] = None      # [h, w, C] at the image's size
+  prob_file: Optional[ProbabilityFile] = None
+
+  @property
+  def resized(self) -> bool:
+    return self.image.shape[:2] != tuple(self.original)
+
+
+class Budget:
+  """Bytes of decoded images held at once; one image is always let through."""
+
+  def __init__(self, limit: int):
+    self.limit, self.used, self.waiting, self.peak = limit, 0, 0, 0
+    self._cond = threading.Condition()
+
+  def acquire(self, n: int) -> None:
+    with self._cond:
+      self.waiting += 1
+      while self.used and self.used + n > self.limit:
+        self._cond.wait()
+      self.waiting -= 1
+      self.used += n
+      self.peak = max(self.peak, self.used)
+
+  def release(self, n: int) -> None:
+    with self._cond:
+      self.used -= n
+      self._cond.notify_all()
+
+
+class Pipeline:
+  """decode -> batch -> run -> write: the whole concurrency and memory policy of `predict`.
+
+  decode  `workers` threads take the jobs in order and decode them; the pixels of decoded
+          images not yet written stay under `bytes_in_flight` (`Budget`, one image always
+          passes), so a folder of huge photos cannot fill the memory.
+  batch   this thread groups decoded images by padding bucket (`engine.bucket`); a group runs
+          when it reaches `engine.batch_size`, or earlier when nothing more can arrive (the
+          decoders are done, or blocked on the budget).
+  run     the engine on the batch (class maps; logits where probabilities are needed or
+          the image was downscaled); oversized images run tile by tile at once.
+  write   `workers` threads write the outputs; at most 2 * workers + batch size items wait.
+
+  engine: a `seg.inference.engine.Engine` (anything with its `batch_size`, `bucket`,
+  `predict` and `logits`).
+  """
+
+  def __init__(self, engine, options: Options, progress_stream=None,
+               bytes_in_flight: int = BYTES_IN_FLIGHT):
+    self.engine, self.options = engine, options
+    self.progress_stream = progress_stream
+    self.budget = Budget(bytes_in_flight)
+    self._lock = threading.Lock()          # guards the report, the progress and the job iterator
+    self._decoded: 'queue.Queue[Item]' = queue.Queue()
+    self._decoders_running = 0
+    self._stop = threading.Event()
+    self._write_slots = threading.BoundedSemaphore(2 * options.workers + engine.batch_size)
+    self._writers: Optional[futures.ThreadPoolExecutor] = None
+    self.report = RunReport()
+    self.progress: Optional[Progress] = None
+
+  def run(self, jobs: List[Job]) -> RunReport:
+    """Decodes, predicts and writes every job; returns what happened."""
+    start = time.time()
+    self.report = RunReport(total=len(jobs))
+    todo = []
+    for job in jobs:
+      if job.error:
+        self.report.failures.append((job.path, job.error))
+      elif not self.options.overwrite and job.done(self.options):
+        self.report.skipped += 1
+      else:
+        todo.append(job)
+    self.progress = Progress(len(todo), self.progress_stream)
+    self._jobs = iter(todo)
+    self._decoders_running = self.options.workers
+    self._writers = futures.ThreadPoolExecutor(self.options.workers)
+    for _ in range(self.options.workers):
+      threading.Thread(target=self._decode_loop, daemon=True).start()
+    try:
+      self._batch_and_run()
+    except KeyboardInterrupt:  # finish the writes under way; the next run does the rest
+      self.report.interrupted = True
+      self._stop.set()
+      with self._lock:
+        self.progress.stream.write('\n')
+    self._writers.shutdown(wait=True)
+    self.report.seconds = time.time() - start
+    self.report.peak_bytes_held = self.budget.peak
+    return self.report
+
+  # decode --------------------------------------------------------------------------------
+
+  def _decode_loop(self) -> None:
+    resize_side = self.options.max_side if self.options.large_images == 'resize' else None
+    while not self._stop.is_set():
+      with self._lock:
+        job = next(self._jobs, None)
+      if job is None:
+        break
+      try:
+        image, original = load_image(job.path, resize_side)
+      except Exception as e:  # a bad file is reported and skipped, never fatal to the run
+        self._finish(job, e)
+        continue
+      self.budget.acquire(image.nbytes)
+      self._decoded.put(Item(job, image, original,
+                             tiled=max(image.shape[:2]) > self.options.max_side))
+    with self._lock:
+      self._decoders_running -= 1
+
+  def _decoding_done(self) -> bool:
+    with self._lock:
+      return self._decoders_running == 0
+
+  # batch and run -------------------------------------------------------------------------
+
+  def _batch_and_run(self) -> None:
+    pending: Dict[Hashable, List[Item]] = {}
+    while True:
+      try:
+        item = self._decoded.get(timeout=0.05)
+      except queue.Empty:
+        done = self._decoding_done()
+        if done and self._decoded.empty() and not pending:
+          return
+        if pending and (done or self.budget.waiting):  # no full batch is coming: run the largest
+          self._run_batch(pending.pop(max(pending, key=lambda k: len(pending[k]))))
+        continue
+      if item.tiled:
+        self._run_tiled(item)
+        continue
+      key = self.engine.bucket(*item.image.shape[:2])
+      group = pending.setdefault(key, [])
+      group.append(item)
+      if len(group) >= self.engine.batch_size:
+        self._run_batch(pending.pop(key))
+
+  def _run_batch(self, items: List[Item]) -> None:
+    images = [item.image for item in items]
+    try:
+      if self.options.want_probabilities or any(item.resized for item in items):
+        for item, logits in zip(items, self.engine.logits(images)):
+          item.probs = softmax(logits)
+          item.mask = logits.argmax(axis=-1).astype(np.uint8)
+      else:
+        for item, mask in zip(items, self.engine.predict(images)):
+          item.mask = mask
+    except Exception as e:
+      for item in items:
+        self._drop(item, e)
+      return
+    for item in items:
+      self._submit_write(item)
+
+  def _run_tiled(self, item: Item) -> None:
+    try:
+      predict_tiled(self.engine, item, self.options)
+    except Exception as e:
+      self._drop(item, e)
+      return
+    self._submit_write(item)
+
+  # write ---------------------------------------------------------------------------------
+
+  def _submit_write(self, item: Item) -> None:
+    self._write_slots.acquire()
+    self._writers.submit(self._write, item)
+
+  def _write(self, item: Item) -> None:
+    try:
+      write_item(item, self.options)
+      self._finish(item.job)
+    except Exception as e:
+      self._finish(item.job, e)
+    finally:
+      self.budget.release(item.image.nbytes)
+      self._write_slots.release()
+
+  # bookkeeping ---------------------------------------------------------------------------
+
+  def _drop(self, item: Item, error: Exception) -> None:
+    if item.prob_file is not None:
+      item.prob_file.discard()
+    self.budget.release(item.image.nbytes)
+    self._finish(item.job, error)
+
+  def _finish(self, job: Job, error=None) -> None:
+    with self._lock:
+      if error is None:
+        self.report.processed += 1
+      else:
+        reason = error if isinstance(error, str) else failure_reason(error)
+        self.report.failures.append((job.path, reason))
+      self.progress.update(failed=error is not None)
+
+
+def write_item(item: Item, options: Options) -> None:
+  """Writes every output of one predicted item (upsampling a resized one first)."""
+  stem = item.job.stem
+  os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
+  new_prob_file = lambda shape: ProbabilityFile(stem + '_prob.npy', item.probs.shape[-1],
+                                                *shape, options.probabilities)
+  try:
+    if item.resized:
+      if options.want_probabilities:
+        item.prob_file = new_prob_file(item.original)
+      item.mask = upsample_resized(item.probs, item.original, item.prob_file)
+      item.probs = None
+    elif options.want_probabilities and item.prob_file is None:
+      item.prob_file = new_prob_file(item.mask.shape)
+      item.prob_file.write(0, 0, item.probs)
+    image = (lambda: load_rgb(item.job.path)) if item.resized else (lambda: item.image)
+    write_masks(stem, item.mask, options, image)
+    if item.prob_file is not None:
+      item.prob_file.commit()
+  except BaseException:
+    if item.prob_file is not None:
+      item.prob_file.discard()
+    raise
+
+
+def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Options] = None,
+                  batch_size: int = 8, engine=None, log=print, progress_stream=None,
+                  dtype: str = 'float32', devices=None) -> int:
+  """`main.py predict`: masks for every input; prints a summary, returns the number of failures.
+
+  Ctrl-C stops reading new inputs, lets the writes under way finish, prints the summary and
+  raises KeyboardInterrupt again.
+
+  Args:
+    inputs: a path or a list of input values (see `seg.predict.files.collect_inputs`).
+    engine: the model to run (default: an `Engine` for the latest checkpoint of `workdir`
+      with `batch_size`, `dtype` and `devices`).
+  """
+  options = options or Options()
+  inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+  files, roots, ignored = collect_inputs(inputs)
+  check_output_folder(files, roots, output_dir)
+  if not files:
+    raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
+  if engine is None:
+    from seg.inference.engine import Engine
+    engine, step = Engine.from_workdir(workdir, batch_size=batch_size, dtype=dtype,
+                                       devices=devices)
+    parts = engine.parts(batch_size)
+    split = f', each batch of {batch_size} as {parts} parts at once' if parts > 1 else ''
+    log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '
+        f'{step}{split}')
+  jobs = plan_jobs(files, output_dir, options)
+  report = Pipeline(engine, options, progress_stream).run(jobs)
+  report.ignored = ignored
+  log(report.format(output_dir))
+  if report.interrupted:
+    raise KeyboardInterrupt
+  return len(report.failures)

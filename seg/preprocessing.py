@@ -1,0 +1,62 @@
+"""How an image becomes the network's input: one definition for training, evaluation, inference
+and prediction, so that they cannot drift apart.
+
+- Values: RGB in [0, 255] map to [-1, 1] (`preprocess`), DeepLab's MobileNetV2 convention
+  (`_preprocess_zero_mean_unit_range`), recorded as `config.model.preprocessing`.
+- Padding: images are padded at the bottom and right with `MEAN_PIXEL` (0 after `preprocess`),
+  labels with the ignore label; nothing is ever resized or cropped for evaluation.
+- Padded sizes: `eval_size` square, or, for a larger side, the next size of the form
+  k * 64 + 1 (`padded_size`, `bucket_shape`). Sizes k * 16 + 1 keep aligned-corner resizes on
+  the output-stride grid (513 = 32 * 16 + 1), and buckets of 64 bound the compiled shapes.
+"""
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+MEAN_PIXEL = 127.5   # DeepLab's mean value: pads images; 0 after `preprocess`
+ZERO_MEAN_UNIT_RANGE = 'zero_mean_unit_range'   # [0, 255] -> [-1, 1]
+PREPROCESSINGS = (ZERO_MEAN_UNIT_RANGE,)        # what `preprocess` implements
+BUCKET = 64          # larger images are padded up to a multiple of this, plus one
+
+
+def preprocess(images: jax.Array) -> jax.Array:
+  """uint8 or float [0, 255] RGB -> [-1, 1].
+
+  Integer images become float32; float64 stays float64 (used by exactness tests).
+  """
+  return images.astype(jnp.promote_types(images.dtype, jnp.float32)) / MEAN_PIXEL - 1.0
+
+
+def preprocess_padded(images: jax.Array, sizes: Optional[jax.Array] = None) -> jax.Array:
+  """`preprocess` of images on a canvas, everything outside each image set to the mean pixel.
+
+  Args:
+    images: [n, h, w, 3] uint8 or float in [0, 255].
+    sizes: [n, 2] int32 (height, width) of each image's valid top-left region; None means
+      the whole canvas is image.
+
+  Returns:
+    [n, h, w, 3] float32 in [-1, 1], 0 outside the images.
+  """
+  x = images.astype(jnp.float32) / MEAN_PIXEL - 1.0
+  if sizes is None:
+    return x
+  rows = jnp.arange(images.shape[1])[None, :, None] < sizes[:, 0, None, None]
+  cols = jnp.arange(images.shape[2])[None, None, :] < sizes[:, 1, None, None]
+  return jnp.where((rows & cols)[..., None], x, 0.0)
+
+
+def padded_size(size: int) -> int:
+  """The smallest k * BUCKET + 1 that holds `size` pixels."""
+  return -(-(size - 1) // BUCKET) * BUCKET + 1
+
+
+def bucket_shape(height: int, width: int, eval_size: int) -> Tuple[int, int]:
+  """The padded shape of an image: `eval_size` square, or `padded_size` of a larger side."""
+  if height < 1 or width < 1:
+    raise ValueError(f'empty image ({height}x{width})')
+  if max(height, width) <= eval_size:
+    return eval_size, eval_size
+  return max(padded_size(height), eval_size), max(padded_size(width), eval_size)

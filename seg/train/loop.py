@@ -1,0 +1,240 @@
+"""The training run: resumable loop, checkpoints, stop requests, periodic evaluation, reports."""
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from seg import checkpoint, parallel
+from seg.inference import evaluate
+from seg.inference.metrics import format_report
+from seg.model import create_model
+from seg.train import tensorboard
+from seg.train.step import TrainState, create_learning_rate_fn, create_train_state, make_p_train_step
+
+
+def init_from_pretrained(state: TrainState, config, log=print) -> TrainState:
+  """A new run's parameters and BatchNorm statistics from `config.train.init_from`.
+
+  What is loaded and what stays freshly initialised is decided and logged by
+  `seg.weights.init_from.init_from_workdir` (config.train.init_part).
+  """
+  from seg.weights import init_from
+  variables = init_from.init_from_workdir(
+      config, {'params': state.params, 'batch_stats': state.batch_stats}, log)
+  return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+
+
+def train_vars(state: TrainState) -> Dict[str, Any]:
+  return {'opt_state': state.opt_state, 'step': state.step,
+          'nonfinite_steps': state.nonfinite_steps}
+
+
+def save_state(manager, state: TrainState) -> None:
+  """Saves the (replicated) state; every process calls it (orbax saves collectively)."""
+  host = parallel.unreplicate(state)
+  checkpoint.save(manager, int(host.step),
+                  {'params': host.params, 'batch_stats': host.batch_stats}, train_vars(host))
+
+
+def restore_state(manager, state: TrainState) -> TrainState:
+  restored = checkpoint.restore(
+      manager, {'params': state.params, 'batch_stats': state.batch_stats}, train_vars(state))
+  if restored is None:
+    return state
+  model_vars, train_items = restored
+  return state.replace(params=model_vars['params'], batch_stats=model_vars['batch_stats'],
+                       opt_state=train_items['opt_state'], step=train_items['step'],
+                       nonfinite_steps=train_items['nonfinite_steps'])
+
+
+class _StopRequests:
+  """Turns SIGTERM / SIGINT into a request to stop after the current step.
+
+  A second SIGINT (Ctrl-C twice) interrupts at once. Handlers are only
+  installed from the main thread (Python's rule) and restored on exit.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if self.received == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def agreed(self, step: int, sync: bool) -> bool:
+    """Whether to stop now; with several processes, stop if any process was signalled.
+
+    `sync` says whether this step is one where every process checks (several
+    processes must all stop at the same step or their collectives hang).
+    """
+    if jax.process_count() == 1:
+      return self.received is not None
+    if not sync:
+      return False
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(self.received is not None))
+    return bool(np.any(flags))
+
+
+def _check_finite(state: TrainState, skip: bool) -> int:
+  """Raises on a non-finite step unless `skip`; returns the count of skipped steps."""
+  count = int(parallel.unreplicate(state.nonfinite_steps))
+  if count and not skip:
+    first = int(parallel.unreplicate(state.first_nonfinite_step))
+    raise FloatingPointError(
+        f'non-finite loss or gradient at step {first} (its update was not applied); training '
+        f'stopped without saving, the last checkpoint is kept. Lower the learning rate, or set '
+        f'--config.train.skip_nonfinite=True to skip such steps')
+  return count
+
+
+def _format_duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  return f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m{seconds:02d}s'
+
+
+def _write_json(path: str, value) -> None:
+  with open(path, 'w') as f:
+    json.dump(value, f, indent=2)
+
+
+def _evaluate(p_eval_step, model, state, config, step, writer, log) -> Dict:
+  """Evaluates the replicated `state` and sends the report and example masks to TensorBoard."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  report = evaluate.evaluate(p_eval_step, variables, config, log=log)
+  writer.report(step, report)
+  if config.train.summary_images and jax.process_index() == 0:
+    panels = tensorboard.validation_examples(model, parallel.unreplicate(variables), config,
+                                           config.train.summary_images)
+    if panels is not None:
+      writer.images(step, 'eval/examples', panels)
+  writer.flush()
+  return report
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
+                       stop_at_step: Optional[int] = None) -> Dict:
+  """Trains (resuming from the latest checkpoint in `workdir`), then evaluates.
+
+  Every process of a multi-host run calls this with the same arguments. SIGTERM
+  or SIGINT stops after the current step (with several processes: at the next
+  logging step) with a checkpoint; so does `stop_at_step` (a preemption at a
+  known step, for tests). Written by process 0: WORKDIR/config.json,
+  train_log.jsonl (appended at every logging step), tensorboard/, eval.json,
+  train_curves.png, per_class_iou.png.
+
+  Returns the final evaluation report (also WORKDIR/eval.json), or, when
+  stopped early, {'stopped_at_step': step}.
+  """
+  from seg.data import pipeline  # TensorFlow stays out of the import of this module.
+  checkpoint.save_config(workdir, config)
+  batch_size = parallel.local_batch_size(config.train.batch_size)
+  parallel.local_batch_size(config.eval.batch_size)  # fail now, not after training
+  model = create_model(config.model)
+  learning_rate_fn = create_learning_rate_fn(config.train)
+  rng = jax.random.key(config.train.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  state = create_train_state(init_rng, config, model, learning_rate_fn)
+  manager = checkpoint.create_manager(workdir, config.train.keep_checkpoints)
+  state = restore_state(manager, state)
+  start_step = int(state.step)
+  if not start_step and config.train.init_from:
+    state = init_from_pretrained(state, config, log)
+  num_steps = config.train.steps
+  skip_nonfinite = config.train.skip_nonfinite
+  is_chief = jax.process_index() == 0
+  log(f'{jax.local_device_count()} local device(s) x {jax.process_count()} process(es), '
+      f'global batch {config.train.batch_size}, compute {config.train.compute_dtype}, '
+      + (f'resuming at step {start_step}' if start_step else 'starting from scratch'))
+
+  p_train_step = make_p_train_step(config, learning_rate_fn)
+  p_eval_step = evaluate.make_p_eval_step(model, config)
+  state = parallel.replicate(state)
+  # The stream depends on the seed only: a resumed run skips to where it stopped.
+  batches = pipeline.train_batches(config.data, batch_size, config.train.seed,
+                                   jax.process_index(), jax.process_count(), start_step)
+  writer = tensorboard.SummaryWriter(workdir, enabled=is_chief)
+  train_log = os.path.join(workdir, 'train_log.jsonl')
+  last_log, last_log_step, run_start = time.time(), start_step, time.time()
+  step, stopped = start_step, None
+  with _StopRequests() as stop_requests:
+    try:
+      for step in range(start_step + 1, num_steps + 1):
+        batch = parallel.shard(next(batches))
+        state, metrics = p_train_step(state, batch, parallel.replicate(
+            jax.random.fold_in(step_rng, step)))
+        is_log_step = step % config.train.log_every == 0 or step == num_steps
+        if is_log_step:
+          skipped = _check_finite(state, skip_nonfinite)
+          metrics = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
+          now = time.time()
+          rate = (step - last_log_step) * config.train.batch_size / (now - last_log)
+          eta = (num_steps - step) * config.train.batch_size / rate
+          log(f'step {step:>6}/{num_steps}  loss {metrics["loss"]:.4f}  '
+              f'pixel acc {100 * metrics["pixel_accuracy"]:5.1f}%  '
+              f'lr {metrics["learning_rate"]:.2e}  {rate:6.1f} img/s  eta {_format_duration(eta)}'
+              + (f'  ({skipped} non-finite steps skipped)' if skipped else ''))
+          record = {'step': step, **metrics, 'images_per_second': rate, 'nonfinite_steps': skipped}
+          writer.scalars(step, {k: v for k, v in record.items() if k != 'step'})
+          if is_chief:
+            with open(train_log, 'a') as f:
+              f.write(json.dumps(record) + '\n')
+          last_log, last_log_step = now, step
+        if stop_requests.agreed(step, is_log_step) or step == stop_at_step:
+          stopped = step
+        if step % config.train.checkpoint_every == 0 or step == num_steps or stopped:
+          _check_finite(state, skip_nonfinite)   # never save after a non-finite step
+          save_state(manager, state)
+        if stopped:
+          break
+        if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
+          _evaluate(p_eval_step, model, state, config, step, writer, log)
+    finally:
+      # Also on an error: the save in flight completes, the last good checkpoint with it.
+      manager.wait_until_finished()
+  train_seconds = time.time() - run_start
+
+  if stopped:
+    writer.close()
+    why = (signal.Signals(stop_requests.received).name if stop_requests.received
+           else 'request')
+    log(f'stopped by {why} after step {stopped}/{num_steps}; checkpoint saved in '
+        f'{os.path.join(workdir, "checkpoints")}. Resume with the same command: '
+        f'python main.py train --config CONFIG --workdir {workdir}')
+    return {'stopped_at_step': stopped}
+
+  report = _evaluate(p_eval_step, model, state, config, num_steps, writer, log)
+  writer.close()
+  report.update(step=num_steps, train_seconds_this_run=round(train_seconds, 1))
+  log(format_report(report))
+  if is_chief:
+    _write_json(os.path.join(workdir, 'eval.json'), report)
+    from seg import plots  # matplotlib only once there is something to draw
+    plots.plot_per_class_iou(report, os.path.join(workdir, 'per_class_iou.png'))
+    if os.path.exists(train_log):
+      plots.plot_training_curves(train_log, os.path.join(workdir, 'train_curves.png'))
+  log(f'trained steps {start_step}..{num_steps} in {_format_duration(train_seconds)}; '
+      f'report in {os.path.join(workdir, "eval.json")}, plots and TensorBoard '
+      f'(tensorboard --logdir {writer.logdir}) beside it')
+  return report

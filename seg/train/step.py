@@ -1,0 +1,148 @@
+"""One training step: the state, DeepLab's optimiser recipe and the pmapped SGD step.
+
+`train_step(state, batch, rng) -> (state, metrics)` is pure; `make_p_train_step` pmaps it in
+exactly one place, over `AXIS_NAME`, with the state's buffers donated.
+"""
+
+import functools
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax.training import train_state
+from jax import lax
+
+from seg.parallel import AXIS_NAME
+from seg.preprocessing import preprocess
+from seg.train.loss import cross_entropy_sum
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus BatchNorm statistics and the non-finite step record.
+
+  nonfinite_steps: int32 count of steps whose loss or gradient was not finite
+    (their update was not applied).
+  first_nonfinite_step: int32, the first such step (1-based, as logged), -1 if none.
+  """
+  batch_stats: Any
+  nonfinite_steps: jax.Array = 0
+  first_nonfinite_step: jax.Array = -1
+
+
+def create_learning_rate_fn(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+  """DeepLab's poly schedule, lr * (1 - step / steps) ** power, after a linear warm-up."""
+  warmup = train_config.warmup_steps
+  poly = optax.polynomial_schedule(
+      init_value=train_config.learning_rate, end_value=0.0, power=train_config.lr_power,
+      transition_steps=max(train_config.steps - warmup, 1))
+  if not warmup:
+    return poly
+  ramp = optax.linear_schedule(0.0, train_config.learning_rate, warmup)
+  return optax.join_schedules([ramp, poly], [warmup])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for the conv kernels that TF-slim regularises: all but depthwise kernels."""
+  def decayed(path, _):
+    keys = [getattr(k, 'key', None) for k in path]
+    return keys[-1] == 'kernel' and 'depthwise' not in keys
+  return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def create_optimizer(train_config, learning_rate_fn) -> optax.GradientTransformation:
+  """SGD with momentum; weight decay as the gradient of TF's L2 loss wd / 2 * |w|^2."""
+  return optax.chain(
+      optax.add_decayed_weights(train_config.weight_decay, mask=weight_decay_mask),
+      optax.sgd(learning_rate_fn, momentum=train_config.momentum))
+
+
+def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,
+                       learning_rate_fn) -> TrainState:
+  """Freshly initialised parameters, BatchNorm statistics and optimiser state."""
+  size = config.data.crop_size
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      rng, jnp.zeros((1, size, size, 3), jnp.float32))
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                            batch_stats=variables['batch_stats'],
+                            tx=create_optimizer(config.train, learning_rate_fn),
+                            nonfinite_steps=jnp.zeros((), jnp.int32),
+                            first_nonfinite_step=jnp.full((), -1, jnp.int32))
+  # TrainState.create's step is the Python int 0, a weakly typed input; the step's output
+  # is a strong int32, so the second call of the pmapped step compiled it all over again.
+  return state.replace(step=jnp.zeros((), jnp.int32))
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
+               learning_rate_fn: Callable, ignore_label: int,
+               compute_dtype: Optional[Any] = None) -> Tuple[TrainState, Dict]:
+  """One synchronous SGD step; runs under `pmap(axis_name=AXIS_NAME)`.
+
+  The loss is the mean over the valid pixels of the whole global batch (sums
+  and counts are reduced across devices), so any split of a batch across
+  devices gives the same update as one device with the whole batch.
+
+  A step whose global loss or gradient is not finite changes nothing but the
+  step counter and `nonfinite_steps` / `first_nonfinite_step`: the loop then
+  stops or carries on (config.train.skip_nonfinite), never with NaN weights.
+
+  Args:
+    batch: image [n, crop, crop, 3] float in [0, 255], label [n, crop, crop].
+    rng: the step's key, the same on every device; each device folds in its index.
+    compute_dtype: e.g. jnp.bfloat16: the forward and backward passes run with
+      parameters and activations in this dtype (mixed precision); parameters,
+      gradients, optimiser state, BatchNorm statistics and the loss stay float32.
+      None computes in the parameters' dtype.
+  """
+  rng = jax.random.fold_in(rng, lax.axis_index(AXIS_NAME))
+  images, labels = preprocess(batch['image']), batch['label'].astype(jnp.int32)
+  if compute_dtype is not None:
+    images = images.astype(compute_dtype)
+
+  def loss_fn(params):
+    if compute_dtype is not None:
+      # Casting inside the differentiated function gives float32 gradients.
+      params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        rngs={'dropout': rng}, mutable=['batch_stats'])
+    logits = logits.astype(jnp.float32)
+    loss_sum, count = cross_entropy_sum(logits, labels, ignore_label)
+    total = jnp.maximum(lax.psum(count, AXIS_NAME), 1.0)
+    return loss_sum / total, (updates['batch_stats'], logits, loss_sum, count)
+
+  grads, (batch_stats, logits, loss_sum, count) = jax.grad(loss_fn, has_aux=True)(state.params)
+  # Each device's loss is already divided by the global pixel count: sum, not mean.
+  grads = lax.psum(grads, AXIS_NAME)
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) & (labels != ignore_label))
+  sums = lax.psum({'loss': loss_sum, 'correct': correct.astype(jnp.float32), 'count': count},
+                  AXIS_NAME)
+  # Both reduced over the axis, so every device takes the same decision.
+  finite = jnp.isfinite(sums['loss']) & _all_finite(grads)
+  batch_stats = jax.tree.map(lambda x: x.astype(jnp.float32), batch_stats)
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  kept = state.replace(step=updated.step)
+  new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+  new_state = new_state.replace(
+      nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+      first_nonfinite_step=jnp.where(
+          ~finite & (state.first_nonfinite_step < 0), updated.step.astype(jnp.int32),
+          state.first_nonfinite_step))
+  metrics = {'loss': sums['loss'] / jnp.maximum(sums['count'], 1.0),
+             'pixel_accuracy': sums['correct'] / jnp.maximum(sums['count'], 1.0),
+             'learning_rate': learning_rate_fn(state.step)}
+  return new_state, metrics
+
+
+def make_p_train_step(config, learning_rate_fn):
+  """The one pmapped training step, with the state's buffers donated."""
+  dtype = config.train.compute_dtype
+  return jax.pmap(functools.partial(train_step, learning_rate_fn=learning_rate_fn,
+                                    ignore_label=config.data.ignore_label,
+                                    compute_dtype=None if dtype == 'float32' else jnp.dtype(dtype)),
+                  axis_name=AXIS_NAME, donate_argnums=(0,))

@@ -1,0 +1,105 @@
+"""TensorBoard summaries of a training run, written without TensorFlow (tensorboardX).
+
+    WORKDIR/tensorboard/events.out.tfevents.*
+
+Tags:
+  train/loss, train/pixel_accuracy, train/learning_rate, train/images_per_second
+  train/nonfinite_steps                    steps skipped for a non-finite loss or gradient
+  eval/miou, eval/pixel_accuracy, eval/iou/<class name>
+  eval/examples                            a few validation images: image | truth | prediction
+
+Only process 0 writes; the other processes get a writer that does nothing.
+"""
+
+import os
+from typing import Dict, Optional
+
+import numpy as np
+
+from seg.classes import voc_colormap
+
+SUBDIR = 'tensorboard'
+
+
+class SummaryWriter:
+  """Scalars, evaluation reports and images for TensorBoard; a no-op if not `enabled`."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.logdir = os.path.join(workdir, SUBDIR)
+    self._writer = None
+    if enabled:
+      import tensorboardX  # pure Python (protobuf): no TensorFlow behind it
+      self._writer = tensorboardX.SummaryWriter(self.logdir, flush_secs=30)
+
+  def scalars(self, step: int, values: Dict[str, float], prefix: str = 'train') -> None:
+    if self._writer:
+      for name, value in values.items():
+        self._writer.add_scalar(f'{prefix}/{name}', float(value), step)
+
+  def report(self, step: int, report: Dict, prefix: str = 'eval') -> None:
+    """mIoU, pixel accuracy and per-class IoU of a `seg.inference.metrics.iou_report`."""
+    if not self._writer:
+      return
+    self.scalars(step, {'miou': report['miou'], 'pixel_accuracy': report['pixel_accuracy']},
+                 prefix)
+    for name, iou in report['per_class_iou'].items():
+      if iou is not None:
+        self._writer.add_scalar(f'{prefix}/iou/{name}', float(iou), step)
+
+  def images(self, step: int, tag: str, images: np.ndarray) -> None:
+    """images: [n, height, width, 3] uint8, one TensorBoard image each (`tag/i`)."""
+    if self._writer:
+      for i, image in enumerate(images):
+        self._writer.add_image(f'{tag}/{i}', image, step, dataformats='HWC')
+
+  def flush(self) -> None:
+    if self._writer:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer:
+      self._writer.close()
+
+
+def colorize(labels: np.ndarray, ignore_label: int = 255) -> np.ndarray:
+  """labels [..., h, w] int -> [..., h, w, 3] uint8 in the VOC colours (void white)."""
+  cmap = voc_colormap()
+  cmap[ignore_label] = 255
+  return cmap[np.asarray(labels, np.int64) % 256]
+
+
+def example_panels(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                   ignore_label: int = 255) -> np.ndarray:
+  """Side-by-side image | true mask | predicted mask.
+
+  Args:
+    images: [n, h, w, 3] float in [0, 255].
+    labels, predictions: [n, h, w] class indices (labels may hold ignore_label).
+
+  Returns:
+    [n, h, 3 * w, 3] uint8.
+  """
+  image = np.clip(np.asarray(images), 0, 255).astype(np.uint8)
+  return np.concatenate([image, colorize(labels, ignore_label),
+                         colorize(predictions, ignore_label)], axis=2)
+
+
+def validation_examples(model, variables, config, num: int = 3) -> Optional[np.ndarray]:
+  """Panels (`example_panels`) for the first `num` images of the eval split.
+
+  Runs on the host's default device with host `variables` ({'params',
+  'batch_stats'}); padding stays visible (mean pixel, void label).
+  """
+  import jax
+  import jax.numpy as jnp
+  from seg.data import pipeline  # TensorFlow stays out of the import of this module.
+  from seg.preprocessing import preprocess
+  batch = next(pipeline.eval_batches(config.data, num, config.data.eval_split))
+  keep = batch['mask'] > 0
+  if not keep.any():
+    return None
+  images = jnp.asarray(batch['image'][keep])
+  logits = jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False))(variables, images)
+  predictions = np.asarray(jnp.argmax(logits, -1))
+  return example_panels(batch['image'][keep], batch['label'][keep], predictions,
+                        config.data.ignore_label)

@@ -1,0 +1,121 @@
+"""hf: transformers' MobileNetV2 models (`MobileNetV2ForSemanticSegmentation`, `MobileNetV2Model`,
+`MobileNetV2ForImageClassification`): `model.safetensors` or `pytorch_model.bin` (needs PyTorch)
+with their config.json. Kernels are OIHW. The image classifiers give the backbone only.
+"""
+
+import json
+import os
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from seg.model import BACKBONE_SCOPE
+from seg.weights.mapping import SourceWeights, block_name, variable_path
+
+_BN_HF = {'weight': ('params', 'scale'), 'bias': ('params', 'bias'),
+          'running_mean': ('batch_stats', 'mean'), 'running_var': ('batch_stats', 'var')}
+
+# transformers' config fields that change the architecture, and the values DeepLab's has.
+HF_REQUIRED = {'model_type': 'mobilenet_v2', 'tf_padding': True, 'hidden_act': 'relu6',
+               'first_layer_is_expansion': True, 'expand_ratio': 6.0,
+               'depth_divisible_by': 8, 'min_depth': 8, 'layer_norm_eps': 0.001,
+               'num_channels': 3}
+_HF_HEAD = {'conv_pool': 'image_pooling', 'conv_aspp': 'aspp0',
+            'conv_projection': 'concat_projection'}
+_HF_STEM = {'first_conv': ('Conv',), 'conv_3x3': ('expanded_conv', 'depthwise'),
+            'reduce_1x1': ('expanded_conv', 'project')}
+_HF_BLOCK = {'expand_1x1': 'expand', 'conv_3x3': 'depthwise', 'reduce_1x1': 'project'}
+
+
+def _hf_variable(key: str, value: np.ndarray):
+  """Maps one transformers state-dict key; (None, None) if it is not a model variable."""
+  parts = key.split('.')
+  if parts[0] == 'mobilenet_v2':
+    parts = parts[1:]
+  if parts[:2] == ['segmentation_head', 'classifier'] and parts[2] == 'convolution':
+    if parts[3:] == ['weight']:
+      return 'params/head/logits/kernel', value.transpose(2, 3, 1, 0)
+    if parts[3:] == ['bias']:
+      return 'params/head/logits/bias', value
+    return None, None
+  if parts[0] == 'conv_stem' and parts[1] in _HF_STEM:
+    scope, rest = (BACKBONE_SCOPE,) + _HF_STEM[parts[1]], parts[2:]
+  elif parts[0] == 'layer' and len(parts) > 2 and parts[2] in _HF_BLOCK:
+    scope = (BACKBONE_SCOPE, block_name(int(parts[1]) + 1), _HF_BLOCK[parts[2]])
+    rest = parts[3:]
+  elif parts[0] == 'segmentation_head' and parts[1] in _HF_HEAD:
+    scope, rest = ('head', _HF_HEAD[parts[1]]), parts[2:]
+  else:
+    return None, None
+  if rest == ['convolution', 'weight']:  # OIHW (depthwise: [C, 1, kh, kw]) -> HWIO
+    leaf = 'depthwise' if scope[-1] == 'depthwise' else 'conv'
+    return variable_path(scope + (leaf,), 'kernel', 'params'), value.transpose(2, 3, 1, 0)
+  if len(rest) == 2 and rest[0] == 'normalization' and rest[1] in _BN_HF:
+    collection, name = _BN_HF[rest[1]]
+    return variable_path(scope + ('BatchNorm',), name, collection), value
+  return None, None
+
+
+def _hf_skip_reason(key: str) -> Optional[str]:
+  parts = key.split('.')
+  if parts[-1] == 'num_batches_tracked':
+    return 'BatchNorm step counter'
+  if parts[0] == 'mobilenet_v2':
+    parts = parts[1:]
+  if parts[0] == 'conv_1x1':
+    return '1280-channel conv of the ImageNet classifier, unused by the segmentation head'
+  if parts[0] == 'classifier':
+    return 'ImageNet classifier'
+  return None
+
+
+def _read_state_dict(folder: str) -> Tuple[str, Dict[str, np.ndarray]]:
+  safetensors = os.path.join(folder, 'model.safetensors')
+  if os.path.exists(safetensors):
+    from safetensors.numpy import load_file
+    return safetensors, load_file(safetensors)
+  binary = os.path.join(folder, 'pytorch_model.bin')
+  if os.path.exists(binary):
+    try:
+      import torch  # only for this file format
+    except ImportError as e:
+      raise ImportError(f'{binary} is a PyTorch pickle: reading it needs torch '
+                        f'(pip install torch==2.13.0), or convert it to model.safetensors') from e
+    state = torch.load(binary, map_location='cpu', weights_only=True)
+    return binary, {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                    for k, v in state.items()}
+  raise FileNotFoundError(f'{folder} holds neither model.safetensors nor pytorch_model.bin '
+                          '(sharded checkpoints are not supported)')
+
+
+def read_hf(path: str) -> SourceWeights:
+  """A transformers MobileNetV2 folder (config.json + model.safetensors or pytorch_model.bin)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: give the folder of a Hugging Face model')
+  folder = path if os.path.isdir(path) else os.path.dirname(path)
+  config_path = os.path.join(folder, 'config.json')
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'{config_path} not found: give the folder of a Hugging Face '
+                            'model (config.json + model.safetensors or pytorch_model.bin)')
+  with open(config_path) as f:
+    hf_config = json.load(f)
+  file, state = _read_state_dict(folder)
+  source = SourceWeights(f'Hugging Face {", ".join(hf_config.get("architectures") or ["model"])} '
+                         f'{file}')
+  for key, expected in HF_REQUIRED.items():
+    value = hf_config.get(key, expected)  # absent = transformers' default, which is DeepLab's
+    if value != expected:
+      source.problems.append(f'config.json {key}={value!r}: only {expected!r} (DeepLab\'s '
+                             'architecture) can be imported')
+  for key in sorted(state):
+    reason = _hf_skip_reason(key)
+    if reason:
+      source.skipped[key] = reason
+      continue
+    flax_path, value = _hf_variable(key, state[key])
+    source.add(flax_path, value, key)
+  source.hints['width'] = float(hf_config.get('depth_multiplier', 1.0))
+  source.hints['output_stride'] = int(hf_config.get('output_stride', 32))
+  if source.has_head:
+    source.hints['num_classes'] = int(source.arrays['params/head/logits/bias'].shape[0])
+  return source

@@ -1,0 +1,228 @@
+"""VOC 2012 and SBD (train_aug) from small archives written in the real formats."""
+
+import dataclasses
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+import jax
+import numpy as np
+import pytest
+import scipy.io
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from helpers import ROOT
+from seg import parallel
+from seg.inference import evaluate
+from seg.train import step as step_lib
+from seg.classes import voc_colormap
+from seg.data import pipeline, voc
+from seg.model import create_model
+
+VOC_TRAIN = [f'2007_{i:06d}' for i in range(1, 7)]
+VOC_VAL = [f'2008_{i:06d}' for i in range(1, 5)]
+SBD_ONLY = [f'2009_{i:06d}' for i in range(1, 6)]
+SBD_TRAIN = VOC_TRAIN[:2] + VOC_VAL[:1] + SBD_ONLY[:3]
+SBD_VAL = VOC_TRAIN[2:3] + VOC_VAL[1:2] + SBD_ONLY[3:]
+NOT_IN_VOC_JPEGS = SBD_ONLY[-1]     # only SBD's img/ folder holds this image
+
+
+def _label(rng, h, w, void_border):
+  label = np.zeros((h, w), np.uint8)
+  label[h // 4:3 * h // 4, w // 4:3 * w // 4] = rng.integers(1, 21)
+  if void_border:
+    label[h // 4 - 1, w // 4:3 * w // 4] = 255
+  return label
+
+
+def _write_sources(root):
+  """VOCdevkit and SBD folders plus their archives; returns the labels written."""
+  rng = np.random.default_rng(0)
+  voc_root = os.path.join(root, 'VOCdevkit', 'VOC2012')
+  sbd_root = os.path.join(root, 'benchmark_RELEASE', 'dataset')
+  for d in ('JPEGImages', 'SegmentationClass', 'ImageSets/Segmentation'):
+    os.makedirs(os.path.join(voc_root, d))
+  for d in ('img', 'cls'):
+    os.makedirs(os.path.join(sbd_root, d))
+  labels = {'voc': {}, 'sbd': {}}
+  for name in VOC_TRAIN + VOC_VAL + SBD_ONLY:
+    h, w = (int(v) for v in rng.integers(40, 100, 2))
+    image = Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8))
+    if name != NOT_IN_VOC_JPEGS:
+      image.save(os.path.join(voc_root, 'JPEGImages', name + '.jpg'))
+    if name in SBD_TRAIN + SBD_VAL:
+      image.save(os.path.join(sbd_root, 'img', name + '.jpg'))
+      seg = _label(rng, h, w, void_border=False)
+      scipy.io.savemat(os.path.join(sbd_root, 'cls', name + '.mat'), {'GTcls': {
+          'Segmentation': seg, 'Boundaries': np.zeros((21, 1)),
+          'CategoriesPresent': np.unique(seg[seg > 0])}})
+      labels['sbd'][name] = seg
+    if name in VOC_TRAIN + VOC_VAL:
+      seg = _label(rng, h, w, void_border=True)
+      png = Image.fromarray(seg, mode='P')
+      png.putpalette(voc_colormap().reshape(-1).tolist())
+      png.save(os.path.join(voc_root, 'SegmentationClass', name + '.png'))
+      labels['voc'][name] = seg
+  lists = {'train': VOC_TRAIN, 'val': VOC_VAL, 'trainval': VOC_TRAIN + VOC_VAL}
+  for split, names in lists.items():
+    with open(os.path.join(voc_root, 'ImageSets', 'Segmentation', split + '.txt'), 'w') as f:
+      f.write('\n'.join(names) + '\n')
+  for split, names in (('train', SBD_TRAIN), ('val', SBD_VAL)):
+    with open(os.path.join(sbd_root, split + '.txt'), 'w') as f:
+      f.write('\n'.join(names) + '\n')
+  archives = os.path.join(root, 'archives')
+  os.makedirs(archives)
+  with tarfile.open(os.path.join(archives, voc.SOURCES['voc'].file_name), 'w') as tar:
+    tar.add(os.path.join(root, 'VOCdevkit'), 'VOCdevkit')
+  with tarfile.open(os.path.join(archives, voc.SOURCES['sbd'].file_name), 'w:gz') as tar:
+    tar.add(os.path.join(root, 'benchmark_RELEASE'), 'benchmark_RELEASE')
+  return labels
+
+
+def _checksums_of(archives):
+  """The test archives stand in for the published ones: same names, their own checksums."""
+  patched = {}
+  for key, source in voc.SOURCES.items():
+    path = os.path.join(archives, source.file_name)
+    patched[key] = dataclasses.replace(source, size=os.path.getsize(path), md5=voc._md5(path),
+                                       url='http://127.0.0.1:9/' + source.file_name)
+  return patched
+
+
+@pytest.fixture(scope='module')
+def sources(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('sources'))
+  labels = _write_sources(root)
+  archives = os.path.join(root, 'archives')
+  with pytest.MonkeyPatch.context() as mp:
+    for key, source in _checksums_of(archives).items():
+      mp.setitem(voc.SOURCES, key, source)
+    yield root, archives, labels
+
+
+@pytest.fixture(scope='module')
+def voc_data_dir(sources, tmp_path_factory):
+  """voc2012 prepared from the archives."""
+  _, archives, _ = sources
+  data_dir = str(tmp_path_factory.mktemp('tfds_voc'))
+  voc.prepare('voc2012', data_dir, archives)
+  return data_dir
+
+
+def _examples(builder, split):
+  """{file name: example as NumPy} of a prepared split."""
+  return {ex['file_name'].decode(): ex
+          for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+
+
+def test_voc2012_from_archives(sources, voc_data_dir):
+  _, _, labels = sources
+  builder = voc.get_builder('voc2012', voc_data_dir)
+  sizes = {k: v.num_examples for k, v in builder.info.splits.items()}
+  assert sizes == {'train': 6, 'val': 4, 'trainval': 10}
+  for name, ex in _examples(builder, 'train').items():
+    np.testing.assert_array_equal(ex['label'][..., 0], labels['voc'][name])
+    assert 255 in ex['label']
+
+
+def test_train_aug_from_extracted_folders(sources, tmp_path):
+  root, _, labels = sources
+  manual = tmp_path / 'manual'
+  shutil.copytree(os.path.join(root, 'VOCdevkit'), manual / 'VOCdevkit')
+  shutil.copytree(os.path.join(root, 'benchmark_RELEASE'), manual / 'benchmark_RELEASE')
+  builder = voc.prepare('train_aug', str(tmp_path / 'tfds'), str(manual))
+  expected = sorted((set(VOC_TRAIN) | set(SBD_TRAIN) | set(SBD_VAL)) - set(VOC_VAL))
+  assert builder.info.splits['train_aug'].num_examples == len(expected) == 11
+  assert builder.info.splits['val'].num_examples == len(VOC_VAL)
+  examples = _examples(builder, 'train_aug')
+  assert sorted(examples) == expected
+  for name, ex in examples.items():
+    # VOC's label (with void borders) wins where both annotate; SBD's .mat elsewhere.
+    source = 'voc' if name in labels['voc'] else 'sbd'
+    np.testing.assert_array_equal(ex['label'][..., 0], labels[source][name])
+  assert examples[NOT_IN_VOC_JPEGS]['image'].shape[:2] == labels['sbd'][NOT_IN_VOC_JPEGS].shape
+
+
+def test_processes_preparing_at_once_wait_for_one_build(sources, tmp_path):
+  """Two processes of a multi-host run on one machine share a data_dir: one builds, one reuses.
+
+  (Without the lock, the second crashed renaming its half of the same files.)
+  """
+  root, _, _ = sources
+  data_dir = str(tmp_path / 'tfds')
+  lock_dir = os.path.dirname(voc.get_builder('voc2012', data_dir).data_dir)
+  os.makedirs(lock_dir)
+  code = ('import sys; from seg.data import voc; '
+          'b = voc.prepare("voc2012", sys.argv[1], sys.argv[2]); '
+          'print("examples", b.info.splits["train"].num_examples, b.info.splits["val"].num_examples)')
+  repo = ROOT
+  logs = [tmp_path / f'process{i}.log' for i in range(2)]
+  with open(os.path.join(lock_dir, '.prepare.lock'), 'a') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # held here until both processes wait for it
+    processes = [subprocess.Popen([sys.executable, '-c', code, data_dir, root], cwd=repo,
+                                  stdout=open(log, 'w'), stderr=subprocess.STDOUT)
+                 for log in logs]
+    deadline = time.monotonic() + 120
+    while not all('waiting for another process' in log.read_text() for log in logs):
+      assert time.monotonic() < deadline and all(p.poll() is None for p in processes), \
+          [log.read_text()[-2000:] for log in logs]
+      time.sleep(0.2)
+    fcntl.flock(lock, fcntl.LOCK_UN)
+  for process, log in zip(processes, logs):
+    assert process.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert 'examples 6 4' in log.read_text()
+  assert [d for d in os.listdir(lock_dir) if d.startswith('incomplete')] == []
+
+
+def test_truncated_archive_is_named_with_where_to_put_it(sources, tmp_path):
+  _, archives, _ = sources
+  manual = tmp_path / 'manual'
+  manual.mkdir()
+  name = voc.SOURCES['voc'].file_name
+  data = open(os.path.join(archives, name), 'rb').read()
+  (manual / name).write_bytes(data[:len(data) // 2])
+  with pytest.raises(voc.SourceError, match=f'{name}.*truncated.*manual directory'):
+    voc.prepare('voc2012', str(tmp_path / 'tfds'), str(manual))
+  (manual / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))   # same size, other bytes
+  with pytest.raises(voc.SourceError, match=f'{name} has MD5'):
+    voc.prepare('voc2012', str(tmp_path / 'tfds2'), str(manual))
+
+
+@pytest.mark.parametrize('where', ['connect', 'download'])
+def test_missing_source_says_what_to_download(sources, tmp_path, monkeypatch, where):
+  def offline(*args, **kwargs):
+    raise ConnectionError('no route to host')   # what a firewalled cluster answers, at once
+  for name in ('http_proxy', 'https_proxy', 'HTTP_PROXY', 'HTTPS_PROXY', 'all_proxy', 'ALL_PROXY'):
+    monkeypatch.delenv(name, raising=False)
+  if where == 'connect':   # TFDS's retries (minutes offline) are never reached
+    monkeypatch.setattr(voc.socket, 'create_connection', offline)
+    monkeypatch.setattr(tfds.download.DownloadManager, 'download', pytest.fail)
+  else:
+    monkeypatch.setattr(voc, '_check_reachable', lambda url: None)
+    monkeypatch.setattr(tfds.download.DownloadManager, 'download', offline)
+  manual = tmp_path / 'manual'
+  shutil.copytree(os.path.join(sources[0], 'VOCdevkit'), manual / 'VOCdevkit')
+  with pytest.raises(voc.SourceError,
+                     match=f'benchmark.tgz not found in the manual directory \\({manual}\\)'
+                           '.*no route to.*benchmark_RELEASE/dataset'):
+    voc.prepare('train_aug', str(tmp_path / 'tfds'), str(manual))
+
+
+def test_training_step_and_evaluation_on_prepared_voc(voc_data_dir, tiny_config):
+  config = tiny_config
+  config.data.dataset, config.data.data_dir = 'voc2012', voc_data_dir
+  model = create_model(config.model)
+  lr = step_lib.create_learning_rate_fn(config.train)
+  state = parallel.replicate(step_lib.create_train_state(jax.random.key(0), config, model, lr))
+  batch = parallel.shard(next(pipeline.train_batches(config.data, 4, seed=0)))
+  state, metrics = step_lib.make_p_train_step(config, lr)(
+      state, batch, parallel.replicate(jax.random.key(0)))
+  assert np.isfinite(float(metrics['loss'][0]))
+  report = evaluate.evaluate(evaluate.make_p_eval_step(model, config),
+                             {'params': state.params, 'batch_stats': state.batch_stats}, config)
+  assert report['num_images'] == len(VOC_VAL)

@@ -1,0 +1,54 @@
+"""What several test modules share: the repository root, models with non-trivial weights,
+a poisoned input stream. (Fixtures live in conftest.py.)"""
+
+import os
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import tiny
+from seg.model import create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+EVAL_SIZE = 65  # the canvas of the engine tests: small, of the form k * 16 + 1
+
+
+def random_variables(model_config, seed=0):
+  """(model, variables) with BatchNorm statistics and affine terms far from identity.
+
+  Freshly initialised BatchNorm (mean 0, var 1, scale 1, bias 0) would make folding it
+  trivially right; these make every term of it matter.
+  """
+  model = create_model(model_config)
+  variables = model.init(jax.random.key(seed), jnp.zeros((1, 33, 33, 3)), train=False)
+  rng = np.random.default_rng(seed)
+  flat = flax.traverse_util.flatten_dict(variables)
+  draw = {'mean': lambda s: rng.normal(0, 0.2, s), 'var': lambda s: rng.uniform(0.3, 3, s),
+          'scale': lambda s: rng.uniform(0.5, 1.5, s), 'bias': lambda s: rng.normal(0, 0.2, s)}
+  for key, value in flat.items():
+    if key[-1] in draw and 'logits' not in key:
+      flat[key] = jnp.asarray(draw[key[-1]](value.shape), jnp.float32)
+  return model, flax.traverse_util.unflatten_dict(flat)
+
+
+def tiny_engine_config(**model_overrides):
+  """experiments/tiny.py on an EVAL_SIZE canvas, with `model_overrides`."""
+  config = tiny.get_config()
+  config.data.eval_size = EVAL_SIZE
+  for name, value in model_overrides.items():
+    config.model[name] = value
+  return config
+
+
+def poisoned(real_train_batches, poison_step):
+  """train_batches whose batch number `poison_step` (1-based) carries a NaN pixel."""
+  def batches(*args, **kwargs):
+    start = kwargs.get('start_step', args[5] if len(args) > 5 else 0)
+    for step, batch in enumerate(real_train_batches(*args, **kwargs), start + 1):
+      if step == poison_step:
+        batch = dict(batch, image=batch['image'].copy())
+        batch['image'][0, 0, 0, 0] = np.nan
+      yield batch
+  return batches

@@ -1,0 +1,217 @@
+"""The inference engine against the Flax model it was folded from (an independent computation)."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import EVAL_SIZE, ROOT, random_variables, tiny_engine_config
+from seg import parallel
+from seg.inference import engine, evaluate, fold
+from seg.inference.forward import forward
+from seg.preprocessing import MEAN_PIXEL, bucket_shape, preprocess
+
+@pytest.fixture(scope='module')
+def tiny_model():
+  config = tiny_engine_config()
+  model, variables = random_variables(config.model)
+  return config, model, variables
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(output_stride=16),
+    dict(output_stride=8, head='aspp', width=0.5)])
+def test_folded_forward_matches_the_flax_model(overrides):
+  config = tiny_engine_config(**overrides)
+  model, variables = random_variables(config.model, seed=1)
+  images = np.random.default_rng(1).integers(0, 256, (2, 49, 57, 3)).astype(np.float32)
+  expected = np.asarray(jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False))(
+      variables, images))
+  folded = fold.cast_folded(fold.fold_variables(config.model, variables), jnp.float32)
+  got = np.asarray(jax.jit(lambda f, x: forward(
+      f, preprocess(x), width=config.model.width,
+      output_stride=config.model.output_stride))(folded, images))
+  assert got.shape == expected.shape
+  assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_bfloat16_logits_stay_close_to_float32(tiny_model):
+  config, model, variables = tiny_model
+  images = np.random.default_rng(2).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3), np.uint8)
+  expected = np.asarray(model.apply(variables, preprocess(images), train=False))
+  got = engine.Engine(config, variables, dtype='bfloat16', batch_size=2).logits(images)
+  # bfloat16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%) per product input; over
+  # ~20 layers the errors add up to a few percent of the logits' scale, not more.
+  rms = lambda x: np.sqrt(np.mean(np.square(x)))
+  assert rms(got - expected) <= 0.05 * rms(expected)
+  assert rms(got - expected) > 1e-4 * rms(expected)  # it really computed in bfloat16
+
+
+def test_predict_pads_with_the_mean_pixel_and_crops_back(tiny_model):
+  config, model, variables = tiny_model
+  rng = np.random.default_rng(3)
+  # Two images inside eval_size, one taller than it (next bucket: 2 * 64 + 1 = 129 rows).
+  images = [rng.integers(0, 256, shape, np.uint8) for shape in
+            [(40, 65, 3), (65, 17, 3), (100, 30, 3)]]
+  eng = engine.Engine(config, variables, batch_size=2)
+  masks = eng.predict(images)
+  apply = jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False))
+  for image, mask, canvas in zip(images, masks, [(65, 65), (65, 65), (129, 65)]):
+    padded = np.full((1, *canvas, 3), MEAN_PIXEL, np.float32)  # NumPy padding, as eval pads
+    padded[0, :image.shape[0], :image.shape[1]] = image
+    expected = np.argmax(np.asarray(apply(variables, padded))[0], -1)[:image.shape[0],
+                                                                         :image.shape[1]]
+    assert mask.dtype == np.uint8 and mask.shape == image.shape[:2]
+    # Float32 folding reorders sums: allow a near-tie pixel or two to flip.
+    assert (mask == expected).mean() >= 0.999
+  # Chunks were (65x65 bucket x2) and (129x65 bucket, padded with a dummy image): 2 shapes.
+  assert sorted(k[2:4] for k in eng.compile_seconds) == [(65, 65), (129, 65)]
+  again = eng.predict(np.stack([images[0][:, :65]] * 3))  # an array of 3 images
+  assert again.shape == (3, 40, 65) and len(eng.compile_seconds) == 2  # nothing recompiled
+  np.testing.assert_array_equal(again[2], masks[0])
+
+
+def test_a_batch_split_over_devices_gives_the_one_device_results(tiny_model):
+  config, _, variables = tiny_model
+  devices = jax.local_devices()[:2]
+  assert len(set(devices)) == 2
+  rng = np.random.default_rng(4)
+  images = [rng.integers(0, 256, shape, np.uint8) for shape in
+            [(40, 65, 3), (65, 17, 3), (60, 60, 3), (30, 50, 3), (65, 65, 3)]]
+  one = engine.Engine(config, variables, batch_size=4)
+  expected_masks, expected_logits = one.predict(images), one.logits(images)
+  for batch_size, parts in ((4, 2), (3, 1)):   # 3 images do not split over 2 devices
+    split = engine.Engine(config, variables, batch_size=batch_size, devices=devices)
+    for mask, expected in zip(split.predict(images), expected_masks):
+      np.testing.assert_array_equal(mask, expected)
+    for logits, expected in zip(split.logits(images), expected_logits):
+      np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    # Each part ran on its own device: batch_size / parts images there.
+    assert {(k[1], k[4]) for k in split.compile_seconds} == {
+        (batch_size // parts, device) for device in devices[:parts]}
+
+
+@pytest.mark.parametrize('size, expected', [((10, 10), (65, 65)), ((65, 65), (65, 65)),
+                                            ((66, 3), (129, 65)), ((129, 130), (129, 193)),
+                                            ((500, 375), (513, 385))])
+def test_bucket_shape(size, expected):
+  assert bucket_shape(*size, eval_size=EVAL_SIZE) == expected
+
+
+def test_bad_inputs_are_clear_errors(tiny_model):
+  config, _, variables = tiny_model
+  with pytest.raises(ValueError, match='dtype'):
+    engine.Engine(config, variables, dtype='float16')
+  eng = engine.Engine(config, variables)
+  with pytest.raises(ValueError, match='uint8'):
+    eng.predict([np.zeros((10, 10), np.uint8)])
+  with pytest.raises(ValueError, match='empty'):
+    eng.predict([np.zeros((0, 10, 3), np.uint8)])
+
+
+def test_pmapped_eval_counts_batches_of_two_shapes(tiny_model):
+  # The evaluation step (engine forward, psum over 4 devices) against a NumPy confusion
+  # matrix of the Flax model's predictions, for batches of two padded shapes.
+  config, model, variables = tiny_model
+  config = config.copy_and_resolve_references()
+  num_classes = config.model.num_classes
+  p_eval_step = evaluate.make_p_eval_step(model, config)
+  replicated = parallel.replicate(variables)
+  rng = np.random.default_rng(4)
+  apply = jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False))
+  for shape in [(65, 65), (129, 65)]:
+    images = rng.integers(0, 256, (4, *shape, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, (4, *shape)).astype(np.uint8)
+    labels[:, :5] = 255
+    mask = np.array([1, 1, 1, 0], np.float32)
+    batch = {'image': images, 'label': labels, 'mask': mask}
+    got = np.asarray(p_eval_step(replicated, parallel.shard(batch))[0])
+    predictions = np.argmax(np.asarray(apply(variables, images)), -1)
+    valid = (labels != 255) & (mask[:, None, None] > 0)
+    expected = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(expected, (labels[valid], predictions[valid]), 1)
+    assert got.sum() == expected.sum()
+    assert np.abs(got - expected).sum() <= 4  # a near-tie pixel may flip class
+
+
+def _numpy_resize(x, size):
+  """Aligned-corner bilinear resize of [n, h, w, c], written out with explicit indices."""
+  def axis(values, out, ax):
+    n_in = values.shape[ax]
+    if out == 1 or n_in == 1:
+      return np.take(values, [0] * out, axis=ax)
+    src = np.arange(out) * (n_in - 1) / (out - 1)
+    lo = np.clip(np.floor(src).astype(int), 0, n_in - 2)
+    frac = (src - lo).reshape([-1 if a == ax else 1 for a in range(values.ndim)])
+    return np.take(values, lo, axis=ax) * (1 - frac) + np.take(values, lo + 1, axis=ax) * frac
+  return axis(axis(np.asarray(x, np.float64), size[0], 1), size[1], 2)
+
+
+def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
+  # NumPy reference of DeepLab's multi-scale + flip inference: resize the image to
+  # int((65 - 1) * s + 1), logits at the output stride straight back to 65x65, softmax,
+  # flipped copies flipped back, mean, argmax; one confusion matrix.
+  config, model, variables = tiny_model
+  config = config.copy_and_resolve_references()
+  config.eval.scales, config.eval.flip = (0.5, 1.25), True
+  num_classes = config.model.num_classes
+  rng = np.random.default_rng(6)
+  images = rng.integers(0, 256, (4, EVAL_SIZE, EVAL_SIZE, 3)).astype(np.float32)
+  labels = rng.integers(0, num_classes, (4, EVAL_SIZE, EVAL_SIZE)).astype(np.uint8)
+  batch = {'image': images, 'label': labels, 'mask': np.ones(4, np.float32)}
+  got = np.asarray(evaluate.make_p_eval_step(model, config)(
+      parallel.replicate(variables), parallel.shard(batch))[0])
+
+  features = jax.jit(lambda v, x: model.apply(v, x, train=False, upsample=False))
+  x = images / 127.5 - 1.0
+  probabilities = 0.0
+  for scale, size in [(0.5, 33), (1.25, 81)]:
+    scaled = _numpy_resize(x, (size, size)).astype(np.float32)
+    for flip in (False, True):
+      inputs = scaled[:, :, ::-1] if flip else scaled
+      logits = _numpy_resize(np.asarray(features(variables, inputs)), (EVAL_SIZE, EVAL_SIZE))
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      probabilities = probabilities + (p[:, :, ::-1] if flip else p)
+  predictions = np.argmax(probabilities, -1)
+  expected = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(expected, (labels.reshape(-1), predictions.reshape(-1)), 1)
+  assert got.sum() == expected.sum() == labels.size
+  assert np.abs(got - expected).sum() <= 8  # near-ties may flip under float32 reordering
+  # One scale of the average differs from the plain evaluation on this random model.
+  single = np.argmax(_numpy_resize(np.asarray(features(variables, x)), (65, 65)), -1)
+  assert (single != predictions).mean() > 0.01
+
+
+CACHE_SCRIPT = r'''
+import sys, time
+import jax
+events = []
+jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
+jax.config.update('jax_compilation_cache_dir', sys.argv[1])  # as main.py does
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # tiny model: fast compiles
+from benchmarks import inference_speed
+from experiments import tiny
+from seg import engine
+config = tiny.gettiny_engine_config()
+config.data.eval_size = 65
+variables = inference_speed.random_variables(create_model(config.model))
+engine.Engine(config, variables).compiled('classes', 1, 65, 65)
+assert '/jax/compilation_cache/cache_hits' not in events
+jax.clear_caches()  # forget the in-memory executables: only the disk cache is left
+engine.Engine(config, variables).compiled('classes', 1, 65, 65)
+print('hits', events.count('/jax/compilation_cache/cache_hits'))
+'''
+
+
+def test_ahead_of_time_compiles_come_back_from_the_persistent_cache(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run([sys.executable, '-c', CACHE_SCRIPT, str(tmp_path)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith('hits 1')
+  assert any(name.startswith('jit_class_map') for name in os.listdir(tmp_path))

@@ -1,0 +1,525 @@
+"""Batch mask generation (`seg/predict/`, `main.py predict`) on generated files.
+
+Also reading (`seg/predict/images.py`), input collection (`seg/predict/files.py`) and the
+files written (`seg/predict/outputs.py`).
+
+A tiny model with random weights is written once per module into a workdir;
+masks are checked against the plain Flax model applied in the test to the
+same pixels (padded with the mean pixel as evaluation pads), and pixels are
+checked against NumPy conversions of the same files.
+"""
+
+import io
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import ROOT
+from experiments import tiny
+from seg import checkpoint, predict
+from seg.inference.engine import Engine
+from seg.predict import large_images
+from seg.predict.progress import Progress
+from seg.predict.files import collect_inputs, plan_jobs
+from seg.predict.images import load_image, load_rgb
+from seg.model import create_model
+
+EVAL_SIZE = 161  # tiny.py's: every test image up to 161 pixels shares one compiled shape
+
+
+def _voc_colormap():
+  """The VOC palette written out independently of seg.classes (bit interleaving of the id)."""
+  cmap = np.zeros((256, 3), np.uint8)
+  for i in range(256):
+    for bit in range(8):
+      for channel in range(3):
+        cmap[i, channel] |= ((i >> (3 * bit + channel)) & 1) << (7 - bit)
+  return cmap
+
+
+def _scene(height, width, seed):
+  """A smooth background with a few bright shapes: varied content for a varied mask."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:height, :width]
+  image = np.stack([(yy * 255 // max(height - 1, 1)), (xx * 255 // max(width - 1, 1)),
+                    np.full_like(yy, rng.integers(0, 255))], -1).astype(np.float32)
+  for _ in range(3):
+    cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(8, 30)
+    inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+    image[inside] = rng.integers(0, 255, 3)
+  return image.astype(np.uint8)
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory):
+  """(workdir, model, variables): tiny.py with random weights and BatchNorm statistics."""
+  config = tiny.get_config()
+  model = create_model(config.model)
+  # Random values of the right shapes (model.init itself takes ~25 s to compile here):
+  # He-scaled kernels keep activations in range, so the argmax varies over the image.
+  rng = np.random.default_rng(0)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == 'kernel':
+      fan_in = int(np.prod(shape[:-1])) if shape[-2] > 1 else int(np.prod(shape[:2]))
+      return rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
+    if name in ('scale', 'var'):
+      return rng.uniform(0.8, 1.2, shape).astype(np.float32)
+    return rng.normal(0, 0.1, shape).astype(np.float32)  # biases, means
+  variables = jax.tree_util.tree_map_with_path(fill, checkpoint.abstract_variables(model))
+  workdir = str(tmp_path_factory.mktemp('predict') / 'run')
+  checkpoint.save_config(workdir, config)
+  manager = checkpoint.create_manager(workdir)
+  checkpoint.save(manager, 0, variables, {'step': np.int32(0)})
+  manager.wait_until_finished()
+  return workdir, model, variables
+
+
+@pytest.fixture(scope='module')
+def engine(model_dir):
+  workdir, _, _ = model_dir
+  predictor, step = Engine.from_workdir(workdir, batch_size=2)
+  assert step == 0 and predictor.eval_size == EVAL_SIZE
+  return predictor
+
+
+@pytest.fixture(scope='module')
+def reference(model_dir):
+  """image [h, w, 3] uint8 (h, w <= 161) -> logits [h, w, 21] of the plain Flax model."""
+  _, model, variables = model_dir
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False))
+
+  def logits(image):
+    h, w = image.shape[:2]
+    padded = np.full((1, EVAL_SIZE, EVAL_SIZE, 3), 127.5, np.float32)
+    padded[0, :h, :w] = image
+    return np.asarray(apply(padded / 127.5 - 1.0))[0, :h, :w]
+  return logits
+
+
+def _assert_same_classes(mask, logits, near_tie=1e-3):
+  """mask == argmax(logits), except where the two best logits are within `near_tie`.
+
+  Batched and single-image XLA results may differ in the last bits; only
+  near-ties may then flip.
+  """
+  assert mask.shape == logits.shape[:2]
+  top = np.sort(logits, axis=-1)
+  clear = top[..., -1] - top[..., -2] > near_tie
+  assert np.array_equal(mask[clear], logits.argmax(-1)[clear])
+  assert clear.mean() > 0.95
+
+
+def _read_mask(path):
+  png = Image.open(path)
+  assert png.mode == 'P'
+  return np.asarray(png)
+
+
+def _run(engine, inputs, output, **options):
+  lines = []
+  stream = io.StringIO()
+  failures = predict.predict_paths('unused', inputs, str(output), predict.Options(**options),
+                                   engine=engine, log=lines.append, progress_stream=stream)
+  return failures, '\n'.join(lines), stream.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks, colours, overlay, probabilities.
+
+
+def test_masks_are_the_plain_models_argmax_at_the_original_size(engine, reference, tmp_path):
+  inputs = tmp_path / 'in'
+  (inputs / 'sub' / 'deeper').mkdir(parents=True)
+  images = {'a.jpg': _scene(70, 90, 0), 'sub/b.png': _scene(161, 100, 1),
+            'sub/deeper/c.png': _scene(40, 41, 2)}
+  for name, image in images.items():
+    Image.fromarray(image).save(inputs / name)
+  failures, summary, progress = _run(engine, [str(inputs)], tmp_path / 'out', overlay=True)
+  assert failures == 0 and 'processed         3' in summary
+  assert 'images/s' in progress and 'ETA' in progress
+  cmap = _voc_colormap()
+  classes_seen = set()
+  for name, image in images.items():
+    stem = tmp_path / 'out' / os.path.splitext(name)[0]
+    pixels = load_rgb(str(inputs / name))  # the JPEG's decoded pixels
+    mask = _read_mask(f'{stem}.png')
+    _assert_same_classes(mask, reference(pixels))
+    classes_seen |= set(np.unique(mask))
+    palette = np.asarray(Image.open(f'{stem}.png').getpalette()[:768], np.uint8).reshape(-1, 3)
+    np.testing.assert_array_equal(palette, cmap)
+    np.testing.assert_array_equal(np.asarray(Image.open(f'{stem}_color.png')), cmap[mask])
+    overlay = np.asarray(Image.open(f'{stem}_overlay.jpg'), np.float32)
+    blend = np.where(mask[..., None] > 0, (pixels + cmap[mask].astype(np.float32)) / 2, pixels)
+    # Equal to the blend up to JPEG: compare with the blend through the same JPEG encoder.
+    encoded = io.BytesIO()
+    Image.fromarray(np.round(blend).astype(np.uint8)).save(encoded, format='JPEG', quality=90)
+    expected = np.asarray(Image.open(encoded), np.float32)
+    assert overlay.shape == pixels.shape and np.abs(overlay - expected).mean() < 0.5
+  assert len(classes_seen) > 1  # the check above is not about a constant mask
+  assert sorted(os.listdir(inputs)) == ['a.jpg', 'sub']  # inputs untouched
+  assert sorted(os.listdir(inputs / 'sub')) == ['b.png', 'deeper']
+
+
+@pytest.mark.parametrize('fmt', ['float16', 'uint8'])
+def test_probabilities_are_the_softmax_of_the_logits(engine, reference, tmp_path, fmt):
+  image = _scene(60, 80, 3)
+  Image.fromarray(image).save(tmp_path / 'x.png')
+  assert _run(engine, [str(tmp_path / 'x.png')], tmp_path / 'out', probabilities=fmt)[0] == 0
+  probs = np.load(tmp_path / 'out' / 'x_prob.npy')
+  logits = reference(image)
+  expected = np.exp(logits - logits.max(-1, keepdims=True))
+  expected = np.moveaxis(expected / expected.sum(-1, keepdims=True), -1, 0)
+  assert probs.shape == (21, 60, 80) and probs.dtype == np.dtype(fmt)
+  if fmt == 'float16':
+    np.testing.assert_allclose(probs.astype(np.float32), expected, atol=2e-3)
+  else:
+    assert np.abs(probs.astype(np.float32) - 255 * expected).max() <= 1.01
+  _assert_same_classes(_read_mask(tmp_path / 'out' / 'x.png'), logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs.
+
+
+def test_files_folders_globs_and_lists(tmp_path):
+  (tmp_path / 'photos' / '2024').mkdir(parents=True)
+  (tmp_path / 'other').mkdir()
+  for name in ('photos/a.jpg', 'photos/2024/b.png', 'photos/notes.md', 'other/c.png',
+               'other/d.png', 'other/e.png'):
+    (tmp_path / name).write_bytes(b'x')
+  (tmp_path / 'other' / 'list.txt').write_text(
+      '# the paths a person chose\nc.png\n\n' + str(tmp_path / 'photos' / 'a.jpg') +
+      '\nmissing.png\n')
+  photos, other = str(tmp_path / 'photos'), str(tmp_path / 'other')
+  found = lambda values: [(os.path.relpath(f.path, tmp_path), f.relative, f.error)
+                          for f in collect_inputs(values)[0]]
+  # A folder: recursive, image extensions only, mirrored relative to the folder.
+  files, roots, ignored = collect_inputs([photos])
+  assert [(f.relative) for f in files] == ['a.jpg', os.path.join('2024', 'b.png')]
+  assert roots == [photos] and ignored == 1
+  # A file: its name. A glob: relative to the deepest folder holding every match.
+  assert found([other + '/d.png']) == [('other/d.png', 'd.png', '')]
+  assert found([str(tmp_path) + '/**/*.png']) == [
+      ('other/c.png', 'other/c.png', ''), ('other/d.png', 'other/d.png', ''),
+      ('other/e.png', 'other/e.png', ''), ('photos/2024/b.png', 'photos/2024/b.png', '')]
+  # A list: entries relative to the list's folder; a missing entry is one failed input.
+  listed = found([other + '/list.txt'])
+  assert listed[:2] == [('other/c.png', 'other/c.png', ''), ('photos/a.jpg', 'photos/a.jpg', '')]
+  assert listed[2][2] == 'not found'
+  # Several values (repeated or a comma list), each file once.
+  both = found([f'{other}/d.png,{other}/e.png', other + '/d.png', photos])
+  assert [p for p, _, _ in both] == ['other/d.png', 'other/e.png', 'photos/a.jpg',
+                                     'photos/2024/b.png']
+  with pytest.raises(FileNotFoundError, match='no such file'):
+    collect_inputs([str(tmp_path / 'nope')])
+  with pytest.raises(FileNotFoundError, match='matches no file'):
+    collect_inputs([str(tmp_path / '*.gif')])
+
+
+def test_never_writes_into_the_input_tree(tmp_path):
+  (tmp_path / 'in').mkdir()
+  Image.fromarray(_scene(20, 20, 0)).save(tmp_path / 'in' / 'a.png')
+  with pytest.raises(ValueError, match='inside the input folder'):
+    predict.predict_paths('unused', str(tmp_path / 'in'), str(tmp_path / 'in' / 'masks'))
+  # A listed file that lies inside the output folder (here: the output is its folder).
+  with pytest.raises(ValueError, match='inside the output folder'):
+    predict.predict_paths('unused', str(tmp_path / 'in' / 'a.png'), str(tmp_path / 'in'))
+  (tmp_path / 'list.txt').write_text('in/a.png\n')
+  with pytest.raises(ValueError, match='inside the output folder'):
+    predict.predict_paths('unused', str(tmp_path / 'list.txt'), str(tmp_path))
+  assert os.listdir(tmp_path / 'in') == ['a.png']
+
+
+def test_name_collisions_get_distinct_outputs(engine, reference, tmp_path):
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  images = {'a.jpg': _scene(50, 60, 4), 'a.png': _scene(50, 60, 5),
+            'a_color.png': _scene(30, 30, 6), 'b.png': _scene(30, 40, 7)}
+  for name, image in images.items():
+    Image.fromarray(image).save(inputs / name)
+  assert _run(engine, [str(inputs)], tmp_path / 'out')[0] == 0
+  assert sorted(os.listdir(tmp_path / 'out')) == [
+      'a.jpg.png', 'a.jpg_color.png', 'a.png.png', 'a.png_color.png', 'a_color.png.png',
+      'a_color.png_color.png', 'b.png', 'b_color.png']
+  for name, stem in (('a.jpg', 'a.jpg'), ('a.png', 'a.png'), ('a_color.png', 'a_color.png'),
+                     ('b.png', 'b')):
+    pixels = load_rgb(str(inputs / name))
+    _assert_same_classes(_read_mask(tmp_path / 'out' / f'{stem}.png'), reference(pixels))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resuming, atomic writes, bad files.
+
+
+def test_resumes_skips_done_inputs_and_overwrites_on_request(engine, tmp_path, monkeypatch):
+  inputs, out = tmp_path / 'in', tmp_path / 'out'
+  inputs.mkdir()
+  for i in range(3):
+    Image.fromarray(_scene(30, 30, i)).save(inputs / f'{i}.png')
+  # An interrupted write: the index PNG of 1.png fails half-way through.
+  real_save = Image.Image.save
+
+  def failing_save(self, fp, format=None, **kwargs):
+    if str(fp).endswith('1.png.partial'):
+      with open(fp, 'wb') as f:
+        f.write(b'\x89PNG half')
+      raise OSError(28, 'No space left on device')
+    return real_save(self, fp, format, **kwargs)
+  monkeypatch.setattr(Image.Image, 'save', failing_save)
+  failures, summary, _ = _run(engine, [str(inputs)], out)
+  assert failures == 1 and 'FAILED' in summary and '1.png' in summary
+  assert not (out / '1.png').exists()  # no half-written file under the final name
+  assert not [n for n in os.listdir(out) if n.endswith('.partial')]
+  monkeypatch.setattr(Image.Image, 'save', real_save)
+  mtimes = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out) if not n.startswith('1')}
+  failures, summary, _ = _run(engine, [str(inputs)], out)
+  assert failures == 0 and 'processed         1' in summary and 'skipped           2' in summary
+  assert all(os.stat(out / n).st_mtime_ns == t for n, t in mtimes.items())
+  assert np.asarray(Image.open(out / '1.png')).shape == (30, 30)
+  # Asking for an overlay makes the overlay-less outputs incomplete: all three are redone.
+  assert 'processed         3' in _run(engine, [str(inputs)], out, overlay=True)[1]
+  assert 'skipped           3' in _run(engine, [str(inputs)], out, overlay=True)[1]
+  assert 'processed         3' in _run(engine, [str(inputs)], out, overwrite=True)[1]
+
+
+class _InterruptedOnSecondBatch:
+  """The real engine behind the interface the pipeline uses; Ctrl-C arrives during batch 2."""
+
+  def __init__(self, inner):
+    self.inner, self.batch_size, self.calls = inner, inner.batch_size, 0
+
+  def bucket(self, height, width):
+    return self.inner.bucket(height, width)
+
+  def predict(self, images):
+    self.calls += 1
+    if self.calls == 2:
+      raise KeyboardInterrupt
+    return self.inner.predict(images)
+
+
+def test_ctrl_c_keeps_finished_outputs_and_the_next_run_resumes(engine, tmp_path):
+  inputs, out = tmp_path / 'in', tmp_path / 'out'
+  inputs.mkdir()
+  for i in range(5):
+    Image.fromarray(_scene(30, 30, i)).save(inputs / f'{i}.png')
+  lines = []
+  with pytest.raises(KeyboardInterrupt):
+    predict.predict_paths('unused', str(inputs), str(out),
+                          engine=_InterruptedOnSecondBatch(engine), log=lines.append,
+                          progress_stream=io.StringIO())
+  assert 'INTERRUPTED after 2 of 5 inputs' in lines[-1] and 'processed         2' in lines[-1]
+  assert len(os.listdir(out)) == 4  # two inputs, two files each, no temporary files
+  failures, summary, _ = _run(engine, [str(inputs)], out)
+  assert failures == 0 and 'processed         3' in summary and 'skipped           2' in summary
+
+
+def test_bad_files_are_reported_one_by_one_and_the_run_goes_on(engine, tmp_path):
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  good = io.BytesIO()
+  Image.fromarray(_scene(64, 64, 8)).save(good, format='JPEG')
+  (inputs / 'good.jpg').write_bytes(good.getvalue())
+  (inputs / 'truncated.jpg').write_bytes(good.getvalue()[:len(good.getvalue()) // 2])
+  (inputs / 'empty.png').write_bytes(b'')
+  (inputs / 'text.png').write_text('a note, not an image')
+  (inputs / 'corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(200))
+  failures, summary, _ = _run(engine, [str(inputs)], tmp_path / 'out')
+  assert failures == 4 and 'processed         1' in summary and 'failed            4' in summary
+  reasons = {line.split(': ', 1)[0].split(os.sep)[-1]: line.split(': ', 1)[1]
+             for line in summary.splitlines() if line.startswith('FAILED')}
+  assert set(reasons) == {'truncated.jpg', 'empty.png', 'text.png', 'corrupt.png'}
+  assert 'truncated' in reasons['truncated.jpg']
+  assert 'empty file' in reasons['empty.png']
+  assert 'not an image' in reasons['text.png']
+  assert reasons['corrupt.png']
+  assert sorted(os.listdir(tmp_path / 'out')) == ['good.png', 'good_color.png']
+
+
+# ----------------------------------------------------------------------------------------------
+# Image modes and EXIF orientation.
+
+
+def _png16(path, values):
+  """A 16-bit PNG written by hand (grey [h, w] or RGB [h, w, 3] uint16)."""
+  h, w = values.shape[:2]
+  colour_type = 2 if values.ndim == 3 else 0
+  raw = b''.join(b'\x00' + values[y].astype('>u2').tobytes() for y in range(h))
+  chunk = lambda kind, data: (struct.pack('>I', len(data)) + kind + data +
+                              struct.pack('>I', zlib.crc32(kind + data)))
+  with open(path, 'wb') as f:
+    f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 16, colour_type,
+                                                              0, 0, 0)) +
+            chunk(b'IDAT', zlib.compress(raw)) + chunk(b'IEND', b''))
+
+
+def test_modes_and_orientation_become_the_equivalent_rgb(engine, reference, tmp_path):
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  rgb = _scene(48, 64, 9)
+  gray = rgb.mean(-1).round().astype(np.uint8)
+  expected = {}
+  Image.fromarray(gray).save(inputs / 'gray.png')
+  expected['gray'] = np.repeat(gray[..., None], 3, -1)
+  alpha = np.full(rgb.shape[:2], 255, np.uint8)
+  alpha[:, :16], alpha[:, 16:32] = 0, 100
+  Image.fromarray(np.dstack([rgb, alpha])).save(inputs / 'rgba.png')
+  a = alpha[..., None] / 255.0
+  expected['rgba'] = np.round(rgb * a + 127.5 * (1 - a)).astype(np.uint8)  # over the mean grey
+  palette_image = Image.fromarray(rgb).quantize(colors=32)
+  palette_image.save(inputs / 'palette.png')
+  palette = np.asarray(palette_image.getpalette()[:96], np.uint8).reshape(-1, 3)
+  expected['palette'] = palette[np.asarray(palette_image)]
+  _png16(inputs / 'gray16.png', gray.astype(np.uint16) * 257)
+  expected['gray16'] = expected['gray']
+  _png16(inputs / 'rgb16.png', rgb.astype(np.uint16) * 257)
+  expected['rgb16'] = rgb
+  cmyk = np.dstack([255 - rgb, np.zeros(rgb.shape[:2], np.uint8)])
+  cmyk[24:, :, 3] = 60
+  Image.fromarray(cmyk, 'CMYK').save(inputs / 'cmyk.jpg', quality=95)
+  decoded = np.asarray(Image.open(inputs / 'cmyk.jpg'), np.float64)  # the JPEG's CMYK values
+  expected['cmyk'] = np.round((255 - decoded[..., :3]) * (255 - decoded[..., 3:]) / 255
+                              ).astype(np.uint8)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # the camera was turned: rotate 90 degrees clockwise to view
+  Image.fromarray(rgb).save(inputs / 'rotated.jpg', exif=exif, quality=95)
+  expected['rotated'] = np.rot90(np.asarray(Image.open(inputs / 'rotated.jpg')), k=-1)
+  assert expected['rotated'].shape == (64, 48, 3)
+
+  for name, pixels in expected.items():
+    [path] = [p for p in os.listdir(inputs) if os.path.splitext(p)[0] == name]
+    np.testing.assert_array_equal(load_rgb(str(inputs / path)), pixels, err_msg=name)
+  assert _run(engine, [str(inputs)], tmp_path / 'out')[0] == 0
+  for name, pixels in expected.items():
+    _assert_same_classes(_read_mask(tmp_path / 'out' / f'{name}.png'), reference(pixels))
+
+
+# ----------------------------------------------------------------------------------------------
+# Large images and bounded memory.
+
+
+def test_large_images_resize_within_the_compiled_shapes(engine, reference, tmp_path):
+  image = _scene(300, 400, 10)  # "large" here: max_side 161 = the tiny eval_size
+  Image.fromarray(image).save(tmp_path / 'big.png')
+  Image.fromarray(image[:100, :120]).save(tmp_path / 'small.png')
+  engine.shapes_run.clear()
+  failures, _, _ = _run(engine, [str(tmp_path / 'big.png'), str(tmp_path / 'small.png')],
+                        tmp_path / 'out', large_images='resize', max_side=161,
+                        probabilities='float16')
+  assert failures == 0
+  assert {shape[2:] for shape in engine.shapes_run} == {(EVAL_SIZE, EVAL_SIZE)}
+  mask = _read_mask(tmp_path / 'out' / 'big.png')
+  assert mask.shape == (300, 400)
+  # Independently: PIL's bilinear downscale, the plain model, softmax, jax.image.resize up.
+  small = np.asarray(Image.fromarray(image).resize((161, 121), Image.Resampling.BILINEAR))
+  logits = reference(small)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  upsampled = np.asarray(jax.image.resize(probs, (300, 400, 21), 'linear'))
+  _assert_same_classes(mask, upsampled, near_tie=1e-4)
+  assert np.asarray(Image.open(tmp_path / 'out' / 'small.png')).shape == (100, 120)
+  stored = np.load(tmp_path / 'out' / 'big_prob.npy')
+  assert stored.shape == (21, 300, 400)
+  np.testing.assert_allclose(stored.astype(np.float32), np.moveaxis(upsampled, -1, 0),
+                             atol=2e-3)
+
+
+def test_a_large_turned_jpeg_keeps_its_full_oriented_size(engine, tmp_path):
+  exif = Image.Exif()
+  exif[0x0112] = 6  # stored 400 wide, 300 high; viewed 300 wide, 400 high
+  Image.fromarray(_scene(300, 400, 12)).save(tmp_path / 'turned.jpg', exif=exif)
+  image, original = load_image(str(tmp_path / 'turned.jpg'), max_side=161)
+  assert original == (400, 300) and image.shape == (161, 121, 3)
+  assert _run(engine, [str(tmp_path / 'turned.jpg')], tmp_path / 'out', max_side=161,
+              overlay=True)[0] == 0
+  assert np.asarray(Image.open(tmp_path / 'out' / 'turned.png')).shape == (400, 300)
+  assert Image.open(tmp_path / 'out' / 'turned_overlay.jpg').size == (300, 400)
+
+
+def test_large_images_tile_within_the_compiled_shapes(engine, reference, tmp_path):
+  image = _scene(300, 400, 11)
+  Image.fromarray(image).save(tmp_path / 'big.png')
+  engine.shapes_run.clear()
+  assert _run(engine, [str(tmp_path / 'big.png')], tmp_path / 'out', large_images='tile',
+              max_side=161)[0] == 0
+  assert {shape[2:] for shape in engine.shapes_run} == {(EVAL_SIZE, EVAL_SIZE)}
+  mask = _read_mask(tmp_path / 'out' / 'big.png')
+  assert mask.shape == (300, 400)
+  # Tiles of 161 overlapping by 64 start at 0, 97, 139 (rows) and 0, 97, 194, 239 (columns);
+  # each owns up to the middle of its overlaps: rows [0, 129), [129, 198), [198, 300) and
+  # columns [0, 129), [129, 226), [226, 297), [297, 400).
+  _assert_same_classes(mask[:129, :129], reference(image[:161, :161])[:129, :129])
+  _assert_same_classes(mask[129:198, 129:226], reference(image[97:258, 97:258])[32:101, 32:129])
+  _assert_same_classes(mask[198:, 297:], reference(image[139:, 239:])[59:, 58:])
+
+
+def test_tile_layout():
+  assert large_images.tile_starts(100, 161, 64) == ([0], [0, 100])
+  assert large_images.tile_starts(300, 161, 64) == ([0, 97, 139], [0, 129, 198, 300])
+  assert large_images.tile_starts(400, 161, 64) == ([0, 97, 194, 239], [0, 129, 226, 297, 400])
+
+
+def test_a_budget_of_one_image_at_a_time_still_finishes(engine, tmp_path):
+  for i in range(5):
+    Image.fromarray(_scene(30 + i, 30, i)).save(tmp_path / f'{i}.png')
+  files, _, _ = collect_inputs([str(tmp_path)])
+  options = predict.Options(workers=2)
+  jobs = plan_jobs(files, str(tmp_path.parent / 'budget-out'), options)
+  summary = predict.Pipeline(engine, options, io.StringIO(), bytes_in_flight=1).run(jobs)
+  assert summary.processed == 5 and not summary.failures
+  assert summary.peak_bytes_held == 34 * 30 * 3  # one image at a time: the largest
+  summary = predict.Pipeline(engine, predict.Options(workers=2, overwrite=True), io.StringIO(),
+                             bytes_in_flight=2 * 30 * 30 * 3).run(jobs)
+  assert summary.processed == 5 and summary.peak_bytes_held <= 2 * 30 * 30 * 3
+
+
+def test_progress_updates_one_line_on_a_terminal():
+  class Terminal(io.StringIO):
+    def isatty(self):
+      return True
+  stream = Terminal()
+  progress = Progress(3, stream, interval=0)
+  for _ in range(3):
+    progress.update()
+  text = stream.getvalue()
+  assert text.count('\r') == 3 and text.count('\n') == 1 and '3/3' in text
+  assert 'images/s' in text and 'ETA' in text
+
+
+# ----------------------------------------------------------------------------------------------
+# The command.
+
+
+def test_main_predict_exit_status_progress_and_summary(model_dir, tmp_path):
+  workdir, _, _ = model_dir
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'more').mkdir()
+  Image.fromarray(_scene(40, 50, 12)).save(tmp_path / 'in' / 'a.png')
+  (tmp_path / 'in' / 'b.jpg').write_bytes(b'')
+  Image.fromarray(_scene(30, 20, 13)).save(tmp_path / 'more' / 'c.png')
+  Image.fromarray(_scene(20, 30, 14)).save(tmp_path / 'more' / 'd.png')
+  (tmp_path / 'more' / 'list.txt').write_text('d.png\nmissing.png\n')
+  more = f'{tmp_path}/more/c.png,{tmp_path}/more/list.txt'  # a comma list, a second --input
+  args = [sys.executable, 'main.py', 'predict', '--workdir', workdir, '--input',
+          str(tmp_path / 'in'), '--output', str(tmp_path / 'out'), '--input', more, '--overlay',
+          '--probabilities=uint8', '--batch-size=2', '--workers=1']
+  result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'processed         3' in result.stdout and 'failed            2' in result.stdout
+  assert 'empty file' in result.stdout and 'missing.png: not found' in result.stdout
+  assert 'images/s' in result.stderr and 'ETA' in result.stderr  # the progress line
+  assert sorted(os.listdir(tmp_path / 'out')) == [
+      f'{stem}{suffix}' for stem in 'acd'
+      for suffix in ('.png', '_color.png', '_overlay.jpg', '_prob.npy')]
+  result = subprocess.run(args[:8] + [str(tmp_path / 'in' / 'masks')] + args[9:], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode != 0 and 'inside the input folder' in result.stderr

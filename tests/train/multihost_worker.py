@@ -1,0 +1,79 @@
+"""One process of tests/test_multihost.py: a few training steps under jax.distributed.
+
+    python tests/train/multihost_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_DIR
+
+Each process feeds its own slice of the same synthetic global batches, then the
+processes save one orbax checkpoint together into OUT_DIR/ckpt.
+"""
+
+import os
+import sys
+
+import jax
+import numpy as np
+
+from seg import checkpoint, parallel
+from seg.config import load_experiment
+from seg.train import step as step_lib
+
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..', 'experiments',
+                    'tiny.py')
+
+STEPS = 3
+
+
+def global_batches(config, steps=STEPS):
+  """The same [batch, crop, crop] images and labels in every process, from a fixed seed."""
+  rng = np.random.RandomState(0)
+  size, n = config.data.crop_size, config.train.batch_size
+  for _ in range(steps):
+    labels = rng.randint(0, config.model.num_classes, (n, size, size)).astype(np.uint8)
+    labels[:, :4] = config.data.ignore_label
+    images = rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32)
+    yield {'image': images, 'label': labels}
+
+
+def tiny_config():
+  config = load_experiment(TINY)
+  config.unlock()
+  config.model.num_classes = 5
+  config.train.batch_size = 8
+  return config
+
+
+def run_steps(config, process_index, process_count):
+  """Trains STEPS steps on this process's rows of each global batch; the replicated state."""
+  from seg.model import create_model
+  lr = step_lib.create_learning_rate_fn(config.train)
+  init_rng, step_rng = jax.random.split(jax.random.key(config.train.seed))
+  state = step_lib.create_train_state(init_rng, config, create_model(config.model), lr)
+  # float64, so that the comparison sees the algorithm, not float32 summation order.
+  to64 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+  state = parallel.replicate(state.replace(params=to64(state.params),
+                                           batch_stats=to64(state.batch_stats),
+                                           opt_state=to64(state.opt_state)))
+  p_step = step_lib.make_p_train_step(config, lr)
+  rows = config.train.batch_size // process_count
+  for step, batch in enumerate(global_batches(config), 1):
+    local = {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
+    local['image'] = local['image'].astype(np.float64)
+    state, _ = p_step(state, parallel.shard(local),
+                      parallel.replicate(jax.random.fold_in(step_rng, step)))
+  return state
+
+
+def main(coordinator, num_processes, process_id, out_dir):
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  parallel.initialize_distributed(coordinator, int(num_processes), int(process_id))
+  jax.config.update('jax_enable_x64', True)
+  assert jax.process_count() == int(num_processes) and jax.device_count() == 4
+  from seg.train import loop
+  state = run_steps(tiny_config(), jax.process_index(), jax.process_count())
+  manager = checkpoint.create_manager(os.path.join(out_dir, 'run'))
+  loop.save_state(manager, state)
+  manager.wait_until_finished()
+  print(f'process {jax.process_index()} done')
+
+
+if __name__ == '__main__':
+  main(*sys.argv[1:])

@@ -1,0 +1,188 @@
+"""The training step, the optimiser recipe, learning and checkpoint resumption."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import jax_utils
+
+from seg import checkpoint, parallel
+from seg.train import loop
+from seg.train import step as step_lib
+from seg.data import pipeline
+from seg.model import DeepLabV3MobileNetV2, create_model
+from seg.parallel import AXIS_NAME
+from seg.preprocessing import preprocess
+
+
+def test_poly_learning_rate_with_warmup(tiny_config):
+  cfg = tiny_config.train
+  cfg.steps, cfg.learning_rate, cfg.warmup_steps, cfg.lr_power = 100, 0.01, 10, 0.9
+  lr = step_lib.create_learning_rate_fn(cfg)
+  for step in (0, 5, 10, 11, 50, 99, 100):
+    if step < 10:
+      expected = 0.01 * step / 10
+    else:
+      expected = 0.01 * (1 - (step - 10) / 90) ** 0.9
+    assert np.isclose(float(lr(step)), expected, rtol=1e-5, atol=1e-9), step
+
+
+def test_weight_decay_skips_depthwise_kernels_batchnorm_and_biases():
+  variables = jax.eval_shape(lambda: DeepLabV3MobileNetV2(width=0.35).init(
+      jax.random.key(0), jnp.zeros((1, 33, 33, 3))))
+  mask = step_lib.weight_decay_mask(variables['params'])
+  flat = {'/'.join(k.key for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert flat['MobilenetV2/expanded_conv_1/expand/conv/kernel']
+  assert flat['MobilenetV2/expanded_conv_1/project/conv/kernel']
+  assert flat['head/logits/kernel']
+  assert not flat['MobilenetV2/expanded_conv_1/depthwise/depthwise/kernel']
+  assert not flat['MobilenetV2/Conv/BatchNorm/scale']
+  assert not flat['head/logits/bias']
+
+
+def _step_on_devices(config, state, batch, n):
+  lr = step_lib.create_learning_rate_fn(config.train)
+  devices = jax.devices()[:n]
+  p_step = jax.pmap(functools.partial(step_lib.train_step, learning_rate_fn=lr, ignore_label=255),
+                    axis_name=AXIS_NAME, devices=devices)
+  sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+  new_state, metrics = p_step(jax_utils.replicate(state, devices), sharded,
+                              jax_utils.replicate(jax.random.key(1), devices))
+  return jax.device_get(jax.tree.map(lambda x: x[0], (new_state.params, new_state.batch_stats,
+                                                      metrics['loss'])))
+
+
+def _assert_trees_close(a, b, rtol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-12)
+
+
+def test_synchronised_batchnorm_two_devices_equal_one_device(tiny_config):
+  # In float64, so that the comparison sees the algorithm and not float32 reduction order
+  # (which float32 amplifies through 17 BatchNorm layers to ~1e-2 on near-zero means).
+  config = tiny_config
+  config.model.dropout_rate = 0.0
+  model = create_model(config.model)
+  lr = step_lib.create_learning_rate_fn(config.train)
+  state32 = step_lib.create_train_state(jax.random.key(0), config, model, lr)
+  batch32 = next(pipeline.train_batches(config.data, 4, seed=3))
+  with jax.enable_x64(True):
+    to64 = lambda tree: jax.tree.map(
+        lambda x: np.asarray(x, np.float64) if np.issubdtype(x.dtype, np.floating) else x, tree)
+    state = state32.replace(params=to64(state32.params), batch_stats=to64(state32.batch_stats),
+                            opt_state=to64(state32.opt_state))
+    batch = {'image': batch32['image'].astype(np.float64), 'label': batch32['label']}
+    one = _step_on_devices(config, state, batch, 1)
+    assert jax.tree.leaves(one[0])[0].dtype == np.float64
+    _assert_trees_close(one, _step_on_devices(config, state, batch, 2), 1e-5)
+
+    # Without synchronisation each device would normalise with its own statistics: the
+    # statistics the first of two devices would keep (the train step's forward pass on its
+    # half of the batch, BatchNorm unsynchronised) are not those of the whole batch. A
+    # forward pass is enough: the statistics do not depend on the gradient.
+    unsynced = DeepLabV3MobileNetV2(num_classes=21, width=0.35, dropout_rate=0.0,
+                                    bn_momentum=0.9, axis_name=None)
+    forward = jax.jit(lambda v, x: unsynced.apply(v, x, train=True, mutable=['batch_stats']))
+    local = jax.device_get(forward({'params': state.params, 'batch_stats': state.batch_stats},
+                                   preprocess(batch['image'][:2]))[1])
+  gaps = [np.max(np.abs(x - y)) for x, y in zip(jax.tree.leaves(one[1]),
+                                                jax.tree.leaves(local['batch_stats']))]
+  assert len(gaps) == len(jax.tree.leaves(one[1])) and max(gaps) > 1e-3
+
+
+def test_training_overfits_a_small_set(tiny_config):
+  config = tiny_config
+  config.train.steps, config.train.learning_rate, config.train.warmup_steps = 60, 0.05, 5
+  model = create_model(config.model)
+  lr = step_lib.create_learning_rate_fn(config.train)
+  state = parallel.replicate(step_lib.create_train_state(jax.random.key(0), config, model, lr))
+  p_step = step_lib.make_p_train_step(config, lr)
+  batch = parallel.shard(next(pipeline.train_batches(config.data, 4, seed=0)))
+  losses = []
+  for step in range(config.train.steps):
+    state, metrics = p_step(state, batch, parallel.replicate(jax.random.key(step)))
+    losses.append(float(metrics['loss'][0]))
+  assert losses[-1] < 0.3 * losses[0]
+  assert float(metrics['pixel_accuracy'][0]) > 0.95
+
+
+def test_resume_continues_at_the_saved_step(tiny_config, tmp_path):
+  config = tiny_config
+  workdir = str(tmp_path / 'run')
+  logs = []
+  config.train.steps = 4
+  config.data.eval_split = 'val[:8]'  # resuming is the point here, not evaluation
+  loop.train_and_evaluate(config, workdir, log=logs.append)
+  assert checkpoint.create_manager(workdir).all_steps() == [2, 4]
+  config.train.steps = 6
+  loop.train_and_evaluate(config, workdir, log=logs.append)
+  assert any('resuming at step 4' in line for line in logs)
+  assert checkpoint.create_manager(workdir).all_steps() == [4, 6]   # keeps the last 2
+  # The learning rate continued the schedule of a 6-step run from step 4.
+  lr = step_lib.create_learning_rate_fn(config.train)
+  logged = [line for line in logs if line.startswith('step      6/6')]
+  assert logged and f'lr {float(lr(5)):.2e}' in logged[0]
+
+
+def test_restored_variables_predict_bit_identically(tiny_config, tmp_path):
+  config = tiny_config
+  model = create_model(config.model)
+  lr = step_lib.create_learning_rate_fn(config.train)
+  state = parallel.replicate(step_lib.create_train_state(jax.random.key(0), config, model, lr))
+  p_step = step_lib.make_p_train_step(config, lr)
+  batches = pipeline.train_batches(config.data, 4, seed=0)
+  for step in range(3):
+    state, _ = p_step(state, parallel.shard(next(batches)),
+                      parallel.replicate(jax.random.key(step)))
+  manager = checkpoint.create_manager(str(tmp_path))
+  loop.save_state(manager, state)
+  manager.wait_until_finished()
+  restored, step = checkpoint.load_model_variables(str(tmp_path), model)
+  assert step == 3
+  host = parallel.unreplicate(state)
+  images = preprocess(jnp.asarray(next(batches)['image']))
+  before = model.apply({'params': host.params, 'batch_stats': host.batch_stats}, images)
+  after = model.apply(restored, images)
+  np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+  # Optimiser momentum comes back too.
+  _, train_vars = checkpoint.restore(manager, {'params': host.params,
+                                               'batch_stats': host.batch_stats},
+                                     loop.train_vars(host))
+  for x, y in zip(jax.tree.leaves(train_vars['opt_state']), jax.tree.leaves(host.opt_state)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_indivisible_batch_is_a_clear_error():
+  with pytest.raises(ValueError, match='does not divide'):
+    parallel.local_batch_size(6)   # 4 fake devices
+
+
+def test_bfloat16_compute_keeps_float32_state_and_follows_float32(tiny_config):
+  # tiny.py's model as it is (dropout draws the same mask in both dtypes from the same key):
+  # its float32 step is the program that other tests compiled, from the session's cache.
+  config = tiny_config
+  model = create_model(config.model)
+  lr = step_lib.create_learning_rate_fn(config.train)
+  state = step_lib.create_train_state(jax.random.key(0), config, model, lr)
+  batch = parallel.shard(next(pipeline.train_batches(config.data, 4, seed=0)))
+  results = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.train.compute_dtype = dtype
+    new, metrics = step_lib.make_p_train_step(config, lr)(
+        parallel.replicate(state), batch, parallel.replicate(jax.random.key(1)))
+    results[dtype] = parallel.unreplicate(new), float(metrics['loss'][0])
+  (f32, loss32), (bf16, loss16) = results['float32'], results['bfloat16']
+  for tree in (bf16.params, bf16.batch_stats, bf16.opt_state):
+    floats = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.inexact)]
+    assert floats and all(x.dtype == np.float32 for x in floats)  # (optax's count is int32)
+  assert loss16 != loss32 and abs(loss16 - loss32) < 0.02 * loss32
+  # The update of the logits layer (after the last BatchNorm) follows the float32 one. Deeper
+  # in the encoder a first step from initialisation differs more: bf16's 8-bit mantissa is
+  # amplified through 17 BatchNorm layers (over all parameters the cosine was about 0.5).
+  d32 = np.ravel(f32.params['head']['logits']['kernel'] - state.params['head']['logits']['kernel'])
+  d16 = np.ravel(bf16.params['head']['logits']['kernel']
+                 - state.params['head']['logits']['kernel'])
+  assert np.dot(d32, d16) / (np.linalg.norm(d32) * np.linalg.norm(d16)) > 0.95
