@@ -207,3 +207,16 @@ def _padded_batches(ds: tf.data.Dataset, ignore_label: int, batch_size: int, hei
     yield batch
   for _ in range(steps - produced):
     yield {k: np.stack([v] * batch_size) for k, v in padding.items()}
+
+
+def split_images(data_config, split: str, count: int, seed: int = 0):
+  """Up to `count` decoded images of a split, [h, w, 3] uint8 each, a seeded random choice.
+
+  For calibrating quantised models on the training data (`seg.inference.calibration`).
+  """
+  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  total = builder.info.splits[split].num_examples
+  chosen = set(np.random.default_rng(seed).permutation(total)[:count].tolist())
+  ds = builder.as_dataset(split=split, shuffle_files=False).enumerate()
+  ds = ds.filter(lambda i, ex: tf.reduce_any(tf.equal(i, list(chosen) or [-1])))
+  return [ex['image'] for _, ex in tfds.as_numpy(ds)]

@@ -194,12 +194,12 @@ events = []
 jax.monitoring.register_event_listener(lambda name, **kwargs: events.append(name))
 jax.config.update('jax_compilation_cache_dir', sys.argv[1])  # as main.py does
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)  # tiny model: fast compiles
-from benchmarks import inference_speed
 from experiments import tiny
-from seg import engine
-config = tiny.gettiny_engine_config()
+from seg.inference import benchmark, engine
+from seg.model import create_model
+config = tiny.get_config()
 config.data.eval_size = 65
-variables = inference_speed.random_variables(create_model(config.model))
+variables = benchmark.random_variables(create_model(config.model))
 engine.Engine(config, variables).compiled('classes', 1, 65, 65)
 assert '/jax/compilation_cache/cache_hits' not in events
 jax.clear_caches()  # forget the in-memory executables: only the disk cache is left
