@@ -6,7 +6,7 @@ The file holds StableHLO for every platform asked for (CPU and CUDA by
 default; lowering for CUDA needs no GPU) with the folded weights inside. The
 function is `seg.inference.forward.class_map`: uint8 images and their valid sizes in,
 class ids out, preprocessing and padding included. Its input is
-`images: uint8 [batch, H, W, 3]` (batch symbolic unless `--nosymbolic-batch`,
+`images: uint8 [batch, H, W, 3]` (batch symbolic unless `--no-symbolic-batch`,
 H x W fixed at export: the eval bucket or `--height/--width`) and
 `sizes: int32 [batch, 2]`, each image's (height, width); an image sits at the
 top left of its canvas and everything outside it counts as the mean pixel,
