@@ -5,7 +5,7 @@ Reproduce a comparison from the repository root (Python 3.11):
     pip install -r requirements.txt -r benchmarks/requirements-peers.txt
     python benchmarks/peers/run.py --engine
 
-(~15 min on 2 cores; on a shared machine wrap the second command in `flock /tmp/seg-cpu.lock`.)
+(10.5 min on 2 Xeon cores, 2026-11-29; on a shared machine wrap it in `flock /tmp/seg-cpu.lock`.)
 The network is the same everywhere: DeepLabv3 + MobileNetV2 1.0, output stride 16,
 21 classes, random weights (model.py), float32 [batch, 3, H, W] images in, logits at
 stride 16 out (no resize, no argmax). Rows (--only picks some; default all):
@@ -109,7 +109,7 @@ def parse_extras(specs, taken):
   return extras
 
 
-def ensure_onnx(args, out):
+def ensure_onnx(args, out, run_id):
   """Exports the ONNX models for this size unless present; the export's JSON line goes to `out`."""
   from export_onnx import DEFAULT_MODEL_DIR, onnx_paths
   if all(os.path.exists(p) for p in onnx_paths(DEFAULT_MODEL_DIR, args.height, args.width)):
@@ -126,7 +126,7 @@ def ensure_onnx(args, out):
   rec = last_json_line(done.stdout)
   if done.returncode != 0 or rec is None:
     raise SystemExit(f'ONNX export failed:\n{done.stderr[-3000:]}')
-  out.write(json.dumps(dict(rec, command=command)) + '\n')
+  out.write(json.dumps(dict(rec, run_id=run_id, command=command)) + '\n')
 
 
 def load_records(path):
@@ -233,7 +233,7 @@ def main():
   records, failures = [], []
   with open(output, 'a') as out:
     if any(n.startswith('onnxruntime') for n in names):
-      ensure_onnx(args, out)
+      ensure_onnx(args, out, run_id)
     for round_ in range(1, args.rounds + 1):
       for batch in batches:
         for name, template in commands.items():
