@@ -5,11 +5,11 @@
 It learns little; it exists so that code paths can be exercised on a CPU.
 """
 
-from experiments import base
+from seg.config import default_config
 
 
 def get_config():
-  config = base.get_config()
+  config = default_config()
   config.model.width = 0.35
   config.model.bn_momentum = 0.9
   config.data.crop_size = 65

@@ -22,11 +22,11 @@ weights"):
         --config.train.init_from=runs/mnv2_imagenet
 """
 
-from experiments import base
+from seg.config import default_config
 
 
 def get_config():
-  config = base.get_config()
+  config = default_config()
   config.data.dataset = 'train_aug'
   config.data.train_split = 'train_aug'
   config.data.eval_split = 'val'

@@ -11,6 +11,7 @@ version gets the fields it lacks from here (`with_defaults`), so code never repe
 import ast
 import importlib.util
 import os
+import sys
 from typing import Any, Iterable, Tuple
 
 import ml_collections
@@ -87,7 +88,18 @@ def load_experiment(path: str, overrides: Iterable[Tuple[str, str]] = ()) -> ml_
   spec = importlib.util.spec_from_file_location(
       'experiment_' + os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  # An experiment may import its siblings (`from experiments import voc_mnv2_os16`): the
+  # folder above a package of experiment files is importable while the file runs.
+  folder = os.path.dirname(os.path.abspath(path))
+  root = os.path.dirname(folder) if os.path.exists(os.path.join(folder, '__init__.py')) else None
+  if root and root not in sys.path:
+    sys.path.insert(0, root)
+    try:
+      spec.loader.exec_module(module)
+    finally:
+      sys.path.remove(root)
+  else:
+    spec.loader.exec_module(module)
   if not hasattr(module, 'get_config'):
     raise ValueError(f'{path} defines no get_config()')
   config = module.get_config()

@@ -5,7 +5,7 @@ Reproduce a comparison from the repository root (Python 3.11):
     pip install -r requirements.txt -r benchmarks/requirements-peers.txt
     python benchmarks/peers/run.py --engine
 
-(10.5 min on 2 Xeon cores, 2026-11-29; on a shared machine wrap it in `flock /tmp/seg-cpu.lock`.)
+(10.5 min on 2 Intel Xeon cores, 2026-11-29.)
 The network is the same everywhere: DeepLabv3 + MobileNetV2 1.0, output stride 16,
 21 classes, random weights (model.py), float32 [batch, 3, H, W] images in, logits at
 stride 16 out (no resize, no argmax). Rows (--only picks some; default all):
@@ -254,9 +254,7 @@ def main():
                              ('date_utc', run_id)):
             rec.setdefault(key, value)
           for key, value in (('height', args.height), ('width', args.width)):
-            if rec.get(key, value) != value:   # the engine's "width" is its width multiplier
-              rec[f'own_{key}'] = rec[key]
-            rec[key] = value
+            rec.setdefault(key, value)
           rec.update(facts)
           records.append(rec)
           out.write(json.dumps(rec) + '\n')
