@@ -48,6 +48,8 @@ def _check_arguments(fmt: str, size: Optional[str], quantize: Optional[str],
   if size and fmt in ('hf', 'jax'):
     raise ValueError(f'--size is for --format tflite or onnx (jax: --height/--width; hf: '
                      'the model takes any size)')
+  if size:
+    parse_size(size, 0)  # a malformed or unsupported size fails before anything is loaded
 
 
 def export_model(workdir: str, fmt: str, output: str, config=None, size: Optional[str] = None,

@@ -272,3 +272,16 @@ def test_hf_refuses_what_transformers_cannot_hold(model, tmp_path):
   with pytest.raises(ValueError, match='head \'aspp\''):
     from seg.weights.hf import write_hf
     write_hf(aspp, variables, str(tmp_path / 'hf'), [])
+
+
+def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path):
+  import subprocess
+  import sys
+  from helpers import ROOT
+  result = subprocess.run(
+      [sys.executable, 'main.py', 'export', '--workdir', str(tmp_path), '--format', 'tflite',
+       '--output', str(tmp_path / 'm.tflite'), '--size', '257x10'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  last = result.stderr.strip().splitlines()[-1]
+  assert 'export: error: --size' in last and 'Traceback' not in result.stderr, result.stderr
