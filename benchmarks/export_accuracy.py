@@ -12,6 +12,10 @@ CPU) over every image of the config's eval split, each fitted on the export's ca
   - the same for the engine on the same uint8 canvases, and the engine as `eval` runs it
     (padding exactly the mean pixel);
   - for each export, the share of pixels whose class equals the engine's on the same canvas.
+  - transformers' model of the `--format hf` folder: on the same canvases (upsampled with
+    aligned corners, as the model does), and on each image as it is (no padding: it pools
+    over the image alone), upsampled with aligned corners or as transformers does
+    (align_corners=False).
 One JSON line per row goes to --json (if given). Needs requirements-test.txt (runtimes).
 """
 
@@ -44,6 +48,7 @@ def main():
   parser.add_argument('--size', default='', help='canvas HxW (default eval_size)')
   parser.add_argument('--output-dir', default='/tmp/seg-export-accuracy')
   parser.add_argument('--json', default='')
+  parser.add_argument('--only-hf', action='store_true', help='the engine and hf rows only')
   args = parser.parse_args()
 
   from seg import checkpoint
@@ -83,7 +88,7 @@ def main():
   print(f'engine: {time.time() - start:.0f}s', file=sys.stderr)
 
   os.makedirs(args.output_dir, exist_ok=True)
-  for fmt in ('tflite', 'onnx'):
+  for fmt in () if args.only_hf else ('tflite', 'onnx'):
     for quantize in (None, 'int8'):
       path = os.path.join(args.output_dir, f'model.{size}.{quantize or "float32"}.{fmt}')
       start = time.time()
@@ -104,6 +109,32 @@ def main():
                              for m, e, r in zip(masks, engine_masks, regions)]))
       rows[f'{fmt} {quantize or "float32"}'] = (report(masks), agree)
       print(f'{fmt} {quantize or "float32"}: export {export_s:.0f}s', file=sys.stderr)
+
+  # Hugging Face: transformers' own model of the exported folder, run two ways.
+  import torch
+  from transformers import MobileNetV2ForSemanticSegmentation
+  folder = os.path.join(args.output_dir, 'hf')
+  if not os.path.exists(os.path.join(folder, 'config.json')):
+    exporter.export_model(args.workdir, 'hf', folder, log=lambda m: print(m, file=sys.stderr))
+  hf = MobileNetV2ForSemanticSegmentation.from_pretrained(folder).eval()
+
+  def hf_masks(images, align_corners):
+    masks = []
+    for image in images:
+      x = torch.from_numpy(image.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1)
+      with torch.no_grad():
+        logits = hf(pixel_values=x).logits
+        logits = torch.nn.functional.interpolate(logits, size=image.shape[:2], mode='bilinear',
+                                                 align_corners=align_corners)
+      masks.append(logits.argmax(1)[0].numpy().astype(np.uint8))
+    return masks
+  masks = hf_masks(canvases, True)
+  agree = float(np.mean([np.mean(m[:r[0], :r[1]] == e[:r[0], :r[1]])
+                         for m, e, r in zip(masks, engine_masks, regions)]))
+  rows['hf: canvas, aligned corners'] = (report(masks), agree)
+  images = [im for im, _ in examples]
+  rows['hf: image as is, aligned corners'] = (report(hf_masks(images, True)), None)
+  rows['hf: image as is, HF upsampling'] = (report(hf_masks(images, False)), None)
 
   print(f'\n{args.workdir} (step {step}), {len(examples)} {config.data.eval_split} images on '
         f'{size} canvases, int8 calibrated on {args.calibration_count} of {args.calibration!r}')

@@ -157,6 +157,8 @@ def main():
   os.makedirs(args.model_dir, exist_ok=True)
   sizes = [s.strip() for s in args.sizes.split(',') if s.strip()]
   paths = ensure_models(args, sizes)
+  if args.rounds == 0:  # --rounds 0: export only
+    return
   rows = [r for r in ROWS + ('litert-float32-jax2tf',) if (r, sizes[0]) in paths]
   records = {}
   cpu, date = cpu_name(), time.strftime('%Y-%m-%d')

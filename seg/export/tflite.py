@@ -153,7 +153,10 @@ def convert(folded: Dict[str, Any], model_config, height: int, width: int,
 
 def _check_uint8_input(blob: bytes) -> None:
   """The int8 model's input must read raw pixels: uint8, scale 1, zero point 0."""
-  from ai_edge_litert.interpreter import Interpreter
+  try:
+    from ai_edge_litert.interpreter import Interpreter
+  except ImportError:  # the runtime is not needed to export: TensorFlow's copy reads it too
+    Interpreter = _tf().lite.Interpreter
   detail = Interpreter(model_content=blob).get_input_details()[0]
   scale, zero = detail['quantization']
   if detail['dtype'] != np.uint8 or abs(scale - 1.0) > 1e-6 or zero != 0:
