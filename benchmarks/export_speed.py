@@ -70,12 +70,18 @@ def time_one(path: str, warmup: int, iters: int, threads: int, batch: int) -> di
     import ai_edge_litert
     from ai_edge_litert.interpreter import Interpreter
     interpreter = Interpreter(model_path=path, num_threads=threads)
-    runner = interpreter.get_signature_runner()
-    _, height, width, _ = interpreter.get_input_details()[0]['shape']
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    _, height, width, _ = detail['shape']
     if batch != 1:
       raise SystemExit('the LiteRT exports take one image per call')
     images = np.random.default_rng(0).integers(0, 256, (1, height, width, 3), np.uint8)
-    run = lambda: runner(images=images)
+    output = interpreter.get_output_details()[0]['index']
+
+    def run():  # by tensor index: the jax2tf file has no signature
+      interpreter.set_tensor(detail['index'], images)
+      interpreter.invoke()
+      return interpreter.get_tensor(output)
     runtime = f'ai-edge-litert {getattr(ai_edge_litert, "__version__", "")}'.strip()
   load_s = time.perf_counter() - start
   for _ in range(warmup):
