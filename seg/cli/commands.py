@@ -108,12 +108,29 @@ def benchmark(*, config=None, workdir: Optional[str] = None, train: bool = False
   print(json.dumps(record) if as_json else inference_benchmark.format_record(record))
 
 
-def export(*, workdir: str, output: str, config=None, platforms: str = 'cpu,cuda',
-           dtype: str = 'float32', batch_size: Optional[int] = None, height: int = 0,
-           width: int = 0) -> None:
-  from seg.inference import export as export_lib
-  export_lib.export_workdir(workdir, output, platforms.split(','), config, dtype, batch_size,
-                            height or None, width or None)
+def export(*, workdir: str, output: str, fmt: str = 'jax', config=None,
+           platforms: str = 'cpu,cuda', dtype: str = 'float32', batch_size: Optional[int] = None,
+           height: int = 0, width: int = 0, size: str = '', quantize: str = '',
+           calibration: str = '', calibration_count: int = 200, logits: bool = False) -> None:
+  if fmt == 'jax':
+    if size or quantize or calibration or logits:
+      raise CommandError('--size, --quantize, --calibration and --logits are for --format '
+                         'tflite or onnx (jax: --height/--width, --dtype)')
+    from seg.inference import export as export_lib
+    try:
+      export_lib.export_workdir(workdir, output, platforms.split(','), config, dtype, batch_size,
+                                height or None, width or None)
+    except (FileNotFoundError, ValueError) as e:
+      raise CommandError(str(e)) from None
+    return
+  if height or width:
+    raise CommandError('--height/--width are for --format jax; use --size HxW')
+  from seg.export import exporter
+  try:
+    exporter.export_model(workdir, fmt, output, config, size or None, quantize or None,
+                          calibration or None, calibration_count, logits)
+  except (FileNotFoundError, ValueError) as e:
+    raise CommandError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,10 +161,11 @@ def run(args: argparse.Namespace) -> int:
               measure=a.measure, warmup=a.warmup, iters=a.iters,
               image_by_image=a.image_by_image)
   elif command == 'export':
-    export(workdir=a.workdir, output=a.output,
+    export(workdir=a.workdir, output=a.output, fmt=a.format,
            config=_workdir_config(a.workdir, a.config, a.overrides), platforms=a.platforms,
            dtype=a.dtype, batch_size=None if a.symbolic_batch else a.batch_size,
-           height=a.height, width=a.width)
+           height=a.height, width=a.width, size=a.size, quantize=a.quantize,
+           calibration=a.calibration, calibration_count=a.calibration_count, logits=a.logits)
   else:  # argparse only lets the commands above through
     raise AssertionError(command)
   sys.stdout.flush()

@@ -125,17 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
                  help='training images/s: in-memory batches and the real input pipeline')
   p.add_argument('--steps', type=_positive, default=30, help='--train: timed steps per phase')
 
-  p = commands.add_parser('export', help='the prediction function as one jax.export file')
+  p = commands.add_parser('export', help='the model for another runtime: jax.export, LiteRT '
+                          '(TFLite), ONNX or Hugging Face (docs/export.md)')
   p.add_argument('--workdir', required=True)
-  p.add_argument('--output', required=True, help='the file to write')
+  p.add_argument('--format', default='jax', choices=('jax', 'tflite', 'onnx', 'hf'),
+                 help='jax: one jax.export file; tflite: a LiteRT flatbuffer (phones); onnx: '
+                      'an ONNX model (ONNX Runtime); hf: a transformers folder')
+  p.add_argument('--output', required=True, help='the file to write (hf: a folder)')
   _add_config(p, False, ' (default: the workdir\'s own config)')
-  p.add_argument('--platforms', default='cpu,cuda', help='comma-separated, e.g. cpu,cuda')
-  p.add_argument('--dtype', default='float32', choices=DTYPES)
+  p.add_argument('--size', default='', metavar='HxW',
+                 help='tflite/onnx: the input size, e.g. 257x257 (tflite default: eval_size '
+                      'square; onnx default: any size)')
+  p.add_argument('--quantize', choices=('int8',),
+                 help='tflite/onnx: int8 post-training quantization (needs --calibration)')
+  p.add_argument('--calibration', default='', metavar='IMAGES',
+                 help='--quantize: a folder, glob or list of images, or a dataset split '
+                      '(e.g. train)')
+  p.add_argument('--calibration-count', type=_positive, default=200,
+                 help='--quantize: how many calibration images (a seeded choice)')
+  p.add_argument('--logits', action=_Bool,
+                 help='tflite/onnx: also output the upsampled logits, not only the class map')
+  p.add_argument('--platforms', default='cpu,cuda', help='jax: comma-separated, e.g. cpu,cuda')
+  p.add_argument('--dtype', default='float32', choices=DTYPES, help='jax: compute dtype')
   p.add_argument('--symbolic-batch', action=_Bool, default=True,
-                 help='a symbolic batch dimension (else --batch-size)')
+                 help='jax: a symbolic batch dimension (else --batch-size)')
   p.add_argument('--batch-size', type=_positive, default=1)
-  p.add_argument('--height', type=int, default=0, help='canvas height (default eval_size)')
-  p.add_argument('--width', type=int, default=0, help='canvas width (default eval_size)')
+  p.add_argument('--height', type=int, default=0, help='jax: canvas height (default eval_size)')
+  p.add_argument('--width', type=int, default=0, help='jax: canvas width (default eval_size)')
   return parser
 
 
