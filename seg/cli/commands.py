@@ -53,13 +53,21 @@ def train(*, config, workdir: str, coordinator: str = '', num_processes: Optiona
     parallel.initialize_distributed(coordinator, num_processes, process_id)
   except ValueError as e:
     raise CommandError(str(e)) from None
+  from seg.data import labels
   from seg.train import loop
-  loop.train_and_evaluate(config, workdir)  # exit 0 also when stopped by a signal
+  try:
+    loop.train_and_evaluate(config, workdir)  # exit 0 also when stopped by a signal
+  except labels.LabelError as e:  # a dataset prepared elsewhere (seg.data.pipeline checks it)
+    raise CommandError(str(e)) from None
 
 
 def evaluate(*, workdir: str, config=None, output: Optional[str] = None) -> None:
+  from seg.data import labels
   from seg.inference import evaluate as evaluate_lib
-  evaluate_lib.evaluate_workdir(workdir, config, output)
+  try:
+    evaluate_lib.evaluate_workdir(workdir, config, output)
+  except labels.LabelError as e:
+    raise CommandError(str(e)) from None
 
 
 def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int = 8,
@@ -75,10 +83,10 @@ def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int
 
 
 def prepare_data(*, dataset: str, data_dir: str = '', manual_dir: str = '') -> None:
-  from seg.data import voc
+  from seg.data import labels, voc
   try:
     builder = voc.prepare(dataset, data_dir, manual_dir)
-  except voc.SourceError as e:
+  except (voc.SourceError, labels.LabelError) as e:
     raise CommandError(str(e)) from None
   print(f'{dataset} prepared in {builder.data_dir}')
   for split, info in builder.info.splits.items():

@@ -6,17 +6,71 @@ Batches come out as NumPy dicts for the process's local devices:
          (255 outside the image), mask [batch] float32 (0 for padding examples).
 """
 
+import contextlib
+import re
 from typing import Dict, Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from seg.data import voc
+from seg.data import labels, voc
 from seg.preprocessing import MEAN_PIXEL, padded_size
 
 # The GPU belongs to JAX; TF only decodes and augments on the CPU.
 tf.config.set_visible_devices([], 'GPU')
+
+
+_LABEL_ERROR = re.compile(r'LABELS<<(.*?)>>LABELS', re.DOTALL)
+
+
+def _check_labels(ds: tf.data.Dataset, num_classes: int, ignore_label: int) -> tf.data.Dataset:
+  """`ds` (examples with 'label' and 'file_name'), failing on a label outside the classes.
+
+  For datasets prepared elsewhere (`prepare-data` checks every file): a reduction over the
+  label's pixels, placed where it costs least (before the training stream's cache: its first
+  pass only). `_numpy` turns the failure into labels.LabelError naming the example.
+  """
+  def check(ex):
+    label = ex['label']
+    if label.dtype == tf.string:   # read with SkipDecoding: decoded for the check only
+      label = tf.io.decode_png(label)
+    label = tf.cast(label, tf.int32)
+    bad = tf.logical_and(label >= num_classes, label != ignore_label)
+
+    def fail():
+      values = tf.sort(tf.unique(tf.boolean_mask(label, bad))[0])
+      message = tf.strings.join(['LABELS<<', ex['file_name'], ':', tf.strings.reduce_join(
+          tf.strings.as_string(values), separator=','), '>>LABELS'])
+      with tf.control_dependencies([tf.debugging.Assert(False, [message])]):
+        return tf.constant(False)
+
+    ok = tf.cond(tf.reduce_any(bad), fail, lambda: tf.constant(True))
+    with tf.control_dependencies([ok]):
+      return {k: tf.identity(v) for k, v in ex.items()}
+
+  return ds.map(check, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@contextlib.contextmanager
+def _label_errors(num_classes: int, ignore_label: int, where: str):
+  """Raises a failed `_check_labels` of the datasets read inside as labels.LabelError."""
+  try:
+    yield
+  except tf.errors.InvalidArgumentError as e:
+    found = _LABEL_ERROR.search(e.message)
+    if not found:
+      raise
+    name, values = found.group(1).split(':', 1)
+    raise labels.LabelError(labels.describe(
+        f'example {name} of {where}', [int(v) for v in values.split(',')],
+        num_classes, ignore_label)) from None
+
+
+def _numpy(ds: tf.data.Dataset, num_classes: int, ignore_label: int, where: str) -> Iterator:
+  """tfds.as_numpy(ds), a failed `_check_labels` raised as labels.LabelError."""
+  with _label_errors(num_classes, ignore_label, where):
+    yield from tfds.as_numpy(ds)
 
 
 def _pad_to(image: tf.Tensor, label: tf.Tensor, height, width, ignore_label: int):
@@ -73,7 +127,8 @@ CACHES = ('decoded', 'encoded', 'none')
 
 
 def train_batches(data_config, batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1, start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+                  process_count: int = 1, start_step: int = 0,
+                  num_classes: int = labels.DATASET_CLASSES) -> Iterator[Dict[str, np.ndarray]]:
   """Endless augmented training batches of this process's shard of the split.
 
   The stream is a function of `seed` alone: the k-th example (its source
@@ -86,6 +141,8 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
     batch_size: examples per batch for this process (global batch / processes).
     seed: shuffling and augmentation seed.
     start_step: number of batches to skip (the step a resumed run starts after).
+    num_classes: the model's; a label value outside 0..num_classes-1 and the ignore
+      label raises labels.LabelError naming the example (checked on the first pass).
   """
   cache = data_config.cache
   if cache not in CACHES:
@@ -100,6 +157,7 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
   if builder.info.splits[data_config.train_split].num_examples < process_count:
     raise ValueError(f'split {data_config.train_split!r} has fewer examples than processes')
   ds = ds.shard(process_count, process_index)
+  ds = _check_labels(ds, num_classes, data_config.ignore_label)
   ds = ds.map(lambda ex: (ex['image'], ex['label']))
   if cache != 'none':
     ds = ds.cache()
@@ -123,7 +181,8 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
 
   ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
-  return iter(tfds.as_numpy(ds))
+  return _numpy(ds, num_classes, data_config.ignore_label,
+                f'split {data_config.train_split!r} of {builder.data_dir}')
 
 
 def num_examples(data_config, split: str) -> int:
@@ -156,7 +215,8 @@ def oversize_images(data_config, split: str):
 
 
 def eval_batches(data_config, batch_size: int, split: str, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+                 process_count: int = 1,
+                 num_classes: int = labels.DATASET_CLASSES) -> Iterator[Dict[str, np.ndarray]]:
   """Every example of this process's shard exactly once, at full resolution.
 
   Images are padded (never resized or cropped) to `eval_size` x `eval_size`.
@@ -165,7 +225,8 @@ def eval_batches(data_config, batch_size: int, split: str, process_index: int = 
   compiled shape; VOC's images, at most 500 pixels, never need it). In both
   groups the last batch is completed with masked padding examples, and every
   process yields the same number of batches of each shape so that collective
-  steps line up.
+  steps line up. A label value outside 0..num_classes-1 and the ignore label raises
+  labels.LabelError naming the example.
   """
   builder = voc.prepare(data_config.dataset, data_config.data_dir)
   total = builder.info.splits[split].num_examples
@@ -176,13 +237,16 @@ def eval_batches(data_config, batch_size: int, split: str, process_index: int = 
   large_per_shard = np.bincount(large % process_count, minlength=process_count)
   steps = lambda counts: int(np.max(-(-counts // batch_size)))
   ds = builder.as_dataset(split=split, shuffle_files=False).shard(process_count, process_index)
+  ds = _check_labels(ds, num_classes, data_config.ignore_label)
   fits = lambda ex: tf.reduce_max(tf.shape(ex['image'])[:2]) <= size
-  yield from _padded_batches(ds.filter(fits), data_config.ignore_label, batch_size, size, size,
-                             steps(shard_sizes - large_per_shard))
-  if len(large):
-    yield from _padded_batches(ds.filter(lambda ex: tf.logical_not(fits(ex))),
-                               data_config.ignore_label, batch_size, *large_shape,
-                               steps(large_per_shard))
+  where = f'split {split!r} of {builder.data_dir}'
+  with _label_errors(num_classes, data_config.ignore_label, where):
+    yield from _padded_batches(ds.filter(fits), data_config.ignore_label, batch_size, size,
+                               size, steps(shard_sizes - large_per_shard))
+    if len(large):
+      yield from _padded_batches(ds.filter(lambda ex: tf.logical_not(fits(ex))),
+                                 data_config.ignore_label, batch_size, *large_shape,
+                                 steps(large_per_shard))
 
 
 def _padded_batches(ds: tf.data.Dataset, ignore_label: int, batch_size: int, height: int,

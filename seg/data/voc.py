@@ -32,7 +32,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from seg.data import embedded
+from seg.data import embedded, labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,16 +206,20 @@ def train_aug_ids(voc_root: str, sbd_root: str) -> list:
 
 
 def read_example(voc_root: str, sbd_root: Optional[str], name: str):
-  """(image path, label [h, w] uint8) of one image id: VOC's label first, else SBD's."""
+  """(image path, label [h, w] uint8) of one image id: VOC's label first, else SBD's.
+
+  Raises labels.LabelError (naming the file) for values other than 0..20 and 255.
+  """
   image_path = os.path.join(voc_root, 'JPEGImages', name + '.jpg')
   label_path = os.path.join(voc_root, 'SegmentationClass', name + '.png')
   if os.path.isfile(label_path):
-    return image_path, read_label_png(label_path)
+    return image_path, labels.check(read_label_png(label_path), label_path)
   if sbd_root is None:
     raise SourceError(f'{label_path} is missing')
   if not os.path.isfile(image_path):
     image_path = os.path.join(sbd_root, 'img', name + '.jpg')
-  return image_path, read_label_mat(os.path.join(sbd_root, 'cls', name + '.mat'))
+  label_path = os.path.join(sbd_root, 'cls', name + '.mat')
+  return image_path, labels.check(read_label_mat(label_path), label_path)
 
 
 def read_label_mat(path: str) -> np.ndarray:
@@ -237,7 +241,8 @@ def read_label_png(path: str) -> np.ndarray:
   """A VOC palette PNG as class indices: [height, width] uint8, 255 = void."""
   with Image.open(path) as png:
     if png.mode != 'P' and png.mode != 'L':
-      raise ValueError(f'{path}: labels must be palette (P) or index (L) PNGs, got {png.mode}')
+      raise labels.LabelError(f'{path}: labels must be palette (P) or index (L) PNGs of '
+                              f'class indices, got mode {png.mode}')
     return np.array(png, np.uint8)
 
 

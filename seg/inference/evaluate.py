@@ -110,7 +110,7 @@ def evaluate(p_eval_step, variables: Dict[str, Any], config, split: Optional[str
   confusion = np.zeros((config.model.num_classes,) * 2, np.int64)
   num_images, start = 0, time.time()
   batches = pipeline.eval_batches(config.data, batch_size, split, jax.process_index(),
-                                  jax.process_count())
+                                  jax.process_count(), num_classes=config.model.num_classes)
   for batch in batches:
     num_images += int(batch['mask'].sum())
     confusion += parallel.unreplicate(

@@ -97,10 +97,14 @@ class _StopRequests:
     return bool(np.any(flags))
 
 
-def _check_finite(state: TrainState, skip: bool) -> int:
-  """Raises on a non-finite step unless `skip`; returns the count of skipped steps."""
+def _check_finite(state: TrainState, skip: bool, before: int = 0) -> int:
+  """Raises on a non-finite step of this run unless `skip`; returns the count of skipped steps.
+
+  `before`: the count restored from the checkpoint (steps an earlier run skipped with
+  skip_nonfinite=True), which does not make this run fail.
+  """
   count = int(parallel.unreplicate(state.nonfinite_steps))
-  if count and not skip:
+  if count > before and not skip:
     first = int(parallel.unreplicate(state.first_nonfinite_step))
     raise FloatingPointError(
         f'non-finite loss or gradient at step {first} (its update was not applied); training '
@@ -159,6 +163,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   manager = checkpoint.create_manager(workdir, config.train.keep_checkpoints)
   state = restore_state(manager, state)
   start_step = int(state.step)
+  # The checkpoint keeps the count of skipped steps, not the first of them (first_nonfinite_step
+  # is this run's own): only this run's non-finite steps make it fail (skip_nonfinite=False).
+  nonfinite_before = int(state.nonfinite_steps)
   if not start_step and config.train.init_from:
     state = init_from_pretrained(state, config, log)
   num_steps = config.train.steps
@@ -173,7 +180,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   state = parallel.replicate(state)
   # The stream depends on the seed only: a resumed run skips to where it stopped.
   batches = pipeline.train_batches(config.data, batch_size, config.train.seed,
-                                   jax.process_index(), jax.process_count(), start_step)
+                                   jax.process_index(), jax.process_count(), start_step,
+                                   num_classes=config.model.num_classes)
   writer = tensorboard.SummaryWriter(workdir, enabled=is_chief)
   train_log = os.path.join(workdir, 'train_log.jsonl')
   last_log, last_log_step, run_start = time.time(), start_step, time.time()
@@ -186,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
             jax.random.fold_in(step_rng, step)))
         is_log_step = step % config.train.log_every == 0 or step == num_steps
         if is_log_step:
-          skipped = _check_finite(state, skip_nonfinite)
+          skipped = _check_finite(state, skip_nonfinite, nonfinite_before)
           metrics = {k: float(v) for k, v in parallel.unreplicate(metrics).items()}
           now = time.time()
           rate = (step - last_log_step) * config.train.batch_size / (now - last_log)
@@ -204,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         if stop_requests.agreed(step, is_log_step) or step == stop_at_step:
           stopped = step
         if step % config.train.checkpoint_every == 0 or step == num_steps or stopped:
-          _check_finite(state, skip_nonfinite)   # never save after a non-finite step
+          _check_finite(state, skip_nonfinite, nonfinite_before)   # never save after one
           save_state(manager, state)
         if stopped:
           break

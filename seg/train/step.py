@@ -24,7 +24,8 @@ class TrainState(train_state.TrainState):
 
   nonfinite_steps: int32 count of steps whose loss or gradient was not finite
     (their update was not applied).
-  first_nonfinite_step: int32, the first such step (1-based, as logged), -1 if none.
+  first_nonfinite_step: int32, the first such step of this run (1-based, as logged), -1 if
+    none; not checkpointed, so a resumed run starts again at -1.
   """
   batch_stats: Any
   nonfinite_steps: jax.Array = 0
@@ -78,6 +79,13 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _advance_counts(old_state, new_state):
+  """`old_state` with the step counts (optax's `count` fields) of `new_state`."""
+  def pick(path, old, new):
+    return new if getattr(path[-1], 'name', None) == 'count' else old
+  return jax.tree_util.tree_map_with_path(pick, old_state, new_state)
+
+
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                learning_rate_fn: Callable, ignore_label: int,
                compute_dtype: Optional[Any] = None) -> Tuple[TrainState, Dict]:
@@ -126,7 +134,11 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   finite = jnp.isfinite(sums['loss']) & _all_finite(grads)
   batch_stats = jax.tree.map(lambda x: x.astype(jnp.float32), batch_stats)
   updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  kept = state.replace(step=updated.step)
+  # A skipped step keeps the old optimiser state but for its step counts: the schedule
+  # (optax's ScaleByScheduleState.count) must follow state.step, or every later update
+  # would apply an earlier step's learning rate and the run would never reach lr 0.
+  kept = state.replace(step=updated.step,
+                       opt_state=_advance_counts(state.opt_state, updated.opt_state))
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
   new_state = new_state.replace(
       nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),

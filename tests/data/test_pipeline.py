@@ -29,9 +29,17 @@ def test_augmentation_keeps_image_and_label_aligned(seed):
       crop_size=CROP, min_scale=0.5, max_scale=2.0, scale_step=0.25)
   out_image, out_label = out_image.numpy(), out_label.numpy()
   assert out_image.shape == (CROP, CROP, 3) and out_label.shape == (CROP, CROP)
-  padded = out_image[..., 1] == pipeline.MEAN_PIXEL
-  # Padding: mean pixel in the image exactly where the label is 255 outside the original.
+  # Every pixel of the original has green 200 (also after bilinear scaling); every other one
+  # is padding: mean pixel in all three channels, label 255. The padding lies at the bottom
+  # and right, so the crop keeps min(h, CROP) x min(w, CROP) pixels of the scaled original
+  # (h, w for one of the scales): a wrong padding value breaks one of the two.
+  original = np.abs(out_image[..., 1] - 200) < 0.5
+  padded = ~original
+  np.testing.assert_array_equal(out_image[padded], pipeline.MEAN_PIXEL)
   assert np.all(out_label[padded] == 255)
+  h, w = label.shape
+  kept = {min(int(h * s), CROP) * min(int(w * s), CROP) for s in np.arange(0.5, 2.01, 0.25)}
+  assert original.sum() in kept, (original.sum(), kept)
   # Interior pixels (a 3x3 neighbourhood of one class) carry their class in the red channel.
   from scipy import ndimage
   same = (ndimage.maximum_filter(out_label, 3) == ndimage.minimum_filter(out_label, 3))

@@ -226,3 +226,96 @@ def test_training_step_and_evaluation_on_prepared_voc(voc_data_dir, tiny_config)
   report = evaluate.evaluate(evaluate.make_p_eval_step(model, config),
                              {'params': state.params, 'batch_stats': state.batch_stats}, config)
   assert report['num_images'] == len(VOC_VAL)
+
+
+def _voc_with_a_bad_label(sources, manual, name, kind):
+  """The test VOC tree in `manual`, `name`'s label replaced by a bad one of `kind`; its values."""
+  root, _, labels = sources
+  shutil.copytree(os.path.join(root, 'VOCdevkit'), manual / 'VOCdevkit')
+  path = manual / 'VOCdevkit' / 'VOC2012' / 'SegmentationClass' / (name + '.png')
+  label = labels['voc'][name].copy()
+  palette = voc_colormap().reshape(-1).tolist()
+  if kind == 'palette index':    # a stray index in a real palette PNG
+    label[:3, :3] = 30
+    png, bad = Image.fromarray(label, mode='P'), [30]
+    png.putpalette(palette)
+  else:                          # the colours of the VOC palette saved as RGB or as grey
+    png = Image.fromarray(voc_colormap()[label], mode='RGB')
+    if kind == 'grey':
+      png = png.convert('L')
+    bad = sorted(set(np.unique(np.asarray(png)).tolist()) - set(range(21)) - {255})
+  png.save(path)
+  return str(path), bad
+
+
+def _voc_with_a_bad_label_in_place(manual, name):
+  """Index 40 in `name`'s palette PNG of the VOC tree in `manual`."""
+  path = manual / 'VOCdevkit' / 'VOC2012' / 'SegmentationClass' / (name + '.png')
+  with Image.open(path) as png:
+    label, palette = np.array(png), png.getpalette()
+  label[-2:, -2:] = 40
+  png = Image.fromarray(label, mode='P')
+  png.putpalette(palette)
+  png.save(path)
+
+
+@pytest.mark.parametrize('kind', ['palette index', 'grey', 'rgb'])
+def test_prepare_refuses_bad_labels_naming_the_file_and_writes_nothing(sources, tmp_path, kind):
+  from seg.cli import commands
+  from seg.data import labels
+  manual = tmp_path / 'manual'
+  path, bad = _voc_with_a_bad_label(sources, manual, VOC_VAL[1], kind)
+  data_dir = str(tmp_path / 'tfds')
+  expected = (f'mode RGB' if kind == 'rgb' else
+              'label values ' + ', '.join(map(str, bad)) + ' are neither classes 0..20')
+  with pytest.raises(labels.LabelError) as error:
+    voc.prepare('voc2012', data_dir, str(manual))
+  assert path in str(error.value) and expected in str(error.value), str(error.value)
+  with pytest.raises(commands.CommandError, match=expected):   # prepare-data: one line, exit 1
+    commands.prepare_data(dataset='voc2012', data_dir=data_dir, manual_dir=str(manual))
+  builder = voc.get_builder('voc2012', data_dir)
+  assert not builder.is_prepared()
+  dataset_dir = os.path.dirname(builder.data_dir)
+  assert [d for d in os.listdir(dataset_dir) if not d.startswith('.')] == []
+
+
+def _bad_values(label, num_classes):
+  values = np.unique(label)
+  return [int(v) for v in values if v >= num_classes and v != 255]
+
+
+def test_pipeline_refuses_labels_outside_the_model_classes_naming_the_example(tiny_config):
+  # The embedded dataset has 21 classes; a model of 5 is "a dataset with a wrong class count".
+  from seg.data import labels
+  config = tiny_config
+  with pytest.raises(labels.LabelError) as error:
+    next(pipeline.train_batches(config.data, 4, seed=0, num_classes=5))
+  message = str(error.value)
+  name = message.split('example ')[1].split(' of ')[0]
+  examples = _examples(voc.get_builder('embedded', config.data.data_dir), 'train')
+  expected = _bad_values(examples[name]['label'], 5)   # that file, read again with NumPy
+  assert expected and ('label values ' + ', '.join(map(str, expected))) in message, message
+  assert 'neither classes 0..4 nor the ignore label 255' in message
+
+
+@pytest.mark.parametrize('cache', ['decoded', 'encoded'])
+def test_pipeline_refuses_a_dataset_prepared_with_a_bad_label(sources, tmp_path, monkeypatch,
+                                                            tiny_config, cache):
+  # A dataset prepared elsewhere (here: with prepare's own check switched off).
+  from seg.data import labels
+  manual = tmp_path / 'manual'
+  _voc_with_a_bad_label(sources, manual, VOC_TRAIN[2], 'palette index')
+  _voc_with_a_bad_label_in_place(manual, VOC_VAL[0])
+  data_dir = str(tmp_path / 'tfds')
+  with monkeypatch.context() as patch:
+    patch.setattr(labels, 'check', lambda label, *args, **kwargs: label)
+    voc.prepare('voc2012', data_dir, str(manual))
+  config = tiny_config
+  config.data.dataset, config.data.data_dir, config.data.cache = 'voc2012', data_dir, cache
+  with pytest.raises(labels.LabelError,
+                     match=f'example {VOC_TRAIN[2]} of split .train. of .*label values 30 are'):
+    batches = pipeline.train_batches(config.data, 2, seed=0)
+    for _ in range(4):   # 6 examples: the bad one is met within the first pass
+      next(batches)
+  with pytest.raises(labels.LabelError, match=f'example {VOC_VAL[0]} of split .val.*values 40 '):
+    list(pipeline.eval_batches(config.data, 2, 'val'))

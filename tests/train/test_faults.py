@@ -78,8 +78,15 @@ def test_nonfinite_batch_leaves_the_state_unchanged_but_the_counters(tiny_config
       parallel.replicate(state), parallel.shard(batch), parallel.replicate(jax.random.key(1)))
   new = parallel.unreplicate(new)
   assert not np.isfinite(float(metrics['loss'][0]))
-  for before, after in zip(jax.tree.leaves((state.params, state.batch_stats, state.opt_state)),
-                           jax.tree.leaves((new.params, new.batch_stats, new.opt_state))):
+  # The optimiser's step count moves on with state.step (the schedule follows the step).
+  counts = lambda opt_state: [x for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+                              if getattr(path[-1], 'name', None) == 'count']
+  assert [int(c) for c in counts(new.opt_state)] == [1]
+  without_counts = lambda opt_state: jax.tree_util.tree_map_with_path(
+      lambda path, x: 0 if getattr(path[-1], 'name', None) == 'count' else x, opt_state)
+  for before, after in zip(
+      jax.tree.leaves((state.params, state.batch_stats, without_counts(state.opt_state))),
+      jax.tree.leaves((new.params, new.batch_stats, without_counts(new.opt_state)))):
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
   assert int(new.step) == 1 and int(new.nonfinite_steps) == 1
   assert int(new.first_nonfinite_step) == 1
@@ -155,3 +162,62 @@ def test_sigterm_saves_and_exits_zero_sigkill_mid_save_resumes(data_dir, tmp_pat
   output = ''.join(lines) + process.communicate(timeout=300)[0]
   assert process.returncode == 0, output[-3000:]
   assert f'resuming at step {max(complete)}' in output
+
+
+def test_resuming_a_run_that_skipped_steps_without_skipping_runs_clean(tiny_config, tmp_path,
+                                                                       monkeypatch):
+  # The first run skips its poisoned step 1 and is stopped at step 2; the resumed run has no
+  # non-finite step of its own, so skip_nonfinite=False must let it finish (it raised "at step
+  # -1": the count came back from the checkpoint, the step did not).
+  config = tiny_config
+  config.train.steps, config.train.checkpoint_every, config.train.log_every = 4, 2, 2
+  config.train.skip_nonfinite, config.train.summary_images = True, 0
+  config.data.eval_split = 'val[:4]'
+  real = pipeline.train_batches
+  monkeypatch.setattr(pipeline, 'train_batches', poisoned(real, 1))
+  workdir, logs = str(tmp_path / 'run'), []
+  assert loop.train_and_evaluate(config, workdir, log=logs.append,
+                                 stop_at_step=2) == {'stopped_at_step': 2}
+  assert any('(1 non-finite steps skipped)' in line for line in logs)
+  monkeypatch.setattr(pipeline, 'train_batches', real)
+  config.train.skip_nonfinite = False
+  report = loop.train_and_evaluate(config, workdir, log=logs.append)
+  assert report['step'] == 4
+  assert checkpoint.create_manager(workdir).latest_step() == 4
+
+
+def test_skipped_step_keeps_the_applied_learning_rate_on_the_schedule(tiny_config):
+  # Momentum and weight decay off, power 1 over 3 steps: an update is -lr(step) * gradient.
+  # After a skipped step 1, step 2 must apply lr(1) = 2/3 of lr(0) to the same gradient (the
+  # state is unchanged by the skip), and the schedule must end at 0 after step 3.
+  config = tiny_config
+  config.train.steps, config.train.lr_power, config.train.warmup_steps = 3, 1.0, 0
+  config.train.momentum, config.train.weight_decay = 0.0, 0.0
+  lr = step_lib.create_learning_rate_fn(config.train)
+  state = step_lib.create_train_state(jax.random.key(0), config, create_model(config.model), lr)
+  p_step = step_lib.make_p_train_step(config, lr)
+  batch = next(pipeline.train_batches(config.data, 4, seed=0))
+  bad = dict(batch, image=batch['image'].copy())
+  bad['image'][0, 0, 0, 0] = np.nan
+  rng = parallel.replicate(jax.random.key(1))
+  run = lambda s, b: p_step(s, parallel.shard(b), rng)
+  fresh, _ = run(parallel.replicate(state), batch)
+  skipped, _ = run(parallel.replicate(state), bad)
+  assert int(parallel.unreplicate(skipped.nonfinite_steps)) == 1
+  after, metrics = run(skipped, batch)   # (donates `skipped`)
+  assert np.isclose(float(metrics['learning_rate'][0]), float(lr(1)))
+  ratio = float(lr(1)) / float(lr(0))
+  assert np.isclose(ratio, 2 / 3)
+  before = jax.tree.leaves(state.params)
+  for p0, p_fresh, p_after in zip(before, jax.tree.leaves(parallel.unreplicate(fresh).params),
+                                  jax.tree.leaves(parallel.unreplicate(after).params)):
+    np.testing.assert_allclose(np.asarray(p_after) - np.asarray(p0),
+                               ratio * (np.asarray(p_fresh) - np.asarray(p0)),
+                               rtol=1e-4, atol=1e-7)
+  last, metrics = run(after, batch)   # step 3 applies lr(2); a step after it would get lr(3)
+  assert np.isclose(float(metrics['learning_rate'][0]), float(lr(2)))
+  host = parallel.unreplicate(last)
+  assert int(host.step) == 3 and float(lr(host.step)) == 0.0
+  counts = [x for path, x in jax.tree_util.tree_flatten_with_path(host.opt_state)[0]
+            if getattr(path[-1], 'name', None) == 'count']
+  assert [int(c) for c in counts] == [3]   # the schedule's count follows state.step
