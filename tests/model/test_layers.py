@@ -60,13 +60,21 @@ def test_depthwise_gradients_match_grouped_conv():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_same_padding_formula_against_tensorflow_output_sizes():
-  # The padded input must produce exactly ceil(size / stride) outputs, extra on the far side.
+@pytest.mark.parametrize('kernel,stride,dilation', [(3, 1, 1), (3, 2, 1), (1, 2, 1), (3, 1, 2),
+                                                    (3, 1, 6), (5, 2, 1)])
+def test_same_padding_formula_against_tensorflow_output_sizes(kernel, stride, dilation):
+  # Explicit padding by the formula, then a VALID convolution, gives what TensorFlow's own
+  # 'SAME' gives: the output size ceil(size / stride) and the values (so the extra row and
+  # column sit on the far side, as TF puts them).
   for size in range(5, 20):
-    for stride in (1, 2):
-      before, after = same_padding(size, 3, stride, 1)
-      assert (size + before + after - 3) // stride + 1 == -(-size // stride)
-      assert after - before in (0, 1)
+    x, w = _rand(1, size, size + 1, 2), _rand(kernel, kernel, 2, 3)
+    rows, cols = same_padding(size, kernel, stride, dilation), same_padding(size + 1, kernel,
+                                                                            stride, dilation)
+    padded = np.pad(x, [(0, 0), rows, cols, (0, 0)])
+    got = tf.nn.conv2d(padded, w, stride, 'VALID', dilations=dilation).numpy()
+    expected = tf.nn.conv2d(x, w, stride, 'SAME', dilations=dilation).numpy()
+    assert got.shape == expected.shape, (size, got.shape, expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('in_hw,out_hw', [((5, 7), (17, 25)), ((33, 33), (513, 513)),
