@@ -2,6 +2,8 @@
 
 import functools
 
+import flax
+import flax.training.train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -186,3 +188,56 @@ def test_bfloat16_compute_keeps_float32_state_and_follows_float32(tiny_config):
   d16 = np.ravel(bf16.params['head']['logits']['kernel']
                  - state.params['head']['logits']['kernel'])
   assert np.dot(d32, d16) / (np.linalg.norm(d32) * np.linalg.norm(d16)) > 0.95
+
+
+def test_cross_entropy_against_numpy_with_ignored_pixels():
+  from seg.train.loss import cross_entropy_sum
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 3, (2, 5, 6, 4)).astype(np.float32)
+  labels = rng.integers(0, 4, (2, 5, 6)).astype(np.int32)
+  labels[0, :2] = 255
+  labels[1, :, 4:] = 255
+  loss_sum, count = cross_entropy_sum(jnp.asarray(logits), jnp.asarray(labels), 255)
+  # -log softmax(logits)[label] over the pixels whose label is not 255, in float64.
+  x = logits.astype(np.float64)
+  log_z = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+  valid = labels != 255
+  picked = np.take_along_axis(x, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+  expected = np.sum((log_z - picked)[valid])
+  assert int(count) == valid.sum() == 2 * 30 - 12 - 10
+  np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
+
+
+def test_one_optimizer_update_is_tf_momentum_with_l2_on_the_poly_schedule(tiny_config):
+  # TF-slim / DeepLab: loss + wd / 2 * |w|^2 over the non-depthwise conv kernels (gradient
+  # g + wd * w), MomentumOptimizer: accum = momentum * accum + g; w -= lr * accum, with
+  # lr = base * (1 - step / steps) ** power at the step before the update (TF's global_step).
+  cfg = tiny_config.train
+  cfg.steps, cfg.learning_rate, cfg.lr_power, cfg.warmup_steps = 10, 0.05, 0.9, 0
+  cfg.momentum, cfg.weight_decay = 0.9, 0.01
+  rng = np.random.default_rng(0)
+  names = {'kernel': ('MobilenetV2', 'expanded_conv_1', 'project', 'conv', 'kernel'),
+           'depthwise': ('MobilenetV2', 'expanded_conv_1', 'depthwise', 'depthwise', 'kernel'),
+           'scale': ('MobilenetV2', 'Conv', 'BatchNorm', 'scale'),
+           'bias': ('head', 'logits', 'bias')}
+  values = {k: rng.normal(size=(3, 2)).astype(np.float32) for k in names}
+  grads = [{k: rng.normal(size=(3, 2)).astype(np.float32) for k in names} for _ in range(2)]
+  nest = lambda flat: flax.traverse_util.unflatten_dict({names[k]: jnp.asarray(v)
+                                                         for k, v in flat.items()})
+  lr = step_lib.create_learning_rate_fn(cfg)
+  state = flax.training.train_state.TrainState.create(
+      apply_fn=None, params=nest(values), tx=step_lib.create_optimizer(cfg, lr))
+  for g in grads:
+    state = state.apply_gradients(grads=nest(g))
+  got = {k: np.asarray(flax.traverse_util.flatten_dict(state.params)[names[k]]) for k in names}
+
+  w = {k: v.astype(np.float64) for k, v in values.items()}
+  accum = {k: np.zeros_like(v) for k, v in w.items()}
+  for step, g in enumerate(grads):
+    rate = 0.05 * (1 - step / 10) ** 0.9
+    for k in names:
+      decayed = g[k] + (0.01 * w[k] if k == 'kernel' else 0.0)   # only the regular kernel
+      accum[k] = 0.9 * accum[k] + decayed
+      w[k] = w[k] - rate * accum[k]
+  for k in names:
+    np.testing.assert_allclose(got[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
