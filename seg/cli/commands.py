@@ -53,11 +53,12 @@ def train(*, config, workdir: str, coordinator: str = '', num_processes: Optiona
     parallel.initialize_distributed(coordinator, num_processes, process_id)
   except ValueError as e:
     raise CommandError(str(e)) from None
+  from seg import checkpoint
   from seg.data import labels
   from seg.train import loop
   try:
     loop.train_and_evaluate(config, workdir)  # exit 0 also when stopped by a signal
-  except labels.LabelError as e:  # a dataset prepared elsewhere (seg.data.pipeline checks it)
+  except (checkpoint.WorkdirNotShared, labels.LabelError) as e:
     raise CommandError(str(e)) from None
 
 
