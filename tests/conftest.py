@@ -47,6 +47,25 @@ def compilation_cache(tmp_path_factory):
   jax.config.update('jax_compilation_cache_dir', previous)
 
 
+@pytest.fixture
+def xla_optimizations():
+  """XLA's optimisation passes on for one test, as users run (the session has them off).
+
+  For equivalence checks whose result could depend on them (fusion, reassociation,
+  bf16 normalisation): they run once more this way. Checks the flag took effect.
+  """
+  import jax
+  import jax.numpy as jnp
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    hlo = jax.jit(lambda x: jnp.tanh(x) * 2 + 1).lower(jnp.ones(8)).compile().as_text()
+    assert 'fusion' in hlo, 'XLA optimisations did not come back on'
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', previous)
+
+
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory):
   """A TFDS data_dir holding the prepared embedded dataset (one worker builds it, under

@@ -22,10 +22,13 @@ def tiny_model():
   return config, model, variables
 
 
-@pytest.mark.parametrize('overrides', [
-    dict(output_stride=16),
-    dict(output_stride=8, head='aspp', width=0.5)])
-def test_folded_forward_matches_the_flax_model(overrides):
+@pytest.mark.parametrize('overrides,optimized', [
+    (dict(output_stride=16), False),
+    (dict(output_stride=8, head='aspp', width=0.5), False),
+    (dict(output_stride=16), True)], ids=['os16', 'os8-aspp', 'os16-xla-optimized'])
+def test_folded_forward_matches_the_flax_model(overrides, optimized, request):
+  if optimized:   # also with XLA's optimisation passes, as users run it
+    request.getfixturevalue('xla_optimizations')
   config = tiny_engine_config(**overrides)
   model, variables = random_variables(config.model, seed=1)
   images = np.random.default_rng(1).integers(0, 256, (2, 49, 57, 3)).astype(np.float32)
@@ -39,7 +42,10 @@ def test_folded_forward_matches_the_flax_model(overrides):
   assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_bfloat16_logits_stay_close_to_float32(tiny_model):
+@pytest.mark.parametrize('optimized', [False, True], ids=['xla-unoptimized', 'xla-optimized'])
+def test_bfloat16_logits_stay_close_to_float32(tiny_model, optimized, request):
+  if optimized:   # also with XLA's optimisation passes, as users run it
+    request.getfixturevalue('xla_optimizations')
   config, model, variables = tiny_model
   images = np.random.default_rng(2).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3), np.uint8)
   expected = np.asarray(model.apply(variables, preprocess(images), train=False))
