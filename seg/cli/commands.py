@@ -62,12 +62,12 @@ def train(*, config, workdir: str, coordinator: str = '', num_processes: Optiona
     raise CommandError(str(e)) from None
 
 
-def evaluate(*, workdir: str, config=None, output: Optional[str] = None) -> None:
-  from seg.data import labels
+def evaluate(*, workdir: str, config=None, output: Optional[str] = None,
+             dtype: str = 'float32') -> None:
   from seg.inference import evaluate as evaluate_lib
   try:
-    evaluate_lib.evaluate_workdir(workdir, config, output)
-  except labels.LabelError as e:
+    evaluate_lib.evaluate_workdir(workdir, config, output, dtype=dtype)
+  except ValueError as e:  # e.g. no calibration images, labels outside the classes (LabelError)
     raise CommandError(str(e)) from None
 
 
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
           coordinator=a.coordinator, num_processes=a.num_processes, process_id=a.process_id)
   elif command == 'eval':
     evaluate(workdir=a.workdir, config=_workdir_config(a.workdir, a.config, a.overrides),
-             output=a.output)
+             output=a.output, dtype=a.dtype)
   elif command == 'predict':
     return predict(workdir=a.workdir, inputs=a.input, output=a.output,
                    batch_size=a.batch_size, dtype=a.dtype, overwrite=a.overwrite,
