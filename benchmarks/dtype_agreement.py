@@ -24,14 +24,13 @@ def main():
 
   from seg import checkpoint
   from seg.inference import engine
-  from seg.data import voc
+  from seg.data import pipeline
   from seg.model import create_model
 
   config = checkpoint.load_config(args.workdir)
   variables, step = checkpoint.load_model_variables(args.workdir, create_model(config.model))
   split = args.split or config.data.eval_split
-  builder = voc.prepare(config.data.dataset, config.data.data_dir)
-  images = [ex['image'] for ex in tfds.as_numpy(builder.as_dataset(split=split))]
+  images = [ex['image'] for ex in tfds.as_numpy(pipeline.split_examples(config.data, split))]
   f32 = engine.Engine(config, variables, 'float32', args.batch_size)
   bf16 = engine.Engine(config, variables, 'bfloat16', args.batch_size)
   same = total = 0

@@ -53,8 +53,12 @@ def train(*, config, workdir: str, coordinator: str = '', num_processes: Optiona
     parallel.initialize_distributed(coordinator, num_processes, process_id)
   except ValueError as e:
     raise CommandError(str(e)) from None
+  from seg import checkpoint
   from seg.train import loop
-  loop.train_and_evaluate(config, workdir)  # exit 0 also when stopped by a signal
+  try:
+    loop.train_and_evaluate(config, workdir)  # exit 0 also when stopped by a signal
+  except checkpoint.WorkdirNotShared as e:
+    raise CommandError(str(e)) from None
 
 
 def evaluate(*, workdir: str, config=None, output: Optional[str] = None) -> None:
