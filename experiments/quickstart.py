@@ -19,13 +19,15 @@ def get_config():
   config = default_config()
   config.model.width = 0.5
   config.model.bn_momentum = 0.99      # a short run: statistics must follow the weights
-  config.data.crop_size = 129
+  # 97x97 crops train 1.8x as many images a second as 129x129 (same objects, textures
+  # and scales): more steps in the same time, and the old recipe was under-trained.
+  config.data.crop_size = 97
   config.data.eval_size = 161          # the embedded images are at most 160 pixels
   config.data.min_scale = 0.75         # small images: keep textures above the encoder's stride
   config.data.max_scale = 1.5
-  config.train.steps = 2200
+  config.train.steps = 4000
   config.train.batch_size = 16
-  config.train.learning_rate = 0.05
+  config.train.learning_rate = 0.02   # 0.05 left the loss at the noise floor of its LR
   config.train.warmup_steps = 50
   config.train.log_every = 50
   config.train.checkpoint_every = 500
