@@ -151,3 +151,17 @@ def test_an_int8_export_predicts_as_the_engine(tiny_int8):
   sizes = np.array([[EVAL_SIZE, EVAL_SIZE]], np.int32)
   np.testing.assert_array_equal(np.asarray(exported.call(image, sizes)), eng.predict(image))
   assert 'i8' in exported.mlir_module()
+
+
+def test_the_cli_adds_the_chosen_xla_flags_once(monkeypatch):
+  from seg.cli import process
+  amx = cpu_features.Choice(('--xla_cpu_use_onednn=true',), 'int8', 'AMX')
+  monkeypatch.setattr(cpu_features, 'choose', lambda *a, **k: amx)
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  process.use_cpu_feature_flags()
+  process.use_cpu_feature_flags()
+  assert process.os.environ['XLA_FLAGS'] == ('--xla_force_host_platform_device_count=2 '
+                                             '--xla_cpu_use_onednn=true')
+  monkeypatch.setenv('XLA_FLAGS', '--xla_cpu_use_onednn=false')  # the user's word stands
+  process.use_cpu_feature_flags()
+  assert process.os.environ['XLA_FLAGS'] == '--xla_cpu_use_onednn=false'
