@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from seg.inference.forward import _conv, _depthwise, _stem
 from seg.model import block_specs
+from seg.model.layers import resize_bilinear
 
 INT8_MAX = 127
 SCALES_FILE = 'int8_scales.json'
@@ -96,7 +98,6 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
 def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int,
           observe=None) -> jax.Array:
   """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`)."""
-  from seg.inference.forward import _depthwise
   out = params['project']['w'].shape[1]
   y = x
   if 'expand' in params:
@@ -119,8 +120,6 @@ def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
   records the largest |input| of every product (`calibrate`).
   """
   del dtype  # int8 (the params say which layers are); accepted as `forward` accepts it
-  from seg.inference.forward import _conv, _stem
-  from seg.model.layers import resize_bilinear
   if image_by_image and images.shape[0] > 1 and observe is None:
     def one(image):
       return forward_int8(params, image[None], width=width, output_stride=output_stride,
