@@ -103,9 +103,13 @@ class OnnxOps:
 
 
 def build(folded: Dict[str, Any], model_config, size: Optional[Tuple[int, int]] = None,
-          logits: bool = False, description: str = ''):
-  """The float32 ONNX ModelProto (see the module docstring); `size` fixes H x W."""
-  from onnx import TensorProto, checker, helper
+          logits: bool = False, description: str = '', upsample: bool = True):
+  """The float32 ONNX ModelProto (see the module docstring); `size` fixes H x W.
+
+  `upsample=False`: the network alone, output `logits` float32 [N, fh, fw, classes] at the
+  feature resolution, no resize and no argmax (what benchmarks/export_speed.py times).
+  """
+  from onnx import TensorProto, helper
   ops = OnnxOps()
   height, width = size if size else ('height', 'width')
   images = helper.make_tensor_value_info('images', TensorProto.UINT8, ['batch', height, width, 3])
@@ -114,6 +118,13 @@ def build(folded: Dict[str, Any], model_config, size: Optional[Tuple[int, int]] 
   x = ops.node('Sub', [x, ops.constant(np.float32(1), 'one')])   # seg.preprocessing.preprocess
   x = ops.node('Transpose', [x], perm=[0, 3, 1, 2])
   y = network(ops, folded, x, width=model_config.width, output_stride=model_config.output_stride)
+  if not upsample:
+    ops.nodes.append(helper.make_node('Transpose', [y], ['logits'], perm=[0, 2, 3, 1],
+                                      name='logits'))
+    outputs = [helper.make_tensor_value_info(
+        'logits', TensorProto.FLOAT, ['batch', 'feature_height', 'feature_width',
+                                      model_config.num_classes])]
+    return _model(ops, images, outputs, description)
   # Resize to the input's own height and width (aligned corners, as the model upsamples).
   batch_channels = ops.node('Slice', [ops.node('Shape', [y]), ops.constant(np.array([0]), 'i'),
                                       ops.constant(np.array([2]), 'i')])
@@ -133,6 +144,12 @@ def build(folded: Dict[str, Any], model_config, size: Optional[Tuple[int, int]] 
                                       name='logits'))
     outputs.append(helper.make_tensor_value_info(
         'logits', TensorProto.FLOAT, ['batch', height, width, model_config.num_classes]))
+  return _model(ops, images, outputs, description)
+
+
+def _model(ops: OnnxOps, images, outputs, description: str):
+  """The checked ModelProto of the graph `ops` built from `images` to `outputs`."""
+  from onnx import checker, helper
   graph = helper.make_graph(ops.nodes, 'deeplabv3_mobilenetv2', [images], outputs,
                             ops.initializers)
   model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', OPSET)],
