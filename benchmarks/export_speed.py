@@ -59,7 +59,8 @@ def cpu_name() -> str:
   return platform.processor() or 'unknown CPU'
 
 
-def time_one(path: str, warmup: int, iters: int, threads: int, batch: int) -> dict:
+def time_one(path: str, warmup: int, iters: int, threads: int, batch: int,
+             latest_features: bool = False) -> dict:
   """Times one model file on random uint8 images; the record benchmarks/peers/run.py reads."""
   import numpy as np
   start = time.perf_counter()
@@ -79,7 +80,8 @@ def time_one(path: str, warmup: int, iters: int, threads: int, batch: int) -> di
   else:
     import ai_edge_litert
     from ai_edge_litert.interpreter import Interpreter
-    interpreter = Interpreter(model_path=path, num_threads=threads)
+    interpreter = Interpreter(model_path=path, num_threads=threads,
+                              experimental_default_delegate_latest_features=latest_features)
     interpreter.allocate_tensors()
     detail = interpreter.get_input_details()[0]
     _, height, width, _ = detail['shape']
@@ -201,10 +203,13 @@ def main():
   parser.add_argument('--table', nargs='+', metavar='JSONL',
                       help='print the table of --output files (rounds run in several holds of '
                       'the CPU lock)')
+  parser.add_argument('--xnnpack-latest', action='store_true',
+                      help='with --time: LiteRT\'s XNNPACK delegate with its latest features')
   parser.add_argument('--only', default='', help='comma-separated rows to time (default all)')
   args = parser.parse_args()
   if args.time:
-    print(json.dumps(time_one(args.time, args.warmup, args.iters, args.threads, args.batch)))
+    print(json.dumps(time_one(args.time, args.warmup, args.iters, args.threads, args.batch,
+                              args.xnnpack_latest)))
     return
   if args.table:
     records = [json.loads(line) for path in args.table for line in open(path) if line.strip()]
