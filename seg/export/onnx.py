@@ -125,9 +125,10 @@ def build(folded: Dict[str, Any], model_config, size: Optional[Tuple[int, int]] 
         'logits', TensorProto.FLOAT, ['batch', 'feature_height', 'feature_width',
                                       model_config.num_classes])]
     return _model(ops, images, outputs, description)
-  # The upsampling and the argmax channels-last: ONNX Runtime resizes an NHWC tensor with
-  # its channels-last kernel and the argmax reads contiguous channels; in NCHW they took
-  # most of the float32 model's time at 513x513 (docs/export.md#speed).
+  # The upsampling and the argmax channels-last (the Transpose is of the small logits): ONNX
+  # Runtime then resizes with its channels-last kernel and the argmax reads contiguous
+  # channels instead of 21 planes of H x W (the speed-up is still to be measured under the
+  # CPU lock: docs/export.md#speed).
   y = ops.node('Transpose', [y], perm=[0, 2, 3, 1])
   # Resize to the input's own height and width (aligned corners, as the model upsamples).
   sizes = ops.node('Concat', [
