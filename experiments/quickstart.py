@@ -18,12 +18,14 @@ from seg.config import default_config
 def get_config():
   config = default_config()
   config.model.width = 0.5
-  config.model.bn_momentum = 0.99      # a short run: statistics must follow the weights
+  config.model.backbone_bn_momentum = 0.99  # a short run: statistics must follow the weights
+  config.model.head_bn_momentum = 0.99
   config.data.crop_size = 129
   config.data.eval_size = 161          # the embedded images are at most 160 pixels
   config.data.min_scale = 0.75         # small images: keep textures above the encoder's stride
   config.data.max_scale = 1.5
   config.train.steps = 2200
+  config.train.from_scratch = True     # by design: the embedded data needs no ImageNet weights
   config.train.batch_size = 16
   config.train.learning_rate = 0.05
   config.train.warmup_steps = 50

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from seg.config import CHOICES
 from seg.data import voc
 from seg.preprocessing import MEAN_PIXEL, padded_size
 
@@ -101,7 +102,7 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: i
 #   'encoded'  the JPEG/PNG bytes, decoded again at every use (after the shuffle);
 #   'none'     nothing: every pass reads the TFRecords from disk again.
 # The stream (which example, which augmentation) is the same with each.
-CACHES = ('decoded', 'encoded', 'none')
+CACHES = CHOICES['data.cache']
 
 
 def train_batches(data_config, batch_size: int, seed: int, process_index: int = 0,
@@ -160,6 +161,20 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
   ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)
   return iter(tfds.as_numpy(ds))
+
+
+def prepare(data_config) -> None:
+  """Prepares the config's dataset (a no-op when prepared) and checks its two splits exist.
+
+  Raises `voc.SourceError` (archives missing or wrong) or ValueError (unknown dataset or
+  split), before anything is compiled.
+  """
+  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  for field in ('train_split', 'eval_split'):
+    split = data_config[field]
+    if split not in builder.info.splits:
+      raise ValueError(f'config.data.{field}={split!r}: the {data_config.dataset!r} dataset has '
+                       f'the splits {", ".join(sorted(builder.info.splits))}')
 
 
 def num_examples(data_config, split: str) -> int:
