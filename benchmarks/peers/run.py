@@ -46,9 +46,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-
-import measure  # noqa: E402
+import measure  # a sibling: a script's folder is on sys.path
 
 PEERS = {
     'onnxruntime-float32': ['bench_ort.py', '--variant', 'float32'],
