@@ -89,8 +89,10 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-# Allowed values of the enumerated fields (checked by `validate`; the modules that use them
-# import these rather than repeating them).
+# Allowed values of the enumerated fields, checked by `validate` before anything is built.
+# The modules that own them define them too (seg.model, seg.data.pipeline, seg.weights,
+# which this module cannot import: the CLI loads configs before any of them);
+# tests/train/test_recipe.py checks that the two agree.
 CHOICES = {
     'model.output_stride': (8, 16, 32),
     'model.head': ('reduced', 'aspp'),

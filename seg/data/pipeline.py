@@ -12,7 +12,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from seg.config import CHOICES
 from seg.data import voc
 from seg.preprocessing import MEAN_PIXEL, padded_size
 
@@ -102,7 +101,7 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: i
 #   'encoded'  the JPEG/PNG bytes, decoded again at every use (after the shuffle);
 #   'none'     nothing: every pass reads the TFRecords from disk again.
 # The stream (which example, which augmentation) is the same with each.
-CACHES = CHOICES['data.cache']
+CACHES = ('decoded', 'encoded', 'none')
 
 
 def train_batches(data_config, batch_size: int, seed: int, process_index: int = 0,
