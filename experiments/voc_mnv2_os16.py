@@ -23,9 +23,9 @@ this repository: VOC, SBD and pretrained weights cannot be downloaded where it i
 developed. Start from ImageNet weights as the recipe does (README, "Pretrained
 weights"):
 
-    python main.py import-weights --format deeplab-tf mobilenet_v2_1.0_224 --output runs/mnv2_imagenet
+    python main.py import-weights --format deeplab-tf mobilenet_v2_1.0_224 --output runs/mobilenet_v2_1.0_224
     python main.py train --config experiments/voc_mnv2_os16.py --workdir runs/voc_mnv2_os16 \
-        --config.train.init_from=runs/mnv2_imagenet
+        --config.train.init_from=runs/mobilenet_v2_1.0_224
 """
 
 from seg.config import default_config
