@@ -19,7 +19,7 @@ from seg import config as config_lib
 from seg.config import load_experiment
 from seg.model import DeepLabV3MobileNetV2, MobileNetV2, block_specs, stem_channels
 from seg.train import step as step_lib
-from seg.train.loop import check_initialisation
+from seg.train.loop import check_initialisation, warn_from_scratch
 
 VOC = 'experiments/voc_mnv2_os16.py'
 
@@ -187,8 +187,16 @@ def test_voc_configs_without_init_from_stop_with_the_import_command(tmp_path):
     assert '--config.train.from_scratch=True' in str(error.value)
     with c.unlocked():
       c.train.from_scratch = True
-    check_initialisation(c, str(tmp_path / name))  # allowed, explicitly
+    check_initialisation(c, str(tmp_path / name))  # allowed, explicitly, with a warning
+    lines = []
+    warn_from_scratch(c, lines.append)
+    assert len(lines) == 1 and lines[0].startswith('WARNING: training ')
   assert not os.listdir(tmp_path)  # nothing written
+  from experiments import quickstart
+  lines = []
+  warn_from_scratch(quickstart.get_config(), lines.append)   # by design: no complaint
+  check_initialisation(quickstart.get_config(), str(tmp_path / 'qs'))
+  assert lines == []
 
 
 def test_config_choices_agree_with_the_modules_that_own_them():
