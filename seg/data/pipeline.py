@@ -171,7 +171,9 @@ def prepare(data_config) -> None:
   builder = voc.prepare(data_config.dataset, data_config.data_dir)
   for field in ('train_split', 'eval_split'):
     split = data_config[field]
-    if split not in builder.info.splits:
+    # TFDS split expressions: 'val[:8]', 'train+val'.
+    names = [part.split('[')[0].strip() for part in split.split('+')]
+    if not all(name in builder.info.splits for name in names):
       raise ValueError(f'config.data.{field}={split!r}: the {data_config.dataset!r} dataset has '
                        f'the splits {", ".join(sorted(builder.info.splits))}')
 
