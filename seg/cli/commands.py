@@ -71,10 +71,11 @@ def train(*, config, workdir: str, coordinator: str = '', num_processes: Optiona
     loop.train_and_evaluate(config, workdir)  # exit 0 also when stopped by a signal
 
 
-def evaluate(*, workdir: str, config=None, output: Optional[str] = None) -> None:
+def evaluate(*, workdir: str, config=None, output: Optional[str] = None,
+             dtype: str = 'float32') -> None:
   from seg.inference import evaluate as evaluate_lib
-  with _user_errors():
-    evaluate_lib.evaluate_workdir(workdir, config, output)
+  with _user_errors():  # also e.g. no calibration images
+    evaluate_lib.evaluate_workdir(workdir, config, output, dtype=dtype)
 
 
 def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int = 8,
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
           coordinator=a.coordinator, num_processes=a.num_processes, process_id=a.process_id)
   elif command == 'eval':
     evaluate(workdir=a.workdir, config=_workdir_config(a.workdir, a.config, a.overrides),
-             output=a.output)
+             output=a.output, dtype=a.dtype)
   elif command == 'predict':
     return predict(workdir=a.workdir, inputs=a.input, output=a.output,
                    batch_size=a.batch_size, dtype=a.dtype, overwrite=a.overwrite,
