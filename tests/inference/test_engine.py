@@ -25,7 +25,8 @@ def tiny_model():
 @pytest.mark.parametrize('overrides,optimized', [
     (dict(output_stride=16), False),
     (dict(output_stride=8, head='aspp', width=0.5), False),
-    (dict(output_stride=16), True)], ids=['os16', 'os8-aspp', 'os16-xla-optimized'])
+    (dict(width=0.5, divisible_by=1), False),  # DeepLab's rounding: 12-channel residual blocks
+    (dict(output_stride=16), True)], ids=['os16', 'os8-aspp', 'width050-div1', 'os16-xla-optimized'])
 def test_folded_forward_matches_the_flax_model(overrides, optimized, request):
   if optimized:   # also with XLA's optimisation passes, as users run it
     request.getfixturevalue('xla_optimizations')
