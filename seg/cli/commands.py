@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     return predict(workdir=a.workdir, inputs=a.input, output=a.output,
                    batch_size=a.batch_size, dtype=a.dtype, overwrite=a.overwrite,
                    overlay=a.overlay, probabilities=a.probabilities,
-                   large_images=a.large_images, max_side=a.max_side, workers=a.workers)
+                   large_images=a.large_images, max_side=a.max_side, workers=a.workers,
+                   profile=a.profile)
   elif command == 'prepare-data':
     prepare_data(dataset=a.dataset, data_dir=a.data_dir, manual_dir=a.manual_dir)
   elif command == 'import-weights':

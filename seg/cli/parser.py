@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--workers', type=_positive, default=2,
                  help='decoding threads, and as many writing threads')
   p.add_argument('--dtype', default='float32', choices=DTYPES, help='engine compute dtype')
+  p.add_argument('--profile', action=_Bool,
+                 help='print where the time went: seconds per stage (decode ... write)')
 
   p = commands.add_parser('prepare-data', help='build a dataset\'s TFDS files')
   p.add_argument('--dataset', required=True, choices=('embedded', 'voc2012', 'train_aug'))

@@ -17,6 +17,7 @@ import numpy as np
 
 from seg.predict.options import TILE_OVERLAP, Options
 from seg.predict.outputs import ProbabilityFile
+from seg.predict.profile import NO_PROFILE
 
 ROWS_PER_STRIP = 64          # rows upsampled at a time for resized large images
 
@@ -92,7 +93,8 @@ def predict_tiled(engine, item, options: Options) -> None:
 
 
 def upsample_resized(probs: np.ndarray, original: Tuple[int, int],
-                     prob_file: Optional[ProbabilityFile] = None) -> np.ndarray:
+                     prob_file: Optional[ProbabilityFile] = None,
+                     profile=NO_PROFILE) -> np.ndarray:
   """The class map at the original size of a resized image, strip by strip.
 
   probs: [h, w, C] class probabilities of the downscaled image; original: (H, W). Each strip
@@ -103,8 +105,10 @@ def upsample_resized(probs: np.ndarray, original: Tuple[int, int],
   height, width = original
   mask = np.empty((height, width), np.uint8)
   for r in range(0, height, ROWS_PER_STRIP):
-    strip = upsample_rows(probs, height, width, r, min(r + ROWS_PER_STRIP, height))
-    mask[r:r + strip.shape[0]] = strip.argmax(axis=-1)
+    with profile.stage('upsample'):
+      strip = upsample_rows(probs, height, width, r, min(r + ROWS_PER_STRIP, height))
+    with profile.stage('argmax'):
+      mask[r:r + strip.shape[0]] = strip.argmax(axis=-1)
     if prob_file is not None:
       prob_file.write(r, 0, strip)
   return mask

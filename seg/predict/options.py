@@ -22,6 +22,7 @@ class Options:
   large_images: str = 'resize'  # LARGE_IMAGE_POLICIES
   max_side: int = 2049
   workers: int = 2
+  profile: bool = False         # time every stage and print the breakdown (`seg.predict.profile`)
 
   def __post_init__(self):
     if self.probabilities not in PROBABILITY_FORMATS:

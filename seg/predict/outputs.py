@@ -14,6 +14,7 @@ take as done.
 """
 
 import functools
+import io
 import os
 from typing import Callable, List, Optional
 
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from seg.predict.options import Options
+from seg.predict.profile import NO_PROFILE
 
 
 OVERLAY_ALPHA = 0.5
@@ -89,24 +91,49 @@ class ProbabilityFile:
       os.remove(self.temporary)
 
 
+def _encoded(image: Image.Image, fmt: str, **params) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format=fmt, **params)
+  return buffer.getvalue()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  def write(temporary):
+    with open(temporary, 'wb') as f:
+      f.write(data)
+  _atomic(path, write)
+
+
 def write_masks(stem: str, mask: np.ndarray, options: Options,
-                image: Optional[Callable[[], np.ndarray]] = None) -> None:
+                image: Optional[Callable[[], np.ndarray]] = None, profile=NO_PROFILE) -> None:
   """STEM.png (palette indices), STEM_color.png and, with overlay, STEM_overlay.jpg.
 
-  `image` returns the [H, W, 3] uint8 image for the overlay (read lazily).
+  `image` returns the [H, W, 3] uint8 image for the overlay (read lazily). `profile` times
+  the stages 'colour' (class ids -> RGB), 'encode' (PNG/JPEG) and 'write'.
   """
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
   cmap = _colormap()
-  _atomic(stem + '_color.png', lambda p: Image.fromarray(cmap[mask]).save(p, format='PNG'))
+  with profile.stage('colour'):
+    colour = Image.fromarray(cmap[mask])
+  with profile.stage('encode'):
+    data = _encoded(colour, 'PNG')
+  del colour
+  with profile.stage('write'):
+    _write_bytes(stem + '_color.png', data)
   if options.overlay:
     rgb = image()
-    out = np.empty_like(rgb)
-    for r in range(0, mask.shape[0], 256):  # strips keep float temporaries small
-      m = mask[r:r + 256]
-      alpha = np.where(m[..., None] > 0, OVERLAY_ALPHA, 0.0).astype(np.float32)
-      blend = rgb[r:r + 256].astype(np.float32) * (1 - alpha) + cmap[m] * alpha
-      out[r:r + 256] = np.round(blend).astype(np.uint8)
-    _atomic(stem + '_overlay.jpg',
-            lambda p: Image.fromarray(out).save(p, format='JPEG', quality=90))
-  _atomic(stem + '.png', lambda p: _palette_png(mask).save(p, format='PNG'))
-
+    with profile.stage('colour'):
+      out = np.empty_like(rgb)
+      for r in range(0, mask.shape[0], 256):  # strips keep float temporaries small
+        m = mask[r:r + 256]
+        alpha = np.where(m[..., None] > 0, OVERLAY_ALPHA, 0.0).astype(np.float32)
+        blend = rgb[r:r + 256].astype(np.float32) * (1 - alpha) + cmap[m] * alpha
+        out[r:r + 256] = np.round(blend).astype(np.uint8)
+    with profile.stage('encode'):
+      data = _encoded(Image.fromarray(out), 'JPEG', quality=90)
+    with profile.stage('write'):
+      _write_bytes(stem + '_overlay.jpg', data)
+  with profile.stage('encode'):
+    data = _encoded(_palette_png(mask), 'PNG')
+  with profile.stage('write'):
+    _write_bytes(stem + '.png', data)

@@ -26,6 +26,7 @@ from seg.predict.images import load_image, load_rgb
 from seg.predict.large_images import predict_tiled, softmax, upsample_resized
 from seg.predict.options import Options
 from seg.predict.outputs import ProbabilityFile, write_masks
+from seg.predict.profile import NO_PROFILE, Profile
 from seg.predict.progress import Progress, RunReport, failure_reason
 
 BYTES_IN_FLIGHT = 512 << 20  # decoded images waiting for the model or the writers
@@ -99,6 +100,7 @@ class Pipeline:
     self._writers: Optional[futures.ThreadPoolExecutor] = None
     self.report = RunReport()
     self.progress: Optional[Progress] = None
+    self.profile = Profile() if options.profile else NO_PROFILE
 
   def run(self, jobs: List[Job]) -> RunReport:
     """Decodes, predicts and writes every job; returns what happened."""
@@ -140,7 +142,7 @@ class Pipeline:
       if job is None:
         break
       try:
-        image, original = load_image(job.path, resize_side)
+        image, original = load_image(job.path, resize_side, self.profile)
       except Exception as e:  # a bad file is reported and skipped, never fatal to the run
         self._finish(job, e)
         continue
@@ -181,11 +183,17 @@ class Pipeline:
     images = [item.image for item in items]
     try:
       if self.options.want_probabilities or any(item.resized for item in items):
-        for item, logits in zip(items, self.engine.logits(images)):
-          item.probs = softmax(logits)
-          item.mask = logits.argmax(axis=-1).astype(np.uint8)
+        with self.profile.stage('network'):
+          all_logits = self.engine.logits(images)
+        for item, logits in zip(items, all_logits):
+          with self.profile.stage('upsample'):
+            item.probs = softmax(logits)
+          with self.profile.stage('argmax'):
+            item.mask = logits.argmax(axis=-1).astype(np.uint8)
       else:
-        for item, mask in zip(items, self.engine.predict(images)):
+        with self.profile.stage('network'):
+          masks = self.engine.predict(images)
+        for item, mask in zip(items, masks):
           item.mask = mask
     except Exception as e:
       for item in items:
@@ -196,7 +204,8 @@ class Pipeline:
 
   def _run_tiled(self, item: Item) -> None:
     try:
-      predict_tiled(self.engine, item, self.options)
+      with self.profile.stage('network'):
+        predict_tiled(self.engine, item, self.options)
     except Exception as e:
       self._drop(item, e)
       return
@@ -210,7 +219,7 @@ class Pipeline:
 
   def _write(self, item: Item) -> None:
     try:
-      write_item(item, self.options)
+      write_item(item, self.options, self.profile)
       self._finish(item.job)
     except Exception as e:
       self._finish(item.job, e)
@@ -236,7 +245,7 @@ class Pipeline:
       self.progress.update(failed=error is not None)
 
 
-def write_item(item: Item, options: Options) -> None:
+def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
   """Writes every output of one predicted item (upsampling a resized one first)."""
   stem = item.job.stem
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
@@ -246,13 +255,13 @@ def write_item(item: Item, options: Options) -> None:
     if item.resized:
       if options.want_probabilities:
         item.prob_file = new_prob_file(item.original)
-      item.mask = upsample_resized(item.probs, item.original, item.prob_file)
+      item.mask = upsample_resized(item.probs, item.original, item.prob_file, profile)
       item.probs = None
     elif options.want_probabilities and item.prob_file is None:
       item.prob_file = new_prob_file(item.mask.shape)
       item.prob_file.write(0, 0, item.probs)
     image = (lambda: load_rgb(item.job.path)) if item.resized else (lambda: item.image)
-    write_masks(stem, item.mask, options, image)
+    write_masks(stem, item.mask, options, image, profile)
     if item.prob_file is not None:
       item.prob_file.commit()
   except BaseException:
@@ -289,9 +298,12 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
     log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '
         f'{step}{split}')
   jobs = plan_jobs(files, output_dir, options)
-  report = Pipeline(engine, options, progress_stream).run(jobs)
+  pipeline = Pipeline(engine, options, progress_stream)
+  report = pipeline.run(jobs)
   report.ignored = ignored
   log(report.format(output_dir))
+  if options.profile:
+    log(pipeline.profile.format(report.processed))
   if report.interrupted:
     raise KeyboardInterrupt
   return len(report.failures)
