@@ -140,17 +140,33 @@ class ConvBN(nn.Module):
     return self.activation(x) if self.activation is not None else x
 
 
-def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
-  """[out_size, in_size] bilinear interpolation weights with aligned corners."""
-  m = np.zeros((out_size, in_size), np.float32)
+def align_corners_taps(out_size: int, in_size: int,
+                       span: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """The aligned-corner bilinear rule as taps: (lo [out_size] int64, frac [out_size] float32).
+
+  Output pixel o reads input position p = o * span / (out_size - 1) (span defaults to
+  in_size - 1: corner pixels map to corner pixels), as (1 - frac) * x[lo] + frac * x[lo + 1]
+  (lo <= in_size - 2; with one input pixel, lo = 0 and frac = 0). A smaller `span` maps the
+  output onto the first `span + 1` input pixels: `seg.predict.upsampling` takes an image's
+  logits from the feature grid of its padded canvas straight to its original size with it.
+  """
   if in_size == 1 or out_size == 1:
-    m[:, 0] = 1.0
-    return m
-  src = np.arange(out_size) * (in_size - 1) / (out_size - 1)
+    return np.zeros(out_size, np.int64), np.zeros(out_size, np.float32)
+  span = in_size - 1 if span is None else span
+  src = np.arange(out_size) * span / (out_size - 1)
   lo = np.minimum(np.floor(src).astype(np.int64), in_size - 2)
-  frac = (src - lo).astype(np.float32)
-  m[np.arange(out_size), lo] = 1.0 - frac
-  m[np.arange(out_size), lo + 1] += frac
+  return lo, (src - lo).astype(np.float32)
+
+
+def align_corners_matrix(out_size: int, in_size: int, span: Optional[float] = None) -> np.ndarray:
+  """[out_size, in_size] bilinear interpolation weights with aligned corners
+  (`align_corners_taps`)."""
+  m = np.zeros((out_size, in_size), np.float32)
+  lo, frac = align_corners_taps(out_size, in_size, span)
+  rows = np.arange(out_size)
+  m[rows, lo] = 1.0 - frac
+  if in_size > 1:
+    m[rows, lo + 1] += frac
   return m
 
 

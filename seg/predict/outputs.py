@@ -22,10 +22,12 @@ import numpy as np
 from PIL import Image
 
 from seg.predict.options import Options
+from seg.predict.png import PngWriter
 from seg.predict.profile import NO_PROFILE
 
 
 OVERLAY_ALPHA = 0.5
+STRIP_ROWS = 256      # mask rows encoded at a time
 
 
 def output_suffixes(options: Options) -> List[str]:
@@ -54,12 +56,6 @@ def _atomic(path: str, write: Callable[[str], None]) -> None:
 def _colormap() -> np.ndarray:
   from seg.classes import voc_colormap
   return voc_colormap()  # a 2,048-step Python loop: once, not per image
-
-
-def _palette_png(mask: np.ndarray) -> Image.Image:
-  png = Image.fromarray(mask, mode='P')
-  png.putpalette(_colormap().reshape(-1).tolist())
-  return png
 
 
 class ProbabilityFile:
@@ -108,18 +104,32 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
                 image: Optional[Callable[[], np.ndarray]] = None, profile=NO_PROFILE) -> None:
   """STEM.png (palette indices), STEM_color.png and, with overlay, STEM_overlay.jpg.
 
-  `image` returns the [H, W, 3] uint8 image for the overlay (read lazily). `profile` times
-  the stages 'colour' (class ids -> RGB), 'encode' (PNG/JPEG) and 'write'.
+  The two PNGs are encoded strip by strip (`seg.predict.png`), so no full-size RGB copy of
+  the mask is made. `image` returns the [H, W, 3] uint8 image for the overlay (read lazily).
+  `profile` times the stages 'colour' (class ids -> RGB), 'encode' and 'write'.
   """
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
   cmap = _colormap()
-  with profile.stage('colour'):
-    colour = Image.fromarray(cmap[mask])
-  with profile.stage('encode'):
-    data = _encoded(colour, 'PNG')
-  del colour
+  height, width = mask.shape
+
+  def both(indices_path, colour_path):
+    with open(indices_path, 'wb') as indices_file, open(colour_path, 'wb') as colour_file:
+      indices = PngWriter(indices_file, width, height, palette=cmap)
+      colours = PngWriter(colour_file, width, height)
+      for r in range(0, height, STRIP_ROWS):
+        strip = mask[r:r + STRIP_ROWS]
+        with profile.stage('colour'):
+          rgb = cmap[strip]
+        with profile.stage('encode'):
+          indices.write(strip)
+          colours.write(rgb)
+      with profile.stage('encode'):
+        indices.close()
+        colours.close()
+
   with profile.stage('write'):
-    _write_bytes(stem + '_color.png', data)
+    _atomic(stem + '.png', lambda indices_path: _atomic(
+        stem + '_color.png', lambda colour_path: both(indices_path, colour_path)))
   if options.overlay:
     rgb = image()
     with profile.stage('colour'):
@@ -133,7 +143,3 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
       data = _encoded(Image.fromarray(out), 'JPEG', quality=90)
     with profile.stage('write'):
       _write_bytes(stem + '_overlay.jpg', data)
-  with profile.stage('encode'):
-    data = _encoded(_palette_png(mask), 'PNG')
-  with profile.stage('write'):
-    _write_bytes(stem + '.png', data)

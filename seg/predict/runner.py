@@ -23,7 +23,8 @@ import numpy as np
 from seg.predict.files import (IMAGE_EXTENSIONS, Job, check_output_folder, collect_inputs,
                                plan_jobs)
 from seg.predict.images import load_image, load_rgb
-from seg.predict.large_images import predict_tiled, softmax, upsample_resized
+from seg.predict import upsampling
+from seg.predict.large_images import predict_tiled, softmax
 from seg.predict.options import Options
 from seg.predict.outputs import ProbabilityFile, write_masks
 from seg.predict.profile import NO_PROFILE, Profile
@@ -41,6 +42,8 @@ class Item:
   tiled: bool = False
   mask: Optional[np.ndarray] = None
   probs: Optional[np.ndarray] = None      # [h, w, C] at the image's size
+  features: Optional[np.ndarray] = None   # [fh, fw, C] logits of a resized image's canvas
+  canvas: Tuple[int, int] = (0, 0)        # the padded canvas `features` belong to
   prob_file: Optional[ProbabilityFile] = None
 
   @property
@@ -180,20 +183,26 @@ class Pipeline:
         self._run_batch(pending.pop(key))
 
   def _run_batch(self, items: List[Item]) -> None:
-    images = [item.image for item in items]
+    resized = [item for item in items if item.resized]
+    plain = [item for item in items if not item.resized]
     try:
-      if self.options.want_probabilities or any(item.resized for item in items):
+      if resized:  # logits on the feature grid, taken to the full size by the writers
         with self.profile.stage('network'):
-          all_logits = self.engine.logits(images)
-        for item, logits in zip(items, all_logits):
+          results = self.engine.features([item.image for item in resized])
+        for item, (features, canvas) in zip(resized, results):
+          item.features, item.canvas = features, canvas
+      if plain and self.options.want_probabilities:
+        with self.profile.stage('network'):
+          all_logits = self.engine.logits([item.image for item in plain])
+        for item, logits in zip(plain, all_logits):
           with self.profile.stage('upsample'):
             item.probs = softmax(logits)
           with self.profile.stage('argmax'):
             item.mask = logits.argmax(axis=-1).astype(np.uint8)
-      else:
+      elif plain:
         with self.profile.stage('network'):
-          masks = self.engine.predict(images)
-        for item, mask in zip(items, masks):
+          masks = self.engine.predict([item.image for item in plain])
+        for item, mask in zip(plain, masks):
           item.mask = mask
     except Exception as e:
       for item in items:
@@ -246,19 +255,29 @@ class Pipeline:
 
 
 def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
-  """Writes every output of one predicted item (upsampling a resized one first)."""
+  """Writes every output of one predicted item (a resized one is taken to full size first)."""
   stem = item.job.stem
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
-  new_prob_file = lambda shape: ProbabilityFile(stem + '_prob.npy', item.probs.shape[-1],
-                                                *shape, options.probabilities)
   try:
     if item.resized:
+      resized = item.image.shape[:2]
       if options.want_probabilities:
-        item.prob_file = new_prob_file(item.original)
-      item.mask = upsample_resized(item.probs, item.original, item.prob_file, profile)
-      item.probs = None
+        item.prob_file = ProbabilityFile(stem + '_prob.npy', item.features.shape[-1],
+                                         *item.original, options.probabilities)
+        item.mask = np.empty(item.original, np.uint8)
+        for row, logits in upsampling.strips(item.features, item.original, resized,
+                                             item.canvas):
+          with profile.stage('upsample'):
+            item.prob_file.write(row, 0, softmax(logits))
+          with profile.stage('argmax'):
+            item.mask[row:row + len(logits)] = logits.argmax(axis=-1)
+      else:
+        with profile.stage('upsample'):
+          item.mask = upsampling.class_map(item.features, item.original, resized, item.canvas)
+      item.features = None
     elif options.want_probabilities and item.prob_file is None:
-      item.prob_file = new_prob_file(item.mask.shape)
+      item.prob_file = ProbabilityFile(stem + '_prob.npy', item.probs.shape[-1],
+                                       *item.mask.shape, options.probabilities)
       item.prob_file.write(0, 0, item.probs)
     image = (lambda: load_rgb(item.job.path)) if item.resized else (lambda: item.image)
     write_masks(stem, item.mask, options, image, profile)
