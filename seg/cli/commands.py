@@ -66,7 +66,10 @@ def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int
             dtype: str = 'float32', **options) -> int:
   from seg.inference.engine import batch_devices
   from seg.predict import Options, predict_paths
+  from seg.predict.memory import parse_budget
   try:
+    if 'memory_budget' in options:
+      options['memory_budget'] = parse_budget(options['memory_budget'])
     failures = predict_paths(workdir, inputs, output, Options(**options),
                              batch_size=batch_size, dtype=dtype, devices=batch_devices())
   except (FileNotFoundError, ValueError) as e:  # bad arguments: one clear line
@@ -149,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
                    batch_size=a.batch_size, dtype=a.dtype, overwrite=a.overwrite,
                    overlay=a.overlay, probabilities=a.probabilities,
                    large_images=a.large_images, max_side=a.max_side, workers=a.workers,
-                   profile=a.profile)
+                   profile=a.profile, memory_budget=a.memory_budget, shard=a.shard)
   elif command == 'prepare-data':
     prepare_data(dataset=a.dataset, data_dir=a.data_dir, manual_dir=a.manual_dir)
   elif command == 'import-weights':

@@ -14,6 +14,16 @@ DTYPES = ('float32', 'bfloat16')
 _OVERRIDE = re.compile(r'^--config\.([A-Za-z_][\w.]*)(?:=(.*))?$', re.S)
 
 
+def _shard(text: str):
+  try:
+    index, count = (int(v) for v in text.split('/'))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r}: give K/N, e.g. 0/4') from None
+  if not 0 <= index < count:
+    raise argparse.ArgumentTypeError(f'{text!r}: K/N needs 0 <= K < N')
+  return index, count
+
+
 class _Bool(argparse.Action):
   """A switch: --x turns it on, --no-x (or absl's spelling --nox) off."""
 
@@ -86,8 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--large-images', default='resize', choices=('resize', 'tile'),
                  help='images with a side above --max-side are downscaled to fit and their '
                       'class probabilities upsampled back (resize), or cut into tiles (tile)')
-  p.add_argument('--max-side', type=_positive, default=2049,
-                 help='the largest side predicted in one piece')
+  p.add_argument('--max-side', type=_positive, default=None,
+                 help="the largest side predicted in one piece (default: the model's "
+                      'data.eval_size, the scale it was trained and evaluated at)')
+  p.add_argument('--memory-budget', default='1536M',
+                 help='what the whole process may hold (e.g. 1536M, 4G); it bounds the '
+                      'largest compiled shape and the images in flight')
+  p.add_argument('--shard', default='0/1', type=_shard,
+                 help='K/N: only the inputs whose relative path hashes to shard K of N '
+                      '(0 <= K < N), for N machines or array jobs with no coordinator')
   p.add_argument('--workers', type=_positive, default=2,
                  help='decoding threads, and as many writing threads')
   p.add_argument('--dtype', default='float32', choices=DTYPES, help='engine compute dtype')

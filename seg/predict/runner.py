@@ -21,17 +21,14 @@ from typing import Dict, Hashable, List, Optional, Tuple
 import numpy as np
 
 from seg.predict.files import (IMAGE_EXTENSIONS, Job, check_output_folder, collect_inputs,
-                               plan_jobs)
+                               plan_jobs, shard_of)
 from seg.predict.images import load_image, load_rgb
-from seg.predict import upsampling
+from seg.predict import memory, upsampling
 from seg.predict.large_images import predict_tiled, softmax
 from seg.predict.options import Options
 from seg.predict.outputs import ProbabilityFile, write_masks
 from seg.predict.profile import NO_PROFILE, Profile
 from seg.predict.progress import Progress, RunReport, failure_reason
-
-BYTES_IN_FLIGHT = 512 << 20  # decoded images waiting for the model or the writers
-
 
 @dataclasses.dataclass
 class Item:
@@ -44,6 +41,7 @@ class Item:
   probs: Optional[np.ndarray] = None      # [h, w, C] at the image's size
   features: Optional[np.ndarray] = None   # [fh, fw, C] logits of a resized image's canvas
   canvas: Tuple[int, int] = (0, 0)        # the padded canvas `features` belong to
+  held: int = 0                           # bytes counted against the in-flight budget
   prob_file: Optional[ProbabilityFile] = None
 
   @property
@@ -91,8 +89,15 @@ class Pipeline:
   """
 
   def __init__(self, engine, options: Options, progress_stream=None,
-               bytes_in_flight: int = BYTES_IN_FLIGHT):
-    self.engine, self.options = engine, options
+               bytes_in_flight: Optional[int] = None):
+    max_side = options.max_side or engine.eval_size
+    self.memory: Optional[memory.Plan] = None
+    if bytes_in_flight is None:  # the budget decides the largest side and what is in flight
+      self.memory = memory.plan(engine, max_side, options.memory_budget,
+                                memory.resident_bytes())
+      max_side, bytes_in_flight = self.memory.max_side, self.memory.in_flight
+    self.engine = engine
+    self.options = dataclasses.replace(options, max_side=max_side)
     self.progress_stream = progress_stream
     self.budget = Budget(bytes_in_flight)
     self._lock = threading.Lock()          # guards the report, the progress and the job iterator
@@ -149,8 +154,9 @@ class Pipeline:
       except Exception as e:  # a bad file is reported and skipped, never fatal to the run
         self._finish(job, e)
         continue
-      self.budget.acquire(image.nbytes)
-      self._decoded.put(Item(job, image, original,
+      held = memory.item_bytes(image.nbytes, original, self.options.overlay)
+      self.budget.acquire(held)
+      self._decoded.put(Item(job, image, original, held=held,
                              tiled=max(image.shape[:2]) > self.options.max_side))
     with self._lock:
       self._decoders_running -= 1
@@ -233,7 +239,7 @@ class Pipeline:
     except Exception as e:
       self._finish(item.job, e)
     finally:
-      self.budget.release(item.image.nbytes)
+      self.budget.release(item.held)
       self._write_slots.release()
 
   # bookkeeping ---------------------------------------------------------------------------
@@ -241,7 +247,7 @@ class Pipeline:
   def _drop(self, item: Item, error: Exception) -> None:
     if item.prob_file is not None:
       item.prob_file.discard()
-    self.budget.release(item.image.nbytes)
+    self.budget.release(item.held)
     self._finish(item.job, error)
 
   def _finish(self, job: Job, error=None) -> None:
@@ -316,8 +322,14 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
     split = f', each batch of {batch_size} as {parts} parts at once' if parts > 1 else ''
     log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '
         f'{step}{split}')
-  jobs = plan_jobs(files, output_dir, options)
+  jobs = plan_jobs(files, output_dir, options)  # all inputs: names never depend on the shard
+  index, count = options.shard
+  if count > 1:
+    jobs = [job for job, item in zip(jobs, files) if shard_of(item.relative, count) == index]
+    log(f'shard {index}/{count}: {len(jobs)} of {len(files)} input file(s)')
   pipeline = Pipeline(engine, options, progress_stream)
+  if pipeline.memory is not None:
+    log(pipeline.memory.describe())
   report = pipeline.run(jobs)
   report.ignored = ignored
   log(report.format(output_dir))
