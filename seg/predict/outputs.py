@@ -112,24 +112,22 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
   cmap = _colormap()
   height, width = mask.shape
 
-  def both(indices_path, colour_path):
-    with open(indices_path, 'wb') as indices_file, open(colour_path, 'wb') as colour_file:
-      indices = PngWriter(indices_file, width, height, palette=cmap)
-      colours = PngWriter(colour_file, width, height)
-      for r in range(0, height, STRIP_ROWS):
-        strip = mask[r:r + STRIP_ROWS]
-        with profile.stage('colour'):
-          rgb = cmap[strip]
-        with profile.stage('encode'):
-          indices.write(strip)
-          colours.write(rgb)
-      with profile.stage('encode'):
-        indices.close()
-        colours.close()
-
+  indices_file, colour_file = io.BytesIO(), io.BytesIO()  # compressed: a few hundred KiB
+  indices = PngWriter(indices_file, width, height, palette=cmap)
+  colours = PngWriter(colour_file, width, height)
+  for r in range(0, height, STRIP_ROWS):
+    strip = mask[r:r + STRIP_ROWS]
+    with profile.stage('colour'):
+      rgb = cmap[strip]
+    with profile.stage('encode'):
+      indices.write(strip)
+      colours.write(rgb)
+  with profile.stage('encode'):
+    indices.close()
+    colours.close()
   with profile.stage('write'):
-    _atomic(stem + '.png', lambda indices_path: _atomic(
-        stem + '_color.png', lambda colour_path: both(indices_path, colour_path)))
+    _write_bytes(stem + '_color.png', colour_file.getvalue())
+    _write_bytes(stem + '.png', indices_file.getvalue())
   if options.overlay:
     rgb = image()
     with profile.stage('colour'):

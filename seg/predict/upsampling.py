@@ -26,7 +26,7 @@ import numpy as np
 from seg.model.layers import align_corners_taps
 
 BLOCK = 8               # rows and columns between exactly computed samples
-PIXELS_AT_ONCE = 1 << 18  # pixels of mixed blocks computed together (bounds the temporaries)
+PIXELS_AT_ONCE = 1 << 16  # pixels of mixed blocks computed together: temporaries of ~10 MB
 
 
 def feature_positions(original: int, resized: int, canvas: int,
