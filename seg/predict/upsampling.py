@@ -10,13 +10,12 @@ the feature grid of the Hc-pixel canvas. For an image that was not downscaled th
 the model's own upsampling, cropped.
 
 The mask is the argmax of those upsampled logits, computed without upsampling every class at
-every pixel (`class_map`): the argmax is first taken exactly on a grid of every BLOCK-th row
-and column; a block whose four corners agree takes their class, and only blocks whose
-corners differ (along class boundaries, a few percent of them) are computed pixel by pixel.
-A class region that fits between the corners of one block, without touching any, would be
-missed: the logits vary on the scale of the feature grid (16 pixels of the downscaled image,
-dozens to hundreds of original pixels), so such regions are rare near-tie slivers
-(measured: docs/predict.md).
+every pixel (`class_map`): the argmax is first taken on a grid of every BLOCK-th row and
+column; a block inside one feature cell whose four corners agree takes their class, and the
+other blocks (along class boundaries and feature-cell lines) are computed pixel by pixel.
+That is exact, not an approximation: inside a cell the logits are bilinear in (row, column),
+so is the difference of two classes, and a bilinear function is smallest at a corner of any
+rectangle, so the class that wins at the four corners wins everywhere in between.
 """
 
 from typing import Iterator, Tuple
@@ -88,11 +87,24 @@ def class_map(features: np.ndarray, original: Tuple[int, int], resized: Tuple[in
   corner = grid[:nby, :nbx]
   same = ((corner == grid[below][:, :nbx]) & (corner == grid[:nby][:, right]) &
           (corner == grid[below][:, right]))
+  # Within one feature cell the logits are bilinear in (row, column), and so is the gap
+  # between any two classes: its minimum over a block lies at a corner, so a class that wins
+  # at all four corners wins in the whole block. A block across a cell boundary is computed.
+  same &= ~_crosses_cell(row_taps, block, sample_y[below])[:, None]
+  same &= ~_crosses_cell(col_taps, block, sample_x[right])[None, :]
   mask = np.repeat(np.repeat(corner, block, 0)[:height], block, 1)[:, :width]
   mixed = np.argwhere(~same)
   if len(mixed):
     _fill_exact(mask, features, row_taps, col_taps, mixed, block)
   return mask
+
+
+def _crosses_cell(taps, block: int, far_corners: np.ndarray) -> np.ndarray:
+  """[blocks] bool: the block from pixel i * block to its far corner spans two feature cells."""
+  lo, frac = taps
+  first = np.arange(len(far_corners)) * block
+  far = lo[far_corners].astype(np.float64) + frac[far_corners]
+  return far > lo[first] + 1 + 1e-6
 
 
 def _fill_exact(mask: np.ndarray, features: np.ndarray, row_taps, col_taps,
