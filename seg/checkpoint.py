@@ -14,16 +14,79 @@ so a crash in the middle of a save never leaves a checkpoint that restores.
 
 import json
 import os
+import time
 from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from seg.config import with_defaults
 
 CONFIG_FILE = 'config.json'
+SHARED_MARKER = '.shared_workdir'   # written by process 0 at start, read by the others
+
+
+class WorkdirNotShared(ValueError):
+  """A multi-host run's workdir is not one folder that every host sees."""
+
+
+def write_marker(workdir: str, token: int) -> str:
+  """Process 0's half of `check_shared_workdir`: WORKDIR/.shared_workdir holding `token`."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, SHARED_MARKER)
+  with open(path + f'.{token}.tmp', 'w') as f:
+    f.write(str(token))
+  os.replace(path + f'.{token}.tmp', path)
+  return path
+
+
+def marker_seen(workdir: str, token: int, timeout: float, poll: float = 0.2) -> bool:
+  """The other processes' half: whether WORKDIR/.shared_workdir holds `token` within `timeout` s."""
+  path = os.path.join(workdir, SHARED_MARKER)
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with open(path) as f:
+        if f.read().strip() == str(token):
+          return True
+    except FileNotFoundError:
+      pass
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(poll)
+
+
+def check_shared_workdir(workdir: str, timeout: float = 60.0) -> None:
+  """Stops a multi-host run at start when its workdir is not on a filesystem all hosts see.
+
+  Orbax writes a checkpoint's host arrays from process 0 and the others wait for
+  them; on a per-host folder the run would train and then hang or lose its
+  checkpoints. Process 0 writes a marker holding a fresh token (broadcast to
+  all); every other process must read it within `timeout` seconds (NFS caches
+  directory entries for a few seconds). Every process raises `WorkdirNotShared`
+  together, naming those that did not see it. One process: nothing to check.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils
+  token = int(multihost_utils.broadcast_one_to_all(
+      np.int32(int.from_bytes(os.urandom(4), 'little') >> 1)))
+  if jax.process_index() == 0:
+    write_marker(workdir, token)
+    seen = True
+  else:
+    seen = marker_seen(workdir, token, timeout)
+  flags = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+  missing = [i for i, ok in enumerate(flags) if not ok]
+  if missing:
+    raise WorkdirNotShared(
+        f'--workdir {workdir} is not shared: process(es) {missing} did not see the file '
+        f'{SHARED_MARKER} that process 0 wrote there within {timeout:.0f} s. A multi-host run '
+        f'needs a workdir on a filesystem that every host mounts at the same path (NFS, '
+        f'Lustre, GPFS): checkpoints are written together by all processes')
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

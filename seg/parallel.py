@@ -1,7 +1,8 @@
 """Devices and processes: the pmap axis, batch sharding, state replication, `jax.distributed`."""
 
 import os
-from typing import Any, Optional
+import re
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -53,30 +54,140 @@ def unreplicate(tree: Any) -> Any:
   return jax.tree.map(first, tree)
 
 
+class Launch(NamedTuple):
+  """How a cluster launcher started this process (`cluster_launch`).
+
+  local_tasks: processes the launcher started on this machine; local_rank: this one's
+  index among them. `kind`: 'slurm' or 'ompi'.
+  """
+  kind: str
+  coordinator: str
+  num_processes: int
+  process_id: int
+  local_rank: int
+  local_tasks: int
+
+
+def _tasks_on_this_node(spec: str, node: int) -> int:
+  """SLURM's tasks-per-node list ('8(x4)', '2,1(x2)') read at node index `node`."""
+  counts = []
+  for part in filter(None, spec.split(',')):
+    match = re.fullmatch(r'(\d+)(?:\(x(\d+)\))?', part.strip())
+    if not match:
+      return 0
+    counts += [int(match.group(1))] * int(match.group(2) or 1)
+  return counts[node] if 0 <= node < len(counts) else 0
+
+
+def _slurm_coordinator(env) -> str:
+  """The first host of the job step, at a port derived from the job id (as JAX derives it)."""
+  port = env.get('JAX_COORDINATOR_PORT') or str(
+      int(env['SLURM_JOB_ID']) % 2**12 + (65535 - 2**12 + 1))
+  nodes = env['SLURM_STEP_NODELIST']
+  first = re.split(r'[,\[]', nodes, maxsplit=1)[0]
+  if len(first) < len(nodes) and nodes[len(first)] == '[':   # 'node[001-004,7]' -> node001
+    first += re.split(r'[,-]', nodes[len(first) + 1:], maxsplit=1)[0].rstrip(']')
+  return f'{first}:{port}'
+
+
+def _ompi_coordinator(env) -> str:
+  """The launcher's address in OMPI_MCA_orte_hnp_uri, at a port derived from the job id."""
+  uri = env['OMPI_MCA_orte_hnp_uri']
+  port = env.get('JAX_COORDINATOR_PORT') or str(
+      int(uri.split('.', 1)[0]) // 2**12 % 2**12 + (65535 - 2**12 + 1))
+  match = re.search(r'tcp://(.+?)[,:]|tcp6://\[(.+?)[,\]]', uri)
+  if match is None:
+    raise ValueError(f'cannot read the launcher address from OMPI_MCA_orte_hnp_uri={uri!r}')
+  return f'{next(g for g in match.groups() if g)}:{port}'
+
+
+def cluster_launch(environ=None) -> Optional[Launch]:
+  """What SLURM (`srun`) or Open MPI (`mpirun`) says about this process; None outside them."""
+  env = os.environ if environ is None else environ
+  slurm = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+           'SLURM_LOCALID')
+  if all(v in env for v in slurm):
+    spec = env.get('SLURM_STEP_TASKS_PER_NODE') or env.get('SLURM_TASKS_PER_NODE', '')
+    local_tasks = (_tasks_on_this_node(spec, int(env.get('SLURM_NODEID', 0)))
+                   or int(env.get('SLURM_NTASKS_PER_NODE', 0) or 0) or 1)
+    return Launch('slurm', _slurm_coordinator(env), int(env['SLURM_NTASKS']), int(env['SLURM_PROCID']),
+                  int(env['SLURM_LOCALID']), local_tasks)
+  if 'OMPI_MCA_orte_hnp_uri' in env:
+    return Launch('ompi', _ompi_coordinator(env), int(env['OMPI_COMM_WORLD_SIZE']),
+                  int(env['OMPI_COMM_WORLD_RANK']), int(env.get('OMPI_COMM_WORLD_LOCAL_RANK', 0)),
+                  int(env.get('OMPI_COMM_WORLD_LOCAL_SIZE', 1)))
+  return None
+
+
+def local_device_ids(launch: Optional[Launch], environ=None) -> Optional[List[int]]:
+  """The accelerators this process should use; None means every one it sees.
+
+  One task per machine: all of them (JAX's own detection would bind the GPU
+  numbered SLURM_LOCALID / OMPI_COMM_WORLD_LOCAL_RANK, i.e. GPU 0, alone). Several tasks per
+  machine: the one numbered by the local rank, unless the launcher already
+  restricted the process to one GPU (`srun --gpus-per-task=1` sets
+  CUDA_VISIBLE_DEVICES to one id, and that GPU is then device 0 of this process).
+  """
+  env = os.environ if environ is None else environ
+  if launch is None or launch.local_tasks <= 1:
+    return None
+  visible = [d for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  if len(visible) == 1:
+    return None
+  return [launch.local_rank]
+
+
+def distributed_arguments(coordinator: str = '', num_processes: Optional[int] = None,
+                          process_id: int = -1, environ=None) -> Optional[Dict[str, Any]]:
+  """The keyword arguments for `jax.distributed.initialize`, or None for one process.
+
+  Explicit values (flags or JAX_* variables) win; the rest come from a cluster
+  launcher (SLURM, Open MPI). JAX's own cluster detection is switched off
+  (`cluster_detection_method='deactivate'`), since it would bind one GPU per
+  process even with one task per machine; `local_device_ids` says which GPUs
+  this process uses instead.
+  """
+  launch = cluster_launch(environ)
+  explicit = bool(coordinator) or (num_processes or 1) > 1
+  if not explicit and (launch is None or launch.num_processes <= 1):
+    return None
+  if explicit and not (coordinator and num_processes and process_id >= 0):
+    raise ValueError('multi-host training needs --coordinator, --num-processes and '
+                     '--process-id (or their environment variables) together')
+  if not explicit:
+    coordinator, num_processes, process_id = (launch.coordinator, launch.num_processes,
+                                              launch.process_id)
+  if not 0 <= process_id < num_processes:
+    raise ValueError(f'--process-id {process_id} outside 0..{num_processes - 1}')
+  return dict(coordinator_address=coordinator, num_processes=num_processes,
+              process_id=process_id, local_device_ids=local_device_ids(launch, environ),
+              cluster_detection_method='deactivate')
+
+
 def initialize_distributed(coordinator: str = '', num_processes: Optional[int] = None,
                            process_id: int = -1) -> None:
   """Joins a multi-host run through `jax.distributed` before JAX's backends start.
 
   With `coordinator` or `num_processes` > 1: those values (every process
   passes the same coordinator address and process count, its own id). With
-  neither: JAX's own cluster detection where a cluster launched this process
-  (SLURM, Open MPI), else nothing (one process). After this, `pmap`'s axis
-  spans every device of every process: gradients, BatchNorm statistics and
-  metrics are reduced across hosts.
+  neither: what SLURM or Open MPI says (`distributed_arguments`), else nothing
+  (one process). Either way every process uses every GPU it is meant to: all
+  of its machine's with one task per machine, its own with one task per GPU.
+  After this, `pmap`'s axis spans every device of every process: gradients,
+  BatchNorm statistics and metrics are reduced across hosts.
   """
-  multi = bool(coordinator) or (num_processes or 1) > 1
-  in_cluster = any(int(os.environ.get(v, '1') or 1) > 1
-                   for v in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE'))
-  if not multi and not in_cluster:
+  arguments = distributed_arguments(coordinator, num_processes, process_id)
+  if arguments is None:
     return
-  if multi and not (coordinator and num_processes and process_id >= 0):
-    raise ValueError('multi-host training needs --coordinator, --num-processes and '
-                     '--process-id (or their environment variables) together')
   # CPU-only hosts need a collectives implementation across processes (ignored on GPUs).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if multi:
-    if not 0 <= process_id < num_processes:
-      raise ValueError(f'--process-id {process_id} outside 0..{num_processes - 1}')
-    jax.distributed.initialize(coordinator, num_processes, process_id)
-  else:
-    jax.distributed.initialize()
+  jax.distributed.initialize(**arguments)
+
+
+def describe_devices(global_batch: int) -> str:
+  """'P process(es) x L local device(s) = G global devices, global batch B = b per device'."""
+  processes, local, total = jax.process_count(), jax.local_device_count(), jax.device_count()
+  per_device = global_batch / total
+  per_device = int(per_device) if per_device == int(per_device) else round(per_device, 2)
+  return (f'{processes} process(es) x {local} local device(s) = {total} global device(s) '
+          f'({jax.devices()[0].platform}), global batch {global_batch} = {per_device} per device')

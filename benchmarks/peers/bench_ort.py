@@ -14,10 +14,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import measure  # noqa: E402
-from export_onnx import DEFAULT_MODEL_DIR, onnx_paths  # noqa: E402
+import measure  # a sibling: a script's folder is on sys.path
+from export_onnx import DEFAULT_MODEL_DIR, onnx_paths
 
 
 def main():

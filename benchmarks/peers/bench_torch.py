@@ -17,13 +17,9 @@ as compile_s, not timed. Prints one JSON line (measure.py).
 
 import argparse
 import contextlib
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import measure  # noqa: E402
+import measure  # a sibling: a script's folder is on sys.path
 
 
 def main():

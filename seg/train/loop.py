@@ -148,6 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   stopped early, {'stopped_at_step': step}.
   """
   from seg.data import pipeline  # TensorFlow stays out of the import of this module.
+  checkpoint.check_shared_workdir(workdir)
   checkpoint.save_config(workdir, config)
   batch_size = parallel.local_batch_size(config.train.batch_size)
   parallel.local_batch_size(config.eval.batch_size)  # fail now, not after training
@@ -164,8 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   num_steps = config.train.steps
   skip_nonfinite = config.train.skip_nonfinite
   is_chief = jax.process_index() == 0
-  log(f'{jax.local_device_count()} local device(s) x {jax.process_count()} process(es), '
-      f'global batch {config.train.batch_size}, compute {config.train.compute_dtype}, '
+  log(f'{parallel.describe_devices(config.train.batch_size)}, '
+      f'compute {config.train.compute_dtype}, '
       + (f'resuming at step {start_step}' if start_step else 'starting from scratch'))
 
   p_train_step = make_p_train_step(config, learning_rate_fn)
