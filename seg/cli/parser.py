@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help='images of one padding bucket per compiled call')
   p.add_argument('--large-images', default='resize', choices=('resize', 'tile'),
                  help='images with a side above --max-side are downscaled to fit and their '
-                      'class probabilities upsampled back (resize), or cut into tiles (tile)')
+                      'logits upsampled back (resize), or cut into tiles (tile)')
   p.add_argument('--max-side', type=_positive, default=None,
                  help="the largest side predicted in one piece (default: the model's "
                       'data.eval_size, the scale it was trained and evaluated at)')

@@ -1,7 +1,7 @@
 """`predict --memory-budget`: the largest compiled shape and the images in flight follow one
 budget for the whole process, instead of growing with batch size x largest side.
 
-The budget is spent on three things (`plan`):
+The budget is spent on three things (`plan_memory`):
   held        what the process holds once the model is loaded (JAX, the weights, compiled
               code), read from /proc/self/statm when the run starts;
   activations the network's working memory for its largest canvas: XLA's own figure for the
@@ -84,7 +84,7 @@ def activation_per_pixel(engine) -> Tuple[float, int]:
   return per_pixel, parts
 
 
-def plan(engine, max_side: int, budget: int, held: int) -> Plan:
+def plan_memory(engine, max_side: int, budget: int, held: int) -> Plan:
   """The largest side and the bytes in flight that keep the process within `budget`.
 
   Raises ValueError when the budget does not even hold the loaded model and one

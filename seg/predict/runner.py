@@ -23,7 +23,8 @@ import numpy as np
 from seg.predict.files import (IMAGE_EXTENSIONS, Job, check_output_folder, collect_inputs,
                                plan_jobs, shard_of)
 from seg.predict.images import load_image, load_rgb
-from seg.predict import memory, upsampling
+from seg.predict.memory import Plan, item_bytes, plan_memory, resident_bytes
+from seg.predict.upsampling import class_map, strips
 from seg.predict.large_images import predict_tiled, softmax
 from seg.predict.options import Options
 from seg.predict.outputs import ProbabilityFile, write_masks
@@ -91,10 +92,9 @@ class Pipeline:
   def __init__(self, engine, options: Options, progress_stream=None,
                bytes_in_flight: Optional[int] = None):
     max_side = options.max_side or engine.eval_size
-    self.memory: Optional[memory.Plan] = None
+    self.memory: Optional[Plan] = None
     if bytes_in_flight is None:  # the budget decides the largest side and what is in flight
-      self.memory = memory.plan(engine, max_side, options.memory_budget,
-                                memory.resident_bytes())
+      self.memory = plan_memory(engine, max_side, options.memory_budget, resident_bytes())
       max_side, bytes_in_flight = self.memory.max_side, self.memory.in_flight
     self.engine = engine
     self.options = dataclasses.replace(options, max_side=max_side)
@@ -154,7 +154,7 @@ class Pipeline:
       except Exception as e:  # a bad file is reported and skipped, never fatal to the run
         self._finish(job, e)
         continue
-      held = memory.item_bytes(image.nbytes, original, self.options.overlay)
+      held = item_bytes(image.nbytes, original, self.options.overlay)
       self.budget.acquire(held)
       self._decoded.put(Item(job, image, original, held=held,
                              tiled=max(image.shape[:2]) > self.options.max_side))
@@ -271,15 +271,14 @@ def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
         item.prob_file = ProbabilityFile(stem + '_prob.npy', item.features.shape[-1],
                                          *item.original, options.probabilities)
         item.mask = np.empty(item.original, np.uint8)
-        for row, logits in upsampling.strips(item.features, item.original, resized,
-                                             item.canvas):
+        for row, logits in strips(item.features, item.original, resized, item.canvas):
           with profile.stage('upsample'):
             item.prob_file.write(row, 0, softmax(logits))
           with profile.stage('argmax'):
             item.mask[row:row + len(logits)] = logits.argmax(axis=-1)
       else:
         with profile.stage('upsample'):
-          item.mask = upsampling.class_map(item.features, item.original, resized, item.canvas)
+          item.mask = class_map(item.features, item.original, resized, item.canvas)
       item.features = None
     elif options.want_probabilities and item.prob_file is None:
       item.prob_file = ProbabilityFile(stem + '_prob.npy', item.probs.shape[-1],

@@ -321,6 +321,7 @@ def test_ctrl_c_keeps_finished_outputs_and_the_next_run_resumes(engine, tmp_path
   lines = []
   with pytest.raises(KeyboardInterrupt):
     predict.predict_paths('unused', str(inputs), str(out),
+                          predict.Options(memory_budget=16 << 30),
                           engine=_InterruptedOnSecondBatch(engine), log=lines.append,
                           progress_stream=io.StringIO())
   assert 'INTERRUPTED after 2 of 5 inputs' in lines[-1] and 'processed         2' in lines[-1]
@@ -547,12 +548,12 @@ def test_the_memory_budget_bounds_the_compiled_shape_and_what_is_in_flight(engin
   # Room for the network at side 513 (a 513 x 513 canvas) but not at 577: the side is lowered.
   spare = 2 * per_pixel * parts * 513 ** 2 + 1
   budget = held + memory.SLACK + int(spare)
-  plan = memory.plan(engine, 2049, budget, held)
+  plan = memory.plan_memory(engine, 2049, budget, held)
   assert plan.max_side == 513
   assert abs(plan.in_flight - (spare - per_pixel * parts * 513 ** 2)) <= 2
-  assert memory.plan(engine, 321, budget, held).max_side == 321  # a smaller request stands
+  assert memory.plan_memory(engine, 321, budget, held).max_side == 321  # a smaller request stands
   with pytest.raises(ValueError, match='memory-budget'):
-    memory.plan(engine, 2049, held + memory.SLACK + int(eval_canvas), held)
+    memory.plan_memory(engine, 2049, held + memory.SLACK + int(eval_canvas), held)
   assert memory.parse_budget('1.5G') == 1536 << 20 and memory.parse_budget('800') == 800 << 20
   # A run under a tiny budget of images in flight still finishes, one image at a time, and
   # an oversized --max-side never compiles a shape above what the budget allows.
