@@ -23,8 +23,9 @@ configs, workdirs and engine used here). It writes one JSON file and prints a ta
   the engine's;
 - `predict` over 50 generated JPEGs.
 
---quick shrinks every size (tiny model, 65x65, batch 2, one repetition) so that it runs on a
-CPU in CI (tests/benchmarks/test_gpu_check.py); its figures mean nothing.
+--quick shrinks every size (tiny model, 65x65, batch 2, one repetition; one precision, one
+depthwise form for the training step, one engine batch size) so that it runs on a CPU in CI
+(tests/test_gpu_check.py); its figures mean nothing.
 """
 
 import argparse
@@ -129,6 +130,16 @@ def _median_ms(fn, repeats):
   return times[len(times) // 2]
 
 
+def _replicate_on(device, tree):
+  """`tree` with a leading device axis of length 1 on `device`, as a pmapped step's outputs
+  are placed (`seg.parallel.replicate` for one given device)."""
+  import jax
+  from flax import jax_utils
+  from seg import parallel
+  identity = jax.pmap(lambda x: x, axis_name=parallel.AXIS_NAME, devices=[device])
+  return identity(jax_utils.replicate(tree, devices=[device]))
+
+
 def _rel(a, b):
   import numpy as np
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -187,10 +198,11 @@ def numerics(device, config, quick):
   images = rng.integers(0, 256, (batch, size, size, 3)).astype(np.float32)
   labels = rng.integers(0, config.model.num_classes, (batch, size, size)).astype(np.uint8)
   result = {}
-  for precision in ('highest', 'default'):
+  # --quick: the highest precision only; on the CPU the device is the CPU: computed once.
+  for precision in ('highest',) if quick else ('highest', 'default'):
     with jax.default_matmul_precision(precision):
       outs = {}
-      for where in (device, cpu):
+      for where in (device,) if device.platform == 'cpu' else (device, cpu):
         with jax.default_device(where):
           state = step_lib.create_train_state(jax.random.key(0), config, model, lr)
           logits = jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False))(
@@ -198,7 +210,7 @@ def numerics(device, config, quick):
           p_step = jax.pmap(functools.partial(
               step_lib.train_step, learning_rate_fn=lr, ignore_label=config.data.ignore_label),
               axis_name=parallel.AXIS_NAME, devices=[where])
-          put = lambda t: jax.device_put_replicated(t, [where])
+          put = functools.partial(_replicate_on, where)
           new, _ = p_step(put(state), put({'image': images, 'label': labels}),
                           put(jax.random.key(1)))
           outs[where.platform] = (np.asarray(logits), jax.device_get(
@@ -248,7 +260,7 @@ def train_speed(device, config, madds, peak_tflops, quick):
   rows = []
   for batch in ((2,) if quick else (16, 32)):
     for dtype in (('float32',) if quick else ('float32', 'bfloat16')):
-      for form in ('shifted', 'grouped'):
+      for form in ('shifted',) if quick else ('shifted', 'grouped'):
         os.environ['SEG_DEPTHWISE'] = form   # read when the step is traced
         config.train.compute_dtype = dtype
         model = create_model(config.model)
@@ -260,7 +272,7 @@ def train_speed(device, config, madds, peak_tflops, quick):
             step_lib.train_step, learning_rate_fn=lr, ignore_label=config.data.ignore_label,
             compute_dtype=compute), axis_name=parallel.AXIS_NAME, devices=[device],
             donate_argnums=(0,))
-        put = lambda t: jax.device_put_replicated(t, [device])
+        put = functools.partial(_replicate_on, device)
         rng = np.random.default_rng(0)
         data = put({'image': rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8),
                     'valid': np.tile([[0, size, 0, size]], (batch, 1)).astype(np.int32),
@@ -295,7 +307,7 @@ def engine_speed(device, config, variables, madds, peak_tflops, quick):
   size = config.data.eval_size
   rng = np.random.default_rng(0)
   rows, classes = [], {}
-  for batch in ((1, 2) if quick else (1, 8, 32)):
+  for batch in ((2,) if quick else (1, 8, 32)):
     images = rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8)
     for dtype in ('float32', 'bfloat16'):
       eng = Engine(config, variables, dtype=dtype, batch_size=batch, devices=[device],
@@ -380,7 +392,7 @@ def main(argv=None):
   if args.platform:
     os.environ['JAX_PLATFORMS'] = args.platform if args.platform == 'cpu' else f'{args.platform},cpu'
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # peak memory is measured
-  sys.path.insert(0, ROOT)
+  sys.path.insert(0, ROOT)   # the GPU machine runs it from a checkout, without pip install -e .
   config_impl = ensure_ml_collections(args.stand_in_config)
   import jax
   from seg.inference.benchmark import random_variables

@@ -33,7 +33,7 @@ def prefetch_to_device(batches: Iterator[Any], size: int = 2) -> Iterator[Any]:
   `size` batches are copied to the devices ahead of the one being consumed, so the
   transfer overlaps the running step (flax's `prefetch_to_device`).
   """
-  return jax_utils.prefetch_to_device(map(shard, batches), size)
+  return jax_utils.prefetch_to_device(map(shard, batches), size, axis_name=AXIS_NAME)
 
 
 def replicate(tree: Any) -> Any:

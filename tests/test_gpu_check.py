@@ -36,6 +36,6 @@ def test_gpu_check_quick_on_cpu(tmp_path):
   assert record['predict']['failures'] == 0 and record['predict']['masks_written'] == 6
   forms = {k for row in record['depthwise_ab'] for k in row if k.endswith('_forward_ms')}
   assert forms == {'shifted_forward_ms', 'grouped_forward_ms'}
-  assert {row['depthwise'] for row in record['train_speed']} == {'shifted', 'grouped'}
+  assert record['train_speed'][0]['images_per_s'] > 0   # --quick: one form
   assert {row['dtype'] for row in record['engine']} == {'float32', 'bfloat16'}
   assert 'train_speed:' in result.stdout and 'wrote' in result.stdout
