@@ -23,7 +23,7 @@ def test_gpu_check_quick_on_cpu(tmp_path):
   env.pop('XLA_FLAGS', None)    # one CPU device, as a one-GPU machine has one
   result = subprocess.run([sys.executable, '-c', RUNNER, '--platform', 'cpu', '--quick',
                            '--output', str(output)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=1500)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   record = json.loads(output.read_text())
   assert record['config_package'].startswith('stand-in')
