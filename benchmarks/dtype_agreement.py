@@ -1,9 +1,10 @@
-"""How often the bfloat16 engine predicts the float32 engine's class, over a whole split.
+"""How often the bfloat16 (or int8) engine predicts the float32 engine's class, over a split.
 
-    python benchmarks/dtype_agreement.py --workdir runs/quickstart [--split val]
+    python benchmarks/dtype_agreement.py --workdir runs/quickstart [--split val] [--dtype int8]
 
 Runs the trained model of a workdir through `seg.inference.engine.Engine` in float32
-and in bfloat16 (bf16 products accumulating in float32) on every image of the
+and in bfloat16 (bf16 products accumulating in float32) or int8 (the workdir's
+int8_scales.json, calibrated on the training split if missing) on every image of the
 split (at its original size, padded as `eval` pads), and prints the share of
 pixels whose predicted class is identical, the worst image's share, and the
 largest logit difference relative to the largest float32 logit.
@@ -17,6 +18,7 @@ def main():
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--split', default=None, help='default: the config\'s eval_split')
   parser.add_argument('--batch-size', type=int, default=4)
+  parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'int8'))
   args = parser.parse_args()
 
   import numpy as np
@@ -24,16 +26,17 @@ def main():
 
   from seg import checkpoint
   from seg.inference import engine
-  from seg.data import voc
+  from seg.data import pipeline
   from seg.model import create_model
 
   config = checkpoint.load_config(args.workdir)
   variables, step = checkpoint.load_model_variables(args.workdir, create_model(config.model))
   split = args.split or config.data.eval_split
-  builder = voc.prepare(config.data.dataset, config.data.data_dir)
-  images = [ex['image'] for ex in tfds.as_numpy(builder.as_dataset(split=split))]
+  images = [ex['image'] for ex in tfds.as_numpy(pipeline.split_examples(config.data, split))]
   f32 = engine.Engine(config, variables, 'float32', args.batch_size)
-  bf16 = engine.Engine(config, variables, 'bfloat16', args.batch_size)
+  scales = (engine.int8_scales_for(args.workdir, config, variables) if args.dtype == 'int8'
+            else None)
+  bf16 = engine.Engine(config, variables, args.dtype, args.batch_size, int8_scales=scales)
   same = total = 0
   worst, max_rel = 1.0, 0.0
   for start in range(0, len(images), 32):
@@ -47,7 +50,7 @@ def main():
       max_rel = max(max_rel, float(np.abs(a - b).max() / np.abs(a).max()))
     print(f'  {min(start + 32, len(images))}/{len(images)} images', flush=True)
   print(f'{args.workdir} (step {step}), {split}: {len(images)} images, {total:,} pixels')
-  print(f'  bfloat16 class == float32 class: {100 * same / total:.3f}% of pixels '
+  print(f'  {args.dtype} class == float32 class: {100 * same / total:.3f}% of pixels '
         f'(worst image {100 * worst:.2f}%)')
   print(f'  max |logit difference| / max |float32 logit|: {max_rel:.4f}')
 

@@ -32,9 +32,8 @@ import numpy as np
 def val_examples(config):
   """[(image [h, w, 3] uint8, label [h, w] uint8)] of the config's eval split."""
   import tensorflow_datasets as tfds
-  from seg.data import voc
-  builder = voc.prepare(config.data.dataset, config.data.data_dir)
-  ds = builder.as_dataset(split=config.data.eval_split, shuffle_files=False)
+  from seg.data import pipeline
+  ds = pipeline.split_examples(config.data, config.data.eval_split)
   return [(ex['image'], ex['label'][..., 0]) for ex in tfds.as_numpy(ds)]
 
 

@@ -1,11 +1,12 @@
-"""How fast this machine runs the network's 1x1 products: XLA float32/bfloat16 vs OpenBLAS.
+"""How fast this machine runs the network's 1x1 products: XLA float32/bfloat16/int8 vs OpenBLAS.
 
     python benchmarks/matmul_ceiling.py [--config experiments/base.py] [--size 513] [--iters 30]
 
 Every 1x1 convolution of the model (MobileNetV2 expand/project, the head) at
 `--size` is a [pixels, in] x [in, out] matrix product. This times each distinct
 shape on its own, float32 through XLA (`jax.lax.dot`, what `seg/engine.py`
-emits), bfloat16 through XLA (float32 accumulation), and float32 through
+emits), bfloat16 through XLA (float32 accumulation), int8 x int8 -> int32 through XLA
+(what the int8 engine emits, `seg/inference/quantize.py`), and float32 through
 NumPy's BLAS (OpenBLAS in the NumPy wheels), interleaved so that load on the
 machine hits all three alike, and prints per shape and in total how long the
 network's products take at each rate.
@@ -69,10 +70,11 @@ def main():
   config = load_experiment(args.config)
   shapes = product_shapes(config.model, args.size)
   rng = np.random.default_rng(0)
-  kinds = ('xla float32', 'xla bfloat16', 'numpy float32')
+  kinds = ('xla float32', 'xla bfloat16', 'xla int8', 'numpy float32')
   total = dict.fromkeys(kinds, 0.0)
   madds = 0
   dot = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
+  dot8 = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.int32))
   print(f'1x1 products of the {config.model.width} MobileNetV2 + head at {args.size}x{args.size}, '
         f'OS{config.model.output_stride} ({jax.devices()[0].device_kind}, numpy {np.__version__}):')
   print(f'{"pixels x in x out":>22} {"n":>2} ' + ' '.join(f'{k + " GMAdd/s":>22}' for k in kinds))
@@ -81,8 +83,10 @@ def main():
     b = rng.standard_normal((k, n), np.float32)
     a32, b32 = jnp.asarray(a), jnp.asarray(b)
     a16, b16 = a32.astype(jnp.bfloat16), b32.astype(jnp.bfloat16)
+    a8, b8 = (jnp.asarray(np.clip(np.round(v * 30), -127, 127).astype(np.int8)) for v in (a, b))
     ms = {'xla float32': _median_ms(lambda: dot(a32, b32).block_until_ready(), args.iters),
           'xla bfloat16': _median_ms(lambda: dot(a16, b16).block_until_ready(), args.iters),
+          'xla int8': _median_ms(lambda: dot8(a8, b8).block_until_ready(), args.iters),
           'numpy float32': _median_ms(lambda: a @ b, args.iters)}
     madds += m * k * n * count
     for kind in kinds:

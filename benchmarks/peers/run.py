@@ -15,7 +15,7 @@ stride 16 out (no resize, no argmax). Rows (--only picks some; default all):
   torch-eager-float32     PyTorch eager
   torch-compile-float32   torch.compile (inductor) with freezing
   torch-compile-bfloat16  the same under CPU autocast to bfloat16 (oneDNN)
-  --engine                adds the project's engine (`main.py benchmark`), float32 and bfloat16
+  --engine                adds the project's engine (`main.py benchmark`): float32, bfloat16, int8
   --extra 'NAME=COMMAND'  adds any command that prints one JSON line with at least "median_ms"
                           (ms per batch); {batch} {warmup} {iters} {height} {width} are filled in
 
@@ -57,7 +57,8 @@ PEERS = {
 }
 ENGINE = ('python main.py benchmark --config experiments/base.py --batch-size {batch} '
           '--warmup {warmup} --iters {iters} --height {height} --width {width} --json')
-ENGINE_EXTRAS = [f'seg-engine-float32={ENGINE}', f'seg-engine-bfloat16={ENGINE} --dtype bfloat16']
+ENGINE_EXTRAS = [f'seg-engine-float32={ENGINE}', f'seg-engine-bfloat16={ENGINE} --dtype bfloat16',
+                 f'seg-engine-int8={ENGINE} --dtype int8']
 EMBEDDED_JPEGS = '~/tensorflow_datasets/downloads/embedded-1.2.0/VOCdevkit/VOC2012/JPEGImages'
 
 

@@ -32,6 +32,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     process.no_gpu_preallocation()  # they can run beside a training process on one GPU
   if args.command == 'predict' or (args.command == 'benchmark' and not args.train):
     process.split_cpu_into_devices()  # batches computed as two parts at once on a CPU
+  if args.command in INFERENCE_COMMANDS:
+    process.use_cpu_feature_flags()  # e.g. oneDNN's AMX kernels where the CPU has AMX
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # TF's C++ INFO lines drown the progress
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax and TFDS log every step at INFO

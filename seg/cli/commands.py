@@ -61,9 +61,13 @@ def train(*, config, workdir: str, coordinator: str = '', num_processes: Optiona
     raise CommandError(str(e)) from None
 
 
-def evaluate(*, workdir: str, config=None, output: Optional[str] = None) -> None:
+def evaluate(*, workdir: str, config=None, output: Optional[str] = None,
+             dtype: str = 'float32') -> None:
   from seg.inference import evaluate as evaluate_lib
-  evaluate_lib.evaluate_workdir(workdir, config, output)
+  try:
+    evaluate_lib.evaluate_workdir(workdir, config, output, dtype=dtype)
+  except ValueError as e:  # e.g. no calibration images
+    raise CommandError(str(e)) from None
 
 
 def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int = 8,
@@ -147,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
           coordinator=a.coordinator, num_processes=a.num_processes, process_id=a.process_id)
   elif command == 'eval':
     evaluate(workdir=a.workdir, config=_workdir_config(a.workdir, a.config, a.overrides),
-             output=a.output)
+             output=a.output, dtype=a.dtype)
   elif command == 'predict':
     return predict(workdir=a.workdir, inputs=a.input, output=a.output,
                    batch_size=a.batch_size, dtype=a.dtype, overwrite=a.overwrite,

@@ -10,7 +10,7 @@ import os
 import re
 from typing import List, Tuple
 
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'int8')
 _OVERRIDE = re.compile(r'^--config\.([A-Za-z_][\w.]*)(?:=(.*))?$', re.S)
 
 
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--workdir', required=True)
   _add_config(p, False, ' (default: the workdir\'s own config)')
   p.add_argument('--output', help='also write the report as JSON (and a per-class chart)')
+  p.add_argument('--dtype', default='float32', choices=DTYPES,
+                 help='engine compute dtype (int8: calibrated on the training split once, '
+                      'stored as WORKDIR/int8_scales.json)')
 
   p = commands.add_parser('predict', help='masks for image files, folders, globs and lists')
   p.add_argument('--workdir', required=True)

@@ -72,3 +72,18 @@ def split_cpu_into_devices(count: int = 2) -> None:
   if '--xla_force_host_platform_device_count' not in flags:
     count = max(1, min(count, os.cpu_count() or 1))
     os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count={count}'.strip()
+
+
+def use_cpu_feature_flags() -> None:
+  """Adds the XLA flags that suit this CPU's features (`seg.inference.cpu_features.choose`:
+  oneDNN on AMX CPUs, none elsewhere) to XLA_FLAGS, unless XLA_FLAGS names them already.
+
+  For the inference commands. Must run before JAX starts.
+  """
+  from seg.inference import cpu_features
+  flags = os.environ.get('XLA_FLAGS', '')
+  for flag in cpu_features.choose().xla_flags:
+    if flag.split('=')[0] not in flags:
+      flags = f'{flags} {flag}'.strip()
+  if flags:
+    os.environ['XLA_FLAGS'] = flags

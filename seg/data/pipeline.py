@@ -19,6 +19,38 @@ from seg.preprocessing import MEAN_PIXEL, padded_size
 # The GPU belongs to JAX; TF only decodes and augments on the CPU.
 tf.config.set_visible_devices([], 'GPU')
 
+# Images are read from the TFRecords as their JPEG bytes and decoded by `decode_image`, never
+# by TFDS's Image feature: that one calls tf.image.decode_image, whose JPEG decoder uses
+# libjpeg's fast integer IDCT, a few grey levels off Pillow's accurate one on most values.
+# `predict` reads images with Pillow, so eval (and training) decode as Pillow does.
+_SKIP_IMAGE = {'image': tfds.decode.SkipDecoding()}
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """JPEG (or PNG) bytes -> [height, width, 3] uint8, pixel for pixel what Pillow decodes.
+
+  JPEGs with libjpeg's accurate integer IDCT (Pillow's, hence `predict`'s); anything else
+  (a PNG saved as .jpg) through tf.io.decode_image.
+  """
+  image = tf.cond(
+      tf.io.is_jpeg(encoded),
+      lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method='INTEGER_ACCURATE'),
+      lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Examples read with `_SKIP_IMAGE`, their image decoded by `decode_image`."""
+  return ds.map(lambda ex: {**ex, 'image': decode_image(ex['image'])},
+                num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def split_examples(data_config, split: str) -> tf.data.Dataset:
+  """The split's examples in order: image [h, w, 3] uint8 (`decode_image`), label [h, w, 1]."""
+  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  return _decoded(builder.as_dataset(split=split, shuffle_files=False, decoders=_SKIP_IMAGE))
+
 
 def _pad_to(image: tf.Tensor, label: tf.Tensor, height, width, ignore_label: int):
   """Pads image (mean pixel) and label (ignore_label) at the bottom and right."""
@@ -145,14 +177,19 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
   builder = voc.prepare(data_config.dataset, data_config.data_dir)
   features = builder.info.features
   # 'encoded' and 'none' read the JPEG/PNG bytes and decode after the shuffle.
-  decoders = None if cache == 'decoded' else {'image': tfds.decode.SkipDecoding(),
-                                               'label': tfds.decode.SkipDecoding()}
+  decode_late = cache != 'decoded'
+  decoders = {**_SKIP_IMAGE, 'label': tfds.decode.SkipDecoding()} if decode_late else _SKIP_IMAGE
   if builder.info.splits[data_config.train_split].num_examples < process_count:
     raise ValueError(f'split {data_config.train_split!r} has fewer examples than processes')
+  # This process's share only, before decoding and caching (`process_split`).
   ds = builder.as_dataset(split=process_split(data_config.train_split, process_index,
                                               process_count),
                           shuffle_files=False, decoders=decoders)
-  ds = ds.map(lambda ex: (ex['image'], ex['label']))
+  if decode_late:
+    ds = ds.map(lambda ex: (ex['image'], ex['label']))
+  else:
+    ds = ds.map(lambda ex: (decode_image(ex['image']), ex['label']),
+                num_parallel_calls=tf.data.AUTOTUNE)
   if cache != 'none':
     ds = ds.cache()
   # shuffle() after repeat() with an op-level seed is one deterministic stream (no
@@ -163,8 +200,8 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
 
   def _augment(index, example):
     image, label = example
-    if decoders is not None:
-      image = features['image'].decode_example(image)
+    if decode_late:
+      image = decode_image(image)
       label = features['label'].decode_example(label)
     out = augment(
         image, label, augmentation_seed(seed, index, process_index, process_count),
@@ -227,7 +264,8 @@ def eval_batches(data_config, batch_size: int, split: str, process_index: int = 
   shard_sizes = np.bincount(np.arange(total) % process_count, minlength=process_count)
   large_per_shard = np.bincount(large % process_count, minlength=process_count)
   steps = lambda counts: int(np.max(-(-counts // batch_size)))
-  ds = builder.as_dataset(split=split, shuffle_files=False).shard(process_count, process_index)
+  ds = _decoded(builder.as_dataset(split=split, shuffle_files=False, decoders=_SKIP_IMAGE)
+                .shard(process_count, process_index))
   fits = lambda ex: tf.reduce_max(tf.shape(ex['image'])[:2]) <= size
   yield from _padded_batches(ds.filter(fits), data_config.ignore_label, batch_size, size, size,
                              steps(shard_sizes - large_per_shard))
@@ -269,6 +307,6 @@ def split_images(data_config, split: str, count: int, seed: int = 0):
   builder = voc.prepare(data_config.dataset, data_config.data_dir)
   total = builder.info.splits[split].num_examples
   chosen = set(np.random.default_rng(seed).permutation(total)[:count].tolist())
-  ds = builder.as_dataset(split=split, shuffle_files=False).enumerate()
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_SKIP_IMAGE).enumerate()
   ds = ds.filter(lambda i, ex: tf.reduce_any(tf.equal(i, list(chosen) or [-1])))
-  return [ex['image'] for _, ex in tfds.as_numpy(ds)]
+  return [ex['image'] for ex in tfds.as_numpy(_decoded(ds.map(lambda i, ex: ex)))]

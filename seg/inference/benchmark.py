@@ -2,7 +2,7 @@
 
 Run through `main.py`, which preloads mimalloc and sets the compilation cache:
 
-    python main.py benchmark --config experiments/base.py --batch-size 8 [--dtype bfloat16] [--json]
+    python main.py benchmark --config experiments/base.py --batch-size 8 [--dtype bfloat16|int8] [--json]
     python main.py benchmark --workdir runs/qs --batch-size 1 --measure predict
 
 `--measure network` (the default) times what the peers of `benchmarks/peers/`
@@ -92,8 +92,14 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
     variables = random_variables(create_model(config.model))
   height = height or config.data.eval_size
   width = width or config.data.eval_size
+  int8_scales = None
+  if dtype == 'int8':  # the workdir's calibration; random weights: any scale runs as fast
+    from seg.inference.quantize import product_names
+    int8_scales = (engine.int8_scales_for(workdir, config, variables, log) if workdir else
+                   dict.fromkeys(product_names(config.model), 6 / 127))
   eng = engine.Engine(config, variables, dtype=dtype, batch_size=batch_size,
-                      image_by_image=image_by_image, devices=engine.batch_devices())
+                      image_by_image=image_by_image, devices=engine.batch_devices(),
+                      int8_scales=int8_scales)
   image_by_image = eng.image_by_image   # None: image by image on a CPU, batched elsewhere
   # As `Engine.run_padded`: equal parts of the batch on the devices, all at once.
   parts = eng.parts(batch_size)
@@ -141,6 +147,7 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
       'input': f'{batch_size}x{height}x{width}x3 '
                f'{"float32" if measure == "network" else "uint8"}',
       'dtype': dtype_name,
+      'int8_formulation': eng.int8_formulation,
       'measure': measure,
       'warmup': warmup,
       'requested_iters': iters,

@@ -22,7 +22,7 @@ from seg.inference.fold import cast_folded, fold_variables
 from seg.inference.forward import class_map, forward
 from seg.preprocessing import bucket_shape, preprocess_padded
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'int8': jnp.int8}
 
 
 def batch_devices() -> List[jax.Device]:
@@ -31,10 +31,19 @@ def batch_devices() -> List[jax.Device]:
   return jax.local_devices()
 
 
+def int8_scales_for(workdir: str, config, variables, log=None) -> Dict[str, float]:
+  """The int8 activation scales of the model in `workdir`: `workdir/int8_scales.json`, or
+  calibrated on the config's training split and stored there (`seg.inference.quantize`)."""
+  from seg.inference import quantize
+  folded = fold_variables(config.model, jax.device_get(variables), xp=np)
+  return quantize.load_or_calibrate(workdir, config, folded, source=config.data.train_split,
+                                    log=log or print)
+
+
 class Engine:
   """Compiled inference for one trained model: class maps and logits of uint8 images.
 
-      engine = Engine(config, variables, dtype='bfloat16')
+      engine = Engine(config, variables, dtype='bfloat16')   # or 'int8' with int8_scales
       masks = engine.predict(images)      # [n, h, w, 3] uint8 -> [n, h, w] uint8
 
   Every call pads to the shape bucket of its images (`bucket_shape`), splits
@@ -45,7 +54,9 @@ class Engine:
 
   def __init__(self, config, variables: Dict[str, Any], dtype='float32', batch_size: int = 1,
                device: Optional[jax.Device] = None, image_by_image: Optional[bool] = None,
-               log=None, devices: Optional[Sequence[jax.Device]] = None):
+               log=None, devices: Optional[Sequence[jax.Device]] = None,
+               int8_scales: Optional[Dict[str, float]] = None,
+               int8_formulation: Optional[str] = None):
     if isinstance(dtype, str):
       if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
@@ -62,8 +73,18 @@ class Engine:
     self.devices = list(devices) if devices else [device or jax.local_devices()[0]]
     self.device = self.devices[0]
     self.log = log
-    folded = cast_folded(fold_variables(config.model, jax.device_get(variables), xp=np), dtype,
-                         xp=np)
+    folded = fold_variables(config.model, jax.device_get(variables), xp=np)
+    self.int8_formulation = None
+    if dtype == jnp.int8:  # seg.inference.quantize
+      from seg.inference import cpu_features, quantize
+      if int8_scales is None:
+        raise ValueError("dtype='int8' needs int8_scales (seg.inference.quantize."
+                         "load_or_calibrate, or Engine.from_workdir)")
+      self.int8_formulation = int8_formulation or cpu_features.choose().int8_formulation
+      folded = quantize.quantize_folded(config.model, folded, int8_scales,
+                                        self.int8_formulation)
+    else:
+      folded = cast_folded(folded, dtype, xp=np)
     self.folded_on = {d: jax.device_put(folded, d) for d in self.devices}
     self.folded = self.folded_on[self.device]
     static = dict(width=config.model.width, output_stride=config.model.output_stride,
@@ -92,6 +113,8 @@ class Engine:
     from seg.model import create_model
     config = checkpoint.load_config(workdir)
     variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
+    if kwargs.get('dtype') == 'int8' and kwargs.get('int8_scales') is None:
+      kwargs['int8_scales'] = int8_scales_for(workdir, config, variables, kwargs.get('log'))
     return cls(config, variables, **kwargs), step
 
   def forward(self, folded, images: jax.Array, upsample: bool = True) -> jax.Array:

@@ -27,7 +27,7 @@ def scaled_size(size: int, scale: float) -> int:
 
 
 def multi_scale_logits(folded, images: jax.Array, *, model_config, scales=(1.0,),
-                       flip: bool = False) -> jax.Array:
+                       flip: bool = False, dtype=jnp.float32) -> jax.Array:
   """Class scores at full resolution, averaged over input scales (and flips) as DeepLab does.
 
   For one scale without flip these are the network's logits. Otherwise each
@@ -44,7 +44,8 @@ def multi_scale_logits(folded, images: jax.Array, *, model_config, scales=(1.0,)
   """
   height, width = images.shape[1:3]
   run = functools.partial(forward, folded, width=model_config.width,
-                          output_stride=model_config.output_stride, upsample=False)
+                          output_stride=model_config.output_stride, upsample=False,
+                          dtype=dtype)
   if tuple(scales) == (1.0,) and not flip:
     return resize_bilinear(run(images), (height, width))
   probabilities = 0.0
@@ -59,7 +60,8 @@ def multi_scale_logits(folded, images: jax.Array, *, model_config, scales=(1.0,)
 
 
 def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_config,
-              ignore_label: int, scales=(1.0,), flip: bool = False) -> jax.Array:
+              ignore_label: int, scales=(1.0,), flip: bool = False,
+              dtype=jnp.float32) -> jax.Array:
   """Confusion matrix of one batch, summed over every device of the pmap axis.
 
   The logits come from the inference engine's folded forward pass
@@ -68,20 +70,24 @@ def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_c
   `scales`/`flip`: multi-scale and flipped evaluation (`multi_scale_logits`).
 
   Args:
-    variables: the model's {'params', 'batch_stats'}.
+    variables: the model's {'params', 'batch_stats'}; for another `dtype` (bfloat16, int8)
+      the engine's prepared weights instead (`seg.inference.engine.Engine.folded`).
     batch: image [n, h, w, 3] float in [0, 255] (padding = the mean pixel),
       label [n, h, w], mask [n].
   """
-  folded = fold.cast_folded(fold.fold_variables(model_config, variables), jnp.float32)
+  if dtype == jnp.float32:
+    folded = fold.cast_folded(fold.fold_variables(model_config, variables), jnp.float32)
+  else:
+    folded = variables
   scores = multi_scale_logits(folded, preprocess(batch['image']), model_config=model_config,
-                              scales=scales, flip=flip)
+                              scales=scales, flip=flip, dtype=dtype)
   predictions = jnp.argmax(scores, axis=-1).astype(jnp.int32)
   cm = confusion_matrix(batch['label'], predictions, model_config.num_classes, batch['mask'],
                         ignore_label)
   return lax.psum(cm, AXIS_NAME)
 
 
-def make_p_eval_step(model, config):
+def make_p_eval_step(model, config, dtype=jnp.float32):
   """The pmapped evaluation step for `config` (`model` is unused: kept for callers).
 
   Batches of different spatial shapes (e.g. images larger than `eval_size` in
@@ -95,7 +101,7 @@ def make_p_eval_step(model, config):
     raise ValueError(f'config.eval.scales must be positive numbers, got {scales}')
   return jax.pmap(functools.partial(
       eval_step, model_config=config.model, ignore_label=config.data.ignore_label,
-      scales=scales, flip=bool(config.eval.flip)), axis_name=AXIS_NAME)
+      scales=scales, flip=bool(config.eval.flip), dtype=dtype), axis_name=AXIS_NAME)
 
 
 def evaluate(p_eval_step, variables: Dict[str, Any], config, split: Optional[str] = None,
@@ -131,22 +137,36 @@ def _sum_over_processes(value):
   return multihost_utils.process_allgather(value).sum()
 
 
+def engine_dtype(name: str):
+  from seg.inference.engine import DTYPES
+  return DTYPES[name]
+
+
 def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
-                     log=print) -> Dict:
+                     log=print, dtype: str = 'float32') -> Dict:
   """`main.py eval`: evaluates the latest checkpoint of `workdir` and prints the table.
 
   `config` defaults to the one the workdir was trained with; data and eval
   fields of a given config may differ from training (e.g. another split).
+  `dtype`: the engine's compute dtype (int8: scales from `workdir/int8_scales.json`, or
+  calibrated on the training split and stored there).
   `output` (report JSON) gets a bar chart of the per-class IoU beside it,
   OUTPUT_STEM_per_class_iou.png.
   """
   config = config or checkpoint.load_config(workdir)
   model = create_model(config.model)
   variables, step = checkpoint.load_model_variables(workdir, model)
-  log(f'evaluating {workdir} at step {step}')
-  report = evaluate(make_p_eval_step(model, config), parallel.replicate(variables), config,
-                    log=log)
+  log(f'evaluating {workdir} at step {step}' + (f' in {dtype}' if dtype != 'float32' else ''))
+  if dtype != 'float32':  # the engine's weights: bfloat16 kernels, or int8 (calibrated)
+    from seg.inference import engine
+    scales = engine.int8_scales_for(workdir, config, variables, log) if dtype == 'int8' \
+        else None
+    eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales)
+    variables = jax.device_get(eng.folded)
+  report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype)),
+                    parallel.replicate(variables), config, log=log)
   report['step'] = step
+  report['dtype'] = dtype
   log(format_report(report))
   if output and jax.process_index() == 0:
     from seg import plots

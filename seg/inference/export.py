@@ -72,7 +72,10 @@ def export_workdir(workdir: str, output: str, platforms: Sequence[str] = ('cpu',
   start = time.time()
   config = config or checkpoint.load_config(workdir)
   variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
-  eng = engine.Engine(config, variables, dtype=dtype)
+  scales = engine.int8_scales_for(workdir, config, variables, log) if dtype == 'int8' else None
+  # int8: int8 weights in the file whatever this CPU prefers (4x smaller, runs anywhere).
+  eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales,
+                      int8_formulation='int8')
   exported = export_engine(eng, platforms, batch_size, height, width)
   blob = exported.serialize()
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -113,7 +113,8 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   Args:
     images: [n, h, w, 3] float in [-1, 1] (already preprocessed; padding is 0).
     width, output_stride: `config.model`'s (they fix strides and dilations).
-    dtype: the input dtype of the stride >= 16 products (float32 or bfloat16).
+    dtype: the input dtype of the stride >= 16 products (float32 or bfloat16), or int8:
+      `folded` then comes from `seg.inference.quantize.quantize_folded`.
     upsample: resize the logits to [h, w] (aligned corners) as the model does.
     image_by_image: run the images of the batch one after the other (`lax.map`):
       the activations of one image instead of n are live (a fraction of the memory).
@@ -121,6 +122,10 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   Returns:
     float32 logits [n, h, w, classes] (or at the feature resolution).
   """
+  if dtype == jnp.int8:  # params from `seg.inference.quantize.quantize_folded`
+    from seg.inference.quantize import forward_int8
+    return forward_int8(folded, images, width=width, output_stride=output_stride,
+                        upsample=upsample, image_by_image=image_by_image)
   if image_by_image and images.shape[0] > 1:
     one = functools.partial(forward, folded, width=width, output_stride=output_stride,
                             dtype=dtype, upsample=upsample)

@@ -1,5 +1,7 @@
 """DeepLab augmentation and padded evaluation batches."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -141,3 +143,56 @@ def test_training_stream_is_the_same_whatever_is_cached(tiny_config, cache):
   tiny_config.data.cache = 'pixels'
   with pytest.raises(ValueError, match='data.cache must be one of'):
     next(pipeline.train_batches(tiny_config.data, 4, seed=5))
+
+
+def _jpeg_files(data_dir, split):
+  """The embedded dataset's JPEG files of `split`, in the split list's order."""
+  import glob
+  [root] = glob.glob(os.path.join(data_dir, 'downloads', 'embedded-*', 'VOCdevkit', 'VOC2012'))
+  return [os.path.join(root, 'JPEGImages', name + '.jpg')
+          for name in voc.read_split_list(root, split)]
+
+
+def _holds(crop, image):
+  """Whether a training crop (padded at the bottom and right, maybe flipped) holds `image`."""
+  h, w = image.shape[:2]
+  return (np.array_equal(crop[:h, :w], image)
+          or np.array_equal(crop[:h, crop.shape[1] - w:], image[:, ::-1]))
+
+
+def test_jpegs_decode_as_pillow_decodes_them(tiny_config):
+  """Training, eval and predict see the same pixels: the data layer decodes JPEGs exactly
+  as Pillow (which `predict` reads with) does, not with TF's default fast IDCT."""
+  from PIL import Image
+  files = _jpeg_files(tiny_config.data.data_dir, 'val')
+  pillow = {os.path.basename(path)[:-4]: np.asarray(Image.open(path).convert('RGB'))
+            for path in files}
+  # The fast IDCT differs on these files (else this test could not tell the decoders apart).
+  fast = tf.io.decode_jpeg(open(files[0], 'rb').read(), channels=3).numpy()
+  assert np.mean(fast != pillow[os.path.basename(files[0])[:-4]]) > 0.1
+  examples = list(pipeline.split_examples(tiny_config.data, 'val').as_numpy_iterator())
+  assert len(examples) == len(pillow) == 150
+  for example in examples:
+    np.testing.assert_array_equal(example['image'], pillow[example['file_name'].decode()])
+  # Eval batches (in the split's order): the same pixels in the corner of each padded image.
+  tiny_config.data.eval_size = 513
+  seen = 0
+  for batch in pipeline.eval_batches(tiny_config.data, 16, 'val'):
+    for image, valid in zip(batch['image'], batch['mask']):
+      if valid:
+        expected = pillow[examples[seen]['file_name'].decode()]
+        h, w = expected.shape[:2]
+        np.testing.assert_array_equal(image[:h, :w], expected.astype(np.float32))
+        seen += 1
+  assert seen == 150
+  # Training: with one scale (1.0), crop as large as the image and no flip applied, the
+  # augmented image holds the Pillow pixels (checked for the 'decoded' and 'encoded' caches).
+  train = [np.asarray(Image.open(p).convert('RGB'), np.float32)
+           for p in _jpeg_files(tiny_config.data.data_dir, 'train')]
+  tiny_config.data.min_scale = tiny_config.data.max_scale = 1.0
+  tiny_config.data.crop_size = 161   # the embedded images are at most 160 x 160
+  for cache in ('decoded', 'encoded'):
+    tiny_config.data.cache = cache
+    batch = next(pipeline.train_batches(tiny_config.data, 4, seed=0))
+    for crop in batch['image']:
+      assert any(_holds(crop, image) for image in train)

@@ -1,0 +1,74 @@
+"""Which XLA flags and int8 formulation suit this CPU, read from its feature flags.
+
+    choice = choose(cpu_flags())     # /proc/cpuinfo's flags (or a string of them)
+    choice.xla_flags                 # e.g. ('--xla_cpu_use_onednn=true',) on AMX CPUs
+    choice.int8_formulation          # 'int8' or 'float32' (seg.inference.quantize)
+
+Imports nothing heavy: the CLI calls it before JAX starts (`seg.cli.process`), since XLA
+reads its flags once.
+
+The rules, and what they rest on (docs/performance.md, "int8"):
+- AMX (`amx_int8`, `amx_bf16`): oneDNN (`--xla_cpu_use_onednn=true`) has the AMX kernels; on a
+  2-core Xeon it doubled XLA's int8 and bfloat16 product rates (1,257 vs 616 GMAdd/s int8,
+  531 vs 245 bfloat16; issue 17's measurement, 2026-11-29).
+- AVX-512 VNNI / AVX-VNNI, or AVX2: XLA's default dot (YNNPACK) multiplies int8 x int8 into
+  int32 at least as fast as float32 (AVX2-only AMD EPYC, 2026-12-01: 65-82 vs 54-80 GMAdd/s
+  at the network's shapes; oneDNN no faster) -> the 'int8' formulation, no flags.
+- Neither (no AVX2 on x86, or an ARM core without `asimddp`): the 'float32' formulation, the
+  same integers multiplied exactly in float32 (what such CPUs do fastest).
+"""
+
+import dataclasses
+import platform
+from typing import FrozenSet, Iterable, Optional, Tuple, Union
+
+CPUINFO = '/proc/cpuinfo'
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  xla_flags: Tuple[str, ...]
+  int8_formulation: str
+  reason: str
+
+
+def parse_flags(cpuinfo: str) -> FrozenSet[str]:
+  """The feature flags in /proc/cpuinfo text (x86 'flags', ARM 'Features'): the first CPU's."""
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(':')
+    if key.strip() in ('flags', 'Features'):
+      return frozenset(value.split())
+  return frozenset()
+
+
+def cpu_flags(path: str = CPUINFO) -> FrozenSet[str]:
+  """This machine's CPU feature flags (empty where /proc/cpuinfo is missing)."""
+  try:
+    with open(path) as f:
+      return parse_flags(f.read())
+  except OSError:
+    return frozenset()
+
+
+def choose(flags: Union[str, Iterable[str], None] = None,
+           machine: Optional[str] = None) -> Choice:
+  """The XLA flags and int8 formulation for a CPU with `flags` (default: this one's).
+
+  `flags`: a set of names, or /proc/cpuinfo-style text ('flags : fpu ... avx2 ...' or just
+  the names separated by spaces). `machine`: platform.machine() (default this one's).
+  """
+  if flags is None:
+    flags = cpu_flags()
+  elif isinstance(flags, str):
+    flags = parse_flags(flags) if ':' in flags else frozenset(flags.split())
+  flags = frozenset(flags)
+  machine = (machine or platform.machine()).lower()
+  if flags & {'amx_int8', 'amx_bf16'}:
+    return Choice(('--xla_cpu_use_onednn=true',), 'int8', 'AMX: oneDNN kernels')
+  if flags & {'avx512_vnni', 'avx_vnni', 'avx512vnni'}:
+    return Choice((), 'int8', 'VNNI: int8 dot products')
+  if 'avx2' in flags:
+    return Choice((), 'int8', 'AVX2: int8 products as fast as float32 or faster')
+  if machine in ('aarch64', 'arm64') and 'asimddp' in flags:
+    return Choice((), 'int8', 'ARM dot-product instructions')
+  return Choice((), 'float32', 'no int8 dot instructions: exact float32 products')

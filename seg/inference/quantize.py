@@ -1,0 +1,316 @@
+"""int8 inference: the folded network with int8 x int8 -> int32 products, calibrated once.
+
+    scales = load_or_calibrate(workdir, config, variables)      # workdir/int8_scales.json
+    params = quantize_folded(fold_variables(config.model, variables, xp=np), scales)
+    logits = forward_int8(params, images, width=..., output_stride=...)
+
+What is int8 (the rest stays float32, as in `seg.inference.forward`):
+- every 1x1 product (MobileNetV2's expand and project layers, the head's aspp0, concat
+  projection and logits) from input stride `INT8_FROM_STRIDE` on. Its weights are
+  per-output-channel symmetric int8 (scale = max |w[:, c]| / 127) taken from the folded
+  (BatchNorm-folded) float32 kernels; its input is per-tensor symmetric int8 with a scale
+  calibrated on training images (`calibrate`: the largest |x| the float32 network produced
+  there, / 127). The product accumulates in int32 (`lax.dot_general` with
+  `preferred_element_type=int32`); the requantisation (int32 -> float32 times
+  input scale x weight scale, + bias, ReLU6 where the layer has one, and the rounding to
+  int8 of the next product's input) is elementwise work that XLA fuses into one loop.
+- float32 stays: the stem (3 input channels), the depthwise 3x3 layers (nine multiply-adds per
+  output, memory-bound), the residual sums, the image-pooling branch and the 3x3 ASPP branches.
+
+Two formulations give the same numbers (`FORMULATIONS`): 'int8' stores the weights as int8 and
+multiplies int8 by int8 into int32; 'float32' stores the same integers as float32 and
+multiplies them in float32. With at most 1,040 input channels every partial sum is an integer
+below 2^24, so float32 holds it exactly and both compute the same accumulators bit for bit.
+Which one is faster depends on the CPU (`seg.inference.cpu_features`): the choice is made by
+the dtype of the stored weights, so `forward_int8` is one pure function of (params, images)
+and an export (`seg.inference.export`) carries whichever was chosen.
+"""
+
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from seg.inference.forward import _conv, _depthwise, _stem
+from seg.model import block_specs
+from seg.model.layers import resize_bilinear
+
+INT8_MAX = 127
+SCALES_FILE = 'int8_scales.json'
+FORMULATIONS = ('int8', 'float32')
+# Products whose input has at least this stride are int8 (the stem's output has stride 2, so
+# 2 means all of them). Chosen by measurement: docs/performance.md ("int8").
+INT8_FROM_STRIDE = 2
+# float32 holds integers up to 2^24 exactly: k * 127 * 127 < 2^24 for k <= 1040.
+MAX_EXACT_INPUTS = 2**24 // (INT8_MAX * INT8_MAX)
+
+
+# ------------------------------------------------------------------------------------------
+# The network
+
+def product_names(model_config) -> List[str]:
+  """The names of the network's 1x1 products, in the order they run (the scales' keys)."""
+  names = []
+  for i, (expanded, out, stride, dilation) in enumerate(block_specs(model_config.width,
+                                                                    model_config.output_stride)):
+    if i > 0:  # block 0 has no expansion (t=1)
+      names.append(f'block{i}/expand')
+    names.append(f'block{i}/project')
+  return names + ['head/aspp0', 'head/proj_branches', 'head/logits']
+
+
+def _relu6(x):
+  return jnp.clip(x, 0.0, 6.0)
+
+
+def quantize_input(x: jax.Array, inv_scale, dtype) -> jax.Array:
+  """round(x / scale) clipped to [-127, 127], as `dtype` (int8, or float32 integers)."""
+  return jnp.clip(jnp.round(x * inv_scale), -INT8_MAX, INT8_MAX).astype(dtype)
+
+
+def product(x: jax.Array, layer: Dict[str, Any], name: str,
+            observe: Optional[Dict[str, jax.Array]] = None) -> jax.Array:
+  """A 1x1 product + bias over the last axis: x [..., in] float32 -> [..., out] float32.
+
+  `layer` is quantised ({'w' int8 or float32 integers [in, out], 'scale' [out] = input scale
+  x weight scale, 'inv_x_scale' [], 'b' [out]}) or float32 ({'w', 'b'}). `observe` (float
+  layers only): where the largest |x| of the layer's input is recorded under `name`.
+  """
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  w = layer['w']
+  if 'scale' in layer:
+    q = quantize_input(x, layer['inv_x_scale'], w.dtype)
+    acc = lax.dot_general(q, w, dims, preferred_element_type=(
+        jnp.int32 if w.dtype == jnp.int8 else jnp.float32))
+    return acc.astype(jnp.float32) * layer['scale'] + layer['b']
+  if observe is not None:
+    observe[name] = jnp.max(jnp.abs(x))
+  return lax.dot_general(x, w.astype(jnp.float32), dims,
+                         preferred_element_type=jnp.float32) + layer['b']
+
+
+def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int,
+          observe=None) -> jax.Array:
+  """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`)."""
+  out = params['project']['w'].shape[1]
+  y = x
+  if 'expand' in params:
+    y = _relu6(product(y, params['expand'], f'block{index}/expand', observe))
+  y = _relu6(_depthwise(y, params['depthwise']['w'], params['depthwise']['b'], stride,
+                        dilation))
+  y = product(y, params['project'], f'block{index}/project', observe)
+  if stride == 1 and x.shape[-1] == out:
+    y = y + x
+  return y
+
+
+def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
+                 output_stride: int, upsample: bool = True, image_by_image: bool = False,
+                 observe: Optional[Dict[str, jax.Array]] = None, dtype=None) -> jax.Array:
+  """The network's logits from `quantize_folded`'s params (or float32 folded ones).
+
+  As `seg.inference.forward.forward` (same arguments and result); with float32 folded
+  params (`cast_folded(..., float32)`) and a dict `observe`, it computes in float32 and
+  records the largest |input| of every product (`calibrate`).
+  """
+  del dtype  # int8 (the params say which layers are); accepted as `forward` accepts it
+  if image_by_image and images.shape[0] > 1 and observe is None:
+    def one(image):
+      return forward_int8(params, image[None], width=width, output_stride=output_stride,
+                          upsample=upsample)[0]
+    return lax.map(one, images)
+  x = _relu6(_stem(images, params['stem']['w'], params['stem']['b']))
+  for i, (blk, (_, _, stride, dilation)) in enumerate(zip(params['blocks'],
+                                                         block_specs(width, output_stride))):
+    x = block(x, blk, i, stride, dilation, observe)
+  head = params['head']
+  pooled = jnp.mean(x, axis=(1, 2))
+  pooled = jax.nn.relu(pooled @ head['pool']['w'] + head['pool']['b'])
+  pooled_term = pooled @ head['proj_pool']  # [n, 256]
+  branches = [jax.nn.relu(product(x, head['aspp0'], 'head/aspp0', observe))]
+  rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
+  for i, rate in enumerate(rates, start=1):
+    if f'aspp{i}' in head:
+      branches.append(jax.nn.relu(_conv(x, head[f'aspp{i}']['w'], head[f'aspp{i}']['b'],
+                                        dilation=rate)))
+  y = jnp.concatenate(branches, axis=-1) if len(branches) > 1 else branches[0]
+  y = product(y, head['proj_branches'], 'head/proj_branches', observe)
+  y = jax.nn.relu(y + pooled_term[:, None, None, :])
+  logits = product(y, head['logits'], 'head/logits', observe)
+  if upsample:
+    logits = resize_bilinear(logits, images.shape[1:3])
+  return logits
+
+
+def _product_layers(tree: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+  """{product name: its layer dict} of a folded tree (proj_branches as {'w', 'b'})."""
+  layers = {}
+  for i, blk in enumerate(tree['blocks']):
+    if 'expand' in blk:
+      layers[f'block{i}/expand'] = blk['expand']
+    layers[f'block{i}/project'] = blk['project']
+  head = tree['head']
+  layers['head/aspp0'] = head['aspp0']
+  layers['head/proj_branches'] = head['proj_branches']
+  layers['head/logits'] = head['logits']
+  return layers
+
+
+def _as_layers(folded: Dict[str, Any]) -> Dict[str, Any]:
+  """`fold_variables`' tree (NumPy) with the concat projection as a layer {'w', 'b'}."""
+  tree = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), folded)
+  head = dict(tree['head'])
+  head['proj_branches'] = {'w': head.pop('proj_branches'), 'b': head.pop('proj_b')}
+  return dict(tree, head=head)
+
+
+def _input_strides(model_config) -> Dict[str, int]:
+  """{product name: the stride of its input}."""
+  strides, stride = {}, 2
+  for i, (_, _, s, _) in enumerate(block_specs(model_config.width, model_config.output_stride)):
+    strides[f'block{i}/expand'] = stride
+    stride *= s
+    strides[f'block{i}/project'] = stride
+  for name in ('head/aspp0', 'head/proj_branches', 'head/logits'):
+    strides[name] = stride
+  return strides
+
+
+def quantize_weight(w: np.ndarray):
+  """[in, out] float -> (int8 [in, out], scale [out]): symmetric, per output channel."""
+  amax = np.abs(w).max(axis=0)
+  scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+  return np.clip(np.round(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8), scale
+
+
+def quantize_folded(model_config, folded: Dict[str, Any], scales: Dict[str, float],
+                    formulation: str = 'int8',
+                    from_stride: int = INT8_FROM_STRIDE) -> Dict[str, Any]:
+  """The params of `forward_int8`: `fold_variables`' tree with its products quantised.
+
+  Args:
+    folded: `fold_variables(config.model, variables, xp=np)` (float32).
+    scales: {product name: input scale} (`calibrate`).
+    formulation: 'int8' (int8 weights, int32 accumulation) or 'float32' (the same integers
+      as float32: the same results, see the module docstring).
+    from_stride: products whose input stride is below it stay float32.
+  """
+  if formulation not in FORMULATIONS:
+    raise ValueError(f'formulation must be one of {FORMULATIONS}, got {formulation!r}')
+  tree = _as_layers(folded)
+  strides = _input_strides(model_config)
+  for name, layer in _product_layers(tree).items():
+    if strides[name] < from_stride:
+      continue
+    if name not in scales:
+      raise ValueError(f'no int8 scale for {name}: recalibrate ({SCALES_FILE})')
+    if layer['w'].shape[0] > MAX_EXACT_INPUTS:
+      raise ValueError(f'{name}: {layer["w"].shape[0]} inputs exceed int32-exact float32 '
+                       f'accumulation ({MAX_EXACT_INPUTS})')
+    x_scale = np.float32(scales[name])
+    q, w_scale = quantize_weight(layer['w'])
+    layer['w'] = q if formulation == 'int8' else q.astype(np.float32)
+    layer['scale'] = (w_scale * x_scale).astype(np.float32)
+    layer['inv_x_scale'] = np.float32(1.0 / x_scale)
+  return tree
+
+
+# ------------------------------------------------------------------------------------------
+# Calibration
+
+def float_params(folded: Dict[str, Any]) -> Dict[str, Any]:
+  """`fold_variables`' tree in the layout `forward_int8` reads, all float32."""
+  return _as_layers(folded)
+
+
+def calibrate(config, folded: Dict[str, Any], images: Sequence[np.ndarray],
+              batch_size: int = 8, log=None) -> Dict[str, float]:
+  """{product name: input scale}: the largest |input| over `images`, / 127.
+
+  Each image runs the float32 network padded to its shape bucket, as inference pads it.
+  images: [h, w, 3] uint8 (`seg.inference.calibration.calibration_images`).
+  """
+  from seg.preprocessing import bucket_shape, preprocess_padded
+  params = jax.device_put(float_params(folded))
+  m = config.model
+
+  @jax.jit
+  def ranges(p, canvas, sizes):
+    observed = {}
+    forward_int8(p, preprocess_padded(canvas, sizes), width=m.width,
+                 output_stride=m.output_stride, upsample=False, observe=observed)
+    return observed
+
+  groups: Dict[Any, List[np.ndarray]] = {}
+  for image in images:
+    groups.setdefault(bucket_shape(*image.shape[:2], config.data.eval_size), []).append(image)
+  amax: Dict[str, float] = {}
+  done, start = 0, time.time()
+  for (h, w), group in sorted(groups.items()):
+    for first in range(0, len(group), batch_size):
+      chunk = group[first:first + batch_size]
+      canvas = np.zeros((batch_size, h, w, 3), np.uint8)
+      sizes = np.ones((batch_size, 2), np.int32)
+      for i, image in enumerate(chunk):
+        canvas[i, :image.shape[0], :image.shape[1]] = image
+        sizes[i] = image.shape[:2]
+      # Filler rows repeat the first image, so they add no range of their own.
+      canvas[len(chunk):] = canvas[0]
+      sizes[len(chunk):] = sizes[0]
+      for name, value in jax.device_get(ranges(params, canvas, sizes)).items():
+        amax[name] = max(amax.get(name, 0.0), float(value))
+      done += len(chunk)
+  if log:
+    log(f'calibrated int8 scales on {done} images in {time.time() - start:.1f}s')
+  return {name: (value / INT8_MAX if value > 0 else 1.0) for name, value in amax.items()}
+
+
+def model_fingerprint(folded: Dict[str, Any]) -> str:
+  """sha256 of the folded weights: which model a scales file belongs to."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(folded):
+    digest.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+  return digest.hexdigest()
+
+
+def load_or_calibrate(workdir: str, config, folded: Dict[str, Any], source: str = 'train',
+                      count: int = 200, seed: int = 0, log=print,
+                      images_fn: Optional[Callable] = None) -> Dict[str, float]:
+  """The int8 input scales of the model in `workdir`: read from `workdir/int8_scales.json`
+  when it was calibrated for these weights and this calibration set, else calibrated on
+  `calibration_images(source, config, count, seed)` and written there.
+
+  folded: `fold_variables(config.model, variables, xp=np)`.
+  """
+  path = os.path.join(workdir, SCALES_FILE)
+  fingerprint = model_fingerprint(folded)
+  wanted = {'source': source, 'count': count, 'seed': seed}
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    same_set = {k: stored.get('calibration', {}).get(k) for k in wanted} == wanted
+    if stored.get('model') == fingerprint and same_set and \
+        set(stored.get('scales', {})) >= set(product_names(config.model)):
+      log(f'int8 scales from {path} ({stored["calibration"]["images"]} images of {source!r})')
+      return {k: float(v) for k, v in stored['scales'].items()}
+    log(f'{path} belongs to other weights or another calibration set: recalibrating')
+  from seg.inference.calibration import calibration_images
+  images = (images_fn or calibration_images)(source, config, count, seed)
+  log(f'calibrating int8 scales on {len(images)} images of {source!r} ...')
+  scales = calibrate(config, folded, images, log=log)
+  record = {'model': fingerprint, 'method': 'max |x| / 127, per tensor',
+            'calibration': dict(wanted, images=len(images)),
+            'date_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+            'scales': scales}
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(record, f, indent=1)
+  os.replace(path + '.tmp', path)
+  log(f'wrote {path}')
+  return scales
