@@ -75,28 +75,3 @@ def test_prefetch_puts_sharded_batches_on_the_devices():
     assert len(batch['image'].sharding.device_set) == jax.local_device_count() == 4
     np.testing.assert_array_equal(np.asarray(batch['valid']), np.full((4, 2, 4), i))
 
-
-def test_train_step_on_uint8_crops_equals_the_float_step(tiny_config):
-  """The crops the device gets as uint8 + boxes train exactly as their float values."""
-  from seg.model import create_model
-  from seg.train import step as step_lib
-  config = tiny_config
-  config.data.min_scale, config.data.max_scale = 0.25, 1.0
-  uint8 = next(pipeline.train_batches(config.data, 4, seed=0, as_uint8=True))
-  floats = {'image': uint8['image'].astype(np.float32), 'label': uint8['label']}
-  rows = np.arange(config.data.crop_size)[None, :, None]
-  cols = np.arange(config.data.crop_size)[None, None, :]
-  b = uint8['valid'][:, :, None, None]
-  inside = (rows >= b[:, 0]) & (rows < b[:, 1]) & (cols >= b[:, 2]) & (cols < b[:, 3])
-  floats['image'][~inside] = MEAN_PIXEL
-  lr = step_lib.create_learning_rate_fn(config.train)
-  state = step_lib.create_train_state(jax.random.key(0), config, create_model(config.model), lr)
-  p_step = step_lib.make_p_train_step(config, lr)
-  results = []
-  for batch in (uint8, floats):
-    new, metrics = p_step(parallel.replicate(state), parallel.shard(batch),
-                          parallel.replicate(jax.random.key(1)))
-    results.append((parallel.unreplicate(new.params), float(metrics['loss'][0])))
-  assert results[0][1] == results[1][1]
-  for x, y in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(results[1][0])):
-    np.testing.assert_array_equal(x, y)
