@@ -25,7 +25,7 @@ configs, workdirs and engine used here). It writes one JSON file and prints a ta
 
 --quick shrinks every size (tiny model, 65x65, batch 2, one repetition; one precision, one
 depthwise form for the training step, one engine batch size) so that it runs on a CPU in CI
-(tests/test_gpu_check.py); its figures mean nothing.
+(its CI test is not in the suite yet); its figures mean nothing.
 """
 
 import argparse
