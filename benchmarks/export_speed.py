@@ -2,6 +2,11 @@
 
     python benchmarks/export_speed.py --workdir runs/quickstart [--sizes 513,257] [--rounds 5]
         [--iters 20] [--calibration train] [--model-dir ~/.cache/seg/exports] [--jax2tf]
+    python benchmarks/export_speed.py --config experiments/base.py ...   (random weights)
+
+`--config` times an experiment's network without training it: its variables at random init
+(seed 0, BatchNorm statistics at init) saved once as a workdir under --model-dir
+(`random-<experiment>`); speed does not depend on the weights' values.
 
 Exports the workdir's model at each size (`main.py export`'s code: tflite and onnx, float32
 and int8 calibrated on --calibration) unless present in --model-dir, then times, batch 1,
@@ -14,6 +19,10 @@ uint8 image in -> class map out (preprocessing, network, upsampling and argmax i
   litert-int8           the int8 LiteRT export, same
   litert-float32-jax2tf (--jax2tf) the engine's function converted through jax2tf (the route
                         not taken: docs/export.md)
+  ROW-network           (--network) each of the four above exported without the upsampling
+                        and the argmax (`export_model(..., upsample=False)`): uint8 image in,
+                        logits at the feature resolution out; ROW minus ROW-network is what
+                        the upsampling of the logits to the image size and the argmax cost
 
 Every timing is a fresh process (`--time PATH`, which prints one JSON line with "median_ms",
 the format benchmarks/peers/run.py takes with --extra), and the rows are interleaved: each
@@ -50,7 +59,8 @@ def cpu_name() -> str:
   return platform.processor() or 'unknown CPU'
 
 
-def time_one(path: str, warmup: int, iters: int, threads: int, batch: int) -> dict:
+def time_one(path: str, warmup: int, iters: int, threads: int, batch: int,
+             latest_features: bool = False) -> dict:
   """Times one model file on random uint8 images; the record benchmarks/peers/run.py reads."""
   import numpy as np
   start = time.perf_counter()
@@ -64,12 +74,14 @@ def time_one(path: str, warmup: int, iters: int, threads: int, batch: int) -> di
     shape = [d if isinstance(d, int) else 0 for d in session.get_inputs()[0].shape]
     height, width = shape[1], shape[2]
     images = np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), np.uint8)
-    run = lambda: session.run(['classes'], {'images': images})
+    output = session.get_outputs()[0].name   # classes, or logits for a network-only file
+    run = lambda: session.run([output], {'images': images})
     runtime = f'onnxruntime {ort.__version__}'
   else:
     import ai_edge_litert
     from ai_edge_litert.interpreter import Interpreter
-    interpreter = Interpreter(model_path=path, num_threads=threads)
+    interpreter = Interpreter(model_path=path, num_threads=threads,
+                              experimental_default_delegate_latest_features=latest_features)
     interpreter.allocate_tensors()
     detail = interpreter.get_input_details()[0]
     _, height, width, _ = detail['shape']
@@ -113,12 +125,42 @@ def export_jax2tf(workdir: str, path: str, height: int, width: int) -> None:
     f.write(converter.convert())
 
 
+def random_workdir(config_path: str, model_dir: str) -> str:
+  """A workdir holding `config_path`'s model at random init (made once under model_dir)."""
+  import jax
+  import jax.numpy as jnp
+  from seg import checkpoint
+  from seg.config import load_experiment
+  from seg.model import create_model
+  name = os.path.splitext(os.path.basename(config_path))[0]
+  workdir = os.path.join(model_dir, f'random-{name}')
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    return workdir
+  config = load_experiment(config_path)
+  model = create_model(config.model)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 65, 65, 3), jnp.float32), train=False)
+  checkpoint.save_config(workdir, config)
+  manager = checkpoint.create_manager(workdir)
+  checkpoint.save_model_only(manager, 0, {'params': variables['params'],
+                                          'batch_stats': variables['batch_stats']})
+  manager.wait_until_finished()
+  print(f'[random init] {config_path} -> {workdir}', file=sys.stderr)
+  return workdir
+
+
+def all_rows(args):
+  """The rows asked for, in table order."""
+  rows = ROWS + (('litert-float32-jax2tf',) if args.jax2tf else ())
+  rows += tuple(f'{row}-network' for row in ROWS) if args.network else ()
+  return [r for r in rows if not args.only or r in args.only.split(',')]
+
+
 def ensure_models(args, sizes):
   """{(row, size): path}, exporting what is missing."""
   from seg.export import exporter
   paths = {}
   for size in sizes:
-    for row in ROWS + (('litert-float32-jax2tf',) if args.jax2tf else ()):
+    for row in all_rows(args):
       runtime, variant = row.split('-', 1)
       ext = 'onnx' if runtime == 'onnxruntime' else 'tflite'
       path = os.path.join(args.model_dir, f'{os.path.basename(os.path.normpath(args.workdir))}'
@@ -130,10 +172,11 @@ def ensure_models(args, sizes):
       if variant == 'float32-jax2tf':
         export_jax2tf(args.workdir, path, *map(int, size.split('x')))
       else:
-        quantize = 'int8' if variant == 'int8' else None
+        quantize = 'int8' if variant.startswith('int8') else None
         exporter.export_model(args.workdir, ext, path, size=size, quantize=quantize,
                               calibration=args.calibration if quantize else None,
                               calibration_count=args.calibration_count,
+                              upsample=not variant.endswith('-network'),
                               log=lambda m: print(m, file=sys.stderr))
       print(f'[export] {row} {size}: {time.time() - start:.0f}s -> {path}', file=sys.stderr)
   return paths
@@ -142,6 +185,7 @@ def ensure_models(args, sizes):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--workdir')
+  parser.add_argument('--config', help='an experiment file: its model at random init')
   parser.add_argument('--sizes', default='513x513,257x257')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--warmup', type=int, default=3)
@@ -152,22 +196,37 @@ def main():
   parser.add_argument('--calibration-count', type=int, default=300)
   parser.add_argument('--model-dir', default=os.path.expanduser('~/.cache/seg/exports'))
   parser.add_argument('--jax2tf', action='store_true', help='add the jax2tf route as a row')
+  parser.add_argument('--network', action='store_true',
+                      help='add each row without the upsampling and argmax (the network alone)')
   parser.add_argument('--output', default='', help='append every record to this JSONL file')
   parser.add_argument('--time', metavar='PATH', help='time one model file (one JSON line)')
+  parser.add_argument('--table', nargs='+', metavar='JSONL',
+                      help='print the table of --output files (rounds run in several holds of '
+                      'the CPU lock)')
+  parser.add_argument('--xnnpack-latest', action='store_true',
+                      help='with --time: LiteRT\'s XNNPACK delegate with its latest features')
+  parser.add_argument('--only', default='', help='comma-separated rows to time (default all)')
   args = parser.parse_args()
   if args.time:
-    print(json.dumps(time_one(args.time, args.warmup, args.iters, args.threads, args.batch)))
+    print(json.dumps(time_one(args.time, args.warmup, args.iters, args.threads, args.batch,
+                              args.xnnpack_latest)))
     return
-  if not args.workdir:
-    parser.error('--workdir is required (or --time PATH)')
+  if args.table:
+    records = [json.loads(line) for path in args.table for line in open(path) if line.strip()]
+    print_table(records)
+    return
+  if bool(args.workdir) == bool(args.config):
+    parser.error('give --workdir or --config (or --time PATH)')
   os.makedirs(args.model_dir, exist_ok=True)
+  if args.config:
+    args.workdir = random_workdir(args.config, args.model_dir)
   sizes = [s.strip() for s in args.sizes.split(',') if s.strip()]
   paths = ensure_models(args, sizes)
   if args.rounds == 0:  # --rounds 0: export only
     return
-  rows = [r for r in ROWS + ('litert-float32-jax2tf',) if (r, sizes[0]) in paths]
+  rows = all_rows(args)
   records = {}
-  cpu, date = cpu_name(), time.strftime('%Y-%m-%d')
+  cpu, date = cpu_name(), time.strftime('%Y-%m-%d', time.gmtime())
   for round_ in range(args.rounds):
     for size in sizes:
       for row in rows:
@@ -179,7 +238,7 @@ def main():
         if done.returncode or not lines:
           raise SystemExit(f'{row} {size} failed:\n{done.stderr[-3000:]}')
         record = dict(json.loads(lines[-1]), row=row, size=size, round=round_, cpu=cpu,
-                      date=date)
+                      date=date, utc=time.strftime('%H:%M:%S', time.gmtime()))
         records.setdefault((row, size), []).append(record)
         print(f'[round {round_ + 1}/{args.rounds}] {row} {size}: '
               f'{record["median_ms"]:.1f} ms', file=sys.stderr)
@@ -187,19 +246,53 @@ def main():
           with open(args.output, 'a') as f:
             f.write(json.dumps(record) + '\n')
 
-  print(f'\n{date}, {cpu}, {args.threads} threads, batch {args.batch}, uint8 image -> class '
-        f'map, median of {args.rounds} rounds x {args.iters} runs; {args.workdir}')
+  print_table([r for rs in records.values() for r in rs], args.workdir)
+
+
+def print_table(records, workdir: str = ''):
+  """The markdown table of timing records (one invocation's, or several --output files')."""
+  rows = list(dict.fromkeys(r['row'] for r in records))
+  sizes = list(dict.fromkeys(r['size'] for r in records))
+  by = {}
+  for r in records:
+    by.setdefault((r['row'], r['size']), []).append(r['median_ms'])
+  rounds = sorted({len(v) for v in by.values()})
+  dates = sorted({r['date'] for r in records})
+  first = records[0]
+  print(f'\n{", ".join(dates)}, {first["cpu"]}, {first["threads"]} threads, batch '
+        f'{first["batch"]}, uint8 image in; median over rounds of each process\'s median ms '
+        f'(min-max over rounds), {"/".join(map(str, rounds))} rounds; {workdir or first["model"]}')
+  median = lambda row, size: statistics.median(by[row, size])
   print('| row | ' + ' | '.join(f'{s} ms (min-max)' for s in sizes) + ' | ' +
         ' | '.join(f'{s} vs ORT float32' for s in sizes) + ' |')
-  print('|---|' + '---|' * (2 * len(sizes)))
+  print('|---|' + '---:|' * (2 * len(sizes)))
   for row in rows:
     cells, ratios = [], []
     for size in sizes:
-      ms = [r['median_ms'] for r in records[row, size]]
-      base = statistics.median(r['median_ms'] for r in records[BASELINE, size])
+      ms = by.get((row, size))
+      if not ms:
+        cells.append('')
+        ratios.append('')
+        continue
       cells.append(f'{statistics.median(ms):.1f} ({min(ms):.1f}-{max(ms):.1f})')
-      ratios.append(f'{base / statistics.median(ms):.2f}x')
+      base = BASELINE + ('-network' if row.endswith('-network') else '')
+      ratios.append(f'{median(base, size) / statistics.median(ms):.2f}x'
+                    if (base, size) in by else '')
     print(f'| {row} | ' + ' | '.join(cells) + ' | ' + ' | '.join(ratios) + ' |')
+  split = [row for row in rows if (f'{row}-network', sizes[0]) in by]
+  if split:  # where the time goes: the network, and the upsampling + argmax (the difference)
+    print('\n| row | ' + ' | '.join(f'{s}: network / upsampling + argmax ms' for s in sizes)
+          + ' |')
+    print('|---|' + '---:|' * len(sizes))
+    for row in split:
+      cells = []
+      for size in sizes:
+        if (row, size) in by and (f'{row}-network', size) in by:
+          network = median(f'{row}-network', size)
+          cells.append(f'{network:.1f} / {median(row, size) - network:.1f}')
+        else:
+          cells.append('')
+      print(f'| {row} | ' + ' | '.join(cells) + ' |')
 
 
 if __name__ == '__main__':

@@ -24,12 +24,12 @@ import time
 
 def product_shapes(model_config, size: int):
   """{(pixels, in, out): count} of the 1x1 products of the network at size x size."""
-  from seg.model import HEAD_CHANNELS, STEM_CHANNELS, block_specs, make_divisible
+  from seg.model import HEAD_CHANNELS, block_specs, stem_channels
   shapes = collections.Counter()
   side = -(-size // 2)  # after the stride-2 stem
-  channels = make_divisible(STEM_CHANNELS * model_config.width)
-  for i, (expanded, out, stride, _) in enumerate(block_specs(model_config.width,
-                                                             model_config.output_stride)):
+  channels = stem_channels(model_config.width, model_config.divisible_by)
+  for i, (expanded, out, stride, _) in enumerate(block_specs(
+      model_config.width, model_config.output_stride, model_config.divisible_by)):
     if i > 0:
       shapes[(side * side, channels, expanded)] += 1
     side = -(-side // stride)

@@ -19,7 +19,8 @@ from seg.config import default_config
 def get_config():
   config = default_config()
   config.model.width = 0.5
-  config.model.bn_momentum = 0.99      # a short run: statistics must follow the weights
+  config.model.backbone_bn_momentum = 0.99  # a short run: statistics must follow the weights
+  config.model.head_bn_momentum = 0.99
   # 97x97 crops train 1.8x as many images a second as 129x129 (same objects, textures
   # and scales): more steps in the same time, and the old recipe was under-trained.
   config.data.crop_size = 97
@@ -27,6 +28,7 @@ def get_config():
   config.data.min_scale = 0.75         # small images: keep textures above the encoder's stride
   config.data.max_scale = 1.5
   config.train.steps = 4000
+  config.train.from_scratch = True     # by design: the embedded data needs no ImageNet weights
   config.train.batch_size = 16
   config.train.learning_rate = 0.02   # 0.05: 13.4% val mIoU at step 900, 0.02: 22.7% (docs)
   config.train.warmup_steps = 50

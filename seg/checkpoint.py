@@ -96,10 +96,16 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   if os.path.exists(path):
     with open(path) as f:
       previous = json.load(f)
-    if previous.get('model') != config.model.to_dict():
+    # Compared as this version reads it (renamed and added fields translated).
+    previous_model = with_defaults(ml_collections.ConfigDict(previous)).model.to_dict()
+    if previous_model != config.model.to_dict():
+      changed = sorted(k for k in set(previous_model) | set(config.model)
+                       if previous_model.get(k) != config.model.get(k))
       raise ValueError(
-          f'{workdir} holds a run of a different model ({path}: {previous.get("model")}); '
-          f'use another --workdir or remove that one')
+          f'{workdir} holds a run of a different model ({path}: '
+          + ', '.join(f'model.{k}={previous_model.get(k)!r}, not {config.model.get(k)!r}'
+                      for k in changed)
+          + '); use another --workdir or remove that one')
   if jax.process_index() == 0:
     # Written whole, then renamed: other processes of a multi-host run read it meanwhile.
     with open(path + '.tmp', 'w') as f:
@@ -114,6 +120,13 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'{path} not found: is {workdir} a training workdir?')
   with open(path) as f:
     return with_defaults(ml_collections.ConfigDict(json.load(f)))
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  """The latest complete checkpoint's step in `workdir`, or None; creates nothing."""
+  folder = os.path.join(workdir, 'checkpoints')
+  steps = [int(n) for n in os.listdir(folder) if n.isdigit()] if os.path.isdir(folder) else []
+  return max(steps) if steps else None
 
 
 def create_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:

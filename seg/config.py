@@ -29,9 +29,16 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.output_stride = 16      # 8, 16 or 32
   config.model.head = 'reduced'        # 'reduced' (image pooling + 1x1) or 'aspp'
   config.model.dropout_rate = 0.1      # DeepLab's keep probability 0.9
-  config.model.bn_momentum = 0.9997    # DeepLab's batch_norm_decay
-  config.model.backbone_bn_epsilon = 1e-3  # TF-slim MobileNetV2
-  config.model.head_bn_epsilon = 1e-5      # DeepLab's ASPP
+  # BatchNorm decay (TF's convention: new = decay * old + (1 - decay) * batch) and epsilon:
+  # DeepLab builds its MobileNetV2 under TF-slim's mobilenet_v2.training_scope (decay 0.997,
+  # slim.batch_norm's epsilon 1e-3) and its head with its own (decay 0.9997, epsilon 1e-5).
+  config.model.backbone_bn_momentum = 0.997
+  config.model.head_bn_momentum = 0.9997
+  config.model.backbone_bn_epsilon = 1e-3
+  config.model.head_bn_epsilon = 1e-5
+  # Rounding of the width-multiplied channel counts (seg/model/mobilenet_v2.py DIVISIBLE_BY):
+  # 8 as TF-slim's ImageNet checkpoints, 1 as DeepLab's own models of width != 1.
+  config.model.divisible_by = 8
   config.model.preprocessing = ZERO_MEAN_UNIT_RANGE  # inputs [-1, 1] (seg.preprocessing)
 
   config.data = ml_collections.ConfigDict()
@@ -70,6 +77,10 @@ def default_config() -> ml_collections.ConfigDict:
   # (whole network if its head fits the config's classes and head type, else backbone).
   config.train.init_from = ''
   config.train.init_part = 'auto'
+  # DeepLab always starts from ImageNet weights: a new run with an empty init_from is an
+  # error unless from_scratch allows random weights (experiments/quickstart.py and tiny.py
+  # do, by design). init_from, when given, is used either way.
+  config.train.from_scratch = False
   config.train.compute_dtype = 'float32'  # 'bfloat16': mixed precision (params, loss stay f32)
   config.train.skip_nonfinite = False  # True: skip (and count) steps with a NaN/inf loss or grad
   config.train.summary_images = 3      # validation images sent to TensorBoard at each eval
@@ -80,6 +91,55 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval.flip = False             # also the left-right flipped image (DeepLab's add_flipped_images)
 
   return config
+
+
+# Allowed values of the enumerated fields, checked by `validate` before anything is built.
+# The modules that own them define them too (seg.model, seg.data.pipeline, seg.weights,
+# which this module cannot import: the CLI loads configs before any of them);
+# tests/train/test_recipe.py checks that the two agree.
+CHOICES = {
+    'model.output_stride': (8, 16, 32),
+    'model.head': ('reduced', 'aspp'),
+    'model.divisible_by': (8, 1),
+    'model.preprocessing': (ZERO_MEAN_UNIT_RANGE,),
+    'data.cache': ('decoded', 'encoded', 'none'),
+    'train.init_part': ('auto', 'all', 'backbone'),
+    'train.compute_dtype': ('float32', 'bfloat16'),
+}
+
+
+def _get(config, field: str):
+  node = config
+  for key in field.split('.'):
+    node = node[key]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field whose value cannot work (before anything is
+  built or compiled)."""
+  for field, allowed in CHOICES.items():
+    if _get(config, field) not in allowed:
+      raise ValueError(f'config.{field} must be one of {allowed}, got {_get(config, field)!r}')
+  positive = ('model.width', 'model.num_classes', 'data.crop_size', 'data.eval_size',
+              'data.min_scale', 'data.scale_step', 'data.shuffle_buffer', 'train.steps',
+              'train.batch_size', 'train.log_every', 'train.checkpoint_every',
+              'train.keep_checkpoints', 'eval.batch_size')
+  for field in positive:
+    if not _get(config, field) > 0:
+      raise ValueError(f'config.{field} must be positive, got {_get(config, field)!r}')
+  unit = ('model.dropout_rate', 'model.backbone_bn_momentum', 'model.head_bn_momentum')
+  for field in unit:
+    if not 0 <= _get(config, field) < 1:
+      raise ValueError(f'config.{field} must be in [0, 1), got {_get(config, field)!r}')
+  if config.data.max_scale < config.data.min_scale:
+    raise ValueError(f'config.data.max_scale ({config.data.max_scale}) is below '
+                     f'config.data.min_scale ({config.data.min_scale})')
+  if config.train.learning_rate < 0 or config.train.weight_decay < 0:
+    raise ValueError('config.train.learning_rate and weight_decay must not be negative')
+  scales = tuple(config.eval.scales)
+  if not scales or min(float(x) for x in scales) <= 0:
+    raise ValueError(f'config.eval.scales must be positive numbers, got {scales}')
 
 
 def load_experiment(path: str, overrides: Iterable[Tuple[str, str]] = ()) -> ml_collections.ConfigDict:
@@ -107,9 +167,33 @@ def load_experiment(path: str, overrides: Iterable[Tuple[str, str]] = ()) -> ml_
   if not hasattr(module, 'get_config'):
     raise ValueError(f'{path} defines no get_config()')
   config = module.get_config()
+  _check_fields(config, path)
   config.lock()
   apply_overrides(config, overrides)
+  validate(config)
   return config
+
+
+# Fields that were renamed: old name -> what replaced it.
+RENAMED = {'model.bn_momentum': 'model.backbone_bn_momentum and model.head_bn_momentum'}
+
+
+def _check_fields(config: ml_collections.ConfigDict, path: str) -> None:
+  """Refuses fields that `default_config()` lacks: an experiment that sets a misspelt or
+  renamed field (an unlocked ConfigDict would simply grow it) would otherwise be ignored."""
+  def unknown(node, known, prefix=''):
+    for key, value in node.items():
+      name = prefix + key
+      if key not in known:
+        yield name
+      elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+          known[key], ml_collections.ConfigDict):
+        yield from unknown(value, known[key], name + '.')
+  extra = list(unknown(config, default_config()))
+  if extra:
+    notes = [f'{name} (now {RENAMED[name]})' if name in RENAMED else name for name in extra]
+    raise ValueError(f'{path} sets fields that do not exist: {", ".join(notes)} '
+                     f'(every field: seg/config.py default_config)')
 
 
 def _parse(field: str, current: Any, text: str) -> Any:
@@ -155,8 +239,22 @@ def apply_overrides(config: ml_collections.ConfigDict,
 
 def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with the fields it lacks (a config.json of an older version) taken from
-  `default_config()`; fields it has are kept."""
+  `default_config()`; fields it has are kept.
+
+  Renamed fields are translated: `model.bn_momentum` (one decay, before the backbone's and
+  the head's were separate) becomes both `model.backbone_bn_momentum` and
+  `model.head_bn_momentum`, so an old run resumes with the decay it was trained with. A
+  config.json from before `model.divisible_by` gets 8, the only rounding there was.
+  """
   merged = default_config()
+  model = config.get('model')
+  if model is not None and 'bn_momentum' in model:
+    # One decay for backbone and head (before the split): both keep it.
+    model = model.to_dict()
+    decay = model.pop('bn_momentum')
+    for key in ('backbone_bn_momentum', 'head_bn_momentum'):
+      model.setdefault(key, decay)
+    config = ml_collections.ConfigDict({**config.to_dict(), 'model': model})
 
   def fill(target, source):
     for key, value in source.items():

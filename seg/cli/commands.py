@@ -5,6 +5,7 @@ user can cause are raised as `CommandError` (one line, exit status 1).
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Optional, Sequence, Tuple
@@ -16,14 +17,29 @@ class CommandError(Exception):
   """A mistake of the user's (bad path, missing data, mismatching weights): exit status 1."""
 
 
+# What the libraries raise for a user's mistake: a bad config value or flag (ValueError, and
+# WeightsMismatchError, a ValueError), a missing file, dataset archive (voc.SourceError, a
+# FileNotFoundError) or workdir, an output that exists; and a run whose loss became NaN
+# (FloatingPointError, whose message says what to change).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, FloatingPointError)
+
+
+@contextlib.contextmanager
+def _user_errors():
+  """Turns USER_ERRORS into a CommandError: one message, exit status 1, no traceback."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    raise CommandError(str(e)) from None
+
+
 def _experiment(path: Optional[str], overrides: Sequence[Tuple[str, str]]):
   """The experiment file's config with the overrides, or None without a file."""
   if path is None:
     return None
-  try:
+  with _user_errors():
     return config_lib.load_experiment(path, overrides)
-  except (FileNotFoundError, ValueError) as e:
-    raise CommandError(str(e)) from None
 
 
 def _workdir_config(workdir: str, path: Optional[str], overrides):
@@ -33,72 +49,58 @@ def _workdir_config(workdir: str, path: Optional[str], overrides):
   if not overrides:
     return None
   from seg import checkpoint
-  try:
+  with _user_errors():
     config = checkpoint.load_config(workdir)
     config_lib.apply_overrides(config, overrides)
-  except (FileNotFoundError, ValueError) as e:
-    raise CommandError(str(e)) from None
+    config_lib.validate(config)
   return config
 
 
 def summary(*, config) -> None:
   from seg.model import complexity
-  print(complexity.format_summary(config, complexity.describe(config)))
+  with _user_errors():
+    print(complexity.format_summary(config, complexity.describe(config)))
 
 
 def train(*, config, workdir: str, coordinator: str = '', num_processes: Optional[int] = None,
           process_id: int = -1) -> None:
   from seg import parallel
-  try:
+  with _user_errors():
     parallel.initialize_distributed(coordinator, num_processes, process_id)
-  except ValueError as e:
-    raise CommandError(str(e)) from None
-  from seg import checkpoint
-  from seg.train import loop
-  try:
+    from seg.train import loop
     loop.train_and_evaluate(config, workdir)  # exit 0 also when stopped by a signal
-  except checkpoint.WorkdirNotShared as e:
-    raise CommandError(str(e)) from None
 
 
 def evaluate(*, workdir: str, config=None, output: Optional[str] = None,
              dtype: str = 'float32') -> None:
   from seg.inference import evaluate as evaluate_lib
-  try:
+  with _user_errors():  # also e.g. no calibration images
     evaluate_lib.evaluate_workdir(workdir, config, output, dtype=dtype)
-  except ValueError as e:  # e.g. no calibration images
-    raise CommandError(str(e)) from None
 
 
 def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int = 8,
             dtype: str = 'float32', **options) -> int:
   from seg.inference.engine import batch_devices
   from seg.predict import Options, predict_paths
-  try:
+  with _user_errors():
     failures = predict_paths(workdir, inputs, output, Options(**options),
                              batch_size=batch_size, dtype=dtype, devices=batch_devices())
-  except (FileNotFoundError, ValueError) as e:  # bad arguments: one clear line
-    raise CommandError(str(e)) from None
   return 1 if failures else 0
 
 
 def prepare_data(*, dataset: str, data_dir: str = '', manual_dir: str = '') -> None:
   from seg.data import voc
-  try:
+  with _user_errors():
     builder = voc.prepare(dataset, data_dir, manual_dir)
-  except voc.SourceError as e:
-    raise CommandError(str(e)) from None
   print(f'{dataset} prepared in {builder.data_dir}')
   for split, info in builder.info.splits.items():
     print(f'  {split:<10} {info.num_examples:>7,} examples')
 
 
 def import_weights(*, fmt: str, src: str, output: str, config=None) -> None:
-  from seg.weights import importer, mapping
-  try:
+  from seg.weights import importer
+  with _user_errors():
     importer.import_weights(fmt, src, output, config)
-  except (mapping.WeightsMismatchError, FileNotFoundError, FileExistsError) as e:
-    raise CommandError(str(e)) from None
 
 
 def benchmark(*, config=None, workdir: Optional[str] = None, train: bool = False,
@@ -107,12 +109,14 @@ def benchmark(*, config=None, workdir: Optional[str] = None, train: bool = False
     if config is None:
       raise CommandError('--train needs --config')
     from seg.train import benchmark as train_benchmark
-    train_benchmark.run_train_benchmark(config, steps=steps)
+    with _user_errors():
+      train_benchmark.run_train_benchmark(config, steps=steps)
     return
   if config is None and not workdir:
     raise CommandError('--config or --workdir required')
   from seg.inference import benchmark as inference_benchmark
-  record = inference_benchmark.benchmark(config, workdir, **settings)
+  with _user_errors():
+    record = inference_benchmark.benchmark(config, workdir, **settings)
   print(json.dumps(record) if as_json else inference_benchmark.format_record(record))
 
 
@@ -125,20 +129,16 @@ def export(*, workdir: str, output: str, fmt: str = 'jax', config=None,
       raise CommandError('--size, --quantize, --calibration and --logits are for --format '
                          'tflite or onnx (jax: --height/--width, --dtype)')
     from seg.inference import export as export_lib
-    try:
+    with _user_errors():
       export_lib.export_workdir(workdir, output, platforms.split(','), config, dtype, batch_size,
                                 height or None, width or None)
-    except (FileNotFoundError, ValueError) as e:
-      raise CommandError(str(e)) from None
     return
   if height or width:
     raise CommandError('--height/--width are for --format jax; use --size HxW')
   from seg.export import exporter
-  try:
+  with _user_errors():
     exporter.export_model(workdir, fmt, output, config, size or None, quantize or None,
                           calibration or None, calibration_count, logits)
-  except (FileNotFoundError, ValueError) as e:
-    raise CommandError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -215,6 +215,22 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
   return iter(tfds.as_numpy(ds))
 
 
+def prepare(data_config) -> None:
+  """Prepares the config's dataset (a no-op when prepared) and checks its two splits exist.
+
+  Raises `voc.SourceError` (archives missing or wrong) or ValueError (unknown dataset or
+  split), before anything is compiled.
+  """
+  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  for field in ('train_split', 'eval_split'):
+    split = data_config[field]
+    # TFDS split expressions: 'val[:8]', 'train+val'.
+    names = [part.split('[')[0].strip() for part in split.split('+')]
+    if not all(name in builder.info.splits for name in names):
+      raise ValueError(f'config.data.{field}={split!r}: the {data_config.dataset!r} dataset has '
+                       f'the splits {", ".join(sorted(builder.info.splits))}')
+
+
 def num_examples(data_config, split: str) -> int:
   """Number of examples of a prepared split."""
   return voc.prepare(data_config.dataset, data_config.data_dir).info.splits[split].num_examples

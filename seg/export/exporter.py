@@ -55,8 +55,11 @@ def _check_arguments(fmt: str, size: Optional[str], quantize: Optional[str],
 def export_model(workdir: str, fmt: str, output: str, config=None, size: Optional[str] = None,
                  quantize: Optional[str] = None, calibration: Optional[str] = None,
                  calibration_count: int = DEFAULT_COUNT, logits: bool = False,
-                 log=print) -> dict:
+                 upsample: bool = True, log=print) -> dict:
   """Writes `output` in format `fmt` ('tflite', 'onnx' or 'hf'); returns a summary record.
+
+  `upsample=False` (tflite, onnx; no command-line flag) writes the network alone: logits at
+  the feature resolution, no resize or argmax, for benchmarks/export_speed.py.
 
   Raises FileNotFoundError (no config or checkpoint in `workdir`) or ValueError (a bad size,
   flag combination, or calibration source) before converting anything.
@@ -92,11 +95,11 @@ def export_model(workdir: str, fmt: str, output: str, config=None, size: Optiona
     if fmt == 'tflite':
       from seg.export import tflite
       blob = tflite.convert(folded, config.model, *hw, quantize=quantize, calibration=canvases,
-                            logits=logits, log=log)
+                            logits=logits, upsample=upsample, log=log)
     else:
       from seg.export import onnx as onnx_export
       model = onnx_export.build(folded, config.model, hw, logits=logits,
-                                description=f'{workdir} step {step}')
+                                description=f'{workdir} step {step}', upsample=upsample)
       if quantize:
         model = onnx_export.quantize_int8(model, canvases, log=log)
       blob = model.SerializeToString()

@@ -72,10 +72,12 @@ def network(ops: Ops, folded: Dict[str, Any], x, *, width: float, output_stride:
   """
   f32 = lambda a: np.asarray(a, np.float32)
   x = ops.relu6(ops.conv(x, f32(folded['stem']['w']), f32(folded['stem']['b']), 2, 1))
-  for block, (_, out, stride, dilation) in zip(folded['blocks'],
-                                               block_specs(width, output_stride)):
+  # Strides and dilations from the architecture; channel counts from the weights (they
+  # depend on model.divisible_by too).
+  for block, (_, _, stride, dilation) in zip(folded['blocks'], block_specs(width, output_stride)):
     channels = (block['expand']['w'].shape[0] if 'expand' in block
                 else block['depthwise']['w'].shape[-1])
+    out = block['project']['w'].shape[-1]
     y = x
     if 'expand' in block:
       y = ops.relu6(ops.pointwise(y, f32(block['expand']['w']), f32(block['expand']['b'])))

@@ -6,10 +6,10 @@
 
 The graph is `seg.export.network` walked with ONNX nodes (`OnnxOps`, NCHW inside): Conv for
 the dense, depthwise (group = channels) and 1x1 layers, Clip for ReLU6, ReduceMean + two 1x1
-Convs for the image-pooling bias, Resize (linear, align_corners) and ArgMax. TensorFlow's
-'SAME' padding becomes explicit pads where it does not depend on the input size (stride 1,
-dilated or not) and auto_pad SAME_UPPER where it does (the strided layers: ONNX's
-SAME_UPPER puts the odd pixel after, as TensorFlow does). Opset 17; no framework is needed
+Convs for the image-pooling bias, then a channels-last Resize (linear, align_corners) and
+ArgMax. TensorFlow's 'SAME' padding becomes explicit pads where it does not depend on the
+input size (stride 1, dilated or not) and auto_pad SAME_UPPER where it does (the strided
+layers: ONNX's SAME_UPPER puts the odd pixel after, as TensorFlow does). Opset 17; no framework is needed
 to build it, only `onnx` (and onnxruntime to quantise).
 
 The model:
@@ -17,7 +17,7 @@ The model:
   output classes  uint8 [N, H, W] class ids
          logits   float32 [N, H, W, classes], with `logits=True` only (upsampled)
 
-int8: onnxruntime.quantization.quantize_static in QDQ format, weights int8 per output
+int8: onnxruntime.quantization.quantize_static in QDQ format, weights int8 (7-bit range) per output
 channel, activations uint8 per tensor (ONNX Runtime's choice for x86 CPUs), MinMax ranges
 from the calibration canvases (`seg.export.inputs`). ONNX Runtime fuses each
 DequantizeLinear -> Conv -> QuantizeLinear into one integer convolution.
@@ -103,9 +103,13 @@ class OnnxOps:
 
 
 def build(folded: Dict[str, Any], model_config, size: Optional[Tuple[int, int]] = None,
-          logits: bool = False, description: str = ''):
-  """The float32 ONNX ModelProto (see the module docstring); `size` fixes H x W."""
-  from onnx import TensorProto, checker, helper
+          logits: bool = False, description: str = '', upsample: bool = True):
+  """The float32 ONNX ModelProto (see the module docstring); `size` fixes H x W.
+
+  `upsample=False`: the network alone, output `logits` float32 [N, fh, fw, classes] at the
+  feature resolution, no resize and no argmax (what benchmarks/export_speed.py times).
+  """
+  from onnx import TensorProto, helper
   ops = OnnxOps()
   height, width = size if size else ('height', 'width')
   images = helper.make_tensor_value_info('images', TensorProto.UINT8, ['batch', height, width, 3])
@@ -114,25 +118,41 @@ def build(folded: Dict[str, Any], model_config, size: Optional[Tuple[int, int]] 
   x = ops.node('Sub', [x, ops.constant(np.float32(1), 'one')])   # seg.preprocessing.preprocess
   x = ops.node('Transpose', [x], perm=[0, 3, 1, 2])
   y = network(ops, folded, x, width=model_config.width, output_stride=model_config.output_stride)
+  if not upsample:
+    ops.nodes.append(helper.make_node('Transpose', [y], ['logits'], perm=[0, 2, 3, 1],
+                                      name='logits'))
+    outputs = [helper.make_tensor_value_info(
+        'logits', TensorProto.FLOAT, ['batch', 'feature_height', 'feature_width',
+                                      model_config.num_classes])]
+    return _model(ops, images, outputs, description)
+  # The upsampling and the argmax channels-last (the Transpose is of the small logits): ONNX
+  # Runtime then resizes with its channels-last kernel and the argmax reads contiguous
+  # channels instead of 21 planes of H x W (the speed-up is still to be measured under the
+  # CPU lock: docs/export.md#speed).
+  y = ops.node('Transpose', [y], perm=[0, 2, 3, 1])
   # Resize to the input's own height and width (aligned corners, as the model upsamples).
-  batch_channels = ops.node('Slice', [ops.node('Shape', [y]), ops.constant(np.array([0]), 'i'),
-                                      ops.constant(np.array([2]), 'i')])
-  height_width = ops.node('Slice', [ops.node('Shape', ['images']),
-                                    ops.constant(np.array([1]), 'i'),
-                                    ops.constant(np.array([3]), 'i')])
-  sizes = ops.node('Concat', [batch_channels, height_width], axis=0)
-  y = ops.node('Resize', [y, '', '', sizes], mode='linear',
-               coordinate_transformation_mode='align_corners')
-  classes = ops.node('ArgMax', [y], axis=1, keepdims=0)
+  sizes = ops.node('Concat', [
+      ops.node('Slice', [ops.node('Shape', ['images']), ops.constant(np.array([0]), 'i'),
+                         ops.constant(np.array([3]), 'i')]),
+      ops.node('Slice', [ops.node('Shape', [y]), ops.constant(np.array([3]), 'i'),
+                         ops.constant(np.array([4]), 'i')])], axis=0)
+  y_name = 'logits' if logits else ops.name('resize')
+  ops.nodes.append(helper.make_node('Resize', [y, '', '', sizes], [y_name], name='resize',
+                                    mode='linear', coordinate_transformation_mode='align_corners'))
+  classes = ops.node('ArgMax', [y_name], axis=3, keepdims=0)
   ops.nodes.append(helper.make_node('Cast', [classes], ['classes'], to=TensorProto.UINT8,
                                     name='classes'))
   outputs = [helper.make_tensor_value_info('classes', TensorProto.UINT8,
                                            ['batch', height, width])]
   if logits:
-    ops.nodes.append(helper.make_node('Transpose', [y], ['logits'], perm=[0, 2, 3, 1],
-                                      name='logits'))
     outputs.append(helper.make_tensor_value_info(
         'logits', TensorProto.FLOAT, ['batch', height, width, model_config.num_classes]))
+  return _model(ops, images, outputs, description)
+
+
+def _model(ops: OnnxOps, images, outputs, description: str):
+  """The checked ModelProto of the graph `ops` built from `images` to `outputs`."""
+  from onnx import checker, helper
   graph = helper.make_graph(ops.nodes, 'deeplabv3_mobilenetv2', [images], outputs,
                             ops.initializers)
   model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', OPSET)],
@@ -165,10 +185,34 @@ def quantize_int8(model, calibration: Sequence[np.ndarray], log=print):
   with tempfile.TemporaryDirectory() as tmp:
     source, target = os.path.join(tmp, 'float32.onnx'), os.path.join(tmp, 'int8.onnx')
     onnx.save(model, source)
+    # reduce_range: 7-bit weights. x86 CPUs without VNNI multiply uint8 x int8 pairs into
+    # int16 sums (vpmaddubsw) that saturate with 8-bit weights (255 * 127 * 2 > 32767);
+    # ONNX Runtime gives wrong classes there (54% agreement with float32 on the test model
+    # on an AVX2 AMD EPYC, against 75% on an Intel Xeon with VNNI).
     quantize_static(source, target, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax,
                     op_types_to_quantize=['Conv', 'Clip', 'Relu', 'Add', 'Concat', 'ReduceMean',
-                                          'Resize'],
+                                          'Transpose', 'Resize'],
                     extra_options={'ActivationSymmetric': False, 'WeightSymmetric': True})
-    return onnx.load(target)
+    return _argmax_on_integers(onnx.load(target))
+
+
+def _argmax_on_integers(model):
+  """The ArgMax reads the quantized upsampled logits instead of their dequantized copy.
+
+  Dequantizing ((q - zero point) * scale, scale > 0) is strictly increasing, so the argmax
+  (first maximum included) is the same; it saves a float32 copy of the full-resolution
+  logits and runs ArgMax on uint8.
+  """
+  nodes = model.graph.node
+  producers = {output: node for node in nodes for output in node.output}
+  for node in nodes:
+    source = producers.get(node.input[0]) if node.op_type == 'ArgMax' else None
+    if source is not None and source.op_type == 'DequantizeLinear':
+      node.input[0] = source.input[0]
+      if not any(source.output[0] in n.input for n in nodes) and source.output[0] not in {
+          o.name for o in model.graph.output}:
+        nodes.remove(source)
+  return model

@@ -79,11 +79,13 @@ class TFOps:
 
 
 def tf_module(folded: Dict[str, Any], model_config, height: int, width: int,
-              logits: bool = False, float_input: bool = False):
+              logits: bool = False, float_input: bool = False, upsample: bool = True):
   """A tf.Module whose `serve` is the whole prediction function on one fixed-size image.
 
   serve(images [1, height, width, 3] uint8 (float32 in [0, 255] if `float_input`)) ->
-  {'classes': uint8 [1, height, width], 'logits': float32 [1, height, width, C] if `logits`}.
+  {'classes': uint8 [1, height, width], 'logits': float32 [1, height, width, C] if `logits`};
+  with `upsample=False` the network alone: {'logits': float32 [1, fh, fw, C]} at the feature
+  resolution, no resize and no argmax (what benchmarks/export_speed.py times to split the cost).
   """
   tf = _tf()
   ops = TFOps()
@@ -97,6 +99,8 @@ def tf_module(folded: Dict[str, Any], model_config, height: int, width: int,
       x = tf.cast(images, tf.float32) / MEAN_PIXEL - 1.0   # seg.preprocessing.preprocess
       y = network(ops, folded, x, width=model_config.width,
                   output_stride=model_config.output_stride)
+      if not upsample:
+        return {'logits': y}
       y = tf.compat.v1.image.resize_bilinear(y, (height, width), align_corners=True)
       outputs = {'classes': tf.cast(tf.argmax(y, axis=-1, output_type=tf.int32), tf.uint8)}
       if logits:
@@ -114,13 +118,14 @@ def _full_range_canvas(height: int, width: int) -> np.ndarray:
 
 def convert(folded: Dict[str, Any], model_config, height: int, width: int,
             quantize: Optional[str] = None, calibration: Sequence[np.ndarray] = (),
-            logits: bool = False, log=print) -> bytes:
+            logits: bool = False, upsample: bool = True, log=print) -> bytes:
   """The LiteRT flatbuffer (see the module docstring).
 
   Args:
     folded: `seg.inference.fold.fold_variables(..., xp=np)`.
     quantize: None (float32) or 'int8'.
     calibration: for int8, uint8 canvases [height, width, 3] (`seg.export.inputs`).
+    upsample: False for the network alone (`tf_module`).
   """
   tf = _tf()
   if quantize not in (None, 'int8'):
@@ -128,7 +133,8 @@ def convert(folded: Dict[str, Any], model_config, height: int, width: int,
   int8 = quantize == 'int8'
   if int8 and not len(calibration):
     raise ValueError('--quantize int8 needs calibration images (--calibration)')
-  module = tf_module(folded, model_config, height, width, logits, float_input=int8)
+  module = tf_module(folded, model_config, height, width, logits, float_input=int8,
+                     upsample=upsample)
   function = module.serve.get_concrete_function()
   converter = tf.lite.TFLiteConverter.from_concrete_functions([function], module)
   if int8:

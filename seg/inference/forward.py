@@ -136,12 +136,13 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   # speed, while the high-resolution layers are memory-bound and the float32 <-> bfloat16
   # conversions cost more than they save (docs/performance.md).
   compute_dtype, input_stride = dtype, 2
-  for block, (expanded, out, stride, dilation) in zip(folded['blocks'],
-                                                      block_specs(width, output_stride)):
+  # Strides and dilations from the architecture; channel counts from the weights (they
+  # depend on model.divisible_by too).
+  for block, (_, _, stride, dilation) in zip(folded['blocks'], block_specs(width, output_stride)):
     dtype = compute_dtype if input_stride >= min(16, output_stride) else jnp.float32
     input_stride *= stride
     x = x.astype(dtype)
-    residual = stride == 1 and x.shape[-1] == out
+    residual = stride == 1 and x.shape[-1] == block['project']['w'].shape[-1]
     inputs = x
     y = x
     if 'expand' in block:

@@ -36,7 +36,7 @@ def describe(config) -> Dict:
   logits = jax.eval_shape(forward, variables, images)
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
   backbone = traced['intermediates']['MobilenetV2']
-  specs = block_specs(config.model.width, config.model.output_stride)
+  specs = block_specs(config.model.width, config.model.output_stride, config.model.divisible_by)
   blocks = [('expanded_conv' if i == 0 else f'expanded_conv_{i}', spec) for i, spec in
             enumerate(specs)]
   return {

@@ -64,9 +64,11 @@ class DeepLabV3MobileNetV2(nn.Module):
   output_stride: int = 16
   head: str = 'reduced'
   dropout_rate: float = 0.1
-  bn_momentum: float = 0.9997
+  backbone_bn_momentum: float = 0.997
+  head_bn_momentum: float = 0.9997
   backbone_bn_epsilon: float = 1e-3
   head_bn_epsilon: float = 1e-5
+  divisible_by: int = 8
   axis_name: Optional[str] = AXIS_NAME
 
   @nn.compact
@@ -77,13 +79,13 @@ class DeepLabV3MobileNetV2(nn.Module):
     Returns logits [batch, height, width, num_classes] (or at the feature
     resolution when `upsample` is False).
     """
-    features = MobileNetV2(self.width, self.output_stride, self.bn_momentum,
-                           self.backbone_bn_epsilon, self.axis_name,
+    features = MobileNetV2(self.width, self.output_stride, self.backbone_bn_momentum,
+                           self.backbone_bn_epsilon, self.axis_name, self.divisible_by,
                            name=BACKBONE_SCOPE)(images, train)
     # DeepLab doubles the atrous rates at output stride 8.
     rates = tuple(r * 16 // self.output_stride for r in (6, 12, 18))
     logits = DeepLabV3(self.num_classes, self.head, rates, self.dropout_rate,
-                       self.bn_momentum, self.head_bn_epsilon, self.axis_name,
+                       self.head_bn_momentum, self.head_bn_epsilon, self.axis_name,
                        name='head')(features, train)
     if upsample:
       logits = resize_bilinear(logits, images.shape[1:3])
@@ -103,6 +105,8 @@ def create_model(model_config) -> DeepLabV3MobileNetV2:
   return DeepLabV3MobileNetV2(
       num_classes=model_config.num_classes, width=model_config.width,
       output_stride=model_config.output_stride, head=model_config.head,
-      dropout_rate=model_config.dropout_rate, bn_momentum=model_config.bn_momentum,
+      dropout_rate=model_config.dropout_rate,
+      backbone_bn_momentum=model_config.backbone_bn_momentum,
+      head_bn_momentum=model_config.head_bn_momentum,
       backbone_bn_epsilon=model_config.backbone_bn_epsilon,
-      head_bn_epsilon=model_config.head_bn_epsilon)
+      head_bn_epsilon=model_config.head_bn_epsilon, divisible_by=model_config.divisible_by)

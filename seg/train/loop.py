@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from seg import checkpoint, parallel
+from seg import config as config_lib
 from seg.inference import evaluate
 from seg.inference.metrics import format_report
 from seg.model import create_model
@@ -29,6 +30,48 @@ def init_from_pretrained(state: TrainState, config, log=print) -> TrainState:
   variables = init_from.init_from_workdir(
       config, {'params': state.params, 'batch_stats': state.batch_stats}, log)
   return state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+
+
+# TF-slim's ImageNet MobileNetV2 checkpoints (docs/weights.md), by width.
+IMAGENET_CHECKPOINT_URL = 'https://storage.googleapis.com/mobilenet_v2/checkpoints/{name}.tgz'
+
+
+def check_initialisation(config, workdir: str) -> None:
+  """Refuses a new run that would start from random weights without saying so.
+
+  DeepLab always starts from ImageNet weights; from random ones a VOC run ends far below
+  its figures. A new run (no checkpoint in `workdir`) needs `train.init_from` (a workdir,
+  e.g. written by `import-weights`) or `train.from_scratch=True`; the error gives the
+  commands. Raises ValueError (FileNotFoundError for an init_from that is no workdir).
+  """
+  if checkpoint.latest_step(workdir) is not None:
+    return  # resuming: the weights come from the checkpoint
+  init_from = config.train.init_from
+  if init_from:
+    if not os.path.isfile(os.path.join(init_from, checkpoint.CONFIG_FILE)):
+      raise FileNotFoundError(f'train.init_from={init_from}: no {checkpoint.CONFIG_FILE} '
+                              'there; give a workdir written by import-weights or train')
+    return
+  if config.train.from_scratch:
+    return
+  name = f'mobilenet_v2_{config.model.width}_224'
+  url = IMAGENET_CHECKPOINT_URL.format(name=name)
+  raise ValueError(
+      'this config trains from ImageNet weights, as DeepLab does, and train.init_from is '
+      'empty. Import the TF-slim checkpoint once (docs/weights.md):\n'
+      f'  curl -LO {url} && mkdir {name} && tar xzf {name}.tgz -C {name}\n'
+      f'  python main.py import-weights --format deeplab-tf {name} --output runs/{name}\n'
+      f'then add --config.train.init_from=runs/{name}; or add '
+      '--config.train.from_scratch=True to train from random weights (far below DeepLab\'s '
+      'figures)')
+
+
+def warn_from_scratch(config, log=print) -> None:
+  """The warning of a new run from random weights on a real dataset."""
+  if config.train.from_scratch and config.data.dataset != 'embedded':
+    log(f'WARNING: training {config.data.dataset} from random weights '
+        '(train.from_scratch=True); DeepLab starts from ImageNet weights, and without them '
+        'the run ends far below its figures (docs/training.md)')
 
 
 def train_vars(state: TrainState) -> Dict[str, Any]:
@@ -176,11 +219,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   stopped early, {'stopped_at_step': step}.
   """
   from seg.data import pipeline  # TensorFlow stays out of the import of this module.
+  # Everything a user can get wrong fails here, before anything is written or compiled.
+  config_lib.validate(config)
   checkpoint.check_shared_workdir(workdir)
-  checkpoint.save_config(workdir, config)
+  check_initialisation(config, workdir)
   batch_size = parallel.local_batch_size(config.train.batch_size)
   parallel.local_batch_size(config.eval.batch_size)  # fail now, not after training
   model = create_model(config.model)
+  pipeline.prepare(config.data)  # missing dataset archives
+  checkpoint.save_config(workdir, config)  # a workdir of another model
   learning_rate_fn = create_learning_rate_fn(config.train)
   rng = jax.random.key(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)
@@ -190,6 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   start_step = int(state.step)
   if not start_step and config.train.init_from:
     state = init_from_pretrained(state, config, log)
+  elif not start_step:
+    warn_from_scratch(config, log)
   num_steps = config.train.steps
   skip_nonfinite = config.train.skip_nonfinite
   is_chief = jax.process_index() == 0

@@ -155,6 +155,10 @@ def hf_problems(model_config) -> list:
   if model_config.head != 'reduced':
     problems.append(f'head {model_config.head!r}: transformers\' DeepLabV3 head has only the '
                     'image pooling and 1x1 branches (head \'reduced\')')
+  if model_config.divisible_by != 8 and model_config.width != 1.0:
+    problems.append(f'divisible_by {model_config.divisible_by} at width {model_config.width} '
+                    '(transformers rounds the expansions with the same divisor, TF-slim and '
+                    'DeepLab to multiples of 8; only divisible_by 8 maps)')
   if model_config.backbone_bn_epsilon != HF_REQUIRED['layer_norm_eps']:
     problems.append(f'backbone_bn_epsilon {model_config.backbone_bn_epsilon} (transformers: '
                     f'{HF_REQUIRED["layer_norm_eps"]})')

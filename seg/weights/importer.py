@@ -21,7 +21,8 @@ from seg import checkpoint
 from seg.config import default_config
 from seg.preprocessing import ZERO_MEAN_UNIT_RANGE
 from seg.weights import deeplab_tf, hf, keras
-from seg.weights.mapping import SourceWeights, check, infer_width, is_backbone, unflatten
+from seg.weights.mapping import (SourceWeights, check, infer_divisible_by, infer_width, is_backbone,
+                                unflatten)
 
 FORMATS = ('deeplab-tf', 'hf', 'keras')
 WEIGHTS_FILE = 'weights.json'
@@ -55,6 +56,13 @@ def import_weights(fmt: str, src: str, output: str,
         config.model[field] = source.hints[field]
   else:
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+  # The channel rounding is a property of the weights (TF-slim's 8, DeepLab's 1 at width
+  # != 1): taken from the file's shapes, also over a given config.
+  divisible_by = infer_divisible_by(source, config.model.width)
+  if divisible_by is not None and divisible_by != config.model.divisible_by:
+    log(f'model.divisible_by={divisible_by}: the file\'s channel counts are rounded to '
+        f'multiples of {divisible_by}, not {config.model.divisible_by}')
+    config.model.divisible_by = divisible_by
   config.model.preprocessing = ZERO_MEAN_UNIT_RANGE
   contents = check(source, config.model)
 
@@ -87,7 +95,8 @@ def format_import_summary(record: Dict, output: str) -> str:
     reasons[reason] = reasons.get(reason, 0) + 1
   m = record['model']
   lines = [f'imported {record["description"]}',
-           f'  model: width {m["width"]}, {m["num_classes"]} classes, output stride '
+           f'  model: width {m["width"]} (channels rounded to multiples of '
+           f'{m["divisible_by"]}), {m["num_classes"]} classes, output stride '
            f'{m["output_stride"]}, head {m["head"]!r}, inputs {record["preprocessing"]} ([-1, 1])',
            f'  loaded {len(loaded)} variables: {backbone} backbone, {len(loaded) - backbone} head'
            + (' (backbone only: a head is initialised when training from it)'

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from seg import checkpoint
-from seg.model import BACKBONE_SCOPE, create_model, make_divisible
+from seg.model import (BACKBONE_SCOPE, DIVISIBLE_BY, block_specs, create_model, make_divisible,
+                       stem_channels)
 
 # Width multipliers of the published MobileNetV2 checkpoints, tried in order when a file
 # does not state its own; the channel count of the last block tells them apart.
@@ -119,7 +120,8 @@ def differences(expected: Dict[str, Tuple[int, ...]], arrays: Dict[str, Any],
 
 
 def model_line(model_config) -> str:
-  return (f'width {model_config.width}, {model_config.num_classes} classes, '
+  return (f'width {model_config.width}, channels rounded to multiples of '
+          f'{model_config.divisible_by}, {model_config.num_classes} classes, '
           f'head {model_config.head!r}')
 
 
@@ -134,6 +136,47 @@ def infer_width(source: SourceWeights) -> Optional[float]:
   for width in KNOWN_WIDTHS:
     if make_divisible(320 * width) == last.shape[-1]:
       return width
+  return None
+
+
+def channel_table(width: float, divisible_by: int) -> List[Tuple[int, int]]:
+  """(input, output) channels of the stem and of each block's expansion and projection."""
+  stem = stem_channels(width, divisible_by)
+  table, channels = [(3, stem)], stem
+  for expanded, out, _, _ in block_specs(width, 16, divisible_by):
+    if expanded > channels:
+      table.append((channels, expanded))
+    table.append((expanded, out))
+    channels = out
+  return table
+
+
+def file_channel_table(source: SourceWeights) -> Optional[List[Tuple[int, int]]]:
+  """The same table read from the file's kernels (None if one of them is missing)."""
+  kernel = lambda scope: source.arrays.get(f'params/{BACKBONE_SCOPE}/{scope}/conv/kernel')
+  kernels = [kernel('Conv')]
+  for i in range(NUM_BLOCKS):
+    if kernel(f'{block_name(i)}/expand') is not None:
+      kernels.append(kernel(f'{block_name(i)}/expand'))
+    kernels.append(kernel(f'{block_name(i)}/project'))
+  if any(k is None for k in kernels):
+    return None
+  return [tuple(int(n) for n in k.shape[-2:]) for k in kernels]
+
+
+def infer_divisible_by(source: SourceWeights, width: float) -> Optional[int]:
+  """The channel rounding (`model.divisible_by`) whose table at `width` the file has.
+
+  TF-slim's ImageNet checkpoints round to multiples of 8, DeepLab's own models of width != 1
+  to multiples of 1 (seg/model/mobilenet_v2.py); at width 1.0 both give the same table
+  (then 8). None when neither fits (the shape check then names the layers).
+  """
+  table = file_channel_table(source)
+  if table is None:
+    return None
+  for divisible_by in DIVISIBLE_BY:
+    if channel_table(width, divisible_by) == table:
+      return divisible_by
   return None
 
 

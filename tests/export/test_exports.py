@@ -110,6 +110,24 @@ def test_onnx_float32_gives_the_engines_class_maps_and_logits_at_any_batch(model
   _close(session.run(['logits'], {'images': image})[0], theirs)
 
 
+def test_network_only_exports_give_the_engines_feature_logits(model, tmp_path):
+  # upsample=False (what benchmarks/export_speed.py --network times): no resize, no argmax.
+  workdir, _, _, eng, val = model
+  x = val[:2].astype(np.float32) / 127.5 - 1
+  ours = np.asarray(eng.forward(eng.folded, x, upsample=False))   # [2, 7, 7, classes]
+  for fmt in ('tflite', 'onnx'):
+    path = tmp_path / f'network.{fmt}'
+    exporter.export_model(workdir, fmt, str(path), upsample=False, log=lambda *_: None)
+    if fmt == 'tflite':
+      run = _litert(path)[1]
+      theirs = np.concatenate([run(images=canvas[None])['logits'] for canvas in val[:2]])
+    else:
+      (output,) = _ort(path).get_outputs()
+      assert output.name == 'logits'
+      theirs = _ort(path).run(['logits'], {'images': val[:2]})[0]
+    _close(theirs, ours)
+
+
 # ---------------------------------------------------------------------------------------------
 # int8. What int8 costs in accuracy is measured on the trained quickstart model
 # (benchmarks/export_accuracy.py, docs/export.md); random weights amplify any perturbation,

@@ -24,7 +24,8 @@ def tiny_model():
 
 @pytest.mark.parametrize('overrides', [
     dict(output_stride=16),
-    dict(output_stride=8, head='aspp', width=0.5)])
+    dict(output_stride=8, head='aspp', width=0.5),
+    dict(width=0.5, divisible_by=1)])  # DeepLab's rounding: 12-channel residual blocks
 def test_folded_forward_matches_the_flax_model(overrides):
   config = tiny_engine_config(**overrides)
   model, variables = random_variables(config.model, seed=1)

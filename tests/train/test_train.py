@@ -84,7 +84,8 @@ def test_synchronised_batchnorm_two_devices_equal_one_device(tiny_config):
     # half of the batch, BatchNorm unsynchronised) are not those of the whole batch. A
     # forward pass is enough: the statistics do not depend on the gradient.
     unsynced = DeepLabV3MobileNetV2(num_classes=21, width=0.35, dropout_rate=0.0,
-                                    bn_momentum=0.9, axis_name=None)
+                                    backbone_bn_momentum=0.9, head_bn_momentum=0.9,
+                                    axis_name=None)
     forward = jax.jit(lambda v, x: unsynced.apply(v, x, train=True, mutable=['batch_stats']))
     local = jax.device_get(forward({'params': state.params, 'batch_stats': state.batch_stats},
                                    preprocess(batch['image'][:2]))[1])

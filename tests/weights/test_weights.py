@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
-from helpers import ROOT
+from helpers import ROOT, random_variables
 from seg import checkpoint, predict
 from seg.weights import hf, importer, init_from, mapping
 from seg.model import MobileNetV2, create_model
@@ -524,3 +525,50 @@ def test_a_model_with_another_input_convention_is_refused(tiny_config):
   tiny_config.model.preprocessing = 'imagenet_mean_std'
   with pytest.raises(ValueError, match="preprocessing='imagenet_mean_std' is not implemented"):
     create_model(tiny_config.model)
+
+
+def _tf_slim_backbone(variables):
+  """Our backbone variables under TF-slim's names (the inverse of seg.weights.deeplab_tf)."""
+  bn = {'scale': 'gamma', 'bias': 'beta', 'mean': 'moving_mean', 'var': 'moving_variance'}
+  out = {}
+  for collection in ('params', 'batch_stats'):
+    for path, value in flatten_dict(variables[collection]['MobilenetV2']).items():
+      *layer, inner, leaf = path
+      scope = 'MobilenetV2/' + '/'.join(layer)
+      value = np.asarray(value)
+      if inner == 'BatchNorm':
+        out[f'{scope}/BatchNorm/{bn[leaf]}'] = value
+      elif inner == 'depthwise':   # [kh, kw, 1, c] -> TF's [kh, kw, c, 1]
+        out[f'{scope}/depthwise_weights'] = value.transpose(0, 1, 3, 2)
+      else:
+        out[f'{scope}/weights'] = value
+  return out
+
+
+@pytest.mark.parametrize('divisible_by', [1, 8])
+def test_import_takes_the_channel_rounding_from_the_files_shapes(tmp_path, tiny_config,
+                                                                 divisible_by):
+  # A width-0.5 backbone rounded as DeepLab's own models (1) or TF-slim's ImageNet
+  # checkpoints (8), written as a TF checkpoint: the import finds the rounding, with or
+  # without a config that says otherwise, and the imported features are the original's.
+  config = tiny_config
+  config.model.width, config.model.divisible_by = 0.5, divisible_by
+  model, variables = random_variables(config.model, seed=3)
+  prefix = _write_tf_checkpoint(_tf_slim_backbone(variables),
+                                str(tmp_path / 'ckpt' / 'mobilenet_v2_0.5_224.ckpt'))
+  other = 9 - divisible_by
+  given = tiny_config.copy_and_resolve_references()
+  given.model.divisible_by = other
+  for name, cfg in (('plain', None), ('given', given)):
+    lines = []
+    importer.import_weights('deeplab-tf', prefix, str(tmp_path / name), cfg, log=lines.append)
+    imported = checkpoint.load_config(str(tmp_path / name))
+    assert (imported.model.width, imported.model.divisible_by) == (0.5, divisible_by)
+    if cfg is not None:
+      assert any(f'model.divisible_by={divisible_by}' in line for line in lines)
+  _, loaded = _imported(str(tmp_path / 'plain'))
+  images = np.random.default_rng(4).uniform(-1, 1, (1, 33, 41, 3)).astype(np.float32)
+  backbone = MobileNetV2(width=0.5, divisible_by=divisible_by)
+  expected = backbone.apply({k: v['MobilenetV2'] for k, v in variables.items()}, images)
+  got = backbone.apply({k: v['MobilenetV2'] for k, v in loaded.items()}, images)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
