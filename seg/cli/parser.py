@@ -139,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                       'time); predict: uint8 images -> class map at full size')
   p.add_argument('--warmup', type=int, default=3, help='untimed runs first')
   p.add_argument('--iters', type=_positive, default=10, help='timed runs (median reported)')
-  p.add_argument('--image-by-image', action=_Bool, default=True,
+  p.add_argument('--image-by-image', action=_Bool, default=None,
                  help='run the images of a batch one after the other inside the compiled '
-                      'call (less memory); --no-image-by-image: at once')
+                      'call (less memory; the default on a CPU); --no-image-by-image: at '
+                      'once (the default on accelerators)')
   p.add_argument('--json', action=_Bool, help='print one JSON line (benchmarks/peers/run.py)')
   p.add_argument('--train', action=_Bool,
                  help='training images/s: in-memory batches and the real input pipeline')

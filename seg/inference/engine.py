@@ -26,10 +26,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'int8': jnp.int8}
 
 
 def batch_devices() -> List[jax.Device]:
-  """What `predict` and `benchmark` split batches over: every local device if they are
-  CPUs (`seg.cli.process` shows a CPU to XLA as two), else the first accelerator."""
-  devices = jax.local_devices()
-  return devices if devices[0].platform == 'cpu' else devices[:1]
+  """What `predict` and `benchmark` split batches over: every local device (each GPU of
+  the machine; a CPU is shown to XLA as two devices by `seg.cli.process`)."""
+  return jax.local_devices()
 
 
 def int8_scales_for(workdir: str, config, variables, log=None) -> Dict[str, float]:

@@ -10,6 +10,7 @@ Parameters keep Flax's layout: `kernel` is [kh, kw, in / groups, out] and
 `bias` is [out], so that the variables look exactly like `nn.Conv`'s.
 """
 
+import os
 from typing import Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -30,9 +31,42 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> Tuple[in
   return total // 2, total - total // 2
 
 
+DEPTHWISE_FORMS = ('shifted', 'grouped')
+
+
+def depthwise_form() -> str:
+  """How depthwise convolutions are written, for training and the engine alike.
+
+  'shifted': k*k shifted multiply-adds (fast on XLA's CPU backend, which lowers a grouped
+  convolution to a slow loop; docs/performance.md); 'grouped':
+  `lax.conv_general_dilated(feature_group_count=C)` (cuDNN's depthwise kernels). The
+  environment variable SEG_DEPTHWISE chooses; unset or 'auto': 'shifted' on a CPU,
+  'grouped' on accelerators (not measured yet: `benchmarks/gpu_check.py` times both).
+  Read when a function is traced.
+  """
+  form = os.environ.get('SEG_DEPTHWISE', 'auto') or 'auto'
+  if form == 'auto':
+    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
+  if form not in DEPTHWISE_FORMS:
+    raise ValueError(f'SEG_DEPTHWISE must be auto or one of {DEPTHWISE_FORMS}, got {form!r}')
+  return form
+
+
+def grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
+                           dilation: int = 1, preferred_element_type=None) -> jax.Array:
+  """`depthwise_conv` as one grouped convolution (feature_group_count = channels)."""
+  kh, kw = kernel.shape[:2]
+  pads = (same_padding(x.shape[1], kh, stride, dilation),
+          same_padding(x.shape[2], kw, stride, dilation))
+  return lax.conv_general_dilated(
+      x, kernel.reshape(kh, kw, 1, x.shape[-1]), (stride, stride), pads,
+      rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1], preferred_element_type=preferred_element_type)
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
-                   dilation: int = 1) -> jax.Array:
-  """Depthwise convolution with 'SAME' padding as a sum of shifted products.
+                   dilation: int = 1, form: Optional[str] = None) -> jax.Array:
+  """Depthwise convolution with 'SAME' padding, written as `form` (default `depthwise_form()`).
 
   Args:
     x: [batch, height, width, channels].
@@ -42,6 +76,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
   Returns:
     [batch, ceil(height / stride), ceil(width / stride), channels].
   """
+  if (form or depthwise_form()) == 'grouped':
+    return grouped_depthwise_conv(x, kernel, stride, dilation)
   kh, kw = kernel.shape[:2]
   n, h, w, c = x.shape
   pad_h = same_padding(h, kh, stride, dilation)
