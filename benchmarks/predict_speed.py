@@ -3,6 +3,13 @@
     python benchmarks/predict_speed.py --workdir /tmp/p5-tiny [--images DIR]
     python benchmarks/predict_speed.py --random-weights experiments/base.py \
         --images 'DIR/train_000*.jpg' --only-batches
+    python benchmarks/predict_speed.py --workdir runs/qs --photos /tmp/p12 --photos /tmp/p48 \
+        [--extra=--max-side=2049]
+
+`--photos DIR` (repeatable) runs `predict --profile` on each folder (e.g. the synthetic
+phone photos of `benchmarks/large_photos.py`) and on the embedded JPEGs, and prints the
+breakdown per stage (ms per image, summed over threads) with the run's images/s and peak RSS;
+`--extra` adds flags to those runs.
 
 `--random-weights CONFIG` times a model of that config with random weights of
 the right shapes (speed does not depend on the values) instead of a workdir.
@@ -31,6 +38,8 @@ flags.DEFINE_string('random-weights', None, 'Experiment file: time its model wit
 flags.DEFINE_bool('only-batches', False, 'Only the batch 8 / batch 1 runs on --images.')
 flags.DEFINE_string('write-big-jpeg', None, 'Internal: write the 8000x6000 JPEG here and exit '
                     '(in a process of its own, so that its memory does not count in the runs).')
+flags.DEFINE_multi_string('photos', [], 'Folders of photos: profiled runs (see the docstring).')
+flags.DEFINE_multi_string('extra', [], 'Extra predict flags for the --photos runs.')
 FLAGS = flags.FLAGS
 
 
@@ -54,8 +63,11 @@ def _random_workdir(config_file: str, workdir: str) -> None:
   config = load_experiment(os.path.join(ROOT, config_file))
   model = create_model(config.model)
   rng = np.random.default_rng(0)
-  variables = jax.tree.map(lambda leaf: rng.normal(0, 0.05, leaf.shape).astype(np.float32),
-                           checkpoint.abstract_variables(model))
+  # Positive variances: a negative one would make the folded weights NaN (and NaN masks
+  # compress and run unlike real ones).
+  fill = lambda path, leaf: (rng.uniform(0.5, 1.5, leaf.shape) if path[-1].key == 'var' else
+                             rng.normal(0, 0.05, leaf.shape)).astype(np.float32)
+  variables = jax.tree_util.tree_map_with_path(fill, checkpoint.abstract_variables(model))
   checkpoint.save_config(workdir, config)
   manager = checkpoint.create_manager(workdir)
   checkpoint.save(manager, 0, variables, {'step': np.int32(0)})
@@ -70,9 +82,13 @@ def _run(name: str, args, output: str) -> dict:
   stdout = process.stdout.read()
   _, status, usage = os.wait4(process.pid, 0)
   seconds, rate = re.search(r'time\s+([\d.]+) s\s+\(([\d.]+) images/s\)', stdout).groups()
-  return {'variant': name, 'exit_status': os.waitstatus_to_exitcode(status),
-          'seconds': float(seconds), 'images_per_s': float(rate),
-          'peak_rss_mib': round(usage.ru_maxrss / 1024)}
+  record = {'variant': name, 'exit_status': os.waitstatus_to_exitcode(status),
+            'seconds': float(seconds), 'images_per_s': float(rate),
+            'peak_rss_mib': round(usage.ru_maxrss / 1024)}
+  stages = dict(re.findall(r'^  (\w+)\s+[\d.]+ s\s+([\d.]+) ms$', stdout, re.M))
+  if stages:
+    record['ms_per_image'] = {k: float(v) for k, v in stages.items()}
+  return record
 
 
 def main(_):
@@ -85,6 +101,13 @@ def main(_):
     if FLAGS['random-weights'].value:
       FLAGS.workdir = os.path.join(tmp, 'random')
       _random_workdir(FLAGS['random-weights'].value, FLAGS.workdir)
+    if FLAGS.photos:
+      runs = [(f'{folder} {" ".join(FLAGS.extra)}'.strip(),
+               ['--input', folder, '--profile', *FLAGS.extra]) for folder in FLAGS.photos]
+      runs.append(('embedded JPEGs', ['--input', FLAGS.images, '--profile']))
+      for i, (name, args) in enumerate(runs):
+        print(json.dumps(_run(name, args, os.path.join(tmp, f'photos{i}'))), flush=True)
+      return
     if FLAGS['only-batches'].value:
       for i, batch in enumerate((8, 1)):
         print(json.dumps(_run(f'batch {batch}', ['--input', FLAGS.images, f'--batch-size={batch}'],

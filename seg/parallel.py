@@ -2,7 +2,7 @@
 
 import os
 import re
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -25,6 +25,15 @@ def shard(batch: Any) -> Any:
   """[n, ...] host arrays -> [local_devices, n / local_devices, ...]."""
   devices = jax.local_device_count()
   return jax.tree.map(lambda x: np.reshape(x, (devices, -1) + x.shape[1:]), batch)
+
+
+def prefetch_to_device(batches: Iterator[Any], size: int = 2) -> Iterator[Any]:
+  """Host batches [n, ...] -> device batches [local_devices, n / local_devices, ...].
+
+  `size` batches are copied to the devices ahead of the one being consumed, so the
+  transfer overlaps the running step (flax's `prefetch_to_device`).
+  """
+  return jax_utils.prefetch_to_device(map(shard, batches), size, axis_name=AXIS_NAME)
 
 
 def replicate(tree: Any) -> Any:

@@ -48,6 +48,28 @@ def preprocess_padded(images: jax.Array, sizes: Optional[jax.Array] = None) -> j
   return jnp.where((rows & cols)[..., None], x, 0.0)
 
 
+def preprocess_in_box(images: jax.Array, boxes: jax.Array) -> jax.Array:
+  """`preprocess` of uint8 training crops, 0 (the mean pixel) outside each image's box.
+
+  The training pipeline sends uint8 crops to accelerators (`seg.data.pipeline.augment`,
+  as_uint8); uint8 cannot hold the mean pixel 127.5 that pads them, so the padding is
+  given as the box of real pixels instead and set here to what the padding becomes.
+
+  Args:
+    images: [n, h, w, 3] uint8.
+    boxes: [n, 4] int32: rows [box[0], box[1]) and columns [box[2], box[3]) are image.
+
+  Returns:
+    [n, h, w, 3] float32 in [-1, 1], 0 outside the boxes.
+  """
+  x = images.astype(jnp.float32) / MEAN_PIXEL - 1.0
+  rows = jnp.arange(images.shape[1])[None, :, None]
+  cols = jnp.arange(images.shape[2])[None, None, :]
+  b = boxes[:, :, None, None]
+  inside = ((rows >= b[:, 0]) & (rows < b[:, 1]) & (cols >= b[:, 2]) & (cols < b[:, 3]))
+  return jnp.where(inside[..., None], x, 0.0)
+
+
 def padded_size(size: int) -> int:
   """The smallest k * BUCKET + 1 that holds `size` pixels."""
   return -(-(size - 1) // BUCKET) * BUCKET + 1

@@ -28,6 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser_lib.parse(parser, argv)
   if from_command_line:
     process.reexec_with_mimalloc(purge_at_once=args.command in INFERENCE_COMMANDS)
+  if args.command in INFERENCE_COMMANDS and not getattr(args, 'train', False):
+    process.no_gpu_preallocation()  # they can run beside a training process on one GPU
   if args.command == 'predict' or (args.command == 'benchmark' and not args.train):
     process.split_cpu_into_devices()  # batches computed as two parts at once on a CPU
   if args.command in INFERENCE_COMMANDS:

@@ -82,7 +82,10 @@ def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int
             dtype: str = 'float32', **options) -> int:
   from seg.inference.engine import batch_devices
   from seg.predict import Options, predict_paths
+  from seg.predict.memory import parse_budget
   with _user_errors():
+    if 'memory_budget' in options:
+      options['memory_budget'] = parse_budget(options['memory_budget'])
     failures = predict_paths(workdir, inputs, output, Options(**options),
                              batch_size=batch_size, dtype=dtype, devices=batch_devices())
   return 1 if failures else 0
@@ -156,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     return predict(workdir=a.workdir, inputs=a.input, output=a.output,
                    batch_size=a.batch_size, dtype=a.dtype, overwrite=a.overwrite,
                    overlay=a.overlay, probabilities=a.probabilities,
-                   large_images=a.large_images, max_side=a.max_side, workers=a.workers)
+                   large_images=a.large_images, max_side=a.max_side, workers=a.workers,
+                   profile=a.profile, memory_budget=a.memory_budget, shard=a.shard)
   elif command == 'prepare-data':
     prepare_data(dataset=a.dataset, data_dir=a.data_dir, manual_dir=a.manual_dir)
   elif command == 'import-weights':

@@ -14,6 +14,16 @@ DTYPES = ('float32', 'bfloat16', 'int8')
 _OVERRIDE = re.compile(r'^--config\.([A-Za-z_][\w.]*)(?:=(.*))?$', re.S)
 
 
+def _shard(text: str):
+  try:
+    index, count = (int(v) for v in text.split('/'))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r}: give K/N, e.g. 0/4') from None
+  if not 0 <= index < count:
+    raise argparse.ArgumentTypeError(f'{text!r}: K/N needs 0 <= K < N')
+  return index, count
+
+
 class _Bool(argparse.Action):
   """A switch: --x turns it on, --no-x (or absl's spelling --nox) off."""
 
@@ -88,12 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
                  help='images of one padding bucket per compiled call')
   p.add_argument('--large-images', default='resize', choices=('resize', 'tile'),
                  help='images with a side above --max-side are downscaled to fit and their '
-                      'class probabilities upsampled back (resize), or cut into tiles (tile)')
-  p.add_argument('--max-side', type=_positive, default=2049,
-                 help='the largest side predicted in one piece')
+                      'logits upsampled back (resize), or cut into tiles (tile)')
+  p.add_argument('--max-side', type=_positive, default=None,
+                 help="the largest side predicted in one piece (default: the model's "
+                      'data.eval_size, the scale it was trained and evaluated at)')
+  p.add_argument('--memory-budget', default='1536M',
+                 help='what the whole process may hold (e.g. 1536M, 4G); it bounds the '
+                      'largest compiled shape and the images in flight')
+  p.add_argument('--shard', default='0/1', type=_shard,
+                 help='K/N: only the inputs whose relative path hashes to shard K of N '
+                      '(0 <= K < N), for N machines or array jobs with no coordinator')
   p.add_argument('--workers', type=_positive, default=2,
                  help='decoding threads, and as many writing threads')
   p.add_argument('--dtype', default='float32', choices=DTYPES, help='engine compute dtype')
+  p.add_argument('--profile', action=_Bool,
+                 help='print where the time went: seconds per stage (decode ... write)')
 
   p = commands.add_parser('prepare-data', help='build a dataset\'s TFDS files')
   p.add_argument('--dataset', required=True, choices=('embedded', 'voc2012', 'train_aug'))
@@ -120,9 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                       'time); predict: uint8 images -> class map at full size')
   p.add_argument('--warmup', type=int, default=3, help='untimed runs first')
   p.add_argument('--iters', type=_positive, default=10, help='timed runs (median reported)')
-  p.add_argument('--image-by-image', action=_Bool, default=True,
+  p.add_argument('--image-by-image', action=_Bool, default=None,
                  help='run the images of a batch one after the other inside the compiled '
-                      'call (less memory); --no-image-by-image: at once')
+                      'call (less memory; the default on a CPU); --no-image-by-image: at '
+                      'once (the default on accelerators)')
   p.add_argument('--json', action=_Bool, help='print one JSON line (benchmarks/peers/run.py)')
   p.add_argument('--train', action=_Bool,
                  help='training images/s: in-memory batches and the real input pipeline')

@@ -46,6 +46,20 @@ def compilation_cache_dir() -> str:
   return os.path.join(root, 'seg', 'jax')
 
 
+def no_gpu_preallocation() -> None:
+  """Inference commands take GPU memory as they need it, not 75% of it at start.
+
+  JAX preallocates 75% of each GPU's memory by default (XLA_PYTHON_CLIENT_PREALLOCATE);
+  `eval`, `predict`, `benchmark` and `export` then could not run beside a training process
+  on the same GPU. A value the user set is kept (e.g. XLA_PYTHON_CLIENT_MEM_FRACTION for a
+  bounded pool). Must run before JAX starts; no effect on a CPU.
+  """
+  if not any(v in os.environ for v in ('XLA_PYTHON_CLIENT_PREALLOCATE',
+                                       'XLA_PYTHON_CLIENT_MEM_FRACTION',
+                                       'XLA_PYTHON_CLIENT_ALLOCATOR')):
+    os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+
+
 def split_cpu_into_devices(count: int = 2) -> None:
   """Shows the CPU to XLA as `count` devices, unless XLA_FLAGS already sets a number.
 

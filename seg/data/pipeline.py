@@ -2,6 +2,7 @@
 
 Batches come out as NumPy dicts for the process's local devices:
   train: image [batch, crop, crop, 3] float32 in [0, 255], label [batch, crop, crop] uint8
+         (as_uint8: image uint8, and valid [batch, 4] int32, the image's box in the crop)
   eval:  image [batch, size, size, 3] float32 in [0, 255], label [batch, size, size] uint8
          (255 outside the image), mask [batch] float32 (0 for padding examples).
 """
@@ -117,7 +118,7 @@ def _pad_to(image: tf.Tensor, label: tf.Tensor, height, width, ignore_label: int
 
 def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: int,
             min_scale: float, max_scale: float, scale_step: float,
-            ignore_label: int = 255):
+            ignore_label: int = 255, as_uint8: bool = False):
   """DeepLab's training augmentation, deterministic in `seed` (a [2] int tensor).
 
   Random scale from {min_scale, min_scale + step, ..., max_scale} (bilinear
@@ -130,7 +131,11 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: i
     label: [height, width, 1] uint8.
 
   Returns:
-    image [crop, crop, 3] float32 in [0, 255], label [crop, crop] uint8.
+    image [crop, crop, 3] float32 in [0, 255], label [crop, crop] uint8; with
+    `as_uint8`, image [crop, crop, 3] uint8 (rounded), label, and valid [4] int32: the
+    image's region in the crop, rows [valid[0], valid[1]) and columns [valid[2], valid[3])
+    (outside it is padding, which `seg.preprocessing.preprocess_in_box` sets to 0, as the
+    mean pixel's 127.5 would have been).
   """
   scale_seed, crop_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
@@ -142,11 +147,52 @@ def augment(image: tf.Tensor, label: tf.Tensor, seed: tf.Tensor, *, crop_size: i
                                     tf.image.ResizeMethod.BILINEAR, align_corners=True)
   label = tf.compat.v1.image.resize(label, size, tf.image.ResizeMethod.NEAREST_NEIGHBOR,
                                     align_corners=True)
+  channels = [image, tf.cast(label, tf.float32)]
+  if as_uint8:   # a channel of ones that the padding leaves 0: where the image is
+    channels.append(tf.ones_like(channels[1]))
   image, label = _pad_to(image, label, crop_size, crop_size, ignore_label)
-  both = tf.concat([image, tf.cast(label, tf.float32)], axis=-1)
-  both = tf.image.stateless_random_crop(both, [crop_size, crop_size, 4], crop_seed)
+  channels[:2] = [image, tf.cast(label, tf.float32)]
+  if as_uint8:
+    channels[2] = tf.pad(channels[2], [[0, tf.shape(image)[0] - tf.shape(channels[2])[0]],
+                                       [0, tf.shape(image)[1] - tf.shape(channels[2])[1]],
+                                       [0, 0]])
+  both = tf.concat(channels, axis=-1)
+  both = tf.image.stateless_random_crop(both, [crop_size, crop_size, 3 + len(channels) - 1],
+                                        crop_seed)
   both = tf.image.stateless_random_flip_left_right(both, flip_seed)
-  return both[..., :3], tf.cast(tf.round(both[..., 3]), tf.uint8)
+  image, label = both[..., :3], tf.cast(tf.round(both[..., 3]), tf.uint8)
+  if not as_uint8:
+    return image, label
+  inside = both[..., 4] > 0.5
+  rows = tf.where(tf.reduce_any(inside, axis=1))[:, 0]
+  cols = tf.where(tf.reduce_any(inside, axis=0))[:, 0]
+  valid = tf.cast(tf.stack([rows[0], rows[-1] + 1, cols[0], cols[-1] + 1]), tf.int32)
+  image = tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
+  return image, label, valid
+
+
+def augmentation_seed(seed, index, process_index: int = 0, process_count: int = 1):
+  """The [2] seed of the `index`-th example of a process's stream.
+
+  (seed, index) with one process, as always; with several, the index becomes the
+  example's position in the interleaved global stream (index * processes +
+  process), so that no two processes draw the same scale, crop and flip.
+  """
+  if process_count > 1:
+    index = index * process_count + process_index
+  return tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+
+
+def process_split(split: str, process_index: int, process_count: int) -> str:
+  """This process's share of a split as a TFDS split string (the whole split for one).
+
+  TFDS then reads and decodes only those records: the share is taken before
+  decoding and caching (`ds.shard` after decoding reads and decodes every example
+  in every process and throws away all but 1/processes of them).
+  """
+  if process_count == 1:
+    return split
+  return tfds.even_splits(split, n=process_count)[process_index]
 
 
 # data.cache: what the training stream keeps in memory after its first pass over the shard.
@@ -160,6 +206,7 @@ CACHES = ('decoded', 'encoded', 'none')
 
 def train_batches(data_config, batch_size: int, seed: int, process_index: int = 0,
                   process_count: int = 1, start_step: int = 0,
+                  as_uint8: bool = False,
                   num_classes: int = labels.DATASET_CLASSES) -> Iterator[Dict[str, np.ndarray]]:
   """Endless augmented training batches of this process's shard of the split.
 
@@ -173,8 +220,13 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
     batch_size: examples per batch for this process (global batch / processes).
     seed: shuffling and augmentation seed.
     start_step: number of batches to skip (the step a resumed run starts after).
+    as_uint8: images as uint8 plus `valid` [batch, 4] int32 boxes (`augment`), 4x fewer
+      bytes to an accelerator; else float32 in [0, 255] (the CPU's default: no transfer).
     num_classes: the model's; a label value outside 0..num_classes-1 and the ignore
       label raises labels.LabelError naming the example (checked on the first pass).
+
+  Each process reads only its own share of the split (`process_split`, before
+  decoding and caching) and draws its own augmentations (`augmentation_seed`).
   """
   cache = data_config.cache
   if cache not in CACHES:
@@ -184,11 +236,12 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
   # 'encoded' and 'none' read the JPEG/PNG bytes and decode after the shuffle.
   decode_late = cache != 'decoded'
   decoders = {**_SKIP_IMAGE, 'label': tfds.decode.SkipDecoding()} if decode_late else _SKIP_IMAGE
-  ds = builder.as_dataset(split=data_config.train_split, shuffle_files=False,
-                          decoders=decoders)
   if builder.info.splits[data_config.train_split].num_examples < process_count:
     raise ValueError(f'split {data_config.train_split!r} has fewer examples than processes')
-  ds = ds.shard(process_count, process_index)
+  # This process's share only, before decoding and caching (`process_split`).
+  ds = builder.as_dataset(split=process_split(data_config.train_split, process_index,
+                                              process_count),
+                          shuffle_files=False, decoders=decoders)
   ds = _check_labels(ds, num_classes, data_config.ignore_label)
   if decode_late:
     ds = ds.map(lambda ex: (ex['image'], ex['label']))
@@ -208,12 +261,12 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
     if decode_late:
       image = decode_image(image)
       label = features['label'].decode_example(label)
-    image, label = augment(
-        image, label, tf.stack([tf.cast(seed, tf.int64), index]),
+    out = augment(
+        image, label, augmentation_seed(seed, index, process_index, process_count),
         crop_size=data_config.crop_size, min_scale=data_config.min_scale,
         max_scale=data_config.max_scale, scale_step=data_config.scale_step,
-        ignore_label=data_config.ignore_label)
-    return {'image': image, 'label': label}
+        ignore_label=data_config.ignore_label, as_uint8=as_uint8)
+    return dict(zip(('image', 'label', 'valid'), out))
 
   ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(2)

@@ -72,7 +72,7 @@ def random_variables(model, seed: int = 0) -> Dict[str, Any]:
 def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
               height: Optional[int] = None, width: Optional[int] = None,
               dtype: str = 'float32', measure: str = 'network', warmup: int = 3,
-              iters: int = 10, image_by_image: bool = True, log=print) -> Dict[str, Any]:
+              iters: int = 10, image_by_image: Optional[bool] = None, log=print) -> Dict[str, Any]:
   """Times the engine; returns the JSON record (see the module docstring)."""
   from seg import checkpoint
   from seg.inference import engine
@@ -100,6 +100,7 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
   eng = engine.Engine(config, variables, dtype=dtype, batch_size=batch_size,
                       image_by_image=image_by_image, devices=engine.batch_devices(),
                       int8_scales=int8_scales)
+  image_by_image = eng.image_by_image   # None: image by image on a CPU, batched elsewhere
   # As `Engine.run_padded`: equal parts of the batch on the devices, all at once.
   parts = eng.parts(batch_size)
   part = batch_size // parts

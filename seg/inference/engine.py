@@ -26,10 +26,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'int8': jnp.int8}
 
 
 def batch_devices() -> List[jax.Device]:
-  """What `predict` and `benchmark` split batches over: every local device if they are
-  CPUs (`seg.cli.process` shows a CPU to XLA as two), else the first accelerator."""
-  devices = jax.local_devices()
-  return devices if devices[0].platform == 'cpu' else devices[:1]
+  """What `predict` and `benchmark` split batches over: every local device (each GPU of
+  the machine; a CPU is shown to XLA as two devices by `seg.cli.process`)."""
+  return jax.local_devices()
 
 
 def int8_scales_for(workdir: str, config, variables, log=None) -> Dict[str, float]:
@@ -99,6 +98,8 @@ class Engine:
     self._class_map = jax.jit(functools.partial(class_map, **self._batch_static))
     self._logits = jax.jit(lambda f, x, s: forward(f, preprocess_padded(x, s),
                                                    **self._batch_static))
+    self._features = jax.jit(lambda f, x, s: forward(f, preprocess_padded(x, s), upsample=False,
+                                                     **self._batch_static))
     self._compiled: Dict[Tuple, Any] = {}
     self.compile_seconds: Dict[Tuple, float] = {}
     self.shapes_run = set()  # (kind, batch, height, width) of the calls so far
@@ -124,13 +125,14 @@ class Engine:
 
   def compiled(self, kind: str, batch: int, height: int, width: int,
                device: Optional[jax.Device] = None):
-    """The executable for ('classes' | 'logits', batch, height, width) on `device` (default
-    the engine's first), compiled once."""
+    """The executable for ('classes' | 'logits' | 'features', batch, height, width) on
+    `device` (default the engine's first), compiled once."""
     device = device or self.device
     key = (kind, batch, height, width, device)
     if key not in self._compiled:
       start = time.perf_counter()
-      fn = self._class_map if kind == 'classes' else self._logits
+      fn = {'classes': self._class_map, 'logits': self._logits,
+            'features': self._features}[kind]
       on = jax.sharding.SingleDeviceSharding(device)
       images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8, sharding=on)
       sizes = jax.ShapeDtypeStruct((batch, 2), jnp.int32, sharding=on)
@@ -179,7 +181,10 @@ class Engine:
         canvas[i, :image.shape[0], :image.shape[1]] = image
         sizes[i] = image.shape[:2]
       result = self.run_padded(kind, canvas, sizes)
-      outputs.extend(result[i, :im.shape[0], :im.shape[1]] for i, im in enumerate(chunk))
+      if kind == 'features':  # the whole feature grid of the canvas, and the canvas's size
+        outputs.extend((result[i], (ph, pw)) for i in range(len(chunk)))
+      else:
+        outputs.extend(result[i, :im.shape[0], :im.shape[1]] for i, im in enumerate(chunk))
     return outputs
 
   def predict(self, images) -> Any:
@@ -197,6 +202,15 @@ class Engine:
       return np.stack(self._batches(list(images), 'classes')) if len(images) else \
           np.zeros(images.shape[:3], np.uint8)
     return self._batches(list(images), 'classes')
+
+  def features(self, images: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, Tuple[int, int]]]:
+    """Logits on the feature grid, before the model's upsampling: for each image of the
+    list, ([fh, fw, classes] float32 of its whole padded canvas, (canvas height, width)).
+
+    The model's logits are these resized with aligned corners to the canvas
+    (`resize_bilinear`); `seg.predict.upsampling` takes them to any size by the same rule.
+    """
+    return self._batches(list(images), 'features')
 
   def logits(self, images) -> Any:
     """float32 logits [n, h, w, classes] (or a list), computed like `predict`."""

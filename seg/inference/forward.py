@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from seg.model import block_specs
-from seg.model.layers import resize_bilinear, same_padding
+from seg.model.layers import (depthwise_form, grouped_depthwise_conv, resize_bilinear,
+                              same_padding)
 from seg.preprocessing import preprocess_padded
 
 
@@ -36,12 +37,18 @@ def _pointwise(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
-               dilation: int) -> jax.Array:
-  """3x3 depthwise 'SAME' conv + bias as shifted multiply-adds, computed in float32.
+               dilation: int, form: Optional[str] = None) -> jax.Array:
+  """3x3 depthwise 'SAME' conv + bias, float32 result, written as `form`
+  (default `seg.model.layers.depthwise_form()`).
 
-  (XLA's CPU code for bfloat16 elementwise arithmetic is slower than for float32.)
+  'shifted': shifted multiply-adds computed in float32 (XLA's CPU code for bfloat16
+  elementwise arithmetic is slower than for float32); 'grouped': one grouped convolution
+  in x's dtype with float32 accumulation.
   x: [n, h, w, c]; w: [3, 3, c]. Returns float32 [n, ceil(h / s), ceil(w / s), c].
   """
+  if (form or depthwise_form()) == 'grouped':
+    return grouped_depthwise_conv(x, w.astype(x.dtype), stride, dilation,
+                                  preferred_element_type=jnp.float32) + b
   kh, kw = w.shape[:2]
   n, h, wd, c = x.shape
   pad_h = same_padding(h, kh, stride, dilation)

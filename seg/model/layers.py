@@ -10,6 +10,7 @@ Parameters keep Flax's layout: `kernel` is [kh, kw, in / groups, out] and
 `bias` is [out], so that the variables look exactly like `nn.Conv`'s.
 """
 
+import os
 from typing import Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -30,9 +31,42 @@ def same_padding(size: int, kernel: int, stride: int, dilation: int) -> Tuple[in
   return total // 2, total - total // 2
 
 
+DEPTHWISE_FORMS = ('shifted', 'grouped')
+
+
+def depthwise_form() -> str:
+  """How depthwise convolutions are written, for training and the engine alike.
+
+  'shifted': k*k shifted multiply-adds (fast on XLA's CPU backend, which lowers a grouped
+  convolution to a slow loop; docs/performance.md); 'grouped':
+  `lax.conv_general_dilated(feature_group_count=C)` (cuDNN's depthwise kernels). The
+  environment variable SEG_DEPTHWISE chooses; unset or 'auto': 'shifted' on a CPU,
+  'grouped' on accelerators (not measured yet: `benchmarks/gpu_check.py` times both).
+  Read when a function is traced.
+  """
+  form = os.environ.get('SEG_DEPTHWISE', 'auto') or 'auto'
+  if form == 'auto':
+    return 'shifted' if jax.default_backend() == 'cpu' else 'grouped'
+  if form not in DEPTHWISE_FORMS:
+    raise ValueError(f'SEG_DEPTHWISE must be auto or one of {DEPTHWISE_FORMS}, got {form!r}')
+  return form
+
+
+def grouped_depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
+                           dilation: int = 1, preferred_element_type=None) -> jax.Array:
+  """`depthwise_conv` as one grouped convolution (feature_group_count = channels)."""
+  kh, kw = kernel.shape[:2]
+  pads = (same_padding(x.shape[1], kh, stride, dilation),
+          same_padding(x.shape[2], kw, stride, dilation))
+  return lax.conv_general_dilated(
+      x, kernel.reshape(kh, kw, 1, x.shape[-1]), (stride, stride), pads,
+      rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=x.shape[-1], preferred_element_type=preferred_element_type)
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
-                   dilation: int = 1) -> jax.Array:
-  """Depthwise convolution with 'SAME' padding as a sum of shifted products.
+                   dilation: int = 1, form: Optional[str] = None) -> jax.Array:
+  """Depthwise convolution with 'SAME' padding, written as `form` (default `depthwise_form()`).
 
   Args:
     x: [batch, height, width, channels].
@@ -42,6 +76,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1,
   Returns:
     [batch, ceil(height / stride), ceil(width / stride), channels].
   """
+  if (form or depthwise_form()) == 'grouped':
+    return grouped_depthwise_conv(x, kernel, stride, dilation)
   kh, kw = kernel.shape[:2]
   n, h, w, c = x.shape
   pad_h = same_padding(h, kh, stride, dilation)
@@ -140,17 +176,33 @@ class ConvBN(nn.Module):
     return self.activation(x) if self.activation is not None else x
 
 
-def align_corners_matrix(out_size: int, in_size: int) -> np.ndarray:
-  """[out_size, in_size] bilinear interpolation weights with aligned corners."""
-  m = np.zeros((out_size, in_size), np.float32)
+def align_corners_taps(out_size: int, in_size: int,
+                       span: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
+  """The aligned-corner bilinear rule as taps: (lo [out_size] int64, frac [out_size] float32).
+
+  Output pixel o reads input position p = o * span / (out_size - 1) (span defaults to
+  in_size - 1: corner pixels map to corner pixels), as (1 - frac) * x[lo] + frac * x[lo + 1]
+  (lo <= in_size - 2; with one input pixel, lo = 0 and frac = 0). A smaller `span` maps the
+  output onto the first `span + 1` input pixels: `seg.predict.upsampling` takes an image's
+  logits from the feature grid of its padded canvas straight to its original size with it.
+  """
   if in_size == 1 or out_size == 1:
-    m[:, 0] = 1.0
-    return m
-  src = np.arange(out_size) * (in_size - 1) / (out_size - 1)
+    return np.zeros(out_size, np.int64), np.zeros(out_size, np.float32)
+  span = in_size - 1 if span is None else span
+  src = np.arange(out_size) * span / (out_size - 1)
   lo = np.minimum(np.floor(src).astype(np.int64), in_size - 2)
-  frac = (src - lo).astype(np.float32)
-  m[np.arange(out_size), lo] = 1.0 - frac
-  m[np.arange(out_size), lo + 1] += frac
+  return lo, (src - lo).astype(np.float32)
+
+
+def align_corners_matrix(out_size: int, in_size: int, span: Optional[float] = None) -> np.ndarray:
+  """[out_size, in_size] bilinear interpolation weights with aligned corners
+  (`align_corners_taps`)."""
+  m = np.zeros((out_size, in_size), np.float32)
+  lo, frac = align_corners_taps(out_size, in_size, span)
+  rows = np.arange(out_size)
+  m[rows, lo] = 1.0 - frac
+  if in_size > 1:
+    m[rows, lo + 1] += frac
   return m
 
 

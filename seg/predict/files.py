@@ -12,6 +12,7 @@ collide.
 
 import dataclasses
 import glob as glob_lib
+import hashlib
 import os
 from typing import Dict, List, Sequence, Tuple
 
@@ -137,6 +138,17 @@ def check_output_folder(inputs: Sequence[InputFile], roots: Sequence[str], outpu
     if not item.error and inside(os.path.realpath(item.path), out):
       raise ValueError(f'input {item.path} lies inside the output folder {output_dir}; '
                        'choose an output folder that holds no input')
+
+
+def shard_of(relative: str, count: int) -> int:
+  """The shard (0 .. count - 1) of an input, from a hash of its relative path alone.
+
+  The path's '/'-separated form is hashed (SHA-1, the first 8 bytes as an integer, modulo
+  count), so an input keeps its shard on every machine and operating system, and adding or
+  removing other files never moves it (`predict --shard K/N`).
+  """
+  key = relative.replace(os.sep, '/').encode('utf-8')
+  return int.from_bytes(hashlib.sha1(key).digest()[:8], 'big') % count
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from seg.predict.profile import NO_PROFILE
 from seg.preprocessing import MEAN_PIXEL
 
 EXIF_ORIENTATION = 0x0112
@@ -55,11 +56,13 @@ def load_rgb(path: str) -> np.ndarray:
   return load_image(path)[0]
 
 
-def load_image(path: str, max_side: Optional[int] = None) -> Tuple[np.ndarray, Tuple[int, int]]:
+def load_image(path: str, max_side: Optional[int] = None,
+               profile=NO_PROFILE) -> Tuple[np.ndarray, Tuple[int, int]]:
   """A file as ([h, w, 3] uint8 RGB, (H, W) original size), EXIF orientation applied.
 
   With `max_side`, an image with a larger side is downscaled to fit it
-  (antialiased bilinear; JPEGs are decoded at a reduced scale first).
+  (antialiased bilinear; JPEGs are decoded at a reduced scale first). `profile`
+  (`seg.predict.profile`) times the stages 'decode' and 'resize'.
   """
   if os.path.getsize(path) == 0:
     raise ValueError('empty file (0 bytes)')
@@ -76,11 +79,13 @@ def load_image(path: str, max_side: Optional[int] = None) -> Tuple[np.ndarray, T
       scale = max_side / max(width, height)
       image.draft(image.mode, (max(1, int(image.size[0] * scale)),
                                max(1, int(image.size[1] * scale))))
-    image.load()  # decode errors (truncated, corrupt) happen here
-    oriented = ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
-    if max_side and max(oriented.size) > max_side:
-      oriented = _resize_to_fit(oriented, (height, width), max_side)
-    return _to_rgb(oriented), (height, width)
+    with profile.stage('decode'):
+      image.load()  # decode errors (truncated, corrupt) happen here
+      oriented = ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
+    with profile.stage('resize'):
+      if max_side and max(oriented.size) > max_side:
+        oriented = _resize_to_fit(oriented, (height, width), max_side)
+      return _to_rgb(oriented), (height, width)
 
 
 def _resize_to_fit(image: Image.Image, original: Tuple[int, int], max_side: int) -> Image.Image:

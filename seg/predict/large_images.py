@@ -1,9 +1,8 @@
 """Images with a side above `--max-side`: the two policies.
 
   resize  the image is downscaled (antialiased bilinear, Pillow, `seg.predict.images`) to fit
-          `max_side`, predicted, and its class probabilities are upsampled (bilinear,
-          half-pixel centres) to the original size in strips of rows (`upsample_rows`); the
-          class map is their argmax
+          `max_side`, predicted, and its logits are taken back to the original size with the
+          model's aligned-corner rule (`seg.predict.upsampling`); the class map is their argmax
   tile    the image is cut into `max_side` tiles overlapping by `TILE_OVERLAP` pixels; each
           pixel takes the prediction of the tile whose centre region holds it (every tile
           sees only its own context) (`predict_tiled`)
@@ -11,40 +10,18 @@ Either way the number of compiled shapes is that of images up to `max_side`.
 """
 
 import os
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 
 from seg.predict.options import TILE_OVERLAP, Options
 from seg.predict.outputs import ProbabilityFile
 
-ROWS_PER_STRIP = 64          # rows upsampled at a time for resized large images
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
   """[..., classes] float -> probabilities over the last axis, float32."""
   logits = logits.astype(np.float32)
   e = np.exp(logits - logits.max(axis=-1, keepdims=True))
   return e / e.sum(axis=-1, keepdims=True)
-
-
-def upsample_rows(scores: np.ndarray, height: int, width: int, row0: int,
-                  row1: int) -> np.ndarray:
-  """Rows [row0, row1) of `scores` [h, w, C] resized bilinearly to [height, width, C].
-
-  Half-pixel centres (as `jax.image.resize(..., 'linear')`), edges clamped.
-  """
-  def taps(out_size, in_size, start, stop):
-    x = (np.arange(start, stop) + 0.5) * (in_size / out_size) - 0.5
-    x = np.clip(x, 0, in_size - 1)
-    lo = np.floor(x).astype(np.int64)
-    hi = np.minimum(lo + 1, in_size - 1)
-    return lo, hi, (x - lo).astype(np.float32)
-
-  r_lo, r_hi, r_t = taps(height, scores.shape[0], row0, row1)
-  rows = scores[r_lo] * (1 - r_t)[:, None, None] + scores[r_hi] * r_t[:, None, None]
-  c_lo, c_hi, c_t = taps(width, scores.shape[1], 0, width)
-  return rows[:, c_lo] * (1 - c_t)[None, :, None] + rows[:, c_hi] * c_t[None, :, None]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> Tuple[List[int], List[int]]:
@@ -89,22 +66,3 @@ def predict_tiled(engine, item, options: Options) -> None:
         item.prob_file.write(row_bounds[i], col_bounds[j], owned)
         owned = owned.argmax(axis=-1)
       item.mask[row_bounds[i]:row_bounds[i + 1], col_bounds[j]:col_bounds[j + 1]] = owned
-
-
-def upsample_resized(probs: np.ndarray, original: Tuple[int, int],
-                     prob_file: Optional[ProbabilityFile] = None) -> np.ndarray:
-  """The class map at the original size of a resized image, strip by strip.
-
-  probs: [h, w, C] class probabilities of the downscaled image; original: (H, W). Each strip
-  of ROWS_PER_STRIP rows is upsampled (`upsample_rows`), its argmax taken and, with
-  `prob_file`, its probabilities written, so the full-size scores are never held at once.
-  Returns [H, W] uint8.
-  """
-  height, width = original
-  mask = np.empty((height, width), np.uint8)
-  for r in range(0, height, ROWS_PER_STRIP):
-    strip = upsample_rows(probs, height, width, r, min(r + ROWS_PER_STRIP, height))
-    mask[r:r + strip.shape[0]] = strip.argmax(axis=-1)
-    if prob_file is not None:
-      prob_file.write(r, 0, strip)
-  return mask

@@ -14,6 +14,7 @@ take as done.
 """
 
 import functools
+import io
 import os
 from typing import Callable, List, Optional
 
@@ -21,9 +22,12 @@ import numpy as np
 from PIL import Image
 
 from seg.predict.options import Options
+from seg.predict.png import PngWriter
+from seg.predict.profile import NO_PROFILE
 
 
 OVERLAY_ALPHA = 0.5
+STRIP_ROWS = 256      # mask rows encoded at a time
 
 
 def output_suffixes(options: Options) -> List[str]:
@@ -52,12 +56,6 @@ def _atomic(path: str, write: Callable[[str], None]) -> None:
 def _colormap() -> np.ndarray:
   from seg.classes import voc_colormap
   return voc_colormap()  # a 2,048-step Python loop: once, not per image
-
-
-def _palette_png(mask: np.ndarray) -> Image.Image:
-  png = Image.fromarray(mask, mode='P')
-  png.putpalette(_colormap().reshape(-1).tolist())
-  return png
 
 
 class ProbabilityFile:
@@ -89,24 +87,57 @@ class ProbabilityFile:
       os.remove(self.temporary)
 
 
+def _encoded(image: Image.Image, fmt: str, **params) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format=fmt, **params)
+  return buffer.getvalue()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+  def write(temporary):
+    with open(temporary, 'wb') as f:
+      f.write(data)
+  _atomic(path, write)
+
+
 def write_masks(stem: str, mask: np.ndarray, options: Options,
-                image: Optional[Callable[[], np.ndarray]] = None) -> None:
+                image: Optional[Callable[[], np.ndarray]] = None, profile=NO_PROFILE) -> None:
   """STEM.png (palette indices), STEM_color.png and, with overlay, STEM_overlay.jpg.
 
-  `image` returns the [H, W, 3] uint8 image for the overlay (read lazily).
+  The two PNGs are encoded strip by strip (`seg.predict.png`), so no full-size RGB copy of
+  the mask is made. `image` returns the [H, W, 3] uint8 image for the overlay (read lazily).
+  `profile` times the stages 'colour' (class ids -> RGB), 'encode' and 'write'.
   """
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
   cmap = _colormap()
-  _atomic(stem + '_color.png', lambda p: Image.fromarray(cmap[mask]).save(p, format='PNG'))
+  height, width = mask.shape
+
+  indices_file, colour_file = io.BytesIO(), io.BytesIO()  # compressed: a few hundred KiB
+  indices = PngWriter(indices_file, width, height, palette=cmap)
+  colours = PngWriter(colour_file, width, height)
+  for r in range(0, height, STRIP_ROWS):
+    strip = mask[r:r + STRIP_ROWS]
+    with profile.stage('colour'):
+      rgb = cmap[strip]
+    with profile.stage('encode'):
+      indices.write(strip)
+      colours.write(rgb)
+  with profile.stage('encode'):
+    indices.close()
+    colours.close()
+  with profile.stage('write'):
+    _write_bytes(stem + '_color.png', colour_file.getvalue())
+    _write_bytes(stem + '.png', indices_file.getvalue())
   if options.overlay:
     rgb = image()
-    out = np.empty_like(rgb)
-    for r in range(0, mask.shape[0], 256):  # strips keep float temporaries small
-      m = mask[r:r + 256]
-      alpha = np.where(m[..., None] > 0, OVERLAY_ALPHA, 0.0).astype(np.float32)
-      blend = rgb[r:r + 256].astype(np.float32) * (1 - alpha) + cmap[m] * alpha
-      out[r:r + 256] = np.round(blend).astype(np.uint8)
-    _atomic(stem + '_overlay.jpg',
-            lambda p: Image.fromarray(out).save(p, format='JPEG', quality=90))
-  _atomic(stem + '.png', lambda p: _palette_png(mask).save(p, format='PNG'))
-
+    with profile.stage('colour'):
+      out = np.empty_like(rgb)
+      for r in range(0, mask.shape[0], 256):  # strips keep float temporaries small
+        m = mask[r:r + 256]
+        alpha = np.where(m[..., None] > 0, OVERLAY_ALPHA, 0.0).astype(np.float32)
+        blend = rgb[r:r + 256].astype(np.float32) * (1 - alpha) + cmap[m] * alpha
+        out[r:r + 256] = np.round(blend).astype(np.uint8)
+    with profile.stage('encode'):
+      data = _encoded(Image.fromarray(out), 'JPEG', quality=90)
+    with profile.stage('write'):
+      _write_bytes(stem + '_overlay.jpg', data)

@@ -21,15 +21,15 @@ from typing import Dict, Hashable, List, Optional, Tuple
 import numpy as np
 
 from seg.predict.files import (IMAGE_EXTENSIONS, Job, check_output_folder, collect_inputs,
-                               plan_jobs)
+                               plan_jobs, shard_of)
 from seg.predict.images import load_image, load_rgb
-from seg.predict.large_images import predict_tiled, softmax, upsample_resized
+from seg.predict.memory import Plan, item_bytes, plan_memory, resident_bytes
+from seg.predict.upsampling import class_map, strips
+from seg.predict.large_images import predict_tiled, softmax
 from seg.predict.options import Options
 from seg.predict.outputs import ProbabilityFile, write_masks
+from seg.predict.profile import NO_PROFILE, Profile
 from seg.predict.progress import Progress, RunReport, failure_reason
-
-BYTES_IN_FLIGHT = 512 << 20  # decoded images waiting for the model or the writers
-
 
 @dataclasses.dataclass
 class Item:
@@ -40,6 +40,9 @@ class Item:
   tiled: bool = False
   mask: Optional[np.ndarray] = None
   probs: Optional[np.ndarray] = None      # [h, w, C] at the image's size
+  features: Optional[np.ndarray] = None   # [fh, fw, C] logits of a resized image's canvas
+  canvas: Tuple[int, int] = (0, 0)        # the padded canvas `features` belong to
+  held: int = 0                           # bytes counted against the in-flight budget
   prob_file: Optional[ProbabilityFile] = None
 
   @property
@@ -87,8 +90,14 @@ class Pipeline:
   """
 
   def __init__(self, engine, options: Options, progress_stream=None,
-               bytes_in_flight: int = BYTES_IN_FLIGHT):
-    self.engine, self.options = engine, options
+               bytes_in_flight: Optional[int] = None):
+    max_side = options.max_side or engine.eval_size
+    self.memory: Optional[Plan] = None
+    if bytes_in_flight is None:  # the budget decides the largest side and what is in flight
+      self.memory = plan_memory(engine, max_side, options.memory_budget, resident_bytes())
+      max_side, bytes_in_flight = self.memory.max_side, self.memory.in_flight
+    self.engine = engine
+    self.options = dataclasses.replace(options, max_side=max_side)
     self.progress_stream = progress_stream
     self.budget = Budget(bytes_in_flight)
     self._lock = threading.Lock()          # guards the report, the progress and the job iterator
@@ -99,6 +108,7 @@ class Pipeline:
     self._writers: Optional[futures.ThreadPoolExecutor] = None
     self.report = RunReport()
     self.progress: Optional[Progress] = None
+    self.profile = Profile() if options.profile else NO_PROFILE
 
   def run(self, jobs: List[Job]) -> RunReport:
     """Decodes, predicts and writes every job; returns what happened."""
@@ -140,12 +150,13 @@ class Pipeline:
       if job is None:
         break
       try:
-        image, original = load_image(job.path, resize_side)
+        image, original = load_image(job.path, resize_side, self.profile)
       except Exception as e:  # a bad file is reported and skipped, never fatal to the run
         self._finish(job, e)
         continue
-      self.budget.acquire(image.nbytes)
-      self._decoded.put(Item(job, image, original,
+      held = item_bytes(image.nbytes, original, self.options.overlay)
+      self.budget.acquire(held)
+      self._decoded.put(Item(job, image, original, held=held,
                              tiled=max(image.shape[:2]) > self.options.max_side))
     with self._lock:
       self._decoders_running -= 1
@@ -178,14 +189,26 @@ class Pipeline:
         self._run_batch(pending.pop(key))
 
   def _run_batch(self, items: List[Item]) -> None:
-    images = [item.image for item in items]
+    resized = [item for item in items if item.resized]
+    plain = [item for item in items if not item.resized]
     try:
-      if self.options.want_probabilities or any(item.resized for item in items):
-        for item, logits in zip(items, self.engine.logits(images)):
-          item.probs = softmax(logits)
-          item.mask = logits.argmax(axis=-1).astype(np.uint8)
-      else:
-        for item, mask in zip(items, self.engine.predict(images)):
+      if resized:  # logits on the feature grid, taken to the full size by the writers
+        with self.profile.stage('network'):
+          results = self.engine.features([item.image for item in resized])
+        for item, (features, canvas) in zip(resized, results):
+          item.features, item.canvas = features, canvas
+      if plain and self.options.want_probabilities:
+        with self.profile.stage('network'):
+          all_logits = self.engine.logits([item.image for item in plain])
+        for item, logits in zip(plain, all_logits):
+          with self.profile.stage('upsample'):
+            item.probs = softmax(logits)
+          with self.profile.stage('argmax'):
+            item.mask = logits.argmax(axis=-1).astype(np.uint8)
+      elif plain:
+        with self.profile.stage('network'):
+          masks = self.engine.predict([item.image for item in plain])
+        for item, mask in zip(plain, masks):
           item.mask = mask
     except Exception as e:
       for item in items:
@@ -196,7 +219,8 @@ class Pipeline:
 
   def _run_tiled(self, item: Item) -> None:
     try:
-      predict_tiled(self.engine, item, self.options)
+      with self.profile.stage('network'):
+        predict_tiled(self.engine, item, self.options)
     except Exception as e:
       self._drop(item, e)
       return
@@ -210,12 +234,12 @@ class Pipeline:
 
   def _write(self, item: Item) -> None:
     try:
-      write_item(item, self.options)
+      write_item(item, self.options, self.profile)
       self._finish(item.job)
     except Exception as e:
       self._finish(item.job, e)
     finally:
-      self.budget.release(item.image.nbytes)
+      self.budget.release(item.held)
       self._write_slots.release()
 
   # bookkeeping ---------------------------------------------------------------------------
@@ -223,7 +247,7 @@ class Pipeline:
   def _drop(self, item: Item, error: Exception) -> None:
     if item.prob_file is not None:
       item.prob_file.discard()
-    self.budget.release(item.image.nbytes)
+    self.budget.release(item.held)
     self._finish(item.job, error)
 
   def _finish(self, job: Job, error=None) -> None:
@@ -236,23 +260,32 @@ class Pipeline:
       self.progress.update(failed=error is not None)
 
 
-def write_item(item: Item, options: Options) -> None:
-  """Writes every output of one predicted item (upsampling a resized one first)."""
+def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
+  """Writes every output of one predicted item (a resized one is taken to full size first)."""
   stem = item.job.stem
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
-  new_prob_file = lambda shape: ProbabilityFile(stem + '_prob.npy', item.probs.shape[-1],
-                                                *shape, options.probabilities)
   try:
     if item.resized:
+      resized = item.image.shape[:2]
       if options.want_probabilities:
-        item.prob_file = new_prob_file(item.original)
-      item.mask = upsample_resized(item.probs, item.original, item.prob_file)
-      item.probs = None
+        item.prob_file = ProbabilityFile(stem + '_prob.npy', item.features.shape[-1],
+                                         *item.original, options.probabilities)
+        item.mask = np.empty(item.original, np.uint8)
+        for row, logits in strips(item.features, item.original, resized, item.canvas):
+          with profile.stage('upsample'):
+            item.prob_file.write(row, 0, softmax(logits))
+          with profile.stage('argmax'):
+            item.mask[row:row + len(logits)] = logits.argmax(axis=-1)
+      else:
+        with profile.stage('upsample'):
+          item.mask = class_map(item.features, item.original, resized, item.canvas)
+      item.features = None
     elif options.want_probabilities and item.prob_file is None:
-      item.prob_file = new_prob_file(item.mask.shape)
+      item.prob_file = ProbabilityFile(stem + '_prob.npy', item.probs.shape[-1],
+                                       *item.mask.shape, options.probabilities)
       item.prob_file.write(0, 0, item.probs)
     image = (lambda: load_rgb(item.job.path)) if item.resized else (lambda: item.image)
-    write_masks(stem, item.mask, options, image)
+    write_masks(stem, item.mask, options, image, profile)
     if item.prob_file is not None:
       item.prob_file.commit()
   except BaseException:
@@ -288,10 +321,19 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
     split = f', each batch of {batch_size} as {parts} parts at once' if parts > 1 else ''
     log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '
         f'{step}{split}')
-  jobs = plan_jobs(files, output_dir, options)
-  report = Pipeline(engine, options, progress_stream).run(jobs)
+  jobs = plan_jobs(files, output_dir, options)  # all inputs: names never depend on the shard
+  index, count = options.shard
+  if count > 1:
+    jobs = [job for job, item in zip(jobs, files) if shard_of(item.relative, count) == index]
+    log(f'shard {index}/{count}: {len(jobs)} of {len(files)} input file(s)')
+  pipeline = Pipeline(engine, options, progress_stream)
+  if pipeline.memory is not None:
+    log(pipeline.memory.describe())
+  report = pipeline.run(jobs)
   report.ignored = ignored
   log(report.format(output_dir))
+  if options.profile:
+    log(pipeline.profile.format(report.processed))
   if report.interrupted:
     raise KeyboardInterrupt
   return len(report.failures)

@@ -180,6 +180,34 @@ def _evaluate(p_eval_step, model, state, config, step, writer, log) -> Dict:
   return report
 
 
+TRANSFERS = ('auto', 'uint8', 'float32')
+
+
+def transfers_uint8(transfer: str) -> bool:
+  """Whether training crops travel as uint8 (`config.data.transfer`; 'auto': not on a CPU)."""
+  if transfer not in TRANSFERS:
+    raise ValueError(f'data.transfer must be one of {TRANSFERS}, got {transfer!r}')
+  return transfer == 'uint8' or (transfer == 'auto' and jax.default_backend() != 'cpu')
+
+
+class TimedBatches:
+  """An iterator that adds up the seconds its consumer waits in `next` (input-bound time)."""
+
+  def __init__(self, batches):
+    self._batches = batches
+    self.waited = 0.0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    start = time.perf_counter()
+    try:
+      return next(self._batches)
+    finally:
+      self.waited += time.perf_counter() - start
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
                        stop_at_step: Optional[int] = None) -> Dict:
   """Trains (resuming from the latest checkpoint in `workdir`), then evaluates.
@@ -231,15 +259,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   # The stream depends on the seed only: a resumed run skips to where it stopped.
   batches = pipeline.train_batches(config.data, batch_size, config.train.seed,
                                    jax.process_index(), jax.process_count(), start_step,
+                                   as_uint8=transfers_uint8(config.data.transfer),
                                    num_classes=config.model.num_classes)
+  # Two batches in flight on the devices while a step runs; the wait for them is timed.
+  batches = TimedBatches(parallel.prefetch_to_device(batches, 2))
   writer = tensorboard.SummaryWriter(workdir, enabled=is_chief)
   train_log = os.path.join(workdir, 'train_log.jsonl')
   last_log, last_log_step, run_start = time.time(), start_step, time.time()
+  last_waited = 0.0
   step, stopped = start_step, None
   with _StopRequests() as stop_requests:
     try:
       for step in range(start_step + 1, num_steps + 1):
-        batch = parallel.shard(next(batches))
+        batch = next(batches)
         state, metrics = p_train_step(state, batch, parallel.replicate(
             jax.random.fold_in(step_rng, step)))
         is_log_step = step % config.train.log_every == 0 or step == num_steps
@@ -249,11 +281,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
           now = time.time()
           rate = (step - last_log_step) * config.train.batch_size / (now - last_log)
           eta = (num_steps - step) * config.train.batch_size / rate
+          # The share of the time since the last log spent waiting for input batches.
+          input_wait = min((batches.waited - last_waited) / max(now - last_log, 1e-9), 1.0)
+          last_waited = batches.waited
           log(f'step {step:>6}/{num_steps}  loss {metrics["loss"]:.4f}  '
               f'pixel acc {100 * metrics["pixel_accuracy"]:5.1f}%  '
-              f'lr {metrics["learning_rate"]:.2e}  {rate:6.1f} img/s  eta {_format_duration(eta)}'
+              f'lr {metrics["learning_rate"]:.2e}  {rate:6.1f} img/s  '
+              f'input wait {100 * input_wait:3.0f}%  eta {_format_duration(eta)}'
               + (f'  ({skipped} non-finite steps skipped)' if skipped else ''))
-          record = {'step': step, **metrics, 'images_per_second': rate, 'nonfinite_steps': skipped}
+          record = {'step': step, **metrics, 'images_per_second': rate,
+                    'input_wait_fraction': input_wait, 'nonfinite_steps': skipped}
           writer.scalars(step, {k: v for k, v in record.items() if k != 'step'})
           if is_chief:
             with open(train_log, 'a') as f:

@@ -15,7 +15,7 @@ from flax.training import train_state
 from jax import lax
 
 from seg.parallel import AXIS_NAME
-from seg.preprocessing import preprocess
+from seg.preprocessing import preprocess, preprocess_in_box
 from seg.train.loss import cross_entropy_sum
 
 
@@ -100,7 +100,8 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   stops or carries on (config.train.skip_nonfinite), never with NaN weights.
 
   Args:
-    batch: image [n, crop, crop, 3] float in [0, 255], label [n, crop, crop].
+    batch: image [n, crop, crop, 3] float in [0, 255], label [n, crop, crop]; or image
+      uint8 with valid [n, 4] int32, the boxes of `seg.preprocessing.preprocess_in_box`.
     rng: the step's key, the same on every device; each device folds in its index.
     compute_dtype: e.g. jnp.bfloat16: the forward and backward passes run with
       parameters and activations in this dtype (mixed precision); parameters,
@@ -108,7 +109,10 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
       None computes in the parameters' dtype.
   """
   rng = jax.random.fold_in(rng, lax.axis_index(AXIS_NAME))
-  images, labels = preprocess(batch['image']), batch['label'].astype(jnp.int32)
+  # Normalised here, on the device: uint8 crops (with their boxes) travel 4x lighter.
+  images = (preprocess_in_box(batch['image'], batch['valid']) if 'valid' in batch
+            else preprocess(batch['image']))
+  labels = batch['label'].astype(jnp.int32)
   if compute_dtype is not None:
     images = images.astype(compute_dtype)
 

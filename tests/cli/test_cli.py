@@ -41,6 +41,11 @@ def trained(tmp_path_factory, data_dir):
 def test_train_prints_progress_and_writes_a_report(trained):
   workdir, stdout, cache = trained
   assert 'step      6/6' in stdout and 'img/s' in stdout and 'mIoU' in stdout
+  # The start-up line and the input-bound share (tiny: batch 4 over 4 fake CPU devices).
+  assert ('1 process(es) x 4 local device(s) = 4 global device(s) (cpu), global batch 4 = 1 '
+          'per device') in stdout and 'input wait' in stdout
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'train_log.jsonl'))]
+  assert all(0 <= r['input_wait_fraction'] <= 1 for r in records)
   report = json.load(open(os.path.join(workdir, 'eval.json')))
   assert report['num_images'] == 150
   assert set(report) >= {'miou', 'per_class_iou', 'pixel_accuracy', 'num_images'}

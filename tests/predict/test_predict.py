@@ -97,11 +97,12 @@ def reference(model_dir):
   _, model, variables = model_dir
   apply = jax.jit(lambda x: model.apply(variables, x, train=False))
 
-  def logits(image):
+  def logits(image, full_canvas=False):
     h, w = image.shape[:2]
     padded = np.full((1, EVAL_SIZE, EVAL_SIZE, 3), 127.5, np.float32)
     padded[0, :h, :w] = image
-    return np.asarray(apply(padded / 127.5 - 1.0))[0, :h, :w]
+    out = np.asarray(apply(padded / 127.5 - 1.0))[0]
+    return out if full_canvas else out[:h, :w]
   return logits
 
 
@@ -125,6 +126,7 @@ def _read_mask(path):
 
 
 def _run(engine, inputs, output, **options):
+  options.setdefault('memory_budget', 16 << 30)  # the test process holds more than a run
   lines = []
   stream = io.StringIO()
   failures = predict.predict_paths('unused', inputs, str(output), predict.Options(**options),
@@ -266,20 +268,21 @@ def test_resumes_skips_done_inputs_and_overwrites_on_request(engine, tmp_path, m
   for i in range(3):
     Image.fromarray(_scene(30, 30, i)).save(inputs / f'{i}.png')
   # An interrupted write: the index PNG of 1.png fails half-way through.
-  real_save = Image.Image.save
+  from seg.predict import outputs
+  real_open = open
 
-  def failing_save(self, fp, format=None, **kwargs):
-    if str(fp).endswith('1.png.partial'):
-      with open(fp, 'wb') as f:
+  def failing_open(path, mode='r', *args, **kwargs):
+    if str(path).endswith('1.png.partial'):
+      with real_open(path, 'wb') as f:
         f.write(b'\x89PNG half')
       raise OSError(28, 'No space left on device')
-    return real_save(self, fp, format, **kwargs)
-  monkeypatch.setattr(Image.Image, 'save', failing_save)
+    return real_open(path, mode, *args, **kwargs)
+  monkeypatch.setattr(outputs, 'open', failing_open, raising=False)
   failures, summary, _ = _run(engine, [str(inputs)], out)
   assert failures == 1 and 'FAILED' in summary and '1.png' in summary
   assert not (out / '1.png').exists()  # no half-written file under the final name
   assert not [n for n in os.listdir(out) if n.endswith('.partial')]
-  monkeypatch.setattr(Image.Image, 'save', real_save)
+  monkeypatch.delattr(outputs, 'open')
   mtimes = {n: os.stat(out / n).st_mtime_ns for n in os.listdir(out) if not n.startswith('1')}
   failures, summary, _ = _run(engine, [str(inputs)], out)
   assert failures == 0 and 'processed         1' in summary and 'skipped           2' in summary
@@ -296,6 +299,9 @@ class _InterruptedOnSecondBatch:
 
   def __init__(self, inner):
     self.inner, self.batch_size, self.calls = inner, inner.batch_size, 0
+
+  def __getattr__(self, name):  # eval_size, parts, compiled: the real engine's
+    return getattr(self.inner, name)
 
   def bucket(self, height, width):
     return self.inner.bucket(height, width)
@@ -315,6 +321,7 @@ def test_ctrl_c_keeps_finished_outputs_and_the_next_run_resumes(engine, tmp_path
   lines = []
   with pytest.raises(KeyboardInterrupt):
     predict.predict_paths('unused', str(inputs), str(out),
+                          predict.Options(memory_budget=16 << 30),
                           engine=_InterruptedOnSecondBatch(engine), log=lines.append,
                           progress_stream=io.StringIO())
   assert 'INTERRUPTED after 2 of 5 inputs' in lines[-1] and 'processed         2' in lines[-1]
@@ -407,6 +414,29 @@ def test_modes_and_orientation_become_the_equivalent_rgb(engine, reference, tmp_
 # Large images and bounded memory.
 
 
+def _aligned_weights(out_size, image_size, canvas, features):
+  """[out_size, features] bilinear weights in float64, written out independently of seg: the
+  original's corner pixels on the downscaled image's corners, feature f at canvas pixel
+  f * (canvas - 1) / (features - 1)."""
+  weights = np.zeros((out_size, features))
+  for o in range(out_size):
+    p = o * (image_size - 1) / (out_size - 1) * (features - 1) / (canvas - 1)
+    lo = min(int(np.floor(p)), features - 2)
+    weights[o, lo] += 1 - (p - lo)
+    weights[o, lo + 1] += p - lo
+  return weights
+
+
+def _upsampled_reference(reference, small, height, width):
+  """Logits [height, width, 21] of `small` taken to (height, width) by the aligned-corner rule:
+  the plain model's logits at canvas pixels 0, 16, 32, ... are its feature grid (aligned
+  corners put feature f exactly there)."""
+  features = reference(small, full_canvas=True)[::16, ::16]
+  rows = _aligned_weights(height, small.shape[0], EVAL_SIZE, features.shape[0])
+  cols = _aligned_weights(width, small.shape[1], EVAL_SIZE, features.shape[1])
+  return np.einsum('oh,hwc,pw->opc', rows, features.astype(np.float64), cols)
+
+
 def test_large_images_resize_within_the_compiled_shapes(engine, reference, tmp_path):
   image = _scene(300, 400, 10)  # "large" here: max_side 161 = the tiny eval_size
   Image.fromarray(image).save(tmp_path / 'big.png')
@@ -417,20 +447,46 @@ def test_large_images_resize_within_the_compiled_shapes(engine, reference, tmp_p
                         probabilities='float16')
   assert failures == 0
   assert {shape[2:] for shape in engine.shapes_run} == {(EVAL_SIZE, EVAL_SIZE)}
-  mask = _read_mask(tmp_path / 'out' / 'big.png')
-  assert mask.shape == (300, 400)
-  # Independently: PIL's bilinear downscale, the plain model, softmax, jax.image.resize up.
+  # Independently: PIL's bilinear downscale, the plain model, its logits upsampled in NumPy.
   small = np.asarray(Image.fromarray(image).resize((161, 121), Image.Resampling.BILINEAR))
-  logits = reference(small)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  upsampled = np.asarray(jax.image.resize(probs, (300, 400, 21), 'linear'))
+  upsampled = _upsampled_reference(reference, small, 300, 400)
+  mask = _read_mask(tmp_path / 'out' / 'big.png')
   _assert_same_classes(mask, upsampled, near_tie=1e-4)
   assert np.asarray(Image.open(tmp_path / 'out' / 'small.png')).shape == (100, 120)
+  probs = np.exp(upsampled - upsampled.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
   stored = np.load(tmp_path / 'out' / 'big_prob.npy')
   assert stored.shape == (21, 300, 400)
-  np.testing.assert_allclose(stored.astype(np.float32), np.moveaxis(upsampled, -1, 0),
-                             atol=2e-3)
+  np.testing.assert_allclose(stored.astype(np.float32), np.moveaxis(probs, -1, 0), atol=2e-3)
+
+
+def test_default_masks_of_a_large_image_are_the_upsampled_argmax(engine, reference, tmp_path):
+  """The default setting (the model's eval size, blocks computed exactly only where their
+  corners differ) against the argmax of every upsampled pixel: >= 99.9% equal."""
+  image = _scene(480, 640, 21)
+  Image.fromarray(image).save(tmp_path / 'photo.png')
+  assert _run(engine, [str(tmp_path / 'photo.png')], tmp_path / 'out')[0] == 0
+  small = np.asarray(Image.fromarray(image).resize((161, 121), Image.Resampling.BILINEAR))
+  expected = _upsampled_reference(reference, small, 480, 640).argmax(-1)
+  mask = _read_mask(tmp_path / 'out' / 'photo.png')
+  assert mask.shape == (480, 640) and len(np.unique(expected)) > 1
+  assert (mask == expected).mean() >= 0.999
+
+
+def test_upsampled_class_map_matches_every_pixel_computed(engine):
+  """seg.predict.upsampling's block shortcut against block=1 (every pixel) and NumPy."""
+  from seg.predict import upsampling
+  rng = np.random.default_rng(5)
+  features = rng.normal(size=(11, 11, 21)).astype(np.float32)
+  for original, resized in (((1000, 707), (161, 114)), ((9, 161), (9, 161)), ((1, 300), (1, 161))):
+    shortcut = upsampling.class_map(features, original, resized, (EVAL_SIZE, EVAL_SIZE))
+    rows = _aligned_weights(original[0], resized[0], EVAL_SIZE, 11) if original[0] > 1 else \
+        np.eye(11)[:1]
+    cols = _aligned_weights(original[1], resized[1], EVAL_SIZE, 11)
+    logits = np.einsum('oh,hwc,pw->opc', rows, features.astype(np.float64), cols)
+    exact = upsampling.class_map(features, original, resized, (EVAL_SIZE, EVAL_SIZE), block=1)
+    _assert_same_classes(exact, logits, near_tie=1e-5)  # float32 against float64
+    assert (shortcut == logits.argmax(-1)).mean() >= 0.999
 
 
 def test_a_large_turned_jpeg_keeps_its_full_oriented_size(engine, tmp_path):
@@ -476,10 +532,61 @@ def test_a_budget_of_one_image_at_a_time_still_finishes(engine, tmp_path):
   jobs = plan_jobs(files, str(tmp_path.parent / 'budget-out'), options)
   summary = predict.Pipeline(engine, options, io.StringIO(), bytes_in_flight=1).run(jobs)
   assert summary.processed == 5 and not summary.failures
-  assert summary.peak_bytes_held == 34 * 30 * 3  # one image at a time: the largest
+  # One image at a time: the largest, its pixels and twice its size for the class map.
+  assert summary.peak_bytes_held == 34 * 30 * 3 + 2 * 34 * 30
   summary = predict.Pipeline(engine, predict.Options(workers=2, overwrite=True), io.StringIO(),
-                             bytes_in_flight=2 * 30 * 30 * 3).run(jobs)
-  assert summary.processed == 5 and summary.peak_bytes_held <= 2 * 30 * 30 * 3
+                             bytes_in_flight=2 * 30 * 30 * 5).run(jobs)
+  assert summary.processed == 5 and summary.peak_bytes_held <= 2 * 30 * 30 * 5
+
+
+def test_the_memory_budget_bounds_the_compiled_shape_and_what_is_in_flight(engine, tmp_path):
+  from seg.predict import memory
+  per_pixel, parts = memory.activation_per_pixel(engine)
+  assert per_pixel > 0
+  held = 300 << 20
+  eval_canvas = per_pixel * parts * EVAL_SIZE ** 2
+  # Room for the network at side 513 (a 513 x 513 canvas) but not at 577: the side is lowered.
+  spare = 2 * per_pixel * parts * 513 ** 2 + 1
+  budget = held + memory.SLACK + int(spare)
+  plan = memory.plan_memory(engine, 2049, budget, held)
+  assert plan.max_side == 513
+  assert abs(plan.in_flight - (spare - per_pixel * parts * 513 ** 2)) <= 2
+  assert memory.plan_memory(engine, 321, budget, held).max_side == 321  # a smaller request stands
+  with pytest.raises(ValueError, match='memory-budget'):
+    memory.plan_memory(engine, 2049, held + memory.SLACK + int(eval_canvas), held)
+  assert memory.parse_budget('1.5G') == 1536 << 20 and memory.parse_budget('800') == 800 << 20
+  # A run under a tiny budget of images in flight still finishes, one image at a time, and
+  # an oversized --max-side never compiles a shape above what the budget allows.
+  Image.fromarray(_scene(300, 400, 30)).save(tmp_path / 'big.png')
+  engine.shapes_run.clear()
+  lines = []
+  failures = predict.predict_paths('unused', [str(tmp_path / 'big.png')], str(tmp_path / 'o'),
+                                   predict.Options(max_side=4000, large_images='tile',
+                                                   memory_budget=memory.resident_bytes() +
+                                                   memory.SLACK + int(8 * eval_canvas)),
+                                   engine=engine, log=lines.append, progress_stream=io.StringIO())
+  assert failures == 0, lines
+  assert max(max(shape[2:]) for shape in engine.shapes_run) <= 321, engine.shapes_run
+  assert _read_mask(tmp_path / 'o' / 'big.png').shape == (300, 400)
+
+
+def test_shards_cover_every_input_once_and_stay_put(engine, tmp_path):
+  from seg.predict.files import shard_of
+  names = [f'folder{i % 7}/img_{i}.jpg' for i in range(400)]
+  shards = [shard_of(name, 4) for name in names]
+  assert sorted(set(shards)) == [0, 1, 2, 3] and min(np.bincount(shards)) > 60
+  more = names + [f'new/extra_{i}.jpg' for i in range(100)]  # files added elsewhere
+  assert [shard_of(name, 4) for name in more[:400]] == shards
+  # End to end: three shards of one folder write every mask exactly once between them.
+  (tmp_path / 'in').mkdir()
+  for i in range(7):
+    Image.fromarray(_scene(20 + i, 24, 40 + i)).save(tmp_path / 'in' / f'{i}.png')
+  written = []
+  for index in range(3):
+    out = tmp_path / f'out{index}'
+    assert _run(engine, [str(tmp_path / 'in')], out, shard=(index, 3))[0] == 0
+    written += sorted(p for p in os.listdir(out) if not p.endswith('_color.png'))
+  assert sorted(written) == [f'{i}.png' for i in range(7)]
 
 
 def test_progress_updates_one_line_on_a_terminal():

@@ -1,0 +1,76 @@
+"""PNG files written strip by strip: the masks of large photos without full-size copies.
+
+Pillow encodes a PNG from a whole image (the RGB colour mask of a 48 MP photo is 144 MB) and
+tries every row filter at its default level 6. A mask is long runs of one value, and most rows
+repeat the row above, so here every row uses PNG's 'Up' filter (the byte difference to the
+row above: zeros where the mask does not change) and zlib runs at level ZLIB_LEVEL (size and
+time measured in docs/predict.md). zlib releases the GIL, so the writer threads encode at once.
+"""
+
+import struct
+import zlib
+from typing import BinaryIO, Optional
+
+import numpy as np
+
+ZLIB_LEVEL = 1        # docs/predict.md: level 1 vs 6 and Pillow's encoder on 12 MP masks
+CHUNK_BYTES = 1 << 20  # compressed bytes per IDAT chunk
+_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+_UP = 2               # PNG filter type 'Up'
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+  return (struct.pack('>I', len(data)) + kind + data +
+          struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
+
+
+class PngWriter:
+  """An 8-bit palette ([h, w] rows) or RGB ([h, w, 3] rows) PNG written row strip by strip.
+
+      with open(path, 'wb') as f:
+        png = PngWriter(f, width, height, palette=colormap)   # palette: [256, 3] uint8
+        for strip in strips: png.write(strip)
+        png.close()
+  """
+
+  def __init__(self, file: BinaryIO, width: int, height: int,
+               palette: Optional[np.ndarray] = None, level: int = ZLIB_LEVEL):
+    self.file, self.width, self.height = file, width, height
+    self.channels = 1 if palette is not None else 3
+    self.rows_written = 0
+    self._previous = np.zeros((width * self.channels,), np.uint8)
+    self._zlib = zlib.compressobj(level)
+    self._pending = []
+    self._pending_bytes = 0
+    colour_type = 3 if palette is not None else 2
+    file.write(_SIGNATURE)
+    file.write(_chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, colour_type, 0, 0, 0)))
+    if palette is not None:
+      file.write(_chunk(b'PLTE', np.asarray(palette, np.uint8).reshape(-1).tobytes()))
+
+  def write(self, rows: np.ndarray) -> None:
+    """The next rows: [r, width] uint8 (palette) or [r, width, 3] uint8 (RGB)."""
+    rows = np.ascontiguousarray(rows, np.uint8).reshape(len(rows), -1)
+    if rows.shape[1] != self.width * self.channels:
+      raise ValueError(f'rows of {rows.shape[1]} bytes, expected {self.width * self.channels}')
+    filtered = np.empty((len(rows), rows.shape[1] + 1), np.uint8)
+    filtered[:, 0] = _UP
+    np.subtract(rows, np.concatenate([self._previous[None], rows[:-1]]), out=filtered[:, 1:])
+    self._previous = rows[-1].copy()
+    self.rows_written += len(rows)
+    self._emit(self._zlib.compress(filtered.tobytes()))
+
+  def _emit(self, data: bytes, final: bool = False) -> None:
+    if data:
+      self._pending.append(data)
+      self._pending_bytes += len(data)
+    if self._pending_bytes >= CHUNK_BYTES or (final and self._pending):
+      self.file.write(_chunk(b'IDAT', b''.join(self._pending)))
+      self._pending, self._pending_bytes = [], 0
+
+  def close(self) -> None:
+    """Ends the file (every row must have been written)."""
+    if self.rows_written != self.height:
+      raise ValueError(f'{self.rows_written} rows written of {self.height}')
+    self._emit(self._zlib.flush(), final=True)
+    self.file.write(_chunk(b'IEND', b''))
