@@ -42,7 +42,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 ROWS = ('onnxruntime-float32', 'onnxruntime-int8', 'litert-float32', 'litert-int8')
 BASELINE = 'onnxruntime-float32'
