@@ -16,6 +16,7 @@ from seg.data import voc
 from seg.inference.engine import Engine
 from seg.model import create_model
 from seg.predict import predict_paths
+from seg.predict.options import Options
 
 
 
@@ -109,7 +110,9 @@ def test_predicted_masks_of_the_val_jpegs_score_what_eval_reports(discerning, da
   jpegs = [os.path.join(voc_root, 'JPEGImages', name + '.jpg') for name in names]
   listing = tmp_path / 'val.txt'
   listing.write_text('\n'.join(jpegs) + '\n')
-  assert predict_paths(workdir, str(listing), str(tmp_path / 'masks'), log=lambda *_: None) == 0
+  # --memory-budget bounds the whole process; this one is a test worker holding many models.
+  assert predict_paths(workdir, str(listing), str(tmp_path / 'masks'),
+                       options=Options(memory_budget=64 << 30), log=lambda *_: None) == 0
   labels = {name: voc.read_label_png(os.path.join(voc_root, 'SegmentationClass', name + '.png'))
             for name in names}
   masks = {name: np.asarray(Image.open(tmp_path / 'masks' / (name + '.png'))) for name in names}

@@ -333,8 +333,10 @@ def test_predict_on_an_imported_workdir_gives_the_hf_masks(hf_small, small_impor
             'b': rng.integers(0, 256, (97, 41, 3), np.uint8)}
   for name, image in images.items():
     Image.fromarray(image).save(inputs / f'{name}.png')
+  # --memory-budget bounds the whole process; this one is a test worker holding many models.
+  from seg.predict.options import Options
   assert predict.predict_paths(workdir, str(inputs), str(tmp_path / 'out'),
-                               log=lambda *_: None) == 0
+                               options=Options(memory_budget=64 << 30), log=lambda *_: None) == 0
   for name, image in images.items():
     size = 161  # tiny's eval_size
     padded = np.zeros((1, size, size, 3), np.float32)
