@@ -169,11 +169,58 @@ class ConvBN(nn.Module):
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Conv(self.features, self.kernel_size, self.stride, self.dilation,
              self.depthwise, name='depthwise' if self.depthwise else 'conv')(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
-                     epsilon=self.bn_epsilon, axis_name=self.axis_name if train else None,
-                     use_fast_variance=False,
-                     name='BatchNorm')(x)
+    x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                  axis_name=self.axis_name, name='BatchNorm')(x, train)
     return self.activation(x) if self.activation is not None else x
+
+
+def batch_moments(x: jax.Array, axis_name: Optional[str] = None) -> Tuple[jax.Array, jax.Array]:
+  """Mean and (biased) variance of `x` over all but its last axis, in float32.
+
+  With `axis_name` (inside `pmap`), of the whole batch across that axis's devices in one
+  collective: each device reduces its own mean m_d and centred second moment v_d (two
+  passes, as stable as `np.var`), and one `pmean` of [m_d, v_d, m_d^2] gives the global
+  mean and, by the law of total variance over equal per-device shares,
+  var = mean(v_d) + (mean(m_d^2) - mean(m_d)^2). On one device the between-device term is
+  exactly 0, so the statistics are the two-pass ones bit for bit.
+  """
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  var = jnp.square(x - mean).mean(axes)
+  if axis_name is None:
+    return mean, var
+  mean, within, mean_sq = lax.pmean(jnp.stack([mean, var, jnp.square(mean)]), axis_name)
+  return mean, within + jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over N, H, W with `flax.linen.BatchNorm`'s variables (params `scale`, `bias`;
+  batch_stats `mean`, `var`) and its arithmetic, synchronised across `axis_name` in one
+  collective per layer (`batch_moments`) where flax's two-pass variance needs two in
+  sequence. Running statistics: new = momentum * old + (1 - momentum) * batch.
+  """
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    if not train:
+      mean, var = ra_mean.value, ra_var.value
+    elif self.is_initializing():
+      mean, var = batch_moments(x)
+    else:
+      mean, var = batch_moments(x, self.axis_name)
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    y = (x - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(jnp.result_type(x, scale, bias))
 
 
 def align_corners_taps(out_size: int, in_size: int,

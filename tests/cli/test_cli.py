@@ -12,12 +12,12 @@ from PIL import Image
 
 from helpers import ROOT
 from seg import checkpoint
+from seg.classes import EMBEDDED_CLASS_NAMES
 from seg.data import voc
 from seg.inference.engine import Engine
 from seg.model import create_model
 from seg.predict import predict_paths
 from seg.predict.options import Options
-
 
 
 def _main(*args, check=True, env=None):
@@ -54,29 +54,27 @@ def test_train_prints_progress_and_writes_a_report(trained):
   assert any(name.startswith('jit_') for name in os.listdir(cache))
 
 
-def test_eval_writes_the_json_report(trained, tmp_path):
-  workdir = trained[0]
-  output = str(tmp_path / 'report.json')
-  stdout = _main('eval', '--workdir', workdir, '--output', output).stdout
-  report = json.load(open(output))
-  assert report['num_images'] == 150 and len(report['per_class_iou']) == 21
-  assert 'red-solid' in stdout and 'pixel accuracy' in stdout
-  # The same checkpoint gives the same figures as the evaluation at the end of training.
-  assert report['miou'] == json.load(open(os.path.join(workdir, 'eval.json')))['miou']
-  with Image.open(tmp_path / 'report_per_class_iou.png') as chart:
-    assert chart.format == 'PNG' and chart.width > 600
-
-
-def _numpy_miou(pairs):
-  """mIoU of (label, prediction) index arrays: one confusion matrix over every pixel, the mean
-  over the classes present in labels or predictions (DeepLab's metric, written out here)."""
+def _numpy_confusion(pairs):
+  """The [256, 256] confusion matrix of (label, prediction) index arrays over every pixel whose
+  label is not 255 (DeepLab's metric, written out here)."""
   cm = np.zeros((256, 256), np.int64)
   for label, prediction in pairs:
     valid = label != 255
     np.add.at(cm, (label[valid], prediction[valid]), 1)
+  return cm
+
+
+def _numpy_ious(pairs):
+  """Per-class IoU (NaN where a class is in neither labels nor predictions) and pixel accuracy."""
+  cm = _numpy_confusion(pairs)
   tp = np.diag(cm).astype(np.float64)
   union = cm.sum(0) + cm.sum(1) - tp
-  return float(np.mean(tp[union > 0] / union[union > 0]))
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(union > 0, tp / union, np.nan), tp.sum() / cm.sum()
+
+
+def _numpy_miou(pairs):
+  return float(np.nanmean(_numpy_ious(pairs)[0]))
 
 
 @pytest.fixture(scope='module')
@@ -99,37 +97,60 @@ def discerning(trained, tmp_path_factory):
   return workdir
 
 
-def test_predicted_masks_of_the_val_jpegs_score_what_eval_reports(discerning, data_dir, tmp_path):
-  # An independent path to eval's number: `predict` on the JPEG files (Pillow), its index
-  # PNGs, labels read from the VOC palette PNGs, the confusion matrix in NumPy.
-  from seg.inference.evaluate import evaluate_workdir
-  workdir = discerning
-  report = evaluate_workdir(workdir, log=lambda *_: None)
+@pytest.fixture(scope='module')
+def val_masks(discerning, data_dir, tmp_path_factory):
+  """`predict` of the discerning model on the val JPEG files (Pillow): {name: (label, mask)}
+  with labels read from the VOC palette PNGs, and the JPEG paths."""
   [voc_root] = glob.glob(os.path.join(data_dir, 'downloads', 'embedded-*', 'VOCdevkit', 'VOC2012'))
   names = voc.read_split_list(voc_root, 'val')
   jpegs = [os.path.join(voc_root, 'JPEGImages', name + '.jpg') for name in names]
-  listing = tmp_path / 'val.txt'
+  tmp = tmp_path_factory.mktemp('val_masks')
+  listing = tmp / 'val.txt'
   listing.write_text('\n'.join(jpegs) + '\n')
   # --memory-budget bounds the whole process; this one is a test worker holding many models.
-  assert predict_paths(workdir, str(listing), str(tmp_path / 'masks'),
+  assert predict_paths(discerning, str(listing), str(tmp / 'masks'),
                        options=Options(memory_budget=64 << 30), log=lambda *_: None) == 0
-  labels = {name: voc.read_label_png(os.path.join(voc_root, 'SegmentationClass', name + '.png'))
-            for name in names}
-  masks = {name: np.asarray(Image.open(tmp_path / 'masks' / (name + '.png'))) for name in names}
-  assert len(np.unique(np.concatenate([m.ravel() for m in masks.values()]))) > 10
-  ours = _numpy_miou((labels[name], masks[name]) for name in names)
-  assert report['num_images'] == len(names) == 150
-  assert abs(ours - report['miou']) <= 1e-6
-  # The check can fail: the same model on the pixels of TF's default JPEG decoder (fast
+  pairs = {name: (voc.read_label_png(os.path.join(voc_root, 'SegmentationClass', name + '.png')),
+                  np.asarray(Image.open(tmp / 'masks' / (name + '.png')))) for name in names}
+  return pairs, jpegs
+
+
+def test_eval_report_scores_what_numpy_computes_from_the_predicted_masks(discerning, val_masks,
+                                                                        tmp_path):
+  # An independent path to eval's figures: `predict` on the JPEG files (Pillow), its index
+  # PNGs, labels from the VOC palette PNGs, the confusion matrix in NumPy. Eval decodes the
+  # same JPEGs through the TFDS pipeline, batches, pads and counts on the device.
+  pairs, _ = val_masks
+  output = str(tmp_path / 'report.json')
+  stdout = _main('eval', '--workdir', discerning, '--output', output).stdout
+  report = json.load(open(output))
+  masks = [mask for _, mask in pairs.values()]
+  assert len(np.unique(np.concatenate([m.ravel() for m in masks]))) > 10
+  ious, accuracy = _numpy_ious(pairs.values())
+  assert report['num_images'] == len(pairs) == 150
+  assert abs(float(np.nanmean(ious)) - report['miou']) <= 1e-6
+  assert abs(accuracy - report['pixel_accuracy']) <= 1e-9
+  assert list(report['per_class_iou']) == list(EMBEDDED_CLASS_NAMES)
+  for name, want in zip(EMBEDDED_CLASS_NAMES, ious):
+    got = report['per_class_iou'][name]
+    assert (got is None) if np.isnan(want) else abs(got - want) <= 1e-9, name
+  assert 'red-solid' in stdout and 'pixel accuracy' in stdout
+  with Image.open(tmp_path / 'report_per_class_iou.png') as chart:
+    assert chart.format == 'PNG' and chart.width > 600
+
+
+def test_the_mask_check_can_tell_the_jpeg_decoders_apart(discerning, val_masks):
+  # The check above can fail: the same model on the pixels of TF's default JPEG decoder (fast
   # IDCT, what the data layer decoded with before) predicts other classes and scores otherwise.
   import tensorflow as tf
-  config = checkpoint.load_config(workdir)
-  variables, _ = checkpoint.load_model_variables(workdir, create_model(config.model))
-  engine = Engine(config, variables)
-  fast = engine.predict([tf.io.decode_jpeg(open(path, 'rb').read(), channels=3).numpy()
-                         for path in jpegs])
-  assert sum(int(np.sum(f != masks[n])) for f, n in zip(fast, names)) > 1000
-  assert abs(_numpy_miou(zip([labels[n] for n in names], fast)) - report['miou']) > 1e-4
+  pairs, jpegs = val_masks
+  config = checkpoint.load_config(discerning)
+  variables, _ = checkpoint.load_model_variables(discerning, create_model(config.model))
+  fast = Engine(config, variables).predict(
+      [tf.io.decode_jpeg(open(path, 'rb').read(), channels=3).numpy() for path in jpegs])
+  accurate = _numpy_miou(pairs.values())
+  assert sum(int(np.sum(f != mask)) for f, (_, mask) in zip(fast, pairs.values())) > 1000
+  assert abs(_numpy_miou(zip([label for label, _ in pairs.values()], fast)) - accurate) > 1e-4
 
 
 def test_predict_writes_palette_masks_and_reports_bad_files(trained, tmp_path):

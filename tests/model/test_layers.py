@@ -1,13 +1,15 @@
-"""Convolutions with TF 'SAME' padding and aligned-corner resizes against TensorFlow and lax."""
+"""Convolutions with TF 'SAME' padding and aligned-corner resizes against TensorFlow and lax;
+BatchNorm (synchronised in one collective) against NumPy and flax's own BatchNorm."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 import tensorflow as tf
 from jax import lax
 
-from seg.model.layers import conv, depthwise_conv, resize_bilinear, same_padding
+from seg.model.layers import BatchNorm, conv, depthwise_conv, resize_bilinear, same_padding
 
 RNG = np.random.default_rng(0)
 
@@ -84,3 +86,79 @@ def test_resize_bilinear_matches_tf1_align_corners(in_hw, out_hw):
   expected = tf.compat.v1.image.resize_bilinear(x, out_hw, align_corners=True).numpy()
   np.testing.assert_allclose(resize_bilinear(jnp.asarray(x), out_hw), expected,
                              rtol=1e-4, atol=1e-4)
+
+
+def _bn_inputs(devices):
+  # Per-device means far apart (3 and -2 on channel 0), so that the global variance holds a
+  # large between-device part that a mean of per-device variances would miss.
+  x = RNG.standard_normal((devices, 2, 5, 5, 3)) * [1.0, 0.5, 2.0] + [0.3, -1.0, 4.0]
+  x[:, :, :, :, 0] += np.linspace(3, -2, devices)[:, None, None, None]
+  return x.astype(np.float32)
+
+
+def _bn_variables(c):
+  # Running statistics and affine terms away from their initial values.
+  return {'params': {'scale': np.linspace(0.5, 2, c).astype(np.float32),
+                     'bias': np.linspace(-1, 1, c).astype(np.float32)},
+          'batch_stats': {'mean': np.full(c, 0.2, np.float32), 'var': np.full(c, 1.5, np.float32)}}
+
+
+def _numpy_bn(x, variables, momentum, eps):
+  """Training-mode BatchNorm of the whole batch (all devices), in float64."""
+  flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
+  mean, var = flat.mean(0), flat.var(0)
+  p, s = variables['params'], variables['batch_stats']
+  y = (x - mean) / np.sqrt(var + eps) * p['scale'] + p['bias']
+  return y, momentum * s['mean'] + (1 - momentum) * mean, momentum * s['var'] + (1 - momentum) * var
+
+
+@pytest.mark.parametrize('devices', [1, 2, 4])
+def test_synchronised_batchnorm_is_the_whole_batch_in_one_collective(devices):
+  x, variables, momentum, eps = _bn_inputs(devices), _bn_variables(3), 0.9, 1e-3
+  ours = BatchNorm(momentum=momentum, epsilon=eps, axis_name='batch')
+  flax_bn = nn.BatchNorm(use_running_average=False, momentum=momentum, epsilon=eps,
+                         axis_name='batch', use_fast_variance=False)
+
+  def train(module):
+    def f(x):
+      kwargs = {'train': True} if module is ours else {}
+      return module.apply(variables, x, mutable=['batch_stats'], **kwargs)
+    return f
+
+  y, new = jax.pmap(train(ours), axis_name='batch', devices=jax.devices()[:devices])(x)
+  want_y, want_mean, want_var = _numpy_bn(x, variables, momentum, eps)
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  for d in range(devices):  # every device keeps the global statistics
+    np.testing.assert_allclose(new['batch_stats']['mean'][d], want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new['batch_stats']['var'][d], want_var, rtol=1e-5, atol=1e-6)
+
+  # flax's two-pass BatchNorm: the same numbers, with two collectives in sequence where ours
+  # has one.
+  fy, fnew = jax.pmap(train(flax_bn), axis_name='batch', devices=jax.devices()[:devices])(x)
+  np.testing.assert_allclose(y, fy, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(new['batch_stats']['var'], fnew['batch_stats']['var'], rtol=1e-5)
+
+  def collectives(module):
+    jaxpr = jax.make_jaxpr(jax.pmap(train(module), axis_name='batch',
+                                    devices=jax.devices()[:devices]))(x)
+    return str(jaxpr).count('psum')
+  assert (collectives(ours), collectives(flax_bn)) == (1, 2)
+
+
+def test_batchnorm_evaluation_uses_the_running_statistics_and_gradients_match_flax():
+  x, variables = _bn_inputs(1)[0], _bn_variables(3)
+  y = BatchNorm(epsilon=1e-3).apply(variables, x, train=False)
+  s, p = variables['batch_stats'], variables['params']
+  np.testing.assert_allclose(y, (x - s['mean']) / np.sqrt(s['var'] + 1e-3) * p['scale'] + p['bias'],
+                             rtol=1e-6, atol=1e-6)
+
+  def loss(module, **kwargs):
+    def f(params, x):
+      out, _ = module.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                            mutable=['batch_stats'], **kwargs)
+      return jnp.sum(out * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape) / out.size)
+    return jax.grad(f, argnums=(0, 1))(variables['params'], x)
+  ours = loss(BatchNorm(epsilon=1e-3), train=True)
+  theirs = loss(nn.BatchNorm(use_running_average=False, epsilon=1e-3, use_fast_variance=False))
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

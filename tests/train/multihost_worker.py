@@ -1,9 +1,13 @@
-"""One process of tests/test_multihost.py: a few training steps under jax.distributed.
+"""One process of tests/train/test_multihost.py: a few training steps under jax.distributed,
+or the one-device reference.
 
     python tests/train/multihost_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_DIR
+    python tests/train/multihost_worker.py reference OUT_DIR
 
 Each process feeds its own slice of the same synthetic global batches, then the
-processes save one orbax checkpoint together into OUT_DIR/ckpt.
+processes save one orbax checkpoint together into OUT_DIR/run. The reference trains the whole
+global batches on ONE device (global normalisation by construction) and writes the leaves of
+its params and batch_stats to OUT_DIR/reference.npz.
 """
 
 import os
@@ -28,7 +32,10 @@ def global_batches(config, steps=STEPS):
   size, n = config.data.crop_size, config.train.batch_size
   for _ in range(steps):
     labels = rng.randint(0, config.model.num_classes, (n, size, size)).astype(np.uint8)
-    labels[:, :4] = config.data.ignore_label
+    # Unequal valid pixels per device (example i loses its first 2 + 7i rows): a loss that
+    # averaged per-device means would weight the devices' pixels unequally.
+    for i in range(n):
+      labels[i, :2 + 7 * i] = config.data.ignore_label
     images = rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32)
     yield {'image': images, 'label': labels}
 
@@ -38,6 +45,8 @@ def tiny_config():
   config.unlock()
   config.model.num_classes = 5
   config.train.batch_size = 8
+  # No dropout: its masks are drawn per device, so they depend on how the batch is split.
+  config.model.dropout_rate = 0.0
   return config
 
 
@@ -75,5 +84,18 @@ def main(coordinator, num_processes, process_id, out_dir):
   print(f'process {jax.process_index()} done')
 
 
+def reference(out_dir):
+  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+  jax.config.update('jax_enable_x64', True)
+  assert jax.device_count() == 1
+  state = parallel.unreplicate(run_steps(tiny_config(), 0, 1))
+  leaves = jax.tree.leaves({'params': state.params, 'batch_stats': state.batch_stats})
+  np.savez(os.path.join(out_dir, 'reference.npz'), *[np.asarray(x) for x in leaves])
+  print('reference done')
+
+
 if __name__ == '__main__':
-  main(*sys.argv[1:])
+  if sys.argv[1] == 'reference':
+    reference(*sys.argv[2:])
+  else:
+    main(*sys.argv[1:])
