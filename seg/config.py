@@ -65,7 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.learning_rate = 0.007   # base of the poly schedule
   config.train.lr_power = 0.9
   config.train.warmup_steps = 0
-  config.train.momentum = 0.9
+  config.train.optimizer = 'sgd'       # DeepLab's SGD with momentum; 'adam' (experiments/quickstart.py)
+  config.train.momentum = 0.9          # SGD's momentum
   config.train.weight_decay = 4e-5     # on conv kernels except depthwise, as TF-slim
   config.train.seed = 0
   config.train.log_every = 50
@@ -105,6 +106,7 @@ CHOICES = {
     'data.cache': ('decoded', 'encoded', 'none'),
     'train.init_part': ('auto', 'all', 'backbone'),
     'train.compute_dtype': ('float32', 'bfloat16'),
+    'train.optimizer': ('sgd', 'adam'),
 }
 
 

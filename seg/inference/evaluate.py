@@ -18,7 +18,7 @@ from seg.inference.metrics import confusion_matrix, format_report, iou_report
 from seg.model import create_model
 from seg.model.layers import resize_bilinear
 from seg.parallel import AXIS_NAME
-from seg.preprocessing import preprocess
+from seg.preprocessing import preprocess_padded
 
 
 def scaled_size(size: int, scale: float) -> int:
@@ -72,15 +72,17 @@ def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_c
   Args:
     variables: the model's {'params', 'batch_stats'}; for another `dtype` (bfloat16, int8)
       the engine's prepared weights instead (`seg.inference.engine.Engine.folded`).
-    batch: image [n, h, w, 3] float in [0, 255] (padding = the mean pixel),
-      label [n, h, w], mask [n].
+    batch: image [n, h, w, 3] uint8 with size [n, 2] (each image's height and width; the
+      rest is padding, `preprocess_padded`), label [n, h, w], mask [n]
+      (`seg.data.pipeline.eval_batches`).
   """
   if dtype == jnp.float32:
     folded = fold.cast_folded(fold.fold_variables(model_config, variables), jnp.float32)
   else:
     folded = variables
-  scores = multi_scale_logits(folded, preprocess(batch['image']), model_config=model_config,
-                              scales=scales, flip=flip, dtype=dtype)
+  images = preprocess_padded(batch['image'], batch['size'])
+  scores = multi_scale_logits(folded, images, model_config=model_config, scales=scales,
+                              flip=flip, dtype=dtype)
   predictions = jnp.argmax(scores, axis=-1).astype(jnp.int32)
   cm = confusion_matrix(batch['label'], predictions, model_config.num_classes, batch['mask'],
                         ignore_label)

@@ -52,11 +52,22 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decayed, params)
 
 
+OPTIMIZERS = ('sgd', 'adam')   # config.train.optimizer (seg.config.CHOICES)
+
+
 def create_optimizer(train_config, learning_rate_fn) -> optax.GradientTransformation:
-  """SGD with momentum; weight decay as the gradient of TF's L2 loss wd / 2 * |w|^2."""
+  """`train_config.optimizer`: 'sgd' (with `momentum`, DeepLab's) or 'adam' (optax's default
+  betas and epsilon); weight decay either way as the gradient of TF's L2 loss
+  wd / 2 * |w|^2, added before the optimiser."""
+  name = train_config.optimizer
+  if name == 'sgd':
+    update = optax.sgd(learning_rate_fn, momentum=train_config.momentum)
+  elif name == 'adam':
+    update = optax.adam(learning_rate_fn)
+  else:
+    raise ValueError(f"config.train.optimizer must be 'sgd' or 'adam', got {name!r}")
   return optax.chain(
-      optax.add_decayed_weights(train_config.weight_decay, mask=weight_decay_mask),
-      optax.sgd(learning_rate_fn, momentum=train_config.momentum))
+      optax.add_decayed_weights(train_config.weight_decay, mask=weight_decay_mask), update)
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,

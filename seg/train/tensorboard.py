@@ -88,18 +88,19 @@ def validation_examples(model, variables, config, num: int = 3) -> Optional[np.n
   """Panels (`example_panels`) for the first `num` images of the eval split.
 
   Runs on the host's default device with host `variables` ({'params',
-  'batch_stats'}); padding stays visible (mean pixel, void label).
+  'batch_stats'}); padding stays visible (black, void label).
   """
   import jax
   import jax.numpy as jnp
   from seg.data import pipeline  # TensorFlow stays out of the import of this module.
-  from seg.preprocessing import preprocess
+  from seg.preprocessing import preprocess_padded
   batch = next(pipeline.eval_batches(config.data, num, config.data.eval_split))
   keep = batch['mask'] > 0
   if not keep.any():
     return None
-  images = jnp.asarray(batch['image'][keep])
-  logits = jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False))(variables, images)
+  images, sizes = jnp.asarray(batch['image'][keep]), jnp.asarray(batch['size'][keep])
+  logits = jax.jit(lambda v, x, s: model.apply(v, preprocess_padded(x, s), train=False))(
+      variables, images, sizes)
   predictions = np.asarray(jnp.argmax(logits, -1))
   return example_panels(batch['image'][keep], batch['label'][keep], predictions,
                         config.data.ignore_label)

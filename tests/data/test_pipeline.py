@@ -79,9 +79,15 @@ def test_eval_batches_count_every_image_once(tiny_config):
   for b in pipeline.eval_batches(config.data, batch, 'val'):
     batches += 1
     assert b['image'].shape == (batch, config.data.eval_size, config.data.eval_size, 3)
+    assert b['image'].dtype == np.uint8    # 4x fewer bytes to the device than float32
     assert b['label'].shape == (batch, config.data.eval_size, config.data.eval_size)
     seen += int(b['mask'].sum())
     assert np.all(b['label'][b['mask'] == 0] == 255)
+    # Beyond each image's size, the label is padding (ignore label), and inside it is not
+    # all padding: `size` is where the pixels are.
+    for label, (h, w), valid in zip(b['label'], b['size'], b['mask']):
+      assert (np.all(label[h:] == 255) and np.all(label[:, w:] == 255)
+              and (not valid or np.any(label[:h, :w] != 255)))
   assert seen == total == 150
   assert batches == -(-total // batch)
 

@@ -204,6 +204,7 @@ def test_config_choices_agree_with_the_modules_that_own_them():
   from seg.model import DIVISIBLE_BY
   from seg.model.deeplab import HEADS
   from seg.model.mobilenet_v2 import OUTPUT_STRIDES
+  from seg.train.step import OPTIMIZERS
   from seg.weights.init_from import INIT_PARTS
   choices = config_lib.CHOICES
   assert choices['data.cache'] == pipeline.CACHES
@@ -211,6 +212,7 @@ def test_config_choices_agree_with_the_modules_that_own_them():
   assert choices['model.head'] == HEADS
   assert choices['model.output_stride'] == OUTPUT_STRIDES
   assert choices['train.init_part'] == INIT_PARTS
+  assert choices['train.optimizer'] == OPTIMIZERS
 
 
 # Channel tables written out from the two rules (slim nets/mobilenet/mobilenet.py

@@ -242,3 +242,41 @@ def test_one_optimizer_update_is_tf_momentum_with_l2_on_the_poly_schedule(tiny_c
       w[k] = w[k] - rate * accum[k]
   for k in names:
     np.testing.assert_allclose(got[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_the_adam_option_is_adam_with_l2_on_the_poly_schedule(tiny_config):
+  # train.optimizer='adam' (the quickstart's): Kingma & Ba's update with bias correction
+  # (beta1 0.9, beta2 0.999, eps 1e-8) of g + wd * w, the same L2 and schedule as SGD's.
+  cfg = tiny_config.train
+  cfg.optimizer, cfg.steps, cfg.learning_rate, cfg.lr_power, cfg.warmup_steps = \
+      'adam', 10, 0.01, 0.9, 0
+  cfg.weight_decay = 0.01
+  rng = np.random.default_rng(1)
+  names = {'kernel': ('head', 'logits', 'kernel'), 'bias': ('head', 'logits', 'bias')}
+  values = {k: rng.normal(size=(3, 2)).astype(np.float32) for k in names}
+  grads = [{k: rng.normal(size=(3, 2)).astype(np.float32) for k in names} for _ in range(3)]
+  nest = lambda flat: flax.traverse_util.unflatten_dict({names[k]: jnp.asarray(v)
+                                                         for k, v in flat.items()})
+  state = flax.training.train_state.TrainState.create(
+      apply_fn=None, params=nest(values),
+      tx=step_lib.create_optimizer(cfg, step_lib.create_learning_rate_fn(cfg)))
+  for g in grads:
+    state = state.apply_gradients(grads=nest(g))
+  got = {k: np.asarray(flax.traverse_util.flatten_dict(state.params)[names[k]]) for k in names}
+
+  w = {k: v.astype(np.float64) for k, v in values.items()}
+  m = {k: np.zeros_like(v) for k, v in w.items()}
+  v2 = {k: np.zeros_like(v) for k, v in w.items()}
+  for step, g in enumerate(grads):
+    rate = 0.01 * (1 - step / 10) ** 0.9
+    for k in names:
+      d = g[k] + (0.01 * w[k] if k == 'kernel' else 0.0)
+      m[k] = 0.9 * m[k] + 0.1 * d
+      v2[k] = 0.999 * v2[k] + 0.001 * d * d
+      m_hat, v_hat = m[k] / (1 - 0.9 ** (step + 1)), v2[k] / (1 - 0.999 ** (step + 1))
+      w[k] = w[k] - rate * m_hat / (np.sqrt(v_hat) + 1e-8)
+  for k in names:
+    np.testing.assert_allclose(got[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  cfg.optimizer = 'lamb'
+  with pytest.raises(ValueError, match="'sgd' or 'adam'"):
+    step_lib.create_optimizer(cfg, lambda _: 1.0)
