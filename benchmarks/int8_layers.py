@@ -37,7 +37,7 @@ def main():
   config = load_experiment(args.config)
   m = config.model
   folded = fold.fold_variables(m, random_variables(create_model(m)), xp=np)
-  scales = dict.fromkeys(quantize.scale_names(m), 6 / 127)
+  scales = dict.fromkeys(quantize.product_names(m), 6 / 127)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, args.size, args.size, 3)),
                   jnp.float32)
   run_f32 = jax.jit(lambda p, x: forward(p, x, width=m.width, output_stride=m.output_stride,

@@ -14,13 +14,8 @@ What is int8 (the rest stays float32, as in `seg.inference.forward`):
   `preferred_element_type=int32`); the requantisation (int32 -> float32 times
   input scale x weight scale, + bias, ReLU6 where the layer has one, and the rounding to
   int8 of the next product's input) is elementwise work that XLA fuses into one loop.
-- the expansions' ReLU6 outputs, each block's widest tensor and the depthwise 3x3 layer's
-  input: stored as uint8 (ReLU6 is never negative: 0..255 over [0, calibrated max]), and the
-  nine taps multiply those integers by float32 weights that carry the input scale. The
-  float32 engine is memory-bound there (docs/performance.md); a quarter of the bytes moves.
-- float32 stays: the stem (3 input channels), the depthwise arithmetic and outputs (rounded
-  to int8 as the projection's input), the residual sums, the image-pooling branch and the 3x3
-  ASPP branches.
+- float32 stays: the stem (3 input channels), the depthwise 3x3 layers (nine multiply-adds per
+  output, memory-bound), the residual sums, the image-pooling branch and the 3x3 ASPP branches.
 
 Two formulations give the same numbers (`FORMULATIONS`): 'int8' stores the weights as int8 and
 multiplies int8 by int8 into int32; 'float32' stores the same integers as float32 and
@@ -44,10 +39,9 @@ from jax import lax
 
 from seg.inference.forward import _conv, _depthwise, _stem
 from seg.model import block_specs
-from seg.model.layers import depthwise_form, resize_bilinear
+from seg.model.layers import resize_bilinear
 
 INT8_MAX = 127
-UINT8_MAX = 255
 SCALES_FILE = 'int8_scales.json'
 FORMULATIONS = ('int8', 'float32')
 # Products whose input has at least this stride are int8 (the stem's output has stride 2, so
@@ -69,14 +63,6 @@ def product_names(model_config) -> List[str]:
       names.append(f'block{i}/expand')
     names.append(f'block{i}/project')
   return names + ['head/aspp0', 'head/proj_branches', 'head/logits']
-
-
-def scale_names(model_config) -> List[str]:
-  """The names of every calibrated scale: the products' inputs, and the depthwise layers'
-  inputs of blocks with an expansion (`block{i}/depthwise`)."""
-  depthwise = [f'block{i}/depthwise'
-               for i in range(1, len(block_specs(model_config.width, model_config.output_stride)))]
-  return product_names(model_config) + depthwise
 
 
 def _relu6(x):
@@ -109,34 +95,15 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
                          preferred_element_type=jnp.float32) + layer['b']
 
 
-def quantize_unsigned(x: jax.Array, inv_scale, dtype) -> jax.Array:
-  """round(x / scale) clipped to [0, 255], as `dtype` (uint8, or float32 integers): for
-  ReLU6 outputs, which are never negative."""
-  return jnp.clip(jnp.round(x * inv_scale), 0, UINT8_MAX).astype(dtype)
-
-
 def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int,
           observe=None) -> jax.Array:
-  """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`).
-
-  Where the expansion is quantised, its ReLU6 output (the block's widest tensor) is stored
-  as uint8 in the depthwise layer's input scale, and the depthwise taps multiply those
-  integers by weights that carry the scale (`quantize_folded`): a quarter of the bytes
-  through memory, where the float32 engine spends most of its time.
-  """
+  """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`)."""
   out = params['project']['w'].shape[1]
-  dw = params['depthwise']
   y = x
   if 'expand' in params:
     y = _relu6(product(y, params['expand'], f'block{index}/expand', observe))
-    if 'inv_in_scale' in dw:
-      integers = jnp.uint8 if params['expand']['w'].dtype == jnp.int8 else jnp.float32
-      y = quantize_unsigned(y, dw['inv_in_scale'], integers)
-      if depthwise_form() == 'grouped':   # a grouped convolution needs float operands
-        y = y.astype(jnp.float32)
-    elif observe is not None:
-      observe[f'block{index}/depthwise'] = jnp.max(y)
-  y = _relu6(_depthwise(y, dw['w'], dw['b'], stride, dilation))
+  y = _relu6(_depthwise(y, params['depthwise']['w'], params['depthwise']['b'], stride,
+                        dilation))
   y = product(y, params['project'], f'block{index}/project', observe)
   if stride == 1 and x.shape[-1] == out:
     y = y + x
@@ -251,16 +218,6 @@ def quantize_folded(model_config, folded: Dict[str, Any], scales: Dict[str, floa
     layer['w'] = q if formulation == 'int8' else q.astype(np.float32)
     layer['scale'] = (w_scale * x_scale).astype(np.float32)
     layer['inv_x_scale'] = np.float32(1.0 / x_scale)
-  for i, blk in enumerate(tree['blocks']):
-    if 'expand' in blk and 'scale' in blk['expand']:   # its output is stored as uint8
-      name = f'block{i}/depthwise'
-      if name not in scales:
-        raise ValueError(f'no int8 scale for {name}: recalibrate ({SCALES_FILE})')
-      in_scale = np.float32(scales[name] * INT8_MAX / UINT8_MAX)   # [0, max] onto 0..255
-      dw = dict(blk['depthwise'])
-      dw['w'] = (dw['w'] * in_scale).astype(np.float32)
-      dw['inv_in_scale'] = np.float32(1.0 / in_scale)
-      blk['depthwise'] = dw
   return tree
 
 
@@ -274,7 +231,7 @@ def float_params(folded: Dict[str, Any]) -> Dict[str, Any]:
 
 def calibrate(config, folded: Dict[str, Any], images: Sequence[np.ndarray],
               batch_size: int = 8, log=None) -> Dict[str, float]:
-  """{scale name (`scale_names`): input scale}: the largest |input| over `images`, / 127.
+  """{product name: input scale}: the largest |input| over `images`, / 127.
 
   Each image runs the float32 network padded to its shape bucket, as inference pads it.
   images: [h, w, 3] uint8 (`seg.inference.calibration.calibration_images`).
@@ -339,7 +296,7 @@ def load_or_calibrate(workdir: str, config, folded: Dict[str, Any], source: str 
       stored = json.load(f)
     same_set = {k: stored.get('calibration', {}).get(k) for k in wanted} == wanted
     if stored.get('model') == fingerprint and same_set and \
-        set(stored.get('scales', {})) >= set(scale_names(config.model)):
+        set(stored.get('scales', {})) >= set(product_names(config.model)):
       log(f'int8 scales from {path} ({stored["calibration"]["images"]} images of {source!r})')
       return {k: float(v) for k, v in stored['scales'].items()}
     log(f'{path} belongs to other weights or another calibration set: recalibrating')

@@ -65,9 +65,6 @@ def _numpy_block(x, params, w_float, scales, index, stride, dilation):
   if 'expand' in w_float:
     y = np.clip(quantized_product(y, w_float['expand']['w'], w_float['expand']['b'],
                                   f'block{index}/expand'), 0, 6)
-    # Stored as uint8: 0..255 over [0, the calibrated max] (the int8 scale is max / 127).
-    dw_scale = scales[f'block{index}/depthwise'] * 127 / 255
-    y = np.clip(np.round(y / np.float32(dw_scale)), 0, 255) * dw_scale
   w, b = w_float['depthwise']['w'], w_float['depthwise']['b']
   n, h, wd, c = y.shape
   pad = lambda size: max((-(-size // stride) - 1) * stride + 2 * dilation + 1 - size, 0)
@@ -94,14 +91,13 @@ def test_one_block_matches_a_numpy_int8_reference(tiny_int8, index):
                                    folded['blocks'][index])
   channels = params['expand']['w'].shape[0]
   x = np.random.default_rng(7).normal(0, 1, (1, 9, 11, channels)).astype(np.float32)
-  run = lambda p, x: quantize.block(x, p, index, stride, dilation)
-  got = np.asarray(jax.jit(run)(params, x))
-  assert 'uint8' in str(jax.make_jaxpr(run)(params, x))   # the expansion's output in memory
+  got = np.asarray(jax.jit(lambda p, x: quantize.block(x, p, index, stride, dilation))(
+      params, x))
   expected = _numpy_block(x.astype(np.float64), params, w_float, scales, index, stride,
                           dilation)
   assert got.shape == expected.shape
   # float32 vs float64 arithmetic between the products may move a value across a rounding
-  # boundary of the next quantised tensor: a one-step (1/127 of the range) difference in a
+  # boundary of the next product's input: a one-step (1/127 of the range) difference in a
   # few elements, not more.
   step = scales[f'block{index}/project'] * np.abs(w_float['project']['w']).sum(0).max()
   close = np.abs(got - expected) <= 1e-4 * np.abs(expected).max()
@@ -124,7 +120,7 @@ def test_calibration_is_stored_and_reused(tmp_path, tiny_int8):
   first = run(folded)
   stored = json.loads((tmp_path / quantize.SCALES_FILE).read_text())
   assert stored['calibration'] == {'source': 'train', 'count': 2, 'seed': 0, 'images': 2}
-  assert set(stored['scales']) == set(quantize.scale_names(config.model))
+  assert set(stored['scales']) == set(quantize.product_names(config.model))
   assert run(folded) == first and len(calls) == 1  # read back, not recalibrated
   changed = jax.tree_util.tree_map(lambda a: a * 1.5, folded)  # other weights
   assert run(changed) != first and len(calls) == 2
