@@ -18,7 +18,8 @@ configs, workdirs and engine used here). It writes one JSON file and prints a ta
 - training step images/s at 513x513, batch 16 and 32, float32 and bfloat16, each depthwise
   form, with compile time and peak device memory, and its share of the ceiling
   (3 x the network's multiply-adds per image, from `summary`);
-- engine ms/image at batch 1, 8, 32, float32 and bfloat16; bf16-vs-f32 class agreement;
+- engine ms/image at batch 1, 8, 32, float32 and bfloat16 (from input stride 16 on, and
+  from 2: SEG_BF16_FROM_STRIDE); bf16-vs-f32 class agreement;
 - the `export --platforms cpu,cuda` artifact loaded and run on the device: masks equal to
   the engine's;
 - `predict` over 50 generated JPEGs.
@@ -308,23 +309,31 @@ def engine_speed(device, config, variables, madds, peak_tflops, quick):
   size = config.data.eval_size
   rng = np.random.default_rng(0)
   rows, classes = [], {}
+  # bfloat16 from input stride 16 on (the CPU's choice) and from 2 (every layer after the
+  # stem, the accelerators' default until this measures it): SEG_BF16_FROM_STRIDE.
+  variants = [('float32', None), ('bfloat16', '16'), ('bfloat16', '2')]
   for batch in ((2,) if quick else (1, 8, 32)):
     images = rng.integers(0, 256, (batch, size, size, 3)).astype(np.uint8)
-    for dtype in ('float32', 'bfloat16'):
+    for dtype, from_stride in variants:
+      if from_stride:
+        os.environ['SEG_BF16_FROM_STRIDE'] = from_stride   # read when the engine traces
       eng = Engine(config, variables, dtype=dtype, batch_size=batch, devices=[device],
                    image_by_image=False)
       start = time.perf_counter()
       eng.predict(images)
       first_s = time.perf_counter() - start
       ms = _median_ms(lambda: eng.predict(images), 2 if quick else 10)
-      classes[(batch, dtype)] = eng.predict(images)
-      rows.append({'batch': batch, 'dtype': dtype, 'ms_per_image': round(ms / batch, 3),
-                   'first_call_s': round(first_s, 1),
-                   'share_of_bf16_ceiling': round(2 * madds * batch / (ms / 1000) /
-                                                  (peak_tflops * 1e12), 4)
-                   if peak_tflops else None})
-    agree = float(np.mean(classes[(batch, 'float32')] == classes[(batch, 'bfloat16')]))
-    rows[-1]['bf16_f32_class_agreement'] = round(agree, 5)
+      classes[(batch, dtype, from_stride)] = eng.predict(images)
+      os.environ.pop('SEG_BF16_FROM_STRIDE', None)
+      row = {'batch': batch, 'dtype': dtype, 'ms_per_image': round(ms / batch, 3),
+             'first_call_s': round(first_s, 1),
+             'share_of_bf16_ceiling': round(2 * madds * batch / (ms / 1000) /
+                                            (peak_tflops * 1e12), 4) if peak_tflops else None}
+      if from_stride:
+        row['bf16_from_stride'] = int(from_stride)
+        row['bf16_f32_class_agreement'] = round(float(np.mean(
+            classes[(batch, dtype, from_stride)] == classes[(batch, 'float32', None)])), 5)
+      rows.append(row)
   return rows
 
 

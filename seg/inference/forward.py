@@ -9,14 +9,17 @@ It re-expresses the trained model's function for speed, without changing it:
   multiplied at every pixel.
 - `dtype=jnp.bfloat16` computes the layers from the stride-16 features on (the products with
   hundreds of channels, compute-bound) with bfloat16 inputs and float32 accumulation
-  (`preferred_element_type`); biases, activations, depthwise taps and logits are float32. The
-  high-resolution layers stay float32: they are memory-bound, and conversions made them slower.
+  (`preferred_element_type`); biases, activations, depthwise taps and logits are float32. On
+  a CPU the high-resolution layers stay float32: they are memory-bound, and conversions made
+  them slower; on accelerators every layer after the stem is bfloat16
+  (`low_precision_from_stride`).
 
 `forward` is a pure function of (folded params, images), so it can be jitted, pmapped
 (`seg.inference.evaluate`) or exported (`seg.inference.export`).
 """
 
 import functools
+import os
 from typing import Any, Dict, Optional
 
 import jax
@@ -27,6 +30,27 @@ from seg.model import block_specs
 from seg.model.layers import (depthwise_form, grouped_depthwise_conv, resize_bilinear,
                               same_padding)
 from seg.preprocessing import preprocess_padded
+
+
+LOW_PRECISION_FROM_STRIDES = (2, 4, 8, 16)
+
+
+def low_precision_from_stride() -> int:
+  """From which input stride on `forward(dtype=bfloat16)` computes in bfloat16.
+
+  The environment variable SEG_BF16_FROM_STRIDE chooses (2, 4, 8 or 16; 2 means every layer
+  after the stem); unset or 'auto': 16 on a CPU (measured: the high-resolution layers are
+  memory-bound there and the conversions cost more than they save, docs/performance.md),
+  2 on accelerators (half the bytes of every layer; not measured yet:
+  `benchmarks/gpu_check.py` times both). Read when a function is traced.
+  """
+  value = os.environ.get('SEG_BF16_FROM_STRIDE', 'auto') or 'auto'
+  if value == 'auto':
+    return 16 if jax.default_backend() == 'cpu' else 2
+  if not value.isdigit() or int(value) not in LOW_PRECISION_FROM_STRIDES:
+    raise ValueError(f'SEG_BF16_FROM_STRIDE must be auto or one of '
+                     f'{LOW_PRECISION_FROM_STRIDES}, got {value!r}')
+  return int(value)
 
 
 def _pointwise(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -131,15 +155,16 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
                             dtype=dtype, upsample=upsample)
     return lax.map(lambda image: one(image[None])[0], images)
   x = _relu6(_stem(images, folded['stem']['w'], folded['stem']['b']))
-  # A low-precision dtype only from the stride-16 features on (or the output stride, if
-  # smaller): there the products have hundreds of channels and bfloat16 doubles their
-  # speed, while the high-resolution layers are memory-bound and the float32 <-> bfloat16
-  # conversions cost more than they save (docs/performance.md).
+  # A low-precision dtype from `low_precision_from_stride()` on (or the output stride, if
+  # smaller). On a CPU that is 16: there the products have hundreds of channels and
+  # bfloat16 doubles their speed, while the high-resolution layers are memory-bound and the
+  # float32 <-> bfloat16 conversions cost more than they save (docs/performance.md).
   compute_dtype, input_stride = dtype, 2
+  first_low = min(low_precision_from_stride(), output_stride)
   # Strides and dilations from the architecture; channel counts from the weights (they
   # depend on model.divisible_by too).
   for block, (_, _, stride, dilation) in zip(folded['blocks'], block_specs(width, output_stride)):
-    dtype = compute_dtype if input_stride >= min(16, output_stride) else jnp.float32
+    dtype = compute_dtype if input_stride >= first_low else jnp.float32
     input_stride *= stride
     x = x.astype(dtype)
     residual = stride == 1 and x.shape[-1] == block['project']['w'].shape[-1]

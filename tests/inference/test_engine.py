@@ -12,7 +12,8 @@ import pytest
 from helpers import EVAL_SIZE, ROOT, random_variables, tiny_engine_config
 from seg import parallel
 from seg.inference import engine, evaluate, fold
-from seg.inference.forward import forward
+from seg.inference.forward import forward, low_precision_from_stride
+from seg.model import block_specs
 from seg.preprocessing import MEAN_PIXEL, bucket_shape, preprocess
 
 @pytest.fixture(scope='module')
@@ -56,6 +57,40 @@ def test_bfloat16_logits_stay_close_to_float32(tiny_model, optimized, request):
   rms = lambda x: np.sqrt(np.mean(np.square(x)))
   assert rms(got - expected) <= 0.05 * rms(expected)
   assert rms(got - expected) > 1e-4 * rms(expected)  # it really computed in bfloat16
+
+
+@pytest.mark.parametrize('from_stride', ['2', '16'])
+def test_bfloat16_from_a_chosen_stride(tiny_model, monkeypatch, from_stride):
+  # SEG_BF16_FROM_STRIDE (accelerators' default 2, the CPU's 16): which layers' products
+  # take bfloat16 inputs, counted in the traced program, and the logits stay close to the
+  # Flax model's either way.
+  config, model, variables = tiny_model
+  monkeypatch.setenv('SEG_BF16_FROM_STRIDE', from_stride)
+  folded = fold.cast_folded(fold.fold_variables(config.model, variables), jnp.bfloat16)
+  images = preprocess(np.random.default_rng(3).integers(0, 256, (1, EVAL_SIZE, EVAL_SIZE, 3),
+                                                        np.uint8))
+  run = lambda f, x: forward(f, x, width=config.model.width,
+                             output_stride=config.model.output_stride, dtype=jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(run)(folded, images)
+  low = [e for e in jaxpr.eqns if e.primitive.name == 'dot_general'
+         and e.invars[0].aval.dtype == jnp.bfloat16]
+  # The products whose input has stride >= from_stride (at most the output stride): the
+  # expansion and projection of each such block (block 0 has no expansion), and the head's
+  # five (image pooling, its share of the concat projection, aspp0, the concat projection,
+  # the logits).
+  strides = [2]
+  for _, _, stride, _ in block_specs(config.model.width, config.model.output_stride):
+    strides.append(strides[-1] * stride)
+  threshold = min(int(from_stride), config.model.output_stride)
+  want = sum((2 if i else 1) for i, s in enumerate(strides[:-1]) if s >= threshold) + 5
+  assert len(low) == want
+  got = np.asarray(jax.jit(run)(folded, images))
+  expected = np.asarray(model.apply(variables, images, train=False))
+  rms = lambda x: np.sqrt(np.mean(np.square(x)))
+  assert 1e-4 * rms(expected) < rms(got - expected) <= 0.05 * rms(expected)
+  monkeypatch.setenv('SEG_BF16_FROM_STRIDE', '3')
+  with pytest.raises(ValueError, match='SEG_BF16_FROM_STRIDE must be auto or one of'):
+    low_precision_from_stride()
 
 
 def test_predict_pads_with_the_mean_pixel_and_crops_back(tiny_model):
