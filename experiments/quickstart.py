@@ -6,12 +6,12 @@ Trains from scratch, evaluates on the embedded val split and writes `eval.json` 
 workdir; then `python main.py predict --workdir runs/quickstart --input DIR
 --output masks/` draws masks. Over seeds: `python benchmarks/quickstart_seeds.py`.
 
-Measured (2026-12-01, the 2-core AMD EPYC VM, `benchmarks/quickstart_seeds.py --seeds 0`):
-seed 0 68.30% val mIoU, 96.25% pixel accuracy; its 41m30s wall time was on a machine shared
-with other jobs, not a figure of the recipe. Seeds 1 and 2 are not measured yet.
-The recipe before (129x129 crops, 2,200 steps,
-learning rate 0.05) reached 57.32% val mIoU for seed 0 on the 2-core AMD EPYC VM
-(2026-12-01), 67.98% on another AMD EPYC VM (2026-11-26), 56.25% on an Intel Xeon.
+Measured (2026-12-02, the 2-core Intel Xeon VM, `benchmarks/quickstart_seeds.py`; table and
+history in docs/training.md): seeds 0, 1, 2 reached 88.22%,
+87.69%, 86.58% val mIoU (min 86.58%, mean 87.50%), seed 0 on two fake devices 82.72%; 12m10s
+on a quiet machine (seed 1).
+With SGD (LR 0.02, the recipe of 2026-12-01) seed 0 gave 68.30% on an AMD EPYC but 56.38% on
+this Intel Xeon; the recipe before that (129x129 crops, 2,200 steps, LR 0.05) 50.75-71.87%.
 """
 
 from seg.config import default_config
