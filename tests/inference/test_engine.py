@@ -166,13 +166,18 @@ def test_pmapped_eval_counts_batches_of_two_shapes(tiny_model):
   rng = np.random.default_rng(4)
   apply = jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False))
   for shape in [(65, 65), (129, 65)]:
-    images = rng.integers(0, 256, (4, *shape, 3)).astype(np.float32)
+    # uint8 canvases with each image's size, as `eval_batches` sends them: the second
+    # image fills only the top-left of its canvas (the rest is padding, the mean pixel).
+    images = rng.integers(0, 256, (4, *shape, 3)).astype(np.uint8)
+    sizes = np.array([shape, (shape[0] - 9, shape[1] - 20), shape, shape], np.int32)
+    reference = images.astype(np.float32)
+    reference[1, sizes[1, 0]:], reference[1, :, sizes[1, 1]:] = MEAN_PIXEL, MEAN_PIXEL
     labels = rng.integers(0, num_classes, (4, *shape)).astype(np.uint8)
     labels[:, :5] = 255
     mask = np.array([1, 1, 1, 0], np.float32)
-    batch = {'image': images, 'label': labels, 'mask': mask}
+    batch = {'image': images, 'size': sizes, 'label': labels, 'mask': mask}
     got = np.asarray(p_eval_step(replicated, parallel.shard(batch))[0])
-    predictions = np.argmax(np.asarray(apply(variables, images)), -1)
+    predictions = np.argmax(np.asarray(apply(variables, reference)), -1)
     valid = (labels != 255) & (mask[:, None, None] > 0)
     expected = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(expected, (labels[valid], predictions[valid]), 1)
@@ -202,14 +207,15 @@ def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
   config.eval.scales, config.eval.flip = (0.5, 1.25), True
   num_classes = config.model.num_classes
   rng = np.random.default_rng(6)
-  images = rng.integers(0, 256, (4, EVAL_SIZE, EVAL_SIZE, 3)).astype(np.float32)
+  images = rng.integers(0, 256, (4, EVAL_SIZE, EVAL_SIZE, 3)).astype(np.uint8)
   labels = rng.integers(0, num_classes, (4, EVAL_SIZE, EVAL_SIZE)).astype(np.uint8)
-  batch = {'image': images, 'label': labels, 'mask': np.ones(4, np.float32)}
+  batch = {'image': images, 'size': np.full((4, 2), EVAL_SIZE, np.int32), 'label': labels,
+           'mask': np.ones(4, np.float32)}
   got = np.asarray(evaluate.make_p_eval_step(model, config)(
       parallel.replicate(variables), parallel.shard(batch))[0])
 
   features = jax.jit(lambda v, x: model.apply(v, x, train=False, upsample=False))
-  x = images / 127.5 - 1.0
+  x = images.astype(np.float64) / 127.5 - 1.0
   probabilities = 0.0
   for scale, size in [(0.5, 33), (1.25, 81)]:
     scaled = _numpy_resize(x, (size, size)).astype(np.float32)
