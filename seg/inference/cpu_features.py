@@ -10,7 +10,10 @@ reads its flags once.
 The rules, and what they rest on (docs/performance.md, "int8"):
 - AMX (`amx_int8`, `amx_bf16`): oneDNN (`--xla_cpu_use_onednn=true`) has the AMX kernels; on a
   2-core Xeon it doubled XLA's int8 and bfloat16 product rates (1,257 vs 616 GMAdd/s int8,
-  531 vs 245 bfloat16; issue 17's measurement, 2026-11-29).
+  531 vs 245 bfloat16; issue 17's measurement, 2026-11-29). With jaxlib 0.10.2 on the same
+  kind of Xeon (2026-12-02, `benchmarks/int8_fusion_probe.py`) XLA's own products ran as
+  fast without it (int8 1,899 vs 1,812, bfloat16 516 vs 502 GMAdd/s); the flag is kept
+  until an engine A/B says otherwise.
 - AVX-512 VNNI / AVX-VNNI, or AVX2: XLA's default dot (YNNPACK) multiplies int8 x int8 into
   int32 at least as fast as float32 (AVX2-only AMD EPYC, 2026-12-01: 65-82 vs 54-80 GMAdd/s
   at the network's shapes; oneDNN no faster) -> the 'int8' formulation, no flags.
