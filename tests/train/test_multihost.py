@@ -38,19 +38,21 @@ def test_two_processes_equal_one_device_with_the_whole_batch(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
   worker = os.path.join(HERE, 'multihost_worker.py')
-  commands = [[worker, coordinator, '2', str(i), str(tmp_path)] for i in range(2)]
-  commands.append([worker, 'reference', str(tmp_path)])   # one device, its own process
-  workers = [subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for command in commands]
-  outputs = []
-  try:
-    for worker in workers:
-      outputs.append(worker.communicate(timeout=400)[0])
-  finally:
-    for worker in workers:
-      worker.kill()
-  for worker, output in zip(workers, outputs):
-    assert worker.returncode == 0, output[-3000:]
+  # The two processes together, then the one-device reference in a process of its own
+  # (after them: three at once would add its ~1.4 GB to the test workers' peak).
+  for commands in ([[worker, coordinator, '2', str(i), str(tmp_path)] for i in range(2)],
+                   [[worker, 'reference', str(tmp_path)]]):
+    workers = [subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for command in commands]
+    outputs = []
+    try:
+      for process in workers:
+        outputs.append(process.communicate(timeout=400)[0])
+    finally:
+      for process in workers:
+        process.kill()
+    for process, output in zip(workers, outputs):
+      assert process.returncode == 0, output[-3000:]
 
   with np.load(tmp_path / 'reference.npz') as f:
     reference = [f[f'arr_{i}'] for i in range(len(f.files))]
