@@ -58,6 +58,23 @@ def _colormap() -> np.ndarray:
   return voc_colormap()  # a 2,048-step Python loop: once, not per image
 
 
+@functools.lru_cache(maxsize=1)
+def _palette_bytes() -> bytes:
+  return _colormap().reshape(-1).tobytes()
+
+
+def colours(mask: np.ndarray) -> np.ndarray:
+  """[h, w, 3] uint8: the VOC colours of an [h, w] class map.
+
+  Pillow's palette conversion: one C loop that releases the GIL (the writer threads colour
+  at once), several times faster than indexing the [256, 3] table with the mask.
+  """
+  mask = np.ascontiguousarray(mask, np.uint8)
+  image = Image.frombuffer('P', (mask.shape[1], mask.shape[0]), mask, 'raw', 'P', 0, 1)
+  image.putpalette(_palette_bytes())
+  return np.asarray(image.convert('RGB'))
+
+
 class ProbabilityFile:
   """NAME_prob.npy [classes, H, W] written region by region through a memory map."""
 
@@ -114,17 +131,17 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
 
   indices_file, colour_file = io.BytesIO(), io.BytesIO()  # compressed: a few hundred KiB
   indices = PngWriter(indices_file, width, height, palette=cmap)
-  colours = PngWriter(colour_file, width, height)
+  colour_png = PngWriter(colour_file, width, height)
   for r in range(0, height, STRIP_ROWS):
     strip = mask[r:r + STRIP_ROWS]
     with profile.stage('colour'):
-      rgb = cmap[strip]
+      rgb = colours(strip)
     with profile.stage('encode'):
       indices.write(strip)
-      colours.write(rgb)
+      colour_png.write(rgb)
   with profile.stage('encode'):
     indices.close()
-    colours.close()
+    colour_png.close()
   with profile.stage('write'):
     _write_bytes(stem + '_color.png', colour_file.getvalue())
     _write_bytes(stem + '.png', indices_file.getvalue())

@@ -49,16 +49,22 @@ class PngWriter:
       file.write(_chunk(b'PLTE', np.asarray(palette, np.uint8).reshape(-1).tobytes()))
 
   def write(self, rows: np.ndarray) -> None:
-    """The next rows: [r, width] uint8 (palette) or [r, width, 3] uint8 (RGB)."""
-    rows = np.ascontiguousarray(rows, np.uint8).reshape(len(rows), -1)
-    if rows.shape[1] != self.width * self.channels:
-      raise ValueError(f'rows of {rows.shape[1]} bytes, expected {self.width * self.channels}')
-    filtered = np.empty((len(rows), rows.shape[1] + 1), np.uint8)
+    """The next rows: [r, width] uint8 (palette) or [r, width, 3] uint8 (RGB), any strides
+    (an RGB view of 4-byte pixels, say: the filter reads it in place)."""
+    rows = np.asarray(rows)
+    if rows.dtype != np.uint8:
+      raise ValueError(f'rows of {rows.dtype}, expected uint8')
+    shape = (self.width,) if self.channels == 1 else (self.width, 3)
+    if rows.shape[1:] != shape:
+      raise ValueError(f'rows of shape {rows.shape[1:]}, expected {shape}')
+    filtered = np.empty((len(rows), self.width * self.channels + 1), np.uint8)
     filtered[:, 0] = _UP
-    np.subtract(rows, np.concatenate([self._previous[None], rows[:-1]]), out=filtered[:, 1:])
-    self._previous = rows[-1].copy()
+    body = np.reshape(filtered[:, 1:], (len(rows), *shape), copy=False)  # after each type byte
+    np.subtract(rows[0], self._previous.reshape(shape), out=body[0])
+    np.subtract(rows[1:], rows[:-1], out=body[1:])
+    self._previous = np.array(rows[-1]).reshape(-1)
     self.rows_written += len(rows)
-    self._emit(self._zlib.compress(filtered.tobytes()))
+    self._emit(self._zlib.compress(filtered))  # zlib reads the buffer: no bytes copy
 
   def _emit(self, data: bytes, final: bool = False) -> None:
     if data:

@@ -11,8 +11,9 @@ the model's own upsampling, cropped.
 
 The mask is the argmax of those upsampled logits, computed without upsampling every class at
 every pixel (`class_map`): the argmax is first taken on a grid of every BLOCK-th row and
-column; a block inside one feature cell whose four corners agree takes their class, and the
-other blocks (along class boundaries and feature-cell lines) are computed pixel by pixel.
+column and of the rows and columns on both sides of every feature-cell line, so that every
+block between grid lines lies in one feature cell; a block whose four corners agree takes
+their class, and the other blocks (along class boundaries) are computed pixel by pixel.
 That is exact, not an approximation: inside a cell the logits are bilinear in (row, column),
 so is the difference of two classes, and a bilinear function is smallest at a corner of any
 rectangle, so the class that wins at the four corners wins everywhere in between.
@@ -73,58 +74,88 @@ def class_map(features: np.ndarray, original: Tuple[int, int], resized: Tuple[in
   height, width = original
   row_taps = feature_positions(height, resized[0], canvas[0], features.shape[0])
   col_taps = feature_positions(width, resized[1], canvas[1], features.shape[1])
-  # Exact classes on the sample grid: rows and columns 0, block, 2 block, ..., and the last.
-  sample_y = np.unique(np.append(np.arange(0, height, block), height - 1))
-  sample_x = np.unique(np.append(np.arange(0, width, block), width - 1))
-  pick = lambda taps, at: (taps[0][at], taps[1][at])
-  grid = _interpolate(_rows(features, pick(row_taps, sample_y)),
-                      pick(col_taps, sample_x)).argmax(-1).astype(np.uint8)
-  # Block (i, j) covers rows [i * block, (i + 1) * block) (cut at the last row) and the
-  # columns alike; its corners are samples i, i + 1 (the last sample if there is no i + 1).
-  nby, nbx = -(-height // block), -(-width // block)
-  below = np.minimum(np.arange(1, nby + 1), len(sample_y) - 1)
-  right = np.minimum(np.arange(1, nbx + 1), len(sample_x) - 1)
-  corner = grid[:nby, :nbx]
-  same = ((corner == grid[below][:, :nbx]) & (corner == grid[:nby][:, right]) &
-          (corner == grid[below][:, right]))
-  # Within one feature cell the logits are bilinear in (row, column), and so is the gap
-  # between any two classes: its minimum over a block lies at a corner, so a class that wins
-  # at all four corners wins in the whole block. A block across a cell boundary is computed.
-  same &= ~_crosses_cell(row_taps, block, sample_y[below])[:, None]
-  same &= ~_crosses_cell(col_taps, block, sample_x[right])[None, :]
-  mask = np.repeat(np.repeat(corner, block, 0)[:height], block, 1)[:, :width]
+  # Exact classes on the sample grid (`_samples`).
+  sample_y, sample_x = _samples(row_taps, height, block), _samples(col_taps, width, block)
+  grid = _grid_classes(features, _weights(row_taps, sample_y, features.shape[0]),
+                       _weights(col_taps, sample_x, features.shape[1]))
+  # Block (i, j) covers rows [sample_y[i], sample_y[i + 1]) and the columns alike; the last
+  # sample row (column) is a block of its own. Its corners are samples i, i + 1 (i alone for
+  # the last), all in one feature cell (`_samples`), where the logits are bilinear in (row,
+  # column), and so is the gap between any two classes: its minimum over a block lies at a
+  # corner, so a class that wins at all four corners wins in the whole block.
+  below = np.minimum(np.arange(1, len(sample_y) + 1), len(sample_y) - 1)
+  right = np.minimum(np.arange(1, len(sample_x) + 1), len(sample_x) - 1)
+  same = (grid == grid[below]) & (grid == grid[:, right]) & (grid == grid[below][:, right])
+  heights = np.diff(np.append(sample_y, height))
+  widths = np.diff(np.append(sample_x, width))
+  mask = np.repeat(np.repeat(grid, heights, 0), widths, 1)
   mixed = np.argwhere(~same)
   if len(mixed):
-    _fill_exact(mask, features, row_taps, col_taps, mixed, block)
+    _fill_exact(mask, features, row_taps, col_taps,
+                (sample_y[mixed[:, 0]], heights[mixed[:, 0]]),
+                (sample_x[mixed[:, 1]], widths[mixed[:, 1]]), block)
   return mask
 
 
-def _crosses_cell(taps, block: int, far_corners: np.ndarray) -> np.ndarray:
-  """[blocks] bool: the block from pixel i * block to its far corner spans two feature cells."""
-  lo, frac = taps
-  first = np.arange(len(far_corners)) * block
-  far = lo[far_corners].astype(np.float64) + frac[far_corners]
-  return far > lo[first] + 1 + 1e-6
+def _weights(taps, at: np.ndarray, cells: int) -> np.ndarray:
+  """[len(at), cells] float32: the interpolation weights of the pixels `at` (two per row)."""
+  lo, frac = taps[0][at], taps[1][at]
+  weights = np.zeros((len(at), cells), np.float32)
+  rows = np.arange(len(at))
+  weights[rows, lo] = 1 - frac
+  weights[rows, np.minimum(lo + 1, cells - 1)] += frac
+  return weights
+
+
+def _grid_classes(features: np.ndarray, row_weights: np.ndarray,
+                  col_weights: np.ndarray) -> np.ndarray:
+  """argmax over classes of the logits at the sample grid: [ny, nx] uint8.
+
+  Two matrix products ([ny, fh] x [fh, fw * C], then [ny, C, fw] x [fw, nx]) and a running
+  maximum over the class planes: no [ny, nx, C] array reduced along its short last axis.
+  """
+  fh, fw, classes = features.shape
+  rows = (row_weights @ features.reshape(fh, fw * classes)).reshape(-1, fw, classes)
+  logits = np.ascontiguousarray(rows.transpose(0, 2, 1)) @ col_weights.T   # [ny, C, nx]
+  best = logits[:, 0].copy()
+  classes_ = np.zeros(best.shape, np.uint8)
+  for c in range(1, classes):
+    better = logits[:, c] > best   # ties keep the lower class, as argmax does
+    classes_[better] = c
+    np.maximum(best, logits[:, c], out=best)
+  return classes_
+
+
+def _samples(taps, size: int, block: int) -> np.ndarray:
+  """Sample positions along one axis of `size` pixels: every `block`-th pixel, the last one,
+  and the two pixels on either side of every feature-cell boundary (where the taps' cell
+  changes). Between two samples more than one pixel apart, every pixel reads one cell."""
+  lo = taps[0]
+  boundary = np.flatnonzero(lo[1:] != lo[:-1])   # between pixels b and b + 1
+  return np.unique(np.concatenate([np.arange(0, size, block), [size - 1],
+                                   boundary, boundary + 1]))
 
 
 def _fill_exact(mask: np.ndarray, features: np.ndarray, row_taps, col_taps,
-                blocks: np.ndarray, block: int) -> None:
-  """Writes the exact argmax into every pixel of `blocks` ([n, 2] block indices)."""
-  height, width = mask.shape
+                rows, cols, block: int) -> None:
+  """Writes the exact argmax into every pixel of some blocks: rows = (first row, height) and
+  cols = (first column, width) of each block, [n] each, no side above `block`."""
   offsets = np.arange(block)
   per_chunk = max(1, PIXELS_AT_ONCE // (block * block))
-  for start in range(0, len(blocks), per_chunk):
-    chunk = blocks[start:start + per_chunk]
-    ys = np.minimum(chunk[:, 0, None] * block + offsets, height - 1)  # [n, block]
-    xs = np.minimum(chunk[:, 1, None] * block + offsets, width - 1)
-    rows = _rows(features, (row_taps[0][ys.ravel()], row_taps[1][ys.ravel()]))
-    rows = rows.reshape(len(chunk), block, *rows.shape[1:])  # [n, block, fw, C]
-    lo, frac = col_taps[0][xs], col_taps[1][xs]              # [n, block]
+  for start in range(0, len(rows[0]), per_chunk):
+    part = slice(start, start + per_chunk)
+    # [n, block] pixel indices; a block smaller than `block` repeats its last row / column.
+    ys = rows[0][part, None] + np.minimum(offsets, rows[1][part, None] - 1)
+    xs = cols[0][part, None] + np.minimum(offsets, cols[1][part, None] - 1)
+    n = len(ys)
+    strip = _rows(features, (row_taps[0][ys.ravel()], row_taps[1][ys.ravel()]))
+    strip = strip.reshape(n, block, *strip.shape[1:])       # [n, block, fw, C]
+    lo, frac = col_taps[0][xs], col_taps[1][xs]             # [n, block]
     hi = np.minimum(lo + 1, features.shape[1] - 1)
-    n = np.arange(len(chunk))[:, None, None]
+    which = np.arange(n)[:, None, None]
     t = frac[:, None, :, None]
-    values = (rows[n, np.arange(block)[None, :, None], lo[:, None, :]] * (1 - t) +
-              rows[n, np.arange(block)[None, :, None], hi[:, None, :]] * t)  # [n, b, b, C]
+    values = (strip[which, offsets[None, :, None], lo[:, None, :]] * (1 - t) +
+              strip[which, offsets[None, :, None], hi[:, None, :]] * t)  # [n, b, b, C]
     mask[ys[:, :, None], xs[:, None, :]] = values.argmax(-1)
 
 

@@ -171,6 +171,32 @@ def test_masks_are_the_plain_models_argmax_at_the_original_size(engine, referenc
   assert sorted(os.listdir(inputs / 'sub')) == ['b.png', 'deeper']
 
 
+def test_png_writer_strips_decode_to_the_rows_written():
+  """seg.predict.png against Pillow's decoder: palette and RGB rows given in uneven strips
+  (one row, a strided RGB view of 4-byte pixels as `outputs.colours` may give), and the
+  colour lookup against the VOC palette written out here."""
+  from seg.predict import outputs
+  from seg.predict.png import PngWriter
+  rng = np.random.default_rng(3)
+  mask = np.repeat(np.repeat(rng.integers(0, 21, (30, 20)), 9, 0), 7, 1)[:263, :139]
+  mask[100:110] = rng.integers(0, 256, (10, 139))     # noise: rows unlike the row above
+  mask = mask.astype(np.uint8)
+  cmap = _voc_colormap()
+  np.testing.assert_array_equal(outputs.colours(mask), cmap[mask])
+  rgba = np.concatenate([cmap[mask], np.full(mask.shape + (1,), 77, np.uint8)], -1)
+  for rows, palette in ((mask, cmap), (rgba[..., :3], None)):
+    buffer = io.BytesIO()
+    png = PngWriter(buffer, 139, 263, palette=palette)
+    for start, stop in ((0, 1), (1, 100), (100, 101), (101, 263)):
+      png.write(rows[start:stop])
+    png.close()
+    decoded = Image.open(io.BytesIO(buffer.getvalue()))
+    assert decoded.mode == ('P' if palette is not None else 'RGB')
+    np.testing.assert_array_equal(np.asarray(decoded), rows)
+  with pytest.raises(ValueError, match='rows of shape'):
+    PngWriter(io.BytesIO(), 139, 263).write(mask[:5])   # palette rows to an RGB file
+
+
 @pytest.mark.parametrize('fmt', ['float16', 'uint8'])
 def test_probabilities_are_the_softmax_of_the_logits(engine, reference, tmp_path, fmt):
   image = _scene(60, 80, 3)

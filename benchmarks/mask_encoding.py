@@ -1,0 +1,135 @@
+"""Size and time of `predict`'s two PNGs per zlib level, against Pillow's encoder, on real masks.
+
+    python main.py predict --workdir runs/qs --input /tmp/p12 --output /tmp/m12
+    python benchmarks/mask_encoding.py --masks /tmp/m12 [--levels 1,2,3,6,9] [--repeat 3]
+
+Reads the class maps `predict` wrote (NAME.png, the palette PNGs; NAME_color.png is ignored),
+and for each one encodes, in this process and one thread, the palette PNG and the RGB colour
+PNG as `predict` does (`seg.predict.png.PngWriter`, strips of `outputs.STRIP_ROWS` rows, the
+Up filter) at every zlib level of --levels, and with Pillow's own encoder (`Image.save`,
+its default level 6 and adaptive filters, from the whole image). The colour lookup
+(`outputs.colours`) is timed on its own. Prints one JSON line per method: ms per image
+(best of --repeat, summed over the images) and KiB per image for each PNG, then a table.
+"""
+
+import argparse
+import glob
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from seg.predict import outputs  # noqa: E402
+from seg.predict.png import PngWriter  # noqa: E402
+
+
+def cpu_name() -> str:
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+    return next(l.split(':', 1)[1].strip() for l in out.splitlines() if 'Model name' in l)
+  except (OSError, StopIteration):
+    return platform.processor() or 'unknown'
+
+
+def load_masks(folder: str, count: int):
+  paths = sorted(p for p in glob.glob(os.path.join(folder, '**', '*.png'), recursive=True)
+                 if not p.endswith('_color.png'))[:count]
+  if not paths:
+    raise SystemExit(f'no class-map PNGs (NAME.png) under {folder}')
+  masks = []
+  for path in paths:
+    image = Image.open(path)
+    if image.mode != 'P':
+      raise SystemExit(f'{path}: mode {image.mode}, expected a palette PNG')
+    masks.append(np.asarray(image))
+  return paths, masks
+
+
+def ours(mask: np.ndarray, rgb: np.ndarray, level: int):
+  """(palette bytes, colour bytes) as predict writes them, at zlib `level`."""
+  height, width = mask.shape
+  files = []
+  for rows, palette in ((mask, outputs._colormap()), (rgb, None)):
+    buffer = io.BytesIO()
+    writer = PngWriter(buffer, width, height, palette=palette, level=level)
+    for r in range(0, height, outputs.STRIP_ROWS):
+      writer.write(rows[r:r + outputs.STRIP_ROWS])
+    writer.close()
+    files.append(buffer.getvalue())
+  return files
+
+
+def pillow(mask: np.ndarray, rgb: np.ndarray, level: int = 6):
+  indices = Image.fromarray(mask, 'P')
+  indices.putpalette(outputs._colormap().reshape(-1).tolist())
+  files = []
+  for image in (indices, Image.fromarray(rgb)):
+    buffer = io.BytesIO()
+    image.save(buffer, format='PNG', compress_level=level)
+    files.append(buffer.getvalue())
+  return files
+
+
+def best_of(repeat: int, function):
+  best, result = float('inf'), None
+  for _ in range(repeat):
+    start = time.perf_counter()
+    result = function()
+    best = min(best, time.perf_counter() - start)
+  return best, result
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--masks', required=True, help="a folder of predict's outputs")
+  parser.add_argument('--count', type=int, default=8, help='masks to use (sorted by name)')
+  parser.add_argument('--levels', default='1,2,3,6,9')
+  parser.add_argument('--repeat', type=int, default=3, help='runs per method (best taken)')
+  args = parser.parse_args()
+  paths, masks = load_masks(args.masks, args.count)
+  sizes = sorted({m.shape for m in masks})
+  print(json.dumps({'cpu': cpu_name(), 'date': time.strftime('%Y-%m-%d'), 'masks': len(masks),
+                    'shapes': [list(s) for s in sizes]}), flush=True)
+  n = len(masks)
+  colour_seconds, rgbs = best_of(args.repeat, lambda: [outputs.colours(m) for m in masks])
+  for mask, rgb in zip(masks, rgbs):
+    assert (rgb == outputs._colormap()[mask]).all(), 'colours() differs from the colormap'
+  rows = [{'method': 'colour lookup (outputs.colours)', 'ms_per_image': 1000 * colour_seconds / n}]
+  methods = [(f'PngWriter, Up filter, zlib {lvl}', lambda m, c, l=int(lvl): ours(m, c, l))
+             for lvl in args.levels.split(',')]
+  methods.append(('Pillow Image.save (level 6, adaptive filters)', pillow))
+  for name, method in methods:
+    palette_s, palette_files = best_of(
+        args.repeat, lambda: [method(m, c)[0] for m, c in zip(masks, rgbs)])
+    both_s, files = best_of(args.repeat, lambda: [method(m, c) for m, c in zip(masks, rgbs)])
+    for (p, c), mask in zip(files, masks):   # every file decodes to the mask it encodes
+      assert (np.asarray(Image.open(io.BytesIO(p))) == mask).all(), name
+      assert (np.asarray(Image.open(io.BytesIO(c)).convert('RGB')) ==
+              outputs._colormap()[mask]).all(), name
+    rows.append({'method': name,
+                 'palette_ms': 1000 * palette_s / n,
+                 'colour_png_ms': 1000 * (both_s - palette_s) / n,
+                 'palette_kib': sum(len(p) for p, _ in files) / n / 1024,
+                 'colour_png_kib': sum(len(c) for _, c in files) / n / 1024})
+  for row in rows:
+    print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
+  print(f'\n{n} masks {", ".join("x".join(map(str, s[::-1])) for s in sizes)}, '
+        f'ms and KiB per image, one thread')
+  print(f'| method | palette PNG ms | colour PNG ms | palette KiB | colour KiB |')
+  print('|---|---:|---:|---:|---:|')
+  print(f'| {rows[0]["method"]} | | {rows[0]["ms_per_image"]:.1f} | | |')
+  for row in rows[1:]:
+    print(f'| {row["method"]} | {row["palette_ms"]:.1f} | {row["colour_png_ms"]:.1f} | '
+          f'{row["palette_kib"]:.0f} | {row["colour_png_kib"]:.0f} |')
+
+
+if __name__ == '__main__':
+  main()
