@@ -53,29 +53,24 @@ def load_masks(folder: str, count: int):
   return paths, masks
 
 
-def ours(mask: np.ndarray, rgb: np.ndarray, level: int):
-  """(palette bytes, colour bytes) as predict writes them, at zlib `level`."""
-  height, width = mask.shape
-  files = []
-  for rows, palette in ((mask, outputs._colormap()), (rgb, None)):
-    buffer = io.BytesIO()
-    writer = PngWriter(buffer, width, height, palette=palette, level=level)
-    for r in range(0, height, outputs.STRIP_ROWS):
-      writer.write(rows[r:r + outputs.STRIP_ROWS])
-    writer.close()
-    files.append(buffer.getvalue())
-  return files
+def ours(rows: np.ndarray, palette, level: int) -> bytes:
+  """One PNG as predict writes it (palette rows with `palette`, else RGB) at zlib `level`."""
+  buffer = io.BytesIO()
+  writer = PngWriter(buffer, rows.shape[1], rows.shape[0], palette=palette, level=level)
+  for r in range(0, rows.shape[0], outputs.STRIP_ROWS):
+    writer.write(rows[r:r + outputs.STRIP_ROWS])
+  writer.close()
+  return buffer.getvalue()
 
 
-def pillow(mask: np.ndarray, rgb: np.ndarray, level: int = 6):
-  indices = Image.fromarray(mask, 'P')
-  indices.putpalette(outputs._colormap().reshape(-1).tolist())
-  files = []
-  for image in (indices, Image.fromarray(rgb)):
-    buffer = io.BytesIO()
-    image.save(buffer, format='PNG', compress_level=level)
-    files.append(buffer.getvalue())
-  return files
+def pillow(rows: np.ndarray, palette, level: int = 6) -> bytes:
+  image = Image.fromarray(rows)
+  if palette is not None:
+    image = Image.fromarray(rows, 'P')
+    image.putpalette(palette.reshape(-1).tolist())
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG', compress_level=level)
+  return buffer.getvalue()
 
 
 def best_of(repeat: int, function):
@@ -103,22 +98,21 @@ def main():
   for mask, rgb in zip(masks, rgbs):
     assert (rgb == outputs._colormap()[mask]).all(), 'colours() differs from the colormap'
   rows = [{'method': 'colour lookup (outputs.colours)', 'ms_per_image': 1000 * colour_seconds / n}]
-  methods = [(f'PngWriter, Up filter, zlib {lvl}', lambda m, c, l=int(lvl): ours(m, c, l))
+  methods = [(f'PngWriter, Up filter, zlib {lvl}', lambda r, p, l=int(lvl): ours(r, p, l))
              for lvl in args.levels.split(',')]
   methods.append(('Pillow Image.save (level 6, adaptive filters)', pillow))
+  cmap = outputs._colormap()
   for name, method in methods:
-    palette_s, palette_files = best_of(
-        args.repeat, lambda: [method(m, c)[0] for m, c in zip(masks, rgbs)])
-    both_s, files = best_of(args.repeat, lambda: [method(m, c) for m, c in zip(masks, rgbs)])
-    for (p, c), mask in zip(files, masks):   # every file decodes to the mask it encodes
-      assert (np.asarray(Image.open(io.BytesIO(p))) == mask).all(), name
-      assert (np.asarray(Image.open(io.BytesIO(c)).convert('RGB')) ==
-              outputs._colormap()[mask]).all(), name
-    rows.append({'method': name,
-                 'palette_ms': 1000 * palette_s / n,
-                 'colour_png_ms': 1000 * (both_s - palette_s) / n,
-                 'palette_kib': sum(len(p) for p, _ in files) / n / 1024,
-                 'colour_png_kib': sum(len(c) for _, c in files) / n / 1024})
+    row = {'method': name}
+    for kind, arrays, palette, mode in (('palette', masks, cmap, 'P'),
+                                        ('colour_png', rgbs, None, 'RGB')):
+      seconds, files = best_of(args.repeat, lambda: [method(a, palette) for a in arrays])
+      for data, array in zip(files, arrays):   # every file decodes to what it encodes
+        decoded = Image.open(io.BytesIO(data))
+        assert decoded.mode == mode and (np.asarray(decoded) == array).all(), name
+      row[f'{kind}_ms'] = 1000 * seconds / n
+      row[f'{kind}_kib'] = sum(len(f) for f in files) / n / 1024
+    rows.append(row)
   for row in rows:
     print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}))
   print(f'\n{n} masks {", ".join("x".join(map(str, s[::-1])) for s in sizes)}, '
