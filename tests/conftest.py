@@ -47,6 +47,27 @@ def compilation_cache(tmp_path_factory):
   jax.config.update('jax_compilation_cache_dir', previous)
 
 
+@pytest.fixture(scope='module', autouse=True)
+def release_compiled_programs():
+  """After each test module: JAX's in-memory caches cleared and freed memory handed back.
+
+  A worker runs module after module in one process, and JAX keeps every compiled program
+  (and what it captured) for the life of the process: on 2026-12-02 a clean-clone run's
+  largest process reached 12.0 GB and the machine's free memory 0 of 24 GB. Later modules
+  load what they need again from the persistent compilation cache.
+  """
+  yield
+  import ctypes
+  import gc
+  import jax
+  jax.clear_caches()
+  gc.collect()
+  try:  # glibc keeps freed pages in its arenas unless asked
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 @pytest.fixture
 def xla_optimizations():
   """XLA's optimisation passes on for one test, as users run (the session has them off).
