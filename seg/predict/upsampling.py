@@ -118,12 +118,12 @@ def _grid_classes(features: np.ndarray, row_weights: np.ndarray,
   rows = (row_weights @ features.reshape(fh, fw * classes)).reshape(-1, fw, classes)
   logits = np.ascontiguousarray(rows.transpose(0, 2, 1)) @ col_weights.T   # [ny, C, nx]
   best = logits[:, 0].copy()
-  classes_ = np.zeros(best.shape, np.uint8)
+  winner = np.zeros(best.shape, np.uint8)
   for c in range(1, classes):
     better = logits[:, c] > best   # ties keep the lower class, as argmax does
-    classes_[better] = c
+    winner[better] = c
     np.maximum(best, logits[:, c], out=best)
-  return classes_
+  return winner
 
 
 def _samples(taps, size: int, block: int) -> np.ndarray:
