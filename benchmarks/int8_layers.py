@@ -37,7 +37,7 @@ def main():
   config = load_experiment(args.config)
   m = config.model
   folded = fold.fold_variables(m, random_variables(create_model(m)), xp=np)
-  scales = dict.fromkeys(quantize.product_names(m), 6 / 127)
+  scales = dict.fromkeys(quantize.scale_names(m), 6 / 127)
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, args.size, args.size, 3)),
                   jnp.float32)
   run_f32 = jax.jit(lambda p, x: forward(p, x, width=m.width, output_stride=m.output_stride,
@@ -46,7 +46,11 @@ def main():
                                                         output_stride=m.output_stride,
                                                         upsample=False))
   variants = {'float32': (run_f32, fold.cast_folded(folded, jnp.float32, xp=np))}
+  from seg.inference import int8_kernel
   for formulation in quantize.FORMULATIONS:
+    if formulation == 'kernel' and not int8_kernel.available():
+      print(f'kernel formulation skipped: {int8_kernel.unavailable_reason()}')
+      continue
     for stride in map(int, args.strides.split(',')):
       params = quantize.quantize_folded(m, folded, scales, formulation, from_stride=stride)
       variants[f'int8 ({formulation}) from stride {stride}'] = (run_int8, params)

@@ -94,9 +94,9 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
   width = width or config.data.eval_size
   int8_scales = None
   if dtype == 'int8':  # the workdir's calibration; random weights: any scale runs as fast
-    from seg.inference.quantize import product_names
+    from seg.inference.quantize import scale_names
     int8_scales = (engine.int8_scales_for(workdir, config, variables, log) if workdir else
-                   dict.fromkeys(product_names(config.model), 6 / 127))
+                   dict.fromkeys(scale_names(config.model), 6 / 127))
   eng = engine.Engine(config, variables, dtype=dtype, batch_size=batch_size,
                       image_by_image=image_by_image, devices=engine.batch_devices(),
                       int8_scales=int8_scales)

@@ -22,6 +22,7 @@ The rules, and what they rest on (docs/performance.md, "int8"):
 """
 
 import dataclasses
+import os
 import platform
 from typing import FrozenSet, Iterable, Optional, Tuple, Union
 
@@ -53,6 +54,16 @@ def cpu_flags(path: str = CPUINFO) -> FrozenSet[str]:
     return frozenset()
 
 
+def formulation_override() -> Optional[str]:
+  """SEG_INT8_FORMULATION ('int8', 'float32' or 'kernel'), or None when unset or 'auto'."""
+  value = os.environ.get('SEG_INT8_FORMULATION', 'auto') or 'auto'
+  if value == 'auto':
+    return None
+  if value not in ('int8', 'float32', 'kernel'):
+    raise ValueError(f"SEG_INT8_FORMULATION must be auto, int8, float32 or kernel, got {value!r}")
+  return value
+
+
 def choose(flags: Union[str, Iterable[str], None] = None,
            machine: Optional[str] = None) -> Choice:
   """The XLA flags and int8 formulation for a CPU with `flags` (default: this one's).
@@ -70,6 +81,8 @@ def choose(flags: Union[str, Iterable[str], None] = None,
     return Choice(('--xla_cpu_use_onednn=true',), 'int8', 'AMX: oneDNN kernels')
   if flags & {'avx512_vnni', 'avx_vnni', 'avx512vnni'}:
     return Choice((), 'int8', 'VNNI: int8 dot products')
+  if {'avx2', 'fma'} <= flags and machine in ('x86_64', 'amd64'):
+    return Choice((), 'kernel', 'AVX2 without int8 dot instructions: the fused int8 kernel')
   if 'avx2' in flags:
     return Choice((), 'int8', 'AVX2: int8 products as fast as float32 or faster')
   if machine in ('aarch64', 'arm64') and 'asimddp' in flags:

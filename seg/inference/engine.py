@@ -80,7 +80,15 @@ class Engine:
       if int8_scales is None:
         raise ValueError("dtype='int8' needs int8_scales (seg.inference.quantize."
                          "load_or_calibrate, or Engine.from_workdir)")
-      self.int8_formulation = int8_formulation or cpu_features.choose().int8_formulation
+      self.int8_formulation = (int8_formulation or cpu_features.formulation_override() or
+                               cpu_features.choose().int8_formulation)
+      if self.int8_formulation == 'kernel':
+        from seg.inference import int8_kernel
+        if not int8_kernel.available():
+          if log:
+            log(f'int8: the AVX2 kernel is unavailable ({int8_kernel.unavailable_reason()}); '
+                f"XLA's int8 products instead")
+          self.int8_formulation = 'int8'
       folded = quantize.quantize_folded(config.model, folded, int8_scales,
                                         self.int8_formulation)
     else:

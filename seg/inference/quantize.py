@@ -17,13 +17,17 @@ What is int8 (the rest stays float32, as in `seg.inference.forward`):
 - float32 stays: the stem (3 input channels), the depthwise 3x3 layers (nine multiply-adds per
   output, memory-bound), the residual sums, the image-pooling branch and the 3x3 ASPP branches.
 
-Two formulations give the same numbers (`FORMULATIONS`): 'int8' stores the weights as int8 and
-multiplies int8 by int8 into int32; 'float32' stores the same integers as float32 and
-multiplies them in float32. With at most 1,040 input channels every partial sum is an integer
-below 2^24, so float32 holds it exactly and both compute the same accumulators bit for bit.
-Which one is faster depends on the CPU (`seg.inference.cpu_features`): the choice is made by
-the dtype of the stored weights, so `forward_int8` is one pure function of (params, images)
-and an export (`seg.inference.export`) carries whichever was chosen.
+Three formulations (`FORMULATIONS`): 'int8' stores the weights as int8 and multiplies int8
+by int8 into int32; 'float32' stores the same integers as float32 and multiplies them in
+float32 (with at most 1,040 input channels every partial sum is an integer below 2^24, so
+float32 holds it exactly and both compute the same accumulators bit for bit); 'kernel' packs
+the int8 weights for the project's own AVX2 kernel (`seg.inference.int8_kernel`: the same
+accumulators, with bias, activation and requantisation in its output loop), and by default
+also stores each expansion's ReLU6 output, the depthwise layer's input, as uint8 in a
+calibrated scale ('block{i}/depthwise', `scale_names`) that the depthwise weights carry.
+Which is fastest depends on the CPU (`seg.inference.cpu_features`); the stored weights say
+which one runs, so `forward_int8` is one pure function of (params, images). An export
+(`seg.inference.export`) always carries 'int8'.
 """
 
 import hashlib
@@ -43,7 +47,7 @@ from seg.model.layers import resize_bilinear
 
 INT8_MAX = 127
 SCALES_FILE = 'int8_scales.json'
-FORMULATIONS = ('int8', 'float32')
+FORMULATIONS = ('int8', 'float32', 'kernel')
 # Products whose input has at least this stride are int8 (the stem's output has stride 2, so
 # 2 means all of them). Chosen by measurement: docs/performance.md ("int8").
 INT8_FROM_STRIDE = 2
@@ -69,39 +73,69 @@ def _relu6(x):
   return jnp.clip(x, 0.0, 6.0)
 
 
+ACTIVATIONS = {None: lambda x: x, 'relu6': _relu6, 'relu': jax.nn.relu}
+# Products whose input is >= 0 (it comes out of a ReLU or ReLU6): the kernel formulation
+# stores it as uint8 in [0, 127] (the same integers as the symmetric int8 of the others).
+SIGNED_INPUTS = ('expand', 'aspp0')
+
+
+def scale_names(model_config) -> List[str]:
+  """The keys of a scales file: every product's input, and every depthwise layer's input
+  that an expansion produces ('block{i}/depthwise', stored as uint8 by the kernel
+  formulation)."""
+  names = product_names(model_config)
+  return names + [n.replace('/expand', '/depthwise') for n in names if n.endswith('/expand')]
+
+
 def quantize_input(x: jax.Array, inv_scale, dtype) -> jax.Array:
   """round(x / scale) clipped to [-127, 127], as `dtype` (int8, or float32 integers)."""
   return jnp.clip(jnp.round(x * inv_scale), -INT8_MAX, INT8_MAX).astype(dtype)
 
 
 def product(x: jax.Array, layer: Dict[str, Any], name: str,
-            observe: Optional[Dict[str, jax.Array]] = None) -> jax.Array:
-  """A 1x1 product + bias over the last axis: x [..., in] float32 -> [..., out] float32.
+            observe: Optional[Dict[str, jax.Array]] = None,
+            activation: Optional[str] = None) -> jax.Array:
+  """activation(1x1 product + bias) over the last axis: x [..., in] -> [..., out] float32.
 
-  `layer` is quantised ({'w' int8 or float32 integers [in, out], 'scale' [out] = input scale
-  x weight scale, 'inv_x_scale' [], 'b' [out]}) or float32 ({'w', 'b'}). `observe` (float
-  layers only): where the largest |x| of the layer's input is recorded under `name`.
+  `layer` is quantised ({'w' int8 or float32 integers [in, out] (or the kernel's packed
+  int8, 1-D), 'scale' [out] = input scale x weight scale, 'inv_x_scale' [], 'b' [out]}) or
+  float32 ({'w', 'b'}). With the kernel's layers and 'inv_out_scale' in `layer`, the result
+  is uint8 (ReLU6 requantised, `seg.inference.int8_kernel`). `observe` (float layers only):
+  where the largest |x| of the layer's input is recorded under `name`.
   """
   dims = (((x.ndim - 1,), (0,)), ((), ()))
   w = layer['w']
+  if 'scale' in layer and w.ndim == 1:  # the kernel formulation
+    from seg.inference import int8_kernel
+    signed = name.rsplit('/', 1)[-1] in SIGNED_INPUTS
+    q = jnp.clip(jnp.round(x * layer['inv_x_scale']), -INT8_MAX if signed else 0, INT8_MAX)
+    q = q.astype(jnp.int8 if signed else jnp.uint8)
+    if 'inv_out_scale' in layer:
+      return int8_kernel.product(q, w, layer['scale'], layer['b'], 'relu6_uint8',
+                                 layer['inv_out_scale'])
+    return int8_kernel.product(q, w, layer['scale'], layer['b'], activation or 'linear')
+  act = ACTIVATIONS[activation]
   if 'scale' in layer:
     q = quantize_input(x, layer['inv_x_scale'], w.dtype)
     acc = lax.dot_general(q, w, dims, preferred_element_type=(
         jnp.int32 if w.dtype == jnp.int8 else jnp.float32))
-    return acc.astype(jnp.float32) * layer['scale'] + layer['b']
+    return act(acc.astype(jnp.float32) * layer['scale'] + layer['b'])
   if observe is not None:
     observe[name] = jnp.max(jnp.abs(x))
-  return lax.dot_general(x, w.astype(jnp.float32), dims,
-                         preferred_element_type=jnp.float32) + layer['b']
+  return act(lax.dot_general(x, w.astype(jnp.float32), dims,
+                             preferred_element_type=jnp.float32) + layer['b'])
 
 
 def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int,
           observe=None) -> jax.Array:
   """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`)."""
-  out = params['project']['w'].shape[1]
+  out = params['project']['b'].shape[0]
   y = x
   if 'expand' in params:
-    y = _relu6(product(y, params['expand'], f'block{index}/expand', observe))
+    # float32, or uint8 whose scale the depthwise weights carry (the kernel formulation).
+    y = product(y, params['expand'], f'block{index}/expand', observe, 'relu6')
+    if observe is not None:
+      observe[f'block{index}/depthwise'] = jnp.max(y)
   y = _relu6(_depthwise(y, params['depthwise']['w'], params['depthwise']['b'], stride,
                         dilation))
   y = product(y, params['project'], f'block{index}/project', observe)
@@ -133,7 +167,7 @@ def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
   pooled = jnp.mean(x, axis=(1, 2))
   pooled = jax.nn.relu(pooled @ head['pool']['w'] + head['pool']['b'])
   pooled_term = pooled @ head['proj_pool']  # [n, 256]
-  branches = [jax.nn.relu(product(x, head['aspp0'], 'head/aspp0', observe))]
+  branches = [product(x, head['aspp0'], 'head/aspp0', observe, 'relu')]
   rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
   for i, rate in enumerate(rates, start=1):
     if f'aspp{i}' in head:
@@ -190,16 +224,21 @@ def quantize_weight(w: np.ndarray):
 
 
 def quantize_folded(model_config, folded: Dict[str, Any], scales: Dict[str, float],
-                    formulation: str = 'int8',
-                    from_stride: int = INT8_FROM_STRIDE) -> Dict[str, Any]:
+                    formulation: str = 'int8', from_stride: int = INT8_FROM_STRIDE,
+                    uint8_depthwise_inputs: bool = True) -> Dict[str, Any]:
   """The params of `forward_int8`: `fold_variables`' tree with its products quantised.
 
   Args:
     folded: `fold_variables(config.model, variables, xp=np)` (float32).
-    scales: {product name: input scale} (`calibrate`).
-    formulation: 'int8' (int8 weights, int32 accumulation) or 'float32' (the same integers
-      as float32: the same results, see the module docstring).
+    scales: {name: input scale} (`calibrate`; `scale_names`).
+    formulation: 'int8' (int8 weights, int32 accumulation), 'float32' (the same integers
+      as float32: the same results, see the module docstring) or 'kernel' (the int8
+      weights packed for `seg.inference.int8_kernel`, CPU only: the same accumulators;
+      a product whose inputs are not a multiple of 4 keeps 'int8').
     from_stride: products whose input stride is below it stay float32.
+    uint8_depthwise_inputs ('kernel' only): each expansion's output leaves the kernel as
+      uint8 in the scale calibrated for the depthwise input (`block{i}/depthwise`), which
+      the depthwise weights then carry; False keeps it float32 (the numbers of 'int8').
   """
   if formulation not in FORMULATIONS:
     raise ValueError(f'formulation must be one of {FORMULATIONS}, got {formulation!r}')
@@ -215,9 +254,25 @@ def quantize_folded(model_config, folded: Dict[str, Any], scales: Dict[str, floa
                        f'accumulation ({MAX_EXACT_INPUTS})')
     x_scale = np.float32(scales[name])
     q, w_scale = quantize_weight(layer['w'])
-    layer['w'] = q if formulation == 'int8' else q.astype(np.float32)
+    if formulation == 'kernel' and q.shape[0] % 4 == 0:
+      from seg.inference.int8_kernel import pack_weights
+      layer['w'] = pack_weights(q)
+    elif formulation == 'kernel':  # the kernel takes inputs in groups of 4 channels
+      layer['w'] = q
+    else:
+      layer['w'] = q if formulation == 'int8' else q.astype(np.float32)
     layer['scale'] = (w_scale * x_scale).astype(np.float32)
     layer['inv_x_scale'] = np.float32(1.0 / x_scale)
+  if formulation == 'kernel' and uint8_depthwise_inputs:
+    for i, blk in enumerate(tree['blocks']):
+      if 'expand' in blk and blk['expand']['w'].ndim == 1:
+        name = f'block{i}/depthwise'
+        if name not in scales:
+          raise ValueError(f'no int8 scale for {name}: recalibrate ({SCALES_FILE})')
+        d_scale = np.float32(scales[name])
+        blk['expand']['inv_out_scale'] = np.float32(1.0 / d_scale)
+        blk['depthwise'] = dict(blk['depthwise'],
+                                w=(blk['depthwise']['w'] * d_scale).astype(np.float32))
   return tree
 
 
@@ -231,7 +286,7 @@ def float_params(folded: Dict[str, Any]) -> Dict[str, Any]:
 
 def calibrate(config, folded: Dict[str, Any], images: Sequence[np.ndarray],
               batch_size: int = 8, log=None) -> Dict[str, float]:
-  """{product name: input scale}: the largest |input| over `images`, / 127.
+  """{name: input scale} (`scale_names`): the largest |input| over `images`, / 127.
 
   Each image runs the float32 network padded to its shape bucket, as inference pads it.
   images: [h, w, 3] uint8 (`seg.inference.calibration.calibration_images`).
@@ -296,7 +351,7 @@ def load_or_calibrate(workdir: str, config, folded: Dict[str, Any], source: str 
       stored = json.load(f)
     same_set = {k: stored.get('calibration', {}).get(k) for k in wanted} == wanted
     if stored.get('model') == fingerprint and same_set and \
-        set(stored.get('scales', {})) >= set(product_names(config.model)):
+        set(stored.get('scales', {})) >= set(scale_names(config.model)):
       log(f'int8 scales from {path} ({stored["calibration"]["images"]} images of {source!r})')
       return {k: float(v) for k, v in stored['scales'].items()}
     log(f'{path} belongs to other weights or another calibration set: recalibrating')

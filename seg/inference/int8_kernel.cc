@@ -1,0 +1,213 @@
+// int8 1x1 products with the requantisation fused into the output loop, for x86 CPUs with
+// AVX2 and no int8 dot-product instructions (where XLA's int8 products run no faster than
+// float32). Built and loaded by seg/inference/int8_kernel.py; called through the XLA FFI.
+//
+//   out[m, n] = act(fma(float(sum_k x[m, k] * w[k, n]), scale[n], bias[n]))
+//
+// x: [..., K] uint8 in [0, 127] (an input known to be >= 0) or int8 in [-127, 127]
+// (`is_signed`); w: int8, packed by `pack_weights` in int8_kernel.py into panels of 16
+// output channels, each [K / 4][16][4] (four consecutive inputs of one output channel in one
+// 32-bit lane); K is a multiple of 4. Products: _mm256_maddubs_epi16 multiplies unsigned by
+// signed bytes and adds pairs into int16, which cannot saturate since |x|, |w| <= 127
+// (2 * 127 * 127 < 2^15); _mm256_madd_epi16 adds those pairs into int32. A signed x is
+// multiplied as |x| times w with x's sign (_mm256_sign_epi8). The int32 sums are exact, so
+// the result equals the int8 x int8 -> int32 product of XLA's int8 formulation.
+//
+// mode: 0 float32 out; 1 float32 ReLU6; 2 float32 ReLU; 3 ReLU6 requantised to uint8
+// round(y * inv_out) clipped to [0, 127] (rounding half to even, as jnp.round).
+// Rows are split into chunks shared by the calling thread and XLA's intra-op thread pool.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kPanel = 16;  // output channels per weight panel: two vectors of 8 int32
+constexpr int kRows = 4;    // rows per register tile (8 accumulators)
+constexpr int64_t kChunkRows = 64;
+
+enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2, kRelu6Uint8 = 3 };
+
+struct Problem {
+  const uint8_t* x;
+  int64_t m, k, n;
+  const int8_t* w;
+  const float* scale;
+  const float* bias;
+  float inv_out;
+  int mode;
+  bool is_signed;
+  void* out;
+};
+
+template <bool kSigned, int R>
+inline void Tile(const Problem& p, int64_t row, int64_t panel) {
+  const int64_t groups = p.k / 4;
+  const int8_t* w = p.w + panel * groups * 64;
+  const uint8_t* x = p.x + row * p.k;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * g));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * g + 32));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + r * p.k + 4 * g, 4);
+      const __m256i xb = _mm256_set1_epi32(four);
+      __m256i p0, p1;
+      if (kSigned) {
+        const __m256i xa = _mm256_abs_epi8(xb);
+        p0 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w0, xb));
+        p1 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w1, xb));
+      } else {
+        p0 = _mm256_maddubs_epi16(xb, w0);
+        p1 = _mm256_maddubs_epi16(xb, w1);
+      }
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
+    }
+  }
+  const int64_t n0 = panel * kPanel;
+  const int64_t valid = std::min<int64_t>(kPanel, p.n - n0);
+  const float* s = p.scale + n0;  // padded to whole panels (Work::Prepare)
+  const float* b = p.bias + n0;
+  const __m256 s0 = _mm256_loadu_ps(s), s1 = _mm256_loadu_ps(s + 8);
+  const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
+  for (int r = 0; r < R; ++r) {
+    // acc * scale + bias in one FMA (one rounding), as XLA's CPU code computes the same
+    // expression in the 'int8' formulation: both give the same numbers. The build turns
+    // the compiler's own contraction off (-ffp-contract=off), so this is the only FMA.
+    __m256 y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), s0, b0);
+    __m256 y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), s1, b1);
+    if (p.mode != kLinear) {
+      y0 = _mm256_max_ps(y0, zero);
+      y1 = _mm256_max_ps(y1, zero);
+    }
+    if (p.mode == kRelu6 || p.mode == kRelu6Uint8) {
+      y0 = _mm256_min_ps(y0, six);
+      y1 = _mm256_min_ps(y1, six);
+    }
+    const int64_t m = row + r;
+    if (p.mode == kRelu6Uint8) {
+      const __m256 inv = _mm256_set1_ps(p.inv_out);
+      const __m256i top = _mm256_set1_epi32(127);
+      // _mm256_cvtps_epi32 rounds half to even under the default MXCSR mode.
+      const __m256i q0 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y0, inv)), top);
+      const __m256i q1 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y1, inv)), top);
+      // packus interleaves 128-bit halves: q0[0:4] q1[0:4] q0[4:8] q1[4:8]; put them in order.
+      const __m256i q16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(q0, q1), 0xD8);
+      const __m128i q8 = _mm_packus_epi16(_mm256_castsi256_si128(q16),
+                                          _mm256_extracti128_si256(q16, 1));
+      uint8_t* o = static_cast<uint8_t*>(p.out) + m * p.n + n0;
+      if (valid == kPanel) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), q8);
+      } else {
+        alignas(16) uint8_t t[kPanel];
+        _mm_store_si128(reinterpret_cast<__m128i*>(t), q8);
+        std::memcpy(o, t, valid);
+      }
+    } else {
+      float* o = static_cast<float*>(p.out) + m * p.n + n0;
+      if (valid == kPanel) {
+        _mm256_storeu_ps(o, y0);
+        _mm256_storeu_ps(o + 8, y1);
+      } else {
+        alignas(32) float t[kPanel];
+        _mm256_store_ps(t, y0);
+        _mm256_store_ps(t + 8, y1);
+        std::memcpy(o, t, valid * sizeof(float));
+      }
+    }
+  }
+}
+
+template <bool kSigned>
+void Rows(const Problem& p, int64_t begin, int64_t end) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    int64_t r = begin;
+    for (; r + kRows <= end; r += kRows) Tile<kSigned, kRows>(p, r, panel);
+    for (; r < end; ++r) Tile<kSigned, 1>(p, r, panel);
+  }
+}
+
+// Shared by the caller and the pool's tasks; a task that starts after the work is done
+// finds no chunk left (it holds the state alive through the shared_ptr).
+struct Work {
+  Problem p;
+  int64_t chunks = 0;
+  std::atomic<int64_t> next{0}, done{0};
+  std::vector<float> scale, bias;  // zero-padded to whole panels
+
+  void Prepare(const float* s, const float* b) {
+    const int64_t padded = (p.n + kPanel - 1) / kPanel * kPanel;
+    scale.assign(padded, 0.f);
+    bias.assign(padded, 0.f);
+    std::copy(s, s + p.n, scale.begin());
+    std::copy(b, b + p.n, bias.begin());
+    p.scale = scale.data();
+    p.bias = bias.data();
+  }
+
+  void Run() {
+    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      const int64_t begin = c * kChunkRows, end = std::min(p.m, begin + kChunkRows);
+      if (p.is_signed) Rows<true>(p, begin, end); else Rows<false>(p, begin, end);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
+                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::F32> inv_out, int32_t mode, bool is_signed,
+                       ffi::Result<ffi::AnyBuffer> out) {
+  const auto dims = x.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("x needs a channel axis");
+  const int64_t k = dims.back();
+  const int64_t n = static_cast<int64_t>(scale.element_count());
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  if (k % 4 != 0) return ffi::Error::InvalidArgument("the input channels must be a multiple of 4");
+  if (static_cast<int64_t>(w.element_count()) != panels * kPanel * k)
+    return ffi::Error::InvalidArgument("packed weights do not match the input and output sizes");
+  if (mode < kLinear || mode > kRelu6Uint8) return ffi::Error::InvalidArgument("unknown mode");
+  if (inv_out.element_count() != 1) return ffi::Error::InvalidArgument("inv_out is one number");
+  auto work = std::make_shared<Work>();
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < dims.size(); ++i) m *= dims[i];
+  work->p = Problem{static_cast<const uint8_t*>(x.untyped_data()), m, k, n, w.typed_data(),
+                    scale.typed_data(), bias.typed_data(), inv_out.typed_data()[0], mode, is_signed,
+                    out->untyped_data()};
+  work->Prepare(scale.typed_data(), bias.typed_data());
+  work->chunks = (m + kChunkRows - 1) / kChunkRows;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
+  work->Run();
+  while (work->done.load(std::memory_order_acquire) < work->chunks) _mm_pause();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Product, Int8Product,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // x
+                                  .Arg<ffi::Buffer<ffi::S8>>()     // packed weights
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // scale [n]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias [n]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // inv_out []
+                                  .Attr<int32_t>("mode")
+                                  .Attr<bool>("is_signed")
+                                  .Ret<ffi::AnyBuffer>());

@@ -1,0 +1,159 @@
+"""The int8 engine's own product kernel for AVX2 CPUs without int8 dot instructions.
+
+    if int8_kernel.available():                     # builds and registers it once
+      wp = int8_kernel.pack_weights(w_int8)        # [in, out] int8 -> packed, 1-D
+      y = int8_kernel.product(xq, wp, scale, bias, mode='relu6')   # inside jit, on a CPU
+
+On such CPUs (AVX2 and FMA, no AVX-512 VNNI, AVX-VNNI or AMX) XLA's int8 products run no
+faster than its float32 ones, and the quantise / dequantise around them is separate passes
+over memory (docs/performance.md, "int8"). `int8_kernel.cc` multiplies uint8 or int8
+activations by packed int8 weights into exact int32 sums and applies scale, bias, the
+activation and (mode 'relu6_uint8') the rounding to the next layer's uint8 input in the same
+loop: the numbers of XLA's int8 formulation, from a third of the memory traffic.
+
+It is C++ compiled on first use with the system's C++ compiler against the XLA FFI headers
+that jaxlib ships (`jax.ffi.include_dir()`), into $XDG_CACHE_HOME/seg/kernels (~/.cache/seg/
+kernels; SEG_KERNEL_DIR overrides), one file per source, flags and jaxlib version, written
+atomically so that concurrent processes share it. Where it cannot be built (no compiler,
+not x86 with AVX2 and FMA) `available()` is False, says why in `unavailable_reason()`, and
+the engine uses XLA's int8 formulation. Exports (`jax.export`) never contain it.
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seg.inference import cpu_features
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'int8_kernel.cc')
+TARGET = 'seg_int8_product'
+PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
+GROUP = 4    # consecutive input channels per 32-bit lane
+MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3}
+CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
+             '-w')
+_state = {}
+
+
+def kernel_dir() -> str:
+  """Where built kernels are kept (SEG_KERNEL_DIR, else $XDG_CACHE_HOME/seg/kernels)."""
+  chosen = os.environ.get('SEG_KERNEL_DIR')
+  if chosen:
+    return chosen
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'seg', 'kernels')
+
+
+def _compiler() -> Optional[str]:
+  for name in (os.environ.get('CXX'), 'g++', 'c++', 'clang++'):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def build(directory: Optional[str] = None) -> str:
+  """Compiles int8_kernel.cc (once per source, flags and jaxlib) and returns the .so path.
+
+  Raises RuntimeError with the compiler's message when it fails.
+  """
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError('no C++ compiler (g++, c++, clang++ or $CXX) on PATH')
+  include = jax.ffi.include_dir()
+  with open(SOURCE, 'rb') as f:
+    source = f.read()
+  key = hashlib.sha256(source + ' '.join(CXX_FLAGS).encode() +
+                       jax.lib.__version__.encode() + cxx.encode()).hexdigest()[:16]
+  directory = directory or kernel_dir()
+  path = os.path.join(directory, f'int8_kernel-{key}.so')
+  if os.path.exists(path):
+    return path
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
+  os.close(fd)
+  try:
+    done = subprocess.run([cxx, *CXX_FLAGS, f'-I{include}', SOURCE, '-o', tmp],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+      raise RuntimeError(f'{cxx} failed on {SOURCE}:\n{done.stderr[-2000:]}')
+    os.replace(tmp, path)  # atomic: a concurrent build writes the same bytes
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+def cpu_supported(flags=None, machine: Optional[str] = None) -> bool:
+  """Whether the CPU runs the kernel (x86-64 with AVX2 and FMA)."""
+  flags = cpu_features.cpu_flags() if flags is None else frozenset(flags)
+  machine = (machine or platform.machine()).lower()
+  return machine in ('x86_64', 'amd64') and {'avx2', 'fma'} <= flags
+
+
+def available() -> bool:
+  """Builds (first time) and registers the kernel with XLA; False where it cannot."""
+  if 'ok' not in _state:
+    try:
+      if not cpu_supported():
+        raise RuntimeError('the CPU lacks AVX2 and FMA (or is not x86-64)')
+      lib = ctypes.cdll.LoadLibrary(build())
+      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SegInt8Product),
+                                  platform='cpu')
+      _state.update(ok=True, reason=None, lib=lib)
+    except (RuntimeError, OSError) as e:
+      _state.update(ok=False, reason=str(e))
+  return _state['ok']
+
+
+def unavailable_reason() -> Optional[str]:
+  """Why `available()` is False (None when it is True or was not asked yet)."""
+  return _state.get('reason')
+
+
+def pack_weights(w: np.ndarray) -> np.ndarray:
+  """[in, out] int8 -> the kernel's layout, 1-D int8 of in x ceil(out / 16) x 16.
+
+  Panel p holds output channels 16p..16p+15 (zeros beyond `out`); inside it, for each
+  group of 4 inputs, 16 channels x 4 inputs (int8_kernel.cc).
+  """
+  w = np.asarray(w)
+  if w.dtype != np.int8 or w.ndim != 2:
+    raise ValueError(f'expected [in, out] int8 weights, got {w.dtype} {w.shape}')
+  k, n = w.shape
+  if k % GROUP:
+    raise ValueError(f'the kernel needs a multiple of {GROUP} input channels, got {k}')
+  panels = -(-n // PANEL)
+  padded = np.zeros((k, panels * PANEL), np.int8)
+  padded[:, :n] = w
+  # [k/4, 4, panels, 16] -> [panels, k/4, 16, 4]
+  return np.ascontiguousarray(
+      padded.reshape(k // GROUP, GROUP, panels, PANEL).transpose(2, 0, 3, 1)).reshape(-1)
+
+
+def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array,
+            mode: str = 'linear', inv_out=1.0) -> jax.Array:
+  """act(int32(x @ w) * scale + bias) over x's last axis (one FMA), in the kernel (CPU only).
+
+  x: [..., in] uint8 in [0, 127] or int8 in [-127, 127]; w_packed: `pack_weights`; scale,
+  bias: float32 [out]. mode: 'linear', 'relu6', 'relu' (float32 [..., out]) or
+  'relu6_uint8' (uint8 [..., out] = round(relu6(y) * inv_out) clipped to [0, 127]; inv_out
+  a float32 scalar, traced or not).
+  """
+  if not available():
+    raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
+  if x.dtype not in (jnp.uint8, jnp.int8):
+    raise ValueError(f'x must be uint8 or int8, got {x.dtype}')
+  out_dtype = jnp.uint8 if mode == 'relu6_uint8' else jnp.float32
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + scale.shape, out_dtype))
+  return call(x, w_packed, scale, bias, jnp.asarray(inv_out, jnp.float32),
+              mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8))
+

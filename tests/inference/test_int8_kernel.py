@@ -1,0 +1,149 @@
+"""The fused int8 product kernel (seg/inference/int8_kernel.cc) against NumPy integer
+arithmetic, and the engine's 'kernel' formulation against XLA's int8 and float32."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from helpers import EVAL_SIZE, random_variables, tiny_engine_config
+from seg.inference import cpu_features, engine, fold, int8_kernel, quantize
+
+pytestmark = pytest.mark.skipif(
+    not int8_kernel.cpu_supported(), reason='the kernel needs an x86-64 CPU with AVX2 and FMA')
+
+
+def _numpy_product(x, w, scale, bias, mode, inv_out):
+  """The kernel's definition in NumPy: exact integer sums, then float32 as written."""
+  acc = x.reshape(-1, x.shape[-1]).astype(np.int64) @ w.astype(np.int64)
+  # A fused multiply-add: the float32 product is exact in float64, the sum rounded once.
+  y = (acc.astype(np.float32).astype(np.float64) * scale + bias).astype(np.float32)
+  if mode != 'linear':
+    y = np.maximum(y, np.float32(0))
+  if mode in ('relu6', 'relu6_uint8'):
+    y = np.minimum(y, np.float32(6))
+  if mode == 'relu6_uint8':
+    y = np.minimum(np.round(y * np.float32(inv_out)), 127).astype(np.uint8)  # half to even
+  return y.reshape(x.shape[:-1] + (w.shape[1],))
+
+
+@pytest.mark.parametrize('signed', [False, True])
+@pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'relu6_uint8'])
+def test_the_kernel_computes_the_integer_product_exactly(signed, mode):
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  rng = np.random.default_rng(hash((signed, mode)) % 2**32)
+  # Rows not a multiple of the 4-row tile or the 64-row chunk, outputs not a multiple of the
+  # 16-channel panel, a batch axis; extreme values (+-127 everywhere) in the first row.
+  x = rng.integers(-127 if signed else 0, 128, (3, 45, 52)).astype(np.int8 if signed else
+                                                                  np.uint8)
+  x[0, 0] = 127
+  w = rng.integers(-127, 128, (52, 37)).astype(np.int8)
+  w[:, 0] = 127 if not signed else -127
+  scale = rng.uniform(2e-5, 2e-4, 37).astype(np.float32)
+  bias = rng.normal(0, 1, 37).astype(np.float32)
+  inv_out = np.float32(127 / 6)
+  got = jax.jit(lambda x, w: int8_kernel.product(x, w, jnp.asarray(scale), jnp.asarray(bias),
+                                                 mode, inv_out))(
+      jnp.asarray(x), jnp.asarray(int8_kernel.pack_weights(w)))
+  expected = _numpy_product(x, w, scale, bias, mode, inv_out)
+  assert got.dtype == expected.dtype and got.shape == expected.shape
+  np.testing.assert_array_equal(np.asarray(got), expected)
+  if mode == 'relu6_uint8':  # clipped at both ends and rounded in between
+    assert (expected == 0).any() and (expected == 127).any() and len(np.unique(expected)) > 60
+
+
+def test_packed_weights_follow_the_kernels_layout():
+  w = np.arange(8 * 20, dtype=np.int64).reshape(8, 20).astype(np.int8)
+  packed = int8_kernel.pack_weights(w).reshape(2, 2, 16, 4)  # panels, groups, channels, 4
+  assert packed[1, 1, 2, 3] == w[4 + 3, 16 + 2]
+  assert packed[0, 0, 5, 1] == w[1, 5]
+  assert (packed[1, :, 4:] == 0).all()  # channels 20..31 do not exist
+  with pytest.raises(ValueError, match='multiple of 4'):
+    int8_kernel.pack_weights(np.zeros((6, 3), np.int8))
+  with pytest.raises(ValueError, match='int8'):
+    int8_kernel.pack_weights(np.zeros((8, 3), np.float32))
+
+
+@pytest.fixture(scope='module')
+def tiny_model():
+  config = tiny_engine_config()
+  _, variables = random_variables(config.model, seed=4)
+  folded = fold.fold_variables(config.model, jax.device_get(variables), xp=np)
+  rng = np.random.default_rng(4)
+  images = [rng.integers(0, 256, (EVAL_SIZE, EVAL_SIZE, 3), np.uint8) for _ in range(4)]
+  return config, variables, folded, quantize.calibrate(config, folded, images, batch_size=4)
+
+
+def _logits(config, params, images):
+  m = config.model
+  return np.asarray(jax.jit(lambda p, x: quantize.forward_int8(
+      p, x, width=m.width, output_stride=m.output_stride, upsample=False))(params, images))
+
+
+def test_the_kernel_formulation_gives_xla_int8s_numbers(tiny_model):
+  """With float32 depthwise inputs the kernel computes what XLA's int8 products do."""
+  config, _, folded, scales = tiny_model
+  images = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
+                       jnp.float32)
+  xla = _logits(config, quantize.quantize_folded(config.model, folded, scales, 'int8'), images)
+  kernel_params = quantize.quantize_folded(config.model, folded, scales, 'kernel',
+                                           uint8_depthwise_inputs=False)
+  assert kernel_params['blocks'][1]['expand']['w'].ndim == 1  # packed: the kernel runs
+  np.testing.assert_array_equal(_logits(config, kernel_params, images), xla)
+
+
+def test_the_kernel_engine_predicts_the_float32_classes(tiny_model):
+  """uint8 depthwise inputs (the default) add one rounding per block: still float32's classes."""
+  config, variables, _, scales = tiny_model
+  images = np.random.default_rng(5).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3), np.uint8)
+  expected = engine.Engine(config, variables, batch_size=2).logits(images)
+  xla = engine.Engine(config, variables, dtype='int8', batch_size=2, int8_scales=scales,
+                      int8_formulation='int8').logits(images)
+  eng = engine.Engine(config, variables, dtype='int8', batch_size=2, int8_scales=scales,
+                      int8_formulation='kernel')
+  got = eng.logits(images)
+  assert eng.int8_formulation == 'kernel'
+  assert eng.folded['blocks'][1]['expand']['inv_out_scale'] > 0
+  rms = lambda x: np.sqrt(np.mean(np.square(x)))
+  # As XLA's int8 against float32 (test_quantize), with at most a little more error.
+  assert rms(got - expected) <= max(0.2 * rms(expected), 1.5 * rms(xla - expected))
+  assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.8
+  assert not np.array_equal(got, xla)  # the depthwise inputs really were uint8
+
+
+def test_calibration_records_the_depthwise_inputs(tiny_model):
+  config, _, _, scales = tiny_model
+  names = quantize.scale_names(config.model)
+  assert set(scales) == set(names)
+  assert 'block1/depthwise' in names and 'block0/depthwise' not in names  # no expansion
+  # ReLU6 outputs: their largest value is at most 6, so the scale at most 6 / 127.
+  assert all(0 < scales[n] <= 6 / 127 + 1e-7 for n in names if n.endswith('/depthwise'))
+
+
+def test_without_the_kernel_the_engine_falls_back_to_xla_int8(tiny_model, monkeypatch):
+  config, variables, _, scales = tiny_model
+  monkeypatch.setattr(int8_kernel, '_state', {'ok': False, 'reason': 'no C++ compiler'})
+  messages = []
+  eng = engine.Engine(config, variables, dtype='int8', int8_scales=scales,
+                      int8_formulation='kernel', log=messages.append)
+  assert eng.int8_formulation == 'int8'
+  assert any('no C++ compiler' in m for m in messages)
+  assert eng.folded['blocks'][1]['expand']['w'].ndim == 2
+
+
+def test_a_failed_build_says_why(tmp_path, monkeypatch):
+  monkeypatch.setattr(int8_kernel, 'SOURCE', str(tmp_path / 'broken.cc'))
+  (tmp_path / 'broken.cc').write_text('this is not C++\n')
+  with pytest.raises(RuntimeError, match='failed on'):
+    int8_kernel.build(str(tmp_path / 'kernels'))
+  assert not list((tmp_path / 'kernels').glob('*.so'))  # nothing half-written left behind
+
+
+def test_the_formulation_can_be_forced(monkeypatch):
+  monkeypatch.setenv('SEG_INT8_FORMULATION', 'int8')
+  assert cpu_features.formulation_override() == 'int8'
+  monkeypatch.setenv('SEG_INT8_FORMULATION', 'auto')
+  assert cpu_features.formulation_override() is None
+  monkeypatch.setenv('SEG_INT8_FORMULATION', 'fast')
+  with pytest.raises(ValueError, match='SEG_INT8_FORMULATION'):
+    cpu_features.formulation_override()
