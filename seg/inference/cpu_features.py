@@ -2,7 +2,7 @@
 
     choice = choose(cpu_flags())     # /proc/cpuinfo's flags (or a string of them)
     choice.xla_flags                 # e.g. ('--xla_cpu_use_onednn=true',) on AMX CPUs
-    choice.int8_formulation          # 'int8' or 'float32' (seg.inference.quantize)
+    choice.int8_formulation          # 'int8', 'float32' or 'kernel' (seg.inference.quantize)
 
 Imports nothing heavy: the CLI calls it before JAX starts (`seg.cli.process`), since XLA
 reads its flags once.
@@ -14,11 +14,17 @@ The rules, and what they rest on (docs/performance.md, "int8"):
   kind of Xeon (2026-12-02, `benchmarks/int8_fusion_probe.py`) XLA's own products ran as
   fast without it (int8 1,899 vs 1,812, bfloat16 516 vs 502 GMAdd/s); the flag is kept
   until an engine A/B says otherwise.
-- AVX-512 VNNI / AVX-VNNI, or AVX2: XLA's default dot (YNNPACK) multiplies int8 x int8 into
-  int32 at least as fast as float32 (AVX2-only AMD EPYC, 2026-12-01: 65-82 vs 54-80 GMAdd/s
-  at the network's shapes; oneDNN no faster) -> the 'int8' formulation, no flags.
+- AVX-512 VNNI / AVX-VNNI: XLA's default dot (YNNPACK) multiplies int8 x int8 into int32
+  at least as fast as float32 -> the 'int8' formulation, no flags. (The project's AVX2
+  kernel was not measured on such a CPU, so it is not chosen there.)
+- AVX2 and FMA on x86-64 without those: XLA's int8 products run at float32's rate (AVX2-only
+  AMD EPYC, 2026-12-01: 65-82 vs 54-80 GMAdd/s at the network's shapes; oneDNN no faster),
+  and the project's fused kernel (`seg.inference.int8_kernel`) is faster (docs/performance.md,
+  "The fused int8 kernel") -> 'kernel'; the engine falls back to 'int8' where it cannot be
+  built. AVX2 without FMA -> 'int8'.
 - Neither (no AVX2 on x86, or an ARM core without `asimddp`): the 'float32' formulation, the
   same integers multiplied exactly in float32 (what such CPUs do fastest).
+SEG_INT8_FORMULATION (`formulation_override`) overrides the choice, e.g. for A/B timings.
 """
 
 import dataclasses

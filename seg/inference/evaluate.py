@@ -163,7 +163,9 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
     from seg.inference import engine
     scales = engine.int8_scales_for(workdir, config, variables, log) if dtype == 'int8' \
         else None
-    eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales)
+    eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales, log=log)
+    if eng.int8_formulation:
+      log(f'int8 products: the {eng.int8_formulation!r} formulation (seg.inference.quantize)')
     variables = jax.device_get(eng.folded)
   report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype)),
                     parallel.replicate(variables), config, log=log)

@@ -13,8 +13,10 @@
 // multiplied as |x| times w with x's sign (_mm256_sign_epi8). The int32 sums are exact, so
 // the result equals the int8 x int8 -> int32 product of XLA's int8 formulation.
 //
-// mode: 0 float32 out; 1 float32 ReLU6; 2 float32 ReLU; 3 ReLU6 requantised to uint8
-// round(y * inv_out) clipped to [0, 127] (rounding half to even, as jnp.round).
+// mode: 0 float32 out; 1 float32 ReLU6; 2 float32 ReLU; 3 ReLU6 requantised to uint8:
+// round(fma(acc, scale * inv_out, bias * inv_out)) clipped to [0, 127] (rounding half to
+// even, as jnp.round), with scale * inv_out and bias * inv_out rounded to float32 first. This
+// is ReLU6 too, since the scale of a ReLU6 output is at most 6 / 127 (inv_out >= 127 / 6).
 // Rows are split into chunks shared by the calling thread and XLA's intra-op thread pool.
 #include <immintrin.h>
 
@@ -90,21 +92,21 @@ inline void Tile(const Problem& p, int64_t row, int64_t panel) {
     // the compiler's own contraction off (-ffp-contract=off), so this is the only FMA.
     __m256 y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), s0, b0);
     __m256 y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), s1, b1);
-    if (p.mode != kLinear) {
+    if (p.mode != kLinear && p.mode != kRelu6Uint8) {
       y0 = _mm256_max_ps(y0, zero);
       y1 = _mm256_max_ps(y1, zero);
     }
-    if (p.mode == kRelu6 || p.mode == kRelu6Uint8) {
+    if (p.mode == kRelu6) {
       y0 = _mm256_min_ps(y0, six);
       y1 = _mm256_min_ps(y1, six);
     }
     const int64_t m = row + r;
     if (p.mode == kRelu6Uint8) {
-      const __m256 inv = _mm256_set1_ps(p.inv_out);
       const __m256i top = _mm256_set1_epi32(127);
-      // _mm256_cvtps_epi32 rounds half to even under the default MXCSR mode.
-      const __m256i q0 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y0, inv)), top);
-      const __m256i q1 = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y1, inv)), top);
+      const __m256i q0 = _mm256_min_epi32(_mm256_cvtps_epi32(y0), top);
+      const __m256i q1 = _mm256_min_epi32(_mm256_cvtps_epi32(y1), top);
+      // (_mm256_cvtps_epi32 rounds half to even under the default MXCSR mode; negative
+      // values become 0 in the unsigned saturation of the packs below.)
       // packus interleaves 128-bit halves: q0[0:4] q1[0:4] q0[4:8] q1[4:8]; put them in order.
       const __m256i q16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(q0, q1), 0xD8);
       const __m128i q8 = _mm_packus_epi16(_mm256_castsi256_si128(q16),
@@ -148,14 +150,14 @@ struct Work {
   Problem p;
   int64_t chunks = 0;
   std::atomic<int64_t> next{0}, done{0};
-  std::vector<float> scale, bias;  // zero-padded to whole panels
+  std::vector<float> scale, bias;  // zero-padded to whole panels; times inv_out in mode 3
 
   void Prepare(const float* s, const float* b) {
     const int64_t padded = (p.n + kPanel - 1) / kPanel * kPanel;
     scale.assign(padded, 0.f);
     bias.assign(padded, 0.f);
-    std::copy(s, s + p.n, scale.begin());
-    std::copy(b, b + p.n, bias.begin());
+    const float f = p.mode == kRelu6Uint8 ? p.inv_out : 1.f;
+    for (int64_t i = 0; i < p.n; ++i) { scale[i] = s[i] * f; bias[i] = b[i] * f; }
     p.scale = scale.data();
     p.bias = bias.data();
   }

@@ -145,8 +145,9 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
 
   x: [..., in] uint8 in [0, 127] or int8 in [-127, 127]; w_packed: `pack_weights`; scale,
   bias: float32 [out]. mode: 'linear', 'relu6', 'relu' (float32 [..., out]) or
-  'relu6_uint8' (uint8 [..., out] = round(relu6(y) * inv_out) clipped to [0, 127]; inv_out
-  a float32 scalar, traced or not).
+  'relu6_uint8' (uint8 [..., out] = round(relu6(y) * inv_out) clipped to [0, 127], computed as
+  one FMA with scale and bias times inv_out; inv_out >= 127 / 6, a float32 scalar, traced
+  or not).
   """
   if not available():
     raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')

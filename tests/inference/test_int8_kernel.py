@@ -17,13 +17,16 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
   """The kernel's definition in NumPy: exact integer sums, then float32 as written."""
   acc = x.reshape(-1, x.shape[-1]).astype(np.int64) @ w.astype(np.int64)
   # A fused multiply-add: the float32 product is exact in float64, the sum rounded once.
-  y = (acc.astype(np.float32).astype(np.float64) * scale + bias).astype(np.float32)
+  fma = lambda a, s, b: (a.astype(np.float32).astype(np.float64) * s + b).astype(np.float32)
+  if mode == 'relu6_uint8':  # ReLU6 requantised by 1 / inv_out (>= 127 / 6: 127 caps it)
+    y = fma(acc, (scale * inv_out).astype(np.float32), (bias * inv_out).astype(np.float32))
+    return np.clip(np.round(y), 0, 127).astype(np.uint8).reshape(  # round half to even
+        x.shape[:-1] + (w.shape[1],))
+  y = fma(acc, scale, bias)
   if mode != 'linear':
     y = np.maximum(y, np.float32(0))
-  if mode in ('relu6', 'relu6_uint8'):
+  if mode == 'relu6':
     y = np.minimum(y, np.float32(6))
-  if mode == 'relu6_uint8':
-    y = np.minimum(np.round(y * np.float32(inv_out)), 127).astype(np.uint8)  # half to even
   return y.reshape(x.shape[:-1] + (w.shape[1],))
 
 
@@ -50,6 +53,11 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode):
   np.testing.assert_array_equal(np.asarray(got), expected)
   if mode == 'relu6_uint8':  # clipped at both ends and rounded in between
     assert (expected == 0).any() and (expected == 127).any() and len(np.unique(expected)) > 60
+    # and it is ReLU6's output in steps of 1 / inv_out, to within the rounding
+    exact = (x.astype(np.int64) @ w.astype(np.int64)) * scale.astype(np.float64) + bias
+    direct = np.round(np.clip(exact, 0, 6) * inv_out)
+    assert np.abs(np.asarray(got, np.float64) - direct).max() <= 1
+    assert (np.asarray(got) == direct).mean() > 0.99
 
 
 def test_packed_weights_follow_the_kernels_layout():
