@@ -5,9 +5,9 @@
 Times the engine's network (float32 images in, logits at the output stride out, batch 1,
 one device, random weights and scales: speed does not depend on values) in float32, and
 in int8 with the 1x1 products whose input has stride >= S in int8 (S = 2: all of them;
-`seg.inference.quantize.INT8_FROM_STRIDE`), in both int8 formulations, interleaved over
-rounds in one process so that load on the machine hits every variant alike. Prints the
-median ms of each variant per round and over all rounds.
+`seg.inference.quantize.INT8_FROM_STRIDE`), in each int8 formulation (the kernel one where
+it builds), interleaved over rounds in one process so that load on the machine hits every
+variant alike. Prints the median ms of each variant per round and over all rounds.
 """
 
 import argparse

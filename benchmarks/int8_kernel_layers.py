@@ -1,0 +1,98 @@
+"""Each of the network's 1x1 products in the int8 kernel, in XLA's int8 and in XLA's float32.
+
+    python benchmarks/int8_kernel_layers.py [--width 1.0] [--size 513] [--iters 15]
+
+The products of DeepLabv3 + MobileNetV2 (output stride 16, batch 1) as the engine runs them,
+random values (speed does not depend on them), each variant one compiled call:
+- kernel: `seg.inference.int8_kernel.product` on uint8/int8 inputs, expansions writing the
+  depthwise layer's uint8 input, the others float32 (the 'kernel' formulation);
+- xla int8: float32 input quantised, int8 x int8 -> int32 `dot_general`, scale, bias and
+  activation (the 'int8' formulation, fused by XLA);
+- xla float32: `dot_general` + bias + activation.
+Variants alternate per layer; prints the median ms and GMAdd/s per layer and the totals.
+"""
+
+import argparse
+import statistics
+import time
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--width', type=float, default=1.0)
+  parser.add_argument('--size', type=int, default=513)
+  parser.add_argument('--iters', type=int, default=15)
+  args = parser.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+
+  from seg.inference import int8_kernel
+  from seg.model import block_specs
+
+  if not int8_kernel.available():
+    raise SystemExit(f'the int8 kernel is unavailable: {int8_kernel.unavailable_reason()}')
+  size = -(-args.size // 2)
+  specs = block_specs(args.width, 16)
+  channels = specs[0][0]  # block 0 has no expansion: its input is the stem's output
+  layers = []  # (name, pixels, in, out, signed input, activation)
+  for i, (expanded, out, stride, _) in enumerate(specs):
+    if i > 0:
+      layers.append((f'block{i}/expand', size * size, channels, expanded, True, 'relu6'))
+    size = -(-size // stride)
+    layers.append((f'block{i}/project', size * size, expanded, out, False, None))
+    channels = out
+  layers += [('head/aspp0', size * size, channels, 256, True, 'relu'),
+             ('head/proj_branches', size * size, 256, 256, False, None),
+             ('head/logits', size * size, 256, 21, False, None)]
+
+  rng = np.random.default_rng(0)
+  dims = (((1,), (0,)), ((), ()))
+  act = {None: lambda y: y, 'relu6': lambda y: jnp.clip(y, 0, 6), 'relu': jax.nn.relu}
+
+  def timed(fn, *operands):
+    compiled = jax.jit(fn).lower(*operands).compile()
+    for _ in range(3):
+      compiled(*operands).block_until_ready()
+    times = []
+    for _ in range(args.iters):
+      start = time.perf_counter()
+      compiled(*operands).block_until_ready()
+      times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+  print(f'{args.size}x{args.size}, width {args.width}, batch 1, jax {jax.__version__}; '
+        f'ms (GMAdd/s): kernel | xla int8 | xla float32')
+  totals = {'kernel': 0.0, 'xla int8': 0.0, 'xla float32': 0.0}
+  madds = 0
+  for name, m, k, n, signed, activation in layers:
+    xf = jnp.asarray(rng.uniform(-1 if signed else 0, 1, (m, k)), jnp.float32)
+    wq = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    scale = jnp.full((n,), 1e-3, jnp.float32)
+    bias = jnp.zeros((n,), jnp.float32)
+    xq = jnp.asarray(np.asarray(xf * 127).round(), jnp.int8 if signed else jnp.uint8)
+    mode = {None: 'linear', 'relu': 'relu', 'relu6': 'relu6_uint8'}[activation]
+    f = act[activation]
+    ms = {
+        'kernel': timed(lambda x, w: int8_kernel.product(x, w, scale, bias, mode, 127 / 6),
+                        xq, jnp.asarray(int8_kernel.pack_weights(wq))),
+        'xla int8': timed(lambda x, w: f(lax.dot_general(
+            jnp.clip(jnp.round(x * 127), -127, 127).astype(jnp.int8), w, dims,
+            preferred_element_type=jnp.int32).astype(jnp.float32) * scale + bias),
+            xf, jnp.asarray(wq)),
+        'xla float32': timed(lambda x, w: f(lax.dot_general(x, w, dims) + bias),
+                             xf, jnp.asarray(wq, jnp.float32)),
+    }
+    madds += m * k * n
+    for key, value in ms.items():
+      totals[key] += value
+    print(f'{name:20s} {m:6d} x {k:4d} x {n:4d}  ' + ' | '.join(
+        f'{v:6.2f} ({m * k * n / v / 1e6:5.0f})' for v in ms.values()), flush=True)
+  print(f'{"all":20s} {madds / 1e9:.2f} GMAdd            ' + ' | '.join(
+      f'{v:6.1f} ({madds / v / 1e6:5.0f})' for v in totals.values()))
+
+
+if __name__ == '__main__':
+  main()
