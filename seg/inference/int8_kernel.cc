@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -196,7 +197,11 @@ ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
   work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) _mm_pause();
+  // Chunks still running on pool threads finish within microseconds; yield the core after
+  // a short spin, in case those threads wait for it (more threads than cores).
+  for (int spins = 0; work->done.load(std::memory_order_acquire) < work->chunks; ++spins) {
+    if (spins < 4096) _mm_pause(); else std::this_thread::yield();
+  }
   return ffi::Error::Success();
 }
 
