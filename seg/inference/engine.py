@@ -40,6 +40,28 @@ def int8_scales_for(workdir: str, config, variables, log=None) -> Dict[str, floa
                                     log=log or print)
 
 
+def int8_formulation_for(platform: str, requested: Optional[str] = None, log=None) -> str:
+  """The int8 formulation an engine on `platform` runs (`seg.inference.quantize`).
+
+  `requested`, else SEG_INT8_FORMULATION, else this CPU's choice (`cpu_features.choose`) on a
+  CPU and 'int8' on accelerators. 'kernel' becomes 'int8' (said through `log`) off the CPU or
+  where the kernel cannot be built (`seg.inference.int8_kernel.available`).
+  """
+  from seg.inference import cpu_features
+  on_cpu = platform == 'cpu'
+  formulation = (requested or cpu_features.formulation_override() or
+                 (cpu_features.choose().int8_formulation if on_cpu else 'int8'))
+  if formulation == 'kernel':
+    from seg.inference import int8_kernel
+    why = (f'the engine runs on {platform}, the kernel on CPUs' if not on_cpu else
+           None if int8_kernel.available() else int8_kernel.unavailable_reason())
+    if why:
+      if log:
+        log(f"int8: XLA's int8 products instead of the AVX2 kernel ({why})")
+      formulation = 'int8'
+  return formulation
+
+
 class Engine:
   """Compiled inference for one trained model: class maps and logits of uint8 images.
 
@@ -76,19 +98,12 @@ class Engine:
     folded = fold_variables(config.model, jax.device_get(variables), xp=np)
     self.int8_formulation = None
     if dtype == jnp.int8:  # seg.inference.quantize
-      from seg.inference import cpu_features, quantize
+      from seg.inference import quantize
       if int8_scales is None:
         raise ValueError("dtype='int8' needs int8_scales (seg.inference.quantize."
                          "load_or_calibrate, or Engine.from_workdir)")
-      self.int8_formulation = (int8_formulation or cpu_features.formulation_override() or
-                               cpu_features.choose().int8_formulation)
-      if self.int8_formulation == 'kernel':
-        from seg.inference import int8_kernel
-        if not int8_kernel.available():
-          if log:
-            log(f'int8: the AVX2 kernel is unavailable ({int8_kernel.unavailable_reason()}); '
-                f"XLA's int8 products instead")
-          self.int8_formulation = 'int8'
+      self.int8_formulation = int8_formulation_for(self.device.platform, int8_formulation,
+                                                   log)
       folded = quantize.quantize_folded(config.model, folded, int8_scales,
                                         self.int8_formulation)
     else:

@@ -87,9 +87,11 @@ def scale_names(model_config) -> List[str]:
   return names + [n.replace('/expand', '/depthwise') for n in names if n.endswith('/expand')]
 
 
-def quantize_input(x: jax.Array, inv_scale, dtype) -> jax.Array:
-  """round(x / scale) clipped to [-127, 127], as `dtype` (int8, or float32 integers)."""
-  return jnp.clip(jnp.round(x * inv_scale), -INT8_MAX, INT8_MAX).astype(dtype)
+def quantize_input(x: jax.Array, inv_scale, dtype, signed: bool = True) -> jax.Array:
+  """round(x / scale) clipped to [-127, 127] (`signed`) or [0, 127], as `dtype` (int8,
+  uint8, or float32 integers)."""
+  return jnp.clip(jnp.round(x * inv_scale), -INT8_MAX if signed else 0,
+                  INT8_MAX).astype(dtype)
 
 
 def product(x: jax.Array, layer: Dict[str, Any], name: str,
@@ -108,9 +110,8 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
   if 'scale' in layer and w.ndim == 1:  # the kernel formulation
     from seg.inference import int8_kernel
     signed = name.rsplit('/', 1)[-1] in SIGNED_INPUTS
-    q = jnp.clip(jnp.round(x * layer['inv_x_scale']), -INT8_MAX if signed else 0, INT8_MAX)
-    q = q.astype(jnp.int8 if signed else jnp.uint8)
-    if 'inv_out_scale' in layer:
+    q = quantize_input(x, layer['inv_x_scale'], jnp.int8 if signed else jnp.uint8, signed)
+    if 'inv_out_scale' in layer:  # an expansion: ReLU6, requantised for the depthwise layer
       return int8_kernel.product(q, w, layer['scale'], layer['b'], 'relu6_uint8',
                                  layer['inv_out_scale'])
     return int8_kernel.product(q, w, layer['scale'], layer['b'], activation or 'linear')

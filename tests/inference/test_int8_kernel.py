@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from helpers import EVAL_SIZE, random_variables, tiny_engine_config
-from seg.inference import cpu_features, engine, fold, int8_kernel, quantize
+from helpers import EVAL_SIZE
+from seg.inference import cpu_features, engine, int8_kernel, quantize
 
 pytestmark = pytest.mark.skipif(
     not int8_kernel.cpu_supported(), reason='the kernel needs an x86-64 CPU with AVX2 and FMA')
@@ -72,25 +72,15 @@ def test_packed_weights_follow_the_kernels_layout():
     int8_kernel.pack_weights(np.zeros((8, 3), np.float32))
 
 
-@pytest.fixture(scope='module')
-def tiny_model():
-  config = tiny_engine_config()
-  _, variables = random_variables(config.model, seed=4)
-  folded = fold.fold_variables(config.model, jax.device_get(variables), xp=np)
-  rng = np.random.default_rng(4)
-  images = [rng.integers(0, 256, (EVAL_SIZE, EVAL_SIZE, 3), np.uint8) for _ in range(4)]
-  return config, variables, folded, quantize.calibrate(config, folded, images, batch_size=4)
-
-
 def _logits(config, params, images):
   m = config.model
   return np.asarray(jax.jit(lambda p, x: quantize.forward_int8(
       p, x, width=m.width, output_stride=m.output_stride, upsample=False))(params, images))
 
 
-def test_the_kernel_formulation_gives_xla_int8s_numbers(tiny_model):
+def test_the_kernel_formulation_gives_xla_int8s_numbers(tiny_int8):
   """With float32 depthwise inputs the kernel computes what XLA's int8 products do."""
-  config, _, folded, scales = tiny_model
+  config, _, folded, scales = tiny_int8
   images = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
                        jnp.float32)
   xla = _logits(config, quantize.quantize_folded(config.model, folded, scales, 'int8'), images)
@@ -100,9 +90,9 @@ def test_the_kernel_formulation_gives_xla_int8s_numbers(tiny_model):
   np.testing.assert_array_equal(_logits(config, kernel_params, images), xla)
 
 
-def test_the_kernel_engine_predicts_the_float32_classes(tiny_model):
+def test_the_kernel_engine_predicts_the_float32_classes(tiny_int8):
   """uint8 depthwise inputs (the default) add one rounding per block: still float32's classes."""
-  config, variables, _, scales = tiny_model
+  config, variables, _, scales = tiny_int8
   images = np.random.default_rng(5).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3), np.uint8)
   expected = engine.Engine(config, variables, batch_size=2).logits(images)
   xla = engine.Engine(config, variables, dtype='int8', batch_size=2, int8_scales=scales,
@@ -119,8 +109,8 @@ def test_the_kernel_engine_predicts_the_float32_classes(tiny_model):
   assert not np.array_equal(got, xla)  # the depthwise inputs really were uint8
 
 
-def test_calibration_records_the_depthwise_inputs(tiny_model):
-  config, _, _, scales = tiny_model
+def test_calibration_records_the_depthwise_inputs(tiny_int8):
+  config, _, _, scales = tiny_int8
   names = quantize.scale_names(config.model)
   assert set(scales) == set(names)
   assert 'block1/depthwise' in names and 'block0/depthwise' not in names  # no expansion
@@ -128,15 +118,27 @@ def test_calibration_records_the_depthwise_inputs(tiny_model):
   assert all(0 < scales[n] <= 6 / 127 + 1e-7 for n in names if n.endswith('/depthwise'))
 
 
-def test_without_the_kernel_the_engine_falls_back_to_xla_int8(tiny_model, monkeypatch):
-  config, variables, _, scales = tiny_model
+def test_without_the_kernel_the_engine_falls_back_to_xla_int8(tiny_int8, monkeypatch):
+  config, variables, _, scales = tiny_int8
   monkeypatch.setattr(int8_kernel, '_state', {'ok': False, 'reason': 'no C++ compiler'})
   messages = []
   eng = engine.Engine(config, variables, dtype='int8', int8_scales=scales,
                       int8_formulation='kernel', log=messages.append)
   assert eng.int8_formulation == 'int8'
   assert any('no C++ compiler' in m for m in messages)
+  assert engine.int8_formulation_for('cpu', 'kernel') == 'int8'
   assert eng.folded['blocks'][1]['expand']['w'].ndim == 2
+
+
+def test_accelerators_never_get_the_cpu_kernel(monkeypatch):
+  monkeypatch.delenv('SEG_INT8_FORMULATION', raising=False)
+  messages = []
+  assert engine.int8_formulation_for('gpu', 'kernel', messages.append) == 'int8'
+  assert 'runs on gpu' in messages[0]
+  monkeypatch.setattr(cpu_features, 'choose', lambda *a, **k: cpu_features.Choice(
+      (), 'float32', 'a CPU without int8 instructions'))
+  assert engine.int8_formulation_for('gpu') == 'int8'  # the CPU's choice is not asked
+  assert engine.int8_formulation_for('cpu') == 'float32'
 
 
 def test_a_failed_build_says_why(tmp_path, monkeypatch):
