@@ -54,7 +54,7 @@ def int8_formulation_for(platform: str, requested: Optional[str] = None, log=Non
   if formulation == 'kernel':
     from seg.inference import int8_kernel
     why = (f'the engine runs on {platform}, the kernel on CPUs' if not on_cpu else
-           None if int8_kernel.available() else int8_kernel.unavailable_reason())
+           None if int8_kernel.available(log) else int8_kernel.unavailable_reason())
     if why:
       if log:
         log(f"int8: XLA's int8 products instead of the AVX2 kernel ({why})")

@@ -60,10 +60,10 @@ def _compiler() -> Optional[str]:
   return None
 
 
-def build(directory: Optional[str] = None) -> str:
+def build(directory: Optional[str] = None, log=None) -> str:
   """Compiles int8_kernel.cc (once per source, flags and jaxlib) and returns the .so path.
 
-  Raises RuntimeError with the compiler's message when it fails.
+  Raises RuntimeError with the compiler's message when it fails. `log`: told when it compiles.
   """
   cxx = _compiler()
   if cxx is None:
@@ -78,6 +78,8 @@ def build(directory: Optional[str] = None) -> str:
   if os.path.exists(path):
     return path
   os.makedirs(directory, exist_ok=True)
+  if log:
+    log(f'compiling the int8 kernel into {directory} (once) ...')
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
   os.close(fd)
   try:
@@ -99,13 +101,13 @@ def cpu_supported(flags=None, machine: Optional[str] = None) -> bool:
   return machine in ('x86_64', 'amd64') and {'avx2', 'fma'} <= flags
 
 
-def available() -> bool:
+def available(log=None) -> bool:
   """Builds (first time) and registers the kernel with XLA; False where it cannot."""
   if 'ok' not in _state:
     try:
       if not cpu_supported():
         raise RuntimeError('the CPU lacks AVX2 and FMA (or is not x86-64)')
-      lib = ctypes.cdll.LoadLibrary(build())
+      lib = ctypes.cdll.LoadLibrary(build(log=log))
       jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SegInt8Product),
                                   platform='cpu')
       _state.update(ok=True, reason=None, lib=lib)
