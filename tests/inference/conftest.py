@@ -8,9 +8,10 @@ from helpers import EVAL_SIZE, random_variables, tiny_engine_config
 from seg.inference import fold, quantize
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def tiny_int8():
-  """A tiny random model, its folded weights and int8 scales calibrated on random images."""
+  """A tiny random model, its folded weights and int8 scales calibrated on random images
+  (once per worker: the calibration compiles for ~30 s)."""
   config = tiny_engine_config()
   _, variables = random_variables(config.model, seed=4)
   folded = fold.fold_variables(config.model, jax.device_get(variables), xp=np)
