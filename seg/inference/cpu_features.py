@@ -33,6 +33,8 @@ import platform
 from typing import FrozenSet, Iterable, Optional, Tuple, Union
 
 CPUINFO = '/proc/cpuinfo'
+# The int8 formulations of seg.inference.quantize (defined here: this module imports no JAX).
+FORMULATIONS = ('int8', 'float32', 'kernel')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +67,15 @@ def formulation_override() -> Optional[str]:
   value = os.environ.get('SEG_INT8_FORMULATION', 'auto') or 'auto'
   if value == 'auto':
     return None
-  if value not in ('int8', 'float32', 'kernel'):
-    raise ValueError(f"SEG_INT8_FORMULATION must be auto, int8, float32 or kernel, got {value!r}")
+  if value not in FORMULATIONS:
+    raise ValueError(f"SEG_INT8_FORMULATION must be auto or one of {FORMULATIONS}, "
+                     f"got {value!r}")
   return value
+
+
+def has_avx2_fma(flags: FrozenSet[str], machine: str) -> bool:
+  """x86-64 with AVX2 and FMA: what the project's int8 kernel needs (seg.inference.int8_kernel)."""
+  return machine.lower() in ('x86_64', 'amd64') and {'avx2', 'fma'} <= flags
 
 
 def choose(flags: Union[str, Iterable[str], None] = None,
@@ -87,7 +95,7 @@ def choose(flags: Union[str, Iterable[str], None] = None,
     return Choice(('--xla_cpu_use_onednn=true',), 'int8', 'AMX: oneDNN kernels')
   if flags & {'avx512_vnni', 'avx_vnni', 'avx512vnni'}:
     return Choice((), 'int8', 'VNNI: int8 dot products')
-  if {'avx2', 'fma'} <= flags and machine in ('x86_64', 'amd64'):
+  if has_avx2_fma(flags, machine):
     return Choice((), 'kernel', 'AVX2 without int8 dot instructions: the fused int8 kernel')
   if 'avx2' in flags:
     return Choice((), 'int8', 'AVX2: int8 products as fast as float32 or faster')

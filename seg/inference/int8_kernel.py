@@ -97,8 +97,7 @@ def build(directory: Optional[str] = None, log=None) -> str:
 def cpu_supported(flags=None, machine: Optional[str] = None) -> bool:
   """Whether the CPU runs the kernel (x86-64 with AVX2 and FMA)."""
   flags = cpu_features.cpu_flags() if flags is None else frozenset(flags)
-  machine = (machine or platform.machine()).lower()
-  return machine in ('x86_64', 'amd64') and {'avx2', 'fma'} <= flags
+  return cpu_features.has_avx2_fma(flags, machine or platform.machine())
 
 
 def available(log=None) -> bool:

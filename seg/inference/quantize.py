@@ -41,13 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from seg.inference.cpu_features import FORMULATIONS
 from seg.inference.forward import _conv, _depthwise, _stem
 from seg.model import block_specs
 from seg.model.layers import resize_bilinear
 
 INT8_MAX = 127
 SCALES_FILE = 'int8_scales.json'
-FORMULATIONS = ('int8', 'float32', 'kernel')
 # Products whose input has at least this stride are int8 (the stem's output has stride 2, so
 # 2 means all of them). Chosen by measurement: docs/performance.md ("int8").
 INT8_FROM_STRIDE = 2
