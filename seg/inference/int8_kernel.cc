@@ -19,6 +19,8 @@
 // is ReLU6 too, since the scale of a ReLU6 output is at most 6 / 127 (inv_out >= 127 / 6).
 // Rows are split into chunks shared by the calling thread and XLA's intra-op thread pool.
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -43,19 +45,21 @@ enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2, kRelu6Uint8 = 3 };
 struct Problem {
   const uint8_t* x;
   int64_t m, k, n;
+  int64_t kw;  // the packed weights' input channels: k, or k rounded up to 64 for AMX
   const int8_t* w;
   const float* scale;
   const float* bias;
   float inv_out;
   int mode;
   bool is_signed;
+  bool amx;
   void* out;
 };
 
 template <bool kSigned, int R>
 inline void Tile(const Problem& p, int64_t row, int64_t panel) {
   const int64_t groups = p.k / 4;
-  const int8_t* w = p.w + panel * groups * 64;
+  const int8_t* w = p.w + panel * (p.kw / 4) * 64;
   const uint8_t* x = p.x + row * p.k;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[R][2];
@@ -145,6 +149,125 @@ void Rows(const Problem& p, int64_t begin, int64_t end) {
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// AMX (amx_int8): the same sums from tile products, 16 rows x 16 channels x 64 inputs per
+// instruction (_tile_dpbusd: uint8 x int8, _tile_dpbssd: int8 x int8, into int32). The
+// packed weights of a panel are exactly a B tile's layout ([64 inputs / 4][16][4] per 64
+// inputs) when k is padded to a multiple of 64 with zero weights (pack_weights(...,
+// k_multiple=64)); an A tile reads 16 rows x 64 input bytes straight from x (row stride k),
+// whose bytes beyond k meet those zero weights, except near the end of x, where the rows
+// are copied into a zero-padded buffer first. The epilogue is the AVX2 one in 512 bits.
+#define SEG_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq")))
+
+constexpr int kTile = 16;  // rows per A tile and channels per B tile (one panel)
+
+// Linux hands out AMX's tile registers to processes that ask (arch_prctl); once per process.
+bool AmxPermitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+SEG_AMX void AmxStore(const Problem& p, const int32_t* acc, int64_t m, int64_t panel) {
+  const int64_t n0 = panel * kPanel;
+  const int64_t valid = std::min<int64_t>(kPanel, p.n - n0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc)),
+                             _mm512_loadu_ps(p.scale + n0), _mm512_loadu_ps(p.bias + n0));
+  if (p.mode == kRelu6Uint8) {
+    const __m512i q = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(y),
+                                                        _mm512_set1_epi32(127)),
+                                       _mm512_setzero_si512());
+    _mm_mask_storeu_epi8(static_cast<uint8_t*>(p.out) + m * p.n + n0, mask,
+                         _mm512_cvtepi32_epi8(q));
+    return;
+  }
+  if (p.mode != kLinear) y = _mm512_max_ps(y, _mm512_setzero_ps());
+  if (p.mode == kRelu6) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
+  _mm512_mask_storeu_ps(static_cast<float*>(p.out) + m * p.n + n0, mask, y);
+}
+
+// RT row tiles x PT panels from rows a[0..RT) (stride lda) into tiles 0..3.
+template <bool kSigned, int RT, int PT>
+SEG_AMX void AmxBlock(const Problem& p, const uint8_t* a0, const uint8_t* a1, int64_t lda,
+                      int64_t panel, int32_t* c, int64_t row, int64_t rows) {
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  const int64_t panel_bytes = p.kw / 4 * 64;
+  const int8_t* b0 = p.w + panel * panel_bytes;
+  const int8_t* b1 = b0 + panel_bytes;
+  for (int64_t kb = 0; kb < p.kw; kb += 64) {
+    _tile_loadd(4, a0 + kb, lda);
+    if (RT == 2) _tile_loadd(5, a1 + kb, lda);
+    _tile_loadd(6, b0 + kb * 16, 64);
+    if (PT == 2) _tile_loadd(7, b1 + kb * 16, 64);
+    if (kSigned) {
+      _tile_dpbssd(0, 4, 6);
+      if (PT == 2) _tile_dpbssd(1, 4, 7);
+      if (RT == 2) _tile_dpbssd(2, 5, 6);
+      if (RT == 2 && PT == 2) _tile_dpbssd(3, 5, 7);
+    } else {
+      _tile_dpbusd(0, 4, 6);
+      if (PT == 2) _tile_dpbusd(1, 4, 7);
+      if (RT == 2) _tile_dpbusd(2, 5, 6);
+      if (RT == 2 && PT == 2) _tile_dpbusd(3, 5, 7);
+    }
+  }
+  constexpr int kC = kTile * kTile;  // int32 per C tile
+  _tile_stored(0, c, 64);
+  if (PT == 2) _tile_stored(1, c + kC, 64);
+  if (RT == 2) _tile_stored(2, c + 2 * kC, 64);
+  if (RT == 2 && PT == 2) _tile_stored(3, c + 3 * kC, 64);
+  for (int rt = 0; rt < RT; ++rt)
+    for (int pt = 0; pt < PT; ++pt)
+      for (int64_t r = 0; r < std::min<int64_t>(kTile, rows - rt * kTile); ++r)
+        AmxStore(p, c + (2 * rt + pt) * kC + r * kTile, row + rt * kTile + r, panel + pt);
+}
+
+template <bool kSigned>
+SEG_AMX void AmxRows(const Problem& p, int64_t begin, int64_t end, std::vector<uint8_t>& pad) {
+  alignas(64) int32_t c[4 * kTile * kTile];
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  for (int64_t row = begin; row < end; row += 2 * kTile) {
+    const int64_t rows = std::min<int64_t>(2 * kTile, end - row);
+    // Direct loads read x[row + rows - 1][0 .. kw): inside x unless near its end.
+    const uint8_t* a = p.x + row * p.k;
+    int64_t lda = p.k;
+    if (rows < 2 * kTile || (row + rows - 1) * p.k + p.kw > p.m * p.k) {
+      pad.assign(2 * kTile * p.kw, 0);
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(&pad[r * p.kw], a + r * p.k, p.k);
+      a = pad.data();
+      lda = p.kw;
+    }
+    const uint8_t* a1 = a + kTile * lda;
+    int64_t panel = 0;
+    if (rows > kTile) {
+      for (; panel + 2 <= panels; panel += 2) AmxBlock<kSigned, 2, 2>(p, a, a1, lda, panel, c, row, rows);
+      if (panel < panels) AmxBlock<kSigned, 2, 1>(p, a, a1, lda, panel, c, row, rows);
+    } else {
+      for (; panel + 2 <= panels; panel += 2) AmxBlock<kSigned, 1, 2>(p, a, a1, lda, panel, c, row, rows);
+      if (panel < panels) AmxBlock<kSigned, 1, 1>(p, a, a1, lda, panel, c, row, rows);
+    }
+  }
+}
+
+SEG_AMX void AmxRun(const Problem& p, int64_t begin, int64_t end) {
+  thread_local std::vector<uint8_t> pad;
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) { config.colsb[t] = 64; config.rows[t] = kTile; }
+  _tile_loadconfig(&config);
+  if (p.is_signed) AmxRows<true>(p, begin, end, pad); else AmxRows<false>(p, begin, end, pad);
+  _tile_release();
+}
+
+// ------------------------------------------------------------------------------------------
 // Shared by the caller and the pool's tasks; a task that starts after the work is done
 // finds no chunk left (it holds the state alive through the shared_ptr).
 struct Work {
@@ -166,7 +289,9 @@ struct Work {
   void Run() {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       const int64_t begin = c * kChunkRows, end = std::min(p.m, begin + kChunkRows);
-      if (p.is_signed) Rows<true>(p, begin, end); else Rows<false>(p, begin, end);
+      if (p.amx) AmxRun(p, begin, end);
+      else if (p.is_signed) Rows<true>(p, begin, end);
+      else Rows<false>(p, begin, end);
       done.fetch_add(1, std::memory_order_release);
     }
   }
@@ -174,7 +299,7 @@ struct Work {
 
 ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                       ffi::Buffer<ffi::F32> inv_out, int32_t mode, bool is_signed,
+                       ffi::Buffer<ffi::F32> inv_out, int32_t mode, bool is_signed, bool amx,
                        ffi::Result<ffi::AnyBuffer> out) {
   const auto dims = x.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("x needs a channel axis");
@@ -182,16 +307,22 @@ ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   const int64_t n = static_cast<int64_t>(scale.element_count());
   const int64_t panels = (n + kPanel - 1) / kPanel;
   if (k % 4 != 0) return ffi::Error::InvalidArgument("the input channels must be a multiple of 4");
-  if (static_cast<int64_t>(w.element_count()) != panels * kPanel * k)
+  const int64_t kw = static_cast<int64_t>(w.element_count()) / (panels * kPanel);
+  if (kw * panels * kPanel != static_cast<int64_t>(w.element_count()) || kw < k || kw % 4 != 0 ||
+      kw - k >= 64)
     return ffi::Error::InvalidArgument("packed weights do not match the input and output sizes");
+  if (amx && kw % 64 != 0)
+    return ffi::Error::InvalidArgument("AMX needs weights packed to a multiple of 64 inputs");
+  if (amx && !AmxPermitted())
+    return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
   if (mode < kLinear || mode > kRelu6Uint8) return ffi::Error::InvalidArgument("unknown mode");
   if (inv_out.element_count() != 1) return ffi::Error::InvalidArgument("inv_out is one number");
   auto work = std::make_shared<Work>();
   int64_t m = 1;
   for (size_t i = 0; i + 1 < dims.size(); ++i) m *= dims[i];
-  work->p = Problem{static_cast<const uint8_t*>(x.untyped_data()), m, k, n, w.typed_data(),
+  work->p = Problem{static_cast<const uint8_t*>(x.untyped_data()), m, k, n, kw, w.typed_data(),
                     scale.typed_data(), bias.typed_data(), inv_out.typed_data()[0], mode, is_signed,
-                    out->untyped_data()};
+                    amx, out->untyped_data()};
   work->Prepare(scale.typed_data(), bias.typed_data());
   work->chunks = (m + kChunkRows - 1) / kChunkRows;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
@@ -207,6 +338,9 @@ ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
 
 }  // namespace
 
+// Whether this process may use AMX (asks Linux once; int8_kernel.py calls it through ctypes).
+extern "C" int SegAmxPermitted() { return AmxPermitted() ? 1 : 0; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Product, Int8Product,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -217,4 +351,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Product, Int8Product,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // inv_out []
                                   .Attr<int32_t>("mode")
                                   .Attr<bool>("is_signed")
+                                  .Attr<bool>("amx")
                                   .Ret<ffi::AnyBuffer>());

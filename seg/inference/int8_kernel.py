@@ -38,6 +38,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'int8_kernel.c
 TARGET = 'seg_int8_product'
 PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
+AMX_K = 64   # input channels per AMX tile product
 MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3}
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')
@@ -120,11 +121,33 @@ def unavailable_reason() -> Optional[str]:
   return _state.get('reason')
 
 
-def pack_weights(w: np.ndarray) -> np.ndarray:
-  """[in, out] int8 -> the kernel's layout, 1-D int8 of in x ceil(out / 16) x 16.
+def isa() -> str:
+  """Which of the kernel's loops runs here: 'amx' (tile products; CPUs with amx_int8 whose
+  Linux grants the tile registers) or 'avx2'. SEG_INT8_KERNEL_ISA=avx2 forces the AVX2 one."""
+  if 'isa' not in _state:
+    chosen = 'avx2'
+    wanted = os.environ.get('SEG_INT8_KERNEL_ISA', 'auto') or 'auto'
+    if wanted not in ('auto', 'avx2', 'amx'):
+      raise ValueError(f"SEG_INT8_KERNEL_ISA must be auto, avx2 or amx, got {wanted!r}")
+    if wanted != 'avx2' and available() and 'amx_int8' in cpu_features.cpu_flags():
+      chosen = 'amx' if _state['lib'].SegAmxPermitted() == 1 else 'avx2'
+    if wanted == 'amx' and chosen != 'amx':
+      raise RuntimeError('SEG_INT8_KERNEL_ISA=amx, but this CPU or Linux offers no AMX')
+    _state['isa'] = chosen
+  return _state['isa']
 
-  Panel p holds output channels 16p..16p+15 (zeros beyond `out`); inside it, for each
-  group of 4 inputs, 16 channels x 4 inputs (int8_kernel.cc).
+
+def k_multiple() -> int:
+  """The input channels `pack_weights` pads to for this machine's loop (64 for AMX tiles)."""
+  return AMX_K if isa() == 'amx' else GROUP
+
+
+def pack_weights(w: np.ndarray, k_multiple: int = GROUP) -> np.ndarray:
+  """[in, out] int8 -> the kernel's layout, 1-D int8 of in' x ceil(out / 16) x 16.
+
+  in' = in rounded up to `k_multiple` (4, or 64 for AMX tiles) with zero weights. Panel p
+  holds output channels 16p..16p+15 (zeros beyond `out`); inside it, for each group of 4
+  inputs, 16 channels x 4 inputs (int8_kernel.cc).
   """
   w = np.asarray(w)
   if w.dtype != np.int8 or w.ndim != 2:
@@ -132,12 +155,15 @@ def pack_weights(w: np.ndarray) -> np.ndarray:
   k, n = w.shape
   if k % GROUP:
     raise ValueError(f'the kernel needs a multiple of {GROUP} input channels, got {k}')
+  if k_multiple % GROUP:
+    raise ValueError(f'k_multiple must be a multiple of {GROUP}, got {k_multiple}')
   panels = -(-n // PANEL)
-  padded = np.zeros((k, panels * PANEL), np.int8)
-  padded[:, :n] = w
-  # [k/4, 4, panels, 16] -> [panels, k/4, 16, 4]
+  kp = -(-k // k_multiple) * k_multiple
+  padded = np.zeros((kp, panels * PANEL), np.int8)
+  padded[:k, :n] = w
+  # [k'/4, 4, panels, 16] -> [panels, k'/4, 16, 4]
   return np.ascontiguousarray(
-      padded.reshape(k // GROUP, GROUP, panels, PANEL).transpose(2, 0, 3, 1)).reshape(-1)
+      padded.reshape(kp // GROUP, GROUP, panels, PANEL).transpose(2, 0, 3, 1)).reshape(-1)
 
 
 def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array,
@@ -156,6 +182,8 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
     raise ValueError(f'x must be uint8 or int8, got {x.dtype}')
   out_dtype = jnp.uint8 if mode == 'relu6_uint8' else jnp.float32
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + scale.shape, out_dtype))
+  k_packed = w_packed.shape[0] // (-(-scale.shape[0] // PANEL) * PANEL)
   return call(x, w_packed, scale, bias, jnp.asarray(inv_out, jnp.float32),
-              mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8))
+              mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8),
+              amx=bool(isa() == 'amx' and k_packed % AMX_K == 0))
 

@@ -256,8 +256,8 @@ def quantize_folded(model_config, folded: Dict[str, Any], scales: Dict[str, floa
     x_scale = np.float32(scales[name])
     q, w_scale = quantize_weight(layer['w'])
     if formulation == 'kernel' and q.shape[0] % 4 == 0:
-      from seg.inference.int8_kernel import pack_weights
-      layer['w'] = pack_weights(q)
+      from seg.inference import int8_kernel
+      layer['w'] = int8_kernel.pack_weights(q, int8_kernel.k_multiple())
     elif formulation == 'kernel':  # the kernel takes inputs in groups of 4 channels
       layer['w'] = q
     else:

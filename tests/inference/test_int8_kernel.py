@@ -32,22 +32,26 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
 
 @pytest.mark.parametrize('signed', [False, True])
 @pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'relu6_uint8'])
-def test_the_kernel_computes_the_integer_product_exactly(signed, mode):
+@pytest.mark.parametrize('k_multiple,k', [(4, 52), (64, 52), (64, 136)])
+def test_the_kernel_computes_the_integer_product_exactly(signed, mode, k_multiple, k):
+  """k_multiple 4: the AVX2 loop; 64: AMX tiles where the CPU has them (int8_kernel.isa()),
+  with inputs that are one partial tile (52) or two and a part (136)."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
-  rng = np.random.default_rng(hash((signed, mode)) % 2**32)
-  # Rows not a multiple of the 4-row tile or the 64-row chunk, outputs not a multiple of the
-  # 16-channel panel, a batch axis; extreme values (+-127 everywhere) in the first row.
-  x = rng.integers(-127 if signed else 0, 128, (3, 45, 52)).astype(np.int8 if signed else
-                                                                  np.uint8)
+  rng = np.random.default_rng(hash((signed, mode, k)) % 2**32)
+  # Rows not a multiple of the 4-row tile, the 32-row AMX block or the 64-row chunk, outputs
+  # not a multiple of the 16-channel panel (an odd number of panels), a batch axis; extreme
+  # values (+-127 everywhere) in the first row.
+  x = rng.integers(-127 if signed else 0, 128, (3, 45, k)).astype(np.int8 if signed else
+                                                                 np.uint8)
   x[0, 0] = 127
-  w = rng.integers(-127, 128, (52, 37)).astype(np.int8)
+  w = rng.integers(-127, 128, (k, 37)).astype(np.int8)
   w[:, 0] = 127 if not signed else -127
   scale = rng.uniform(2e-5, 2e-4, 37).astype(np.float32)
   bias = rng.normal(0, 1, 37).astype(np.float32)
   inv_out = np.float32(127 / 6)
   got = jax.jit(lambda x, w: int8_kernel.product(x, w, jnp.asarray(scale), jnp.asarray(bias),
                                                  mode, inv_out))(
-      jnp.asarray(x), jnp.asarray(int8_kernel.pack_weights(w)))
+      jnp.asarray(x), jnp.asarray(int8_kernel.pack_weights(w, k_multiple)))
   expected = _numpy_product(x, w, scale, bias, mode, inv_out)
   assert got.dtype == expected.dtype and got.shape == expected.shape
   np.testing.assert_array_equal(np.asarray(got), expected)
@@ -66,6 +70,9 @@ def test_packed_weights_follow_the_kernels_layout():
   assert packed[1, 1, 2, 3] == w[4 + 3, 16 + 2]
   assert packed[0, 0, 5, 1] == w[1, 5]
   assert (packed[1, :, 4:] == 0).all()  # channels 20..31 do not exist
+  # Padded to 64 inputs for AMX tiles: zero weights beyond the 8 real inputs.
+  padded = int8_kernel.pack_weights(w, 64).reshape(2, 16, 16, 4)
+  assert padded[1, 1, 2, 3] == w[4 + 3, 16 + 2] and (padded[:, 2:] == 0).all()
   with pytest.raises(ValueError, match='multiple of 4'):
     int8_kernel.pack_weights(np.zeros((6, 3), np.int8))
   with pytest.raises(ValueError, match='int8'):
