@@ -63,7 +63,8 @@ def main():
       times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
-  print(f'{args.size}x{args.size}, width {args.width}, batch 1, jax {jax.__version__}; '
+  print(f'{args.size}x{args.size}, width {args.width}, batch 1, jax {jax.__version__}, '
+        f'kernel loop {int8_kernel.isa()} (SEG_INT8_KERNEL_ISA); '
         f'ms (GMAdd/s): kernel | xla int8 | xla float32')
   totals = {'kernel': 0.0, 'xla int8': 0.0, 'xla float32': 0.0}
   madds = 0
@@ -77,7 +78,7 @@ def main():
     f = act[activation]
     ms = {
         'kernel': timed(lambda x, w: int8_kernel.product(x, w, scale, bias, mode, 127 / 6),
-                        xq, jnp.asarray(int8_kernel.pack_weights(wq))),
+                        xq, jnp.asarray(int8_kernel.pack_weights(wq, int8_kernel.k_multiple()))),
         'xla int8': timed(lambda x, w: f(lax.dot_general(
             jnp.clip(jnp.round(x * 127), -127, 127).astype(jnp.int8), w, dims,
             preferred_element_type=jnp.int32).astype(jnp.float32) * scale + bias),

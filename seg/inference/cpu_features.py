@@ -13,7 +13,10 @@ The rules, and what they rest on (docs/performance.md, "int8"):
   531 vs 245 bfloat16; issue 17's measurement, 2026-11-29). With jaxlib 0.10.2 on the same
   kind of Xeon (2026-12-02, `benchmarks/int8_fusion_probe.py`) XLA's own products ran as
   fast without it (int8 1,899 vs 1,812, bfloat16 516 vs 502 GMAdd/s); the flag is kept
-  until an engine A/B says otherwise.
+  until an engine A/B says otherwise. The int8 formulation there is 'kernel': the project's
+  kernel multiplies in AMX tiles with the requantisation in its output loop, faster than
+  XLA's int8 in the engine (2-core Xeon with AMX, 2026-12-02: docs/performance.md, "The int8
+  kernel with AMX tiles"); 'int8' where it cannot be built.
 - AVX-512 VNNI / AVX-VNNI: XLA's default dot (YNNPACK) multiplies int8 x int8 into int32
   at least as fast as float32 -> the 'int8' formulation, no flags. (The project's AVX2
   kernel was not measured on such a CPU, so it is not chosen there.)
@@ -92,7 +95,8 @@ def choose(flags: Union[str, Iterable[str], None] = None,
   flags = frozenset(flags)
   machine = (machine or platform.machine()).lower()
   if flags & {'amx_int8', 'amx_bf16'}:
-    return Choice(('--xla_cpu_use_onednn=true',), 'int8', 'AMX: oneDNN kernels')
+    return Choice(('--xla_cpu_use_onednn=true',), 'kernel' if 'amx_int8' in flags else 'int8',
+                  'AMX: oneDNN kernels, the fused int8 kernel in AMX tiles')
   if flags & {'avx512_vnni', 'avx_vnni', 'avx512vnni'}:
     return Choice((), 'int8', 'VNNI: int8 dot products')
   if has_avx2_fma(flags, machine):

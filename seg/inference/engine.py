@@ -57,7 +57,7 @@ def int8_formulation_for(platform: str, requested: Optional[str] = None, log=Non
            None if int8_kernel.available(log) else int8_kernel.unavailable_reason())
     if why:
       if log:
-        log(f"int8: XLA's int8 products instead of the AVX2 kernel ({why})")
+        log(f"int8: XLA's int8 products instead of the project's int8 kernel ({why})")
       formulation = 'int8'
   return formulation
 

@@ -165,7 +165,11 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
         else None
     eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales, log=log)
     if eng.int8_formulation:
-      log(f'int8 products: the {eng.int8_formulation!r} formulation (seg.inference.quantize)')
+      loop = ''
+      if eng.int8_formulation == 'kernel':
+        from seg.inference import int8_kernel
+        loop = f', its {int8_kernel.isa()} loop'
+      log(f'int8 products: the {eng.int8_formulation!r} formulation{loop} (seg.inference.quantize)')
     variables = jax.device_get(eng.folded)
   report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype)),
                     parallel.replicate(variables), config, log=log)

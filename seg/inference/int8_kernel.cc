@@ -1,6 +1,7 @@
 // int8 1x1 products with the requantisation fused into the output loop, for x86 CPUs with
-// AVX2 and no int8 dot-product instructions (where XLA's int8 products run no faster than
-// float32). Built and loaded by seg/inference/int8_kernel.py; called through the XLA FFI.
+// AVX2 and FMA (where XLA's int8 products run no faster than float32) and, in AMX tiles, for
+// CPUs with AMX (`amx`, below). Built and loaded by seg/inference/int8_kernel.py; called
+// through the XLA FFI.
 //
 //   out[m, n] = act(fma(float(sum_k x[m, k] * w[k, n]), scale[n], bias[n]))
 //

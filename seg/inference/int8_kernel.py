@@ -1,12 +1,13 @@
-"""The int8 engine's own product kernel for AVX2 CPUs without int8 dot instructions.
+"""The int8 engine's own product kernel: AVX2 loops, or AMX tiles where the CPU has them.
 
     if int8_kernel.available():                     # builds and registers it once
       wp = int8_kernel.pack_weights(w_int8)        # [in, out] int8 -> packed, 1-D
       y = int8_kernel.product(xq, wp, scale, bias, mode='relu6')   # inside jit, on a CPU
 
-On such CPUs (AVX2 and FMA, no AVX-512 VNNI, AVX-VNNI or AMX) XLA's int8 products run no
-faster than its float32 ones, and the quantise / dequantise around them is separate passes
-over memory (docs/performance.md, "int8"). `int8_kernel.cc` multiplies uint8 or int8
+On CPUs with AVX2 and FMA but no int8 dot instructions XLA's int8 products run no faster
+than its float32 ones; on every CPU the quantise / dequantise around XLA's products is
+separate passes over memory (docs/performance.md, "int8"). On CPUs with AMX (`amx_int8`) the
+kernel multiplies in tiles (`isa()`). `int8_kernel.cc` multiplies uint8 or int8
 activations by packed int8 weights into exact int32 sums and applies scale, bias, the
 activation and (mode 'relu6_uint8') the rounding to the next layer's uint8 input in the same
 loop: the numbers of XLA's int8 formulation, from a third of the memory traffic.

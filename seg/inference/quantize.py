@@ -21,7 +21,7 @@ Three formulations (`FORMULATIONS`): 'int8' stores the weights as int8 and multi
 by int8 into int32; 'float32' stores the same integers as float32 and multiplies them in
 float32 (with at most 1,040 input channels every partial sum is an integer below 2^24, so
 float32 holds it exactly and both compute the same accumulators bit for bit); 'kernel' packs
-the int8 weights for the project's own AVX2 kernel (`seg.inference.int8_kernel`: the same
+the int8 weights for the project's own kernel (`seg.inference.int8_kernel`, AVX2 or AMX tiles: the same
 accumulators, with bias, activation and requantisation in its output loop), and by default
 also stores each expansion's ReLU6 output, the depthwise layer's input, as uint8 in a
 calibrated scale ('block{i}/depthwise', `scale_names`) that the depthwise weights carry.
