@@ -164,3 +164,23 @@ def test_the_formulation_can_be_forced(monkeypatch):
   monkeypatch.setenv('SEG_INT8_FORMULATION', 'fast')
   with pytest.raises(ValueError, match='SEG_INT8_FORMULATION'):
     cpu_features.formulation_override()
+
+
+def test_the_kernel_loop_follows_the_cpu_and_the_override(monkeypatch):
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
+  int8_kernel._state.pop('isa', None)
+  has_amx = 'amx_int8' in cpu_features.cpu_flags()
+  assert int8_kernel.isa() == ('amx' if has_amx else 'avx2')  # Linux grants AMX here
+  assert int8_kernel.k_multiple() == (64 if has_amx else 4)
+  int8_kernel._state.pop('isa')
+  monkeypatch.setenv('SEG_INT8_KERNEL_ISA', 'avx2')
+  assert int8_kernel.isa() == 'avx2' and int8_kernel.k_multiple() == 4
+  int8_kernel._state.pop('isa')
+  monkeypatch.setattr(cpu_features, 'cpu_flags', lambda: frozenset({'avx2', 'fma'}))
+  monkeypatch.setenv('SEG_INT8_KERNEL_ISA', 'amx')  # asked for, but the CPU has none
+  with pytest.raises(RuntimeError, match='no AMX'):
+    int8_kernel.isa()
+  monkeypatch.setenv('SEG_INT8_KERNEL_ISA', 'fast')
+  with pytest.raises(ValueError, match='SEG_INT8_KERNEL_ISA'):
+    int8_kernel.isa()
