@@ -1,10 +1,11 @@
-"""Each of the network's 1x1 products in the int8 kernel, in XLA's int8 and in XLA's float32.
+"""Each of the network's 1x1 products in the int8 kernel's loops, XLA's int8 and XLA's float32.
 
     python benchmarks/int8_kernel_layers.py [--width 1.0] [--size 513] [--iters 15]
 
 The products of DeepLabv3 + MobileNetV2 (output stride 16, batch 1) as the engine runs them,
 random values (speed does not depend on them), each variant one compiled call:
-- kernel: `seg.inference.int8_kernel.product` on uint8/int8 inputs, expansions writing the
+- kernel LOOP, for each loop this CPU runs (avx2, vnni, amx: `int8_kernel.loops()`):
+  `seg.inference.int8_kernel.product` on uint8/int8 inputs, expansions writing the
   depthwise layer's uint8 input, the others float32 (the 'kernel' formulation);
 - xla int8: float32 input quantised, int8 x int8 -> int32 `dot_general`, scale, bias and
   activation (the 'int8' formulation, fused by XLA);
@@ -63,10 +64,11 @@ def main():
       times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
+  loops = int8_kernel.loops()
+  columns = [f'kernel {loop}' for loop in loops] + ['xla int8', 'xla float32']
   print(f'{args.size}x{args.size}, width {args.width}, batch 1, jax {jax.__version__}, '
-        f'kernel loop {int8_kernel.isa()} (SEG_INT8_KERNEL_ISA); '
-        f'ms (GMAdd/s): kernel | xla int8 | xla float32')
-  totals = {'kernel': 0.0, 'xla int8': 0.0, 'xla float32': 0.0}
+        f'the engine\'s loop: {int8_kernel.isa()}; ms (GMAdd/s): ' + ' | '.join(columns))
+  totals = dict.fromkeys(columns, 0.0)
   madds = 0
   for name, m, k, n, signed, activation in layers:
     xf = jnp.asarray(rng.uniform(-1 if signed else 0, 1, (m, k)), jnp.float32)
@@ -76,16 +78,18 @@ def main():
     xq = jnp.asarray(np.asarray(xf * 127).round(), jnp.int8 if signed else jnp.uint8)
     mode = {None: 'linear', 'relu': 'relu', 'relu6': 'relu6_uint8'}[activation]
     f = act[activation]
-    ms = {
-        'kernel': timed(lambda x, w: int8_kernel.product(x, w, scale, bias, mode, 127 / 6),
-                        xq, jnp.asarray(int8_kernel.pack_weights(wq, int8_kernel.k_multiple()))),
+    ms = {f'kernel {loop}': timed(
+        lambda x, w, loop=loop: int8_kernel.product(x, w, scale, bias, mode, 127 / 6, loop),
+        xq, jnp.asarray(int8_kernel.pack_weights(wq, 64 if loop == 'amx' else 4)))
+          for loop in loops}
+    ms.update({
         'xla int8': timed(lambda x, w: f(lax.dot_general(
             jnp.clip(jnp.round(x * 127), -127, 127).astype(jnp.int8), w, dims,
             preferred_element_type=jnp.int32).astype(jnp.float32) * scale + bias),
             xf, jnp.asarray(wq)),
         'xla float32': timed(lambda x, w: f(lax.dot_general(x, w, dims) + bias),
                              xf, jnp.asarray(wq, jnp.float32)),
-    }
+    })
     madds += m * k * n
     for key, value in ms.items():
       totals[key] += value

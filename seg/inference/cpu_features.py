@@ -3,6 +3,7 @@
     choice = choose(cpu_flags())     # /proc/cpuinfo's flags (or a string of them)
     choice.xla_flags                 # e.g. ('--xla_cpu_use_onednn=true',) on AMX CPUs
     choice.int8_formulation          # 'int8', 'float32' or 'kernel' (seg.inference.quantize)
+    choice.reason                    # one line: why
 
 Imports nothing heavy: the CLI calls it before JAX starts (`seg.cli.process`), since XLA
 reads its flags once.
@@ -17,16 +18,19 @@ The rules, and what they rest on (docs/performance.md, "int8"):
   kernel multiplies in AMX tiles with the requantisation in its output loop, faster than
   XLA's int8 in the engine (2-core Xeon with AMX, 2026-12-02: docs/performance.md, "The int8
   kernel with AMX tiles"); 'int8' where it cannot be built.
-- AVX-512 VNNI / AVX-VNNI: XLA's default dot (YNNPACK) multiplies int8 x int8 into int32
-  at least as fast as float32 -> the 'int8' formulation, no flags. (The project's AVX2
-  kernel was not measured on such a CPU, so it is not chosen there.)
-- AVX2 and FMA on x86-64 without those: XLA's int8 products run at float32's rate (AVX2-only
-  AMD EPYC, 2026-12-01: 65-82 vs 54-80 GMAdd/s at the network's shapes; oneDNN no faster),
-  and the project's fused kernel (`seg.inference.int8_kernel`) is faster (docs/performance.md,
-  "The fused int8 kernel") -> 'kernel'; the engine falls back to 'int8' where it cannot be
-  built. AVX2 without FMA -> 'int8'.
+- AVX-512 VNNI without AMX: the kernel's VNNI loop (`vpdpbusd`, 64 multiply-adds per
+  instruction) -> 'kernel'. On a 2-core AMD EPYC Zen 4 (2026-12-05,
+  `benchmarks/int8_kernel_layers.py`) the network's products took 9.6 ms in it against 38.3
+  in XLA's int8 (with its quantise / dequantise) and 33.9 in XLA's float32; on an Intel Xeon
+  with VNNI but no AMX (2026-12-02) XLA's int8 ran at float32's rate (100 vs 116 GMAdd/s).
+- AVX2 and FMA on x86-64 (with AVX-VNNI or without VNNI): XLA's int8 products run at
+  float32's rate (AVX2-only AMD EPYC, 2026-12-01: 65-82 vs 54-80 GMAdd/s at the network's
+  shapes; oneDNN no faster), and the kernel's AVX2 loop is faster (docs/performance.md, "The
+  fused int8 kernel"; on the Zen 4 above 18.6 ms against XLA int8's 38.3) -> 'kernel'. (The
+  kernel has no AVX-VNNI loop: such CPUs run its AVX2 one.) AVX2 without FMA -> 'int8'.
 - Neither (no AVX2 on x86, or an ARM core without `asimddp`): the 'float32' formulation, the
   same integers multiplied exactly in float32 (what such CPUs do fastest).
+Where 'kernel' is chosen and cannot be built, the engine falls back to 'int8'.
 SEG_INT8_FORMULATION (`formulation_override`) overrides the choice, e.g. for A/B timings.
 """
 
@@ -97,10 +101,10 @@ def choose(flags: Union[str, Iterable[str], None] = None,
   if flags & {'amx_int8', 'amx_bf16'}:
     return Choice(('--xla_cpu_use_onednn=true',), 'kernel' if 'amx_int8' in flags else 'int8',
                   'AMX: oneDNN kernels, the fused int8 kernel in AMX tiles')
-  if flags & {'avx512_vnni', 'avx_vnni', 'avx512vnni'}:
-    return Choice((), 'int8', 'VNNI: int8 dot products')
+  if has_avx2_fma(flags, machine) and 'avx512_vnni' in flags:
+    return Choice((), 'kernel', 'AVX-512 VNNI: the fused int8 kernel, its VNNI loop')
   if has_avx2_fma(flags, machine):
-    return Choice((), 'kernel', 'AVX2 without int8 dot instructions: the fused int8 kernel')
+    return Choice((), 'kernel', 'AVX2 and FMA: the fused int8 kernel, its AVX2 loop')
   if 'avx2' in flags:
     return Choice((), 'int8', 'AVX2: int8 products as fast as float32 or faster')
   if machine in ('aarch64', 'arm64') and 'asimddp' in flags:

@@ -1,7 +1,8 @@
 // int8 1x1 products with the requantisation fused into the output loop, for x86 CPUs with
-// AVX2 and FMA (where XLA's int8 products run no faster than float32) and, in AMX tiles, for
-// CPUs with AMX (`amx`, below). Built and loaded by seg/inference/int8_kernel.py; called
-// through the XLA FFI.
+// AVX2 and FMA (where XLA's int8 products run no faster than float32), with AVX-512 VNNI's
+// dot-product instructions where the CPU has them (`vnni`, below) and in AMX tiles on CPUs
+// with AMX (`amx`, below). Built and loaded by seg/inference/int8_kernel.py; called through
+// the XLA FFI.
 //
 //   out[m, n] = act(fma(float(sum_k x[m, k] * w[k, n]), scale[n], bias[n]))
 //
@@ -42,6 +43,7 @@ constexpr int kRows = 4;    // rows per register tile (8 accumulators)
 constexpr int64_t kChunkRows = 64;
 
 enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2, kRelu6Uint8 = 3 };
+enum Isa { kAvx2 = 0, kVnni = 1, kAmx = 2 };  // int8_kernel.py: ISAS
 
 struct Problem {
   const uint8_t* x;
@@ -53,7 +55,8 @@ struct Problem {
   float inv_out;
   int mode;
   bool is_signed;
-  bool amx;
+  int isa;
+  const int32_t* offset;  // VNNI with signed x: 128 * sum_k w[k, n] per channel, else null
   void* out;
 };
 
@@ -151,13 +154,94 @@ void Rows(const Problem& p, int64_t begin, int64_t end) {
 }
 
 // ------------------------------------------------------------------------------------------
+// The AVX-512 output loop of the VNNI and AMX loops: one row's 16 channels of `panel` from
+// their int32 sums (less `offset`, where the VNNI loop multiplied x + 128): the AVX2
+// epilogue in 512 bits.
+#define SEG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+SEG_AVX512 inline void Store16(const Problem& p, __m512i acc, int64_t m, int64_t panel) {
+  const int64_t n0 = panel * kPanel;
+  const int64_t valid = std::min<int64_t>(kPanel, p.n - n0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  if (p.offset) acc = _mm512_sub_epi32(acc, _mm512_loadu_si512(p.offset + n0));
+  __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(p.scale + n0),
+                             _mm512_loadu_ps(p.bias + n0));
+  if (p.mode == kRelu6Uint8) {
+    const __m512i q = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(y),
+                                                        _mm512_set1_epi32(127)),
+                                       _mm512_setzero_si512());
+    _mm_mask_storeu_epi8(static_cast<uint8_t*>(p.out) + m * p.n + n0, mask,
+                         _mm512_cvtepi32_epi8(q));
+    return;
+  }
+  if (p.mode != kLinear) y = _mm512_max_ps(y, _mm512_setzero_ps());
+  if (p.mode == kRelu6) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
+  _mm512_mask_storeu_ps(static_cast<float*>(p.out) + m * p.n + n0, mask, y);
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX-512 VNNI (avx512_vnni): _mm512_dpbusd_epi32 multiplies 4 uint8 inputs by 4 int8
+// weights in each of 16 int32 lanes and adds them to the lane: one group of a panel (16
+// channels x 4 inputs, 64 bytes) is exactly one zmm, so one instruction does what the AVX2
+// loop's maddubs + madd + add do for half as many channels. It takes unsigned x only: a
+// signed x is multiplied as x + 128 (x ^ 0x80, in [1, 255]) and 128 * sum_k w[k, n] taken
+// off the sum before the epilogue (`offset`), which leaves the exact int32 product.
+#define SEG_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// R rows x P panels, R * P accumulators (at most 16 of the 32 zmm registers).
+template <bool kSigned, int R, int P>
+SEG_VNNI inline void VnniTile(const Problem& p, int64_t row, int64_t panel) {
+  const int64_t groups = p.k / 4;
+  const int64_t panel_bytes = p.kw / 4 * 64;
+  const int8_t* w = p.w + panel * panel_bytes;
+  const uint8_t* x = p.x + row * p.k;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512i acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < P; ++q) acc[r][q] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i wv[P];
+    for (int q = 0; q < P; ++q) wv[q] = _mm512_loadu_si512(w + q * panel_bytes + 64 * g);
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + r * p.k + 4 * g, 4);
+      __m512i xb = _mm512_set1_epi32(four);
+      if (kSigned) xb = _mm512_xor_si512(xb, flip);
+      for (int q = 0; q < P; ++q) acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], xb, wv[q]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < P; ++q) Store16(p, acc[r][q], row + r, panel + q);
+}
+
+template <bool kSigned, int P>
+SEG_VNNI void VnniPanels(const Problem& p, int64_t begin, int64_t end, int64_t panel) {
+  constexpr int R = P == 4 ? 4 : 8;
+  int64_t r = begin;
+  for (; r + R <= end; r += R) VnniTile<kSigned, R, P>(p, r, panel);
+  for (; r < end; ++r) VnniTile<kSigned, 1, P>(p, r, panel);
+}
+
+template <bool kSigned>
+SEG_VNNI void VnniRows(const Problem& p, int64_t begin, int64_t end) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  int64_t panel = 0;
+  for (; panel + 4 <= panels; panel += 4) VnniPanels<kSigned, 4>(p, begin, end, panel);
+  if (panel + 2 <= panels) {
+    VnniPanels<kSigned, 2>(p, begin, end, panel);
+    panel += 2;
+  }
+  if (panel < panels) VnniPanels<kSigned, 1>(p, begin, end, panel);
+}
+
+// ------------------------------------------------------------------------------------------
 // AMX (amx_int8): the same sums from tile products, 16 rows x 16 channels x 64 inputs per
 // instruction (_tile_dpbusd: uint8 x int8, _tile_dpbssd: int8 x int8, into int32). The
 // packed weights of a panel are exactly a B tile's layout ([64 inputs / 4][16][4] per 64
 // inputs) when k is padded to a multiple of 64 with zero weights (pack_weights(...,
 // k_multiple=64)); an A tile reads 16 rows x 64 input bytes straight from x (row stride k),
 // whose bytes beyond k meet those zero weights, except near the end of x, where the rows
-// are copied into a zero-padded buffer first. The epilogue is the AVX2 one in 512 bits.
+// are copied into a zero-padded buffer first. The epilogue is Store16.
 #define SEG_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq")))
 
 constexpr int kTile = 16;  // rows per A tile and channels per B tile (one panel)
@@ -176,25 +260,6 @@ struct alignas(64) TileConfig {
   uint16_t colsb[16] = {};
   uint8_t rows[16] = {};
 };
-
-SEG_AMX void AmxStore(const Problem& p, const int32_t* acc, int64_t m, int64_t panel) {
-  const int64_t n0 = panel * kPanel;
-  const int64_t valid = std::min<int64_t>(kPanel, p.n - n0);
-  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-  __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(acc)),
-                             _mm512_loadu_ps(p.scale + n0), _mm512_loadu_ps(p.bias + n0));
-  if (p.mode == kRelu6Uint8) {
-    const __m512i q = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(y),
-                                                        _mm512_set1_epi32(127)),
-                                       _mm512_setzero_si512());
-    _mm_mask_storeu_epi8(static_cast<uint8_t*>(p.out) + m * p.n + n0, mask,
-                         _mm512_cvtepi32_epi8(q));
-    return;
-  }
-  if (p.mode != kLinear) y = _mm512_max_ps(y, _mm512_setzero_ps());
-  if (p.mode == kRelu6) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
-  _mm512_mask_storeu_ps(static_cast<float*>(p.out) + m * p.n + n0, mask, y);
-}
 
 // RT row tiles x PT panels from rows a[0..RT) (stride lda) into tiles 0..3.
 template <bool kSigned, int RT, int PT>
@@ -229,7 +294,8 @@ SEG_AMX void AmxBlock(const Problem& p, const uint8_t* a0, const uint8_t* a1, in
   for (int rt = 0; rt < RT; ++rt)
     for (int pt = 0; pt < PT; ++pt)
       for (int64_t r = 0; r < std::min<int64_t>(kTile, rows - rt * kTile); ++r)
-        AmxStore(p, c + (2 * rt + pt) * kC + r * kTile, row + rt * kTile + r, panel + pt);
+        Store16(p, _mm512_load_si512(c + (2 * rt + pt) * kC + r * kTile), row + rt * kTile + r,
+                panel + pt);
 }
 
 template <bool kSigned>
@@ -276,21 +342,34 @@ struct Work {
   int64_t chunks = 0;
   std::atomic<int64_t> next{0}, done{0};
   std::vector<float> scale, bias;  // zero-padded to whole panels; times inv_out in mode 3
+  std::vector<int32_t> offset;     // the VNNI loop's, for signed x
 
   void Prepare(const float* s, const float* b) {
-    const int64_t padded = (p.n + kPanel - 1) / kPanel * kPanel;
+    const int64_t panels = (p.n + kPanel - 1) / kPanel, padded = panels * kPanel;
     scale.assign(padded, 0.f);
     bias.assign(padded, 0.f);
     const float f = p.mode == kRelu6Uint8 ? p.inv_out : 1.f;
     for (int64_t i = 0; i < p.n; ++i) { scale[i] = s[i] * f; bias[i] = b[i] * f; }
     p.scale = scale.data();
     p.bias = bias.data();
+    p.offset = nullptr;
+    if (p.isa == kVnni && p.is_signed) {
+      offset.assign(padded, 0);
+      const int8_t* w = p.w;  // panel by panel: [kw / 4][16][4]
+      for (int64_t panel = 0; panel < panels; ++panel)
+        for (int64_t g = 0; g < p.kw / 4; ++g)
+          for (int c = 0; c < kPanel; ++c, w += 4)
+            offset[panel * kPanel + c] += 128 * (w[0] + w[1] + w[2] + w[3]);
+      p.offset = offset.data();
+    }
   }
 
   void Run() {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       const int64_t begin = c * kChunkRows, end = std::min(p.m, begin + kChunkRows);
-      if (p.amx) AmxRun(p, begin, end);
+      if (p.isa == kAmx) AmxRun(p, begin, end);
+      else if (p.isa == kVnni && p.is_signed) VnniRows<true>(p, begin, end);
+      else if (p.isa == kVnni) VnniRows<false>(p, begin, end);
       else if (p.is_signed) Rows<true>(p, begin, end);
       else Rows<false>(p, begin, end);
       done.fetch_add(1, std::memory_order_release);
@@ -300,7 +379,7 @@ struct Work {
 
 ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                       ffi::Buffer<ffi::F32> inv_out, int32_t mode, bool is_signed, bool amx,
+                       ffi::Buffer<ffi::F32> inv_out, int32_t mode, bool is_signed, int32_t isa,
                        ffi::Result<ffi::AnyBuffer> out) {
   const auto dims = x.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("x needs a channel axis");
@@ -312,9 +391,10 @@ ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   if (kw * panels * kPanel != static_cast<int64_t>(w.element_count()) || kw < k || kw % 4 != 0 ||
       kw - k >= 64)
     return ffi::Error::InvalidArgument("packed weights do not match the input and output sizes");
-  if (amx && kw % 64 != 0)
+  if (isa < kAvx2 || isa > kAmx) return ffi::Error::InvalidArgument("unknown isa");
+  if (isa == kAmx && kw % 64 != 0)
     return ffi::Error::InvalidArgument("AMX needs weights packed to a multiple of 64 inputs");
-  if (amx && !AmxPermitted())
+  if (isa == kAmx && !AmxPermitted())
     return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
   if (mode < kLinear || mode > kRelu6Uint8) return ffi::Error::InvalidArgument("unknown mode");
   if (inv_out.element_count() != 1) return ffi::Error::InvalidArgument("inv_out is one number");
@@ -323,7 +403,7 @@ ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   for (size_t i = 0; i + 1 < dims.size(); ++i) m *= dims[i];
   work->p = Problem{static_cast<const uint8_t*>(x.untyped_data()), m, k, n, kw, w.typed_data(),
                     scale.typed_data(), bias.typed_data(), inv_out.typed_data()[0], mode, is_signed,
-                    amx, out->untyped_data()};
+                    isa, nullptr, out->untyped_data()};
   work->Prepare(scale.typed_data(), bias.typed_data());
   work->chunks = (m + kChunkRows - 1) / kChunkRows;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
@@ -352,5 +432,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Product, Int8Product,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // inv_out []
                                   .Attr<int32_t>("mode")
                                   .Attr<bool>("is_signed")
-                                  .Attr<bool>("amx")
+                                  .Attr<int32_t>("isa")
                                   .Ret<ffi::AnyBuffer>());

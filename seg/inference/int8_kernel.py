@@ -1,4 +1,5 @@
-"""The int8 engine's own product kernel: AVX2 loops, or AMX tiles where the CPU has them.
+"""The int8 engine's own product kernel: AVX2 loops, AVX-512 VNNI or AMX tiles where the CPU
+has them.
 
     if int8_kernel.available():                     # builds and registers it once
       wp = int8_kernel.pack_weights(w_int8)        # [in, out] int8 -> packed, 1-D
@@ -6,8 +7,9 @@
 
 On CPUs with AVX2 and FMA but no int8 dot instructions XLA's int8 products run no faster
 than its float32 ones; on every CPU the quantise / dequantise around XLA's products is
-separate passes over memory (docs/performance.md, "int8"). On CPUs with AMX (`amx_int8`) the
-kernel multiplies in tiles (`isa()`). `int8_kernel.cc` multiplies uint8 or int8
+separate passes over memory (docs/performance.md, "int8"). On CPUs with AVX-512 VNNI the
+kernel multiplies with its dot-product instructions, on CPUs with AMX (`amx_int8`) in tiles
+(`isa()`). `int8_kernel.cc` multiplies uint8 or int8
 activations by packed int8 weights into exact int32 sums and applies scale, bias, the
 activation and (mode 'relu6_uint8') the rounding to the next layer's uint8 input in the same
 loop: the numbers of XLA's int8 formulation, from a third of the memory traffic.
@@ -41,6 +43,9 @@ PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
 MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3}
+# The kernel's loops (int8_kernel.cc: Isa) and the CPU flags each needs.
+ISAS = {'avx2': 0, 'vnni': 1, 'amx': 2}
+VNNI_FLAGS = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512dq', 'avx512_vnni'})
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')
 _state = {}
@@ -122,19 +127,33 @@ def unavailable_reason() -> Optional[str]:
   return _state.get('reason')
 
 
+def loops(flags=None) -> tuple:
+  """The kernel's loops this CPU can run, slowest first: 'avx2', then 'vnni' (AVX-512 VNNI),
+  then 'amx' (amx_int8, where Linux grants this process the tile registers)."""
+  if flags is None:
+    if 'loops' not in _state:
+      _state['loops'] = loops(cpu_features.cpu_flags())
+    return _state['loops']
+  found = ['avx2']
+  if VNNI_FLAGS <= frozenset(flags):
+    found.append('vnni')
+  if 'amx_int8' in flags and available() and _state['lib'].SegAmxPermitted() == 1:
+    found.append('amx')
+  return tuple(found)
+
+
 def isa() -> str:
-  """Which of the kernel's loops runs here: 'amx' (tile products; CPUs with amx_int8 whose
-  Linux grants the tile registers) or 'avx2'. SEG_INT8_KERNEL_ISA=avx2 forces the AVX2 one."""
+  """Which of the kernel's loops runs here: the fastest of `loops()` ('amx', 'vnni' or
+  'avx2'). SEG_INT8_KERNEL_ISA=avx2|vnni|amx forces one (an error where the CPU has not it)."""
   if 'isa' not in _state:
-    chosen = 'avx2'
     wanted = os.environ.get('SEG_INT8_KERNEL_ISA', 'auto') or 'auto'
-    if wanted not in ('auto', 'avx2', 'amx'):
-      raise ValueError(f"SEG_INT8_KERNEL_ISA must be auto, avx2 or amx, got {wanted!r}")
-    if wanted != 'avx2' and available() and 'amx_int8' in cpu_features.cpu_flags():
-      chosen = 'amx' if _state['lib'].SegAmxPermitted() == 1 else 'avx2'
-    if wanted == 'amx' and chosen != 'amx':
-      raise RuntimeError('SEG_INT8_KERNEL_ISA=amx, but this CPU or Linux offers no AMX')
-    _state['isa'] = chosen
+    if wanted != 'auto' and wanted not in ISAS:
+      raise ValueError(f"SEG_INT8_KERNEL_ISA must be auto, {', '.join(ISAS)}, got {wanted!r}")
+    have = loops() if available() else ('avx2',)
+    if wanted != 'auto' and wanted not in have:
+      raise RuntimeError(f'SEG_INT8_KERNEL_ISA={wanted}, but this CPU or Linux offers only '
+                         f'{", ".join(have)}')
+    _state['isa'] = have[-1] if wanted == 'auto' else wanted
   return _state['isa']
 
 
@@ -168,14 +187,15 @@ def pack_weights(w: np.ndarray, k_multiple: int = GROUP) -> np.ndarray:
 
 
 def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array,
-            mode: str = 'linear', inv_out=1.0) -> jax.Array:
+            mode: str = 'linear', inv_out=1.0, loop: Optional[str] = None) -> jax.Array:
   """act(int32(x @ w) * scale + bias) over x's last axis (one FMA), in the kernel (CPU only).
 
   x: [..., in] uint8 in [0, 127] or int8 in [-127, 127]; w_packed: `pack_weights`; scale,
   bias: float32 [out]. mode: 'linear', 'relu6', 'relu' (float32 [..., out]) or
   'relu6_uint8' (uint8 [..., out] = round(relu6(y) * inv_out) clipped to [0, 127], computed as
   one FMA with scale and bias times inv_out; inv_out >= 127 / 6, a float32 scalar, traced
-  or not).
+  or not). loop: one of `loops()` (default `isa()`); AMX tiles need weights packed to 64
+  inputs, and other weights take the next loop down.
   """
   if not available():
     raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
@@ -183,8 +203,13 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
     raise ValueError(f'x must be uint8 or int8, got {x.dtype}')
   out_dtype = jnp.uint8 if mode == 'relu6_uint8' else jnp.float32
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + scale.shape, out_dtype))
+  loop = loop or isa()
+  if loop not in loops():
+    raise ValueError(f'loop {loop!r} is not one of this CPU\'s: {loops()}')
   k_packed = w_packed.shape[0] // (-(-scale.shape[0] // PANEL) * PANEL)
+  if loop == 'amx' and k_packed % AMX_K:
+    loop = 'vnni' if 'vnni' in loops() else 'avx2'
   return call(x, w_packed, scale, bias, jnp.asarray(inv_out, jnp.float32),
               mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8),
-              amx=bool(isa() == 'amx' and k_packed % AMX_K == 0))
+              isa=np.int32(ISAS[loop]))
 

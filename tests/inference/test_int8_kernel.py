@@ -32,11 +32,16 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
 
 @pytest.mark.parametrize('signed', [False, True])
 @pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'relu6_uint8'])
-@pytest.mark.parametrize('k_multiple,k', [(4, 52), (64, 52), (64, 136)])
-def test_the_kernel_computes_the_integer_product_exactly(signed, mode, k_multiple, k):
-  """k_multiple 4: the AVX2 loop; 64: AMX tiles where the CPU has them (int8_kernel.isa()),
-  with inputs that are one partial tile (52) or two and a part (136)."""
+@pytest.mark.parametrize('loop,k_multiple,k', [
+    ('avx2', 4, 52), ('avx2', 4, 136), ('vnni', 4, 52), ('vnni', 4, 136),
+    ('vnni', 64, 52),  # weights padded for AMX tiles (an AMX CPU's VNNI fallback)
+    ('amx', 64, 52), ('amx', 64, 136)])
+def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_multiple, k):
+  """Each loop the CPU runs (the others are skipped), with inputs that are one partial AMX
+  tile (52) or two and a part (136); signed inputs go through the VNNI loop's offset."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  if loop not in int8_kernel.loops():
+    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
   rng = np.random.default_rng(hash((signed, mode, k)) % 2**32)
   # Rows not a multiple of the 4-row tile, the 32-row AMX block or the 64-row chunk, outputs
   # not a multiple of the 16-channel panel (an odd number of panels), a batch axis; extreme
@@ -50,7 +55,7 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode, k_multipl
   bias = rng.normal(0, 1, 37).astype(np.float32)
   inv_out = np.float32(127 / 6)
   got = jax.jit(lambda x, w: int8_kernel.product(x, w, jnp.asarray(scale), jnp.asarray(bias),
-                                                 mode, inv_out))(
+                                                 mode, inv_out, loop))(
       jnp.asarray(x), jnp.asarray(int8_kernel.pack_weights(w, k_multiple)))
   expected = _numpy_product(x, w, scale, bias, mode, inv_out)
   assert got.dtype == expected.dtype and got.shape == expected.shape
@@ -169,18 +174,32 @@ def test_the_formulation_can_be_forced(monkeypatch):
 def test_the_kernel_loop_follows_the_cpu_and_the_override(monkeypatch):
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
-  int8_kernel._state.pop('isa', None)
-  has_amx = 'amx_int8' in cpu_features.cpu_flags()
-  assert int8_kernel.isa() == ('amx' if has_amx else 'avx2')  # Linux grants AMX here
+  flags = cpu_features.cpu_flags()
+  has_vnni = {'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni'} <= flags
+  has_amx = 'amx_int8' in flags  # and Linux grants it, as it does on the machines seen
+  expected = ('avx2',) + (('vnni',) if has_vnni else ()) + (('amx',) if has_amx else ())
+  assert int8_kernel.loops() == expected
+  assert int8_kernel.isa() == expected[-1]
   assert int8_kernel.k_multiple() == (64 if has_amx else 4)
+  # Other CPUs' flags.
+  assert int8_kernel.loops({'avx2', 'fma'}) == ('avx2',)
+  assert int8_kernel.loops({'avx2', 'fma', 'avx_vnni'}) == ('avx2',)  # no AVX-VNNI loop
+  assert int8_kernel.loops({'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512dq',
+                            'avx512_vnni'}) == ('avx2', 'vnni')
+  for forced in ('avx2',) + (('vnni',) if has_vnni else ()):
+    int8_kernel._state.pop('isa')
+    monkeypatch.setenv('SEG_INT8_KERNEL_ISA', forced)
+    assert int8_kernel.isa() == forced and int8_kernel.k_multiple() == 4
   int8_kernel._state.pop('isa')
-  monkeypatch.setenv('SEG_INT8_KERNEL_ISA', 'avx2')
-  assert int8_kernel.isa() == 'avx2' and int8_kernel.k_multiple() == 4
-  int8_kernel._state.pop('isa')
+  int8_kernel._state.pop('loops')
   monkeypatch.setattr(cpu_features, 'cpu_flags', lambda: frozenset({'avx2', 'fma'}))
-  monkeypatch.setenv('SEG_INT8_KERNEL_ISA', 'amx')  # asked for, but the CPU has none
-  with pytest.raises(RuntimeError, match='no AMX'):
-    int8_kernel.isa()
+  for missing in ('vnni', 'amx'):  # asked for, but the CPU has neither
+    monkeypatch.setenv('SEG_INT8_KERNEL_ISA', missing)
+    with pytest.raises(RuntimeError, match='offers only avx2'):
+      int8_kernel.isa()
+  with pytest.raises(ValueError, match='not one of'):  # nor can a product ask for it
+    int8_kernel.product(jnp.zeros((2, 4), jnp.uint8), jnp.zeros(64, jnp.int8),
+                        jnp.ones(16), jnp.zeros(16), loop='vnni')
   monkeypatch.setenv('SEG_INT8_KERNEL_ISA', 'fast')
   with pytest.raises(ValueError, match='SEG_INT8_KERNEL_ISA'):
     int8_kernel.isa()

@@ -120,7 +120,9 @@ def test_calibration_is_stored_and_reused(tmp_path, tiny_int8):
     ('flags\t\t: fpu sse2 avx avx2 fma amx_bf16 amx_tile amx_int8 avx512_vnni',
      ('--xla_cpu_use_onednn=true',), 'kernel'),    # the kernel in AMX tiles
     ('fpu avx2 fma amx_bf16 amx_tile avx512_vnni', ('--xla_cpu_use_onednn=true',), 'int8'),
-    ('processor : 0\nflags : fpu avx2 avx512f avx512_vnni\n', (), 'int8'),
+    ('processor : 0\nflags : fpu avx2 fma avx512f avx512bw avx512vl avx512_vnni\n', (),
+     'kernel'),                                     # AMD EPYC Zen 4: the kernel's VNNI loop
+    ('processor : 0\nflags : fpu avx2 avx512f avx512_vnni\n', (), 'int8'),  # no FMA
     ('fpu sse2 avx avx2 fma', (), 'kernel'),        # this project's AVX2-only AMD EPYC
     ('fpu sse2 avx avx2', (), 'int8'),
     ('fpu sse2 sse4_2 avx', (), 'float32'),
