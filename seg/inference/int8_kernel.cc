@@ -19,19 +19,18 @@
 // round(fma(acc, scale * inv_out, bias * inv_out)) clipped to [0, 127] (rounding half to
 // even, as jnp.round), with scale * inv_out and bias * inv_out rounded to float32 first. This
 // is ReLU6 too, since the scale of a ReLU6 output is at most 6 / 127 (inv_out >= 127 / 6).
-// Rows are split into chunks shared by the calling thread and XLA's intra-op thread pool.
+// Rows are split into chunks shared by the calling thread and XLA's intra-op thread pool
+// (kernel_threads.h).
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -335,12 +334,9 @@ SEG_AMX void AmxRun(const Problem& p, int64_t begin, int64_t end) {
 }
 
 // ------------------------------------------------------------------------------------------
-// Shared by the caller and the pool's tasks; a task that starts after the work is done
-// finds no chunk left (it holds the state alive through the shared_ptr).
+// The per-call state: the problem, and scale, bias and offsets padded to whole panels.
 struct Work {
   Problem p;
-  int64_t chunks = 0;
-  std::atomic<int64_t> next{0}, done{0};
   std::vector<float> scale, bias;  // zero-padded to whole panels; times inv_out in mode 3
   std::vector<int32_t> offset;     // the VNNI loop's, for signed x
 
@@ -364,16 +360,12 @@ struct Work {
     }
   }
 
-  void Run() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t begin = c * kChunkRows, end = std::min(p.m, begin + kChunkRows);
-      if (p.isa == kAmx) AmxRun(p, begin, end);
-      else if (p.isa == kVnni && p.is_signed) VnniRows<true>(p, begin, end);
-      else if (p.isa == kVnni) VnniRows<false>(p, begin, end);
-      else if (p.is_signed) Rows<true>(p, begin, end);
-      else Rows<false>(p, begin, end);
-      done.fetch_add(1, std::memory_order_release);
-    }
+  void RunRows(int64_t begin, int64_t end) const {
+    if (p.isa == kAmx) AmxRun(p, begin, end);
+    else if (p.isa == kVnni && p.is_signed) VnniRows<true>(p, begin, end);
+    else if (p.isa == kVnni) VnniRows<false>(p, begin, end);
+    else if (p.is_signed) Rows<true>(p, begin, end);
+    else Rows<false>(p, begin, end);
   }
 };
 
@@ -398,22 +390,16 @@ ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
     return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
   if (mode < kLinear || mode > kRelu6Uint8) return ffi::Error::InvalidArgument("unknown mode");
   if (inv_out.element_count() != 1) return ffi::Error::InvalidArgument("inv_out is one number");
-  auto work = std::make_shared<Work>();
   int64_t m = 1;
   for (size_t i = 0; i + 1 < dims.size(); ++i) m *= dims[i];
-  work->p = Problem{static_cast<const uint8_t*>(x.untyped_data()), m, k, n, kw, w.typed_data(),
+  Work work;
+  work.p = Problem{static_cast<const uint8_t*>(x.untyped_data()), m, k, n, kw, w.typed_data(),
                     scale.typed_data(), bias.typed_data(), inv_out.typed_data()[0], mode, is_signed,
                     isa, nullptr, out->untyped_data()};
-  work->Prepare(scale.typed_data(), bias.typed_data());
-  work->chunks = (m + kChunkRows - 1) / kChunkRows;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->chunks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  // Chunks still running on pool threads finish within microseconds; yield the core after
-  // a short spin, in case those threads wait for it (more threads than cores).
-  for (int spins = 0; work->done.load(std::memory_order_acquire) < work->chunks; ++spins) {
-    if (spins < 4096) _mm_pause(); else std::this_thread::yield();
-  }
+  work.Prepare(scale.typed_data(), bias.typed_data());
+  seg::ForEachChunk(pool, (m + kChunkRows - 1) / kChunkRows, [&work, m](int64_t c) {
+    work.RunRows(c * kChunkRows, std::min(m, (c + 1) * kChunkRows));
+  });
   return ffi::Error::Success();
 }
 

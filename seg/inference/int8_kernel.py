@@ -37,8 +37,12 @@ import numpy as np
 
 from seg.inference import cpu_features
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'int8_kernel.cc')
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Compiled together into one library; the header is part of its key.
+SOURCES = tuple(os.path.join(HERE, name) for name in ('int8_kernel.cc', 'int8_depthwise.cc'))
+HEADERS = (os.path.join(HERE, 'kernel_threads.h'),)
 TARGET = 'seg_int8_product'
+DEPTHWISE_TARGET = 'seg_int8_depthwise'
 PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
@@ -68,7 +72,7 @@ def _compiler() -> Optional[str]:
 
 
 def build(directory: Optional[str] = None, log=None) -> str:
-  """Compiles int8_kernel.cc (once per source, flags and jaxlib) and returns the .so path.
+  """Compiles `SOURCES` (once per source, flags and jaxlib) and returns the .so path.
 
   Raises RuntimeError with the compiler's message when it fails. `log`: told when it compiles.
   """
@@ -76,8 +80,10 @@ def build(directory: Optional[str] = None, log=None) -> str:
   if cxx is None:
     raise RuntimeError('no C++ compiler (g++, c++, clang++ or $CXX) on PATH')
   include = jax.ffi.include_dir()
-  with open(SOURCE, 'rb') as f:
-    source = f.read()
+  source = b''
+  for name in SOURCES + HEADERS:
+    with open(name, 'rb') as f:
+      source += f.read()
   key = hashlib.sha256(source + ' '.join(CXX_FLAGS).encode() +
                        jax.lib.__version__.encode() + cxx.encode()).hexdigest()[:16]
   directory = directory or kernel_dir()
@@ -90,10 +96,10 @@ def build(directory: Optional[str] = None, log=None) -> str:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
   os.close(fd)
   try:
-    done = subprocess.run([cxx, *CXX_FLAGS, f'-I{include}', SOURCE, '-o', tmp],
+    done = subprocess.run([cxx, *CXX_FLAGS, f'-I{include}', *SOURCES, '-o', tmp],
                           capture_output=True, text=True)
     if done.returncode != 0:
-      raise RuntimeError(f'{cxx} failed on {SOURCE}:\n{done.stderr[-2000:]}')
+      raise RuntimeError(f'{cxx} failed on {", ".join(SOURCES)}:\n{done.stderr[-2000:]}')
     os.replace(tmp, path)  # atomic: a concurrent build writes the same bytes
   finally:
     if os.path.exists(tmp):
@@ -115,6 +121,8 @@ def available(log=None) -> bool:
         raise RuntimeError('the CPU lacks AVX2 and FMA (or is not x86-64)')
       lib = ctypes.cdll.LoadLibrary(build(log=log))
       jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SegInt8Product),
+                                  platform='cpu')
+      jax.ffi.register_ffi_target(DEPTHWISE_TARGET, jax.ffi.pycapsule(lib.SegInt8Depthwise),
                                   platform='cpu')
       _state.update(ok=True, reason=None, lib=lib)
     except (RuntimeError, OSError) as e:
@@ -213,3 +221,44 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
               mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8),
               isa=np.int32(ISAS[loop]))
 
+
+
+DEPTHWISE_CHANNELS = 8  # int8_depthwise.cc: channels per vector
+# (stride, dilation) pairs the depthwise kernel is compiled for: MobileNetV2's at output
+# stride 8, 16 and 32.
+DEPTHWISE_STRIDES = ((1, 1), (2, 1), (1, 2), (1, 4))
+
+
+def depthwise_supported(shape, stride: int, dilation: int) -> bool:
+  """Whether `depthwise` takes an input of `shape` [n, h, w, c] with these (3x3 weights)."""
+  return shape[-1] % DEPTHWISE_CHANNELS == 0 and (stride, dilation) in DEPTHWISE_STRIDES
+
+
+def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: int,
+              inv_out) -> jax.Array:
+  """The 3x3 depthwise layer between the kernel's expansion and projection (CPU only):
+  min(round(relu6(depthwise 'SAME' conv(x, w) + b) * inv_out), 127) as uint8.
+
+  x: [n, h, w, c] uint8 (0 is 0.0; the scale is in w); w: [3, 3, c] float32; b: [c]
+  float32; c a multiple of 8; (stride, dilation) in `DEPTHWISE_STRIDES`; inv_out: 1 / the
+  projection's input scale (float32 scalar, traced or not). Returns uint8 [n, ceil(h /
+  stride), ceil(w / stride), c], the projection's input: XLA's float32 taps and
+  quantisation, the taps summed in one fixed order (`int8_depthwise.cc`).
+  """
+  from seg.model.layers import same_padding
+  if not available():
+    raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
+  n, h, wd, c = x.shape
+  if x.dtype != jnp.uint8 or c % DEPTHWISE_CHANNELS:
+    raise ValueError(f'x must be uint8 with a multiple of {DEPTHWISE_CHANNELS} channels, '
+                     f'got {x.dtype} {x.shape}')
+  if w.shape != (3, 3, c) or (stride, dilation) not in DEPTHWISE_STRIDES:
+    raise ValueError(f'3x3 weights [3, 3, {c}] and (stride, dilation) in '
+                     f'{DEPTHWISE_STRIDES} only, got {w.shape}, ({stride}, {dilation})')
+  kh, kw = 3, 3
+  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wd // stride), c), jnp.uint8)
+  return jax.ffi.ffi_call(DEPTHWISE_TARGET, out)(
+      x, w.astype(jnp.float32), b.astype(jnp.float32), jnp.asarray(inv_out, jnp.float32),
+      stride=np.int32(stride), dilation=np.int32(dilation),
+      pad_top=np.int32(same_padding(h, kh, stride, dilation)[0]),
+      pad_left=np.int32(same_padding(wd, kw, stride, dilation)[0]))

@@ -110,7 +110,9 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
   if 'scale' in layer and w.ndim == 1:  # the kernel formulation
     from seg.inference import int8_kernel
     signed = name.rsplit('/', 1)[-1] in SIGNED_INPUTS
-    q = quantize_input(x, layer['inv_x_scale'], jnp.int8 if signed else jnp.uint8, signed)
+    # uint8: quantised already (the kernel's depthwise layer wrote it in this layer's scale)
+    q = x if x.dtype == jnp.uint8 and not signed else quantize_input(
+        x, layer['inv_x_scale'], jnp.int8 if signed else jnp.uint8, signed)
     if 'inv_out_scale' in layer:  # an expansion: ReLU6, requantised for the depthwise layer
       return int8_kernel.product(q, w, layer['scale'], layer['b'], 'relu6_uint8',
                                  layer['inv_out_scale'])
@@ -127,6 +129,22 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
                              preferred_element_type=jnp.float32) + layer['b'])
 
 
+DEPTHWISE_CHOICES = ('kernel', 'xla')
+
+
+def _kernel_depthwise(y: jax.Array, project: Dict[str, Any], stride: int,
+                      dilation: int) -> bool:
+  """Whether a block's depthwise layer runs in the kernel (`int8_kernel.depthwise`): its
+  input is the kernel's uint8, its projection is the kernel's, and SEG_INT8_DEPTHWISE is not
+  'xla' (read when a function is traced; 'kernel' or unset: the kernel, where it can)."""
+  choice = os.environ.get('SEG_INT8_DEPTHWISE', 'kernel') or 'kernel'
+  if choice not in DEPTHWISE_CHOICES:
+    raise ValueError(f'SEG_INT8_DEPTHWISE must be one of {DEPTHWISE_CHOICES}, got {choice!r}')
+  from seg.inference.int8_kernel import depthwise_supported
+  return (choice == 'kernel' and y.dtype == jnp.uint8 and project['w'].ndim == 1 and
+          depthwise_supported(y.shape, stride, dilation))
+
+
 def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int,
           observe=None) -> jax.Array:
   """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`)."""
@@ -137,8 +155,13 @@ def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilatio
     y = product(y, params['expand'], f'block{index}/expand', observe, 'relu6')
     if observe is not None:
       observe[f'block{index}/depthwise'] = jnp.max(y)
-  y = _relu6(_depthwise(y, params['depthwise']['w'], params['depthwise']['b'], stride,
-                        dilation))
+  dw = params['depthwise']
+  if _kernel_depthwise(y, params['project'], stride, dilation):
+    from seg.inference import int8_kernel  # uint8 in, the projection's uint8 input out
+    y = int8_kernel.depthwise(y, dw['w'], dw['b'], stride, dilation,
+                              params['project']['inv_x_scale'])
+  else:
+    y = _relu6(_depthwise(y, dw['w'], dw['b'], stride, dilation))
   y = product(y, params['project'], f'block{index}/project', observe)
   if stride == 1 and x.shape[-1] == out:
     y = y + x

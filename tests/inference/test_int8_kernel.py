@@ -69,6 +69,72 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_m
     assert (np.asarray(got) == direct).mean() > 0.99
 
 
+def _numpy_depthwise(x, w, b, stride, dilation, inv_out):
+  """int8_depthwise.cc's definition in NumPy: TensorFlow's 'SAME' zero padding, from the
+  bias, each tap added in the order (i, j) by a fused multiply-add (its float32 product is
+  exact in float64, the sum rounded once), ReLU6, rounded to the output scale."""
+  n, h, wd, c = x.shape
+  kh, kw = w.shape[:2]
+  out_h, out_w = -(-h // stride), -(-wd // stride)
+  def pads(size, k):
+    total = max((-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+  xp = np.pad(x.astype(np.float32), ((0, 0), pads(h, kh), pads(wd, kw), (0, 0)))
+  acc = np.broadcast_to(b, (n, out_h, out_w, c)).astype(np.float32)
+  for i in range(kh):
+    for j in range(kw):
+      tap = xp[:, i * dilation::stride, j * dilation::stride][:, :out_h, :out_w]
+      acc = (tap.astype(np.float64) * w[i, j] + acc).astype(np.float32)
+  y = np.clip(acc, np.float32(0), np.float32(6))
+  return np.minimum(np.round(y * np.float32(inv_out)), 127).astype(np.uint8)
+
+
+@pytest.mark.parametrize('shape,stride,dilation', [
+    ((2, 13, 11, 24), 1, 1), ((1, 14, 9, 16), 2, 1), ((1, 13, 13, 40), 2, 1),
+    ((1, 12, 10, 8), 1, 2), ((1, 11, 12, 32), 1, 4), ((3, 40, 37, 48), 1, 1)])
+def test_the_depthwise_kernel_computes_xlas_float32_taps(shape, stride, dilation):
+  """Odd and even sizes (at stride 2 'SAME' pads more below and right than above), dilations
+  (output stride 16's and 8's last blocks), sizes that are and are not whole 4-pixel steps
+  and bands of rows, 8 channels left after the 16-channel steps (24, 40, 8), against NumPy
+  and the engine's XLA taps."""
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  rng = np.random.default_rng(sum(shape) + stride)
+  x = rng.integers(0, 128, shape).astype(np.uint8)
+  x[0, 0, 0] = 127
+  c = shape[-1]
+  w = rng.normal(0, 0.02, (3, 3, c)).astype(np.float32)  # a ReLU6 scale (<= 6/127) folded in
+  b = rng.normal(0.5, 1, c).astype(np.float32)
+  inv_out = np.float32(127 / 5.5)
+  got = np.asarray(jax.jit(lambda x: int8_kernel.depthwise(
+      x, jnp.asarray(w), jnp.asarray(b), stride, dilation, inv_out))(jnp.asarray(x)))
+  expected = _numpy_depthwise(x, w, b, stride, dilation, inv_out)
+  assert got.dtype == np.uint8 and got.shape == expected.shape
+  np.testing.assert_array_equal(got, expected)
+  assert (expected == 0).any() and (expected == 127).any() and len(np.unique(expected)) > 60
+  # What the engine computes without the kernel: XLA's taps, ReLU6, then the projection's
+  # quantisation of its input.
+  from seg.inference.forward import _depthwise
+  xla = jax.jit(lambda x: quantize.quantize_input(
+      quantize._relu6(_depthwise(x, jnp.asarray(w), jnp.asarray(b), stride, dilation)),
+      inv_out, jnp.uint8, signed=False))(jnp.asarray(x))
+  assert np.abs(np.asarray(xla, np.int32) - got).max() <= 1
+  assert (np.asarray(xla) == got).mean() > 0.999
+
+
+def test_the_depthwise_kernel_rejects_what_it_cannot_run():
+  x = jnp.zeros((1, 5, 5, 12), jnp.uint8)  # 12 channels: not a multiple of 8
+  with pytest.raises(ValueError, match='multiple of 8'):
+    int8_kernel.depthwise(x, jnp.zeros((3, 3, 12)), jnp.zeros(12), 1, 1, 1.0)
+  with pytest.raises(ValueError, match='uint8'):
+    int8_kernel.depthwise(x.astype(jnp.float32)[..., :8], jnp.zeros((3, 3, 8)), jnp.zeros(8),
+                          1, 1, 1.0)
+  with pytest.raises(ValueError, match='stride, dilation'):
+    int8_kernel.depthwise(x[..., :8], jnp.zeros((3, 3, 8)), jnp.zeros(8), 2, 2, 1.0)
+  assert not int8_kernel.depthwise_supported((1, 5, 5, 8), 2, 2)
+  assert int8_kernel.depthwise_supported((1, 5, 5, 8), 1, 4)
+  assert not int8_kernel.depthwise_supported((1, 5, 5, 12), 1, 1)
+
+
 def test_packed_weights_follow_the_kernels_layout():
   w = np.arange(8 * 20, dtype=np.int64).reshape(8, 20).astype(np.int8)
   packed = int8_kernel.pack_weights(w).reshape(2, 2, 16, 4)  # panels, groups, channels, 4
@@ -121,6 +187,34 @@ def test_the_kernel_engine_predicts_the_float32_classes(tiny_int8):
   assert not np.array_equal(got, xla)  # the depthwise inputs really were uint8
 
 
+def test_the_engine_runs_the_depthwise_layers_in_the_kernel(tiny_int8, monkeypatch):
+  """With uint8 depthwise inputs every expanded block's depthwise layer is the kernel's
+  (SEG_INT8_DEPTHWISE=xla: XLA's taps), and both give nearly the same logits."""
+  config, _, folded, scales = tiny_int8
+  params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
+  images = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
+                       jnp.float32)
+  m = config.model
+  # A new function each time: the variable is read when it is traced.
+  text = lambda: jax.jit(lambda p, x: quantize.forward_int8(
+      p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
+          params, images).as_text()
+  expanded = sum('expand' in blk for blk in params['blocks'])
+  assert text().count(int8_kernel.DEPTHWISE_TARGET) == expanded > 0
+  got = _logits(config, params, images)
+  monkeypatch.setenv('SEG_INT8_DEPTHWISE', 'xla')
+  assert int8_kernel.DEPTHWISE_TARGET not in text()
+  xla = _logits(config, params, images)
+  # The same taps; a product's input differs by one step where XLA contracted a tap into a
+  # fused multiply-add and the sum fell next to a rounding boundary.
+  rms = lambda x: np.sqrt(np.mean(np.square(x)))
+  assert rms(got - xla) <= 0.02 * rms(xla)
+  assert (got.argmax(-1) == xla.argmax(-1)).mean() >= 0.98
+  monkeypatch.setenv('SEG_INT8_DEPTHWISE', 'fast')
+  with pytest.raises(ValueError, match='SEG_INT8_DEPTHWISE'):
+    text()
+
+
 def test_calibration_records_the_depthwise_inputs(tiny_int8):
   config, _, _, scales = tiny_int8
   names = quantize.scale_names(config.model)
@@ -154,7 +248,7 @@ def test_accelerators_never_get_the_cpu_kernel(monkeypatch):
 
 
 def test_a_failed_build_says_why(tmp_path, monkeypatch):
-  monkeypatch.setattr(int8_kernel, 'SOURCE', str(tmp_path / 'broken.cc'))
+  monkeypatch.setattr(int8_kernel, 'SOURCES', (str(tmp_path / 'broken.cc'),))
   (tmp_path / 'broken.cc').write_text('this is not C++\n')
   with pytest.raises(RuntimeError, match='failed on'):
     int8_kernel.build(str(tmp_path / 'kernels'))
