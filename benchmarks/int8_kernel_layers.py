@@ -11,6 +11,9 @@ random values (speed does not depend on them), each variant one compiled call:
   activation (the 'int8' formulation, fused by XLA);
 - xla float32: `dot_general` + bias + activation.
 Variants alternate per layer; prints the median ms and GMAdd/s per layer and the totals.
+Then each depthwise layer between an expansion and its projection, uint8 in and the
+projection's uint8 input out: in the kernel (`int8_kernel.depthwise`) and as XLA's taps,
+ReLU6 and quantisation (what the engine runs with SEG_INT8_DEPTHWISE=xla).
 """
 
 import argparse
@@ -39,9 +42,11 @@ def main():
   specs = block_specs(args.width, 16)
   channels = specs[0][0]  # block 0 has no expansion: its input is the stem's output
   layers = []  # (name, pixels, in, out, signed input, activation)
-  for i, (expanded, out, stride, _) in enumerate(specs):
+  depthwise = []  # (name, input size, channels, stride, dilation)
+  for i, (expanded, out, stride, dilation) in enumerate(specs):
     if i > 0:
       layers.append((f'block{i}/expand', size * size, channels, expanded, True, 'relu6'))
+      depthwise.append((f'block{i}/depthwise', size, expanded, stride, dilation))
     size = -(-size // stride)
     layers.append((f'block{i}/project', size * size, expanded, out, False, None))
     channels = out
@@ -97,6 +102,23 @@ def main():
         f'{v:6.2f} ({m * k * n / v / 1e6:5.0f})' for v in ms.values()), flush=True)
   print(f'{"all":20s} {madds / 1e9:.2f} GMAdd            ' + ' | '.join(
       f'{v:6.1f} ({madds / v / 1e6:5.0f})' for v in totals.values()))
+
+
+  from seg.inference.forward import _depthwise
+  print(f'\ndepthwise layers, uint8 in and out, ms: kernel | xla')
+  totals = {'kernel': 0.0, 'xla': 0.0}
+  for name, size, c, stride, dilation in depthwise:
+    x = jnp.asarray(rng.integers(0, 128, (1, size, size, c)), jnp.uint8)
+    w = jnp.asarray(rng.normal(0, 0.02, (3, 3, c)), jnp.float32)
+    b = jnp.asarray(rng.normal(0, 1, c), jnp.float32)
+    ms = {'kernel': timed(lambda x: int8_kernel.depthwise(x, w, b, stride, dilation, 20.0), x),
+          'xla': timed(lambda x: jnp.clip(jnp.round(jnp.clip(
+              _depthwise(x, w, b, stride, dilation), 0, 6) * 20.0), 0, 127).astype(jnp.uint8), x)}
+    for key, value in ms.items():
+      totals[key] += value
+    print(f'{name:20s} {size:4d}x{size:<4d} x {c:4d} s{stride} d{dilation}  ' +
+          ' | '.join(f'{v:6.2f}' for v in ms.values()), flush=True)
+  print(f'{"all":20s} {"":27s}' + ' | '.join(f'{v:6.2f}' for v in totals.values()))
 
 
 if __name__ == '__main__':

@@ -167,8 +167,9 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
     if eng.int8_formulation:
       loop = ''
       if eng.int8_formulation == 'kernel':
-        from seg.inference import int8_kernel
-        loop = f', its {int8_kernel.isa()} loop'
+        from seg.inference import int8_kernel, quantize
+        loop = f', its {int8_kernel.isa()} loop, depthwise layers in ' + (
+            'the kernel' if quantize.depthwise_choice() == 'kernel' else "XLA's taps")
       log(f'int8 products: the {eng.int8_formulation!r} formulation{loop} (seg.inference.quantize)')
     variables = jax.device_get(eng.folded)
   report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype)),

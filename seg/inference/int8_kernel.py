@@ -1,23 +1,25 @@
-"""The int8 engine's own product kernel: AVX2 loops, AVX-512 VNNI or AMX tiles where the CPU
-has them.
+"""The int8 engine's own kernels: the 1x1 products (AVX2 loops, AVX-512 VNNI or AMX tiles
+where the CPU has them) and the depthwise layers between an expansion and its projection.
 
-    if int8_kernel.available():                     # builds and registers it once
+    if int8_kernel.available():                     # builds and registers them once
       wp = int8_kernel.pack_weights(w_int8)        # [in, out] int8 -> packed, 1-D
       y = int8_kernel.product(xq, wp, scale, bias, mode='relu6')   # inside jit, on a CPU
+      q = int8_kernel.depthwise(y_uint8, w, b, stride, dilation, inv_out)   # uint8 -> uint8
 
 On CPUs with AVX2 and FMA but no int8 dot instructions XLA's int8 products run no faster
 than its float32 ones; on every CPU the quantise / dequantise around XLA's products is
 separate passes over memory (docs/performance.md, "int8"). On CPUs with AVX-512 VNNI the
 kernel multiplies with its dot-product instructions, on CPUs with AMX (`amx_int8`) in tiles
-(`isa()`). `int8_kernel.cc` multiplies uint8 or int8
-activations by packed int8 weights into exact int32 sums and applies scale, bias, the
+(`isa()`). `int8_kernel.cc` multiplies uint8 or int8 activations by packed int8 weights into exact int32 sums and applies scale, bias, the
 activation and (mode 'relu6_uint8') the rounding to the next layer's uint8 input in the same
 loop: the numbers of XLA's int8 formulation, from a third of the memory traffic.
+`int8_depthwise.cc` takes an expansion's uint8 output through the 3x3 depthwise layer,
+ReLU6 and the rounding to the projection's uint8 input in one pass.
 
-It is C++ compiled on first use with the system's C++ compiler against the XLA FFI headers
+They are C++ compiled on first use with the system's C++ compiler against the XLA FFI headers
 that jaxlib ships (`jax.ffi.include_dir()`), into $XDG_CACHE_HOME/seg/kernels (~/.cache/seg/
-kernels; SEG_KERNEL_DIR overrides), one file per source, flags and jaxlib version, written
-atomically so that concurrent processes share it. Where it cannot be built (no compiler,
+kernels; SEG_KERNEL_DIR overrides), one library per sources, flags and jaxlib version,
+written atomically so that concurrent processes share it. Where it cannot be built (no compiler,
 not x86 with AVX2 and FMA) `available()` is False, says why in `unavailable_reason()`, and
 the engine uses XLA's int8 formulation. Exports (`jax.export`) never contain it.
 """

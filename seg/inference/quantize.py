@@ -21,10 +21,13 @@ Three formulations (`FORMULATIONS`): 'int8' stores the weights as int8 and multi
 by int8 into int32; 'float32' stores the same integers as float32 and multiplies them in
 float32 (with at most 1,040 input channels every partial sum is an integer below 2^24, so
 float32 holds it exactly and both compute the same accumulators bit for bit); 'kernel' packs
-the int8 weights for the project's own kernel (`seg.inference.int8_kernel`, AVX2 or AMX tiles: the same
-accumulators, with bias, activation and requantisation in its output loop), and by default
-also stores each expansion's ReLU6 output, the depthwise layer's input, as uint8 in a
-calibrated scale ('block{i}/depthwise', `scale_names`) that the depthwise weights carry.
+the int8 weights for the project's own kernel (`seg.inference.int8_kernel`: AVX2, AVX-512
+VNNI or AMX tiles, the same accumulators, with bias, activation and requantisation in its
+output loop), and by default also stores each expansion's ReLU6 output, the depthwise
+layer's input, as uint8 in a calibrated scale ('block{i}/depthwise', `scale_names`) that the
+depthwise weights carry; that depthwise layer then runs in the kernel's depthwise loop
+(`int8_kernel.depthwise`: uint8 in, the projection's uint8 input out; SEG_INT8_DEPTHWISE=xla
+keeps XLA's taps).
 Which is fastest depends on the CPU (`seg.inference.cpu_features`); the stored weights say
 which one runs, so `forward_int8` is one pure function of (params, images). An export
 (`seg.inference.export`) always carries 'int8'.
@@ -132,17 +135,23 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
 DEPTHWISE_CHOICES = ('kernel', 'xla')
 
 
-def _kernel_depthwise(y: jax.Array, project: Dict[str, Any], stride: int,
-                      dilation: int) -> bool:
-  """Whether a block's depthwise layer runs in the kernel (`int8_kernel.depthwise`): its
-  input is the kernel's uint8, its projection is the kernel's, and SEG_INT8_DEPTHWISE is not
-  'xla' (read when a function is traced; 'kernel' or unset: the kernel, where it can)."""
+def depthwise_choice() -> str:
+  """SEG_INT8_DEPTHWISE: 'kernel' (unset: the kernel's depthwise loop where it can run) or
+  'xla' (XLA's taps, for A/B timings). Read when a function is traced."""
   choice = os.environ.get('SEG_INT8_DEPTHWISE', 'kernel') or 'kernel'
   if choice not in DEPTHWISE_CHOICES:
     raise ValueError(f'SEG_INT8_DEPTHWISE must be one of {DEPTHWISE_CHOICES}, got {choice!r}')
+  return choice
+
+
+def _kernel_depthwise(y: jax.Array, project: Dict[str, Any], stride: int,
+                      dilation: int) -> bool:
+  """Whether a block's depthwise layer runs in the kernel (`int8_kernel.depthwise`): its
+  input is the kernel's uint8, its projection is the kernel's, and `depthwise_choice()` is
+  'kernel'."""
   from seg.inference.int8_kernel import depthwise_supported
-  return (choice == 'kernel' and y.dtype == jnp.uint8 and project['w'].ndim == 1 and
-          depthwise_supported(y.shape, stride, dilation))
+  return (y.dtype == jnp.uint8 and project['w'].ndim == 1 and
+          depthwise_supported(y.shape, stride, dilation) and depthwise_choice() == 'kernel')
 
 
 def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int,

@@ -1,0 +1,89 @@
+"""Where the int8 engine's time goes: one network call profiled, time per kind of operation.
+
+    python benchmarks/int8_profile.py [--config experiments/base.py] [--size 513] [--iters 10]
+
+Random weights and fixed int8 scales (speed does not depend on values), batch 1, the
+'kernel' formulation unless SEG_INT8_FORMULATION says otherwise (SEG_INT8_DEPTHWISE=xla:
+XLA's depthwise taps). Runs the compiled network `--iters` times under `jax.profiler`
+(a Perfetto trace in a temporary folder) and prints, per call, the milliseconds of the
+project's kernels (by FFI target), of XLA's fusions (by kind, e.g. `clamp_convert_fusion`)
+and the ten slowest XLA operations with their shapes; the sum of those against the wall time
+of a call (the rest is the runtime's own work between operations).
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='experiments/base.py')
+  parser.add_argument('--size', type=int, default=513)
+  parser.add_argument('--iters', type=int, default=10)
+  args = parser.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from seg.config import load_experiment
+  from seg.inference import benchmark, engine, quantize
+  from seg.model import create_model
+
+  config = load_experiment(args.config)
+  model = config.model
+  variables = benchmark.random_variables(create_model(model))
+  scales = {name: 6 / 127 for name in quantize.scale_names(model)}
+  eng = engine.Engine(config, variables, dtype='int8', batch_size=1, int8_scales=scales)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, args.size, args.size, 3)),
+                       jnp.float32)
+  compiled = jax.jit(lambda p, x: quantize.forward_int8(
+      p, x, width=model.width, output_stride=model.output_stride, upsample=False)).lower(
+          eng.folded, images).compile()
+  for _ in range(3):
+    compiled(eng.folded, images).block_until_ready()
+  with tempfile.TemporaryDirectory() as folder:
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+      for _ in range(args.iters):
+        compiled(eng.folded, images).block_until_ready()
+    path, = glob.glob(os.path.join(folder, '**', '*.trace.json.gz'), recursive=True)
+    with gzip.open(path) as f:
+      events = [e for e in json.load(f)['traceEvents'] if e.get('ph') == 'X']
+
+  ms = collections.defaultdict(float)  # event name -> ms per call
+  for event in events:
+    ms[event['name']] += event['dur'] / 1000 / args.iters
+  hlo = compiled.as_text()
+  lines, targets = {}, {}  # HLO instruction name -> its line, FFI target
+  for line in hlo.splitlines():
+    found = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = ', line)
+    if found:
+      lines[found.group(1)] = line.strip()
+      target = re.search(r'custom_call_target="(\w+)"', line)
+      if target:
+        targets[found.group(1)] = target.group(1)
+  kinds = collections.defaultdict(float)
+  for name, value in ms.items():
+    if name in lines:
+      kinds[targets.get(name) or 'xla ' + re.sub(r'[.\d]+$', '', name)] += value
+  wall = ms.get('ThunkExecutor::Execute (wait for completion)', float('nan'))
+  print(f'{args.config}, {args.size}x{args.size}, batch 1, int8 formulation '
+        f'{eng.int8_formulation}, jax {jax.__version__}; ms per call:')
+  for kind, value in sorted(kinds.items(), key=lambda kv: -kv[1]):
+    print(f'  {value:7.2f}  {kind}')
+  print(f'  {sum(kinds.values()):7.2f}  all operations (parallel parts summed); a call took {wall:.2f}')
+  print('the slowest XLA operations:')
+  xla_ops = [(name, value) for name, value in ms.items() if name in lines and name not in targets]
+  for name, value in sorted(xla_ops, key=lambda kv: -kv[1])[:10]:
+    shape = lines[name].split(' = ', 1)[1].split(' ', 1)[0]
+    print(f'  {value:7.2f}  {name} {shape}')
+
+
+if __name__ == '__main__':
+  main()
