@@ -5,7 +5,7 @@
 Random weights and fixed int8 scales (speed does not depend on values), batch 1, the
 'kernel' formulation unless SEG_INT8_FORMULATION says otherwise (SEG_INT8_DEPTHWISE=xla:
 XLA's depthwise taps). Runs the compiled network `--iters` times under `jax.profiler`
-(a Perfetto trace in a temporary folder) and prints, per call, the milliseconds of the
+(a Perfetto trace in a temporary folder) and prints, per call, the wall milliseconds of the
 project's kernels (by FFI target), of XLA's fusions (by kind, e.g. `clamp_convert_fusion`)
 and the ten slowest XLA operations with their shapes; the sum of those against the wall time
 of a call (the rest is the runtime's own work between operations).
@@ -56,9 +56,18 @@ def main():
     with gzip.open(path) as f:
       events = [e for e in json.load(f)['traceEvents'] if e.get('ph') == 'X']
 
-  ms = collections.defaultdict(float)  # event name -> ms per call
+  # event name -> ms per call: the union of its events' intervals, since XLA's parallel
+  # loops run one operation on several threads at once (one event each).
+  intervals = collections.defaultdict(list)
   for event in events:
-    ms[event['name']] += event['dur'] / 1000 / args.iters
+    intervals[event['name']].append((event['ts'], event['ts'] + event['dur']))
+  ms = {}
+  for name, spans in intervals.items():
+    total, end = 0.0, float('-inf')
+    for start, stop in sorted(spans):
+      total += max(0.0, stop - max(start, end))
+      end = max(end, stop)
+    ms[name] = total / 1000 / args.iters
   hlo = compiled.as_text()
   lines, targets = {}, {}  # HLO instruction name -> its line, FFI target
   for line in hlo.splitlines():
@@ -77,7 +86,7 @@ def main():
         f'{eng.int8_formulation}, jax {jax.__version__}; ms per call:')
   for kind, value in sorted(kinds.items(), key=lambda kv: -kv[1]):
     print(f'  {value:7.2f}  {kind}')
-  print(f'  {sum(kinds.values()):7.2f}  all operations (parallel parts summed); a call took {wall:.2f}')
+  print(f'  {sum(kinds.values()):7.2f}  all operations; a call took {wall:.2f}')
   print('the slowest XLA operations:')
   xla_ops = [(name, value) for name, value in ms.items() if name in lines and name not in targets]
   for name, value in sorted(xla_ops, key=lambda kv: -kv[1])[:10]:
