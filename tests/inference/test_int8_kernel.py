@@ -44,15 +44,16 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_m
     pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
   rng = np.random.default_rng(hash((signed, mode, k)) % 2**32)
   # Rows not a multiple of the 4-row tile, the 32-row AMX block or the 64-row chunk, outputs
-  # not a multiple of the 16-channel panel (an odd number of panels), a batch axis; extreme
-  # values (+-127 everywhere) in the first row.
+  # not a multiple of the 16-channel panel (7 panels: the VNNI loop's 4-, 2- and 1-panel
+  # tiles, the AMX loop's pairs and a single one), a batch axis; extreme values (+-127
+  # everywhere) in the first row.
   x = rng.integers(-127 if signed else 0, 128, (3, 45, k)).astype(np.int8 if signed else
                                                                  np.uint8)
   x[0, 0] = 127
-  w = rng.integers(-127, 128, (k, 37)).astype(np.int8)
+  w = rng.integers(-127, 128, (k, 101)).astype(np.int8)
   w[:, 0] = 127 if not signed else -127
-  scale = rng.uniform(2e-5, 2e-4, 37).astype(np.float32)
-  bias = rng.normal(0, 1, 37).astype(np.float32)
+  scale = rng.uniform(2e-5, 2e-4, 101).astype(np.float32)
+  bias = rng.normal(0, 1, 101).astype(np.float32)
   inv_out = np.float32(127 / 6)
   got = jax.jit(lambda x, w: int8_kernel.product(x, w, jnp.asarray(scale), jnp.asarray(bias),
                                                  mode, inv_out, loop))(
