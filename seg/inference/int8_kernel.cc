@@ -178,6 +178,31 @@ SEG_AVX512 inline void Store16(const Problem& p, __m512i acc, int64_t m, int64_t
   _mm512_mask_storeu_ps(static_cast<float*>(p.out) + m * p.n + n0, mask, y);
 }
 
+// Mode 3 (uint8 out) for one row's 64 channels of panels panel..panel+3, all of them real:
+// the four vectors of sums packed into 64 bytes with saturation (packs, packus: negative
+// values become 0) and put in channel order (the packs work within 128-bit lanes), then one
+// store: the same bytes as Store16 four times, in fewer instructions.
+SEG_AVX512 inline void Store64Uint8(const Problem& p, const __m512i* acc, int64_t m,
+                                    int64_t panel) {
+  const int64_t n0 = panel * kPanel;
+  __m512i q[4];
+  for (int i = 0; i < 4; ++i) {
+    __m512i a = acc[i];
+    if (p.offset) a = _mm512_sub_epi32(a, _mm512_loadu_si512(p.offset + n0 + kPanel * i));
+    q[i] = _mm512_cvtps_epi32(_mm512_fmadd_ps(_mm512_cvtepi32_ps(a),
+                                              _mm512_loadu_ps(p.scale + n0 + kPanel * i),
+                                              _mm512_loadu_ps(p.bias + n0 + kPanel * i)));
+  }
+  // 128-bit lane L holds channels 4L..4L+3 of panels 0, 1, 2, 3 as 32-bit groups 4L..4L+3;
+  // group 4j + L of the output takes group 4L + j.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]),
+                                            _mm512_packs_epi32(q[2], q[3]));
+  _mm512_storeu_si512(static_cast<uint8_t*>(p.out) + m * p.n + n0,
+                      _mm512_permutexvar_epi32(order, _mm512_min_epu8(bytes,
+                                                                      _mm512_set1_epi8(127))));
+}
+
 // ------------------------------------------------------------------------------------------
 // AVX-512 VNNI (avx512_vnni): _mm512_dpbusd_epi32 multiplies 4 uint8 inputs by 4 int8
 // weights in each of 16 int32 lanes and adds them to the lane: one group of a panel (16
@@ -209,8 +234,14 @@ SEG_VNNI inline void VnniTile(const Problem& p, int64_t row, int64_t panel) {
       for (int q = 0; q < P; ++q) acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], xb, wv[q]);
     }
   }
-  for (int r = 0; r < R; ++r)
+  const bool packed = P == 4 && p.mode == kRelu6Uint8 && (panel + 4) * kPanel <= p.n;
+  for (int r = 0; r < R; ++r) {
+    if (packed) {
+      Store64Uint8(p, acc[r], row + r, panel);
+      continue;
+    }
     for (int q = 0; q < P; ++q) Store16(p, acc[r][q], row + r, panel + q);
+  }
 }
 
 template <bool kSigned, int P>
