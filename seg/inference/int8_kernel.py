@@ -10,18 +10,20 @@ On CPUs with AVX2 and FMA but no int8 dot instructions XLA's int8 products run n
 than its float32 ones; on every CPU the quantise / dequantise around XLA's products is
 separate passes over memory (docs/performance.md, "int8"). On CPUs with AVX-512 VNNI the
 kernel multiplies with its dot-product instructions, on CPUs with AMX (`amx_int8`) in tiles
-(`isa()`). `int8_kernel.cc` multiplies uint8 or int8 activations by packed int8 weights into exact int32 sums and applies scale, bias, the
-activation and (mode 'relu6_uint8') the rounding to the next layer's uint8 input in the same
-loop: the numbers of XLA's int8 formulation, from a third of the memory traffic.
+(`isa()`). `int8_kernel.cc` multiplies uint8 or int8 activations by packed int8 weights
+into exact int32 sums and applies scale, bias, the activation and (mode 'relu6_uint8') the
+rounding to the next layer's uint8 input in the same loop: the numbers of XLA's int8
+formulation, from a third of the memory traffic.
 `int8_depthwise.cc` takes an expansion's uint8 output through the 3x3 depthwise layer,
 ReLU6 and the rounding to the projection's uint8 input in one pass.
 
 They are C++ compiled on first use with the system's C++ compiler against the XLA FFI headers
 that jaxlib ships (`jax.ffi.include_dir()`), into $XDG_CACHE_HOME/seg/kernels (~/.cache/seg/
-kernels; SEG_KERNEL_DIR overrides), one library per sources, flags and jaxlib version,
-written atomically so that concurrent processes share it. Where it cannot be built (no compiler,
-not x86 with AVX2 and FMA) `available()` is False, says why in `unavailable_reason()`, and
-the engine uses XLA's int8 formulation. Exports (`jax.export`) never contain it.
+kernels; SEG_KERNEL_DIR overrides), one library per version of the sources, flags and
+jaxlib, written atomically so that concurrent processes share it. Where they cannot be built
+(no compiler, not x86 with AVX2 and FMA) `available()` is False, says why in
+`unavailable_reason()`, and the engine uses XLA's int8 formulation. Exports (`jax.export`)
+never contain them.
 """
 
 import ctypes
@@ -74,7 +76,8 @@ def _compiler() -> Optional[str]:
 
 
 def build(directory: Optional[str] = None, log=None) -> str:
-  """Compiles `SOURCES` (once per source, flags and jaxlib) and returns the .so path.
+  """Compiles `SOURCES` into one library (once per version of them, the flags and jaxlib)
+  and returns its path.
 
   Raises RuntimeError with the compiler's message when it fails. `log`: told when it compiles.
   """
@@ -154,7 +157,7 @@ def loops(flags=None) -> tuple:
 
 def isa() -> str:
   """Which of the kernel's loops runs here: the fastest of `loops()` ('amx', 'vnni' or
-  'avx2'). SEG_INT8_KERNEL_ISA=avx2|vnni|amx forces one (an error where the CPU has not it)."""
+  'avx2'). SEG_INT8_KERNEL_ISA=avx2|vnni|amx forces one (an error where the CPU lacks it)."""
   if 'isa' not in _state:
     wanted = os.environ.get('SEG_INT8_KERNEL_ISA', 'auto') or 'auto'
     if wanted != 'auto' and wanted not in ISAS:
