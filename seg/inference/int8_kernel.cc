@@ -19,6 +19,8 @@
 // round(fma(acc, scale * inv_out, bias * inv_out)) clipped to [0, 127] (rounding half to
 // even, as jnp.round), with scale * inv_out and bias * inv_out rounded to float32 first. This
 // is ReLU6 too, since the scale of a ReLU6 output is at most 6 / 127 (inv_out >= 127 / 6).
+// 4: no activation, requantised to int8 the same way, clipped to [-127, 127] (a projection
+// whose output is only the next expansion's input).
 // Rows are split into chunks shared by the calling thread and XLA's intra-op thread pool
 // (kernel_threads.h).
 #include <immintrin.h>
@@ -41,7 +43,7 @@ constexpr int kPanel = 16;  // output channels per weight panel: two vectors of 
 constexpr int kRows = 4;    // rows per register tile (8 accumulators)
 constexpr int64_t kChunkRows = 64;
 
-enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2, kRelu6Uint8 = 3 };
+enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2, kRelu6Uint8 = 3, kLinearInt8 = 4 };
 enum Isa { kAvx2 = 0, kVnni = 1, kAmx = 2 };  // int8_kernel.py: ISAS
 
 struct Problem {
@@ -100,7 +102,7 @@ inline void Tile(const Problem& p, int64_t row, int64_t panel) {
     // the compiler's own contraction off (-ffp-contract=off), so this is the only FMA.
     __m256 y0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), s0, b0);
     __m256 y1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), s1, b1);
-    if (p.mode != kLinear && p.mode != kRelu6Uint8) {
+    if (p.mode == kRelu6 || p.mode == kRelu) {
       y0 = _mm256_max_ps(y0, zero);
       y1 = _mm256_max_ps(y1, zero);
     }
@@ -109,7 +111,22 @@ inline void Tile(const Problem& p, int64_t row, int64_t panel) {
       y1 = _mm256_min_ps(y1, six);
     }
     const int64_t m = row + r;
-    if (p.mode == kRelu6Uint8) {
+    if (p.mode == kLinearInt8) {
+      const __m256i top = _mm256_set1_epi32(127), bottom = _mm256_set1_epi32(-127);
+      const __m256i q0 = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(y0), top), bottom);
+      const __m256i q1 = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(y1), top), bottom);
+      const __m256i q16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
+      const __m128i q8 = _mm_packs_epi16(_mm256_castsi256_si128(q16),
+                                         _mm256_extracti128_si256(q16, 1));
+      int8_t* o = static_cast<int8_t*>(p.out) + m * p.n + n0;
+      if (valid == kPanel) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), q8);
+      } else {
+        alignas(16) int8_t t[kPanel];
+        _mm_store_si128(reinterpret_cast<__m128i*>(t), q8);
+        std::memcpy(o, t, valid);
+      }
+    } else if (p.mode == kRelu6Uint8) {
       const __m256i top = _mm256_set1_epi32(127);
       const __m256i q0 = _mm256_min_epi32(_mm256_cvtps_epi32(y0), top);
       const __m256i q1 = _mm256_min_epi32(_mm256_cvtps_epi32(y1), top);
@@ -170,6 +187,14 @@ SEG_AVX512 inline void Store16(const Problem& p, __m512i acc, int64_t m, int64_t
                                                         _mm512_set1_epi32(127)),
                                        _mm512_setzero_si512());
     _mm_mask_storeu_epi8(static_cast<uint8_t*>(p.out) + m * p.n + n0, mask,
+                         _mm512_cvtepi32_epi8(q));
+    return;
+  }
+  if (p.mode == kLinearInt8) {
+    const __m512i q = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(y),
+                                                        _mm512_set1_epi32(127)),
+                                       _mm512_set1_epi32(-127));
+    _mm_mask_storeu_epi8(static_cast<int8_t*>(p.out) + m * p.n + n0, mask,
                          _mm512_cvtepi32_epi8(q));
     return;
   }
@@ -382,14 +407,14 @@ SEG_AMX void AmxRun(const Problem& p, int64_t begin, int64_t end) {
 // The per-call state: the problem, and scale, bias and offsets padded to whole panels.
 struct Work {
   Problem p;
-  std::vector<float> scale, bias;  // zero-padded to whole panels; times inv_out in mode 3
+  std::vector<float> scale, bias;  // zero-padded to whole panels; times inv_out in modes 3, 4
   std::vector<int32_t> offset;     // the VNNI loop's, for signed x
 
   void Prepare(const float* s, const float* b) {
     const int64_t panels = (p.n + kPanel - 1) / kPanel, padded = panels * kPanel;
     scale.assign(padded, 0.f);
     bias.assign(padded, 0.f);
-    const float f = p.mode == kRelu6Uint8 ? p.inv_out : 1.f;
+    const float f = p.mode == kRelu6Uint8 || p.mode == kLinearInt8 ? p.inv_out : 1.f;
     for (int64_t i = 0; i < p.n; ++i) { scale[i] = s[i] * f; bias[i] = b[i] * f; }
     p.scale = scale.data();
     p.bias = bias.data();
@@ -429,7 +454,7 @@ ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
     return ffi::Error::InvalidArgument("AMX needs weights packed to a multiple of 64 inputs");
   if (isa == kAmx && !AmxPermitted())
     return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
-  if (mode < kLinear || mode > kRelu6Uint8) return ffi::Error::InvalidArgument("unknown mode");
+  if (mode < kLinear || mode > kLinearInt8) return ffi::Error::InvalidArgument("unknown mode");
   if (inv_out.element_count() != 1) return ffi::Error::InvalidArgument("inv_out is one number");
   int64_t m = 1;
   for (size_t i = 0; i + 1 < dims.size(); ++i) m *= dims[i];

@@ -5,6 +5,7 @@ where the CPU has them) and the depthwise layers between an expansion and its pr
       wp = int8_kernel.pack_weights(w_int8)        # [in, out] int8 -> packed, 1-D
       y = int8_kernel.product(xq, wp, scale, bias, mode='relu6')   # inside jit, on a CPU
       q = int8_kernel.depthwise(y_uint8, w, b, stride, dilation, inv_out)   # uint8 -> uint8
+      q0 = int8_kernel.stem(images, ws, bs, wd, bd, inv_out)    # float32 image -> uint8
 
 On CPUs with AVX2 and FMA but no int8 dot instructions XLA's int8 products run no faster
 than its float32 ones; on every CPU the quantise / dequantise around XLA's products is
@@ -15,7 +16,8 @@ into exact int32 sums and applies scale, bias, the activation and (mode 'relu6_u
 rounding to the next layer's uint8 input in the same loop: the numbers of XLA's int8
 formulation, from a third of the memory traffic.
 `int8_depthwise.cc` takes an expansion's uint8 output through the 3x3 depthwise layer,
-ReLU6 and the rounding to the projection's uint8 input in one pass.
+ReLU6 and the rounding to the projection's uint8 input in one pass; `int8_stem.cc` takes the
+image through the stem and block 0's depthwise layer to block 0's projection's uint8 input.
 
 They are C++ compiled on first use with the system's C++ compiler against the XLA FFI headers
 that jaxlib ships (`jax.ffi.include_dir()`), into $XDG_CACHE_HOME/seg/kernels (~/.cache/seg/
@@ -43,14 +45,16 @@ from seg.inference import cpu_features
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Compiled together into one library; the header is part of its key.
-SOURCES = tuple(os.path.join(HERE, name) for name in ('int8_kernel.cc', 'int8_depthwise.cc'))
+SOURCES = tuple(os.path.join(HERE, name)
+                for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc'))
 HEADERS = (os.path.join(HERE, 'kernel_threads.h'),)
 TARGET = 'seg_int8_product'
 DEPTHWISE_TARGET = 'seg_int8_depthwise'
+STEM_TARGET = 'seg_int8_stem'
 PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
-MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3}
+MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3, 'linear_int8': 4}
 # The kernel's loops (int8_kernel.cc: Isa) and the CPU flags each needs.
 ISAS = {'avx2': 0, 'vnni': 1, 'amx': 2}
 VNNI_FLAGS = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512dq', 'avx512_vnni'})
@@ -129,6 +133,8 @@ def available(log=None) -> bool:
                                   platform='cpu')
       jax.ffi.register_ffi_target(DEPTHWISE_TARGET, jax.ffi.pycapsule(lib.SegInt8Depthwise),
                                   platform='cpu')
+      jax.ffi.register_ffi_target(STEM_TARGET, jax.ffi.pycapsule(lib.SegInt8Stem),
+                                  platform='cpu')
       _state.update(ok=True, reason=None, lib=lib)
     except (RuntimeError, OSError) as e:
       _state.update(ok=False, reason=str(e))
@@ -204,17 +210,18 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
   """act(int32(x @ w) * scale + bias) over x's last axis (one FMA), in the kernel (CPU only).
 
   x: [..., in] uint8 in [0, 127] or int8 in [-127, 127]; w_packed: `pack_weights`; scale,
-  bias: float32 [out]. mode: 'linear', 'relu6', 'relu' (float32 [..., out]) or
+  bias: float32 [out]. mode: 'linear', 'relu6', 'relu' (float32 [..., out]),
   'relu6_uint8' (uint8 [..., out] = round(relu6(y) * inv_out) clipped to [0, 127], computed as
   one FMA with scale and bias times inv_out; inv_out >= 127 / 6, a float32 scalar, traced
-  or not). loop: one of `loops()` (default `isa()`); AMX tiles need weights packed to 64
+  or not) or 'linear_int8' (int8 [..., out] = round(y * inv_out) clipped to [-127, 127], the
+  same way). loop: one of `loops()` (default `isa()`); AMX tiles need weights packed to 64
   inputs, and other weights take the next loop down.
   """
   if not available():
     raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
   if x.dtype not in (jnp.uint8, jnp.int8):
     raise ValueError(f'x must be uint8 or int8, got {x.dtype}')
-  out_dtype = jnp.uint8 if mode == 'relu6_uint8' else jnp.float32
+  out_dtype = {'relu6_uint8': jnp.uint8, 'linear_int8': jnp.int8}.get(mode, jnp.float32)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + scale.shape, out_dtype))
   loop = loop or isa()
   if loop not in loops():
@@ -267,3 +274,40 @@ def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: i
       stride=np.int32(stride), dilation=np.int32(dilation),
       pad_top=np.int32(same_padding(h, kh, stride, dilation)[0]),
       pad_left=np.int32(same_padding(wd, kw, stride, dilation)[0]))
+
+
+def stem_supported(images_shape, stem_w_shape) -> bool:
+  """Whether `stem` takes images of `images_shape` [n, h, w, 3] and a stem [3, 3, 3, c]."""
+  return (len(images_shape) == 4 and images_shape[-1] == 3 and
+          tuple(stem_w_shape[:3]) == (3, 3, 3) and stem_w_shape[3] % DEPTHWISE_CHANNELS == 0)
+
+
+def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax.Array,
+         inv_out) -> jax.Array:
+  """The stem and block 0's depthwise layer, to block 0's projection's input (CPU only):
+  min(round(relu6(depthwise(relu6(stem conv(images, ws) + bs), wd) + bd) * inv_out), 127)
+  as uint8, both convolutions 3x3 'SAME' (the stem stride 2, the depthwise stride 1).
+
+  images: [n, h, w, 3] float32 (preprocessed, 0 is padding); ws: [3, 3, 3, c]; bs, bd: [c];
+  wd: [3, 3, c], all float32, c a multiple of 8; inv_out: 1 / the projection's input scale
+  (float32 scalar, traced or not). Returns uint8 [n, ceil(h / 2), ceil(w / 2), c]: XLA's
+  float32 stem, taps and quantisation, summed in one fixed order (`int8_stem.cc`).
+  """
+  from seg.model.layers import same_padding
+  if not available():
+    raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
+  if images.dtype != jnp.float32 or not stem_supported(images.shape, ws.shape):
+    raise ValueError(f'float32 images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a '
+                     f'multiple of {DEPTHWISE_CHANNELS}, got {images.dtype} {images.shape}, '
+                     f'{ws.shape}')
+  n, h, w, _ = images.shape
+  c = ws.shape[3]
+  if wd.shape != (3, 3, c) or bs.shape != (c,) or bd.shape != (c,):
+    raise ValueError(f'depthwise weights [3, 3, {c}] and biases [{c}], got {wd.shape}, '
+                     f'{bs.shape}, {bd.shape}')
+  out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.uint8)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return jax.ffi.ffi_call(STEM_TARGET, out)(
+      images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out),
+      pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
+      pad_left=np.int32(same_padding(w, 3, 2, 1)[0]))

@@ -105,20 +105,25 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
   `layer` is quantised ({'w' int8 or float32 integers [in, out] (or the kernel's packed
   int8, 1-D), 'scale' [out] = input scale x weight scale, 'inv_x_scale' [], 'b' [out]}) or
   float32 ({'w', 'b'}). With the kernel's layers and 'inv_out_scale' in `layer`, the result
-  is uint8 (ReLU6 requantised, `seg.inference.int8_kernel`). `observe` (float layers only):
-  where the largest |x| of the layer's input is recorded under `name`.
+  is uint8 (ReLU6 requantised, `seg.inference.int8_kernel`); with 'inv_int8_out_scale' (1 /
+  the next product's input scale, no activation) it is int8, that product's input. `observe` (float layers only): where the largest |x| of the layer's input
+  is recorded under `name`.
   """
   dims = (((x.ndim - 1,), (0,)), ((), ()))
   w = layer['w']
   if 'scale' in layer and w.ndim == 1:  # the kernel formulation
     from seg.inference import int8_kernel
     signed = name.rsplit('/', 1)[-1] in SIGNED_INPUTS
-    # uint8: quantised already (the kernel's depthwise layer wrote it in this layer's scale)
-    q = x if x.dtype == jnp.uint8 and not signed else quantize_input(
+    # Quantised already (uint8: the kernel's depthwise layer wrote it in this layer's scale;
+    # int8: the previous projection, 'inv_int8_out_scale').
+    q = x if x.dtype == (jnp.int8 if signed else jnp.uint8) else quantize_input(
         x, layer['inv_x_scale'], jnp.int8 if signed else jnp.uint8, signed)
     if 'inv_out_scale' in layer:  # an expansion: ReLU6, requantised for the depthwise layer
       return int8_kernel.product(q, w, layer['scale'], layer['b'], 'relu6_uint8',
                                  layer['inv_out_scale'])
+    if 'inv_int8_out_scale' in layer:  # a projection whose output is the next product's input
+      return int8_kernel.product(q, w, layer['scale'], layer['b'], 'linear_int8',
+                                 layer['inv_int8_out_scale'])
     return int8_kernel.product(q, w, layer['scale'], layer['b'], activation or 'linear')
   act = ACTIVATIONS[activation]
   if 'scale' in layer:
@@ -132,16 +137,26 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
                              preferred_element_type=jnp.float32) + layer['b'])
 
 
-DEPTHWISE_CHOICES = ('kernel', 'xla')
+KERNEL_CHOICES = ('kernel', 'xla')
+
+
+def _kernel_or_xla(variable: str) -> str:
+  choice = os.environ.get(variable, 'kernel') or 'kernel'
+  if choice not in KERNEL_CHOICES:
+    raise ValueError(f'{variable} must be one of {KERNEL_CHOICES}, got {choice!r}')
+  return choice
 
 
 def depthwise_choice() -> str:
   """SEG_INT8_DEPTHWISE: 'kernel' (unset: the kernel's depthwise loop where it can run) or
   'xla' (XLA's taps, for A/B timings). Read when a function is traced."""
-  choice = os.environ.get('SEG_INT8_DEPTHWISE', 'kernel') or 'kernel'
-  if choice not in DEPTHWISE_CHOICES:
-    raise ValueError(f'SEG_INT8_DEPTHWISE must be one of {DEPTHWISE_CHOICES}, got {choice!r}')
-  return choice
+  return _kernel_or_xla('SEG_INT8_DEPTHWISE')
+
+
+def stem_choice() -> str:
+  """SEG_INT8_STEM: 'kernel' (unset: the stem and block 0's depthwise layer in the kernel's
+  stem loop where it can run) or 'xla' (XLA's, for A/B timings). Read when traced."""
+  return _kernel_or_xla('SEG_INT8_STEM')
 
 
 def _kernel_depthwise(y: jax.Array, project: Dict[str, Any], stride: int,
@@ -154,9 +169,23 @@ def _kernel_depthwise(y: jax.Array, project: Dict[str, Any], stride: int,
           depthwise_supported(y.shape, stride, dilation) and depthwise_choice() == 'kernel')
 
 
+def _kernel_stem(images: jax.Array, params: Dict[str, Any], spec, observe) -> bool:
+  """Whether the stem and block 0's depthwise layer run in the kernel (`int8_kernel.stem`):
+  block 0 has no expansion, a stride-1 undilated depthwise layer and no residual sum, its
+  projection is the kernel's, and `stem_choice()` is 'kernel'."""
+  from seg.inference.int8_kernel import stem_supported
+  first = params['blocks'][0]
+  _, out, stride, dilation = spec
+  return (observe is None and 'expand' not in first and first['project']['w'].ndim == 1 and
+          (stride, dilation) == (1, 1) and params['stem']['w'].shape[-1] != out and
+          images.dtype == jnp.float32 and
+          stem_supported(images.shape, params['stem']['w'].shape) and stem_choice() == 'kernel')
+
+
 def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int,
           observe=None) -> jax.Array:
-  """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`)."""
+  """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`), or int8
+  where its projection writes the next expansion's input ('inv_int8_out_scale')."""
   out = params['project']['b'].shape[0]
   y = x
   if 'expand' in params:
@@ -192,10 +221,19 @@ def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
       return forward_int8(params, image[None], width=width, output_stride=output_stride,
                           upsample=upsample)[0]
     return lax.map(one, images)
-  x = _relu6(_stem(images, params['stem']['w'], params['stem']['b']))
-  for i, (blk, (_, _, stride, dilation)) in enumerate(zip(params['blocks'],
-                                                         block_specs(width, output_stride))):
-    x = block(x, blk, i, stride, dilation, observe)
+  specs = block_specs(width, output_stride)
+  first = 0
+  if _kernel_stem(images, params, specs[0], observe):
+    from seg.inference import int8_kernel  # float32 image in, block 0's projection input out
+    stem, blk = params['stem'], params['blocks'][0]
+    y = int8_kernel.stem(images, stem['w'], stem['b'], blk['depthwise']['w'],
+                         blk['depthwise']['b'], blk['project']['inv_x_scale'])
+    x, first = product(y, blk['project'], 'block0/project'), 1
+  else:
+    x = _relu6(_stem(images, params['stem']['w'], params['stem']['b']))
+  for i, (blk, (_, _, stride, dilation)) in enumerate(zip(params['blocks'], specs)):
+    if i >= first:
+      x = block(x, blk, i, stride, dilation, observe)
   head = params['head']
   pooled = jnp.mean(x, axis=(1, 2))
   pooled = jax.nn.relu(pooled @ head['pool']['w'] + head['pool']['b'])
@@ -271,7 +309,9 @@ def quantize_folded(model_config, folded: Dict[str, Any], scales: Dict[str, floa
     from_stride: products whose input stride is below it stay float32.
     uint8_depthwise_inputs ('kernel' only): each expansion's output leaves the kernel as
       uint8 in the scale calibrated for the depthwise input (`block{i}/depthwise`), which
-      the depthwise weights then carry; False keeps it float32 (the numbers of 'int8').
+      the depthwise weights then carry; False keeps it float32 (the numbers of 'int8'). True also has a projection whose output
+      is only the next expansion's input (neither block sums a residual: block 0's) write
+      int8 in that expansion's input scale ('inv_int8_out_scale').
   """
   if formulation not in FORMULATIONS:
     raise ValueError(f'formulation must be one of {FORMULATIONS}, got {formulation!r}')
@@ -306,6 +346,14 @@ def quantize_folded(model_config, folded: Dict[str, Any], scales: Dict[str, floa
         blk['expand']['inv_out_scale'] = np.float32(1.0 / d_scale)
         blk['depthwise'] = dict(blk['depthwise'],
                                 w=(blk['depthwise']['w'] * d_scale).astype(np.float32))
+    blocks, specs = tree['blocks'], block_specs(model_config.width, model_config.output_stride)
+    inputs = [tree['stem']['b'].shape[0]] + [blk['project']['b'].shape[0] for blk in blocks]
+    residual = lambda i: specs[i][2] == 1 and inputs[i] == inputs[i + 1]
+    for i in range(len(blocks) - 1):
+      nxt = blocks[i + 1].get('expand')
+      if (not residual(i) and not residual(i + 1) and nxt is not None and nxt['w'].ndim == 1
+          and blocks[i]['project']['w'].ndim == 1):
+        blocks[i]['project']['inv_int8_out_scale'] = nxt['inv_x_scale']
   return tree
 
 

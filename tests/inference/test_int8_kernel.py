@@ -18,10 +18,11 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
   acc = x.reshape(-1, x.shape[-1]).astype(np.int64) @ w.astype(np.int64)
   # A fused multiply-add: the float32 product is exact in float64, the sum rounded once.
   fma = lambda a, s, b: (a.astype(np.float32).astype(np.float64) * s + b).astype(np.float32)
-  if mode == 'relu6_uint8':  # ReLU6 requantised by 1 / inv_out (>= 127 / 6: 127 caps it)
+  if mode in ('relu6_uint8', 'linear_int8'):  # requantised by 1 / inv_out
     y = fma(acc, (scale * inv_out).astype(np.float32), (bias * inv_out).astype(np.float32))
-    return np.clip(np.round(y), 0, 127).astype(np.uint8).reshape(  # round half to even
-        x.shape[:-1] + (w.shape[1],))
+    # round half to even; ReLU6 (inv_out >= 127 / 6: 127 caps it) or symmetric int8
+    low, dtype = (0, np.uint8) if mode == 'relu6_uint8' else (-127, np.int8)
+    return np.clip(np.round(y), low, 127).astype(dtype).reshape(x.shape[:-1] + (w.shape[1],))
   y = fma(acc, scale, bias)
   if mode != 'linear':
     y = np.maximum(y, np.float32(0))
@@ -31,7 +32,7 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
 
 
 @pytest.mark.parametrize('signed', [False, True])
-@pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'relu6_uint8'])
+@pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'relu6_uint8', 'linear_int8'])
 @pytest.mark.parametrize('loop,k_multiple,k', [
     ('avx2', 4, 52), ('avx2', 4, 136), ('vnni', 4, 52), ('vnni', 4, 136),
     ('vnni', 64, 52),  # weights padded for AMX tiles (an AMX CPU's VNNI fallback)
@@ -68,6 +69,18 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_m
     direct = np.round(np.clip(exact, 0, 6) * inv_out)
     assert np.abs(np.asarray(got, np.float64) - direct).max() <= 1
     assert (np.asarray(got) == direct).mean() > 0.99
+  if mode == 'linear_int8':  # both ends clipped, and the rounded sum in steps of 1 / inv_out
+    assert (expected == -127).any() and (expected == 127).any()
+    exact = (x.astype(np.int64) @ w.astype(np.int64)) * scale.astype(np.float64) + bias
+    direct = np.clip(np.round(exact * inv_out), -127, 127)
+    assert np.abs(np.asarray(got, np.float64) - direct).max() <= 1
+    assert (np.asarray(got) == direct).mean() > 0.99
+
+
+def _same_pads(size, k, stride, dilation=1):
+  """TensorFlow's 'SAME' padding (before, after), written out again for the references."""
+  total = max((-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
+  return total // 2, total - total // 2
 
 
 def _numpy_depthwise(x, w, b, stride, dilation, inv_out):
@@ -77,10 +90,8 @@ def _numpy_depthwise(x, w, b, stride, dilation, inv_out):
   n, h, wd, c = x.shape
   kh, kw = w.shape[:2]
   out_h, out_w = -(-h // stride), -(-wd // stride)
-  def pads(size, k):
-    total = max((-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-  xp = np.pad(x.astype(np.float32), ((0, 0), pads(h, kh), pads(wd, kw), (0, 0)))
+  xp = np.pad(x.astype(np.float32), ((0, 0), _same_pads(h, kh, stride, dilation),
+                                      _same_pads(wd, kw, stride, dilation), (0, 0)))
   acc = np.broadcast_to(b, (n, out_h, out_w, c)).astype(np.float32)
   for i in range(kh):
     for j in range(kw):
@@ -122,6 +133,69 @@ def test_the_depthwise_kernel_computes_xlas_float32_taps(shape, stride, dilation
   assert (np.asarray(xla) == got).mean() > 0.999
 
 
+def _numpy_stem(x, ws, bs, wd, bd, inv_out):
+  """int8_stem.cc's definition in NumPy: the stem (3x3, stride 2, 'SAME' zero padding) from
+  its bias, the 27 taps added in the order (i, j, k) by fused multiply-adds, ReLU6; then the
+  depthwise layer (`_numpy_depthwise`: stride 1, its own zero padding) and the rounding."""
+  n, h, w, _ = x.shape
+  out_h, out_w = -(-h // 2), -(-w // 2)
+  xp = np.pad(x, ((0, 0), _same_pads(h, 3, 2), _same_pads(w, 3, 2), (0, 0)))
+  acc = np.broadcast_to(bs, (n, out_h, out_w, ws.shape[-1])).astype(np.float32)
+  for i in range(3):
+    for j in range(3):
+      tap = xp[:, i::2, j::2][:, :out_h, :out_w]
+      for k in range(3):
+        acc = (tap[..., k:k + 1].astype(np.float64) * ws[i, j, k] + acc).astype(np.float32)
+  return _numpy_depthwise(np.clip(acc, np.float32(0), np.float32(6)), wd, bd, 1, 1, inv_out)
+
+
+@pytest.mark.parametrize('shape,c', [((2, 37, 41, 3), 16), ((1, 20, 18, 3), 24),
+                                     ((1, 65, 66, 3), 40), ((1, 2, 3, 3), 8),
+                                     ((2, 513, 513, 3), 32)])
+def test_the_stem_kernel_computes_xlas_float32_layers(shape, c):
+  """The stem and block 0's depthwise layer in one pass: odd and even sizes (an even size
+  pads only below and right at stride 2), 32-channel steps with 24, 16 or 8 channels left,
+  images of one and two stem rows, a full-size pair (several chunks of rows per image),
+  against NumPy and the engine's XLA layers."""
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  rng = np.random.default_rng(sum(shape) + c)
+  x = rng.uniform(-1, 1, shape).astype(np.float32)
+  ws = rng.normal(0, 0.4, (3, 3, 3, c)).astype(np.float32)
+  bs = rng.normal(0.5, 1, c).astype(np.float32)
+  wd = rng.normal(0, 0.4, (3, 3, c)).astype(np.float32)
+  bd = rng.normal(0.5, 1, c).astype(np.float32)
+  inv_out = np.float32(127 / 5.5)
+  args = [jnp.asarray(a) for a in (ws, bs, wd, bd)]
+  got = np.asarray(jax.jit(lambda x: int8_kernel.stem(x, *args, inv_out))(jnp.asarray(x)))
+  expected = _numpy_stem(x, ws, bs, wd, bd, inv_out)
+  assert got.dtype == np.uint8 and got.shape == expected.shape == shape[:1] + (
+      -(-shape[1] // 2), -(-shape[2] // 2), c)
+  np.testing.assert_array_equal(got, expected)
+  if expected.size > 2000:
+    assert (expected == 0).any() and (expected == 127).any() and len(np.unique(expected)) > 60
+  # What the engine computes without it: XLA's stem and taps, then the quantisation.
+  from seg.inference.forward import _depthwise, _stem
+  xla = jax.jit(lambda x: quantize.quantize_input(quantize._relu6(_depthwise(
+      quantize._relu6(_stem(x, args[0], args[1])), args[2], args[3], 1, 1)), inv_out,
+      jnp.uint8, signed=False))(jnp.asarray(x))
+  assert np.abs(np.asarray(xla, np.int32) - got).max() <= 1
+  assert (np.asarray(xla) == got).mean() > 0.999
+
+
+def test_the_stem_kernel_rejects_what_it_cannot_run():
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  x = jnp.zeros((1, 9, 9, 3), jnp.float32)
+  ws, b, wd = jnp.zeros((3, 3, 3, 12)), jnp.zeros(12), jnp.zeros((3, 3, 12))
+  with pytest.raises(ValueError, match='multiple of 8'):
+    int8_kernel.stem(x, ws, b, wd, b, 1.0)  # 12 channels
+  ws, b = jnp.zeros((3, 3, 3, 16)), jnp.zeros(16)
+  with pytest.raises(ValueError, match='depthwise weights'):
+    int8_kernel.stem(x, ws, b, jnp.zeros((3, 3, 8)), b, 1.0)
+  with pytest.raises(ValueError, match='float32 images'):
+    int8_kernel.stem(x.astype(jnp.uint8), ws, b, jnp.zeros((3, 3, 16)), b, 1.0)
+  assert not int8_kernel.stem_supported((1, 9, 9, 4), (3, 3, 3, 16))
+
+
 def test_the_depthwise_kernel_rejects_what_it_cannot_run():
   x = jnp.zeros((1, 5, 5, 12), jnp.uint8)  # 12 channels: not a multiple of 8
   with pytest.raises(ValueError, match='multiple of 8'):
@@ -157,8 +231,10 @@ def _logits(config, params, images):
       p, x, width=m.width, output_stride=m.output_stride, upsample=False))(params, images))
 
 
-def test_the_kernel_formulation_gives_xla_int8s_numbers(tiny_int8):
-  """With float32 depthwise inputs the kernel computes what XLA's int8 products do."""
+def test_the_kernel_formulation_gives_xla_int8s_numbers(tiny_int8, monkeypatch):
+  """With float32 depthwise inputs and XLA's stem the kernel computes what XLA's int8
+  products do."""
+  monkeypatch.setenv('SEG_INT8_STEM', 'xla')
   config, _, folded, scales = tiny_int8
   images = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
                        jnp.float32)
@@ -214,6 +290,38 @@ def test_the_engine_runs_the_depthwise_layers_in_the_kernel(tiny_int8, monkeypat
   monkeypatch.setenv('SEG_INT8_DEPTHWISE', 'fast')
   with pytest.raises(ValueError, match='SEG_INT8_DEPTHWISE'):
     text()
+
+
+def test_the_engine_runs_the_stem_in_the_kernel_and_hands_block0_on_in_int8(tiny_int8,
+                                                                             monkeypatch):
+  """The stem and block 0's depthwise layer are one kernel call (SEG_INT8_STEM=xla: XLA's),
+  block 0's projection writes int8 for block 1's expansion (the only projection whose output
+  feeds nothing else: no residual sum in block 0 or 1), and the logits barely move."""
+  config, _, folded, scales = tiny_int8
+  params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
+  from seg.model import block_specs
+  specs = block_specs(config.model.width, config.model.output_stride)
+  assert [s[2] for s in specs[:3]] == [1, 2, 1]  # block 2 sums a residual, 0 and 1 do not
+  handed = [i for i, blk in enumerate(params['blocks'])
+            if 'inv_int8_out_scale' in blk['project']]
+  assert handed == [0]
+  assert params['blocks'][0]['project']['inv_int8_out_scale'] == \
+      params['blocks'][1]['expand']['inv_x_scale']
+  images = jnp.asarray(np.random.default_rng(8).uniform(-1, 1, (2, EVAL_SIZE, EVAL_SIZE, 3)),
+                       jnp.float32)
+  m = config.model
+  text = lambda: jax.jit(lambda p, x: quantize.forward_int8(
+      p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
+          params, images).as_text()
+  assert text().count(int8_kernel.STEM_TARGET) == 1
+  got = _logits(config, params, images)
+  monkeypatch.setenv('SEG_INT8_STEM', 'xla')
+  assert int8_kernel.STEM_TARGET not in text()
+  xla_stem = _logits(config, params, images)
+  # The same layers summed in another order, and block 1's input rounded once, not twice.
+  rms = lambda x: np.sqrt(np.mean(np.square(x)))
+  assert rms(got - xla_stem) <= 0.02 * rms(xla_stem)
+  assert (got.argmax(-1) == xla_stem.argmax(-1)).mean() >= 0.98
 
 
 def test_calibration_records_the_depthwise_inputs(tiny_int8):
