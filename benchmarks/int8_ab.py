@@ -1,0 +1,79 @@
+"""Two settings of the int8 engine timed call by call in one process: an A/B that a VM whose
+speed drifts (docs/performance.md) cannot tilt, since both see the same stretches.
+
+    python benchmarks/int8_ab.py [--batch 1] [--iters 100] [--size 513] VAR=VALUE [VAR=VALUE ...]
+
+A is the default network; B is the one traced with the given SEG_* environment variables
+(read when a function is traced, e.g. SEG_INT8_STEM=xla, SEG_INT8_DEPTHWISE=xla,
+SEG_INT8_KERNEL_ISA=avx2). experiments/base.py, random weights and fixed int8 scales (speed
+does not depend on values), float32 images in, logits at stride 16 out. Prints per setting
+the median, 25th percentile and fastest ms per image, and the median of the per-pair ratios
+B / A.
+"""
+
+import argparse
+import os
+import time
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='experiments/base.py')
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--size', type=int, default=513)
+  parser.add_argument('--iters', type=int, default=100)
+  parser.add_argument('settings', nargs='+', help='VAR=VALUE for B')
+  args = parser.parse_args()
+  b_env = dict(s.split('=', 1) for s in args.settings)
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from seg.config import load_experiment
+  from seg.inference import benchmark, engine, quantize
+  from seg.model import create_model
+
+  config = load_experiment(args.config)
+  model = config.model
+  variables = benchmark.random_variables(create_model(model))
+  scales = {name: 6 / 127 for name in quantize.scale_names(model)}
+  eng = engine.Engine(config, variables, dtype='int8', batch_size=1, int8_scales=scales)
+  images = jnp.asarray(np.random.default_rng(0).uniform(
+      -1, 1, (args.batch, args.size, args.size, 3)), jnp.float32)
+
+  def compiled(env):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+      return jax.jit(lambda p, x: quantize.forward_int8(
+          p, x, width=model.width, output_stride=model.output_stride, upsample=False)).lower(
+              eng.folded, images).compile()
+    finally:
+      for k, v in saved.items():
+        if v is None:
+          os.environ.pop(k, None)
+        else:
+          os.environ[k] = v
+
+  runs = {'A (default)': compiled({}), f'B ({" ".join(args.settings)})': compiled(b_env)}
+  times = {name: [] for name in runs}
+  for f in runs.values():
+    for _ in range(3):
+      f(eng.folded, images).block_until_ready()
+  for _ in range(args.iters):
+    for name, f in runs.items():
+      start = time.perf_counter()
+      f(eng.folded, images).block_until_ready()
+      times[name].append((time.perf_counter() - start) * 1e3 / args.batch)
+  print(f'{args.config}, {args.size}x{args.size}, batch {args.batch}, {args.iters} calls each, '
+        f'alternating; int8 formulation {eng.int8_formulation}; ms per image:')
+  for name, t in times.items():
+    print(f'  {name}: median {np.median(t):.2f}  p25 {np.percentile(t, 25):.2f}  '
+          f'fastest {min(t):.2f}')
+  a, b = (np.asarray(t) for t in times.values())
+  print(f'  B / A, median of the pairs: {np.median(b / a):.3f}')
+
+
+if __name__ == '__main__':
+  main()
