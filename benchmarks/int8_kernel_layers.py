@@ -13,7 +13,9 @@ random values (speed does not depend on them), each variant one compiled call:
 Variants alternate per layer; prints the median ms and GMAdd/s per layer and the totals.
 Then each depthwise layer between an expansion and its projection, uint8 in and the
 projection's uint8 input out: in the kernel (`int8_kernel.depthwise`) and as XLA's taps,
-ReLU6 and quantisation (what the engine runs with SEG_INT8_DEPTHWISE=xla).
+ReLU6 and quantisation (what the engine runs with SEG_INT8_DEPTHWISE=xla). Last the stem
+with block 0's depthwise layer, float32 image in and block 0's projection's uint8 input out:
+`int8_kernel.stem` and XLA's (SEG_INT8_STEM=xla).
 """
 
 import argparse
@@ -38,7 +40,7 @@ def main():
 
   if not int8_kernel.available():
     raise SystemExit(f'the int8 kernel is unavailable: {int8_kernel.unavailable_reason()}')
-  size = -(-args.size // 2)
+  size = size0 = -(-args.size // 2)
   specs = block_specs(args.width, 16)
   channels = specs[0][0]  # block 0 has no expansion: its input is the stem's output
   layers = []  # (name, pixels, in, out, signed input, activation)
@@ -82,6 +84,9 @@ def main():
     bias = jnp.zeros((n,), jnp.float32)
     xq = jnp.asarray(np.asarray(xf * 127).round(), jnp.int8 if signed else jnp.uint8)
     mode = {None: 'linear', 'relu': 'relu', 'relu6': 'relu6_uint8'}[activation]
+    if name == 'block0/project':  # it writes block 1's int8 input (quantize_folded)
+      mode = 'linear_int8'
+
     f = act[activation]
     ms = {f'kernel {loop}': timed(
         lambda x, w, loop=loop: int8_kernel.product(x, w, scale, bias, mode, 127 / 6, loop),
@@ -119,6 +124,19 @@ def main():
     print(f'{name:20s} {size:4d}x{size:<4d} x {c:4d} s{stride} d{dilation}  ' +
           ' | '.join(f'{v:6.2f}' for v in ms.values()), flush=True)
   print(f'{"all":20s} {"":27s}' + ' | '.join(f'{v:6.2f}' for v in totals.values()))
+
+  from seg.inference.forward import _stem
+  c = specs[0][0]
+  image = jnp.asarray(rng.uniform(-1, 1, (1, args.size, args.size, 3)), jnp.float32)
+  ws = jnp.asarray(rng.normal(0, 0.3, (3, 3, 3, c)), jnp.float32)
+  wd = jnp.asarray(rng.normal(0, 0.3, (3, 3, c)), jnp.float32)
+  b = jnp.asarray(rng.normal(0, 1, c), jnp.float32)
+  relu6 = lambda y: jnp.clip(y, 0, 6)
+  ms = {'kernel': timed(lambda x: int8_kernel.stem(x, ws, b, wd, b, 20.0), image),
+        'xla': timed(lambda x: jnp.clip(jnp.round(relu6(_depthwise(
+            relu6(_stem(x, ws, b)), wd, b, 1, 1)) * 20.0), 0, 127).astype(jnp.uint8), image)}
+  print(f'\nthe stem and block0/depthwise, {args.size}x{args.size} float32 -> {size0}x{size0} x '
+        f'{c} uint8, ms: kernel | xla\n{"":48s}' + ' | '.join(f'{v:6.2f}' for v in ms.values()))
 
 
 if __name__ == '__main__':

@@ -168,8 +168,9 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
       loop = ''
       if eng.int8_formulation == 'kernel':
         from seg.inference import int8_kernel, quantize
-        loop = f', its {int8_kernel.isa()} loop, depthwise layers in ' + (
-            'the kernel' if quantize.depthwise_choice() == 'kernel' else "XLA's taps")
+        where = lambda choice: 'the kernel' if choice == 'kernel' else "XLA's"
+        loop = (f', its {int8_kernel.isa()} loop, depthwise layers in '
+                f'{where(quantize.depthwise_choice())}, stem in {where(quantize.stem_choice())}')
       log(f'int8 products: the {eng.int8_formulation!r} formulation{loop} (seg.inference.quantize)')
     variables = jax.device_get(eng.folded)
   report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype)),
