@@ -54,7 +54,8 @@ STEM_TARGET = 'seg_int8_stem'
 PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
-MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3, 'linear_int8': 4}
+MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3, 'linear_int8': 4,
+         'linear_offset_uint8': 5}
 # The kernel's loops (int8_kernel.cc: Isa) and the CPU flags each needs.
 ISAS = {'avx2': 0, 'vnni': 1, 'amx': 2}
 VNNI_FLAGS = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512dq', 'avx512_vnni'})
@@ -205,23 +206,38 @@ def pack_weights(w: np.ndarray, k_multiple: int = GROUP) -> np.ndarray:
       padded.reshape(kp // GROUP, GROUP, panels, PANEL).transpose(2, 0, 3, 1)).reshape(-1)
 
 
+def signed_input_form() -> str:
+  """How signed product inputs are stored for this machine's loop: 'offset_uint8' (x + 128
+  as uint8, which the VNNI loop multiplies without flipping each input) where `isa()` is
+  'vnni', else 'int8'. SEG_INT8_SIGNED_INPUTS=int8 keeps int8 (A/B timings); read when
+  traced."""
+  wanted = os.environ.get('SEG_INT8_SIGNED_INPUTS', 'auto') or 'auto'
+  if wanted not in ('auto', 'int8'):
+    raise ValueError(f'SEG_INT8_SIGNED_INPUTS must be auto or int8, got {wanted!r}')
+  return 'offset_uint8' if isa() == 'vnni' and wanted == 'auto' else 'int8'
+
+
 def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array,
-            mode: str = 'linear', inv_out=1.0, loop: Optional[str] = None) -> jax.Array:
+            mode: str = 'linear', inv_out=1.0, loop: Optional[str] = None,
+            offset_input: bool = False) -> jax.Array:
   """act(int32(x @ w) * scale + bias) over x's last axis (one FMA), in the kernel (CPU only).
 
-  x: [..., in] uint8 in [0, 127] or int8 in [-127, 127]; w_packed: `pack_weights`; scale,
+  x: [..., in] uint8 in [0, 127] or int8 in [-127, 127], or with `offset_input` a signed
+  input stored as x + 128, uint8 in [1, 255] (`signed_input_form`; loops other than VNNI get
+  it back as int8 first); w_packed: `pack_weights`; scale,
   bias: float32 [out]. mode: 'linear', 'relu6', 'relu' (float32 [..., out]),
   'relu6_uint8' (uint8 [..., out] = round(relu6(y) * inv_out) clipped to [0, 127], computed as
   one FMA with scale and bias times inv_out; inv_out >= 127 / 6, a float32 scalar, traced
-  or not) or 'linear_int8' (int8 [..., out] = round(y * inv_out) clipped to [-127, 127], the
-  same way). loop: one of `loops()` (default `isa()`); AMX tiles need weights packed to 64
+  or not), 'linear_int8' (int8 [..., out] = round(y * inv_out) clipped to [-127, 127], the
+  same way) or 'linear_offset_uint8' (that + 128 as uint8, the next product's `offset_input`). loop: one of `loops()` (default `isa()`); AMX tiles need weights packed to 64
   inputs, and other weights take the next loop down.
   """
   if not available():
     raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
   if x.dtype not in (jnp.uint8, jnp.int8):
     raise ValueError(f'x must be uint8 or int8, got {x.dtype}')
-  out_dtype = {'relu6_uint8': jnp.uint8, 'linear_int8': jnp.int8}.get(mode, jnp.float32)
+  out_dtype = {'relu6_uint8': jnp.uint8, 'linear_int8': jnp.int8,
+               'linear_offset_uint8': jnp.uint8}.get(mode, jnp.float32)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + scale.shape, out_dtype))
   loop = loop or isa()
   if loop not in loops():
@@ -229,9 +245,13 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
   k_packed = w_packed.shape[0] // (-(-scale.shape[0] // PANEL) * PANEL)
   if loop == 'amx' and k_packed % AMX_K:
     loop = 'vnni' if 'vnni' in loops() else 'avx2'
+  if offset_input and x.dtype != jnp.uint8:
+    raise ValueError(f'offset_input: x must be uint8 (x + 128), got {x.dtype}')
+  if offset_input and loop != 'vnni':  # the other loops multiply int8
+    x, offset_input = jax.lax.bitcast_convert_type(x ^ np.uint8(128), jnp.int8), False
   return call(x, w_packed, scale, bias, jnp.asarray(inv_out, jnp.float32),
-              mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8),
-              isa=np.int32(ISAS[loop]))
+              mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8 or offset_input),
+              offset_input=bool(offset_input), isa=np.int32(ISAS[loop]))
 
 
 

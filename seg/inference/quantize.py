@@ -114,17 +114,26 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
   if 'scale' in layer and w.ndim == 1:  # the kernel formulation
     from seg.inference import int8_kernel
     signed = name.rsplit('/', 1)[-1] in SIGNED_INPUTS
-    # Quantised already (uint8: the kernel's depthwise layer wrote it in this layer's scale;
-    # int8: the previous projection, 'inv_int8_out_scale').
-    q = x if x.dtype == (jnp.int8 if signed else jnp.uint8) else quantize_input(
-        x, layer['inv_x_scale'], jnp.int8 if signed else jnp.uint8, signed)
+    # A signed input as x + 128 in uint8 where the VNNI loop runs (it multiplies that form).
+    offset = signed and int8_kernel.signed_input_form() == 'offset_uint8'
+    if x.dtype in (jnp.uint8, jnp.int8):  # quantised already, in this layer's scale: by the
+      # kernel's depthwise layer (uint8), or by the previous projection ('inv_int8_out_scale':
+      # int8, or x + 128 as uint8 for a signed layer)
+      q, offset = x, signed and x.dtype == jnp.uint8
+    elif offset:
+      q = (jnp.clip(jnp.round(x * layer['inv_x_scale']), -INT8_MAX, INT8_MAX) + 128).astype(
+          jnp.uint8)
+    else:
+      q = quantize_input(x, layer['inv_x_scale'], jnp.int8 if signed else jnp.uint8, signed)
     if 'inv_out_scale' in layer:  # an expansion: ReLU6, requantised for the depthwise layer
-      return int8_kernel.product(q, w, layer['scale'], layer['b'], 'relu6_uint8',
-                                 layer['inv_out_scale'])
-    if 'inv_int8_out_scale' in layer:  # a projection whose output is the next product's input
-      return int8_kernel.product(q, w, layer['scale'], layer['b'], 'linear_int8',
-                                 layer['inv_int8_out_scale'])
-    return int8_kernel.product(q, w, layer['scale'], layer['b'], activation or 'linear')
+      mode, inv_out = 'relu6_uint8', layer['inv_out_scale']
+    elif 'inv_int8_out_scale' in layer:  # a projection whose output is the next's input
+      mode, inv_out = ('linear_offset_uint8' if int8_kernel.signed_input_form() ==
+                       'offset_uint8' else 'linear_int8'), layer['inv_int8_out_scale']
+    else:
+      mode, inv_out = activation or 'linear', 1.0
+    return int8_kernel.product(q, w, layer['scale'], layer['b'], mode, inv_out,
+                               offset_input=offset)
   act = ACTIVATIONS[activation]
   if 'scale' in layer:
     q = quantize_input(x, layer['inv_x_scale'], w.dtype)

@@ -18,11 +18,14 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
   acc = x.reshape(-1, x.shape[-1]).astype(np.int64) @ w.astype(np.int64)
   # A fused multiply-add: the float32 product is exact in float64, the sum rounded once.
   fma = lambda a, s, b: (a.astype(np.float32).astype(np.float64) * s + b).astype(np.float32)
-  if mode in ('relu6_uint8', 'linear_int8'):  # requantised by 1 / inv_out
+  if mode in ('relu6_uint8', 'linear_int8', 'linear_offset_uint8'):  # requantised by 1 / inv_out
     y = fma(acc, (scale * inv_out).astype(np.float32), (bias * inv_out).astype(np.float32))
     # round half to even; ReLU6 (inv_out >= 127 / 6: 127 caps it) or symmetric int8
-    low, dtype = (0, np.uint8) if mode == 'relu6_uint8' else (-127, np.int8)
-    return np.clip(np.round(y), low, 127).astype(dtype).reshape(x.shape[:-1] + (w.shape[1],))
+    low = 0 if mode == 'relu6_uint8' else -127
+    q = np.clip(np.round(y), low, 127).reshape(x.shape[:-1] + (w.shape[1],))
+    if mode == 'linear_offset_uint8':  # + 128, as uint8
+      return (q + 128).astype(np.uint8)
+    return q.astype(np.uint8 if mode == 'relu6_uint8' else np.int8)
   y = fma(acc, scale, bias)
   if mode != 'linear':
     y = np.maximum(y, np.float32(0))
@@ -31,15 +34,17 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
   return y.reshape(x.shape[:-1] + (w.shape[1],))
 
 
-@pytest.mark.parametrize('signed', [False, True])
-@pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'relu6_uint8', 'linear_int8'])
+@pytest.mark.parametrize('signed', [False, True, 'offset'])
+@pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'relu6_uint8', 'linear_int8',
+                                  'linear_offset_uint8'])
 @pytest.mark.parametrize('loop,k_multiple,k', [
     ('avx2', 4, 52), ('avx2', 4, 136), ('vnni', 4, 52), ('vnni', 4, 136),
     ('vnni', 64, 52),  # weights padded for AMX tiles (an AMX CPU's VNNI fallback)
     ('amx', 64, 52), ('amx', 64, 136)])
 def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_multiple, k):
   """Each loop the CPU runs (the others are skipped), with inputs that are one partial AMX
-  tile (52) or two and a part (136); signed inputs go through the VNNI loop's offset."""
+  tile (52) or two and a part (136); signed inputs go through the VNNI loop's offset, given
+  as int8 or ('offset') as x + 128 in uint8."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   if loop not in int8_kernel.loops():
     pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
@@ -51,14 +56,16 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_m
   x = rng.integers(-127 if signed else 0, 128, (3, 45, k)).astype(np.int8 if signed else
                                                                  np.uint8)
   x[0, 0] = 127
+  given = (x.astype(np.int16) + 128).astype(np.uint8) if signed == 'offset' else x
   w = rng.integers(-127, 128, (k, 101)).astype(np.int8)
   w[:, 0] = 127 if not signed else -127
   scale = rng.uniform(2e-5, 2e-4, 101).astype(np.float32)
   bias = rng.normal(0, 1, 101).astype(np.float32)
   inv_out = np.float32(127 / 6)
-  got = jax.jit(lambda x, w: int8_kernel.product(x, w, jnp.asarray(scale), jnp.asarray(bias),
-                                                 mode, inv_out, loop))(
-      jnp.asarray(x), jnp.asarray(int8_kernel.pack_weights(w, k_multiple)))
+  got = jax.jit(lambda x, w: int8_kernel.product(
+      x, w, jnp.asarray(scale), jnp.asarray(bias), mode, inv_out, loop,
+      offset_input=signed == 'offset'))(
+      jnp.asarray(given), jnp.asarray(int8_kernel.pack_weights(w, k_multiple)))
   expected = _numpy_product(x, w, scale, bias, mode, inv_out)
   assert got.dtype == expected.dtype and got.shape == expected.shape
   np.testing.assert_array_equal(np.asarray(got), expected)
@@ -69,7 +76,10 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_m
     direct = np.round(np.clip(exact, 0, 6) * inv_out)
     assert np.abs(np.asarray(got, np.float64) - direct).max() <= 1
     assert (np.asarray(got) == direct).mean() > 0.99
-  if mode == 'linear_int8':  # both ends clipped, and the rounded sum in steps of 1 / inv_out
+  if mode in ('linear_int8', 'linear_offset_uint8'):  # clipped at both ends, in steps
+    if mode == 'linear_offset_uint8':
+      expected = expected.astype(np.int16) - 128
+      got = np.asarray(got, np.int16) - 128
     assert (expected == -127).any() and (expected == 127).any()
     exact = (x.astype(np.int64) @ w.astype(np.int64)) * scale.astype(np.float64) + bias
     direct = np.clip(np.round(exact * inv_out), -127, 127)
@@ -322,6 +332,33 @@ def test_the_engine_runs_the_stem_in_the_kernel_and_hands_block0_on_in_int8(tiny
   rms = lambda x: np.sqrt(np.mean(np.square(x)))
   assert rms(got - xla_stem) <= 0.02 * rms(xla_stem)
   assert (got.argmax(-1) == xla_stem.argmax(-1)).mean() >= 0.98
+
+
+def test_signed_inputs_take_the_vnni_loops_own_form(tiny_int8, monkeypatch):
+  """Where the VNNI loop runs, signed inputs (expansions, aspp0) are quantised as x + 128 in
+  uint8, and block 0's projection writes block 1's input so: the same integers, so the
+  logits equal those of the AVX2 loop, which takes them as int8, bit for bit."""
+  if 'vnni' not in int8_kernel.loops():
+    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not vnni')
+  config, _, folded, scales = tiny_int8
+  params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
+  images = jnp.asarray(np.random.default_rng(9).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
+                       jnp.float32)
+  m = config.model
+  monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
+  logits, texts = {}, {}
+  for loop in ('vnni', 'avx2'):
+    int8_kernel._state.pop('isa', None)
+    monkeypatch.setenv('SEG_INT8_KERNEL_ISA', loop)
+    fn = jax.jit(lambda p, x: quantize.forward_int8(
+        p, x, width=m.width, output_stride=m.output_stride, upsample=False))
+    texts[loop] = fn.lower(params, images).as_text()
+    logits[loop] = np.asarray(fn(params, images))
+  signed = sum('expand' in blk for blk in params['blocks']) + 1  # and aspp0
+  assert texts['vnni'].count('offset_input = true') == signed
+  assert 'offset_input = true' not in texts['avx2']
+  assert texts['vnni'].count('mode = 5') == 1 and texts['avx2'].count('mode = 4') == 1
+  np.testing.assert_array_equal(logits['vnni'], logits['avx2'])
 
 
 def test_calibration_records_the_depthwise_inputs(tiny_int8):
