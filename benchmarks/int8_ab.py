@@ -8,7 +8,7 @@ A is the default network; B is the one traced with the given SEG_* environment v
 SEG_INT8_KERNEL_ISA=avx2). experiments/base.py, random weights and fixed int8 scales (speed
 does not depend on values), float32 images in, logits at stride 16 out. Prints per setting
 the median, 25th percentile and fastest ms per image, and the median of the per-pair ratios
-B / A.
+B / A. Runs under mimalloc with immediate purging, as `main.py benchmark` does.
 """
 
 import argparse
@@ -25,6 +25,8 @@ def main():
   parser.add_argument('settings', nargs='+', help='VAR=VALUE for B')
   args = parser.parse_args()
   b_env = dict(s.split('=', 1) for s in args.settings)
+  from seg.cli import process
+  process.reexec_with_mimalloc(purge_at_once=True)  # as main.py's inference commands run
 
   import jax
   import jax.numpy as jnp

@@ -33,6 +33,7 @@
 #include <cstring>
 #include <vector>
 
+#include "int8_depthwise.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -431,20 +432,22 @@ struct Work {
     }
   }
 
-  void RunRows(int64_t begin, int64_t end) const {
-    if (p.isa == kAmx) AmxRun(p, begin, end);
-    else if (p.isa == kVnni && p.is_signed && !p.offset_input) VnniRows<true>(p, begin, end);
-    else if (p.isa == kVnni) VnniRows<false>(p, begin, end);
-    else if (p.is_signed) Rows<true>(p, begin, end);
-    else Rows<false>(p, begin, end);
+  void RunRows(int64_t begin, int64_t end) const { RunRows(p, begin, end); }
+
+  // Rows [begin, end) of q: p with other rows of x and out (the fused pass, below).
+  static void RunRows(const Problem& q, int64_t begin, int64_t end) {
+    if (q.isa == kAmx) AmxRun(q, begin, end);
+    else if (q.isa == kVnni && q.is_signed && !q.offset_input) VnniRows<true>(q, begin, end);
+    else if (q.isa == kVnni) VnniRows<false>(q, begin, end);
+    else if (q.is_signed) Rows<true>(q, begin, end);
+    else Rows<false>(q, begin, end);
   }
 };
 
-ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
-                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                       ffi::Buffer<ffi::F32> inv_out, int32_t mode, bool is_signed,
-                       bool offset_input, int32_t isa,
-                       ffi::Result<ffi::AnyBuffer> out) {
+// The checks of a product's arguments, and its Work (`out`: where it writes).
+ffi::Error MakeWork(ffi::AnyBuffer& x, ffi::Buffer<ffi::S8>& w, ffi::Buffer<ffi::F32>& scale,
+                    ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::F32>& inv_out, int32_t mode,
+                    bool is_signed, bool offset_input, int32_t isa, void* out, Work& work) {
   const auto dims = x.dimensions();
   if (dims.size() == 0) return ffi::Error::InvalidArgument("x needs a channel axis");
   const int64_t k = dims.back();
@@ -466,14 +469,100 @@ ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   if (inv_out.element_count() != 1) return ffi::Error::InvalidArgument("inv_out is one number");
   int64_t m = 1;
   for (size_t i = 0; i + 1 < dims.size(); ++i) m *= dims[i];
-  Work work;
   work.p = Problem{static_cast<const uint8_t*>(x.untyped_data()), m, k, n, kw, w.typed_data(),
                     scale.typed_data(), bias.typed_data(), inv_out.typed_data()[0], mode, is_signed,
-                    offset_input, isa, nullptr, out->untyped_data()};
+                    offset_input, isa, nullptr, out};
   work.Prepare(scale.typed_data(), bias.typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
+                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::F32> inv_out, int32_t mode, bool is_signed,
+                       bool offset_input, int32_t isa,
+                       ffi::Result<ffi::AnyBuffer> out) {
+  Work work;
+  ffi::Error error = MakeWork(x, w, scale, bias, inv_out, mode, is_signed, offset_input, isa,
+                              out->untyped_data(), work);
+  if (error.failure()) return error;
+  const int64_t m = work.p.m;
   seg::ForEachChunk(pool, (m + kChunkRows - 1) / kChunkRows, [&work, m](int64_t c) {
     work.RunRows(c * kChunkRows, std::min(m, (c + 1) * kChunkRows));
   });
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------------------------------
+// An expansion and the depthwise layer after it in one pass (int8_kernel.py:
+// expand_depthwise), the same numbers as the two calls: a chunk is a band of the depthwise
+// layer's output rows of one image; it computes the expansion's uint8 output (mode 3) for
+// just the input rows that band reads, into a buffer that stays in the core's cache, and
+// runs int8_depthwise.h's bands over it. The expansion's output (6.3 MB for block 1 of a
+// 513x513 image) never goes to memory; the input rows a band shares with the next (one at
+// stride 2, two at stride 1) are computed by both.
+constexpr int64_t kFusedBytes = 512 * 1024;  // a band's expansion output, at most
+
+template <int S, int D>
+void FusedRun(ffi::ThreadPool& pool, const Work& work, const seg::depthwise::Depthwise& d,
+              int64_t images, int64_t rows) {
+  const int64_t bands = (d.oh + rows - 1) / rows;
+  seg::ForEachChunk(pool, images * bands, [&work, &d, bands, rows](int64_t chunk) {
+    thread_local std::vector<uint8_t> expanded;
+    thread_local std::vector<float> converted;
+    const int64_t n = chunk / bands, oy0 = chunk % bands * rows;
+    const int64_t oy1 = std::min(d.oh, oy0 + rows);
+    const int64_t first = std::max<int64_t>(oy0 * S - d.pad_top, 0);
+    const int64_t last = std::min<int64_t>((oy1 - 1) * S + 2 * D - d.pad_top + 1, d.h);
+    const int64_t pixels = (last - first) * d.w;
+    expanded.resize(pixels * work.p.n);
+    Problem q = work.p;
+    q.x = work.p.x + (n * d.h + first) * d.w * work.p.k;
+    q.m = pixels;
+    q.out = expanded.data();
+    Work::RunRows(q, 0, pixels);
+    seg::depthwise::Depthwise band = d;
+    band.x = expanded.data();
+    band.row_base = n * d.h + first;
+    for (int64_t oy = oy0; oy < oy1; oy += d.band) band.Band<S, D>(n, oy, converted, oy1);
+  });
+}
+
+ffi::Error Int8ExpandDepthwise(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
+                               ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                               ffi::Buffer<ffi::F32> inv_mid, ffi::Buffer<ffi::F32> wd,
+                               ffi::Buffer<ffi::F32> bd, ffi::Buffer<ffi::F32> inv_out,
+                               bool is_signed, bool offset_input, int32_t isa, int32_t stride,
+                               int32_t dilation, int32_t pad_top, int32_t pad_left,
+                               ffi::Result<ffi::Buffer<ffi::U8>> out) {
+  Work work;
+  ffi::Error error = MakeWork(x, w, scale, bias, inv_mid, kRelu6Uint8, is_signed, offset_input,
+                              isa, nullptr, work);
+  if (error.failure()) return error;
+  const auto xd = x.dimensions(), wdd = wd.dimensions(), od = out->dimensions();
+  const int64_t e = work.p.n;
+  if (xd.size() != 4 || od.size() != 4 || od[0] != xd[0] || od[3] != e)
+    return ffi::Error::InvalidArgument("x is [n, h, w, k] and out [n, oh, ow, expanded]");
+  if (e % 8 != 0) return ffi::Error::InvalidArgument("the channels must be a multiple of 8");
+  if (wdd.size() != 3 || wdd[0] != 3 || wdd[1] != 3 || wdd[2] != e || bd.element_count() != e ||
+      inv_out.element_count() != 1)
+    return ffi::Error::InvalidArgument("the depthwise weights are [3, 3, expanded], bias [expanded]");
+  seg::depthwise::Depthwise d{nullptr, xd[1], xd[2], e, wd.typed_data(), bd.typed_data(),
+                              inv_out.typed_data()[0], stride, dilation, pad_top, pad_left,
+                              out->typed_data(), od[1], od[2], 1};
+  if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
+    return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
+  d.ChooseBand();
+  // Output rows per chunk: as many as keep the band's expansion output within kFusedBytes,
+  // and at most an eighth of the image's, so that two threads share even a batch of one.
+  int64_t rows = 1;
+  while (rows < (d.oh + 7) / 8 &&
+         (rows * stride + 2 * dilation + 1) * d.w * e <= kFusedBytes)
+    ++rows;
+  if (stride == 1 && dilation == 1) FusedRun<1, 1>(pool, work, d, xd[0], rows);
+  else if (stride == 2 && dilation == 1) FusedRun<2, 1>(pool, work, d, xd[0], rows);
+  else if (stride == 1 && dilation == 2) FusedRun<1, 2>(pool, work, d, xd[0], rows);
+  else if (stride == 1 && dilation == 4) FusedRun<1, 4>(pool, work, d, xd[0], rows);
+  else return ffi::Error::InvalidArgument("stride and dilation: (1, 1), (2, 1), (1, 2), (1, 4)");
   return ffi::Error::Success();
 }
 
@@ -495,3 +584,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Product, Int8Product,
                                   .Attr<bool>("offset_input")
                                   .Attr<int32_t>("isa")
                                   .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8ExpandDepthwise, Int8ExpandDepthwise,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // x [n, h, w, k]
+                                  .Arg<ffi::Buffer<ffi::S8>>()     // packed weights
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // scale [expanded]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias [expanded]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // inv_mid []
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, expanded]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bd [expanded]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // inv_out []
+                                  .Attr<bool>("is_signed")
+                                  .Attr<bool>("offset_input")
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("stride")
+                                  .Attr<int32_t>("dilation")
+                                  .Attr<int32_t>("pad_top")
+                                  .Attr<int32_t>("pad_left")
+                                  .Ret<ffi::Buffer<ffi::U8>>());  // out [n, oh, ow, expanded]

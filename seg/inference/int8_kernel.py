@@ -5,6 +5,8 @@ where the CPU has them) and the depthwise layers between an expansion and its pr
       wp = int8_kernel.pack_weights(w_int8)        # [in, out] int8 -> packed, 1-D
       y = int8_kernel.product(xq, wp, scale, bias, mode='relu6')   # inside jit, on a CPU
       q = int8_kernel.depthwise(y_uint8, w, b, stride, dilation, inv_out)   # uint8 -> uint8
+      q = int8_kernel.expand_depthwise(xq, wp, scale, bias, inv_mid, w, b, stride, dilation,
+                                       inv_out)         # both in one pass
       q0 = int8_kernel.stem(images, ws, bs, wd, bd, inv_out)    # float32 image -> uint8
 
 On CPUs with AVX2 and FMA but no int8 dot instructions XLA's int8 products run no faster
@@ -16,7 +18,8 @@ into exact int32 sums and applies scale, bias, the activation and (mode 'relu6_u
 rounding to the next layer's uint8 input in the same loop: the numbers of XLA's int8
 formulation, from a third of the memory traffic.
 `int8_depthwise.cc` takes an expansion's uint8 output through the 3x3 depthwise layer,
-ReLU6 and the rounding to the projection's uint8 input in one pass; `int8_stem.cc` takes the
+ReLU6 and the rounding to the projection's uint8 input in one pass (or, `expand_depthwise`,
+the expansion and that layer in one pass over bands of rows); `int8_stem.cc` takes the
 image through the stem and block 0's depthwise layer to block 0's projection's uint8 input.
 
 They are C++ compiled on first use with the system's C++ compiler against the XLA FFI headers
@@ -47,10 +50,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Compiled together into one library; the header is part of its key.
 SOURCES = tuple(os.path.join(HERE, name)
                 for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc'))
-HEADERS = (os.path.join(HERE, 'kernel_threads.h'),)
+HEADERS = tuple(os.path.join(HERE, name) for name in ('kernel_threads.h', 'int8_depthwise.h'))
 TARGET = 'seg_int8_product'
 DEPTHWISE_TARGET = 'seg_int8_depthwise'
 STEM_TARGET = 'seg_int8_stem'
+EXPAND_DEPTHWISE_TARGET = 'seg_int8_expand_depthwise'
 PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
@@ -136,6 +140,8 @@ def available(log=None) -> bool:
                                   platform='cpu')
       jax.ffi.register_ffi_target(STEM_TARGET, jax.ffi.pycapsule(lib.SegInt8Stem),
                                   platform='cpu')
+      jax.ffi.register_ffi_target(EXPAND_DEPTHWISE_TARGET,
+                                  jax.ffi.pycapsule(lib.SegInt8ExpandDepthwise), platform='cpu')
       _state.update(ok=True, reason=None, lib=lib)
     except (RuntimeError, OSError) as e:
       _state.update(ok=False, reason=str(e))
@@ -239,19 +245,27 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
   out_dtype = {'relu6_uint8': jnp.uint8, 'linear_int8': jnp.int8,
                'linear_offset_uint8': jnp.uint8}.get(mode, jnp.float32)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + scale.shape, out_dtype))
+  x, loop, offset_input = _loop_and_input(x, w_packed, scale.shape[0], loop, offset_input)
+  return call(x, w_packed, scale, bias, jnp.asarray(inv_out, jnp.float32),
+              mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8 or offset_input),
+              offset_input=bool(offset_input), isa=np.int32(ISAS[loop]))
+
+
+def _loop_and_input(x, w_packed, out_channels: int, loop: Optional[str], offset_input: bool):
+  """(x, loop, offset_input) as the kernel takes them: `loop` checked (default `isa()`), AMX
+  where the weights are packed for its tiles, and x + 128 back to int8 for loops other
+  than VNNI."""
   loop = loop or isa()
   if loop not in loops():
     raise ValueError(f'loop {loop!r} is not one of this CPU\'s: {loops()}')
-  k_packed = w_packed.shape[0] // (-(-scale.shape[0] // PANEL) * PANEL)
+  k_packed = w_packed.shape[0] // (-(-out_channels // PANEL) * PANEL)
   if loop == 'amx' and k_packed % AMX_K:
     loop = 'vnni' if 'vnni' in loops() else 'avx2'
   if offset_input and x.dtype != jnp.uint8:
     raise ValueError(f'offset_input: x must be uint8 (x + 128), got {x.dtype}')
   if offset_input and loop != 'vnni':  # the other loops multiply int8
     x, offset_input = jax.lax.bitcast_convert_type(x ^ np.uint8(128), jnp.int8), False
-  return call(x, w_packed, scale, bias, jnp.asarray(inv_out, jnp.float32),
-              mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8 or offset_input),
-              offset_input=bool(offset_input), isa=np.int32(ISAS[loop]))
+  return x, loop, offset_input
 
 
 
@@ -331,3 +345,37 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
       images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out),
       pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
       pad_left=np.int32(same_padding(w, 3, 2, 1)[0]))
+
+
+def expand_depthwise(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array,
+                     inv_mid, wd: jax.Array, bd: jax.Array, stride: int, dilation: int,
+                     inv_out, loop: Optional[str] = None, offset_input: bool = False) -> jax.Array:
+  """`depthwise(product(x, w_packed, scale, bias, 'relu6_uint8', inv_mid), wd, bd, stride,
+  dilation, inv_out)` in one pass (CPU only), bit for bit: the expansion's output is computed
+  a band of rows at a time into a buffer that stays in cache, never whole in memory.
+
+  x: [n, h, w, in] as `product` takes it (uint8, int8, or x + 128 with `offset_input`);
+  the expansion's outputs a multiple of 8; the rest as `product` and `depthwise`. Returns
+  uint8 [n, ceil(h / stride), ceil(w / stride), expanded].
+  """
+  from seg.model.layers import same_padding
+  if not available():
+    raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
+  n, h, w, _ = x.shape
+  e = scale.shape[0]
+  if x.dtype not in (jnp.uint8, jnp.int8) or not depthwise_supported((n, h, w, e), stride,
+                                                                       dilation):
+    raise ValueError(f'x must be uint8 or int8 [n, h, w, in] with a multiple of '
+                     f'{DEPTHWISE_CHANNELS} expanded channels and (stride, dilation) in '
+                     f'{DEPTHWISE_STRIDES}, got {x.dtype} {x.shape}, {e}, ({stride}, {dilation})')
+  if wd.shape != (3, 3, e) or bd.shape != (e,):
+    raise ValueError(f'depthwise weights [3, 3, {e}] and bias [{e}], got {wd.shape}, {bd.shape}')
+  x, loop, offset_input = _loop_and_input(x, w_packed, e, loop, offset_input)
+  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-w // stride), e), jnp.uint8)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return jax.ffi.ffi_call(EXPAND_DEPTHWISE_TARGET, out)(
+      x, w_packed, f32(scale), f32(bias), f32(inv_mid), f32(wd), f32(bd), f32(inv_out),
+      is_signed=bool(x.dtype == jnp.int8 or offset_input), offset_input=bool(offset_input),
+      isa=np.int32(ISAS[loop]), stride=np.int32(stride), dilation=np.int32(dilation),
+      pad_top=np.int32(same_padding(h, 3, stride, dilation)[0]),
+      pad_left=np.int32(same_padding(w, 3, stride, dilation)[0]))

@@ -97,6 +97,22 @@ def quantize_input(x: jax.Array, inv_scale, dtype, signed: bool = True) -> jax.A
                   INT8_MAX).astype(dtype)
 
 
+def _product_input(x: jax.Array, layer: Dict[str, Any], name: str):
+  """(q, offset_input): the kernel's input of the product `name` from x. A signed input is
+  x + 128 in uint8 where the VNNI loop runs (it multiplies that form), else int8; an input
+  quantised already in this layer's scale is taken as it is (uint8 from the kernel's
+  depthwise layer; int8 or x + 128 from the previous projection, 'inv_int8_out_scale')."""
+  from seg.inference import int8_kernel
+  signed = name.rsplit('/', 1)[-1] in SIGNED_INPUTS
+  if x.dtype in (jnp.uint8, jnp.int8):
+    return x, signed and x.dtype == jnp.uint8
+  if signed and int8_kernel.signed_input_form() == 'offset_uint8':
+    q = jnp.clip(jnp.round(x * layer['inv_x_scale']), -INT8_MAX, INT8_MAX) + 128
+    return q.astype(jnp.uint8), True
+  return quantize_input(x, layer['inv_x_scale'], jnp.int8 if signed else jnp.uint8,
+                        signed), False
+
+
 def product(x: jax.Array, layer: Dict[str, Any], name: str,
             observe: Optional[Dict[str, jax.Array]] = None,
             activation: Optional[str] = None) -> jax.Array:
@@ -113,18 +129,7 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
   w = layer['w']
   if 'scale' in layer and w.ndim == 1:  # the kernel formulation
     from seg.inference import int8_kernel
-    signed = name.rsplit('/', 1)[-1] in SIGNED_INPUTS
-    # A signed input as x + 128 in uint8 where the VNNI loop runs (it multiplies that form).
-    offset = signed and int8_kernel.signed_input_form() == 'offset_uint8'
-    if x.dtype in (jnp.uint8, jnp.int8):  # quantised already, in this layer's scale: by the
-      # kernel's depthwise layer (uint8), or by the previous projection ('inv_int8_out_scale':
-      # int8, or x + 128 as uint8 for a signed layer)
-      q, offset = x, signed and x.dtype == jnp.uint8
-    elif offset:
-      q = (jnp.clip(jnp.round(x * layer['inv_x_scale']), -INT8_MAX, INT8_MAX) + 128).astype(
-          jnp.uint8)
-    else:
-      q = quantize_input(x, layer['inv_x_scale'], jnp.int8 if signed else jnp.uint8, signed)
+    q, offset = _product_input(x, layer, name)
     if 'inv_out_scale' in layer:  # an expansion: ReLU6, requantised for the depthwise layer
       mode, inv_out = 'relu6_uint8', layer['inv_out_scale']
     elif 'inv_int8_out_scale' in layer:  # a projection whose output is the next's input
@@ -162,6 +167,19 @@ def depthwise_choice() -> str:
   return _kernel_or_xla('SEG_INT8_DEPTHWISE')
 
 
+# Expansions whose uint8 output is at least this many bytes per image run with their depthwise
+# layer in one pass (`int8_kernel.expand_depthwise`): blocks 1-3 at 513x513. Chosen by
+# measurement (docs/performance.md, "The expansion and depthwise layer in one pass").
+FUSE_FROM_BYTES = 2 * 2**20
+
+
+def fuse_choice() -> str:
+  """SEG_INT8_FUSE: 'kernel' (unset: large expansions and their depthwise layers in one pass,
+  `FUSE_FROM_BYTES`) or 'xla' (never; the name as the other choices', for A/B timings).
+  Read when a function is traced."""
+  return _kernel_or_xla('SEG_INT8_FUSE')
+
+
 def stem_choice() -> str:
   """SEG_INT8_STEM: 'kernel' (unset: the stem and block 0's depthwise layer in the kernel's
   stem loop where it can run) or 'xla' (XLA's, for A/B timings). Read when traced."""
@@ -191,24 +209,46 @@ def _kernel_stem(images: jax.Array, params: Dict[str, Any], spec, observe) -> bo
           stem_supported(images.shape, params['stem']['w'].shape) and stem_choice() == 'kernel')
 
 
+def _kernel_fused(x: jax.Array, params: Dict[str, Any], stride: int, dilation: int,
+                  observe) -> bool:
+  """Whether a block's expansion and depthwise layer run in one pass
+  (`int8_kernel.expand_depthwise`): both would run in the kernel, the expansion's output is
+  at least `FUSE_FROM_BYTES` per image, and `fuse_choice()` is 'kernel'."""
+  expand = params.get('expand')
+  if expand is None or 'inv_out_scale' not in expand or observe is not None:
+    return False
+  expanded = jax.ShapeDtypeStruct(x.shape[:3] + expand['b'].shape, jnp.uint8)
+  return (x.shape[1] * x.shape[2] * expand['b'].shape[0] >= FUSE_FROM_BYTES and
+          _kernel_depthwise(expanded, params['project'], stride, dilation) and
+          fuse_choice() == 'kernel')
+
+
 def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int,
           observe=None) -> jax.Array:
   """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`), or int8
   where its projection writes the next expansion's input ('inv_int8_out_scale')."""
   out = params['project']['b'].shape[0]
-  y = x
-  if 'expand' in params:
-    # float32, or uint8 whose scale the depthwise weights carry (the kernel formulation).
-    y = product(y, params['expand'], f'block{index}/expand', observe, 'relu6')
-    if observe is not None:
-      observe[f'block{index}/depthwise'] = jnp.max(y)
   dw = params['depthwise']
-  if _kernel_depthwise(y, params['project'], stride, dilation):
-    from seg.inference import int8_kernel  # uint8 in, the projection's uint8 input out
-    y = int8_kernel.depthwise(y, dw['w'], dw['b'], stride, dilation,
-                              params['project']['inv_x_scale'])
+  inv_project = params['project'].get('inv_x_scale')
+  if _kernel_fused(x, params, stride, dilation, observe):
+    from seg.inference import int8_kernel  # the expansion and depthwise layer in one pass
+    expand = params['expand']
+    q, offset = _product_input(x, expand, f'block{index}/expand')
+    y = int8_kernel.expand_depthwise(q, expand['w'], expand['scale'], expand['b'],
+                                     expand['inv_out_scale'], dw['w'], dw['b'], stride, dilation,
+                                     inv_project, offset_input=offset)
   else:
-    y = _relu6(_depthwise(y, dw['w'], dw['b'], stride, dilation))
+    y = x
+    if 'expand' in params:
+      # float32, or uint8 whose scale the depthwise weights carry (the kernel formulation).
+      y = product(y, params['expand'], f'block{index}/expand', observe, 'relu6')
+      if observe is not None:
+        observe[f'block{index}/depthwise'] = jnp.max(y)
+    if _kernel_depthwise(y, params['project'], stride, dilation):
+      from seg.inference import int8_kernel  # uint8 in, the projection's uint8 input out
+      y = int8_kernel.depthwise(y, dw['w'], dw['b'], stride, dilation, inv_project)
+    else:
+      y = _relu6(_depthwise(y, dw['w'], dw['b'], stride, dilation))
   y = product(y, params['project'], f'block{index}/project', observe)
   if stride == 1 and x.shape[-1] == out:
     y = y + x

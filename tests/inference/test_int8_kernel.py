@@ -192,6 +192,54 @@ def test_the_stem_kernel_computes_xlas_float32_layers(shape, c):
   assert (np.asarray(xla) == got).mean() > 0.999
 
 
+@pytest.mark.parametrize('loop', ['avx2', 'vnni'])
+@pytest.mark.parametrize('shape,k,e,stride,dilation,form', [
+    ((1, 41, 37), 16, 48, 2, 1, 'offset'), ((2, 30, 29), 24, 40, 1, 1, 'int8'),
+    ((1, 33, 35), 8, 24, 2, 1, 'uint8'), ((1, 19, 18), 12, 32, 1, 2, 'offset'),
+    ((1, 17, 21), 4, 16, 1, 4, 'int8'), ((2, 129, 131), 24, 144, 1, 1, 'offset')])
+def test_the_fused_pass_computes_the_expansion_then_the_depthwise_layer(
+    loop, shape, k, e, stride, dilation, form):
+  """int8_kernel.expand_depthwise against the two calls it replaces, bit for bit: every
+  stride and dilation, the three input forms, several bands of rows per image (the last
+  shape: bands of a few rows, each computing the rows it shares with the next again)."""
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  if loop not in int8_kernel.loops():
+    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+  rng = np.random.default_rng(k + e + stride)
+  xi = rng.integers(0 if form == 'uint8' else -127, 128, shape + (k,))
+  x = jnp.asarray((xi + 128).astype(np.uint8) if form == 'offset' else
+                  xi.astype(np.uint8 if form == 'uint8' else np.int8))
+  w = jnp.asarray(int8_kernel.pack_weights(rng.integers(-127, 128, (k, e)).astype(np.int8)))
+  scale = jnp.asarray(rng.uniform(1e-4, 4e-4, e), jnp.float32)
+  bias = jnp.asarray(rng.normal(0, 1, e), jnp.float32)
+  wd = jnp.asarray(rng.normal(0, 0.02, (3, 3, e)), jnp.float32)
+  bd = jnp.asarray(rng.normal(0.5, 1, e), jnp.float32)
+  offset = form == 'offset'
+  separate = jax.jit(lambda x: int8_kernel.depthwise(int8_kernel.product(
+      x, w, scale, bias, 'relu6_uint8', 127 / 6, loop, offset_input=offset), wd, bd, stride,
+      dilation, 20.0))(x)
+  fused = jax.jit(lambda x: int8_kernel.expand_depthwise(
+      x, w, scale, bias, 127 / 6, wd, bd, stride, dilation, 20.0, loop, offset_input=offset))(x)
+  assert fused.dtype == jnp.uint8 and fused.shape == separate.shape == shape[:1] + (
+      -(-shape[1] // stride), -(-shape[2] // stride), e)
+  np.testing.assert_array_equal(np.asarray(fused), np.asarray(separate))
+  assert 0 < (np.asarray(fused) > 0).mean() < 1 and len(np.unique(np.asarray(fused))) > 30
+
+
+def test_the_fused_pass_rejects_what_it_cannot_run():
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  w = jnp.asarray(int8_kernel.pack_weights(np.ones((8, 12), np.int8)))
+  x, s, b = jnp.zeros((1, 9, 9, 8), jnp.uint8), jnp.ones(12), jnp.zeros(12)
+  with pytest.raises(ValueError, match='multiple of 8'):  # 12 expanded channels
+    int8_kernel.expand_depthwise(x, w, s, b, 20.0, jnp.zeros((3, 3, 12)), b, 1, 1, 20.0)
+  w = jnp.asarray(int8_kernel.pack_weights(np.ones((8, 16), np.int8)))
+  s, b = jnp.ones(16), jnp.zeros(16)
+  with pytest.raises(ValueError, match='stride, dilation'):
+    int8_kernel.expand_depthwise(x, w, s, b, 20.0, jnp.zeros((3, 3, 16)), b, 2, 2, 20.0)
+  with pytest.raises(ValueError, match='depthwise weights'):
+    int8_kernel.expand_depthwise(x, w, s, b, 20.0, jnp.zeros((3, 3, 8)), b, 1, 1, 20.0)
+
+
 def test_the_stem_kernel_rejects_what_it_cannot_run():
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   x = jnp.zeros((1, 9, 9, 3), jnp.float32)
@@ -332,6 +380,31 @@ def test_the_engine_runs_the_stem_in_the_kernel_and_hands_block0_on_in_int8(tiny
   rms = lambda x: np.sqrt(np.mean(np.square(x)))
   assert rms(got - xla_stem) <= 0.02 * rms(xla_stem)
   assert (got.argmax(-1) == xla_stem.argmax(-1)).mean() >= 0.98
+
+
+def test_the_engine_fuses_large_expansions_with_their_depthwise_layers(tiny_int8, monkeypatch):
+  """Blocks whose expansion output reaches FUSE_FROM_BYTES run it and the depthwise layer in
+  one pass (here every expanded block, the threshold lowered to 0), with the very logits of
+  the separate calls (SEG_INT8_FUSE=xla); at the default none of the tiny model's does."""
+  config, _, folded, scales = tiny_int8
+  params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
+  images = jnp.asarray(np.random.default_rng(10).uniform(-1, 1, (2, EVAL_SIZE, EVAL_SIZE, 3)),
+                       jnp.float32)
+  m = config.model
+  text = lambda: jax.jit(lambda p, x: quantize.forward_int8(
+      p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
+          params, images).as_text()
+  assert int8_kernel.EXPAND_DEPTHWISE_TARGET not in text()
+  monkeypatch.setattr(quantize, 'FUSE_FROM_BYTES', 0)
+  expanded = sum('expand' in blk for blk in params['blocks'])
+  fused_text = text()
+  assert fused_text.count(int8_kernel.EXPAND_DEPTHWISE_TARGET) == expanded > 0
+  assert int8_kernel.DEPTHWISE_TARGET + '"' not in fused_text.replace(
+      int8_kernel.EXPAND_DEPTHWISE_TARGET, '')
+  fused = _logits(config, params, images)
+  monkeypatch.setenv('SEG_INT8_FUSE', 'xla')
+  assert int8_kernel.EXPAND_DEPTHWISE_TARGET not in text()
+  np.testing.assert_array_equal(fused, _logits(config, params, images))
 
 
 def test_signed_inputs_take_the_vnni_loops_own_form(tiny_int8, monkeypatch):

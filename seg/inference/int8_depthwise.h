@@ -1,0 +1,147 @@
+// The depthwise layer of int8_depthwise.cc (which describes it), shared with int8_kernel.cc's
+// expansion + depthwise pass.
+#ifndef SEG_INFERENCE_INT8_DEPTHWISE_H_
+#define SEG_INFERENCE_INT8_DEPTHWISE_H_
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace seg {
+namespace depthwise {
+
+constexpr int kSize = 3;                     // the window
+constexpr int64_t kBlock = 64;               // channels converted and computed at a time
+constexpr int64_t kBandBytes = 256 * 1024;   // converted input rows of a band, at most
+constexpr int kMaxBandRows = 8;              // output rows per band, at most
+
+struct Depthwise {
+  const uint8_t* x;  // row iy of image n at x + (n * h + iy - row_base) * w * c
+  int64_t h, w, c;
+  const float* wt;  // [3][3][c]
+  const float* b;
+  float inv_out;
+  int64_t stride, dilation, pad_top, pad_left;
+  uint8_t* out;
+  int64_t oh, ow;
+  int64_t band;  // output rows per chunk
+  int64_t row_base = 0;  // the first row x holds (int8_kernel.cc's fused expansion: a band's)
+
+  // Columns of a converted row: the input's, with the padding's zeros around them.
+  int64_t Span() const { return (ow - 1) * stride + (kSize - 1) * dilation + 1; }
+  int64_t InputRows(int64_t out_rows) const {
+    return (out_rows - 1) * stride + (kSize - 1) * dilation + 1;
+  }
+
+  void ChooseBand() {
+    band = 1;
+    const int64_t row_bytes = Span() * kBlock * 4;
+    while (band < kMaxBandRows && 4 * (band + 1) <= oh &&
+           InputRows(band + 1) * row_bytes <= kBandBytes)
+      ++band;
+  }
+
+  // Channels [ch, ch + width) of input row iy as float32 into r ([Span()][width]), with the
+  // padding's zero columns left and right.
+  void Convert(int64_t n, int64_t iy, int64_t ch, int64_t width, float* r) const {
+    const int64_t first = pad_left, last = std::min(pad_left + w, Span());
+    std::fill(r, r + first * width, 0.f);
+    const uint8_t* src = x + (n * h + iy - row_base) * w * c + ch;
+    for (int64_t col = first; col < last; ++col, src += c)
+      for (int64_t k = 0; k < width; k += 8)
+        _mm256_storeu_ps(r + col * width + k, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k)))));
+    std::fill(r + last * width, r + Span() * width, 0.f);
+  }
+
+  // U output pixels from ox x V vectors of 8 channels from ch (of the block that starts at
+  // ch0 and is `width` channels wide) of the output row whose converted input rows are
+  // rows[0..3) (null: padding), written to o (the row's output).
+  template <int S, int D, int U, int V>
+  void Pixels(const float* const* rows, int64_t width, int64_t ox, int64_t ch0, int64_t ch,
+              uint8_t* o) const {
+    __m256 acc[U][V];
+    for (int v = 0; v < V; ++v) {
+      const __m256 bias = _mm256_loadu_ps(b + ch0 + ch + 8 * v);
+      for (int u = 0; u < U; ++u) acc[u][v] = bias;
+    }
+    for (int i = 0; i < kSize; ++i) {
+      if (!rows[i]) continue;
+      const float* r = rows[i] + ox * S * width + ch;
+      for (int j = 0; j < kSize; ++j) {
+        for (int v = 0; v < V; ++v) {
+          const __m256 wv = _mm256_loadu_ps(wt + (i * kSize + j) * c + ch0 + ch + 8 * v);
+          for (int u = 0; u < U; ++u)
+            acc[u][v] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(r + (u * S + j * D) * width + 8 * v), wv, acc[u][v]);
+        }
+      }
+    }
+    const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f),
+                 inv = _mm256_set1_ps(inv_out);
+    const __m256i top = _mm256_set1_epi32(127);
+    for (int u = 0; u < U; ++u) {
+      for (int v = 0; v < V; ++v) {
+        const __m256 y = _mm256_min_ps(_mm256_max_ps(acc[u][v], zero), six);
+        const __m256i q = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y, inv)), top);
+        const __m128i q16 = _mm_packus_epi32(_mm256_castsi256_si128(q),
+                                             _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + (ox + u) * c + ch0 + ch + 8 * v),
+                         _mm_packus_epi16(q16, q16));
+      }
+    }
+  }
+
+  // Channels [ch0, ch0 + width) of one output row.
+  template <int S, int D>
+  void OutputRow(const float* const* rows, int64_t ch0, int64_t width, uint8_t* o) const {
+    int64_t ch = 0;
+    for (; ch + 16 <= width; ch += 16) {
+      int64_t ox = 0;
+      for (; ox + 4 <= ow; ox += 4) Pixels<S, D, 4, 2>(rows, width, ox, ch0, ch, o);
+      for (; ox < ow; ++ox) Pixels<S, D, 1, 2>(rows, width, ox, ch0, ch, o);
+    }
+    if (ch < width) {  // 8 channels left
+      int64_t ox = 0;
+      for (; ox + 4 <= ow; ox += 4) Pixels<S, D, 4, 1>(rows, width, ox, ch0, ch, o);
+      for (; ox < ow; ++ox) Pixels<S, D, 1, 1>(rows, width, ox, ch0, ch, o);
+    }
+  }
+
+  // Output rows [oy0, oy0 + band) of image n (and before `limit`), a block of channels at a
+  // time.
+  template <int S, int D>
+  void Band(int64_t n, int64_t oy0, std::vector<float>& buffer,
+            int64_t limit = INT64_MAX) const {
+    const int64_t oy1 = std::min({oh, oy0 + band, limit});
+    const int64_t first = oy0 * S - pad_top;  // the band's first input row (maybe padding)
+    const int64_t count = InputRows(oy1 - oy0);
+    bool used[kMaxBandRows * 4 + kSize * 8] = {};  // the input rows the band reads
+    for (int64_t oy = oy0; oy < oy1; ++oy)
+      for (int i = 0; i < kSize; ++i) {
+        const int64_t iy = oy * S + i * D - pad_top;
+        used[iy - first] = iy >= 0 && iy < h;
+      }
+    for (int64_t ch0 = 0; ch0 < c; ch0 += kBlock) {
+      const int64_t width = std::min(kBlock, c - ch0), row_floats = Span() * width;
+      buffer.resize(count * row_floats);
+      for (int64_t k = 0; k < count; ++k)
+        if (used[k]) Convert(n, first + k, ch0, width, buffer.data() + k * row_floats);
+      for (int64_t oy = oy0; oy < oy1; ++oy) {
+        const float* rows[kSize];
+        for (int i = 0; i < kSize; ++i) {
+          const int64_t iy = oy * S + i * D - pad_top;
+          rows[i] = iy >= 0 && iy < h ? buffer.data() + (iy - first) * row_floats : nullptr;
+        }
+        OutputRow<S, D>(rows, ch0, width, out + (n * oh + oy) * ow * c);
+      }
+    }
+  }
+};
+
+}  // namespace depthwise
+}  // namespace seg
+
+#endif  // SEG_INFERENCE_INT8_DEPTHWISE_H_
