@@ -8,7 +8,7 @@ A is the default network; B is the one traced with the given SEG_* environment v
 SEG_INT8_KERNEL_ISA=avx2). experiments/base.py, random weights and fixed int8 scales (speed
 does not depend on values), float32 images in, logits at stride 16 out. Prints per setting
 the median, 25th percentile and fastest ms per image, and the median of the per-pair ratios
-B / A. Runs under mimalloc with immediate purging, as `main.py benchmark` does.
+B / A. Runs under mimalloc, as `main.py benchmark` does.
 """
 
 import argparse
@@ -26,7 +26,7 @@ def main():
   args = parser.parse_args()
   b_env = dict(s.split('=', 1) for s in args.settings)
   from seg.cli import process
-  process.reexec_with_mimalloc(purge_at_once=True)  # as main.py's inference commands run
+  process.reexec_with_mimalloc()  # as main.py runs
 
   import jax
   import jax.numpy as jnp

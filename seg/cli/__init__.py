@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from seg.cli import parser as parser_lib
 from seg.cli import process
 
-# Commands that only run the network: see `process.reexec_with_mimalloc` on purging.
+# Commands that only run the network.
 INFERENCE_COMMANDS = ('eval', 'predict', 'benchmark', 'export')
 
 
@@ -27,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = parser_lib.build_parser()
   args = parser_lib.parse(parser, argv)
   if from_command_line:
-    process.reexec_with_mimalloc(purge_at_once=args.command in INFERENCE_COMMANDS)
+    process.reexec_with_mimalloc()
   if args.command in INFERENCE_COMMANDS and not getattr(args, 'train', False):
     process.no_gpu_preallocation()  # they can run beside a training process on one GPU
   if args.command == 'predict' or (args.command == 'benchmark' and not args.train):

@@ -8,17 +8,16 @@ import sys
 import sysconfig
 
 
-def reexec_with_mimalloc(purge_at_once: bool = False) -> None:
+def reexec_with_mimalloc() -> None:
   """Restarts this process with mimalloc preloaded, unless SEG_ALLOCATOR=system.
 
   Under glibc's malloc, XLA's CPU runtime gets fresh pages from the kernel for
   its buffers at every step, and page faults take much of the CPU time; mimalloc
   (pip package cmeel-mimalloc) keeps them (docs/performance.md). Preloading only
-  works from the start of a process.
-
-  `purge_at_once` (inference): each call frees one large activation arena, and
-  mimalloc's default delayed purge lets the peak resident set wander upwards;
-  immediate purging holds it low at the same speed (docs/performance.md).
+  works from the start of a process. Its default purge delay (10 ms) stays: purging at
+  once (MIMALLOC_PURGE_DELAY=0, the inference commands' setting until 2026-12-06) cost
+  ~0.5 ms per 513x513 image at batch 1 in int8 in page faults, for ~20 MiB less peak
+  memory (docs/performance.md, "The allocator").
   """
   if (os.environ.get('SEG_ALLOCATOR', 'mimalloc') != 'mimalloc'
       or 'mimalloc' in os.environ.get('LD_PRELOAD', '')):
@@ -26,10 +25,7 @@ def reexec_with_mimalloc(purge_at_once: bool = False) -> None:
   lib = os.path.join(sysconfig.get_paths()['purelib'], 'cmeel.prefix', 'lib', 'libmimalloc.so')
   if os.path.exists(lib):
     preload = ':'.join(filter(None, [lib, os.environ.get('LD_PRELOAD')]))
-    env = dict(os.environ, LD_PRELOAD=preload)
-    if purge_at_once:
-      env.setdefault('MIMALLOC_PURGE_DELAY', '0')
-    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+    os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, LD_PRELOAD=preload))
 
 
 def compilation_cache_dir() -> str:
