@@ -22,6 +22,10 @@
 // 4: no activation, requantised to int8 the same way, clipped to [-127, 127] (a projection
 // whose output is only the next expansion's input); 5: the same + 128 as uint8 (that
 // expansion's input for the VNNI loop, below).
+// Mode 0 may also add a float32 `residual` [m, n] to its output and write that sum,
+// requantised for the next product (round(y * inv_out) clipped to [-127, 127], as int8 or
+// + 128 as uint8: `q_offset`), to `out_q`, the float32 output then being optional: a residual
+// block's projection, its sum and the next expansion's input in one pass.
 // Rows are split into chunks shared by the calling thread and XLA's intra-op thread pool
 // (kernel_threads.h).
 #include <immintrin.h>
@@ -62,8 +66,22 @@ struct Problem {
   bool offset_input;  // signed x stored as x + 128 in uint8 (the VNNI loop's own form)
   int isa;
   const int32_t* offset;  // VNNI with signed x: 128 * sum_k w[k, n] per channel, else null
-  void* out;
+  void* out;              // null: mode 0 with out_q only
+  const float* residual = nullptr;  // mode 0: added to the output
+  void* out_q = nullptr;            // mode 0: the output requantised by inv_out
+  bool q_offset = false;            // out_q as x + 128 in uint8, else int8
 };
+
+// Mode 0's requantised output of one row's 8 channels: round(y * inv) in [-127, 127], as int8
+// or + 128 as uint8, in the low 8 bytes.
+inline __m128i Requantise8(__m256 y, __m256 inv, bool offset) {
+  const __m256i q = _mm256_max_epi32(_mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y, inv)),
+                                                      _mm256_set1_epi32(127)),
+                                     _mm256_set1_epi32(-127));
+  const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  const __m128i q8 = _mm_packs_epi16(q16, q16);
+  return offset ? _mm_xor_si128(q8, _mm_set1_epi8(-128)) : q8;
+}
 
 template <bool kSigned, int R>
 inline void Tile(const Problem& p, int64_t row, int64_t panel) {
@@ -149,15 +167,30 @@ inline void Tile(const Problem& p, int64_t row, int64_t panel) {
         std::memcpy(o, t, valid);
       }
     } else {
-      float* o = static_cast<float*>(p.out) + m * p.n + n0;
-      if (valid == kPanel) {
-        _mm256_storeu_ps(o, y0);
-        _mm256_storeu_ps(o + 8, y1);
-      } else {
-        alignas(32) float t[kPanel];
-        _mm256_store_ps(t, y0);
-        _mm256_store_ps(t + 8, y1);
-        std::memcpy(o, t, valid * sizeof(float));
+      if (p.residual) {
+        alignas(32) float t[kPanel] = {};
+        std::memcpy(t, p.residual + m * p.n + n0, valid * sizeof(float));
+        y0 = _mm256_add_ps(y0, _mm256_load_ps(t));
+        y1 = _mm256_add_ps(y1, _mm256_load_ps(t + 8));
+      }
+      if (p.out_q) {
+        const __m256 inv = _mm256_set1_ps(p.inv_out);
+        alignas(16) int8_t t[kPanel];
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(t), Requantise8(y0, inv, p.q_offset));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(t + 8), Requantise8(y1, inv, p.q_offset));
+        std::memcpy(static_cast<int8_t*>(p.out_q) + m * p.n + n0, t, valid);
+      }
+      if (p.out) {
+        float* o = static_cast<float*>(p.out) + m * p.n + n0;
+        if (valid == kPanel) {
+          _mm256_storeu_ps(o, y0);
+          _mm256_storeu_ps(o + 8, y1);
+        } else {
+          alignas(32) float t[kPanel];
+          _mm256_store_ps(t, y0);
+          _mm256_store_ps(t + 8, y1);
+          std::memcpy(o, t, valid * sizeof(float));
+        }
       }
     }
   }
@@ -204,7 +237,17 @@ SEG_AVX512 inline void Store16(const Problem& p, __m512i acc, int64_t m, int64_t
   }
   if (p.mode != kLinear) y = _mm512_max_ps(y, _mm512_setzero_ps());
   if (p.mode == kRelu6) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
-  _mm512_mask_storeu_ps(static_cast<float*>(p.out) + m * p.n + n0, mask, y);
+  if (p.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, p.residual + m * p.n + n0));
+  if (p.out_q) {
+    __m512i q = _mm512_max_epi32(
+        _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(y, _mm512_set1_ps(p.inv_out))),
+                         _mm512_set1_epi32(127)),
+        _mm512_set1_epi32(-127));
+    if (p.q_offset) q = _mm512_add_epi32(q, _mm512_set1_epi32(128));
+    _mm_mask_storeu_epi8(static_cast<int8_t*>(p.out_q) + m * p.n + n0, mask,
+                         _mm512_cvtepi32_epi8(q));
+  }
+  if (p.out) _mm512_mask_storeu_ps(static_cast<float*>(p.out) + m * p.n + n0, mask, y);
 }
 
 // Mode 3 (uint8 out) for one row's 64 channels of panels panel..panel+3, all of them real:
@@ -465,7 +508,8 @@ ffi::Error MakeWork(ffi::AnyBuffer& x, ffi::Buffer<ffi::S8>& w, ffi::Buffer<ffi:
     return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
   if (offset_input && (!is_signed || isa != kVnni || x.element_type() != ffi::DataType::U8))
     return ffi::Error::InvalidArgument("x + 128 as uint8 is the VNNI loop's signed input only");
-  if (mode < kLinear || mode > kLinearUint8Offset) return ffi::Error::InvalidArgument("unknown mode");
+  if (mode < kLinear || mode > kLinearUint8Offset)
+    return ffi::Error::InvalidArgument("unknown mode");
   if (inv_out.element_count() != 1) return ffi::Error::InvalidArgument("inv_out is one number");
   int64_t m = 1;
   for (size_t i = 0; i + 1 < dims.size(); ++i) m *= dims[i];
@@ -478,14 +522,25 @@ ffi::Error MakeWork(ffi::AnyBuffer& x, ffi::Buffer<ffi::S8>& w, ffi::Buffer<ffi:
 
 ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
-                       ffi::Buffer<ffi::F32> inv_out, int32_t mode, bool is_signed,
-                       bool offset_input, int32_t isa,
-                       ffi::Result<ffi::AnyBuffer> out) {
+                       ffi::Buffer<ffi::F32> inv_out, ffi::Buffer<ffi::F32> residual,
+                       int32_t mode, bool is_signed, bool offset_input, int32_t isa,
+                       bool q_offset, ffi::Result<ffi::AnyBuffer> out,
+                       ffi::Result<ffi::AnyBuffer> out_q) {
   Work work;
   ffi::Error error = MakeWork(x, w, scale, bias, inv_out, mode, is_signed, offset_input, isa,
-                              out->untyped_data(), work);
+                              out->element_count() ? out->untyped_data() : nullptr, work);
   if (error.failure()) return error;
   const int64_t m = work.p.m;
+  const size_t size = static_cast<size_t>(m * work.p.n);
+  if ((residual.element_count() || out_q->element_count()) && mode != kLinear)
+    return ffi::Error::InvalidArgument("a residual or a requantised output: mode 0 only");
+  if ((residual.element_count() && residual.element_count() != size) ||
+      (out_q->element_count() && out_q->element_count() != size) ||
+      (out->element_count() != size && !(out->element_count() == 0 && out_q->element_count())))
+    return ffi::Error::InvalidArgument("the residual and the outputs are [..., out]");
+  if (residual.element_count()) work.p.residual = residual.typed_data();
+  if (out_q->element_count()) work.p.out_q = out_q->untyped_data();
+  work.p.q_offset = q_offset;
   seg::ForEachChunk(pool, (m + kChunkRows - 1) / kChunkRows, [&work, m](int64_t c) {
     work.RunRows(c * kChunkRows, std::min(m, (c + 1) * kChunkRows));
   });
@@ -545,7 +600,8 @@ ffi::Error Int8ExpandDepthwise(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buff
   if (e % 8 != 0) return ffi::Error::InvalidArgument("the channels must be a multiple of 8");
   if (wdd.size() != 3 || wdd[0] != 3 || wdd[1] != 3 || wdd[2] != e || bd.element_count() != e ||
       inv_out.element_count() != 1)
-    return ffi::Error::InvalidArgument("the depthwise weights are [3, 3, expanded], bias [expanded]");
+    return ffi::Error::InvalidArgument(
+        "the depthwise weights are [3, 3, expanded], bias [expanded]");
   seg::depthwise::Depthwise d{nullptr, xd[1], xd[2], e, wd.typed_data(), bd.typed_data(),
                               inv_out.typed_data()[0], stride, dilation, pad_top, pad_left,
                               out->typed_data(), od[1], od[2], 1};
@@ -579,11 +635,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Product, Int8Product,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // scale [n]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bias [n]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // inv_out []
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // residual [..., n] or [0]
                                   .Attr<int32_t>("mode")
                                   .Attr<bool>("is_signed")
                                   .Attr<bool>("offset_input")
                                   .Attr<int32_t>("isa")
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Attr<bool>("q_offset")
+                                  .Ret<ffi::AnyBuffer>()           // out [..., n] or [0]
+                                  .Ret<ffi::AnyBuffer>());         // out_q [..., n] or [0]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8ExpandDepthwise, Int8ExpandDepthwise,
                               ffi::Ffi::Bind()

@@ -225,30 +225,54 @@ def signed_input_form() -> str:
 
 def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array,
             mode: str = 'linear', inv_out=1.0, loop: Optional[str] = None,
-            offset_input: bool = False) -> jax.Array:
+            offset_input: bool = False, residual: Optional[jax.Array] = None,
+            requantised: Optional[str] = None, keep_float: bool = True):
   """act(int32(x @ w) * scale + bias) over x's last axis (one FMA), in the kernel (CPU only).
 
   x: [..., in] uint8 in [0, 127] or int8 in [-127, 127], or with `offset_input` a signed
   input stored as x + 128, uint8 in [1, 255] (`signed_input_form`; loops other than VNNI get
-  it back as int8 first); w_packed: `pack_weights`; scale,
-  bias: float32 [out]. mode: 'linear', 'relu6', 'relu' (float32 [..., out]),
-  'relu6_uint8' (uint8 [..., out] = round(relu6(y) * inv_out) clipped to [0, 127], computed as
-  one FMA with scale and bias times inv_out; inv_out >= 127 / 6, a float32 scalar, traced
-  or not), 'linear_int8' (int8 [..., out] = round(y * inv_out) clipped to [-127, 127], the
-  same way) or 'linear_offset_uint8' (that + 128 as uint8, the next product's `offset_input`). loop: one of `loops()` (default `isa()`); AMX tiles need weights packed to 64
-  inputs, and other weights take the next loop down.
+  it back as int8 first); w_packed: `pack_weights`; scale, bias: float32 [out].
+  mode: 'linear', 'relu6', 'relu' (float32 [..., out]), 'relu6_uint8' (uint8 [..., out] =
+  round(relu6(y) * inv_out) clipped to [0, 127], computed as one FMA with scale and bias
+  times inv_out; inv_out >= 127 / 6, a float32 scalar, traced or not), 'linear_int8' (int8
+  [..., out] = round(y * inv_out) clipped to [-127, 127], the same way) or
+  'linear_offset_uint8' (that + 128 as uint8, the next product's `offset_input`).
+  'linear' only: `residual` (float32 [..., out]) is added to y; `requantised` ('int8' or
+  'offset_uint8') also returns round(y * inv_out) clipped to [-127, 127] in that form (y times
+  inv_out, then rounded: XLA's quantisation of y), as (float32 y, it), or only it when not
+  `keep_float`. loop: one of `loops()` (default `isa()`); AMX tiles need weights packed to
+  64 inputs, and other weights take the next loop down.
   """
   if not available():
     raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
   if x.dtype not in (jnp.uint8, jnp.int8):
     raise ValueError(f'x must be uint8 or int8, got {x.dtype}')
+  if (residual is not None or requantised or not keep_float) and mode != 'linear':
+    raise ValueError(f"residual, requantised and keep_float are mode 'linear's, not {mode!r}")
+  if requantised not in (None, 'int8', 'offset_uint8') or not (keep_float or requantised):
+    raise ValueError(f"requantised is None, 'int8' or 'offset_uint8' (needed without "
+                     f"keep_float), got {requantised!r}")
+  shape = x.shape[:-1] + scale.shape
   out_dtype = {'relu6_uint8': jnp.uint8, 'linear_int8': jnp.int8,
                'linear_offset_uint8': jnp.uint8}.get(mode, jnp.float32)
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(x.shape[:-1] + scale.shape, out_dtype))
+  none = lambda dtype: jax.ShapeDtypeStruct((0,), dtype)
+  q_dtype = jnp.uint8 if requantised == 'offset_uint8' else jnp.int8
+  call = jax.ffi.ffi_call(TARGET, (
+      jax.ShapeDtypeStruct(shape, out_dtype) if keep_float else none(out_dtype),
+      jax.ShapeDtypeStruct(shape, q_dtype) if requantised else none(q_dtype)))
+  if residual is not None and residual.shape != shape:
+    raise ValueError(f'the residual must be {shape}, got {residual.shape}')
+  residual = (jnp.zeros((0,), jnp.float32) if residual is None else
+              residual.astype(jnp.float32))
   x, loop, offset_input = _loop_and_input(x, w_packed, scale.shape[0], loop, offset_input)
-  return call(x, w_packed, scale, bias, jnp.asarray(inv_out, jnp.float32),
-              mode=np.int32(MODES[mode]), is_signed=bool(x.dtype == jnp.int8 or offset_input),
-              offset_input=bool(offset_input), isa=np.int32(ISAS[loop]))
+  out, out_q = call(x, w_packed, scale, bias, jnp.asarray(inv_out, jnp.float32), residual,
+                    mode=np.int32(MODES[mode]),
+                    is_signed=bool(x.dtype == jnp.int8 or offset_input),
+                    offset_input=bool(offset_input), isa=np.int32(ISAS[loop]),
+                    q_offset=requantised == 'offset_uint8')
+  if not requantised:
+    return out
+  return (out, out_q) if keep_float else out_q
 
 
 def _loop_and_input(x, w_packed, out_channels: int, loop: Optional[str], offset_input: bool):

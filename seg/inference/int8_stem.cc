@@ -2,8 +2,8 @@
 // convolution of the 3-channel image, + bias, ReLU6) and block 0's 3x3 depthwise layer
 // (stride 1, + bias, ReLU6), rounded to block 0's projection's uint8 input:
 //
-//   s[n, sy, sx, c] = clip(fma-sum over (i, j, k) in row-major order of
-//                          x[n, 2 sy + i - pt, 2 sx + j - pl, k] * ws[i, j, k, c], from bs[c], 0, 6)
+//   s[n, sy, sx, c] = clip(bs[c] + the fma-sum over (i, j, k) in row-major order of
+//                          x[n, 2 sy + i - pt, 2 sx + j - pl, k] * ws[i, j, k, c], 0, 6)
 //   y = bd[c];  y = fma(s[n, oy + i - 1, ox + j - 1, c], wd[i, j, c], y)  for (i, j) row-major
 //   out[n, oy, ox, c] = min(round(clip(y, 0, 6) * inv_out), 127)   (rounding half to even)
 //

@@ -26,8 +26,18 @@ VNNI or AMX tiles, the same accumulators, with bias, activation and requantisati
 output loop), and by default also stores each expansion's ReLU6 output, the depthwise
 layer's input, as uint8 in a calibrated scale ('block{i}/depthwise', `scale_names`) that the
 depthwise weights carry; that depthwise layer then runs in the kernel's depthwise loop
-(`int8_kernel.depthwise`: uint8 in, the projection's uint8 input out; SEG_INT8_DEPTHWISE=xla
-keeps XLA's taps).
+(`int8_kernel.depthwise`: uint8 in, the projection's uint8 input out). Beyond the products,
+the kernel formulation runs in the kernel (each with an environment variable that puts
+XLA's back, for A/B timings; read when a function is traced):
+- the stem and block 0's depthwise layer, image to block 0's projection input
+  (`int8_kernel.stem`; SEG_INT8_STEM=xla);
+- the depthwise layers (SEG_INT8_DEPTHWISE=xla), with the expansion before them in one pass
+  where its output reaches `FUSE_FROM_BYTES` (`int8_kernel.expand_depthwise`;
+  SEG_INT8_FUSE=xla);
+- the residual sums and the rounding of each block's output to the next product's input,
+  in the projection's output loop (`_handoff`; SEG_INT8_HANDOFF=xla); signed inputs are
+  x + 128 in uint8 where the VNNI loop runs (`int8_kernel.signed_input_form`;
+  SEG_INT8_SIGNED_INPUTS=int8).
 Which is fastest depends on the CPU (`seg.inference.cpu_features`); the stored weights say
 which one runs, so `forward_int8` is one pure function of (params, images). An export
 (`seg.inference.export`) always carries 'int8'.
@@ -122,8 +132,9 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
   int8, 1-D), 'scale' [out] = input scale x weight scale, 'inv_x_scale' [], 'b' [out]}) or
   float32 ({'w', 'b'}). With the kernel's layers and 'inv_out_scale' in `layer`, the result
   is uint8 (ReLU6 requantised, `seg.inference.int8_kernel`); with 'inv_int8_out_scale' (1 /
-  the next product's input scale, no activation) it is int8, that product's input. `observe` (float layers only): where the largest |x| of the layer's input
-  is recorded under `name`.
+  the next product's input scale, no activation) it is that product's input (int8, or x + 128
+  as uint8: `int8_kernel.signed_input_form`). `observe` (float layers only): where the
+  largest |x| of the layer's input is recorded under `name`.
   """
   dims = (((x.ndim - 1,), (0,)), ((), ()))
   w = layer['w']
@@ -180,6 +191,13 @@ def fuse_choice() -> str:
   return _kernel_or_xla('SEG_INT8_FUSE')
 
 
+def handoff_choice() -> str:
+  """SEG_INT8_HANDOFF: 'kernel' (unset: a projection adds its block's residual and writes the
+  next product's input itself, `_handoff`) or 'xla' (XLA's sum and quantisation, for A/B
+  timings). Read when a function is traced."""
+  return _kernel_or_xla('SEG_INT8_HANDOFF')
+
+
 def stem_choice() -> str:
   """SEG_INT8_STEM: 'kernel' (unset: the stem and block 0's depthwise layer in the kernel's
   stem loop where it can run) or 'xla' (XLA's, for A/B timings). Read when traced."""
@@ -223,36 +241,84 @@ def _kernel_fused(x: jax.Array, params: Dict[str, Any], stride: int, dilation: i
           fuse_choice() == 'kernel')
 
 
-def block(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int,
-          observe=None) -> jax.Array:
+def _handoff(params: Dict[str, Any], specs, index: int, observe):
+  """What the projection of block `index` writes besides (or instead of) its float32 output
+  when it and the next product (block index + 1's expansion, or the head's aspp0) are the
+  kernel's: (1 / that product's input scale, the form it takes, whether the float32 output
+  is needed too: by a residual sum in the next block, or by the head's pooling). None
+  otherwise, or where the projection writes int8 itself ('inv_int8_out_scale': block 0)."""
+  from seg.inference import int8_kernel
+  blocks = params['blocks']
+  project = blocks[index]['project']
+  last = index + 1 == len(blocks)
+  nxt = params['head']['aspp0'] if last else blocks[index + 1].get('expand')
+  if (observe is not None or nxt is None or project['w'].ndim != 1 or nxt['w'].ndim != 1 or
+      'inv_int8_out_scale' in project or handoff_choice() != 'kernel'):
+    return None
+  keep_float = last or (specs[index + 1][2] == 1 and specs[index + 1][1] == specs[index][1])
+  return nxt['inv_x_scale'], int8_kernel.signed_input_form(), keep_float
+
+
+def block(x, params: Dict[str, Any], index: int, stride: int, dilation: int,
+          observe=None, handoff=None):
   """One inverted-residual block: x [n, h, w, c] float32 -> float32 (see `product`), or int8
-  where its projection writes the next expansion's input ('inv_int8_out_scale')."""
+  where its projection writes the next expansion's input ('inv_int8_out_scale'), or with
+  `handoff` (`_handoff`) the pair (float32 or None, the next product's input). x may be such
+  a pair: the expansion takes the second, the residual sum the first."""
+  x, x_q = x if isinstance(x, tuple) else (x, None)
+  x_in = x if x_q is None else x_q
   out = params['project']['b'].shape[0]
   dw = params['depthwise']
   inv_project = params['project'].get('inv_x_scale')
-  if _kernel_fused(x, params, stride, dilation, observe):
-    from seg.inference import int8_kernel  # the expansion and depthwise layer in one pass
-    expand = params['expand']
-    q, offset = _product_input(x, expand, f'block{index}/expand')
-    y = int8_kernel.expand_depthwise(q, expand['w'], expand['scale'], expand['b'],
-                                     expand['inv_out_scale'], dw['w'], dw['b'], stride, dilation,
-                                     inv_project, offset_input=offset)
-  else:
-    y = x
-    if 'expand' in params:
-      # float32, or uint8 whose scale the depthwise weights carry (the kernel formulation).
-      y = product(y, params['expand'], f'block{index}/expand', observe, 'relu6')
-      if observe is not None:
-        observe[f'block{index}/depthwise'] = jnp.max(y)
-    if _kernel_depthwise(y, params['project'], stride, dilation):
-      from seg.inference import int8_kernel  # uint8 in, the projection's uint8 input out
-      y = int8_kernel.depthwise(y, dw['w'], dw['b'], stride, dilation, inv_project)
+  residual = stride == 1 and x_in.shape[-1] == out
+  if handoff is not None:
+    if _kernel_fused(x_in, params, stride, dilation, observe):
+      y = _fused(x_in, params, index, stride, dilation)
     else:
-      y = _relu6(_depthwise(y, dw['w'], dw['b'], stride, dilation))
+      y = _expand_depthwise(x_in, params, index, stride, dilation, observe)
+    from seg.inference import int8_kernel  # the sum and the next product's input in one pass
+    project = params['project']
+    q, offset = _product_input(y, project, f'block{index}/project')
+    inv_next, form, keep_float = handoff
+    result = int8_kernel.product(q, project['w'], project['scale'], project['b'], 'linear',
+                                 inv_next, offset_input=offset,
+                                 residual=x if residual else None, requantised=form,
+                                 keep_float=keep_float)
+    return result if keep_float else (None, result)
+  if _kernel_fused(x_in, params, stride, dilation, observe):
+    y = _fused(x_in, params, index, stride, dilation)
+  else:
+    y = _expand_depthwise(x_in, params, index, stride, dilation, observe)
   y = product(y, params['project'], f'block{index}/project', observe)
-  if stride == 1 and x.shape[-1] == out:
-    y = y + x
-  return y
+  return y + x if residual else y
+
+
+def _fused(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int):
+  """The expansion and depthwise layer in one pass (`_kernel_fused`): the projection's input."""
+  from seg.inference import int8_kernel
+  expand, dw = params['expand'], params['depthwise']
+  q, offset = _product_input(x, expand, f'block{index}/expand')
+  return int8_kernel.expand_depthwise(q, expand['w'], expand['scale'], expand['b'],
+                                      expand['inv_out_scale'], dw['w'], dw['b'], stride,
+                                      dilation, params['project']['inv_x_scale'],
+                                      offset_input=offset)
+
+
+def _expand_depthwise(x: jax.Array, params: Dict[str, Any], index: int, stride: int,
+                      dilation: int, observe) -> jax.Array:
+  """The expansion (if any) and the depthwise layer: the projection's input."""
+  dw = params['depthwise']
+  y = x
+  if 'expand' in params:
+    # float32, or uint8 whose scale the depthwise weights carry (the kernel formulation).
+    y = product(y, params['expand'], f'block{index}/expand', observe, 'relu6')
+    if observe is not None:
+      observe[f'block{index}/depthwise'] = jnp.max(y)
+  if _kernel_depthwise(y, params['project'], stride, dilation):
+    from seg.inference import int8_kernel  # uint8 in, the projection's uint8 input out
+    return int8_kernel.depthwise(y, dw['w'], dw['b'], stride, dilation,
+                                 params['project']['inv_x_scale'])
+  return _relu6(_depthwise(y, dw['w'], dw['b'], stride, dilation))
 
 
 def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
@@ -282,12 +348,13 @@ def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
     x = _relu6(_stem(images, params['stem']['w'], params['stem']['b']))
   for i, (blk, (_, _, stride, dilation)) in enumerate(zip(params['blocks'], specs)):
     if i >= first:
-      x = block(x, blk, i, stride, dilation, observe)
+      x = block(x, blk, i, stride, dilation, observe, _handoff(params, specs, i, observe))
+  x, x_q = x if isinstance(x, tuple) else (x, x)  # aspp0 takes x_q: the last block's handoff
   head = params['head']
   pooled = jnp.mean(x, axis=(1, 2))
   pooled = jax.nn.relu(pooled @ head['pool']['w'] + head['pool']['b'])
   pooled_term = pooled @ head['proj_pool']  # [n, 256]
-  branches = [product(x, head['aspp0'], 'head/aspp0', observe, 'relu')]
+  branches = [product(x_q, head['aspp0'], 'head/aspp0', observe, 'relu')]
   rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
   for i, rate in enumerate(rates, start=1):
     if f'aspp{i}' in head:
@@ -358,9 +425,9 @@ def quantize_folded(model_config, folded: Dict[str, Any], scales: Dict[str, floa
     from_stride: products whose input stride is below it stay float32.
     uint8_depthwise_inputs ('kernel' only): each expansion's output leaves the kernel as
       uint8 in the scale calibrated for the depthwise input (`block{i}/depthwise`), which
-      the depthwise weights then carry; False keeps it float32 (the numbers of 'int8'). True also has a projection whose output
-      is only the next expansion's input (neither block sums a residual: block 0's) write
-      int8 in that expansion's input scale ('inv_int8_out_scale').
+      the depthwise weights then carry; False keeps it float32 (the numbers of 'int8').
+      True also has a projection whose output is only the next expansion's input (neither
+      block sums a residual: block 0's) write that input itself ('inv_int8_out_scale').
   """
   if formulation not in FORMULATIONS:
     raise ValueError(f'formulation must be one of {FORMULATIONS}, got {formulation!r}')

@@ -87,6 +87,61 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_m
     assert (np.asarray(got) == direct).mean() > 0.99
 
 
+@pytest.mark.parametrize('loop', ['avx2', 'vnni', 'amx'])
+@pytest.mark.parametrize('requantised,keep_float,with_residual', [
+    ('offset_uint8', True, True), ('offset_uint8', False, True), ('int8', True, False),
+    ('int8', False, True), (None, True, True)])
+def test_a_projection_adds_the_residual_and_writes_the_next_input(
+    loop, requantised, keep_float, with_residual):
+  """Mode 'linear' with a residual sum and the sum requantised for the next product (as
+  XLA's add and quantisation compute them), with and without the float32 sum, over each
+  loop the CPU runs."""
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  if loop not in int8_kernel.loops():
+    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+  rng = np.random.default_rng(len(str(requantised)) + keep_float + 2 * with_residual)
+  k, n = 64 if loop == 'amx' else 36, 41  # outputs: 2 whole panels and 9 channels more
+  x = rng.integers(0, 128, (2, 37, k)).astype(np.uint8)
+  w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+  scale = rng.uniform(2e-5, 2e-4, n).astype(np.float32)
+  bias = rng.normal(0, 1, n).astype(np.float32)
+  residual = rng.normal(0, 2, (2, 37, n)).astype(np.float32) if with_residual else None
+  inv = np.float32(127 / 5)
+  got = jax.jit(lambda x, w, r: int8_kernel.product(
+      x, w, jnp.asarray(scale), jnp.asarray(bias), 'linear', inv, loop, residual=r,
+      requantised=requantised, keep_float=keep_float))(
+          jnp.asarray(x), jnp.asarray(int8_kernel.pack_weights(w, 64 if loop == 'amx' else 4)),
+          None if residual is None else jnp.asarray(residual))
+  y = _numpy_product(x, w, scale, bias, 'linear', inv)
+  if residual is not None:
+    y = (y + residual).astype(np.float32)
+  q = np.clip(np.round(y * inv), -127, 127)  # XLA's quantisation of the sum
+  q = (q + 128).astype(np.uint8) if requantised == 'offset_uint8' else q.astype(np.int8)
+  if requantised is None:
+    np.testing.assert_array_equal(np.asarray(got), y)
+    return
+  float_out, q_out = got if keep_float else (None, got)
+  if keep_float:
+    np.testing.assert_array_equal(np.asarray(float_out), y)
+  assert q_out.dtype == q.dtype
+  np.testing.assert_array_equal(np.asarray(q_out), q)
+  assert len(np.unique(q)) > 100 and (np.abs(q.astype(int) - (128 if q.dtype == np.uint8
+                                                              else 0)) == 127).any()
+
+
+def test_residuals_and_requantised_outputs_are_mode_linears():
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  x, w = jnp.zeros((3, 4), jnp.uint8), jnp.asarray(int8_kernel.pack_weights(np.ones((4, 16),
+                                                                                     np.int8)))
+  s, b = jnp.ones(16), jnp.zeros(16)
+  with pytest.raises(ValueError, match="mode 'linear'"):
+    int8_kernel.product(x, w, s, b, 'relu', requantised='int8')
+  with pytest.raises(ValueError, match='keep_float'):
+    int8_kernel.product(x, w, s, b, keep_float=False)
+  with pytest.raises(ValueError, match='residual must be'):
+    int8_kernel.product(x, w, s, b, residual=jnp.zeros((3, 8)))
+
+
 def _same_pads(size, k, stride, dilation=1):
   """TensorFlow's 'SAME' padding (before, after), written out again for the references."""
   total = max((-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
@@ -405,6 +460,34 @@ def test_the_engine_fuses_large_expansions_with_their_depthwise_layers(tiny_int8
   monkeypatch.setenv('SEG_INT8_FUSE', 'xla')
   assert int8_kernel.EXPAND_DEPTHWISE_TARGET not in text()
   np.testing.assert_array_equal(fused, _logits(config, params, images))
+
+
+def test_projections_hand_the_next_product_its_input(tiny_int8, monkeypatch):
+  """Each kernel projection adds its block's residual and writes the next product's input
+  (block 0's: mode 'linear_int8' or 5 instead), keeping its float32 sum only where a residual
+  sum or the head needs it; the logits are those of XLA's sums and quantisations
+  (SEG_INT8_HANDOFF=xla) bit for bit."""
+  config, _, folded, scales = tiny_int8
+  params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
+  images = jnp.asarray(np.random.default_rng(11).uniform(-1, 1, (2, EVAL_SIZE, EVAL_SIZE, 3)),
+                       jnp.float32)
+  m = config.model
+  text = lambda: jax.jit(lambda p, x: quantize.forward_int8(
+      p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
+          params, images).as_text()
+  from seg.model import block_specs
+  specs = block_specs(m.width, m.output_stride)
+  handed = [quantize._handoff(params, specs, i, None) for i in range(len(specs))]
+  assert handed[0] is None and all(h is not None for h in handed[1:])
+  kept = [i for i, h in enumerate(handed) if h and h[2]]
+  residual = [i for i in range(1, len(specs))
+              if specs[i][2] == 1 and specs[i][1] == specs[i - 1][1]]
+  assert kept == [i - 1 for i in residual if i - 1 > 0] + [len(specs) - 1]
+  adds = text().count('stablehlo.add')
+  got = _logits(config, params, images)
+  monkeypatch.setenv('SEG_INT8_HANDOFF', 'xla')
+  assert text().count('stablehlo.add') > adds  # XLA's residual sums are back
+  np.testing.assert_array_equal(got, _logits(config, params, images))
 
 
 def test_signed_inputs_take_the_vnni_loops_own_form(tiny_int8, monkeypatch):
