@@ -29,6 +29,9 @@ def main():
   parser.add_argument('--size', type=int, default=513)
   parser.add_argument('--iters', type=int, default=15)
   args = parser.parse_args()
+  from seg.cli import process
+  process.reexec_with_mimalloc()  # as main.py runs: glibc's fresh pages at every call
+  # would add page faults to every layer that writes megabytes
 
   import jax
   import jax.numpy as jnp
