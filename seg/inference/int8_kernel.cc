@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "int8_depthwise.h"
+#include "int8_stem.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -487,13 +488,12 @@ struct Work {
   }
 };
 
-// The checks of a product's arguments, and its Work (`out`: where it writes).
-ffi::Error MakeWork(ffi::AnyBuffer& x, ffi::Buffer<ffi::S8>& w, ffi::Buffer<ffi::F32>& scale,
-                    ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::F32>& inv_out, int32_t mode,
-                    bool is_signed, bool offset_input, int32_t isa, void* out, Work& work) {
-  const auto dims = x.dimensions();
-  if (dims.size() == 0) return ffi::Error::InvalidArgument("x needs a channel axis");
-  const int64_t k = dims.back();
+// The checks of a product's weights and mode for k input channels, and its Work for m rows
+// of x (`out`: where it writes).
+ffi::Error MakeProduct(int64_t k, int64_t m, const uint8_t* x, ffi::Buffer<ffi::S8>& w,
+                       ffi::Buffer<ffi::F32>& scale, ffi::Buffer<ffi::F32>& bias,
+                       ffi::Buffer<ffi::F32>& inv_out, int32_t mode, bool is_signed,
+                       bool offset_input, int32_t isa, void* out, Work& work) {
   const int64_t n = static_cast<int64_t>(scale.element_count());
   const int64_t panels = (n + kPanel - 1) / kPanel;
   if (k % 4 != 0) return ffi::Error::InvalidArgument("the input channels must be a multiple of 4");
@@ -506,18 +506,29 @@ ffi::Error MakeWork(ffi::AnyBuffer& x, ffi::Buffer<ffi::S8>& w, ffi::Buffer<ffi:
     return ffi::Error::InvalidArgument("AMX needs weights packed to a multiple of 64 inputs");
   if (isa == kAmx && !AmxPermitted())
     return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
-  if (offset_input && (!is_signed || isa != kVnni || x.element_type() != ffi::DataType::U8))
+  if (offset_input && (!is_signed || isa != kVnni))
     return ffi::Error::InvalidArgument("x + 128 as uint8 is the VNNI loop's signed input only");
   if (mode < kLinear || mode > kLinearUint8Offset)
     return ffi::Error::InvalidArgument("unknown mode");
   if (inv_out.element_count() != 1) return ffi::Error::InvalidArgument("inv_out is one number");
-  int64_t m = 1;
-  for (size_t i = 0; i + 1 < dims.size(); ++i) m *= dims[i];
-  work.p = Problem{static_cast<const uint8_t*>(x.untyped_data()), m, k, n, kw, w.typed_data(),
-                    scale.typed_data(), bias.typed_data(), inv_out.typed_data()[0], mode, is_signed,
-                    offset_input, isa, nullptr, out};
+  work.p = Problem{x, m, k, n, kw, w.typed_data(), scale.typed_data(), bias.typed_data(),
+                    inv_out.typed_data()[0], mode, is_signed, offset_input, isa, nullptr, out};
   work.Prepare(scale.typed_data(), bias.typed_data());
   return ffi::Error::Success();
+}
+
+// MakeProduct for x's rows (all axes but the last) and channels.
+ffi::Error MakeWork(ffi::AnyBuffer& x, ffi::Buffer<ffi::S8>& w, ffi::Buffer<ffi::F32>& scale,
+                    ffi::Buffer<ffi::F32>& bias, ffi::Buffer<ffi::F32>& inv_out, int32_t mode,
+                    bool is_signed, bool offset_input, int32_t isa, void* out, Work& work) {
+  const auto dims = x.dimensions();
+  if (dims.size() == 0) return ffi::Error::InvalidArgument("x needs a channel axis");
+  if (offset_input && x.element_type() != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument("x + 128 must be uint8");
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < dims.size(); ++i) m *= dims[i];
+  return MakeProduct(dims.back(), m, static_cast<const uint8_t*>(x.untyped_data()), w, scale,
+                     bias, inv_out, mode, is_signed, offset_input, isa, out, work);
 }
 
 ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S8> w,
@@ -622,6 +633,52 @@ ffi::Error Int8ExpandDepthwise(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------------------
+// The stem pass (int8_stem.h) and block 0's projection in one (int8_kernel.py: stem with
+// `project`): each chunk of rows writes the depthwise layer's uint8 output to a buffer that
+// stays in the core's cache, and the projection (mode 4 or 5: block 1's input) reads it
+// there, so the 257x257x32 map never goes to memory.
+ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> ws, ffi::Buffer<ffi::F32> bs,
+                           ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd,
+                           ffi::Buffer<ffi::F32> inv_mid, ffi::Buffer<ffi::S8> w,
+                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                           ffi::Buffer<ffi::F32> inv_out, int32_t pad_top, int32_t pad_left,
+                           int32_t mode, int32_t isa, ffi::Result<ffi::AnyBuffer> out) {
+  const auto od = out->dimensions();
+  if (od.size() != 4) return ffi::Error::InvalidArgument("out is [n, oh, ow, channels]");
+  if (mode != kLinearInt8 && mode != kLinearUint8Offset)
+    return ffi::Error::InvalidArgument("the projection writes the next input: mode 4 or 5");
+  seg::stem::Stem s;
+  ffi::Error error = seg::stem::Make(x, ws, bs, wd, bd, inv_mid, pad_top, pad_left, od[0], od[1],
+                                     od[2], nullptr, pool.num_threads(), s);
+  if (error.failure()) return error;
+  Work work;
+  error = MakeProduct(s.c, 0, nullptr, w, scale, bias, inv_out, mode, false, false, isa, nullptr,
+                      work);
+  if (error.failure()) return error;
+  if (od[3] != work.p.n) return ffi::Error::InvalidArgument("out's channels are the weights'");
+  const int64_t per_image = (s.oh + s.rows - 1) / s.rows;
+  uint8_t* o = static_cast<uint8_t*>(out->untyped_data());
+  seg::ForEachChunk(pool, od[0] * per_image, [&s, &work, per_image, o](int64_t k) {
+    thread_local std::vector<float> rows;
+    thread_local std::vector<uint8_t> mid;
+    const int64_t n = k / per_image, oy0 = (k % per_image) * s.rows;
+    const int64_t oy1 = std::min(s.oh, oy0 + s.rows), pixels = (oy1 - oy0) * s.ow;
+    mid.resize(pixels * s.c);
+    seg::stem::Stem chunk = s;
+    chunk.out = mid.data();
+    chunk.out_base = n * s.oh + oy0;
+    chunk.Chunk(n, oy0, oy1, rows);
+    Problem q = work.p;
+    q.x = mid.data();
+    q.m = pixels;
+    q.out = o + (n * s.oh + oy0) * s.ow * work.p.n;  // one byte per output (modes 4, 5)
+    Work::RunRows(q, 0, pixels);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Whether this process may use AMX (asks Linux once; int8_kernel.py calls it through ctypes).
@@ -643,6 +700,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Product, Int8Product,
                                   .Attr<bool>("q_offset")
                                   .Ret<ffi::AnyBuffer>()           // out [..., n] or [0]
                                   .Ret<ffi::AnyBuffer>());         // out_q [..., n] or [0]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8StemProject, Int8StemProject,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, 3]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // ws [3, 3, 3, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bs [c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bd [c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // inv_mid []
+                                  .Arg<ffi::Buffer<ffi::S8>>()     // packed weights
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // scale [out]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias [out]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // inv_out []
+                                  .Attr<int32_t>("pad_top")
+                                  .Attr<int32_t>("pad_left")
+                                  .Attr<int32_t>("mode")
+                                  .Attr<int32_t>("isa")
+                                  .Ret<ffi::AnyBuffer>());         // out [n, oh, ow, out]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8ExpandDepthwise, Int8ExpandDepthwise,
                               ffi::Ffi::Bind()

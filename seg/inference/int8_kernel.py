@@ -50,10 +50,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Compiled together into one library; the header is part of its key.
 SOURCES = tuple(os.path.join(HERE, name)
                 for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc'))
-HEADERS = tuple(os.path.join(HERE, name) for name in ('kernel_threads.h', 'int8_depthwise.h'))
+HEADERS = tuple(os.path.join(HERE, name)
+                for name in ('kernel_threads.h', 'int8_depthwise.h', 'int8_stem.h'))
 TARGET = 'seg_int8_product'
 DEPTHWISE_TARGET = 'seg_int8_depthwise'
 STEM_TARGET = 'seg_int8_stem'
+STEM_PROJECT_TARGET = 'seg_int8_stem_project'
 EXPAND_DEPTHWISE_TARGET = 'seg_int8_expand_depthwise'
 PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
@@ -139,6 +141,8 @@ def available(log=None) -> bool:
       jax.ffi.register_ffi_target(DEPTHWISE_TARGET, jax.ffi.pycapsule(lib.SegInt8Depthwise),
                                   platform='cpu')
       jax.ffi.register_ffi_target(STEM_TARGET, jax.ffi.pycapsule(lib.SegInt8Stem),
+                                  platform='cpu')
+      jax.ffi.register_ffi_target(STEM_PROJECT_TARGET, jax.ffi.pycapsule(lib.SegInt8StemProject),
                                   platform='cpu')
       jax.ffi.register_ffi_target(EXPAND_DEPTHWISE_TARGET,
                                   jax.ffi.pycapsule(lib.SegInt8ExpandDepthwise), platform='cpu')
@@ -275,16 +279,22 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
   return (out, out_q) if keep_float else out_q
 
 
-def _loop_and_input(x, w_packed, out_channels: int, loop: Optional[str], offset_input: bool):
-  """(x, loop, offset_input) as the kernel takes them: `loop` checked (default `isa()`), AMX
-  where the weights are packed for its tiles, and x + 128 back to int8 for loops other
-  than VNNI."""
+def _loop(w_packed, out_channels: int, loop: Optional[str]) -> str:
+  """The loop that runs a product: `loop` checked (default `isa()`), AMX only where the
+  weights are packed for its tiles."""
   loop = loop or isa()
   if loop not in loops():
     raise ValueError(f'loop {loop!r} is not one of this CPU\'s: {loops()}')
   k_packed = w_packed.shape[0] // (-(-out_channels // PANEL) * PANEL)
   if loop == 'amx' and k_packed % AMX_K:
     loop = 'vnni' if 'vnni' in loops() else 'avx2'
+  return loop
+
+
+def _loop_and_input(x, w_packed, out_channels: int, loop: Optional[str], offset_input: bool):
+  """(x, loop, offset_input) as the kernel takes them: `_loop`, and x + 128 back to int8
+  for loops other than VNNI."""
+  loop = _loop(w_packed, out_channels, loop)
   if offset_input and x.dtype != jnp.uint8:
     raise ValueError(f'offset_input: x must be uint8 (x + 128), got {x.dtype}')
   if offset_input and loop != 'vnni':  # the other loops multiply int8
@@ -341,7 +351,7 @@ def stem_supported(images_shape, stem_w_shape) -> bool:
 
 
 def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax.Array,
-         inv_out) -> jax.Array:
+         inv_out, project=None, loop: Optional[str] = None) -> jax.Array:
   """The stem and block 0's depthwise layer, to block 0's projection's input (CPU only):
   min(round(relu6(depthwise(relu6(stem conv(images, ws) + bs), wd) + bd) * inv_out), 127)
   as uint8, both convolutions 3x3 'SAME' (the stem stride 2, the depthwise stride 1).
@@ -350,6 +360,9 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
   wd: [3, 3, c], all float32, c a multiple of 8; inv_out: 1 / the projection's input scale
   (float32 scalar, traced or not). Returns uint8 [n, ceil(h / 2), ceil(w / 2), c]: XLA's
   float32 stem, taps and quantisation, summed in one fixed order (`int8_stem.cc`).
+  With `project` = (w_packed, scale, bias, mode, inv_next), mode 'linear_int8' or
+  'linear_offset_uint8': `product(that, w_packed, scale, bias, mode, inv_next, loop)` in the
+  same pass, bit for bit (block 0's projection writing block 1's input).
   """
   from seg.model.layers import same_padding
   if not available():
@@ -363,12 +376,23 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
   if wd.shape != (3, 3, c) or bs.shape != (c,) or bd.shape != (c,):
     raise ValueError(f'depthwise weights [3, 3, {c}] and biases [{c}], got {wd.shape}, '
                      f'{bs.shape}, {bd.shape}')
-  out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.uint8)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  return jax.ffi.ffi_call(STEM_TARGET, out)(
-      images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out),
-      pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
-      pad_left=np.int32(same_padding(w, 3, 2, 1)[0]))
+  pads = dict(pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
+              pad_left=np.int32(same_padding(w, 3, 2, 1)[0]))
+  if project is None:
+    out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.uint8)
+    return jax.ffi.ffi_call(STEM_TARGET, out)(
+        images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out), **pads)
+  w_packed, scale, bias, mode, inv_next = project
+  if mode not in ('linear_int8', 'linear_offset_uint8') or c % GROUP:
+    raise ValueError(f"the projection writes the next input: mode 'linear_int8' or "
+                     f"'linear_offset_uint8' on a multiple of {GROUP} channels, got {mode!r}, {c}")
+  loop = _loop(w_packed, scale.shape[0], loop)
+  out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), scale.shape[0]),
+                             jnp.int8 if mode == 'linear_int8' else jnp.uint8)
+  return jax.ffi.ffi_call(STEM_PROJECT_TARGET, out)(
+      images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out), w_packed, f32(scale),
+      f32(bias), f32(inv_next), mode=np.int32(MODES[mode]), isa=np.int32(ISAS[loop]), **pads)
 
 
 def expand_depthwise(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array,

@@ -20,12 +20,11 @@
 // channels (8 accumulators, the weights of a tap in 4 registers), a depthwise step 4 pixels x 16
 // channels. Eight channels per AVX2 vector: c is a multiple of 8. Built and loaded with
 // int8_kernel.cc by seg/inference/int8_kernel.py; called through the XLA FFI.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
+#include "int8_stem.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -33,196 +32,21 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kTaps = 27;     // 3 x 3 x 3 stem inputs per output
-constexpr int kMinRows = 16;  // output rows per chunk, at least
-
-struct Stem {
-  const float* x;
-  int64_t h, w;
-  const float* ws;  // [3][3][3][c]
-  const float* bs;
-  const float* wd;  // [3][3][c]
-  const float* bd;
-  float inv_out;
-  int64_t c, pad_top, pad_left;
-  uint8_t* out;
-  int64_t oh, ow;
-  int64_t rows;  // output rows per chunk
-
-  // Floats of a padded input row: the 2 ow + 1 columns the stem reads, 3 channels each.
-  int64_t PaddedRow() const { return (2 * ow + 1) * 3; }
-  // Floats of a stem row: ow columns and a zero column on either side, c channels each.
-  int64_t StemRow() const { return (ow + 2) * c; }
-
-  // Input row iy of image n, columns -pad_left .. 2 ow - pad_left, into r; 0 outside.
-  void PadRow(int64_t n, int64_t iy, float* r) const {
-    const int64_t first = std::min(pad_left, 2 * ow + 1);
-    const int64_t last = std::min(pad_left + w, 2 * ow + 1);
-    std::fill(r, r + 3 * first, 0.f);
-    std::copy(x + (n * h + iy) * w * 3, x + (n * h + iy) * w * 3 + 3 * (last - first),
-              r + 3 * first);
-    std::fill(r + 3 * last, r + PaddedRow(), 0.f);
-  }
-
-  // U stem pixels from sx x V vectors of 8 channels from ch, from the padded input rows in[3]
-  // (null: padding), ReLU6, into s (the stem row, its column 0 the left padding).
-  template <int U, int V>
-  void StemPixels(const float* const* in, int64_t sx, int64_t ch, float* s) const {
-    __m256 acc[U][V];
-    for (int v = 0; v < V; ++v) {
-      const __m256 bias = _mm256_loadu_ps(bs + ch + 8 * v);
-      for (int u = 0; u < U; ++u) acc[u][v] = bias;
-    }
-    // Unrolled, so that the accumulators stay in registers.
-#pragma GCC unroll 3
-    for (int i = 0; i < 3; ++i) {
-      if (!in[i]) continue;
-      const float* r = in[i] + 2 * sx * 3;
-#pragma GCC unroll 9
-      for (int t = 0; t < 9; ++t) {  // (j, k) row-major: r[t] is column 2 sx + j, channel k
-        __m256 wv[V];
-        for (int v = 0; v < V; ++v) wv[v] = _mm256_loadu_ps(ws + (i * 9 + t) * c + ch + 8 * v);
-        for (int u = 0; u < U; ++u) {
-          const __m256 xv = _mm256_broadcast_ss(r + u * 6 + t);
-          for (int v = 0; v < V; ++v) acc[u][v] = _mm256_fmadd_ps(xv, wv[v], acc[u][v]);
-        }
-      }
-    }
-    const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f);
-    for (int u = 0; u < U; ++u)
-      for (int v = 0; v < V; ++v)
-        _mm256_storeu_ps(s + (1 + sx + u) * c + ch + 8 * v,
-                         _mm256_min_ps(_mm256_max_ps(acc[u][v], zero), six));
-  }
-
-  template <int V>
-  void StemBlock(const float* const* in, int64_t ch, float* s) const {
-    int64_t sx = 0;
-    for (; sx + 2 <= ow; sx += 2) StemPixels<2, V>(in, sx, ch, s);
-    for (; sx < ow; ++sx) StemPixels<1, V>(in, sx, ch, s);
-  }
-
-  // Stem row sy of image n into s; padded: scratch for 3 padded input rows.
-  void StemRowOf(int64_t n, int64_t sy, float* s, float* padded) const {
-    const float* in[3];
-    for (int i = 0; i < 3; ++i) {
-      const int64_t iy = 2 * sy + i - pad_top;
-      in[i] = nullptr;
-      if (iy >= 0 && iy < h) {
-        PadRow(n, iy, padded + i * PaddedRow());
-        in[i] = padded + i * PaddedRow();
-      }
-    }
-    std::fill(s, s + c, 0.f);
-    std::fill(s + (ow + 1) * c, s + (ow + 2) * c, 0.f);
-    int64_t ch = 0;
-    for (; ch + 32 <= c; ch += 32) StemBlock<4>(in, ch, s);
-    switch ((c - ch) / 8) {
-      case 3: StemBlock<3>(in, ch, s); break;
-      case 2: StemBlock<2>(in, ch, s); break;
-      case 1: StemBlock<1>(in, ch, s); break;
-      default: break;
-    }
-  }
-
-  // U depthwise outputs from ox x V vectors from ch, from the stem rows rows[3] (null:
-  // padding), rounded to uint8 into o (the output row).
-  template <int U, int V>
-  void DepthwisePixels(const float* const* rows, int64_t ox, int64_t ch, uint8_t* o) const {
-    __m256 acc[U][V];
-    for (int v = 0; v < V; ++v) {
-      const __m256 bias = _mm256_loadu_ps(bd + ch + 8 * v);
-      for (int u = 0; u < U; ++u) acc[u][v] = bias;
-    }
-#pragma GCC unroll 3
-    for (int i = 0; i < 3; ++i) {
-      if (!rows[i]) continue;
-      const float* r = rows[i] + ox * c + ch;
-#pragma GCC unroll 3
-      for (int j = 0; j < 3; ++j)
-        for (int v = 0; v < V; ++v) {
-          const __m256 wv = _mm256_loadu_ps(wd + (i * 3 + j) * c + ch + 8 * v);
-          for (int u = 0; u < U; ++u)
-            acc[u][v] = _mm256_fmadd_ps(_mm256_loadu_ps(r + (u + j) * c + 8 * v), wv, acc[u][v]);
-        }
-    }
-    const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.f),
-                 inv = _mm256_set1_ps(inv_out);
-    const __m256i top = _mm256_set1_epi32(127);
-    for (int u = 0; u < U; ++u)
-      for (int v = 0; v < V; ++v) {
-        const __m256 y = _mm256_min_ps(_mm256_max_ps(acc[u][v], zero), six);
-        const __m256i q = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y, inv)), top);
-        const __m128i q16 = _mm_packus_epi32(_mm256_castsi256_si128(q),
-                                             _mm256_extracti128_si256(q, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + (ox + u) * c + ch + 8 * v),
-                         _mm_packus_epi16(q16, q16));
-      }
-  }
-
-  void DepthwiseRow(const float* const* rows, uint8_t* o) const {
-    int64_t ch = 0;
-    for (; ch + 16 <= c; ch += 16) {
-      int64_t ox = 0;
-      for (; ox + 4 <= ow; ox += 4) DepthwisePixels<4, 2>(rows, ox, ch, o);
-      for (; ox < ow; ++ox) DepthwisePixels<1, 2>(rows, ox, ch, o);
-    }
-    if (ch < c) {  // 8 channels left
-      int64_t ox = 0;
-      for (; ox + 4 <= ow; ox += 4) DepthwisePixels<4, 1>(rows, ox, ch, o);
-      for (; ox < ow; ++ox) DepthwisePixels<1, 1>(rows, ox, ch, o);
-    }
-  }
-
-  // Output rows [oy0, oy1) of image n. The stem row sy lives in ring slot sy % 3.
-  void Chunk(int64_t n, int64_t oy0, int64_t oy1, std::vector<float>& buffer) const {
-    buffer.resize(3 * StemRow() + 3 * PaddedRow());
-    float* ring = buffer.data();
-    float* padded = ring + 3 * StemRow();
-    auto slot = [&](int64_t sy) { return ring + (sy % 3) * StemRow(); };
-    for (int64_t sy = std::max<int64_t>(oy0 - 1, 0); sy <= oy0; ++sy)
-      StemRowOf(n, sy, slot(sy), padded);
-    for (int64_t oy = oy0; oy < oy1; ++oy) {
-      if (oy + 1 < oh) StemRowOf(n, oy + 1, slot(oy + 1), padded);
-      const float* rows[3];
-      for (int i = 0; i < 3; ++i) {
-        const int64_t sy = oy + i - 1;
-        rows[i] = sy >= 0 && sy < oh ? slot(sy) : nullptr;
-      }
-      DepthwiseRow(rows, out + (n * oh + oy) * ow * c);
-    }
-  }
-};
+using seg::stem::Stem;
 
 ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ws,
                     ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd,
                     ffi::Buffer<ffi::F32> bd, ffi::Buffer<ffi::F32> inv_out, int32_t pad_top,
                     int32_t pad_left, ffi::Result<ffi::Buffer<ffi::U8>> out) {
-  const auto xd = x.dimensions(), sd = ws.dimensions(), dd = wd.dimensions(),
-             od = out->dimensions();
-  if (xd.size() != 4 || xd[3] != 3 || od.size() != 4)
-    return ffi::Error::InvalidArgument("x is [n, h, w, 3] and out [n, oh, ow, c]");
-  const int64_t c = od[3];
-  if (c % 8 != 0) return ffi::Error::InvalidArgument("the channels must be a multiple of 8");
-  if (sd.size() != 4 || sd[0] != 3 || sd[1] != 3 || sd[2] != 3 || sd[3] != c ||
-      dd.size() != 3 || dd[0] != 3 || dd[1] != 3 || dd[2] != c ||
-      bs.element_count() != c || bd.element_count() != c || inv_out.element_count() != 1)
-    return ffi::Error::InvalidArgument(
-        "the stem's weights are [3, 3, 3, c], the depthwise [3, 3, c], the biases [c]");
-  if (od[0] != xd[0] || od[1] != (xd[1] + 1) / 2 || od[2] != (xd[2] + 1) / 2)
-    return ffi::Error::InvalidArgument("the output is not the input's size over 2");
-  if (pad_top < 0 || pad_top > 2 || pad_left < 0 || pad_left > 2)
-    return ffi::Error::InvalidArgument("the padding before is 0, 1 or 2");
-  Stem s{x.typed_data(), xd[1], xd[2], ws.typed_data(), bs.typed_data(), wd.typed_data(),
-         bd.typed_data(), inv_out.typed_data()[0], c, pad_top, pad_left,
-         out->typed_data(), od[1], od[2], 0};
-  // Chunks of at least kMinRows rows (each computes two stem rows more than it writes), about
-  // four per thread for an image.
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  s.rows = std::min<int64_t>(s.oh, std::max<int64_t>(kMinRows, (s.oh + 4 * threads - 1) /
-                                                                   (4 * threads)));
+  const auto od = out->dimensions();
+  if (od.size() != 4) return ffi::Error::InvalidArgument("out is [n, oh, ow, c]");
+  Stem s;
+  ffi::Error error = seg::stem::Make(x, ws, bs, wd, bd, inv_out, pad_top, pad_left, od[0], od[1],
+                                     od[2], out->typed_data(), pool.num_threads(), s);
+  if (error.failure()) return error;
+  if (od[3] != s.c) return ffi::Error::InvalidArgument("out's channels are the stem's");
   const int64_t per_image = (s.oh + s.rows - 1) / s.rows;
-  seg::ForEachChunk(pool, xd[0] * per_image, [&s, per_image](int64_t k) {
+  seg::ForEachChunk(pool, od[0] * per_image, [&s, per_image](int64_t k) {
     thread_local std::vector<float> buffer;
     const int64_t oy0 = (k % per_image) * s.rows;
     s.Chunk(k / per_image, oy0, std::min(s.oh, oy0 + s.rows), buffer);

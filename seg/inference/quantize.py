@@ -123,6 +123,13 @@ def _product_input(x: jax.Array, layer: Dict[str, Any], name: str):
                         signed), False
 
 
+def _int8_out_mode() -> str:
+  """The kernel mode of a projection that writes the next (signed) product's input."""
+  from seg.inference import int8_kernel
+  return ('linear_offset_uint8' if int8_kernel.signed_input_form() == 'offset_uint8' else
+          'linear_int8')
+
+
 def product(x: jax.Array, layer: Dict[str, Any], name: str,
             observe: Optional[Dict[str, jax.Array]] = None,
             activation: Optional[str] = None) -> jax.Array:
@@ -144,8 +151,7 @@ def product(x: jax.Array, layer: Dict[str, Any], name: str,
     if 'inv_out_scale' in layer:  # an expansion: ReLU6, requantised for the depthwise layer
       mode, inv_out = 'relu6_uint8', layer['inv_out_scale']
     elif 'inv_int8_out_scale' in layer:  # a projection whose output is the next's input
-      mode, inv_out = ('linear_offset_uint8' if int8_kernel.signed_input_form() ==
-                       'offset_uint8' else 'linear_int8'), layer['inv_int8_out_scale']
+      mode, inv_out = _int8_out_mode(), layer['inv_int8_out_scale']
     else:
       mode, inv_out = activation or 'linear', 1.0
     return int8_kernel.product(q, w, layer['scale'], layer['b'], mode, inv_out,
@@ -341,9 +347,14 @@ def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
   if _kernel_stem(images, params, specs[0], observe):
     from seg.inference import int8_kernel  # float32 image in, block 0's projection input out
     stem, blk = params['stem'], params['blocks'][0]
+    project = blk['project']
+    fused = None  # block 0's projection in the same pass where it writes block 1's input
+    if 'inv_int8_out_scale' in project:
+      fused = (project['w'], project['scale'], project['b'], _int8_out_mode(),
+               project['inv_int8_out_scale'])
     y = int8_kernel.stem(images, stem['w'], stem['b'], blk['depthwise']['w'],
-                         blk['depthwise']['b'], blk['project']['inv_x_scale'])
-    x, first = product(y, blk['project'], 'block0/project'), 1
+                         blk['depthwise']['b'], project['inv_x_scale'], fused)
+    x, first = (y if fused else product(y, project, 'block0/project')), 1
   else:
     x = _relu6(_stem(images, params['stem']['w'], params['stem']['b']))
   for i, (blk, (_, _, stride, dilation)) in enumerate(zip(params['blocks'], specs)):

@@ -295,6 +295,34 @@ def test_the_fused_pass_rejects_what_it_cannot_run():
     int8_kernel.expand_depthwise(x, w, s, b, 20.0, jnp.zeros((3, 3, 8)), b, 1, 1, 20.0)
 
 
+@pytest.mark.parametrize('loop', ['avx2', 'vnni', 'amx'])
+@pytest.mark.parametrize('shape,c,out,mode', [
+    ((2, 37, 41, 3), 16, 8, 'linear_offset_uint8'), ((1, 66, 64, 3), 32, 16, 'linear_int8'),
+    ((1, 20, 18, 3), 24, 40, 'linear_offset_uint8')])
+def test_the_stem_pass_can_run_block0s_projection_too(loop, shape, c, out, mode):
+  """`stem(..., project=...)` against the stem pass followed by the product, bit for bit."""
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  if loop not in int8_kernel.loops():
+    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+  rng = np.random.default_rng(sum(shape) + c + out)
+  x = jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32)
+  ws, wd = (jnp.asarray(rng.normal(0, 0.4, s), jnp.float32) for s in ((3, 3, 3, c), (3, 3, c)))
+  bs, bd = (jnp.asarray(rng.normal(0.5, 1, c), jnp.float32) for _ in range(2))
+  w = jnp.asarray(int8_kernel.pack_weights(rng.integers(-127, 128, (c, out)).astype(np.int8),
+                                           64 if loop == 'amx' else 4))
+  scale = jnp.asarray(rng.uniform(1e-3, 3e-3, out), jnp.float32)
+  bias = jnp.asarray(rng.normal(0, 1, out), jnp.float32)
+  inv_mid, inv_next = np.float32(127 / 5.5), np.float32(127 / 4)
+  fused = np.asarray(jax.jit(lambda x: int8_kernel.stem(
+      x, ws, bs, wd, bd, inv_mid, (w, scale, bias, mode, inv_next), loop))(x))
+  separate = np.asarray(jax.jit(lambda x: int8_kernel.product(
+      int8_kernel.stem(x, ws, bs, wd, bd, inv_mid), w, scale, bias, mode, inv_next, loop))(x))
+  assert fused.dtype == separate.dtype and fused.shape == separate.shape == shape[:1] + (
+      -(-shape[1] // 2), -(-shape[2] // 2), out)
+  np.testing.assert_array_equal(fused, separate)
+  assert len(np.unique(fused)) > 50
+
+
 def test_the_stem_kernel_rejects_what_it_cannot_run():
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   x = jnp.zeros((1, 9, 9, 3), jnp.float32)
@@ -426,7 +454,9 @@ def test_the_engine_runs_the_stem_in_the_kernel_and_hands_block0_on_in_int8(tiny
   text = lambda: jax.jit(lambda p, x: quantize.forward_int8(
       p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
           params, images).as_text()
-  assert text().count(int8_kernel.STEM_TARGET) == 1
+  lowered = text()  # block 0's projection runs in the stem's pass
+  assert lowered.count(int8_kernel.STEM_PROJECT_TARGET) == 1
+  assert f'"{int8_kernel.STEM_TARGET}"' not in lowered
   got = _logits(config, params, images)
   monkeypatch.setenv('SEG_INT8_STEM', 'xla')
   assert int8_kernel.STEM_TARGET not in text()
