@@ -28,29 +28,20 @@ def main():
   from seg.cli import process
   process.reexec_with_mimalloc()  # as main.py runs
 
-  import jax
-  import jax.numpy as jnp
   import numpy as np
 
   from seg.config import load_experiment
-  from seg.inference import benchmark, engine, quantize
-  from seg.model import create_model
+  from seg.inference import benchmark
 
   config = load_experiment(args.config)
-  model = config.model
-  variables = benchmark.random_variables(create_model(model))
-  scales = {name: 6 / 127 for name in quantize.scale_names(model)}
-  eng = engine.Engine(config, variables, dtype='int8', batch_size=1, int8_scales=scales)
-  images = jnp.asarray(np.random.default_rng(0).uniform(
-      -1, 1, (args.batch, args.size, args.size, 3)), jnp.float32)
+  compile_network, eng, images = benchmark.random_int8_network(config, args.batch, args.size)
+  params = eng.folded
 
   def compiled(env):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-      return jax.jit(lambda p, x: quantize.forward_int8(
-          p, x, width=model.width, output_stride=model.output_stride, upsample=False)).lower(
-              eng.folded, images).compile()
+      return compile_network()
     finally:
       for k, v in saved.items():
         if v is None:
@@ -62,11 +53,11 @@ def main():
   times = {name: [] for name in runs}
   for f in runs.values():
     for _ in range(3):
-      f(eng.folded, images).block_until_ready()
+      f(params, images).block_until_ready()
   for _ in range(args.iters):
     for name, f in runs.items():
       start = time.perf_counter()
-      f(eng.folded, images).block_until_ready()
+      f(params, images).block_until_ready()
       times[name].append((time.perf_counter() - start) * 1e3 / args.batch)
   print(f'{args.config}, {args.size}x{args.size}, batch {args.batch}, {args.iters} calls each, '
         f'alternating; int8 formulation {eng.int8_formulation}; ms per image:')

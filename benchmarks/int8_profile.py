@@ -32,31 +32,21 @@ def main():
   process.reexec_with_mimalloc()  # as main.py runs
 
   import jax
-  import jax.numpy as jnp
-  import numpy as np
 
   from seg.config import load_experiment
-  from seg.inference import benchmark, engine, quantize
-  from seg.model import create_model
+  from seg.inference import benchmark
 
   config = load_experiment(args.config)
-  model = config.model
-  variables = benchmark.random_variables(create_model(model))
-  scales = {name: 6 / 127 for name in quantize.scale_names(model)}
-  eng = engine.Engine(config, variables, dtype='int8', batch_size=1, int8_scales=scales)
-  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, args.size, args.size, 3)),
-                       jnp.float32)
-  compiled = jax.jit(lambda p, x: quantize.forward_int8(
-      p, x, width=model.width, output_stride=model.output_stride, upsample=False)).lower(
-          eng.folded, images).compile()
+  compile_network, eng, images = benchmark.random_int8_network(config, 1, args.size)
+  compiled, params = compile_network(), eng.folded
   for _ in range(3):
-    compiled(eng.folded, images).block_until_ready()
+    compiled(params, images).block_until_ready()
   calls = []
   with tempfile.TemporaryDirectory() as folder:
     with jax.profiler.trace(folder, create_perfetto_trace=True):
       for _ in range(args.iters):
         start = time.perf_counter()
-        compiled(eng.folded, images).block_until_ready()
+        compiled(params, images).block_until_ready()
         calls.append(time.perf_counter() - start)
     path, = glob.glob(os.path.join(folder, '**', '*.trace.json.gz'), recursive=True)
     with gzip.open(path) as f:

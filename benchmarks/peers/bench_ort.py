@@ -18,9 +18,11 @@ import measure  # a sibling: a script's folder is on sys.path
 from export_onnx import DEFAULT_MODEL_DIR, onnx_paths
 
 
-def main():
-  parser = measure.add_common_args(argparse.ArgumentParser(description=__doc__.split('\n')[0]))
-  parser.add_argument('--variant', choices=['float32', 'int8'], default='float32')
+def parse_args(default_variant: str, description: str = __doc__):
+  """The peer flags, --variant and --model-dir; and the model's path (which must exist)."""
+  parser = measure.add_common_args(argparse.ArgumentParser(
+      description=description.split('\n')[0]))
+  parser.add_argument('--variant', choices=['float32', 'int8'], default=default_variant)
   parser.add_argument('--model-dir', default=DEFAULT_MODEL_DIR)
   args = parser.parse_args()
   float_path, int8_path = onnx_paths(args.model_dir, args.height, args.width)
@@ -28,14 +30,25 @@ def main():
   if not os.path.exists(path):
     sys.exit(f'{path} is missing: run benchmarks/peers/export_onnx.py --height {args.height} '
              f'--width {args.width} --calibration ... first (run.py does it for you)')
+  return args, path
 
-  import numpy as np
+
+def session_options(threads: int):
+  """The session options above: all graph optimisations, `threads` intra-op threads."""
   import onnxruntime as ort
   options = ort.SessionOptions()
   options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-  options.intra_op_num_threads = args.threads
+  options.intra_op_num_threads = threads
   options.inter_op_num_threads = 1
   options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+  return options
+
+
+def main():
+  args, path = parse_args('float32')
+  import numpy as np
+  import onnxruntime as ort
+  options = session_options(args.threads)
   start = time.perf_counter()
   session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
   load_s = time.perf_counter() - start

@@ -12,14 +12,12 @@ depthwise and projection, each later block's expansion, depthwise and projection
 head's keep ONNX Runtime's node names.
 """
 
-import argparse
 import collections
 import json
 import os
 import sys
 
-import measure  # a sibling: a script's folder is on sys.path
-from export_onnx import DEFAULT_MODEL_DIR, onnx_paths
+from bench_ort import parse_args, session_options  # a sibling: the script's folder is on sys.path
 
 
 def layer_names():
@@ -31,22 +29,10 @@ def layer_names():
 
 
 def main():
-  parser = measure.add_common_args(argparse.ArgumentParser(description=__doc__.split('\n')[0]))
-  parser.add_argument('--variant', choices=['float32', 'int8'], default='int8')
-  parser.add_argument('--model-dir', default=DEFAULT_MODEL_DIR)
-  args = parser.parse_args()
-  float_path, int8_path = onnx_paths(args.model_dir, args.height, args.width)
-  path = float_path if args.variant == 'float32' else int8_path
-  if not os.path.exists(path):
-    sys.exit(f'{path} is missing: run benchmarks/peers/run.py (or export_onnx.py) first')
-
+  args, path = parse_args('int8', __doc__)
   import numpy as np
   import onnxruntime as ort
-  options = ort.SessionOptions()
-  options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-  options.intra_op_num_threads = args.threads
-  options.inter_op_num_threads = 1
-  options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+  options = session_options(args.threads)
   options.enable_profiling = True
   options.profile_file_prefix = os.path.join(os.environ.get('TMPDIR', '/tmp'), 'ort_profile')
   session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])

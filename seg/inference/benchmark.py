@@ -69,6 +69,28 @@ def random_variables(model, seed: int = 0) -> Dict[str, Any]:
   return jax.tree_util.tree_map_with_path(draw, checkpoint.abstract_variables(model))
 
 
+def random_int8_network(config, batch: int, size: int):
+  """(compile, engine, images) of the int8 engine for speed measurements (the benchmark
+  scripts): random weights and fixed input scales (speed does not depend on values),
+  `batch` random float32 images of size x size; compile() traces and compiles the network
+  (logits at the output stride, a function of (engine.folded, images)) anew, reading the
+  SEG_INT8_* variables then."""
+  from seg.inference import engine, quantize
+  from seg.model import create_model
+  m = config.model
+  scales = {name: 6 / 127 for name in quantize.scale_names(m)}
+  eng = engine.Engine(config, random_variables(create_model(m)), dtype='int8', batch_size=1,
+                      int8_scales=scales)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)),
+                       jnp.float32)
+
+  def compile_network():
+    return jax.jit(lambda p, x: quantize.forward_int8(
+        p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
+            eng.folded, images).compile()
+  return compile_network, eng, images
+
+
 def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
               height: Optional[int] = None, width: Optional[int] = None,
               dtype: str = 'float32', measure: str = 'network', warmup: int = 3,

@@ -366,6 +366,22 @@ def test_packed_weights_follow_the_kernels_layout():
     int8_kernel.pack_weights(np.zeros((8, 3), np.float32))
 
 
+def _lowered(config, params, images):
+  """The int8 network's StableHLO text, traced anew (the SEG_INT8_* variables are read when
+  a function is traced)."""
+  m = config.model
+  return jax.jit(lambda p, x: quantize.forward_int8(
+      p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
+          params, images).as_text()
+
+
+def _nearly_the_same(got, reference):
+  """Logits that differ only where an input fell next to a rounding boundary."""
+  rms = lambda x: np.sqrt(np.mean(np.square(x)))
+  assert rms(got - reference) <= 0.02 * rms(reference)
+  assert (got.argmax(-1) == reference.argmax(-1)).mean() >= 0.98
+
+
 def _logits(config, params, images):
   m = config.model
   return np.asarray(jax.jit(lambda p, x: quantize.forward_int8(
@@ -412,11 +428,7 @@ def test_the_engine_runs_the_depthwise_layers_in_the_kernel(tiny_int8, monkeypat
   params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
   images = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
                        jnp.float32)
-  m = config.model
-  # A new function each time: the variable is read when it is traced.
-  text = lambda: jax.jit(lambda p, x: quantize.forward_int8(
-      p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
-          params, images).as_text()
+  text = lambda: _lowered(config, params, images)
   expanded = sum('expand' in blk for blk in params['blocks'])
   assert text().count(int8_kernel.DEPTHWISE_TARGET) == expanded > 0
   got = _logits(config, params, images)
@@ -425,9 +437,7 @@ def test_the_engine_runs_the_depthwise_layers_in_the_kernel(tiny_int8, monkeypat
   xla = _logits(config, params, images)
   # The same taps; a product's input differs by one step where XLA contracted a tap into a
   # fused multiply-add and the sum fell next to a rounding boundary.
-  rms = lambda x: np.sqrt(np.mean(np.square(x)))
-  assert rms(got - xla) <= 0.02 * rms(xla)
-  assert (got.argmax(-1) == xla.argmax(-1)).mean() >= 0.98
+  _nearly_the_same(got, xla)
   monkeypatch.setenv('SEG_INT8_DEPTHWISE', 'fast')
   with pytest.raises(ValueError, match='SEG_INT8_DEPTHWISE'):
     text()
@@ -450,10 +460,7 @@ def test_the_engine_runs_the_stem_in_the_kernel_and_hands_block0_on_in_int8(tiny
       params['blocks'][1]['expand']['inv_x_scale']
   images = jnp.asarray(np.random.default_rng(8).uniform(-1, 1, (2, EVAL_SIZE, EVAL_SIZE, 3)),
                        jnp.float32)
-  m = config.model
-  text = lambda: jax.jit(lambda p, x: quantize.forward_int8(
-      p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
-          params, images).as_text()
+  text = lambda: _lowered(config, params, images)
   lowered = text()  # block 0's projection runs in the stem's pass
   assert lowered.count(int8_kernel.STEM_PROJECT_TARGET) == 1
   assert f'"{int8_kernel.STEM_TARGET}"' not in lowered
@@ -462,9 +469,7 @@ def test_the_engine_runs_the_stem_in_the_kernel_and_hands_block0_on_in_int8(tiny
   assert int8_kernel.STEM_TARGET not in text()
   xla_stem = _logits(config, params, images)
   # The same layers summed in another order, and block 1's input rounded once, not twice.
-  rms = lambda x: np.sqrt(np.mean(np.square(x)))
-  assert rms(got - xla_stem) <= 0.02 * rms(xla_stem)
-  assert (got.argmax(-1) == xla_stem.argmax(-1)).mean() >= 0.98
+  _nearly_the_same(got, xla_stem)
 
 
 def test_the_engine_fuses_large_expansions_with_their_depthwise_layers(tiny_int8, monkeypatch):
@@ -475,10 +480,7 @@ def test_the_engine_fuses_large_expansions_with_their_depthwise_layers(tiny_int8
   params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
   images = jnp.asarray(np.random.default_rng(10).uniform(-1, 1, (2, EVAL_SIZE, EVAL_SIZE, 3)),
                        jnp.float32)
-  m = config.model
-  text = lambda: jax.jit(lambda p, x: quantize.forward_int8(
-      p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
-          params, images).as_text()
+  text = lambda: _lowered(config, params, images)
   assert int8_kernel.EXPAND_DEPTHWISE_TARGET not in text()
   monkeypatch.setattr(quantize, 'FUSE_FROM_BYTES', 0)
   expanded = sum('expand' in blk for blk in params['blocks'])
@@ -501,12 +503,9 @@ def test_projections_hand_the_next_product_its_input(tiny_int8, monkeypatch):
   params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
   images = jnp.asarray(np.random.default_rng(11).uniform(-1, 1, (2, EVAL_SIZE, EVAL_SIZE, 3)),
                        jnp.float32)
-  m = config.model
-  text = lambda: jax.jit(lambda p, x: quantize.forward_int8(
-      p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
-          params, images).as_text()
+  text = lambda: _lowered(config, params, images)
   from seg.model import block_specs
-  specs = block_specs(m.width, m.output_stride)
+  specs = block_specs(config.model.width, config.model.output_stride)
   handed = [quantize._handoff(params, specs, i, None) for i in range(len(specs))]
   assert handed[0] is None and all(h is not None for h in handed[1:])
   kept = [i for i, h in enumerate(handed) if h and h[2]]
@@ -530,16 +529,13 @@ def test_signed_inputs_take_the_vnni_loops_own_form(tiny_int8, monkeypatch):
   params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
   images = jnp.asarray(np.random.default_rng(9).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
                        jnp.float32)
-  m = config.model
   monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
   logits, texts = {}, {}
   for loop in ('vnni', 'avx2'):
     int8_kernel._state.pop('isa', None)
     monkeypatch.setenv('SEG_INT8_KERNEL_ISA', loop)
-    fn = jax.jit(lambda p, x: quantize.forward_int8(
-        p, x, width=m.width, output_stride=m.output_stride, upsample=False))
-    texts[loop] = fn.lower(params, images).as_text()
-    logits[loop] = np.asarray(fn(params, images))
+    texts[loop] = _lowered(config, params, images)
+    logits[loop] = _logits(config, params, images)
   signed = sum('expand' in blk for blk in params['blocks']) + 1  # and aspp0
   assert texts['vnni'].count('offset_input = true') == signed
   assert 'offset_input = true' not in texts['avx2']
