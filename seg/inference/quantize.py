@@ -186,7 +186,7 @@ def depthwise_choice() -> str:
 
 # Expansions whose uint8 output is at least this many bytes per image run with their depthwise
 # layer in one pass (`int8_kernel.expand_depthwise`): blocks 1-3 at 513x513. Chosen by
-# measurement (docs/performance.md, "The expansion and depthwise layer in one pass").
+# measurement (docs/performance.md, "Beyond the products": fusing every block was slower).
 FUSE_FROM_BYTES = 2 * 2**20
 
 
@@ -273,30 +273,23 @@ def block(x, params: Dict[str, Any], index: int, stride: int, dilation: int,
   a pair: the expansion takes the second, the residual sum the first."""
   x, x_q = x if isinstance(x, tuple) else (x, None)
   x_in = x if x_q is None else x_q
-  out = params['project']['b'].shape[0]
-  dw = params['depthwise']
-  inv_project = params['project'].get('inv_x_scale')
-  residual = stride == 1 and x_in.shape[-1] == out
-  if handoff is not None:
-    if _kernel_fused(x_in, params, stride, dilation, observe):
-      y = _fused(x_in, params, index, stride, dilation)
-    else:
-      y = _expand_depthwise(x_in, params, index, stride, dilation, observe)
-    from seg.inference import int8_kernel  # the sum and the next product's input in one pass
-    project = params['project']
-    q, offset = _product_input(y, project, f'block{index}/project')
-    inv_next, form, keep_float = handoff
-    result = int8_kernel.product(q, project['w'], project['scale'], project['b'], 'linear',
-                                 inv_next, offset_input=offset,
-                                 residual=x if residual else None, requantised=form,
-                                 keep_float=keep_float)
-    return result if keep_float else (None, result)
+  project = params['project']
+  residual = stride == 1 and x_in.shape[-1] == project['b'].shape[0]
   if _kernel_fused(x_in, params, stride, dilation, observe):
     y = _fused(x_in, params, index, stride, dilation)
   else:
     y = _expand_depthwise(x_in, params, index, stride, dilation, observe)
-  y = product(y, params['project'], f'block{index}/project', observe)
-  return y + x if residual else y
+  if handoff is None:
+    y = product(y, project, f'block{index}/project', observe)
+    return y + x if residual else y
+  from seg.inference import int8_kernel  # the sum and the next product's input in one pass
+  q, offset = _product_input(y, project, f'block{index}/project')
+  inv_next, form, keep_float = handoff
+  result = int8_kernel.product(q, project['w'], project['scale'], project['b'], 'linear',
+                               inv_next, offset_input=offset,
+                               residual=x if residual else None, requantised=form,
+                               keep_float=keep_float)
+  return result if keep_float else (None, result)
 
 
 def _fused(x: jax.Array, params: Dict[str, Any], index: int, stride: int, dilation: int):
