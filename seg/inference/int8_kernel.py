@@ -47,7 +47,7 @@ import numpy as np
 from seg.inference import cpu_features
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# Compiled together into one library; the header is part of its key.
+# Compiled together into one library; the headers are part of its key.
 SOURCES = tuple(os.path.join(HERE, name)
                 for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc'))
 HEADERS = tuple(os.path.join(HERE, name)
