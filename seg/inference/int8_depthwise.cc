@@ -39,13 +39,13 @@ void Run(ffi::ThreadPool& pool, const Depthwise& d, int64_t images) {
   const int64_t bands = (d.oh + d.band - 1) / d.band;
   seg::ForEachChunk(pool, images * bands, [&d, bands](int64_t k) {
     thread_local std::vector<float> buffer;
-    d.Band<S, D>(k / bands, (k % bands) * d.band, buffer);
+    d.AnyBand<S, D>(k / bands, (k % bands) * d.band, buffer);
   });
 }
 
 ffi::Error Int8Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::F32> w,
                          ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> inv_out, int32_t stride,
-                         int32_t dilation, int32_t pad_top, int32_t pad_left,
+                         int32_t dilation, int32_t pad_top, int32_t pad_left, bool wide,
                          ffi::Result<ffi::Buffer<ffi::U8>> out) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 4 || od.size() != 4 || wd.size() != 3 || wd[0] != kSize || wd[1] != kSize)
@@ -60,6 +60,9 @@ ffi::Error Int8Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
               out->typed_data(), od[1], od[2], 1};
   if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
     return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
+  if (wide && !seg::depthwise::HasAvx512())
+    return ffi::Error::InvalidArgument("the AVX-512 loop needs AVX-512 F, BW, VL and DQ");
+  d.wide = wide;
   d.ChooseBand();
   if (stride == 1 && dilation == 1) Run<1, 1>(pool, d, xd[0]);
   else if (stride == 2 && dilation == 1) Run<2, 1>(pool, d, xd[0]);
@@ -82,4 +85,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Depthwise, Int8Depthwise,
                                   .Attr<int32_t>("dilation")
                                   .Attr<int32_t>("pad_top")
                                   .Attr<int32_t>("pad_left")
+                                  .Attr<bool>("wide")              // the AVX-512 loop
                                   .Ret<ffi::Buffer<ffi::U8>>());  // out [n, oh, ow, c]

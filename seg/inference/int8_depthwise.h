@@ -14,8 +14,17 @@ namespace depthwise {
 
 constexpr int kSize = 3;                     // the window
 constexpr int64_t kBlock = 64;               // channels converted and computed at a time
+constexpr int64_t kWideBlock = 16;           // the same for AVX-512: one vector
 constexpr int64_t kBandBytes = 256 * 1024;   // converted input rows of a band, at most
 constexpr int kMaxBandRows = 8;              // output rows per band, at most
+
+// Whether this CPU runs the AVX-512 loop (BandWide).
+inline bool HasAvx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+#define SEG_DEPTHWISE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 struct Depthwise {
   const uint8_t* x;  // row iy of image n at x + (n * h + iy - row_base) * w * c
@@ -28,6 +37,7 @@ struct Depthwise {
   int64_t oh, ow;
   int64_t band;  // output rows per chunk
   int64_t row_base = 0;  // the first row x holds (int8_kernel.cc's fused expansion: a band's)
+  bool wide = false;     // the AVX-512 loop (BandWide)
 
   // Columns of a converted row: the input's, with the padding's zeros around them.
   int64_t Span() const { return (ow - 1) * stride + (kSize - 1) * dilation + 1; }
@@ -37,7 +47,7 @@ struct Depthwise {
 
   void ChooseBand() {
     band = 1;
-    const int64_t row_bytes = Span() * kBlock * 4;
+    const int64_t row_bytes = Span() * (wide ? kWideBlock : kBlock) * 4;
     while (band < kMaxBandRows && 4 * (band + 1) <= oh &&
            InputRows(band + 1) * row_bytes <= kBandBytes)
       ++band;
@@ -136,6 +146,97 @@ struct Depthwise {
           rows[i] = iy >= 0 && iy < h ? buffer.data() + (iy - first) * row_floats : nullptr;
         }
         OutputRow<S, D>(rows, ch0, width, out + (n * oh + oy) * ow * c);
+      }
+    }
+  }
+
+  // Output rows [oy0, oy0 + band) of image n (and before `limit`), in the AVX2 loop above or
+  // the AVX-512 loop below (`wide`): the same numbers.
+  template <int S, int D>
+  void AnyBand(int64_t n, int64_t oy0, std::vector<float>& buffer,
+               int64_t limit = INT64_MAX) const {
+    if (wide) BandWide<S, D>(n, oy0, buffer, limit); else Band<S, D>(n, oy0, buffer, limit);
+  }
+
+  // ----------------------------------------------------------------------------------------
+  // The AVX-512 loop: one vector of 16 channels at a time (the last 8 under a mask), its
+  // nine weights and bias held in registers across the band; a converted row is [Span()][16]
+  // floats, so that a step of 8 output pixels reads each row's columns in one sweep. Each
+  // output's taps are summed in the AVX2 loop's order: the same numbers.
+
+  // Channels [ch, ch + 16) of input row iy (`mask`: those that exist) as float32 into r.
+  SEG_DEPTHWISE_AVX512 void ConvertWide(int64_t n, int64_t iy, int64_t ch, __mmask16 mask,
+                                        float* r) const {
+    const int64_t span = Span(), first = pad_left, last = std::min(pad_left + w, span);
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t col = 0; col < first; ++col) _mm512_store_ps(r + col * kWideBlock, zero);
+    const uint8_t* src = x + (n * h + iy - row_base) * w * c + ch;
+    for (int64_t col = first; col < last; ++col, src += c)
+      _mm512_store_ps(r + col * kWideBlock, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+          _mm_maskz_loadu_epi8(mask, src))));
+    for (int64_t col = last; col < span; ++col) _mm512_store_ps(r + col * kWideBlock, zero);
+  }
+
+  // U output pixels from ox of one row (converted input rows rows[0..3), null: padding),
+  // weights wv[9] and bias of the vector's channels, written to o (the row's output at those
+  // channels).
+  template <int S, int D, int U>
+  SEG_DEPTHWISE_AVX512 static void PixelsWide(const float* const* rows, const __m512* wv,
+                                              __m512 bias, __m512 inv, __mmask16 mask,
+                                              int64_t ox, int64_t c, uint8_t* o) {
+    __m512 acc[U];
+    for (int u = 0; u < U; ++u) acc[u] = bias;
+    for (int i = 0; i < kSize; ++i) {
+      if (!rows[i]) continue;
+      const float* r = rows[i] + ox * S * kWideBlock;
+      for (int j = 0; j < kSize; ++j)
+        for (int u = 0; u < U; ++u)
+          acc[u] = _mm512_fmadd_ps(_mm512_load_ps(r + (u * S + j * D) * kWideBlock),
+                                   wv[i * kSize + j], acc[u]);
+    }
+    const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.f);
+    const __m512i top = _mm512_set1_epi32(127);
+    for (int u = 0; u < U; ++u) {
+      const __m512 y = _mm512_min_ps(_mm512_max_ps(acc[u], zero), six);
+      const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(y, inv)), top);
+      _mm_mask_storeu_epi8(o + (ox + u) * c, mask, _mm512_cvtepi32_epi8(q));
+    }
+  }
+
+  template <int S, int D>
+  SEG_DEPTHWISE_AVX512 void BandWide(int64_t n, int64_t oy0, std::vector<float>& buffer,
+                                     int64_t limit) const {
+    const int64_t oy1 = std::min({oh, oy0 + band, limit});
+    const int64_t first = oy0 * S - pad_top;  // the band's first input row (maybe padding)
+    const int64_t count = InputRows(oy1 - oy0), row_floats = Span() * kWideBlock;
+    bool used[kMaxBandRows * 4 + kSize * 8] = {};  // the input rows the band reads
+    for (int64_t oy = oy0; oy < oy1; ++oy)
+      for (int i = 0; i < kSize; ++i) {
+        const int64_t iy = oy * S + i * D - pad_top;
+        used[iy - first] = iy >= 0 && iy < h;
+      }
+    buffer.resize(count * row_floats + kWideBlock);  // and room to align it to 64 bytes
+    float* rows_base = reinterpret_cast<float*>(
+        (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~static_cast<uintptr_t>(63));
+    const __m512 inv = _mm512_set1_ps(inv_out);
+    for (int64_t ch = 0; ch < c; ch += kWideBlock) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << std::min(kWideBlock, c - ch)) - 1);
+      for (int64_t k = 0; k < count; ++k)
+        if (used[k]) ConvertWide(n, first + k, ch, mask, rows_base + k * row_floats);
+      __m512 wv[kSize * kSize];
+      for (int t = 0; t < kSize * kSize; ++t) wv[t] = _mm512_maskz_loadu_ps(mask, wt + t * c + ch);
+      const __m512 bias = _mm512_maskz_loadu_ps(mask, b + ch);
+      for (int64_t oy = oy0; oy < oy1; ++oy) {
+        const float* rows[kSize];
+        for (int i = 0; i < kSize; ++i) {
+          const int64_t iy = oy * S + i * D - pad_top;
+          rows[i] = iy >= 0 && iy < h ? rows_base + (iy - first) * row_floats : nullptr;
+        }
+        uint8_t* o = out + (n * oh + oy) * ow * c + ch;
+        int64_t ox = 0;
+        for (; ox + 8 <= ow; ox += 8) PixelsWide<S, D, 8>(rows, wv, bias, inv, mask, ox, c, o);
+        for (; ox + 4 <= ow; ox += 4) PixelsWide<S, D, 4>(rows, wv, bias, inv, mask, ox, c, o);
+        for (; ox < ow; ++ox) PixelsWide<S, D, 1>(rows, wv, bias, inv, mask, ox, c, o);
       }
     }
   }

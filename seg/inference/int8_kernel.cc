@@ -48,7 +48,8 @@ namespace {
 
 constexpr int kPanel = 16;  // output channels per weight panel: two vectors of 8 int32
 constexpr int kRows = 4;    // rows per register tile (8 accumulators)
-constexpr int64_t kChunkRows = 64;
+constexpr int64_t kChunkRows = 64;  // rows per claim of the thread pool, at most
+constexpr int64_t kGrainRows = 8;   // and a multiple of this (the VNNI loop's tiles)
 
 enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2, kRelu6Uint8 = 3, kLinearInt8 = 4,
             kLinearUint8Offset = 5 };
@@ -552,9 +553,8 @@ ffi::Error Int8Product(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::
   if (residual.element_count()) work.p.residual = residual.typed_data();
   if (out_q->element_count()) work.p.out_q = out_q->untyped_data();
   work.p.q_offset = q_offset;
-  seg::ForEachChunk(pool, (m + kChunkRows - 1) / kChunkRows, [&work, m](int64_t c) {
-    work.RunRows(c * kChunkRows, std::min(m, (c + 1) * kChunkRows));
-  });
+  seg::ForEachRange(pool, m, kGrainRows, kChunkRows,
+                    [&work](int64_t begin, int64_t end) { work.RunRows(begin, end); });
   return ffi::Error::Success();
 }
 
@@ -589,7 +589,7 @@ void FusedRun(ffi::ThreadPool& pool, const Work& work, const seg::depthwise::Dep
     seg::depthwise::Depthwise band = d;
     band.x = expanded.data();
     band.row_base = n * d.h + first;
-    for (int64_t oy = oy0; oy < oy1; oy += d.band) band.Band<S, D>(n, oy, converted, oy1);
+    for (int64_t oy = oy0; oy < oy1; oy += d.band) band.AnyBand<S, D>(n, oy, converted, oy1);
   });
 }
 
@@ -618,6 +618,7 @@ ffi::Error Int8ExpandDepthwise(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buff
                               out->typed_data(), od[1], od[2], 1};
   if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
     return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
+  d.wide = isa != kAvx2;  // the VNNI and AMX loops' CPUs have AVX-512 F, BW, VL and DQ
   d.ChooseBand();
   // Output rows per chunk: as many as keep the band's expansion output within kFusedBytes,
   // and at most an eighth of the image's, so that two threads share even a batch of one.

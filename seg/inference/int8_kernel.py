@@ -315,7 +315,7 @@ def depthwise_supported(shape, stride: int, dilation: int) -> bool:
 
 
 def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: int,
-              inv_out) -> jax.Array:
+              inv_out, loop: Optional[str] = None) -> jax.Array:
   """The 3x3 depthwise layer between the kernel's expansion and projection (CPU only):
   min(round(relu6(depthwise 'SAME' conv(x, w) + b) * inv_out), 127) as uint8.
 
@@ -323,7 +323,9 @@ def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: i
   float32; c a multiple of 8; (stride, dilation) in `DEPTHWISE_STRIDES`; inv_out: 1 / the
   projection's input scale (float32 scalar, traced or not). Returns uint8 [n, ceil(h /
   stride), ceil(w / stride), c], the projection's input: XLA's float32 taps and
-  quantisation, the taps summed in one fixed order (`int8_depthwise.cc`).
+  quantisation, the taps summed in one fixed order (`int8_depthwise.cc`). Its AVX-512 loop
+  runs where the products' `loop` (default `isa()`) is 'vnni' or 'amx', its AVX2 loop
+  elsewhere: the same numbers.
   """
   from seg.model.layers import same_padding
   if not available():
@@ -341,7 +343,17 @@ def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: i
       x, w.astype(jnp.float32), b.astype(jnp.float32), jnp.asarray(inv_out, jnp.float32),
       stride=np.int32(stride), dilation=np.int32(dilation),
       pad_top=np.int32(same_padding(h, kh, stride, dilation)[0]),
-      pad_left=np.int32(same_padding(wd, kw, stride, dilation)[0]))
+      pad_left=np.int32(same_padding(wd, kw, stride, dilation)[0]),
+      wide=_depthwise_wide(loop))
+
+
+def _depthwise_wide(loop: Optional[str]) -> bool:
+  """Whether a depthwise layer beside the products' `loop` runs in its AVX-512 loop: where
+  that loop is VNNI's or AMX's (their CPUs have AVX-512 F, BW, VL and DQ)."""
+  loop = loop or isa()
+  if loop not in loops():
+    raise ValueError(f'loop {loop!r} is not one of this CPU\'s: {loops()}')
+  return loop != 'avx2'
 
 
 def stem_supported(images_shape, stem_w_shape) -> bool:

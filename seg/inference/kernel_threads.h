@@ -16,33 +16,52 @@
 
 namespace seg {
 
-// Calls run(chunk) once for every chunk in [0, chunks), on this thread and on up to
-// pool.num_threads() - 1 of the pool's, and returns when all are done. A pool task that
-// starts after that finds no chunk left (it holds the counters alive), so `run` may refer
-// to the caller's stack.
+// Calls run(begin, end) for consecutive ranges that cover [0, total), on this thread and on up
+// to pool.num_threads() - 1 of the pool's, and returns when all are done. Ranges are claimed
+// as threads come free, guided: a claim takes a 2 * threads'th of what is left, rounded up to
+// a multiple of `grain` and at most `most` (both >= 1), so that the last ranges are small and
+// the threads finish together. A pool task that starts after that finds nothing left (it
+// holds the counters alive), so `run` may refer to the caller's stack.
 template <typename Run>
-void ForEachChunk(xla::ffi::ThreadPool& pool, int64_t chunks, Run run) {
+void ForEachRange(xla::ffi::ThreadPool& pool, int64_t total, int64_t grain, int64_t most,
+                  Run run) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
-    int64_t chunks;
+    int64_t total, grain, most, share;
     Run run;
-    State(int64_t c, Run r) : chunks(c), run(std::move(r)) {}
+    State(int64_t t, int64_t g, int64_t m, int64_t s, Run r)
+        : total(t), grain(g), most(m), share(s), run(std::move(r)) {}
     void Work() {
-      for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-        run(c);
-        done.fetch_add(1, std::memory_order_release);
+      for (int64_t begin = next.load(std::memory_order_relaxed); begin < total;) {
+        const int64_t want = (total - begin + share - 1) / share;
+        const int64_t size = std::min(most, std::max(grain, (want + grain - 1) / grain * grain));
+        const int64_t end = std::min(total, begin + size);
+        if (!next.compare_exchange_weak(begin, end, std::memory_order_relaxed)) continue;
+        run(begin, end);
+        done.fetch_add(end - begin, std::memory_order_release);
+        begin = next.load(std::memory_order_relaxed);
       }
     }
   };
-  auto state = std::make_shared<State>(chunks, std::move(run));
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  auto state = std::make_shared<State>(total, std::max<int64_t>(grain, 1),
+                                       std::max<int64_t>(most, 1), 2 * threads, std::move(run));
+  const int64_t helpers = std::min(threads, (total + state->grain - 1) / state->grain) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([state] { state->Work(); });
   state->Work();
-  // Chunks still running on pool threads finish within microseconds; yield the core after
+  // Ranges still running on pool threads finish within microseconds; yield the core after
   // a short spin, in case those threads wait for it (more threads than cores).
-  for (int spins = 0; state->done.load(std::memory_order_acquire) < chunks; ++spins) {
+  for (int spins = 0; state->done.load(std::memory_order_acquire) < total; ++spins) {
     if (spins < 4096) _mm_pause(); else std::this_thread::yield();
   }
+}
+
+// Calls run(chunk) once for every chunk in [0, chunks), as ForEachRange does, one at a time.
+template <typename Run>
+void ForEachChunk(xla::ffi::ThreadPool& pool, int64_t chunks, Run run) {
+  ForEachRange(pool, chunks, 1, 1, [&run](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) run(c);
+  });
 }
 
 }  // namespace seg

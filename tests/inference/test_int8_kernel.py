@@ -166,15 +166,20 @@ def _numpy_depthwise(x, w, b, stride, dilation, inv_out):
   return np.minimum(np.round(y * np.float32(inv_out)), 127).astype(np.uint8)
 
 
+@pytest.mark.parametrize('loop', ['avx2', 'vnni'])
 @pytest.mark.parametrize('shape,stride,dilation', [
     ((2, 13, 11, 24), 1, 1), ((1, 14, 9, 16), 2, 1), ((1, 13, 13, 40), 2, 1),
-    ((1, 12, 10, 8), 1, 2), ((1, 11, 12, 32), 1, 4), ((3, 40, 37, 48), 1, 1)])
-def test_the_depthwise_kernel_computes_xlas_float32_taps(shape, stride, dilation):
+    ((1, 12, 10, 8), 1, 2), ((1, 11, 12, 32), 1, 4), ((3, 40, 37, 48), 1, 1),
+    ((1, 45, 43, 56), 2, 1)])
+def test_the_depthwise_kernel_computes_xlas_float32_taps(loop, shape, stride, dilation):
   """Odd and even sizes (at stride 2 'SAME' pads more below and right than above), dilations
-  (output stride 16's and 8's last blocks), sizes that are and are not whole 4-pixel steps
-  and bands of rows, 8 channels left after the 16-channel steps (24, 40, 8), against NumPy
-  and the engine's XLA taps."""
+  (output stride 16's and 8's last blocks), sizes that are and are not whole 4- and 8-pixel
+  steps and bands of rows, 8 channels left after the 16-channel steps (24, 40, 8, 56),
+  against NumPy and the engine's XLA taps; in the AVX2 loop and the AVX-512 one (beside the
+  VNNI loop)."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  if loop not in int8_kernel.loops():
+    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
   rng = np.random.default_rng(sum(shape) + stride)
   x = rng.integers(0, 128, shape).astype(np.uint8)
   x[0, 0, 0] = 127
@@ -183,7 +188,7 @@ def test_the_depthwise_kernel_computes_xlas_float32_taps(shape, stride, dilation
   b = rng.normal(0.5, 1, c).astype(np.float32)
   inv_out = np.float32(127 / 5.5)
   got = np.asarray(jax.jit(lambda x: int8_kernel.depthwise(
-      x, jnp.asarray(w), jnp.asarray(b), stride, dilation, inv_out))(jnp.asarray(x)))
+      x, jnp.asarray(w), jnp.asarray(b), stride, dilation, inv_out, loop))(jnp.asarray(x)))
   expected = _numpy_depthwise(x, w, b, stride, dilation, inv_out)
   assert got.dtype == np.uint8 and got.shape == expected.shape
   np.testing.assert_array_equal(got, expected)
@@ -346,6 +351,8 @@ def test_the_depthwise_kernel_rejects_what_it_cannot_run():
                           1, 1, 1.0)
   with pytest.raises(ValueError, match='stride, dilation'):
     int8_kernel.depthwise(x[..., :8], jnp.zeros((3, 3, 8)), jnp.zeros(8), 2, 2, 1.0)
+  with pytest.raises(ValueError, match='not one of'):
+    int8_kernel.depthwise(x[..., :8], jnp.zeros((3, 3, 8)), jnp.zeros(8), 1, 1, 1.0, 'sse')
   assert not int8_kernel.depthwise_supported((1, 5, 5, 8), 2, 2)
   assert int8_kernel.depthwise_supported((1, 5, 5, 8), 1, 4)
   assert not int8_kernel.depthwise_supported((1, 5, 5, 12), 1, 1)
