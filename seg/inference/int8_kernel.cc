@@ -67,7 +67,7 @@ struct Problem {
   bool is_signed;
   bool offset_input;  // signed x stored as x + 128 in uint8 (the VNNI loop's own form)
   int isa;
-  const int32_t* offset;  // VNNI with signed x: 128 * sum_k w[k, n] per channel, else null
+  const int32_t* offset;  // VNNI with signed x: -128 * sum_k w[k, n] per channel, else null
   void* out;              // null: mode 0 with out_q only
   const float* residual = nullptr;  // mode 0: added to the output
   void* out_q = nullptr;            // mode 0: the output requantised by inv_out
@@ -210,17 +210,19 @@ void Rows(const Problem& p, int64_t begin, int64_t end) {
 
 // ------------------------------------------------------------------------------------------
 // The AVX-512 output loop of the VNNI and AMX loops: one row's 16 channels of `panel` from
-// their int32 sums (less `offset`, where the VNNI loop multiplied x + 128): the AVX2
-// epilogue in 512 bits.
+// their exact int32 sums, with the panel's scale and bias (`s`, `b`, loaded once per tile):
+// the AVX2 epilogue in 512 bits.
 #define SEG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+// Inlined into their loops whatever the compiler's size limits (unrolled tiles are large):
+// called, the accumulators would go through memory.
+#define SEG_INLINE inline __attribute__((always_inline))
 
-SEG_AVX512 inline void Store16(const Problem& p, __m512i acc, int64_t m, int64_t panel) {
+SEG_AVX512 SEG_INLINE void Store16(const Problem& p, __m512i acc, int64_t m, int64_t panel,
+                               __m512 s, __m512 b) {
   const int64_t n0 = panel * kPanel;
   const int64_t valid = std::min<int64_t>(kPanel, p.n - n0);
   const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-  if (p.offset) acc = _mm512_sub_epi32(acc, _mm512_loadu_si512(p.offset + n0));
-  __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(p.scale + n0),
-                             _mm512_loadu_ps(p.bias + n0));
+  __m512 y = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, b);
   if (p.mode == kRelu6Uint8) {
     const __m512i q = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(y),
                                                         _mm512_set1_epi32(127)),
@@ -256,17 +258,12 @@ SEG_AVX512 inline void Store16(const Problem& p, __m512i acc, int64_t m, int64_t
 // the four vectors of sums packed into 64 bytes with saturation (packs, packus: negative
 // values become 0) and put in channel order (the packs work within 128-bit lanes), then one
 // store: the same bytes as Store16 four times, in fewer instructions.
-SEG_AVX512 inline void Store64Uint8(const Problem& p, const __m512i* acc, int64_t m,
-                                    int64_t panel) {
+SEG_AVX512 SEG_INLINE void Store64Uint8(const Problem& p, const __m512i* acc, int64_t m,
+                                    int64_t panel, const __m512* s, const __m512* b) {
   const int64_t n0 = panel * kPanel;
   __m512i q[4];
-  for (int i = 0; i < 4; ++i) {
-    __m512i a = acc[i];
-    if (p.offset) a = _mm512_sub_epi32(a, _mm512_loadu_si512(p.offset + n0 + kPanel * i));
-    q[i] = _mm512_cvtps_epi32(_mm512_fmadd_ps(_mm512_cvtepi32_ps(a),
-                                              _mm512_loadu_ps(p.scale + n0 + kPanel * i),
-                                              _mm512_loadu_ps(p.bias + n0 + kPanel * i)));
-  }
+  for (int i = 0; i < 4; ++i)
+    q[i] = _mm512_cvtps_epi32(_mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), s[i], b[i]));
   // 128-bit lane L holds channels 4L..4L+3 of panels 0, 1, 2, 3 as 32-bit groups 4L..4L+3;
   // group 4j + L of the output takes group 4L + j.
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -282,46 +279,54 @@ SEG_AVX512 inline void Store64Uint8(const Problem& p, const __m512i* acc, int64_
 // weights in each of 16 int32 lanes and adds them to the lane: one group of a panel (16
 // channels x 4 inputs, 64 bytes) is exactly one zmm, so one instruction does what the AVX2
 // loop's maddubs + madd + add do for half as many channels. It takes unsigned x only: a
-// signed x is multiplied as x + 128 (x ^ 0x80, in [1, 255]) and 128 * sum_k w[k, n] taken
-// off the sum before the epilogue (`offset`), which leaves the exact int32 product. Where
+// signed x is multiplied as x + 128 (x ^ 0x80, in [1, 255]) into sums that start from
+// -128 * sum_k w[k, n] (`offset`), which leaves the exact int32 product. Where
 // the producer already wrote x + 128 as uint8 (`offset_input`: XLA's quantisation, or mode 5
 // of the projection before) the xor is skipped: 8-15% of an expansion's time (measured).
 #define SEG_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 
-// R rows x P panels, R * P accumulators (at most 16 of the 32 zmm registers).
-template <bool kSigned, int R, int P>
-SEG_VNNI inline void VnniTile(const Problem& p, int64_t row, int64_t panel) {
-  const int64_t groups = p.k / 4;
-  const int64_t panel_bytes = p.kw / 4 * 64;
+// R rows x P panels, R * P accumulators (at most 16 of the 32 zmm registers); G groups of 4
+// inputs, or 0: p.k / 4 (a compile-time G unrolls the loop over them: 1.3-1.4x as fast at
+// k = 16 or 24, where the loop's own work weighs most; measured).
+template <bool kSigned, int R, int P, int G>
+SEG_VNNI SEG_INLINE void VnniTile(const Problem& p, int64_t row, int64_t panel) {
+  const int64_t groups = G ? G : p.k / 4, k = 4 * groups;
+  const int64_t panel_bytes = G ? 64 * G : p.kw / 4 * 64;  // G: weights packed to k
   const int8_t* w = p.w + panel * panel_bytes;
-  const uint8_t* x = p.x + row * p.k;
+  const uint8_t* x = p.x + row * k;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i acc[R][P];
-  for (int r = 0; r < R; ++r)
-    for (int q = 0; q < P; ++q) acc[r][q] = _mm512_setzero_si512();
+  for (int q = 0; q < P; ++q) {
+    const __m512i start = p.offset ? _mm512_loadu_si512(p.offset + (panel + q) * kPanel)
+                                   : _mm512_setzero_si512();
+    for (int r = 0; r < R; ++r) acc[r][q] = start;
+  }
   for (int64_t g = 0; g < groups; ++g) {
     __m512i wv[P];
     for (int q = 0; q < P; ++q) wv[q] = _mm512_loadu_si512(w + q * panel_bytes + 64 * g);
     for (int r = 0; r < R; ++r) {
       int32_t four;
-      std::memcpy(&four, x + r * p.k + 4 * g, 4);
+      std::memcpy(&four, x + r * k + 4 * g, 4);
       __m512i xb = _mm512_set1_epi32(four);
       if (kSigned) xb = _mm512_xor_si512(xb, flip);
       for (int q = 0; q < P; ++q) acc[r][q] = _mm512_dpbusd_epi32(acc[r][q], xb, wv[q]);
     }
   }
-  const bool packed = P == 4 && p.mode == kRelu6Uint8 && (panel + 4) * kPanel <= p.n;
-  for (int r = 0; r < R; ++r) {
-    if (packed) {
-      Store64Uint8(p, acc[r], row + r, panel);
-      continue;
-    }
-    for (int q = 0; q < P; ++q) Store16(p, acc[r][q], row + r, panel + q);
+  __m512 s[P], b[P];
+  for (int q = 0; q < P; ++q) {
+    s[q] = _mm512_loadu_ps(p.scale + (panel + q) * kPanel);
+    b[q] = _mm512_loadu_ps(p.bias + (panel + q) * kPanel);
   }
+  if (P == 4 && p.mode == kRelu6Uint8 && (panel + 4) * kPanel <= p.n) {
+    for (int r = 0; r < R; ++r) Store64Uint8(p, acc[r], row + r, panel, s, b);
+    return;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < P; ++q) Store16(p, acc[r][q], row + r, panel + q, s[q], b[q]);
 }
 
-// offset[n] = 128 * sum_k w[k, n] for every channel of every panel: the products of an input
-// of 128s, by the same instruction.
+// offset[n] = -128 * sum_k w[k, n] for every channel of every panel: the products of an
+// input of 128s, by the same instruction, negated.
 SEG_VNNI void VnniOffsets(const Problem& p, int32_t* offset) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel, panel_bytes = p.kw / 4 * 64;
   const __m512i all128 = _mm512_set1_epi8(static_cast<char>(0x80));
@@ -330,28 +335,42 @@ SEG_VNNI void VnniOffsets(const Problem& p, int32_t* offset) {
     for (int64_t g = 0; g < p.kw / 4; ++g)
       acc = _mm512_dpbusd_epi32(acc, all128,
                                 _mm512_loadu_si512(p.w + panel * panel_bytes + 64 * g));
-    _mm512_storeu_si512(offset + panel * kPanel, acc);
+    _mm512_storeu_si512(offset + panel * kPanel, _mm512_sub_epi32(_mm512_setzero_si512(), acc));
   }
 }
 
-template <bool kSigned, int P>
+template <bool kSigned, int P, int G>
 SEG_VNNI void VnniPanels(const Problem& p, int64_t begin, int64_t end, int64_t panel) {
   constexpr int R = P == 4 ? 4 : 8;
   int64_t r = begin;
-  for (; r + R <= end; r += R) VnniTile<kSigned, R, P>(p, r, panel);
-  for (; r < end; ++r) VnniTile<kSigned, 1, P>(p, r, panel);
+  for (; r + R <= end; r += R) VnniTile<kSigned, R, P, G>(p, r, panel);
+  for (; r < end; ++r) VnniTile<kSigned, 1, P, G>(p, r, panel);
 }
 
-template <bool kSigned>
-SEG_VNNI void VnniRows(const Problem& p, int64_t begin, int64_t end) {
+template <bool kSigned, int G>
+SEG_VNNI void VnniRowsOf(const Problem& p, int64_t begin, int64_t end) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
   int64_t panel = 0;
-  for (; panel + 4 <= panels; panel += 4) VnniPanels<kSigned, 4>(p, begin, end, panel);
+  for (; panel + 4 <= panels; panel += 4) VnniPanels<kSigned, 4, G>(p, begin, end, panel);
   if (panel + 2 <= panels) {
-    VnniPanels<kSigned, 2>(p, begin, end, panel);
+    VnniPanels<kSigned, 2, G>(p, begin, end, panel);
     panel += 2;
   }
-  if (panel < panels) VnniPanels<kSigned, 1>(p, begin, end, panel);
+  if (panel < panels) VnniPanels<kSigned, 1, G>(p, begin, end, panel);
+}
+
+// The groups unrolled where there are at most 6 (the expansions of blocks 1-3 at width 1).
+template <bool kSigned>
+SEG_VNNI void VnniRows(const Problem& p, int64_t begin, int64_t end) {
+  switch (p.kw == p.k ? p.k / 4 : 0) {
+    case 1: return VnniRowsOf<kSigned, 1>(p, begin, end);
+    case 2: return VnniRowsOf<kSigned, 2>(p, begin, end);
+    case 3: return VnniRowsOf<kSigned, 3>(p, begin, end);
+    case 4: return VnniRowsOf<kSigned, 4>(p, begin, end);
+    case 5: return VnniRowsOf<kSigned, 5>(p, begin, end);
+    case 6: return VnniRowsOf<kSigned, 6>(p, begin, end);
+    default: return VnniRowsOf<kSigned, 0>(p, begin, end);
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -415,7 +434,8 @@ SEG_AMX void AmxBlock(const Problem& p, const uint8_t* a0, const uint8_t* a1, in
     for (int pt = 0; pt < PT; ++pt)
       for (int64_t r = 0; r < std::min<int64_t>(kTile, rows - rt * kTile); ++r)
         Store16(p, _mm512_load_si512(c + (2 * rt + pt) * kC + r * kTile), row + rt * kTile + r,
-                panel + pt);
+                panel + pt, _mm512_loadu_ps(p.scale + (panel + pt) * kPanel),
+                _mm512_loadu_ps(p.bias + (panel + pt) * kPanel));
 }
 
 template <bool kSigned>
