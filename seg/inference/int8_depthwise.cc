@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "int8_depthwise.h"
+#include "kernel_cpu.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -60,7 +61,7 @@ ffi::Error Int8Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buff
               out->typed_data(), od[1], od[2], 1};
   if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
     return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
-  if (wide && !seg::depthwise::HasAvx512())
+  if (wide && !seg::HasAvx512())
     return ffi::Error::InvalidArgument("the AVX-512 loop needs AVX-512 F, BW, VL and DQ");
   d.wide = wide;
   d.ChooseBand();

@@ -18,12 +18,6 @@ constexpr int64_t kWideBlock = 16;           // the same for AVX-512: one vector
 constexpr int64_t kBandBytes = 256 * 1024;   // converted input rows of a band, at most
 constexpr int kMaxBandRows = 8;              // output rows per band, at most
 
-// Whether this CPU runs the AVX-512 loop (BandWide).
-inline bool HasAvx512() {
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-
 #define SEG_DEPTHWISE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 struct Depthwise {

@@ -679,6 +679,7 @@ ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       work);
   if (error.failure()) return error;
   if (od[3] != work.p.n) return ffi::Error::InvalidArgument("out's channels are the weights'");
+  s.wide = isa != kAvx2;  // the VNNI and AMX loops' CPUs have AVX-512 F, BW, VL and DQ
   const int64_t per_image = (s.oh + s.rows - 1) / s.rows;
   uint8_t* o = static_cast<uint8_t*>(out->untyped_data());
   seg::ForEachChunk(pool, od[0] * per_image, [&s, &work, per_image, o](int64_t k) {

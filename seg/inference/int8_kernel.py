@@ -51,7 +51,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(HERE, name)
                 for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc'))
 HEADERS = tuple(os.path.join(HERE, name)
-                for name in ('kernel_threads.h', 'int8_depthwise.h', 'int8_stem.h'))
+                for name in ('kernel_threads.h', 'kernel_cpu.h', 'int8_depthwise.h',
+                             'int8_stem.h'))
 TARGET = 'seg_int8_product'
 DEPTHWISE_TARGET = 'seg_int8_depthwise'
 STEM_TARGET = 'seg_int8_stem'
@@ -348,8 +349,8 @@ def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: i
 
 
 def _depthwise_wide(loop: Optional[str]) -> bool:
-  """Whether a depthwise layer beside the products' `loop` runs in its AVX-512 loop: where
-  that loop is VNNI's or AMX's (their CPUs have AVX-512 F, BW, VL and DQ)."""
+  """Whether the depthwise and stem layers beside the products' `loop` run in their AVX-512
+  loops: where that loop is VNNI's or AMX's (their CPUs have AVX-512 F, BW, VL and DQ)."""
   loop = loop or isa()
   if loop not in loops():
     raise ValueError(f'loop {loop!r} is not one of this CPU\'s: {loops()}')
@@ -374,7 +375,9 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
   float32 stem, taps and quantisation, summed in one fixed order (`int8_stem.cc`).
   With `project` = (w_packed, scale, bias, mode, inv_next), mode 'linear_int8' or
   'linear_offset_uint8': `product(that, w_packed, scale, bias, mode, inv_next, loop)` in the
-  same pass, bit for bit (block 0's projection writing block 1's input).
+  same pass, bit for bit (block 0's projection writing block 1's input). The layers run in
+  AVX-512 loops where `loop` (default `isa()`) is 'vnni' or 'amx' and c a multiple of 16,
+  else in AVX2 ones: the same numbers.
   """
   from seg.model.layers import same_padding
   if not available():
@@ -394,7 +397,8 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
   if project is None:
     out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.uint8)
     return jax.ffi.ffi_call(STEM_TARGET, out)(
-        images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out), **pads)
+        images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out), **pads,
+        wide=_depthwise_wide(loop))
   w_packed, scale, bias, mode, inv_next = project
   if mode not in ('linear_int8', 'linear_offset_uint8') or c % GROUP:
     raise ValueError(f"the projection writes the next input: mode 'linear_int8' or "

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "int8_stem.h"
+#include "kernel_cpu.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -37,7 +38,7 @@ using seg::stem::Stem;
 ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ws,
                     ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd,
                     ffi::Buffer<ffi::F32> bd, ffi::Buffer<ffi::F32> inv_out, int32_t pad_top,
-                    int32_t pad_left, ffi::Result<ffi::Buffer<ffi::U8>> out) {
+                    int32_t pad_left, bool wide, ffi::Result<ffi::Buffer<ffi::U8>> out) {
   const auto od = out->dimensions();
   if (od.size() != 4) return ffi::Error::InvalidArgument("out is [n, oh, ow, c]");
   Stem s;
@@ -45,6 +46,9 @@ ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
                                      od[2], out->typed_data(), pool.num_threads(), s);
   if (error.failure()) return error;
   if (od[3] != s.c) return ffi::Error::InvalidArgument("out's channels are the stem's");
+  if (wide && !seg::HasAvx512())
+    return ffi::Error::InvalidArgument("the AVX-512 loops need AVX-512 F, BW, VL and DQ");
+  s.wide = wide;
   const int64_t per_image = (s.oh + s.rows - 1) / s.rows;
   seg::ForEachChunk(pool, od[0] * per_image, [&s, per_image](int64_t k) {
     thread_local std::vector<float> buffer;
@@ -67,4 +71,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Stem, Int8Stem,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // inv_out []
                                   .Attr<int32_t>("pad_top")
                                   .Attr<int32_t>("pad_left")
+                                  .Attr<bool>("wide")              // the AVX-512 loops
                                   .Ret<ffi::Buffer<ffi::U8>>());  // out [n, oh, ow, c]

@@ -219,15 +219,19 @@ def _numpy_stem(x, ws, bs, wd, bd, inv_out):
   return _numpy_depthwise(np.clip(acc, np.float32(0), np.float32(6)), wd, bd, 1, 1, inv_out)
 
 
+@pytest.mark.parametrize('loop', ['avx2', 'vnni'])
 @pytest.mark.parametrize('shape,c', [((2, 37, 41, 3), 16), ((1, 20, 18, 3), 24),
                                      ((1, 65, 66, 3), 40), ((1, 2, 3, 3), 8),
-                                     ((2, 513, 513, 3), 32)])
-def test_the_stem_kernel_computes_xlas_float32_layers(shape, c):
+                                     ((1, 31, 29, 3), 48), ((2, 513, 513, 3), 32)])
+def test_the_stem_kernel_computes_xlas_float32_layers(loop, shape, c):
   """The stem and block 0's depthwise layer in one pass: odd and even sizes (an even size
   pads only below and right at stride 2), 32-channel steps with 24, 16 or 8 channels left,
   images of one and two stem rows, a full-size pair (several chunks of rows per image),
-  against NumPy and the engine's XLA layers."""
+  against NumPy and the engine's XLA layers; in the AVX2 loops and the AVX-512 ones (beside
+  the VNNI loop, for multiples of 16 channels)."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  if loop not in int8_kernel.loops():
+    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
   rng = np.random.default_rng(sum(shape) + c)
   x = rng.uniform(-1, 1, shape).astype(np.float32)
   ws = rng.normal(0, 0.4, (3, 3, 3, c)).astype(np.float32)
@@ -236,7 +240,8 @@ def test_the_stem_kernel_computes_xlas_float32_layers(shape, c):
   bd = rng.normal(0.5, 1, c).astype(np.float32)
   inv_out = np.float32(127 / 5.5)
   args = [jnp.asarray(a) for a in (ws, bs, wd, bd)]
-  got = np.asarray(jax.jit(lambda x: int8_kernel.stem(x, *args, inv_out))(jnp.asarray(x)))
+  got = np.asarray(jax.jit(lambda x: int8_kernel.stem(x, *args, inv_out, loop=loop))(
+      jnp.asarray(x)))
   expected = _numpy_stem(x, ws, bs, wd, bd, inv_out)
   assert got.dtype == np.uint8 and got.shape == expected.shape == shape[:1] + (
       -(-shape[1] // 2), -(-shape[2] // 2), c)
