@@ -74,6 +74,10 @@ struct Problem {
   bool q_offset = false;            // out_q as x + 128 in uint8, else int8
 };
 
+// Inlined into their loops whatever the compiler's size limits (unrolled tiles are large):
+// called, the accumulators would go through memory.
+#define SEG_INLINE inline __attribute__((always_inline))
+
 // Mode 0's requantised output of one row's 8 channels: round(y * inv) in [-127, 127], as int8
 // or + 128 as uint8, in the low 8 bytes.
 inline __m128i Requantise8(__m256 y, __m256 inv, bool offset) {
@@ -86,7 +90,7 @@ inline __m128i Requantise8(__m256 y, __m256 inv, bool offset) {
 }
 
 template <bool kSigned, int R>
-inline void Tile(const Problem& p, int64_t row, int64_t panel) {
+SEG_INLINE void Tile(const Problem& p, int64_t row, int64_t panel) {
   const int64_t groups = p.k / 4;
   const int8_t* w = p.w + panel * (p.kw / 4) * 64;
   const uint8_t* x = p.x + row * p.k;
@@ -213,9 +217,6 @@ void Rows(const Problem& p, int64_t begin, int64_t end) {
 // their exact int32 sums, with the panel's scale and bias (`s`, `b`, loaded once per tile):
 // the AVX2 epilogue in 512 bits.
 #define SEG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-// Inlined into their loops whatever the compiler's size limits (unrolled tiles are large):
-// called, the accumulators would go through memory.
-#define SEG_INLINE inline __attribute__((always_inline))
 
 SEG_AVX512 SEG_INLINE void Store16(const Problem& p, __m512i acc, int64_t m, int64_t panel,
                                __m512 s, __m512 b) {
