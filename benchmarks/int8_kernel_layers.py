@@ -5,17 +5,19 @@
 The products of DeepLabv3 + MobileNetV2 (output stride 16, batch 1) as the engine runs them,
 random values (speed does not depend on them), each variant one compiled call:
 - kernel LOOP, for each loop this CPU runs (avx2, vnni, amx: `int8_kernel.loops()`):
-  `seg.inference.int8_kernel.product` on uint8/int8 inputs, expansions writing the
-  depthwise layer's uint8 input, the others float32 (the 'kernel' formulation);
+  `seg.inference.int8_kernel.product` on uint8/int8 inputs (signed ones as x + 128 in uint8
+  for the VNNI loop, as the engine stores them), expansions writing the depthwise layer's
+  uint8 input, the others float32 (the 'kernel' formulation);
 - xla int8: float32 input quantised, int8 x int8 -> int32 `dot_general`, scale, bias and
   activation (the 'int8' formulation, fused by XLA);
 - xla float32: `dot_general` + bias + activation.
 Variants alternate per layer; prints the median ms and GMAdd/s per layer and the totals.
 Then each depthwise layer between an expansion and its projection, uint8 in and the
-projection's uint8 input out: in the kernel (`int8_kernel.depthwise`) and as XLA's taps,
-ReLU6 and quantisation (what the engine runs with SEG_INT8_DEPTHWISE=xla). Last the stem
-with block 0's depthwise layer, float32 image in and block 0's projection's uint8 input out:
-`int8_kernel.stem` and XLA's (SEG_INT8_STEM=xla).
+projection's uint8 input out: in the kernel (`int8_kernel.depthwise`; its AVX2 loop, and its
+AVX-512 loop where the CPU runs the VNNI or AMX loop) and as XLA's taps, ReLU6 and
+quantisation (what the engine runs with SEG_INT8_DEPTHWISE=xla). Last the stem with block 0's
+depthwise layer, float32 image in and block 0's projection's uint8 input out:
+`int8_kernel.stem` (the same loops) and XLA's (SEG_INT8_STEM=xla).
 """
 
 import argparse
@@ -91,9 +93,14 @@ def main():
       mode = 'linear_int8'
 
     f = act[activation]
+    # Signed inputs as the engine stores them for each loop: x + 128 as uint8 for VNNI's.
+    offset = jnp.asarray((np.asarray(xq, np.int16) + 128).astype(np.uint8))
     ms = {f'kernel {loop}': timed(
-        lambda x, w, loop=loop: int8_kernel.product(x, w, scale, bias, mode, 127 / 6, loop),
-        xq, jnp.asarray(int8_kernel.pack_weights(wq, 64 if loop == 'amx' else 4)))
+        lambda x, w, loop=loop: int8_kernel.product(
+            x, w, scale, bias, mode, 127 / 6, loop,
+            offset_input=signed and loop == 'vnni'),
+        offset if signed and loop == 'vnni' else xq,
+        jnp.asarray(int8_kernel.pack_weights(wq, 64 if loop == 'amx' else 4)))
           for loop in loops}
     ms.update({
         'xla int8': timed(lambda x, w: f(lax.dot_general(
@@ -113,15 +120,20 @@ def main():
 
 
   from seg.inference.forward import _depthwise
-  print(f'\ndepthwise layers, uint8 in and out, ms: kernel | xla')
-  totals = {'kernel': 0.0, 'xla': 0.0}
+  # The depthwise and stem kernels' loops: AVX2, and AVX-512 beside the VNNI and AMX loops.
+  widths = {'kernel avx2': 'avx2'}
+  if loops[-1] != 'avx2':
+    widths['kernel avx512'] = loops[-1]
+  print(f'\ndepthwise layers, uint8 in and out, ms: {" | ".join(widths)} | xla')
+  totals = dict.fromkeys([*widths, 'xla'], 0.0)
   for name, size, c, stride, dilation in depthwise:
     x = jnp.asarray(rng.integers(0, 128, (1, size, size, c)), jnp.uint8)
     w = jnp.asarray(rng.normal(0, 0.02, (3, 3, c)), jnp.float32)
     b = jnp.asarray(rng.normal(0, 1, c), jnp.float32)
-    ms = {'kernel': timed(lambda x: int8_kernel.depthwise(x, w, b, stride, dilation, 20.0), x),
-          'xla': timed(lambda x: jnp.clip(jnp.round(jnp.clip(
-              _depthwise(x, w, b, stride, dilation), 0, 6) * 20.0), 0, 127).astype(jnp.uint8), x)}
+    ms = {key: timed(lambda x, loop=loop: int8_kernel.depthwise(
+        x, w, b, stride, dilation, 20.0, loop), x) for key, loop in widths.items()}
+    ms['xla'] = timed(lambda x: jnp.clip(jnp.round(jnp.clip(
+        _depthwise(x, w, b, stride, dilation), 0, 6) * 20.0), 0, 127).astype(jnp.uint8), x)
     for key, value in ms.items():
       totals[key] += value
     print(f'{name:20s} {size:4d}x{size:<4d} x {c:4d} s{stride} d{dilation}  ' +
@@ -135,11 +147,12 @@ def main():
   wd = jnp.asarray(rng.normal(0, 0.3, (3, 3, c)), jnp.float32)
   b = jnp.asarray(rng.normal(0, 1, c), jnp.float32)
   relu6 = lambda y: jnp.clip(y, 0, 6)
-  ms = {'kernel': timed(lambda x: int8_kernel.stem(x, ws, b, wd, b, 20.0), image),
-        'xla': timed(lambda x: jnp.clip(jnp.round(relu6(_depthwise(
-            relu6(_stem(x, ws, b)), wd, b, 1, 1)) * 20.0), 0, 127).astype(jnp.uint8), image)}
+  ms = {key: timed(lambda x, loop=loop: int8_kernel.stem(x, ws, b, wd, b, 20.0, loop=loop),
+                  image) for key, loop in widths.items()}
+  ms['xla'] = timed(lambda x: jnp.clip(jnp.round(relu6(_depthwise(
+      relu6(_stem(x, ws, b)), wd, b, 1, 1)) * 20.0), 0, 127).astype(jnp.uint8), image)
   print(f'\nthe stem and block0/depthwise, {args.size}x{args.size} float32 -> {size0}x{size0} x '
-        f'{c} uint8, ms: kernel | xla\n{"":48s}' + ' | '.join(f'{v:6.2f}' for v in ms.values()))
+        f'{c} uint8, ms: {" | ".join(ms)}\n{"":48s}' + ' | '.join(f'{v:6.2f}' for v in ms.values()))
 
 
 if __name__ == '__main__':

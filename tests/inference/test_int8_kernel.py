@@ -39,12 +39,14 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
                                   'linear_offset_uint8'])
 @pytest.mark.parametrize('loop,k_multiple,k', [
     ('avx2', 4, 52), ('avx2', 4, 136), ('vnni', 4, 52), ('vnni', 4, 136),
+    ('vnni', 4, 16), ('vnni', 4, 28),  # the VNNI loop's unrolled inputs (k <= 32)
     ('vnni', 64, 52),  # weights padded for AMX tiles (an AMX CPU's VNNI fallback)
     ('amx', 64, 52), ('amx', 64, 136)])
 def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_multiple, k):
   """Each loop the CPU runs (the others are skipped), with inputs that are one partial AMX
-  tile (52) or two and a part (136); signed inputs go through the VNNI loop's offset, given
-  as int8 or ('offset') as x + 128 in uint8."""
+  tile (52) or two and a part (136), and for the VNNI loop the widths it unrolls (16, 28);
+  signed inputs go through the VNNI loop's offset, given as int8 or ('offset') as x + 128 in
+  uint8."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   if loop not in int8_kernel.loops():
     pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
