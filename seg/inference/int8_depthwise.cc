@@ -37,10 +37,9 @@ using seg::depthwise::kSize;
 // at output stride 8, 16 and 32.
 template <int S, int D>
 void Run(ffi::ThreadPool& pool, const Depthwise& d, int64_t images) {
-  const int64_t bands = (d.oh + d.band - 1) / d.band;
-  seg::ForEachChunk(pool, images * bands, [&d, bands](int64_t k) {
+  seg::ForEachRows(pool, images, d.oh, 1, d.band, [&d](int64_t n, int64_t oy0, int64_t oy1) {
     thread_local std::vector<float> buffer;
-    d.AnyBand<S, D>(k / bands, (k % bands) * d.band, buffer);
+    d.AnyBand<S, D>(n, oy0, buffer, oy1);
   });
 }
 

@@ -594,12 +594,10 @@ constexpr int64_t kFusedBytes = 512 * 1024;  // a band's expansion output, at mo
 template <int S, int D>
 void FusedRun(ffi::ThreadPool& pool, const Work& work, const seg::depthwise::Depthwise& d,
               int64_t images, int64_t rows) {
-  const int64_t bands = (d.oh + rows - 1) / rows;
-  seg::ForEachChunk(pool, images * bands, [&work, &d, bands, rows](int64_t chunk) {
+  seg::ForEachRows(pool, images, d.oh, 2, rows, [&work, &d](int64_t n, int64_t oy0,
+                                                            int64_t oy1) {
     thread_local std::vector<uint8_t> expanded;
     thread_local std::vector<float> converted;
-    const int64_t n = chunk / bands, oy0 = chunk % bands * rows;
-    const int64_t oy1 = std::min(d.oh, oy0 + rows);
     const int64_t first = std::max<int64_t>(oy0 * S - d.pad_top, 0);
     const int64_t last = std::min<int64_t>((oy1 - 1) * S + 2 * D - d.pad_top + 1, d.h);
     const int64_t pixels = (last - first) * d.w;
@@ -683,13 +681,12 @@ ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (error.failure()) return error;
   if (od[3] != work.p.n) return ffi::Error::InvalidArgument("out's channels are the weights'");
   s.wide = isa != kAvx2;  // the VNNI and AMX loops' CPUs have AVX-512 F, BW, VL and DQ
-  const int64_t per_image = (s.oh + s.rows - 1) / s.rows;
   uint8_t* o = static_cast<uint8_t*>(out->untyped_data());
-  seg::ForEachChunk(pool, od[0] * per_image, [&s, &work, per_image, o](int64_t k) {
+  seg::ForEachRows(pool, od[0], s.oh, seg::stem::kGrainRows, s.rows,
+                   [&s, &work, o](int64_t n, int64_t oy0, int64_t oy1) {
     thread_local std::vector<float> rows;
     thread_local std::vector<uint8_t> mid;
-    const int64_t n = k / per_image, oy0 = (k % per_image) * s.rows;
-    const int64_t oy1 = std::min(s.oh, oy0 + s.rows), pixels = (oy1 - oy0) * s.ow;
+    const int64_t pixels = (oy1 - oy0) * s.ow;
     mid.resize(pixels * s.c);
     seg::stem::Stem chunk = s;
     chunk.out = mid.data();

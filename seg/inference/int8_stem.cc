@@ -49,11 +49,10 @@ ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (wide && !seg::HasAvx512())
     return ffi::Error::InvalidArgument("the AVX-512 loops need AVX-512 F, BW, VL and DQ");
   s.wide = wide;
-  const int64_t per_image = (s.oh + s.rows - 1) / s.rows;
-  seg::ForEachChunk(pool, od[0] * per_image, [&s, per_image](int64_t k) {
+  seg::ForEachRows(pool, od[0], s.oh, seg::stem::kGrainRows, s.rows,
+                   [&s](int64_t n, int64_t oy0, int64_t oy1) {
     thread_local std::vector<float> buffer;
-    const int64_t oy0 = (k % per_image) * s.rows;
-    s.Chunk(k / per_image, oy0, std::min(s.oh, oy0 + s.rows), buffer);
+    s.Chunk(n, oy0, oy1, buffer);
   });
   return ffi::Error::Success();
 }

@@ -16,7 +16,8 @@ namespace stem {
 
 #define SEG_STEM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
-constexpr int kMinRows = 16;  // output rows per chunk, at least
+constexpr int kMinRows = 16;   // output rows per chunk, at least (but near the end)
+constexpr int kGrainRows = 4;  // the thread pool's claims near the end: a multiple of these
 
 struct Stem {
   const float* x;

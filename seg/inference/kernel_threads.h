@@ -1,5 +1,5 @@
-// Work split into chunks shared by the calling thread and XLA's intra-op thread pool, for
-// the kernels of int8_kernel.cc and int8_depthwise.cc.
+// Work split into ranges shared by the calling thread and XLA's intra-op thread pool, for
+// the kernels of int8_kernel.cc, int8_depthwise.cc and int8_stem.cc.
 #ifndef SEG_INFERENCE_KERNEL_THREADS_H_
 #define SEG_INFERENCE_KERNEL_THREADS_H_
 
@@ -56,11 +56,18 @@ void ForEachRange(xla::ffi::ThreadPool& pool, int64_t total, int64_t grain, int6
   }
 }
 
-// Calls run(chunk) once for every chunk in [0, chunks), as ForEachRange does, one at a time.
+// Calls run(n, r0, r1) for ranges of rows [r0, r1) of images n in [0, images) that cover
+// `rows` rows of each, as ForEachRange claims them (at most `most` rows, a multiple of
+// `grain` but at the end; a claim across two images is split between them).
 template <typename Run>
-void ForEachChunk(xla::ffi::ThreadPool& pool, int64_t chunks, Run run) {
-  ForEachRange(pool, chunks, 1, 1, [&run](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) run(c);
+void ForEachRows(xla::ffi::ThreadPool& pool, int64_t images, int64_t rows, int64_t grain,
+                 int64_t most, Run run) {
+  ForEachRange(pool, images * rows, grain, most, [&run, rows](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t n = begin / rows, r0 = begin % rows, r1 = std::min(rows, r0 + end - begin);
+      run(n, r0, r1);
+      begin += r1 - r0;
+    }
   });
 }
 
