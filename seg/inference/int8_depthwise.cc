@@ -16,8 +16,10 @@
 // both sides, so that a tap is one fused multiply-add with no bounds to check. Each step computes 4 output pixels x 16
 // channels (8 independent accumulator chains, enough to hide the FMA latency); stride and
 // dilation are template arguments so that the compiler shares loads between taps. Eight
-// channels per AVX2 vector: c is a multiple of 8. Built and loaded with int8_kernel.cc by
-// seg/inference/int8_kernel.py; called through the XLA FFI.
+// channels per AVX2 vector: c is a multiple of 8. With `wide` (CPUs with AVX-512 F, BW, VL
+// and DQ) an AVX-512 loop computes the same sums in the same order, 16 channels at a time
+// with their weights in registers (int8_depthwise.h: BandWide). Built and loaded with
+// int8_kernel.cc by seg/inference/int8_kernel.py; called through the XLA FFI.
 #include <cstdint>
 #include <vector>
 

@@ -21,6 +21,7 @@ formulation, from a third of the memory traffic.
 ReLU6 and the rounding to the projection's uint8 input in one pass (or, `expand_depthwise`,
 the expansion and that layer in one pass over bands of rows); `int8_stem.cc` takes the
 image through the stem and block 0's depthwise layer to block 0's projection's uint8 input.
+Both run in AVX-512 loops beside the VNNI and AMX loops, in AVX2 ones elsewhere.
 
 They are C++ compiled on first use with the system's C++ compiler against the XLA FFI headers
 that jaxlib ships (`jax.ffi.include_dir()`), into $XDG_CACHE_HOME/seg/kernels (~/.cache/seg/

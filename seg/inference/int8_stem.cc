@@ -18,7 +18,9 @@
 // depthwise row reads in a ring (in L2), computing each stem row once (plus the two rows above
 // and below the chunk), and chunks run on the thread pool. A stem step computes 2 pixels x 32
 // channels (8 accumulators, the weights of a tap in 4 registers), a depthwise step 4 pixels x 16
-// channels. Eight channels per AVX2 vector: c is a multiple of 8. Built and loaded with
+// channels. Eight channels per AVX2 vector: c is a multiple of 8. With `wide` (CPUs with
+// AVX-512 F, BW, VL and DQ) and c a multiple of 16, AVX-512 loops compute the same sums in
+// the same order (int8_stem.h: StemRowWide, DepthwiseRowWide). Built and loaded with
 // int8_kernel.cc by seg/inference/int8_kernel.py; called through the XLA FFI.
 #include <algorithm>
 #include <cstdint>
