@@ -706,6 +706,13 @@ ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Whether this process may use AMX (asks Linux once; int8_kernel.py calls it through ctypes).
 extern "C" int SegAmxPermitted() { return AmxPermitted() ? 1 : 0; }
 
+// Each kernel call's wall time (kernel_threads.h: CallTimes), through ctypes: recording
+// started afresh (on) or stopped; the times recorded, up to `most` copied to out.
+extern "C" void SegRecordCallTimes(int on) { seg::CallTimes::Get().Record(on != 0); }
+extern "C" int64_t SegCallTimes(double* out, int64_t most) {
+  return seg::CallTimes::Get().Copy(out, most);
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Product, Int8Product,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

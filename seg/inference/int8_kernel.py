@@ -154,6 +154,28 @@ def available(log=None) -> bool:
   return _state['ok']
 
 
+def record_call_times(on: bool = True) -> None:
+  """Starts recording the wall time of every kernel call afresh (`on`), or stops (keeping
+  what was recorded): per-kernel times of a whole network at full speed
+  (benchmarks/int8_timeline.py)."""
+  if not available():
+    raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
+  _state['lib'].SegRecordCallTimes(ctypes.c_int(1 if on else 0))
+
+
+def call_times() -> np.ndarray:
+  """Seconds of each kernel call recorded since `record_call_times()`, in call order
+  (float64; empty when none was)."""
+  if not available():
+    raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
+  lib = _state['lib']
+  lib.SegCallTimes.restype = ctypes.c_int64
+  count = lib.SegCallTimes(None, ctypes.c_int64(0))
+  out = np.zeros(count, np.float64)
+  lib.SegCallTimes(out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), ctypes.c_int64(count))
+  return out
+
+
 def unavailable_reason() -> Optional[str]:
   """Why `available()` is False (None when it is True or was not asked yet)."""
   return _state.get('reason')

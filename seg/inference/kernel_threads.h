@@ -7,14 +7,50 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace seg {
+
+// The wall time of every ForEachRange call (one per kernel call) while recording is on
+// (int8_kernel.py: record_call_times): per-kernel times of a whole network at full speed,
+// which a profiler's per-operation events distort.
+class CallTimes {
+ public:
+  static CallTimes& Get() {
+    static CallTimes times;
+    return times;
+  }
+  bool On() const { return on_.load(std::memory_order_relaxed); }
+  // Starts recording afresh (on) or stops, keeping what was recorded.
+  void Record(bool on) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (on) seconds_.clear();
+    on_.store(on, std::memory_order_relaxed);
+  }
+  void Add(double seconds) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    seconds_.push_back(seconds);
+  }
+  // Copies up to `most` of the recorded times to out; returns how many there are.
+  int64_t Copy(double* out, int64_t most) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::copy_n(seconds_.begin(), std::min<int64_t>(most, seconds_.size()), out);
+    return static_cast<int64_t>(seconds_.size());
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<double> seconds_;
+  std::atomic<bool> on_{false};
+};
 
 // Calls run(begin, end) for consecutive ranges that cover [0, total), on this thread and on up
 // to pool.num_threads() - 1 of the pool's, and returns when all are done. Ranges are claimed
@@ -43,6 +79,9 @@ void ForEachRange(xla::ffi::ThreadPool& pool, int64_t total, int64_t grain, int6
       }
     }
   };
+  const bool timed = CallTimes::Get().On();
+  const auto start = timed ? std::chrono::steady_clock::now()
+                           : std::chrono::steady_clock::time_point();
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   auto state = std::make_shared<State>(total, std::max<int64_t>(grain, 1),
                                        std::max<int64_t>(most, 1), 2 * threads, std::move(run));
@@ -54,6 +93,9 @@ void ForEachRange(xla::ffi::ThreadPool& pool, int64_t total, int64_t grain, int6
   for (int spins = 0; state->done.load(std::memory_order_acquire) < total; ++spins) {
     if (spins < 4096) _mm_pause(); else std::this_thread::yield();
   }
+  if (timed)
+    CallTimes::Get().Add(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
 }
 
 // Calls run(n, r0, r1) for ranges of rows [r0, r1) of images n in [0, images) that cover

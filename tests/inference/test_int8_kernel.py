@@ -639,3 +639,31 @@ def test_the_kernel_loop_follows_the_cpu_and_the_override(monkeypatch):
   monkeypatch.setenv('SEG_INT8_KERNEL_ISA', 'fast')
   with pytest.raises(ValueError, match='SEG_INT8_KERNEL_ISA'):
     int8_kernel.isa()
+
+
+def test_kernel_call_times_are_recorded_while_asked():
+  """record_call_times / call_times: one wall time per kernel call while recording, in call
+  order (a product of 64 rows, then a depthwise layer of 12 times its work: the longer
+  second), nothing after it stops; starting again starts afresh."""
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.integers(0, 128, (64, 32)), jnp.uint8)
+  w = jnp.asarray(int8_kernel.pack_weights(rng.integers(-127, 128, (32, 16)).astype(np.int8)))
+  s, b = jnp.full(16, 1e-3, jnp.float32), jnp.zeros(16, jnp.float32)
+  product = jax.jit(lambda x: int8_kernel.product(x, w, s, b))
+  y = jnp.asarray(rng.integers(0, 128, (1, 96, 96, 64)), jnp.uint8)
+  depthwise = jax.jit(lambda y: int8_kernel.depthwise(
+      y, jnp.full((3, 3, 64), 0.01, jnp.float32), jnp.zeros(64, jnp.float32), 1, 1, 20.0))
+  product(x).block_until_ready(), depthwise(y).block_until_ready()  # compiled before timing
+  try:
+    int8_kernel.record_call_times(True)
+    product(x).block_until_ready()
+    depthwise(y).block_until_ready()
+    int8_kernel.record_call_times(False)
+    product(x).block_until_ready()
+    times = int8_kernel.call_times()
+    assert times.shape == (2,) and (times > 0).all() and times[1] > times[0]
+    int8_kernel.record_call_times(True)
+    assert int8_kernel.call_times().shape == (0,)
+  finally:
+    int8_kernel.record_call_times(False)

@@ -1,0 +1,79 @@
+"""The int8 engine's kernel calls one by one, timed inside the kernels, at full speed.
+
+    python benchmarks/int8_timeline.py [--config experiments/base.py] [--batch 1] [--iters 100]
+
+Random weights and fixed int8 scales (speed does not depend on values), the 'kernel'
+formulation (x86 with AVX2 and FMA). The compiled network runs `--iters` times while the
+kernels record each call's wall time (`int8_kernel.record_call_times`: from the call's start
+to its last chunk done, on every thread the pool lends it); the calls are named after the
+network's custom calls in the order the compiled program lists them (FFI target and output
+shape). Prints, per call, the median ms over the runs, then the medians summed per FFI
+target and for all calls against the median wall time of a network call (the rest is XLA's
+own operations and the runtime between them). Unlike jax.profiler's events
+(`int8_profile.py`), this adds nothing to what it times but one clock read per call.
+"""
+
+import argparse
+import collections
+import re
+import statistics
+import time
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='experiments/base.py')
+  parser.add_argument('--size', type=int, default=513)
+  parser.add_argument('--batch', type=int, default=1)
+  parser.add_argument('--iters', type=int, default=100)
+  args = parser.parse_args()
+  from seg.cli import process
+  process.reexec_with_mimalloc()  # as main.py runs
+
+  import jax
+  import numpy as np
+
+  from seg.config import load_experiment
+  from seg.inference import benchmark, int8_kernel
+
+  config = load_experiment(args.config)
+  compile_network, eng, images = benchmark.random_int8_network(config, args.batch, args.size)
+  if eng.int8_formulation != 'kernel':
+    raise SystemExit(f'the int8 formulation here is {eng.int8_formulation!r}, not the kernel\'s')
+  compiled, params = compile_network(), eng.folded
+  calls = []  # (FFI target, output shape) in program order
+  for line in compiled.as_text().splitlines():
+    target = re.search(r'custom_call_target="(\w+)"', line)
+    if target:
+      shape = line.split(' = ', 1)[1].split(' custom-call(', 1)[0]
+      calls.append((target.group(1), shape))
+  for _ in range(3):
+    compiled(params, images).block_until_ready()
+  walls = []
+  int8_kernel.record_call_times(True)
+  try:
+    for _ in range(args.iters):
+      start = time.perf_counter()
+      compiled(params, images).block_until_ready()
+      walls.append(time.perf_counter() - start)
+  finally:
+    int8_kernel.record_call_times(False)
+  times = int8_kernel.call_times()
+  if times.size != args.iters * len(calls):
+    raise SystemExit(f'{times.size} kernel calls recorded for {args.iters} runs of a program '
+                     f'with {len(calls)} custom calls')
+  ms = np.median(times.reshape(args.iters, len(calls)), axis=0) * 1000
+  print(f'{args.config}, {args.size}x{args.size}, batch {args.batch}, loop {int8_kernel.isa()}, '
+        f'jax {jax.__version__}, {args.iters} runs; median ms per kernel call:')
+  per_target = collections.defaultdict(float)
+  for i, ((target, shape), value) in enumerate(zip(calls, ms)):
+    per_target[target] += value
+    print(f'  {i:3d}  {value:7.3f}  {target:28s} {shape}')
+  for target, value in sorted(per_target.items(), key=lambda kv: -kv[1]):
+    print(f'  {value:7.2f}  {target}')
+  print(f'  {ms.sum():7.2f}  all kernel calls; a network call took '
+        f'{statistics.median(walls) * 1000:.2f} (median)')
+
+
+if __name__ == '__main__':
+  main()
