@@ -4,19 +4,20 @@
 
 Random weights and fixed int8 scales (speed does not depend on values), the 'kernel'
 formulation (x86 with AVX2 and FMA). The compiled network runs `--iters` times while the
-kernels record each call's wall time (`int8_kernel.record_call_times`: from the call's start
-to its last chunk done, on every thread the pool lends it); the calls are named after the
-network's custom calls in the order the compiled program lists them (FFI target and output
-shape). Prints, per call, the median ms over the runs, then the medians summed per FFI
-target and for all calls against the median wall time of a network call (the rest is XLA's
-own operations and the runtime between them). Unlike jax.profiler's events
-(`int8_profile.py`), this adds nothing to what it times but one clock read per call.
+kernels record each call's start and end (`int8_kernel.record_call_times`: from the start
+of its work to its last chunk done, on every thread the pool lends it); the calls are named
+after the network's custom calls in the order the compiled program lists them (FFI target
+and output shape). Prints, per call, the median ms over the runs and the median gap before
+it (since the previous call's end, or the network call's start), then the medians summed per
+FFI target and for all calls, and where the rest of a network call goes: before the first
+kernel, between kernels (XLA's own operations, the runtime, each kernel's set-up) and after
+the last. Unlike jax.profiler's events (`int8_profile.py`), this adds nothing to what it
+times but two clock reads per call.
 """
 
 import argparse
 import collections
 import re
-import statistics
 import time
 
 
@@ -49,30 +50,38 @@ def main():
       calls.append((target.group(1), shape))
   for _ in range(3):
     compiled(params, images).block_until_ready()
-  walls = []
+  runs = []  # (start, end) of each network call, on the kernels' clock
   int8_kernel.record_call_times(True)
   try:
     for _ in range(args.iters):
-      start = time.perf_counter()
+      start = time.monotonic()
       compiled(params, images).block_until_ready()
-      walls.append(time.perf_counter() - start)
+      runs.append((start, time.monotonic()))
   finally:
     int8_kernel.record_call_times(False)
   times = int8_kernel.call_times()
-  if times.size != args.iters * len(calls):
-    raise SystemExit(f'{times.size} kernel calls recorded for {args.iters} runs of a program '
+  if len(times) != args.iters * len(calls):
+    raise SystemExit(f'{len(times)} kernel calls recorded for {args.iters} runs of a program '
                      f'with {len(calls)} custom calls')
-  ms = np.median(times.reshape(args.iters, len(calls)), axis=0) * 1000
+  times = times.reshape(args.iters, len(calls), 2) * 1000
+  runs = np.asarray(runs) * 1000
+  ms = np.median(times[..., 1] - times[..., 0], axis=0)
+  previous_end = np.concatenate([runs[:, :1], times[:, :-1, 1]], axis=1)
+  gaps = np.median(times[..., 0] - previous_end, axis=0)
   print(f'{args.config}, {args.size}x{args.size}, batch {args.batch}, loop {int8_kernel.isa()}, '
-        f'jax {jax.__version__}, {args.iters} runs; median ms per kernel call:')
+        f'jax {jax.__version__}, {args.iters} runs; median ms per kernel call, and of the gap '
+        f'before it:')
   per_target = collections.defaultdict(float)
-  for i, ((target, shape), value) in enumerate(zip(calls, ms)):
+  for i, ((target, shape), value, gap) in enumerate(zip(calls, ms, gaps)):
     per_target[target] += value
-    print(f'  {i:3d}  {value:7.3f}  {target:28s} {shape}')
+    print(f'  {i:3d}  {value:7.3f}  {gap:6.3f}  {target:28s} {shape}')
   for target, value in sorted(per_target.items(), key=lambda kv: -kv[1]):
     print(f'  {value:7.2f}  {target}')
-  print(f'  {ms.sum():7.2f}  all kernel calls; a network call took '
-        f'{statistics.median(walls) * 1000:.2f} (median)')
+  wall = runs[:, 1] - runs[:, 0]
+  print(f'  {ms.sum():7.2f}  all kernel calls; a network call took {np.median(wall):.2f} '
+        f'(median), of which (medians) {np.median(times[:, 0, 0] - runs[:, 0]):.3f} before the '
+        f'first kernel, {np.median(np.sum(times[:, 1:, 0] - times[:, :-1, 1], axis=1)):.3f} '
+        f'between kernels, {np.median(runs[:, 1] - times[:, -1, 1]):.3f} after the last')
 
 
 if __name__ == '__main__':

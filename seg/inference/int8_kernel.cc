@@ -706,8 +706,9 @@ ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Whether this process may use AMX (asks Linux once; int8_kernel.py calls it through ctypes).
 extern "C" int SegAmxPermitted() { return AmxPermitted() ? 1 : 0; }
 
-// Each kernel call's wall time (kernel_threads.h: CallTimes), through ctypes: recording
-// started afresh (on) or stopped; the times recorded, up to `most` copied to out.
+// Each kernel call's start and end (kernel_threads.h: CallTimes), through ctypes: recording
+// started afresh (on) or stopped; the calls recorded, up to `most` (start, end) pairs
+// copied to out.
 extern "C" void SegRecordCallTimes(int on) { seg::CallTimes::Get().Record(on != 0); }
 extern "C" int64_t SegCallTimes(double* out, int64_t most) {
   return seg::CallTimes::Get().Copy(out, most);

@@ -155,8 +155,8 @@ def available(log=None) -> bool:
 
 
 def record_call_times(on: bool = True) -> None:
-  """Starts recording the wall time of every kernel call afresh (`on`), or stops (keeping
-  what was recorded): per-kernel times of a whole network at full speed
+  """Starts recording the start and end of every kernel call afresh (`on`), or stops
+  (keeping what was recorded): per-kernel times of a whole network at full speed
   (benchmarks/int8_timeline.py)."""
   if not available():
     raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
@@ -164,14 +164,15 @@ def record_call_times(on: bool = True) -> None:
 
 
 def call_times() -> np.ndarray:
-  """Seconds of each kernel call recorded since `record_call_times()`, in call order
-  (float64; empty when none was)."""
+  """[calls, 2] float64: the start and end of each kernel call recorded since
+  `record_call_times()`, in call order, in seconds on `time.monotonic()`'s clock (the
+  kernels' steady clock, CLOCK_MONOTONIC)."""
   if not available():
     raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
   lib = _state['lib']
   lib.SegCallTimes.restype = ctypes.c_int64
   count = lib.SegCallTimes(None, ctypes.c_int64(0))
-  out = np.zeros(count, np.float64)
+  out = np.zeros((count, 2), np.float64)
   lib.SegCallTimes(out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), ctypes.c_int64(count))
   return out
 

@@ -19,7 +19,8 @@
 
 namespace seg {
 
-// The wall time of every ForEachRange call (one per kernel call) while recording is on
+// The start and end of every ForEachRange call (one per kernel call), in seconds on the
+// steady clock (CLOCK_MONOTONIC: Python's time.monotonic), while recording is on
 // (int8_kernel.py: record_call_times): per-kernel times of a whole network at full speed,
 // which a profiler's per-operation events distort.
 class CallTimes {
@@ -35,15 +36,21 @@ class CallTimes {
     if (on) seconds_.clear();
     on_.store(on, std::memory_order_relaxed);
   }
-  void Add(double seconds) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    seconds_.push_back(seconds);
+  static double Now() {
+    return std::chrono::duration<double>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
   }
-  // Copies up to `most` of the recorded times to out; returns how many there are.
+  void Add(double start, double end) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    seconds_.push_back(start);
+    seconds_.push_back(end);
+  }
+  // Copies up to `most` (start, end) pairs to out; returns how many there are.
   int64_t Copy(double* out, int64_t most) {
     std::lock_guard<std::mutex> lock(mutex_);
-    std::copy_n(seconds_.begin(), std::min<int64_t>(most, seconds_.size()), out);
-    return static_cast<int64_t>(seconds_.size());
+    const int64_t calls = static_cast<int64_t>(seconds_.size()) / 2;
+    std::copy_n(seconds_.begin(), 2 * std::min(most, calls), out);
+    return calls;
   }
 
  private:
@@ -80,8 +87,7 @@ void ForEachRange(xla::ffi::ThreadPool& pool, int64_t total, int64_t grain, int6
     }
   };
   const bool timed = CallTimes::Get().On();
-  const auto start = timed ? std::chrono::steady_clock::now()
-                           : std::chrono::steady_clock::time_point();
+  const double start = timed ? CallTimes::Now() : 0.0;
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   auto state = std::make_shared<State>(total, std::max<int64_t>(grain, 1),
                                        std::max<int64_t>(most, 1), 2 * threads, std::move(run));
@@ -93,9 +99,7 @@ void ForEachRange(xla::ffi::ThreadPool& pool, int64_t total, int64_t grain, int6
   for (int spins = 0; state->done.load(std::memory_order_acquire) < total; ++spins) {
     if (spins < 4096) _mm_pause(); else std::this_thread::yield();
   }
-  if (timed)
-    CallTimes::Get().Add(
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  if (timed) CallTimes::Get().Add(start, CallTimes::Now());
 }
 
 // Calls run(n, r0, r1) for ranges of rows [r0, r1) of images n in [0, images) that cover

@@ -1,6 +1,8 @@
 """The fused int8 product kernel (seg/inference/int8_kernel.cc) against NumPy integer
 arithmetic, and the engine's 'kernel' formulation against XLA's int8 and float32."""
 
+import time
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -642,9 +644,9 @@ def test_the_kernel_loop_follows_the_cpu_and_the_override(monkeypatch):
 
 
 def test_kernel_call_times_are_recorded_while_asked():
-  """record_call_times / call_times: one wall time per kernel call while recording, in call
-  order (a product of 64 rows, then a depthwise layer of 12 times its work: the longer
-  second), nothing after it stops; starting again starts afresh."""
+  """record_call_times / call_times: each kernel call's start and end while recording, in
+  call order, on time.monotonic's clock (a product of 64 rows, then a depthwise layer of far
+  more work: the longer second), nothing after it stops; starting again starts afresh."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.integers(0, 128, (64, 32)), jnp.uint8)
@@ -657,13 +659,19 @@ def test_kernel_call_times_are_recorded_while_asked():
   product(x).block_until_ready(), depthwise(y).block_until_ready()  # compiled before timing
   try:
     int8_kernel.record_call_times(True)
+    before = time.monotonic()
     product(x).block_until_ready()
+    between = time.monotonic()
     depthwise(y).block_until_ready()
+    after = time.monotonic()
     int8_kernel.record_call_times(False)
     product(x).block_until_ready()
     times = int8_kernel.call_times()
-    assert times.shape == (2,) and (times > 0).all() and times[1] > times[0]
+    assert times.shape == (2, 2)
+    (start0, end0), (start1, end1) = times
+    assert before <= start0 < end0 <= between <= start1 < end1 <= after
+    assert end1 - start1 > end0 - start0
     int8_kernel.record_call_times(True)
-    assert int8_kernel.call_times().shape == (0,)
+    assert int8_kernel.call_times().shape == (0, 2)
   finally:
     int8_kernel.record_call_times(False)
