@@ -1,5 +1,6 @@
 // Work split into ranges shared by the calling thread and XLA's intra-op thread pool, for
-// the kernels of int8_kernel.cc, int8_depthwise.cc and int8_stem.cc.
+// the kernels of int8_kernel.cc, int8_depthwise.cc and int8_stem.cc, and the record of
+// each such call's start and end on request (CallTimes).
 #ifndef SEG_INFERENCE_KERNEL_THREADS_H_
 #define SEG_INFERENCE_KERNEL_THREADS_H_
 
