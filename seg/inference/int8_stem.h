@@ -30,7 +30,7 @@ struct Stem {
   int64_t c, pad_top, pad_left;
   uint8_t* out;
   int64_t oh, ow;
-  int64_t rows;  // output rows per chunk
+  int64_t rows;  // output rows per chunk, at most
   int64_t out_base = 0;  // the first output row `out` holds (int8_kernel.cc: a chunk's)
   bool wide = false;     // the AVX-512 loops (c a multiple of 16; `Wide()`)
 
@@ -269,8 +269,9 @@ struct Stem {
     }
   }
 
-  // Chunks of at least kMinRows rows (each computes two stem rows more than it writes), about
-  // four per thread for an image.
+  // The largest claim of rows (kernel_threads.h: ForEachRows; each chunk computes two stem
+  // rows more than it writes): at least kMinRows, about a quarter of a thread's share of an
+  // image; claims near the end are smaller.
   void ChooseRows(int64_t threads) {
     threads = std::max<int64_t>(threads, 1);
     rows = std::min<int64_t>(oh, std::max<int64_t>(kMinRows, (oh + 4 * threads - 1) /
