@@ -39,6 +39,7 @@
 
 #include "int8_depthwise.h"
 #include "int8_stem.h"
+#include "kernel_cpu.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -384,12 +385,22 @@ SEG_VNNI void VnniRows(const Problem& p, int64_t begin, int64_t end) {
 // k_multiple=64)); an A tile reads 16 rows x 64 input bytes straight from x (row stride k),
 // whose bytes beyond k meet those zero weights, except near the end of x, where the rows
 // are copied into a zero-padded buffer first. The epilogue is Store16.
+// Built with -DSEG_AMX_EMULATION (int8_kernel.py: `emulate_amx`), the tile instructions are
+// amx_emulation.h's plain C++ instead: this loop's code, checked on CPUs without AMX.
+#ifdef SEG_AMX_EMULATION
+#include "amx_emulation.h"
+#define SEG_AMX SEG_AVX512
+#else
 #define SEG_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq")))
+#endif
 
 constexpr int kTile = 16;  // rows per A tile and channels per B tile (one panel)
 
 // Linux hands out AMX's tile registers to processes that ask (arch_prctl); once per process.
 bool AmxPermitted() {
+#ifdef SEG_AMX_EMULATION
+  return seg::HasAvx512();  // the emulated loop's output loops are AVX-512
+#endif
   static const bool ok = [] {
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;

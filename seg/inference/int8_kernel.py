@@ -53,12 +53,15 @@ SOURCES = tuple(os.path.join(HERE, name)
                 for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc'))
 HEADERS = tuple(os.path.join(HERE, name)
                 for name in ('kernel_threads.h', 'kernel_cpu.h', 'int8_depthwise.h',
-                             'int8_stem.h'))
+                             'int8_stem.h', 'amx_emulation.h'))
 TARGET = 'seg_int8_product'
 DEPTHWISE_TARGET = 'seg_int8_depthwise'
 STEM_TARGET = 'seg_int8_stem'
 STEM_PROJECT_TARGET = 'seg_int8_stem_project'
 EXPAND_DEPTHWISE_TARGET = 'seg_int8_expand_depthwise'
+_TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
+            'SegInt8Stem': STEM_TARGET, 'SegInt8StemProject': STEM_PROJECT_TARGET,
+            'SegInt8ExpandDepthwise': EXPAND_DEPTHWISE_TARGET}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
@@ -66,10 +69,15 @@ MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3, 'linear_int8': 4,
          'linear_offset_uint8': 5}
 # The kernel's loops (int8_kernel.cc: Isa) and the CPU flags each needs.
 ISAS = {'avx2': 0, 'vnni': 1, 'amx': 2}
-VNNI_FLAGS = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512dq', 'avx512_vnni'})
+AVX512_FLAGS = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'})
+VNNI_FLAGS = AVX512_FLAGS | {'avx512_vnni'}
+# The targets that take a loop, and the suffix of their AMX loop's emulation (`emulate_amx`).
+AMX_TARGETS = ('SegInt8Product', 'SegInt8StemProject', 'SegInt8ExpandDepthwise')
+EMULATION = '_amx_emulation'
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')
 _state = {}
+_emulation = []  # the emulated AMX loop's library, once loaded (`emulate_amx`)
 
 
 def kernel_dir() -> str:
@@ -88,9 +96,9 @@ def _compiler() -> Optional[str]:
   return None
 
 
-def build(directory: Optional[str] = None, log=None) -> str:
+def build(directory: Optional[str] = None, log=None, defines=()) -> str:
   """Compiles `SOURCES` into one library (once per version of them, the flags and jaxlib)
-  and returns its path.
+  and returns its path. `defines`: preprocessor macros (e.g. 'SEG_AMX_EMULATION').
 
   Raises RuntimeError with the compiler's message when it fails. `log`: told when it compiles.
   """
@@ -102,10 +110,12 @@ def build(directory: Optional[str] = None, log=None) -> str:
   for name in SOURCES + HEADERS:
     with open(name, 'rb') as f:
       source += f.read()
-  key = hashlib.sha256(source + ' '.join(CXX_FLAGS).encode() +
+  flags = CXX_FLAGS + tuple(f'-D{name}' for name in defines)
+  key = hashlib.sha256(source + ' '.join(flags).encode() +
                        jax.lib.__version__.encode() + cxx.encode()).hexdigest()[:16]
   directory = directory or kernel_dir()
-  path = os.path.join(directory, f'int8_kernel-{key}.so')
+  stem = '-'.join(['int8_kernel'] + [d.lower().replace('_', '-') for d in defines])
+  path = os.path.join(directory, f'{stem}-{key}.so')
   if os.path.exists(path):
     return path
   os.makedirs(directory, exist_ok=True)
@@ -114,7 +124,7 @@ def build(directory: Optional[str] = None, log=None) -> str:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
   os.close(fd)
   try:
-    done = subprocess.run([cxx, *CXX_FLAGS, f'-I{include}', *SOURCES, '-o', tmp],
+    done = subprocess.run([cxx, *flags, f'-I{include}', *SOURCES, '-o', tmp],
                           capture_output=True, text=True)
     if done.returncode != 0:
       raise RuntimeError(f'{cxx} failed on {", ".join(SOURCES)}:\n{done.stderr[-2000:]}')
@@ -138,20 +148,47 @@ def available(log=None) -> bool:
       if not cpu_supported():
         raise RuntimeError('the CPU lacks AVX2 and FMA (or is not x86-64)')
       lib = ctypes.cdll.LoadLibrary(build(log=log))
-      jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.SegInt8Product),
-                                  platform='cpu')
-      jax.ffi.register_ffi_target(DEPTHWISE_TARGET, jax.ffi.pycapsule(lib.SegInt8Depthwise),
-                                  platform='cpu')
-      jax.ffi.register_ffi_target(STEM_TARGET, jax.ffi.pycapsule(lib.SegInt8Stem),
-                                  platform='cpu')
-      jax.ffi.register_ffi_target(STEM_PROJECT_TARGET, jax.ffi.pycapsule(lib.SegInt8StemProject),
-                                  platform='cpu')
-      jax.ffi.register_ffi_target(EXPAND_DEPTHWISE_TARGET,
-                                  jax.ffi.pycapsule(lib.SegInt8ExpandDepthwise), platform='cpu')
+      for name, target in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, name)),
+                                    platform='cpu')
       _state.update(ok=True, reason=None, lib=lib)
     except (RuntimeError, OSError) as e:
       _state.update(ok=False, reason=str(e))
   return _state['ok']
+
+
+def emulate_amx(on: bool = True) -> None:
+  """Runs the AMX loop with its tile instructions emulated in plain C++ (`amx_emulation.h`;
+  a second library, built with -DSEG_AMX_EMULATION) from now on (`on`), or on the real
+  tiles again: `loops()` then offers 'amx' on CPUs with AVX-512 F, BW, VL and DQ but no AMX,
+  so that the loop's tiling, padding and output loops are checked there (tests). Far slower
+  than the tiles; never chosen unless asked (here or by SEG_INT8_AMX_EMULATION=1)."""
+  if on and not _emulation:
+    if not available():
+      raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
+    lib = ctypes.cdll.LoadLibrary(build(defines=('SEG_AMX_EMULATION',)))
+    for name in AMX_TARGETS:
+      jax.ffi.register_ffi_target(_TARGETS[name] + EMULATION,
+                                  jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
+    _emulation.append(lib)  # registered once per process
+  _state['emulate'] = on
+  _state.pop('loops', None)
+  _state.pop('isa', None)
+
+
+def amx_emulated() -> bool:
+  """Whether the AMX loop runs emulated (`emulate_amx`, or SEG_INT8_AMX_EMULATION=1 in the
+  environment when first asked)."""
+  if 'emulate' not in _state:
+    if os.environ.get('SEG_INT8_AMX_EMULATION', '0') not in ('0', '1', ''):
+      raise ValueError('SEG_INT8_AMX_EMULATION must be 0 or 1')
+    emulate_amx(os.environ.get('SEG_INT8_AMX_EMULATION') == '1')
+  return _state['emulate']
+
+
+def _target(name: str, loop: str) -> str:
+  """The FFI target of kernel `name` (a key of `_TARGETS`) running `loop`."""
+  return _TARGETS[name] + (EMULATION if loop == 'amx' and amx_emulated() else '')
 
 
 def record_call_times(on: bool = True) -> None:
@@ -184,7 +221,8 @@ def unavailable_reason() -> Optional[str]:
 
 def loops(flags=None) -> tuple:
   """The kernel's loops this CPU can run, slowest first: 'avx2', then 'vnni' (AVX-512 VNNI),
-  then 'amx' (amx_int8, where Linux grants this process the tile registers)."""
+  then 'amx' (amx_int8, where Linux grants this process the tile registers; or emulated,
+  `emulate_amx`, on any CPU with AVX-512 F, BW, VL and DQ)."""
   if flags is None:
     if 'loops' not in _state:
       _state['loops'] = loops(cpu_features.cpu_flags())
@@ -192,7 +230,9 @@ def loops(flags=None) -> tuple:
   found = ['avx2']
   if VNNI_FLAGS <= frozenset(flags):
     found.append('vnni')
-  if 'amx_int8' in flags and available() and _state['lib'].SegAmxPermitted() == 1:
+  if amx_emulated() and AVX512_FLAGS <= frozenset(flags):
+    found.append('amx')
+  elif 'amx_int8' in flags and available() and _state['lib'].SegAmxPermitted() == 1:
     found.append('amx')
   return tuple(found)
 
@@ -286,14 +326,14 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
                'linear_offset_uint8': jnp.uint8}.get(mode, jnp.float32)
   none = lambda dtype: jax.ShapeDtypeStruct((0,), dtype)
   q_dtype = jnp.uint8 if requantised == 'offset_uint8' else jnp.int8
-  call = jax.ffi.ffi_call(TARGET, (
+  x, loop, offset_input = _loop_and_input(x, w_packed, scale.shape[0], loop, offset_input)
+  call = jax.ffi.ffi_call(_target('SegInt8Product', loop), (
       jax.ShapeDtypeStruct(shape, out_dtype) if keep_float else none(out_dtype),
       jax.ShapeDtypeStruct(shape, q_dtype) if requantised else none(q_dtype)))
   if residual is not None and residual.shape != shape:
     raise ValueError(f'the residual must be {shape}, got {residual.shape}')
   residual = (jnp.zeros((0,), jnp.float32) if residual is None else
               residual.astype(jnp.float32))
-  x, loop, offset_input = _loop_and_input(x, w_packed, scale.shape[0], loop, offset_input)
   out, out_q = call(x, w_packed, scale, bias, jnp.asarray(inv_out, jnp.float32), residual,
                     mode=np.int32(MODES[mode]),
                     is_signed=bool(x.dtype == jnp.int8 or offset_input),
@@ -430,7 +470,7 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
   loop = _loop(w_packed, scale.shape[0], loop)
   out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), scale.shape[0]),
                              jnp.int8 if mode == 'linear_int8' else jnp.uint8)
-  return jax.ffi.ffi_call(STEM_PROJECT_TARGET, out)(
+  return jax.ffi.ffi_call(_target('SegInt8StemProject', loop), out)(
       images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out), w_packed, f32(scale),
       f32(bias), f32(inv_next), mode=np.int32(MODES[mode]), isa=np.int32(ISAS[loop]), **pads)
 
@@ -461,7 +501,7 @@ def expand_depthwise(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: 
   x, loop, offset_input = _loop_and_input(x, w_packed, e, loop, offset_input)
   out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-w // stride), e), jnp.uint8)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  return jax.ffi.ffi_call(EXPAND_DEPTHWISE_TARGET, out)(
+  return jax.ffi.ffi_call(_target('SegInt8ExpandDepthwise', loop), out)(
       x, w_packed, f32(scale), f32(bias), f32(inv_mid), f32(wd), f32(bd), f32(inv_out),
       is_signed=bool(x.dtype == jnp.int8 or offset_input), offset_input=bool(offset_input),
       isa=np.int32(ISAS[loop]), stride=np.int32(stride), dilation=np.int32(dilation),

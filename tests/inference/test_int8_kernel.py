@@ -15,6 +15,17 @@ pytestmark = pytest.mark.skipif(
     not int8_kernel.cpu_supported(), reason='the kernel needs an x86-64 CPU with AVX2 and FMA')
 
 
+def _use_loop(loop, monkeypatch):
+  """Skips unless this CPU runs `loop`; where it has AVX-512 but no AMX, 'amx' runs with its
+  tile instructions emulated (`int8_kernel.emulate_amx`), for this test only."""
+  if loop == 'amx' and 'amx' not in int8_kernel.loops() and (
+      int8_kernel.AVX512_FLAGS <= cpu_features.cpu_flags()):
+    monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
+    int8_kernel.emulate_amx(True)
+  if loop not in int8_kernel.loops():
+    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+
+
 def _numpy_product(x, w, scale, bias, mode, inv_out):
   """The kernel's definition in NumPy: exact integer sums, then float32 as written."""
   acc = x.reshape(-1, x.shape[-1]).astype(np.int64) @ w.astype(np.int64)
@@ -44,14 +55,14 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
     ('vnni', 4, 16), ('vnni', 4, 28),  # the VNNI loop's unrolled inputs (k <= 32)
     ('vnni', 64, 52),  # weights padded for AMX tiles (an AMX CPU's VNNI fallback)
     ('amx', 64, 52), ('amx', 64, 136)])
-def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_multiple, k):
+def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_multiple, k,
+                                                        monkeypatch):
   """Each loop the CPU runs (the others are skipped), with inputs that are one partial AMX
   tile (52) or two and a part (136), and for the VNNI loop the widths it unrolls (16, 28);
   signed inputs go through the VNNI loop's offset, given as int8 or ('offset') as x + 128 in
   uint8."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
-  if loop not in int8_kernel.loops():
-    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+  _use_loop(loop, monkeypatch)
   rng = np.random.default_rng(hash((signed, mode, k)) % 2**32)
   # Rows not a multiple of the 4-row tile, the 32-row AMX block or the 64-row chunk, outputs
   # not a multiple of the 16-channel panel (7 panels: the VNNI loop's 4-, 2- and 1-panel
@@ -91,18 +102,40 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_m
     assert (np.asarray(got) == direct).mean() > 0.99
 
 
+def test_the_amx_emulation_computes_what_the_tiles_do(monkeypatch):
+  """On a CPU with AMX: the emulated tile instructions (amx_emulation.h, which checks the AMX
+  loop elsewhere) give the real tiles' outputs, in both input forms and a requantising
+  mode."""
+  if 'amx' not in int8_kernel.loops() or int8_kernel.amx_emulated():
+    pytest.skip(f'this CPU has no AMX tiles (loops {int8_kernel.loops()})')
+  monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
+  rng = np.random.default_rng(11)
+  w = jnp.asarray(int8_kernel.pack_weights(rng.integers(-127, 128, (200, 72)).astype(np.int8),
+                                           64))
+  scale = jnp.asarray(rng.uniform(2e-5, 2e-4, 72), jnp.float32)
+  bias = jnp.asarray(rng.normal(0, 1, 72), jnp.float32)
+  for x in (rng.integers(0, 128, (77, 200)).astype(np.uint8),
+            rng.integers(-127, 128, (77, 200)).astype(np.int8)):
+    got = {}
+    for emulated in (False, True):
+      int8_kernel.emulate_amx(emulated)
+      got[emulated] = np.asarray(jax.jit(lambda x: int8_kernel.product(
+          x, w, scale, bias, 'relu6_uint8', 127 / 6, 'amx'))(jnp.asarray(x)))
+    np.testing.assert_array_equal(got[True], got[False])
+    assert len(np.unique(got[False])) > 60
+
+
 @pytest.mark.parametrize('loop', ['avx2', 'vnni', 'amx'])
 @pytest.mark.parametrize('requantised,keep_float,with_residual', [
     ('offset_uint8', True, True), ('offset_uint8', False, True), ('int8', True, False),
     ('int8', False, True), (None, True, True)])
 def test_a_projection_adds_the_residual_and_writes_the_next_input(
-    loop, requantised, keep_float, with_residual):
+    loop, requantised, keep_float, with_residual, monkeypatch):
   """Mode 'linear' with a residual sum and the sum requantised for the next product (as
   XLA's add and quantisation compute them), with and without the float32 sum, over each
   loop the CPU runs."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
-  if loop not in int8_kernel.loops():
-    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+  _use_loop(loop, monkeypatch)
   rng = np.random.default_rng(len(str(requantised)) + keep_float + 2 * with_residual)
   k, n = 64 if loop == 'amx' else 36, 41  # outputs: 2 whole panels and 9 channels more
   x = rng.integers(0, 128, (2, 37, k)).astype(np.uint8)
@@ -175,15 +208,15 @@ def _numpy_depthwise(x, w, b, stride, dilation, inv_out):
     ((2, 13, 11, 24), 1, 1), ((1, 14, 9, 16), 2, 1), ((1, 13, 13, 40), 2, 1),
     ((1, 12, 10, 8), 1, 2), ((1, 11, 12, 32), 1, 4), ((3, 40, 37, 48), 1, 1),
     ((1, 45, 43, 56), 2, 1)])
-def test_the_depthwise_kernel_computes_xlas_float32_taps(loop, shape, stride, dilation):
+def test_the_depthwise_kernel_computes_xlas_float32_taps(loop, shape, stride, dilation,
+                                                        monkeypatch):
   """Odd and even sizes (at stride 2 'SAME' pads more below and right than above), dilations
   (output stride 16's and 8's last blocks), sizes that are and are not whole 4- and 8-pixel
   steps and bands of rows, 8 channels left after the 16-channel steps (24, 40, 8, 56),
   against NumPy and the engine's XLA taps; in the AVX2 loop and the AVX-512 one (beside the
   VNNI loop)."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
-  if loop not in int8_kernel.loops():
-    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+  _use_loop(loop, monkeypatch)
   rng = np.random.default_rng(sum(shape) + stride)
   x = rng.integers(0, 128, shape).astype(np.uint8)
   x[0, 0, 0] = 127
@@ -227,15 +260,14 @@ def _numpy_stem(x, ws, bs, wd, bd, inv_out):
 @pytest.mark.parametrize('shape,c', [((2, 37, 41, 3), 16), ((1, 20, 18, 3), 24),
                                      ((1, 65, 66, 3), 40), ((1, 2, 3, 3), 8),
                                      ((1, 31, 29, 3), 48), ((2, 513, 513, 3), 32)])
-def test_the_stem_kernel_computes_xlas_float32_layers(loop, shape, c):
+def test_the_stem_kernel_computes_xlas_float32_layers(loop, shape, c, monkeypatch):
   """The stem and block 0's depthwise layer in one pass: odd and even sizes (an even size
   pads only below and right at stride 2), 32-channel steps with 24, 16 or 8 channels left,
   images of one and two stem rows, a full-size pair (several chunks of rows per image),
   against NumPy and the engine's XLA layers; in the AVX2 loops and the AVX-512 ones (beside
   the VNNI loop, for multiples of 16 channels)."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
-  if loop not in int8_kernel.loops():
-    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+  _use_loop(loop, monkeypatch)
   rng = np.random.default_rng(sum(shape) + c)
   x = rng.uniform(-1, 1, shape).astype(np.float32)
   ws = rng.normal(0, 0.4, (3, 3, 3, c)).astype(np.float32)
@@ -261,24 +293,24 @@ def test_the_stem_kernel_computes_xlas_float32_layers(loop, shape, c):
   assert (np.asarray(xla) == got).mean() > 0.999
 
 
-@pytest.mark.parametrize('loop', ['avx2', 'vnni'])
+@pytest.mark.parametrize('loop', ['avx2', 'vnni', 'amx'])
 @pytest.mark.parametrize('shape,k,e,stride,dilation,form', [
     ((1, 41, 37), 16, 48, 2, 1, 'offset'), ((2, 30, 29), 24, 40, 1, 1, 'int8'),
     ((1, 33, 35), 8, 24, 2, 1, 'uint8'), ((1, 19, 18), 12, 32, 1, 2, 'offset'),
     ((1, 17, 21), 4, 16, 1, 4, 'int8'), ((2, 129, 131), 24, 144, 1, 1, 'offset')])
 def test_the_fused_pass_computes_the_expansion_then_the_depthwise_layer(
-    loop, shape, k, e, stride, dilation, form):
+    loop, shape, k, e, stride, dilation, form, monkeypatch):
   """int8_kernel.expand_depthwise against the two calls it replaces, bit for bit: every
   stride and dilation, the three input forms, several bands of rows per image (the last
   shape: bands of a few rows, each computing the rows it shares with the next again)."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
-  if loop not in int8_kernel.loops():
-    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+  _use_loop(loop, monkeypatch)
   rng = np.random.default_rng(k + e + stride)
   xi = rng.integers(0 if form == 'uint8' else -127, 128, shape + (k,))
   x = jnp.asarray((xi + 128).astype(np.uint8) if form == 'offset' else
                   xi.astype(np.uint8 if form == 'uint8' else np.int8))
-  w = jnp.asarray(int8_kernel.pack_weights(rng.integers(-127, 128, (k, e)).astype(np.int8)))
+  w = jnp.asarray(int8_kernel.pack_weights(rng.integers(-127, 128, (k, e)).astype(np.int8),
+                                           64 if loop == 'amx' else 4))
   scale = jnp.asarray(rng.uniform(1e-4, 4e-4, e), jnp.float32)
   bias = jnp.asarray(rng.normal(0, 1, e), jnp.float32)
   wd = jnp.asarray(rng.normal(0, 0.02, (3, 3, e)), jnp.float32)
@@ -313,11 +345,10 @@ def test_the_fused_pass_rejects_what_it_cannot_run():
 @pytest.mark.parametrize('shape,c,out,mode', [
     ((2, 37, 41, 3), 16, 8, 'linear_offset_uint8'), ((1, 66, 64, 3), 32, 16, 'linear_int8'),
     ((1, 20, 18, 3), 24, 40, 'linear_offset_uint8')])
-def test_the_stem_pass_can_run_block0s_projection_too(loop, shape, c, out, mode):
+def test_the_stem_pass_can_run_block0s_projection_too(loop, shape, c, out, mode, monkeypatch):
   """`stem(..., project=...)` against the stem pass followed by the product, bit for bit."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
-  if loop not in int8_kernel.loops():
-    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
+  _use_loop(loop, monkeypatch)
   rng = np.random.default_rng(sum(shape) + c + out)
   x = jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32)
   ws, wd = (jnp.asarray(rng.normal(0, 0.4, s), jnp.float32) for s in ((3, 3, 3, c), (3, 3, c)))
@@ -559,6 +590,32 @@ def test_signed_inputs_take_the_vnni_loops_own_form(tiny_int8, monkeypatch):
   np.testing.assert_array_equal(logits['vnni'], logits['avx2'])
 
 
+def test_the_amx_loop_runs_the_whole_network_as_the_avx2_loop_does(tiny_int8, monkeypatch):
+  """Every product, the fused expansions and the stem pass's projection in AMX tiles (emulated
+  where the CPU has AVX-512 but no AMX), with weights packed to 64 inputs: the AVX2 loop's
+  logits bit for bit, since both sums are exact."""
+  _use_loop('amx', monkeypatch)
+  config, _, folded, scales = tiny_int8
+  images = jnp.asarray(np.random.default_rng(10).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
+                       jnp.float32)
+  monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
+  logits, texts = {}, {}
+  for loop in ('amx', 'avx2'):
+    int8_kernel._state.pop('isa', None)
+    monkeypatch.setenv('SEG_INT8_KERNEL_ISA', loop)
+    params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
+    expected_k = 64 if loop == 'amx' else 4
+    assert params['blocks'][1]['expand']['w'].size % (expected_k * 16) == 0
+    texts[loop] = _lowered(config, params, images)
+    logits[loop] = _logits(config, params, images)
+  products = sum(1 for blk in params['blocks'] for name in ('expand', 'project') if name in blk)
+  assert texts['amx'].count('isa = 2') >= products  # and the head's
+  assert 'isa = 2' not in texts['avx2']
+  if int8_kernel.amx_emulated():
+    assert int8_kernel.EMULATION in texts['amx']
+  np.testing.assert_array_equal(logits['amx'], logits['avx2'])
+
+
 def test_calibration_records_the_depthwise_inputs(tiny_int8):
   config, _, _, scales = tiny_int8
   names = quantize.scale_names(config.model)
@@ -641,6 +698,28 @@ def test_the_kernel_loop_follows_the_cpu_and_the_override(monkeypatch):
   monkeypatch.setenv('SEG_INT8_KERNEL_ISA', 'fast')
   with pytest.raises(ValueError, match='SEG_INT8_KERNEL_ISA'):
     int8_kernel.isa()
+
+
+def test_the_amx_emulation_is_asked_for_and_needs_avx512(monkeypatch):
+  """SEG_INT8_AMX_EMULATION=1 (or `emulate_amx`) offers the AMX loop, emulated, on CPUs with
+  AVX-512 F, BW, VL and DQ (its output loops'), and never on others."""
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
+  for name in ('emulate', 'loops', 'isa'):
+    int8_kernel._state.pop(name, None)
+  monkeypatch.setenv('SEG_INT8_AMX_EMULATION', 'yes')
+  with pytest.raises(ValueError, match='SEG_INT8_AMX_EMULATION must be 0 or 1'):
+    int8_kernel.amx_emulated()
+  monkeypatch.setenv('SEG_INT8_AMX_EMULATION', '1')
+  assert int8_kernel.amx_emulated()
+  avx512 = {'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'}
+  assert int8_kernel.loops(avx512) == ('avx2', 'amx')
+  assert int8_kernel.loops(avx512 - {'avx512dq'}) == ('avx2',)
+  if int8_kernel.AVX512_FLAGS <= cpu_features.cpu_flags():
+    assert int8_kernel.isa() == 'amx' and int8_kernel.k_multiple() == 64
+  int8_kernel.emulate_amx(False)
+  assert not int8_kernel.amx_emulated()
+  assert int8_kernel.loops(avx512) == ('avx2',)  # no amx_int8 flag: no AMX loop
 
 
 def test_kernel_call_times_are_recorded_while_asked():
