@@ -4,9 +4,10 @@
 
 The products of DeepLabv3 + MobileNetV2 (output stride 16, batch 1) as the engine runs them,
 random values (speed does not depend on them), each variant one compiled call:
-- kernel LOOP, for each loop this CPU runs (avx2, vnni, amx: `int8_kernel.loops()`):
-  `seg.inference.int8_kernel.product` on uint8/int8 inputs (signed ones as x + 128 in uint8
-  for the VNNI loop, as the engine stores them), expansions writing the depthwise layer's
+- kernel LOOP, for each loop this CPU runs (avx2, avxvnni, vnni, amx: `int8_kernel.loops()`;
+  with SEG_INT8_LOOP_EMULATION=1 also the stand-ins of avxvnni and amx, the emulated tiles
+  far slower than real ones): `seg.inference.int8_kernel.product` on uint8/int8 inputs
+  (signed ones as x + 128 in uint8 for the VNNI loops, as the engine stores them), expansions writing the depthwise layer's
   uint8 input, the others float32 (the 'kernel' formulation);
 - xla int8: float32 input quantised, int8 x int8 -> int32 `dot_general`, scale, bias and
   activation (the 'int8' formulation, fused by XLA);
@@ -93,13 +94,14 @@ def main():
       mode = 'linear_int8'
 
     f = act[activation]
-    # Signed inputs as the engine stores them for each loop: x + 128 as uint8 for VNNI's.
+    # Signed inputs as the engine stores them for each loop: x + 128 as uint8 for the VNNI
+    # loops'.
     offset = jnp.asarray((np.asarray(xq, np.int16) + 128).astype(np.uint8))
     ms = {f'kernel {loop}': timed(
         lambda x, w, loop=loop: int8_kernel.product(
             x, w, scale, bias, mode, 127 / 6, loop,
-            offset_input=signed and loop == 'vnni'),
-        offset if signed and loop == 'vnni' else xq,
+            offset_input=signed and loop in int8_kernel.OFFSET_LOOPS),
+        offset if signed and loop in int8_kernel.OFFSET_LOOPS else xq,
         jnp.asarray(int8_kernel.pack_weights(wq, 64 if loop == 'amx' else 4)))
           for loop in loops}
     ms.update({
@@ -122,8 +124,9 @@ def main():
   from seg.inference.forward import _depthwise
   # The depthwise and stem kernels' loops: AVX2, and AVX-512 beside the VNNI and AMX loops.
   widths = {'kernel avx2': 'avx2'}
-  if loops[-1] != 'avx2':
-    widths['kernel avx512'] = loops[-1]
+  wide = [loop for loop in loops if loop in ('vnni', 'amx')]
+  if wide:
+    widths['kernel avx512'] = wide[-1]
   print(f'\ndepthwise layers, uint8 in and out, ms: {" | ".join(widths)} | xla')
   totals = dict.fromkeys([*widths, 'xla'], 0.0)
   for name, size, c, stride, dilation in depthwise:

@@ -54,7 +54,7 @@ constexpr int64_t kGrainRows = 8;   // and a multiple of this (the VNNI loop's t
 
 enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2, kRelu6Uint8 = 3, kLinearInt8 = 4,
             kLinearUint8Offset = 5 };
-enum Isa { kAvx2 = 0, kVnni = 1, kAmx = 2 };  // int8_kernel.py: ISAS
+enum Isa { kAvx2 = 0, kVnni = 1, kAmx = 2, kAvxVnni = 3 };  // int8_kernel.py: ISAS
 
 struct Problem {
   const uint8_t* x;
@@ -90,34 +90,11 @@ inline __m128i Requantise8(__m256 y, __m256 inv, bool offset) {
   return offset ? _mm_xor_si128(q8, _mm_set1_epi8(-128)) : q8;
 }
 
-template <bool kSigned, int R>
-SEG_INLINE void Tile(const Problem& p, int64_t row, int64_t panel) {
-  const int64_t groups = p.k / 4;
-  const int8_t* w = p.w + panel * (p.kw / 4) * 64;
-  const uint8_t* x = p.x + row * p.k;
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * g));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * g + 32));
-    for (int r = 0; r < R; ++r) {
-      int32_t four;
-      std::memcpy(&four, x + r * p.k + 4 * g, 4);
-      const __m256i xb = _mm256_set1_epi32(four);
-      __m256i p0, p1;
-      if (kSigned) {
-        const __m256i xa = _mm256_abs_epi8(xb);
-        p0 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w0, xb));
-        p1 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w1, xb));
-      } else {
-        p0 = _mm256_maddubs_epi16(xb, w0);
-        p1 = _mm256_maddubs_epi16(xb, w1);
-      }
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
-    }
-  }
+// The AVX2 output loop (of the AVX2 and AVX-VNNI loops): R rows' 16 channels of `panel` from
+// their exact int32 sums (acc[r][0]: channels 0-7, acc[r][1]: 8-15).
+template <int R>
+SEG_INLINE void StoreRows(const Problem& p, const __m256i (&acc)[R][2], int64_t row,
+                          int64_t panel) {
   const int64_t n0 = panel * kPanel;
   const int64_t valid = std::min<int64_t>(kPanel, p.n - n0);
   const float* s = p.scale + n0;  // padded to whole panels (Work::Prepare)
@@ -203,6 +180,38 @@ SEG_INLINE void Tile(const Problem& p, int64_t row, int64_t panel) {
   }
 }
 
+// The AVX2 loop: R rows x one panel (8 accumulators for R = 4).
+template <bool kSigned, int R>
+SEG_INLINE void Tile(const Problem& p, int64_t row, int64_t panel) {
+  const int64_t groups = p.k / 4;
+  const int8_t* w = p.w + panel * (p.kw / 4) * 64;
+  const uint8_t* x = p.x + row * p.k;
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * g));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * g + 32));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + r * p.k + 4 * g, 4);
+      const __m256i xb = _mm256_set1_epi32(four);
+      __m256i p0, p1;
+      if (kSigned) {
+        const __m256i xa = _mm256_abs_epi8(xb);
+        p0 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w0, xb));
+        p1 = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w1, xb));
+      } else {
+        p0 = _mm256_maddubs_epi16(xb, w0);
+        p1 = _mm256_maddubs_epi16(xb, w1);
+      }
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(p0, ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(p1, ones));
+    }
+  }
+  StoreRows<R>(p, acc, row, panel);
+}
+
 template <bool kSigned>
 void Rows(const Problem& p, int64_t begin, int64_t end) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
@@ -211,6 +220,77 @@ void Rows(const Problem& p, int64_t begin, int64_t end) {
     for (; r + kRows <= end; r += kRows) Tile<kSigned, kRows>(p, r, panel);
     for (; r < end; ++r) Tile<kSigned, 1>(p, r, panel);
   }
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX-VNNI (avx_vnni: Intel's client cores since Alder Lake and its E-core Xeons, which have
+// no AVX-512): the VNNI loop's instruction (below) in 256 bits, _mm256_dpbusd_avx_epi32, a
+// panel's group of 4 inputs being two ymm; unsigned x only, so a signed x is multiplied as
+// x + 128 into sums that start from `offset`, as in the VNNI loop; the AVX2 output loop.
+// Built with -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`) it is the same
+// instruction in its AVX-512 VL encoding, which CPUs with AVX-512 VNNI but no AVX-VNNI run.
+#ifdef SEG_KERNEL_EMULATION
+#define SEG_AVXVNNI __attribute__((target("avx512vl,avx512vnni")))
+#define SEG_DPBUSD256 _mm256_dpbusd_epi32
+#else
+#define SEG_AVXVNNI __attribute__((target("avxvnni")))
+#define SEG_DPBUSD256 _mm256_dpbusd_avx_epi32
+#endif
+
+// R rows x one panel: 2R accumulators (of the 16 ymm registers).
+template <bool kSigned, int R>
+SEG_AVXVNNI SEG_INLINE void AvxVnniTile(const Problem& p, int64_t row, int64_t panel) {
+  const int64_t groups = p.k / 4;
+  const int8_t* w = p.w + panel * (p.kw / 4) * 64;
+  const uint8_t* x = p.x + row * p.k;
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  __m256i acc[R][2];
+  for (int h = 0; h < 2; ++h) {
+    const __m256i start =
+        p.offset ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.offset + panel * kPanel +
+                                                                        8 * h))
+                 : _mm256_setzero_si256();
+    for (int r = 0; r < R; ++r) acc[r][h] = start;
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * g));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * g + 32));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, x + r * p.k + 4 * g, 4);
+      __m256i xb = _mm256_set1_epi32(four);
+      if (kSigned) xb = _mm256_xor_si256(xb, flip);
+      acc[r][0] = SEG_DPBUSD256(acc[r][0], xb, w0);
+      acc[r][1] = SEG_DPBUSD256(acc[r][1], xb, w1);
+    }
+  }
+  StoreRows<R>(p, acc, row, panel);
+}
+
+template <bool kSigned>
+SEG_AVXVNNI void AvxVnniRows(const Problem& p, int64_t begin, int64_t end) {
+  constexpr int R = 4;
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    int64_t r = begin;
+    for (; r + R <= end; r += R) AvxVnniTile<kSigned, R>(p, r, panel);
+    for (; r < end; ++r) AvxVnniTile<kSigned, 1>(p, r, panel);
+  }
+}
+
+// The VNNI loops' offset[n] = -128 * sum_k w[k, n], in 256 bits.
+SEG_AVXVNNI void AvxVnniOffsets(const Problem& p, int32_t* offset) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel, panel_bytes = p.kw / 4 * 64;
+  const __m256i all128 = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t panel = 0; panel < panels; ++panel)
+    for (int h = 0; h < 2; ++h) {
+      __m256i acc = _mm256_setzero_si256();
+      for (int64_t g = 0; g < p.kw / 4; ++g)
+        acc = SEG_DPBUSD256(acc, all128, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+                                             p.w + panel * panel_bytes + 64 * g + 32 * h)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(offset + panel * kPanel + 8 * h),
+                          _mm256_sub_epi32(_mm256_setzero_si256(), acc));
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -385,9 +465,9 @@ SEG_VNNI void VnniRows(const Problem& p, int64_t begin, int64_t end) {
 // k_multiple=64)); an A tile reads 16 rows x 64 input bytes straight from x (row stride k),
 // whose bytes beyond k meet those zero weights, except near the end of x, where the rows
 // are copied into a zero-padded buffer first. The epilogue is Store16.
-// Built with -DSEG_AMX_EMULATION (int8_kernel.py: `emulate_amx`), the tile instructions are
+// Built with -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`), the tile instructions are
 // amx_emulation.h's plain C++ instead: this loop's code, checked on CPUs without AMX.
-#ifdef SEG_AMX_EMULATION
+#ifdef SEG_KERNEL_EMULATION
 #include "amx_emulation.h"
 #define SEG_AMX SEG_AVX512
 #else
@@ -398,7 +478,7 @@ constexpr int kTile = 16;  // rows per A tile and channels per B tile (one panel
 
 // Linux hands out AMX's tile registers to processes that ask (arch_prctl); once per process.
 bool AmxPermitted() {
-#ifdef SEG_AMX_EMULATION
+#ifdef SEG_KERNEL_EMULATION
   return seg::HasAvx512();  // the emulated loop's output loops are AVX-512
 #endif
   static const bool ok = [] {
@@ -488,6 +568,21 @@ SEG_AMX void AmxRun(const Problem& p, int64_t begin, int64_t end) {
   _tile_release();
 }
 
+// Whether this CPU has the instructions of loop `isa` (AMX's permission is asked apart).
+bool RunsLoop(int32_t isa) {
+  const bool vnni512 = seg::HasAvx512() && __builtin_cpu_supports("avx512vnni");
+  switch (isa) {
+    case kVnni: return vnni512;
+    case kAmx: return seg::HasAvx512();
+#ifdef SEG_KERNEL_EMULATION
+    case kAvxVnni: return vnni512;  // its AVX-512 VL encoding
+#else
+    case kAvxVnni: return __builtin_cpu_supports("avxvnni");
+#endif
+    default: return true;  // AVX2 and FMA: the library's own
+  }
+}
+
 // ------------------------------------------------------------------------------------------
 // The per-call state: the problem, and scale, bias and offsets padded to whole panels.
 struct Work {
@@ -504,9 +599,9 @@ struct Work {
     p.scale = scale.data();
     p.bias = bias.data();
     p.offset = nullptr;
-    if (p.isa == kVnni && p.is_signed) {
+    if ((p.isa == kVnni || p.isa == kAvxVnni) && p.is_signed) {
       offset.resize(padded);
-      VnniOffsets(p, offset.data());
+      if (p.isa == kVnni) VnniOffsets(p, offset.data()); else AvxVnniOffsets(p, offset.data());
       p.offset = offset.data();
     }
   }
@@ -518,6 +613,8 @@ struct Work {
     if (q.isa == kAmx) AmxRun(q, begin, end);
     else if (q.isa == kVnni && q.is_signed && !q.offset_input) VnniRows<true>(q, begin, end);
     else if (q.isa == kVnni) VnniRows<false>(q, begin, end);
+    else if (q.isa == kAvxVnni && q.is_signed && !q.offset_input) AvxVnniRows<true>(q, begin, end);
+    else if (q.isa == kAvxVnni) AvxVnniRows<false>(q, begin, end);
     else if (q.is_signed) Rows<true>(q, begin, end);
     else Rows<false>(q, begin, end);
   }
@@ -536,13 +633,15 @@ ffi::Error MakeProduct(int64_t k, int64_t m, const uint8_t* x, ffi::Buffer<ffi::
   if (kw * panels * kPanel != static_cast<int64_t>(w.element_count()) || kw < k || kw % 4 != 0 ||
       kw - k >= 64)
     return ffi::Error::InvalidArgument("packed weights do not match the input and output sizes");
-  if (isa < kAvx2 || isa > kAmx) return ffi::Error::InvalidArgument("unknown isa");
+  if (isa < kAvx2 || isa > kAvxVnni) return ffi::Error::InvalidArgument("unknown isa");
+  if (!RunsLoop(isa))
+    return ffi::Error::InvalidArgument("this CPU lacks the instructions of that loop (isa)");
   if (isa == kAmx && kw % 64 != 0)
     return ffi::Error::InvalidArgument("AMX needs weights packed to a multiple of 64 inputs");
   if (isa == kAmx && !AmxPermitted())
     return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
-  if (offset_input && (!is_signed || isa != kVnni))
-    return ffi::Error::InvalidArgument("x + 128 as uint8 is the VNNI loop's signed input only");
+  if (offset_input && (!is_signed || (isa != kVnni && isa != kAvxVnni)))
+    return ffi::Error::InvalidArgument("x + 128 as uint8 is the VNNI loops' signed input only");
   if (mode < kLinear || mode > kLinearUint8Offset)
     return ffi::Error::InvalidArgument("unknown mode");
   if (inv_out.element_count() != 1) return ffi::Error::InvalidArgument("inv_out is one number");
@@ -650,7 +749,7 @@ ffi::Error Int8ExpandDepthwise(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buff
                               out->typed_data(), od[1], od[2], 1};
   if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
     return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
-  d.wide = isa != kAvx2;  // the VNNI and AMX loops' CPUs have AVX-512 F, BW, VL and DQ
+  d.wide = isa == kVnni || isa == kAmx;  // their CPUs have AVX-512 F, BW, VL and DQ
   d.ChooseBand();
   // Output rows per chunk: as many as keep the band's expansion output within kFusedBytes,
   // and at most an eighth of the image's, so that two threads share even a batch of one.
@@ -691,7 +790,7 @@ ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       work);
   if (error.failure()) return error;
   if (od[3] != work.p.n) return ffi::Error::InvalidArgument("out's channels are the weights'");
-  s.wide = isa != kAvx2;  // the VNNI and AMX loops' CPUs have AVX-512 F, BW, VL and DQ
+  s.wide = isa == kVnni || isa == kAmx;  // their CPUs have AVX-512 F, BW, VL and DQ
   uint8_t* o = static_cast<uint8_t*>(out->untyped_data());
   seg::ForEachRows(pool, od[0], s.oh, seg::stem::kGrainRows, s.rows,
                    [&s, &work, o](int64_t n, int64_t oy0, int64_t oy1) {

@@ -1,5 +1,6 @@
-"""The int8 engine's own kernels: the 1x1 products (AVX2 loops, AVX-512 VNNI or AMX tiles
-where the CPU has them) and the depthwise layers between an expansion and its projection.
+"""The int8 engine's own kernels: the 1x1 products (AVX2 loops, AVX-VNNI, AVX-512 VNNI or AMX
+tiles where the CPU has them) and the depthwise layers between an expansion and its
+projection.
 
     if int8_kernel.available():                     # builds and registers them once
       wp = int8_kernel.pack_weights(w_int8)        # [in, out] int8 -> packed, 1-D
@@ -11,9 +12,10 @@ where the CPU has them) and the depthwise layers between an expansion and its pr
 
 On CPUs with AVX2 and FMA but no int8 dot instructions XLA's int8 products run no faster
 than its float32 ones; on every CPU the quantise / dequantise around XLA's products is
-separate passes over memory (docs/performance.md, "int8"). On CPUs with AVX-512 VNNI the
-kernel multiplies with its dot-product instructions, on CPUs with AMX (`amx_int8`) in tiles
-(`isa()`). `int8_kernel.cc` multiplies uint8 or int8 activations by packed int8 weights
+separate passes over memory (docs/performance.md, "int8"). On CPUs with AVX-VNNI or
+AVX-512 VNNI the kernel multiplies with their dot-product instructions, on CPUs with AMX
+(`amx_int8`) in tiles (`isa()`); `emulate_loops` stands in for AVX-VNNI and AMX on CPUs
+without them (tests). `int8_kernel.cc` multiplies uint8 or int8 activations by packed int8 weights
 into exact int32 sums and applies scale, bias, the activation and (mode 'relu6_uint8') the
 rounding to the next layer's uint8 input in the same loop: the numbers of XLA's int8
 formulation, from a third of the memory traffic.
@@ -68,16 +70,20 @@ AMX_K = 64   # input channels per AMX tile product
 MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3, 'linear_int8': 4,
          'linear_offset_uint8': 5}
 # The kernel's loops (int8_kernel.cc: Isa) and the CPU flags each needs.
-ISAS = {'avx2': 0, 'vnni': 1, 'amx': 2}
+ISAS = {'avx2': 0, 'vnni': 1, 'amx': 2, 'avxvnni': 3}
 AVX512_FLAGS = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'})
 VNNI_FLAGS = AVX512_FLAGS | {'avx512_vnni'}
-# The targets that take a loop, and the suffix of their AMX loop's emulation (`emulate_amx`).
-AMX_TARGETS = ('SegInt8Product', 'SegInt8StemProject', 'SegInt8ExpandDepthwise')
-EMULATION = '_amx_emulation'
+# The loops whose instruction multiplies unsigned inputs: signed ones as x + 128.
+OFFSET_LOOPS = ('avxvnni', 'vnni')
+# The loops `emulate_loops` stands in for, and the CPU flags their stand-ins need.
+EMULATED = {'avxvnni': VNNI_FLAGS, 'amx': AVX512_FLAGS}
+# The targets that take a loop, and the suffix of the emulation library's (`emulate_loops`).
+LOOP_TARGETS = ('SegInt8Product', 'SegInt8StemProject', 'SegInt8ExpandDepthwise')
+EMULATION = '_emulation'
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')
 _state = {}
-_emulation = []  # the emulated AMX loop's library, once loaded (`emulate_amx`)
+_emulation = []  # the emulation library, once loaded (`emulate_loops`)
 
 
 def kernel_dir() -> str:
@@ -98,7 +104,7 @@ def _compiler() -> Optional[str]:
 
 def build(directory: Optional[str] = None, log=None, defines=()) -> str:
   """Compiles `SOURCES` into one library (once per version of them, the flags and jaxlib)
-  and returns its path. `defines`: preprocessor macros (e.g. 'SEG_AMX_EMULATION').
+  and returns its path. `defines`: preprocessor macros (e.g. 'SEG_KERNEL_EMULATION').
 
   Raises RuntimeError with the compiler's message when it fails. `log`: told when it compiles.
   """
@@ -157,17 +163,19 @@ def available(log=None) -> bool:
   return _state['ok']
 
 
-def emulate_amx(on: bool = True) -> None:
-  """Runs the AMX loop with its tile instructions emulated in plain C++ (`amx_emulation.h`;
-  a second library, built with -DSEG_AMX_EMULATION) from now on (`on`), or on the real
-  tiles again: `loops()` then offers 'amx' on CPUs with AVX-512 F, BW, VL and DQ but no AMX,
-  so that the loop's tiling, padding and output loops are checked there (tests). Far slower
-  than the tiles; never chosen unless asked (here or by SEG_INT8_AMX_EMULATION=1)."""
+def emulate_loops(on: bool = True) -> None:
+  """Runs the loops this CPU lacks but can stand in for from now on (`on`), or only its own
+  again: a second library, built with -DSEG_KERNEL_EMULATION, in which the AMX loop's tile
+  instructions are plain C++ (`amx_emulation.h`; on CPUs with AVX-512 F, BW, VL and DQ) and
+  the AVX-VNNI loop's instruction is its AVX-512 VL encoding (on CPUs with AVX-512 VNNI).
+  `loops()` then offers 'amx' and 'avxvnni' there, in those forms, so that tests check their
+  tiling, padding and output loops on CPUs without them. The emulated tiles are far slower
+  than real ones; never chosen unless asked (here or by SEG_INT8_LOOP_EMULATION=1)."""
   if on and not _emulation:
     if not available():
       raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
-    lib = ctypes.cdll.LoadLibrary(build(defines=('SEG_AMX_EMULATION',)))
-    for name in AMX_TARGETS:
+    lib = ctypes.cdll.LoadLibrary(build(defines=('SEG_KERNEL_EMULATION',)))
+    for name in LOOP_TARGETS:
       jax.ffi.register_ffi_target(_TARGETS[name] + EMULATION,
                                   jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
     _emulation.append(lib)  # registered once per process
@@ -176,19 +184,19 @@ def emulate_amx(on: bool = True) -> None:
   _state.pop('isa', None)
 
 
-def amx_emulated() -> bool:
-  """Whether the AMX loop runs emulated (`emulate_amx`, or SEG_INT8_AMX_EMULATION=1 in the
-  environment when first asked)."""
+def loops_emulated() -> bool:
+  """Whether the 'amx' and 'avxvnni' loops run in their stand-ins (`emulate_loops`, or
+  SEG_INT8_LOOP_EMULATION=1 in the environment when first asked)."""
   if 'emulate' not in _state:
-    if os.environ.get('SEG_INT8_AMX_EMULATION', '0') not in ('0', '1', ''):
-      raise ValueError('SEG_INT8_AMX_EMULATION must be 0 or 1')
-    emulate_amx(os.environ.get('SEG_INT8_AMX_EMULATION') == '1')
+    if os.environ.get('SEG_INT8_LOOP_EMULATION', '0') not in ('0', '1', ''):
+      raise ValueError('SEG_INT8_LOOP_EMULATION must be 0 or 1')
+    emulate_loops(os.environ.get('SEG_INT8_LOOP_EMULATION') == '1')
   return _state['emulate']
 
 
 def _target(name: str, loop: str) -> str:
   """The FFI target of kernel `name` (a key of `_TARGETS`) running `loop`."""
-  return _TARGETS[name] + (EMULATION if loop == 'amx' and amx_emulated() else '')
+  return _TARGETS[name] + (EMULATION if loop in EMULATED and loops_emulated() else '')
 
 
 def record_call_times(on: bool = True) -> None:
@@ -220,26 +228,31 @@ def unavailable_reason() -> Optional[str]:
 
 
 def loops(flags=None) -> tuple:
-  """The kernel's loops this CPU can run, slowest first: 'avx2', then 'vnni' (AVX-512 VNNI),
-  then 'amx' (amx_int8, where Linux grants this process the tile registers; or emulated,
-  `emulate_amx`, on any CPU with AVX-512 F, BW, VL and DQ)."""
+  """The kernel's loops this CPU can run, slowest first: 'avx2', 'avxvnni' (AVX-VNNI: the
+  VNNI instruction in 256 bits, on CPUs without AVX-512), 'vnni' (AVX-512 VNNI), 'amx'
+  (amx_int8, where Linux grants this process the tile registers). With `emulate_loops` on,
+  'avxvnni' and 'amx' are offered where their stand-ins run (`EMULATED`), and only there."""
   if flags is None:
     if 'loops' not in _state:
       _state['loops'] = loops(cpu_features.cpu_flags())
     return _state['loops']
+  flags = frozenset(flags)
+  emulated = loops_emulated()
   found = ['avx2']
-  if VNNI_FLAGS <= frozenset(flags):
+  if EMULATED['avxvnni'] <= flags if emulated else 'avx_vnni' in flags:
+    found.append('avxvnni')
+  if VNNI_FLAGS <= flags:
     found.append('vnni')
-  if amx_emulated() and AVX512_FLAGS <= frozenset(flags):
-    found.append('amx')
-  elif 'amx_int8' in flags and available() and _state['lib'].SegAmxPermitted() == 1:
+  if (EMULATED['amx'] <= flags if emulated else
+      'amx_int8' in flags and available() and _state['lib'].SegAmxPermitted() == 1):
     found.append('amx')
   return tuple(found)
 
 
 def isa() -> str:
-  """Which of the kernel's loops runs here: the fastest of `loops()` ('amx', 'vnni' or
-  'avx2'). SEG_INT8_KERNEL_ISA=avx2|vnni|amx forces one (an error where the CPU lacks it)."""
+  """Which of the kernel's loops runs here: the fastest of `loops()` ('amx', 'vnni',
+  'avxvnni' or 'avx2'). SEG_INT8_KERNEL_ISA=avx2|avxvnni|vnni|amx forces one (an error where
+  the CPU lacks it)."""
   if 'isa' not in _state:
     wanted = os.environ.get('SEG_INT8_KERNEL_ISA', 'auto') or 'auto'
     if wanted != 'auto' and wanted not in ISAS:
@@ -283,13 +296,13 @@ def pack_weights(w: np.ndarray, k_multiple: int = GROUP) -> np.ndarray:
 
 def signed_input_form() -> str:
   """How signed product inputs are stored for this machine's loop: 'offset_uint8' (x + 128
-  as uint8, which the VNNI loop multiplies without flipping each input) where `isa()` is
-  'vnni', else 'int8'. SEG_INT8_SIGNED_INPUTS=int8 keeps int8 (A/B timings); read when
-  traced."""
+  as uint8, which the VNNI loops multiply without flipping each input) where `isa()` is
+  'vnni' or 'avxvnni', else 'int8'. SEG_INT8_SIGNED_INPUTS=int8 keeps int8 (A/B timings);
+  read when traced."""
   wanted = os.environ.get('SEG_INT8_SIGNED_INPUTS', 'auto') or 'auto'
   if wanted not in ('auto', 'int8'):
     raise ValueError(f'SEG_INT8_SIGNED_INPUTS must be auto or int8, got {wanted!r}')
-  return 'offset_uint8' if isa() == 'vnni' and wanted == 'auto' else 'int8'
+  return 'offset_uint8' if isa() in OFFSET_LOOPS and wanted == 'auto' else 'int8'
 
 
 def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array,
@@ -299,8 +312,8 @@ def product(x: jax.Array, w_packed: jax.Array, scale: jax.Array, bias: jax.Array
   """act(int32(x @ w) * scale + bias) over x's last axis (one FMA), in the kernel (CPU only).
 
   x: [..., in] uint8 in [0, 127] or int8 in [-127, 127], or with `offset_input` a signed
-  input stored as x + 128, uint8 in [1, 255] (`signed_input_form`; loops other than VNNI get
-  it back as int8 first); w_packed: `pack_weights`; scale, bias: float32 [out].
+  input stored as x + 128, uint8 in [1, 255] (`signed_input_form`; loops other than the VNNI
+  ones get it back as int8 first); w_packed: `pack_weights`; scale, bias: float32 [out].
   mode: 'linear', 'relu6', 'relu' (float32 [..., out]), 'relu6_uint8' (uint8 [..., out] =
   round(relu6(y) * inv_out) clipped to [0, 127], computed as one FMA with scale and bias
   times inv_out; inv_out >= 127 / 6, a float32 scalar, traced or not), 'linear_int8' (int8
@@ -358,11 +371,11 @@ def _loop(w_packed, out_channels: int, loop: Optional[str]) -> str:
 
 def _loop_and_input(x, w_packed, out_channels: int, loop: Optional[str], offset_input: bool):
   """(x, loop, offset_input) as the kernel takes them: `_loop`, and x + 128 back to int8
-  for loops other than VNNI."""
+  for loops other than the VNNI ones."""
   loop = _loop(w_packed, out_channels, loop)
   if offset_input and x.dtype != jnp.uint8:
     raise ValueError(f'offset_input: x must be uint8 (x + 128), got {x.dtype}')
-  if offset_input and loop != 'vnni':  # the other loops multiply int8
+  if offset_input and loop not in OFFSET_LOOPS:  # the other loops multiply int8
     x, offset_input = jax.lax.bitcast_convert_type(x ^ np.uint8(128), jnp.int8), False
   return x, loop, offset_input
 
@@ -418,7 +431,7 @@ def _depthwise_wide(loop: Optional[str]) -> bool:
   loop = loop or isa()
   if loop not in loops():
     raise ValueError(f'loop {loop!r} is not one of this CPU\'s: {loops()}')
-  return loop != 'avx2'
+  return loop in ('vnni', 'amx')
 
 
 def stem_supported(images_shape, stem_w_shape) -> bool:

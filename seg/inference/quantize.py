@@ -21,8 +21,8 @@ Three formulations (`FORMULATIONS`): 'int8' stores the weights as int8 and multi
 by int8 into int32; 'float32' stores the same integers as float32 and multiplies them in
 float32 (with at most 1,040 input channels every partial sum is an integer below 2^24, so
 float32 holds it exactly and both compute the same accumulators bit for bit); 'kernel' packs
-the int8 weights for the project's own kernel (`seg.inference.int8_kernel`: AVX2, AVX-512
-VNNI or AMX tiles, the same accumulators, with bias, activation and requantisation in its
+the int8 weights for the project's own kernel (`seg.inference.int8_kernel`: AVX2, AVX-VNNI,
+AVX-512 VNNI or AMX tiles, the same accumulators, with bias, activation and requantisation in its
 output loop), and by default also stores each expansion's ReLU6 output, the depthwise
 layer's input, as uint8 in a calibrated scale ('block{i}/depthwise', `scale_names`) that the
 depthwise weights carry; that depthwise layer then runs in the kernel's depthwise loop
@@ -36,7 +36,7 @@ XLA's back, for A/B timings; read when a function is traced):
   SEG_INT8_FUSE=xla);
 - the residual sums and the rounding of each block's output to the next product's input,
   in the projection's output loop (`_handoff`; SEG_INT8_HANDOFF=xla); signed inputs are
-  x + 128 in uint8 where the VNNI loop runs (`int8_kernel.signed_input_form`;
+  x + 128 in uint8 where a VNNI loop runs (`int8_kernel.signed_input_form`;
   SEG_INT8_SIGNED_INPUTS=int8).
 Which is fastest depends on the CPU (`seg.inference.cpu_features`); the stored weights say
 which one runs, so `forward_int8` is one pure function of (params, images). An export
@@ -109,7 +109,7 @@ def quantize_input(x: jax.Array, inv_scale, dtype, signed: bool = True) -> jax.A
 
 def _product_input(x: jax.Array, layer: Dict[str, Any], name: str):
   """(q, offset_input): the kernel's input of the product `name` from x. A signed input is
-  x + 128 in uint8 where the VNNI loop runs (it multiplies that form), else int8; an input
+  x + 128 in uint8 where a VNNI loop runs (it multiplies that form), else int8; an input
   quantised already in this layer's scale is taken as it is (uint8 from the kernel's
   depthwise layer; int8 or x + 128 from the previous projection, 'inv_int8_out_scale')."""
   from seg.inference import int8_kernel

@@ -16,12 +16,12 @@ pytestmark = pytest.mark.skipif(
 
 
 def _use_loop(loop, monkeypatch):
-  """Skips unless this CPU runs `loop`; where it has AVX-512 but no AMX, 'amx' runs with its
-  tile instructions emulated (`int8_kernel.emulate_amx`), for this test only."""
-  if loop == 'amx' and 'amx' not in int8_kernel.loops() and (
-      int8_kernel.AVX512_FLAGS <= cpu_features.cpu_flags()):
+  """Skips unless this CPU runs `loop`; 'amx' and 'avxvnni' run in their stand-ins
+  (`int8_kernel.emulate_loops`) where the CPU lacks them but runs those, for this test only."""
+  if loop in int8_kernel.EMULATED and loop not in int8_kernel.loops() and (
+      int8_kernel.EMULATED[loop] <= cpu_features.cpu_flags()):
     monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
-    int8_kernel.emulate_amx(True)
+    int8_kernel.emulate_loops(True)
   if loop not in int8_kernel.loops():
     pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not {loop}')
 
@@ -52,6 +52,7 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
                                   'linear_offset_uint8'])
 @pytest.mark.parametrize('loop,k_multiple,k', [
     ('avx2', 4, 52), ('avx2', 4, 136), ('vnni', 4, 52), ('vnni', 4, 136),
+    ('avxvnni', 4, 52), ('avxvnni', 4, 136), ('avxvnni', 4, 16),
     ('vnni', 4, 16), ('vnni', 4, 28),  # the VNNI loop's unrolled inputs (k <= 32)
     ('vnni', 64, 52),  # weights padded for AMX tiles (an AMX CPU's VNNI fallback)
     ('amx', 64, 52), ('amx', 64, 136)])
@@ -102,12 +103,14 @@ def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_m
     assert (np.asarray(got) == direct).mean() > 0.99
 
 
-def test_the_amx_emulation_computes_what_the_tiles_do(monkeypatch):
-  """On a CPU with AMX: the emulated tile instructions (amx_emulation.h, which checks the AMX
-  loop elsewhere) give the real tiles' outputs, in both input forms and a requantising
-  mode."""
-  if 'amx' not in int8_kernel.loops() or int8_kernel.amx_emulated():
-    pytest.skip(f'this CPU has no AMX tiles (loops {int8_kernel.loops()})')
+@pytest.mark.parametrize('loop', ['avxvnni', 'amx'])
+def test_the_stand_ins_compute_what_the_real_loops_do(loop, monkeypatch):
+  """On a CPU with AMX tiles (AVX-VNNI): the emulated tiles (the instruction's AVX-512 VL
+  encoding), which check that loop elsewhere, give the real loop's outputs, in both input
+  forms and a requantising mode."""
+  if loop not in int8_kernel.loops() or int8_kernel.loops_emulated() or not (
+      int8_kernel.EMULATED[loop] <= cpu_features.cpu_flags()):
+    pytest.skip(f'this CPU has no {loop} loop with a stand-in (loops {int8_kernel.loops()})')
   monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
   rng = np.random.default_rng(11)
   w = jnp.asarray(int8_kernel.pack_weights(rng.integers(-127, 128, (200, 72)).astype(np.int8),
@@ -118,14 +121,14 @@ def test_the_amx_emulation_computes_what_the_tiles_do(monkeypatch):
             rng.integers(-127, 128, (77, 200)).astype(np.int8)):
     got = {}
     for emulated in (False, True):
-      int8_kernel.emulate_amx(emulated)
+      int8_kernel.emulate_loops(emulated)
       got[emulated] = np.asarray(jax.jit(lambda x: int8_kernel.product(
-          x, w, scale, bias, 'relu6_uint8', 127 / 6, 'amx'))(jnp.asarray(x)))
+          x, w, scale, bias, 'relu6_uint8', 127 / 6, loop))(jnp.asarray(x)))
     np.testing.assert_array_equal(got[True], got[False])
     assert len(np.unique(got[False])) > 60
 
 
-@pytest.mark.parametrize('loop', ['avx2', 'vnni', 'amx'])
+@pytest.mark.parametrize('loop', ['avx2', 'avxvnni', 'vnni', 'amx'])
 @pytest.mark.parametrize('requantised,keep_float,with_residual', [
     ('offset_uint8', True, True), ('offset_uint8', False, True), ('int8', True, False),
     ('int8', False, True), (None, True, True)])
@@ -293,7 +296,7 @@ def test_the_stem_kernel_computes_xlas_float32_layers(loop, shape, c, monkeypatc
   assert (np.asarray(xla) == got).mean() > 0.999
 
 
-@pytest.mark.parametrize('loop', ['avx2', 'vnni', 'amx'])
+@pytest.mark.parametrize('loop', ['avx2', 'avxvnni', 'vnni', 'amx'])
 @pytest.mark.parametrize('shape,k,e,stride,dilation,form', [
     ((1, 41, 37), 16, 48, 2, 1, 'offset'), ((2, 30, 29), 24, 40, 1, 1, 'int8'),
     ((1, 33, 35), 8, 24, 2, 1, 'uint8'), ((1, 19, 18), 12, 32, 1, 2, 'offset'),
@@ -341,7 +344,7 @@ def test_the_fused_pass_rejects_what_it_cannot_run():
     int8_kernel.expand_depthwise(x, w, s, b, 20.0, jnp.zeros((3, 3, 8)), b, 1, 1, 20.0)
 
 
-@pytest.mark.parametrize('loop', ['avx2', 'vnni', 'amx'])
+@pytest.mark.parametrize('loop', ['avx2', 'avxvnni', 'vnni', 'amx'])
 @pytest.mark.parametrize('shape,c,out,mode', [
     ((2, 37, 41, 3), 16, 8, 'linear_offset_uint8'), ((1, 66, 64, 3), 32, 16, 'linear_int8'),
     ((1, 20, 18, 3), 24, 40, 'linear_offset_uint8')])
@@ -566,54 +569,39 @@ def test_projections_hand_the_next_product_its_input(tiny_int8, monkeypatch):
   np.testing.assert_array_equal(got, _logits(config, params, images))
 
 
-def test_signed_inputs_take_the_vnni_loops_own_form(tiny_int8, monkeypatch):
-  """Where the VNNI loop runs, signed inputs (expansions, aspp0) are quantised as x + 128 in
-  uint8, and block 0's projection writes block 1's input so: the same integers, so the
-  logits equal those of the AVX2 loop, which takes them as int8, bit for bit."""
-  if 'vnni' not in int8_kernel.loops():
-    pytest.skip(f'this CPU runs the loops {int8_kernel.loops()}, not vnni')
-  config, _, folded, scales = tiny_int8
-  params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
-  images = jnp.asarray(np.random.default_rng(9).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
-                       jnp.float32)
-  monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
-  logits, texts = {}, {}
-  for loop in ('vnni', 'avx2'):
-    int8_kernel._state.pop('isa', None)
-    monkeypatch.setenv('SEG_INT8_KERNEL_ISA', loop)
-    texts[loop] = _lowered(config, params, images)
-    logits[loop] = _logits(config, params, images)
-  signed = sum('expand' in blk for blk in params['blocks']) + 1  # and aspp0
-  assert texts['vnni'].count('offset_input = true') == signed
-  assert 'offset_input = true' not in texts['avx2']
-  assert texts['vnni'].count('mode = 5') == 1 and texts['avx2'].count('mode = 4') == 1
-  np.testing.assert_array_equal(logits['vnni'], logits['avx2'])
-
-
-def test_the_amx_loop_runs_the_whole_network_as_the_avx2_loop_does(tiny_int8, monkeypatch):
-  """Every product, the fused expansions and the stem pass's projection in AMX tiles (emulated
-  where the CPU has AVX-512 but no AMX), with weights packed to 64 inputs: the AVX2 loop's
-  logits bit for bit, since both sums are exact."""
-  _use_loop('amx', monkeypatch)
+@pytest.mark.parametrize('loop', ['avxvnni', 'vnni', 'amx'])
+def test_each_loop_runs_the_whole_network_as_the_avx2_loop_does(loop, tiny_int8, monkeypatch):
+  """Every product, the fused expansions and the stem pass's projection in `loop` (its
+  stand-in where the CPU lacks it: `_use_loop`), with its weights (packed to 64 inputs for
+  AMX tiles) and input forms (the VNNI loops' signed inputs, expansions and aspp0, quantised
+  as x + 128 in uint8, and block 0's projection writing block 1's input so): the same
+  integers and exact sums, so the AVX2 loop's logits bit for bit."""
+  _use_loop(loop, monkeypatch)
   config, _, folded, scales = tiny_int8
   images = jnp.asarray(np.random.default_rng(10).uniform(-1, 1, (1, EVAL_SIZE, EVAL_SIZE, 3)),
                        jnp.float32)
   monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
   logits, texts = {}, {}
-  for loop in ('amx', 'avx2'):
+  for each in (loop, 'avx2'):
     int8_kernel._state.pop('isa', None)
-    monkeypatch.setenv('SEG_INT8_KERNEL_ISA', loop)
+    monkeypatch.setenv('SEG_INT8_KERNEL_ISA', each)
     params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
-    expected_k = 64 if loop == 'amx' else 4
-    assert params['blocks'][1]['expand']['w'].size % (expected_k * 16) == 0
-    texts[loop] = _lowered(config, params, images)
-    logits[loop] = _logits(config, params, images)
+    k_multiple = 64 if each == 'amx' else 4
+    assert params['blocks'][1]['expand']['w'].size % (k_multiple * 16) == 0
+    texts[each] = _lowered(config, params, images)
+    logits[each] = _logits(config, params, images)
   products = sum(1 for blk in params['blocks'] for name in ('expand', 'project') if name in blk)
-  assert texts['amx'].count('isa = 2') >= products  # and the head's
-  assert 'isa = 2' not in texts['avx2']
-  if int8_kernel.amx_emulated():
-    assert int8_kernel.EMULATION in texts['amx']
-  np.testing.assert_array_equal(logits['amx'], logits['avx2'])
+  isa = f'isa = {int8_kernel.ISAS[loop]} '
+  assert texts[loop].count(isa) >= products and 'isa = 0 ' not in texts[loop]
+  signed = sum('expand' in blk for blk in params['blocks']) + 1  # and aspp0
+  offset = loop in int8_kernel.OFFSET_LOOPS
+  assert texts[loop].count('offset_input = true') == (signed if offset else 0)
+  assert 'offset_input = true' not in texts['avx2']
+  assert texts[loop].count('mode = 5') == (1 if offset else 0)
+  assert texts['avx2'].count('mode = 4') == 1
+  assert (int8_kernel.EMULATION in texts[loop]) == (loop in int8_kernel.EMULATED and
+                                                   int8_kernel.loops_emulated())
+  np.testing.assert_array_equal(logits[loop], logits['avx2'])
 
 
 def test_calibration_records_the_depthwise_inputs(tiny_int8):
@@ -671,24 +659,27 @@ def test_the_kernel_loop_follows_the_cpu_and_the_override(monkeypatch):
   monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
   flags = cpu_features.cpu_flags()
   has_vnni = {'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni'} <= flags
+  has_avxvnni = 'avx_vnni' in flags
   has_amx = 'amx_int8' in flags  # and Linux grants it, as it does on the machines seen
-  expected = ('avx2',) + (('vnni',) if has_vnni else ()) + (('amx',) if has_amx else ())
+  expected = ('avx2',) + (('avxvnni',) if has_avxvnni else ()) + (
+      ('vnni',) if has_vnni else ()) + (('amx',) if has_amx else ())
   assert int8_kernel.loops() == expected
   assert int8_kernel.isa() == expected[-1]
   assert int8_kernel.k_multiple() == (64 if has_amx else 4)
   # Other CPUs' flags.
   assert int8_kernel.loops({'avx2', 'fma'}) == ('avx2',)
-  assert int8_kernel.loops({'avx2', 'fma', 'avx_vnni'}) == ('avx2',)  # no AVX-VNNI loop
+  assert int8_kernel.loops({'avx2', 'fma', 'avx_vnni'}) == ('avx2', 'avxvnni')
   assert int8_kernel.loops({'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512dq',
                             'avx512_vnni'}) == ('avx2', 'vnni')
-  for forced in ('avx2',) + (('vnni',) if has_vnni else ()):
+  for forced in ('avx2',) + (('avxvnni',) if has_avxvnni else ()) + (
+      ('vnni',) if has_vnni else ()):
     int8_kernel._state.pop('isa')
     monkeypatch.setenv('SEG_INT8_KERNEL_ISA', forced)
     assert int8_kernel.isa() == forced and int8_kernel.k_multiple() == 4
   int8_kernel._state.pop('isa')
   int8_kernel._state.pop('loops')
   monkeypatch.setattr(cpu_features, 'cpu_flags', lambda: frozenset({'avx2', 'fma'}))
-  for missing in ('vnni', 'amx'):  # asked for, but the CPU has neither
+  for missing in ('avxvnni', 'vnni', 'amx'):  # asked for, but the CPU has none
     monkeypatch.setenv('SEG_INT8_KERNEL_ISA', missing)
     with pytest.raises(RuntimeError, match='offers only avx2'):
       int8_kernel.isa()
@@ -700,26 +691,29 @@ def test_the_kernel_loop_follows_the_cpu_and_the_override(monkeypatch):
     int8_kernel.isa()
 
 
-def test_the_amx_emulation_is_asked_for_and_needs_avx512(monkeypatch):
-  """SEG_INT8_AMX_EMULATION=1 (or `emulate_amx`) offers the AMX loop, emulated, on CPUs with
-  AVX-512 F, BW, VL and DQ (its output loops'), and never on others."""
+def test_the_stand_ins_are_asked_for_and_need_avx512(monkeypatch):
+  """SEG_INT8_LOOP_EMULATION=1 (or `emulate_loops`) offers the AMX loop, its tiles emulated,
+  on CPUs with AVX-512 F, BW, VL and DQ, and the AVX-VNNI loop, its instruction in the AVX-512
+  VL encoding, on CPUs with AVX-512 VNNI, and never on others."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
   for name in ('emulate', 'loops', 'isa'):
     int8_kernel._state.pop(name, None)
-  monkeypatch.setenv('SEG_INT8_AMX_EMULATION', 'yes')
-  with pytest.raises(ValueError, match='SEG_INT8_AMX_EMULATION must be 0 or 1'):
-    int8_kernel.amx_emulated()
-  monkeypatch.setenv('SEG_INT8_AMX_EMULATION', '1')
-  assert int8_kernel.amx_emulated()
+  monkeypatch.setenv('SEG_INT8_LOOP_EMULATION', 'yes')
+  with pytest.raises(ValueError, match='SEG_INT8_LOOP_EMULATION must be 0 or 1'):
+    int8_kernel.loops_emulated()
+  monkeypatch.setenv('SEG_INT8_LOOP_EMULATION', '1')
+  assert int8_kernel.loops_emulated()
   avx512 = {'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'}
   assert int8_kernel.loops(avx512) == ('avx2', 'amx')
+  assert int8_kernel.loops(avx512 | {'avx512_vnni'}) == ('avx2', 'avxvnni', 'vnni', 'amx')
   assert int8_kernel.loops(avx512 - {'avx512dq'}) == ('avx2',)
+  assert int8_kernel.loops({'avx2', 'fma', 'avx_vnni'}) == ('avx2',)  # no stand-in runs there
   if int8_kernel.AVX512_FLAGS <= cpu_features.cpu_flags():
     assert int8_kernel.isa() == 'amx' and int8_kernel.k_multiple() == 64
-  int8_kernel.emulate_amx(False)
-  assert not int8_kernel.amx_emulated()
-  assert int8_kernel.loops(avx512) == ('avx2',)  # no amx_int8 flag: no AMX loop
+  int8_kernel.emulate_loops(False)
+  assert not int8_kernel.loops_emulated()
+  assert int8_kernel.loops(avx512 | {'avx512_vnni'}) == ('avx2', 'vnni')  # the CPU's own
 
 
 def test_kernel_call_times_are_recorded_while_asked():

@@ -124,12 +124,15 @@ def test_calibration_is_stored_and_reused(tmp_path, tiny_int8):
      'kernel'),                                     # AMD EPYC Zen 4: the kernel's VNNI loop
     ('processor : 0\nflags : fpu avx2 avx512f avx512_vnni\n', (), 'int8'),  # no FMA
     ('fpu sse2 avx avx2 fma', (), 'kernel'),        # this project's AVX2-only AMD EPYC
+    ('fpu avx2 fma avx_vnni', (), 'kernel'),        # Intel's client cores: the AVX-VNNI loop
     ('fpu sse2 avx avx2', (), 'int8'),
     ('fpu sse2 sse4_2 avx', (), 'float32'),
     ('', (), 'float32')])
 def test_cpu_features_choose_flags_and_formulation(flags, xla_flags, formulation):
   choice = cpu_features.choose(flags, machine='x86_64')
   assert choice.xla_flags == xla_flags and choice.int8_formulation == formulation
+  if 'avx_vnni' in flags:
+    assert 'AVX-VNNI loop' in choice.reason
   assert cpu_features.choose('Features : fp asimd asimddp', machine='aarch64'
                              ).int8_formulation == 'int8'
 
