@@ -691,6 +691,24 @@ def test_the_kernel_loop_follows_the_cpu_and_the_override(monkeypatch):
     int8_kernel.isa()
 
 
+def test_the_kernel_refuses_a_loop_the_cpu_lacks(monkeypatch):
+  """Asked past `loops()` for a loop whose instructions this CPU lacks, the kernel returns an
+  error instead of running into an illegal instruction."""
+  flags = cpu_features.cpu_flags()
+  missing = [loop for loop, flag in (('avxvnni', 'avx_vnni'), ('vnni', 'avx512_vnni'))
+             if flag not in flags]
+  if not missing:
+    pytest.skip('this CPU has every VNNI loop')
+  monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
+  int8_kernel.emulate_loops(False)
+  monkeypatch.setattr(int8_kernel, 'loops', lambda flags=None: ('avx2', *missing))
+  x, w = jnp.ones((3, 8), jnp.uint8), jnp.asarray(int8_kernel.pack_weights(np.ones((8, 16),
+                                                                               np.int8)))
+  for loop in missing:
+    with pytest.raises(Exception, match='lacks the instructions of that loop'):
+      jax.block_until_ready(int8_kernel.product(x, w, jnp.ones(16), jnp.zeros(16), loop=loop))
+
+
 def test_the_stand_ins_are_asked_for_and_need_avx512(monkeypatch):
   """SEG_INT8_LOOP_EMULATION=1 (or `emulate_loops`) offers the AMX loop, its tiles emulated,
   on CPUs with AVX-512 F, BW, VL and DQ, and the AVX-VNNI loop, its instruction in the AVX-512
