@@ -1,6 +1,6 @@
 """Each of the network's 1x1 products in the int8 kernel's loops, XLA's int8 and XLA's float32.
 
-    python benchmarks/int8_kernel_layers.py [--width 1.0] [--size 513] [--iters 15]
+    python benchmarks/int8_kernel_layers.py [--width 1.0] [--size 513] [--iters 15] [--loops L,..]
 
 The products of DeepLabv3 + MobileNetV2 (output stride 16, batch 1) as the engine runs them,
 random values (speed does not depend on them), each variant one compiled call:
@@ -31,6 +31,9 @@ def main():
   parser.add_argument('--width', type=float, default=1.0)
   parser.add_argument('--size', type=int, default=513)
   parser.add_argument('--iters', type=int, default=15)
+  parser.add_argument('--loops', default=None,
+                      help='the kernel loops to time, comma-separated (default: all this CPU '
+                           'runs), e.g. avx2,avxvnni with SEG_INT8_LOOP_EMULATION=1')
   args = parser.parse_args()
   from seg.cli import process
   process.reexec_with_mimalloc()  # as main.py runs: glibc's fresh pages at every call
@@ -78,6 +81,11 @@ def main():
     return statistics.median(times) * 1000
 
   loops = int8_kernel.loops()
+  if args.loops:
+    unknown = set(args.loops.split(',')) - set(loops)
+    if unknown:
+      raise SystemExit(f'--loops: {sorted(unknown)} not among this CPU\'s {loops}')
+    loops = tuple(loop for loop in loops if loop in args.loops.split(','))
   columns = [f'kernel {loop}' for loop in loops] + ['xla int8', 'xla float32']
   print(f'{args.size}x{args.size}, width {args.width}, batch 1, jax {jax.__version__}, '
         f'the engine\'s loop: {int8_kernel.isa()}; ms (GMAdd/s): ' + ' | '.join(columns))

@@ -237,12 +237,13 @@ void Rows(const Problem& p, int64_t begin, int64_t end) {
 #define SEG_DPBUSD256 _mm256_dpbusd_avx_epi32
 #endif
 
-// R rows x one panel: 2R accumulators (of the 16 ymm registers).
-template <bool kSigned, int R>
+// R rows x one panel: 2R accumulators (of the 16 ymm registers); G groups of 4 inputs, or 0:
+// p.k / 4 (a compile-time G unrolls the loop over them, as in the VNNI loop below).
+template <bool kSigned, int R, int G>
 SEG_AVXVNNI SEG_INLINE void AvxVnniTile(const Problem& p, int64_t row, int64_t panel) {
-  const int64_t groups = p.k / 4;
-  const int8_t* w = p.w + panel * (p.kw / 4) * 64;
-  const uint8_t* x = p.x + row * p.k;
+  const int64_t groups = G ? G : p.k / 4, k = 4 * groups;
+  const int8_t* w = p.w + panel * (G ? 64 * G : p.kw / 4 * 64);  // G: weights packed to k
+  const uint8_t* x = p.x + row * k;
   const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256i acc[R][2];
   for (int h = 0; h < 2; ++h) {
@@ -257,7 +258,7 @@ SEG_AVXVNNI SEG_INLINE void AvxVnniTile(const Problem& p, int64_t row, int64_t p
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * g + 32));
     for (int r = 0; r < R; ++r) {
       int32_t four;
-      std::memcpy(&four, x + r * p.k + 4 * g, 4);
+      std::memcpy(&four, x + r * k + 4 * g, 4);
       __m256i xb = _mm256_set1_epi32(four);
       if (kSigned) xb = _mm256_xor_si256(xb, flip);
       acc[r][0] = SEG_DPBUSD256(acc[r][0], xb, w0);
@@ -267,14 +268,29 @@ SEG_AVXVNNI SEG_INLINE void AvxVnniTile(const Problem& p, int64_t row, int64_t p
   StoreRows<R>(p, acc, row, panel);
 }
 
-template <bool kSigned>
-SEG_AVXVNNI void AvxVnniRows(const Problem& p, int64_t begin, int64_t end) {
+template <bool kSigned, int G>
+SEG_AVXVNNI void AvxVnniRowsOf(const Problem& p, int64_t begin, int64_t end) {
   constexpr int R = 4;
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
   for (int64_t panel = 0; panel < panels; ++panel) {
     int64_t r = begin;
-    for (; r + R <= end; r += R) AvxVnniTile<kSigned, R>(p, r, panel);
-    for (; r < end; ++r) AvxVnniTile<kSigned, 1>(p, r, panel);
+    for (; r + R <= end; r += R) AvxVnniTile<kSigned, R, G>(p, r, panel);
+    for (; r < end; ++r) AvxVnniTile<kSigned, 1, G>(p, r, panel);
+  }
+}
+
+template <bool kSigned>
+SEG_AVXVNNI void AvxVnniRows(const Problem& p, int64_t begin, int64_t end) {
+  switch (p.kw == p.k ? p.k / 4 : 0) {
+    case 1: return AvxVnniRowsOf<kSigned, 1>(p, begin, end);
+    case 2: return AvxVnniRowsOf<kSigned, 2>(p, begin, end);
+    case 3: return AvxVnniRowsOf<kSigned, 3>(p, begin, end);
+    case 4: return AvxVnniRowsOf<kSigned, 4>(p, begin, end);
+    case 5: return AvxVnniRowsOf<kSigned, 5>(p, begin, end);
+    case 6: return AvxVnniRowsOf<kSigned, 6>(p, begin, end);
+    case 7: return AvxVnniRowsOf<kSigned, 7>(p, begin, end);
+    case 8: return AvxVnniRowsOf<kSigned, 8>(p, begin, end);
+    default: return AvxVnniRowsOf<kSigned, 0>(p, begin, end);
   }
 }
 

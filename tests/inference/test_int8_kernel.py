@@ -51,16 +51,17 @@ def _numpy_product(x, w, scale, bias, mode, inv_out):
 @pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'relu6_uint8', 'linear_int8',
                                   'linear_offset_uint8'])
 @pytest.mark.parametrize('loop,k_multiple,k', [
-    ('avx2', 4, 52), ('avx2', 4, 136), ('vnni', 4, 52), ('vnni', 4, 136),
-    ('avxvnni', 4, 52), ('avxvnni', 4, 136), ('avxvnni', 4, 16),
-    ('vnni', 4, 16), ('vnni', 4, 28),  # the VNNI loop's unrolled inputs (k <= 32)
+    ('avx2', 4, 52), ('avx2', 4, 136), ('avxvnni', 4, 52), ('avxvnni', 4, 136),
+    ('vnni', 4, 52), ('vnni', 4, 136),
+    ('avxvnni', 4, 16), ('avxvnni', 4, 28),  # the VNNI loops' unrolled inputs (k <= 32)
+    ('vnni', 4, 16), ('vnni', 4, 28),
     ('vnni', 64, 52),  # weights padded for AMX tiles (an AMX CPU's VNNI fallback)
     ('amx', 64, 52), ('amx', 64, 136)])
 def test_the_kernel_computes_the_integer_product_exactly(signed, mode, loop, k_multiple, k,
                                                         monkeypatch):
   """Each loop the CPU runs (the others are skipped), with inputs that are one partial AMX
-  tile (52) or two and a part (136), and for the VNNI loop the widths it unrolls (16, 28);
-  signed inputs go through the VNNI loop's offset, given as int8 or ('offset') as x + 128 in
+  tile (52) or two and a part (136), and for the VNNI loops the widths they unroll (16, 28);
+  signed inputs go through the VNNI loops' offset, given as int8 or ('offset') as x + 128 in
   uint8."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   _use_loop(loop, monkeypatch)
