@@ -45,6 +45,14 @@
 
 namespace ffi = xla::ffi;
 
+// The AVX-VNNI and AMX intrinsics came with GCC 11 and clang 12: with an older compiler (or
+// -DSEG_WITHOUT_NEW_LOOPS) those two loops are left out and the others run (`SegHasLoop`).
+#if !defined(SEG_WITHOUT_NEW_LOOPS) && __has_include(<avxvnniintrin.h>)
+#define SEG_NEW_LOOPS 1
+#else
+#define SEG_NEW_LOOPS 0
+#endif
+
 namespace {
 
 constexpr int kPanel = 16;  // output channels per weight panel: two vectors of 8 int32
@@ -229,6 +237,7 @@ void Rows(const Problem& p, int64_t begin, int64_t end) {
 // x + 128 into sums that start from `offset`, as in the VNNI loop; the AVX2 output loop.
 // Built with -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`) it is the same
 // instruction in its AVX-512 VL encoding, which CPUs with AVX-512 VNNI but no AVX-VNNI run.
+#if SEG_NEW_LOOPS
 #ifdef SEG_KERNEL_EMULATION
 #define SEG_AVXVNNI __attribute__((target("avx512vl,avx512vnni")))
 #define SEG_DPBUSD256 _mm256_dpbusd_epi32
@@ -308,6 +317,11 @@ SEG_AVXVNNI void AvxVnniOffsets(const Problem& p, int32_t* offset) {
                           _mm256_sub_epi32(_mm256_setzero_si256(), acc));
     }
 }
+#else
+template <bool kSigned>
+void AvxVnniRows(const Problem&, int64_t, int64_t) {}  // never called: RunsLoop
+void AvxVnniOffsets(const Problem&, int32_t*) {}
+#endif  // SEG_NEW_LOOPS
 
 // ------------------------------------------------------------------------------------------
 // The AVX-512 output loop of the VNNI and AMX loops: one row's 16 channels of `panel` from
@@ -483,6 +497,7 @@ SEG_VNNI void VnniRows(const Problem& p, int64_t begin, int64_t end) {
 // are copied into a zero-padded buffer first. The epilogue is Store16.
 // Built with -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`), the tile instructions are
 // amx_emulation.h's plain C++ instead: this loop's code, checked on CPUs without AMX.
+#if SEG_NEW_LOOPS
 #ifdef SEG_KERNEL_EMULATION
 #include "amx_emulation.h"
 #define SEG_AMX SEG_AVX512
@@ -584,13 +599,20 @@ SEG_AMX void AmxRun(const Problem& p, int64_t begin, int64_t end) {
   _tile_release();
 }
 
+#else
+bool AmxPermitted() { return false; }
+void AmxRun(const Problem&, int64_t, int64_t) {}  // never called: AmxPermitted
+#endif  // SEG_NEW_LOOPS
+
 // Whether this CPU has the instructions of loop `isa` (AMX's permission is asked apart).
 bool RunsLoop(int32_t isa) {
   const bool vnni512 = seg::HasAvx512() && __builtin_cpu_supports("avx512vnni");
   switch (isa) {
     case kVnni: return vnni512;
     case kAmx: return seg::HasAvx512();
-#ifdef SEG_KERNEL_EMULATION
+#if !SEG_NEW_LOOPS
+    case kAvxVnni: return false;
+#elif defined(SEG_KERNEL_EMULATION)
     case kAvxVnni: return vnni512;  // its AVX-512 VL encoding
 #else
     case kAvxVnni: return __builtin_cpu_supports("avxvnni");
@@ -831,6 +853,12 @@ ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 // Whether this process may use AMX (asks Linux once; int8_kernel.py calls it through ctypes).
 extern "C" int SegAmxPermitted() { return AmxPermitted() ? 1 : 0; }
+
+// Whether this library has loop `isa` (Isa), whatever the CPU: the compiler may have left the
+// AVX-VNNI and AMX loops out (SEG_NEW_LOOPS).
+extern "C" int SegHasLoop(int isa) {
+  return isa == kAvx2 || isa == kVnni || ((isa == kAvxVnni || isa == kAmx) && SEG_NEW_LOOPS);
+}
 
 // Each kernel call's start and end (kernel_threads.h: CallTimes), through ctypes: recording
 // started afresh (on) or stopped; the calls recorded, up to `most` (start, end) pairs

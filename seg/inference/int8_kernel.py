@@ -239,14 +239,21 @@ def loops(flags=None) -> tuple:
   flags = frozenset(flags)
   emulated = loops_emulated()
   found = ['avx2']
-  if EMULATED['avxvnni'] <= flags if emulated else 'avx_vnni' in flags:
+  if (EMULATED['avxvnni'] <= flags if emulated else 'avx_vnni' in flags) and built('avxvnni'):
     found.append('avxvnni')
   if VNNI_FLAGS <= flags:
     found.append('vnni')
   if (EMULATED['amx'] <= flags if emulated else
-      'amx_int8' in flags and available() and _state['lib'].SegAmxPermitted() == 1):
+      'amx_int8' in flags and available() and _state['lib'].SegAmxPermitted() == 1) and (
+          built('amx')):
     found.append('amx')
   return tuple(found)
+
+
+def built(loop: str) -> bool:
+  """Whether the kernel library has `loop`: compilers before GCC 11 and clang 12 have no
+  AVX-VNNI or AMX intrinsics, and the build leaves those two loops out."""
+  return available() and _state['lib'].SegHasLoop(ctypes.c_int(ISAS[loop])) == 1
 
 
 def isa() -> str:

@@ -710,6 +710,26 @@ def test_the_kernel_refuses_a_loop_the_cpu_lacks(monkeypatch):
       jax.block_until_ready(int8_kernel.product(x, w, jnp.ones(16), jnp.zeros(16), loop=loop))
 
 
+def test_a_compiler_without_avxvnni_and_amx_builds_the_other_loops(tmp_path, monkeypatch):
+  """Before GCC 11 and clang 12 no compiler knew AVX-VNNI's and AMX's intrinsics (RHEL 8's
+  GCC 8, Ubuntu 20.04's GCC 9): the library then leaves those loops out (as it does with
+  -DSEG_WITHOUT_NEW_LOOPS, which stands in for such a compiler here) and says so, and
+  `loops()` offers the others."""
+  import ctypes
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  lib = ctypes.cdll.LoadLibrary(int8_kernel.build(str(tmp_path),
+                                                  defines=('SEG_WITHOUT_NEW_LOOPS',)))
+  assert [lib.SegHasLoop(int8_kernel.ISAS[loop]) for loop in ('avx2', 'vnni', 'avxvnni', 'amx')
+          ] == [1, 1, 0, 0]
+  assert lib.SegAmxPermitted() == 0
+  assert int8_kernel.built('avx2') and int8_kernel.built('vnni')  # whatever the compiler
+  monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
+  int8_kernel.emulate_loops(False)
+  monkeypatch.setattr(int8_kernel, 'built', lambda loop: loop in ('avx2', 'vnni'))
+  everything = {'avx2', 'fma', 'avx_vnni', 'amx_int8'} | int8_kernel.VNNI_FLAGS
+  assert int8_kernel.loops(everything) == ('avx2', 'vnni')
+
+
 def test_the_stand_ins_are_asked_for_and_need_avx512(monkeypatch):
   """SEG_INT8_LOOP_EMULATION=1 (or `emulate_loops`) offers the AMX loop, its tiles emulated,
   on CPUs with AVX-512 F, BW, VL and DQ, and the AVX-VNNI loop, its instruction in the AVX-512
