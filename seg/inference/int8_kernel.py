@@ -27,8 +27,9 @@ Both run in AVX-512 loops beside the VNNI and AMX loops, in AVX2 ones elsewhere.
 
 They are C++ compiled on first use with the system's C++ compiler against the XLA FFI headers
 that jaxlib ships (`jax.ffi.include_dir()`), into $XDG_CACHE_HOME/seg/kernels (~/.cache/seg/
-kernels; SEG_KERNEL_DIR overrides), one library per version of the sources, flags and
-jaxlib, written atomically so that concurrent processes share it. Where they cannot be built
+kernels, or $TMPDIR/seg-kernels-UID where that cannot be written; SEG_KERNEL_DIR overrides),
+one library per version of the sources, flags and jaxlib, written atomically so that
+concurrent processes share it. Where they cannot be built
 (no compiler, not x86 with AVX2 and FMA) `available()` is False, says why in
 `unavailable_reason()`, and the engine uses XLA's int8 formulation. Exports (`jax.export`)
 never contain them.
@@ -106,7 +107,10 @@ def build(directory: Optional[str] = None, log=None, defines=()) -> str:
   """Compiles `SOURCES` into one library (once per version of them, the flags and jaxlib)
   and returns its path. `defines`: preprocessor macros (e.g. 'SEG_KERNEL_EMULATION').
 
-  Raises RuntimeError with the compiler's message when it fails. `log`: told when it compiles.
+  Where the default directory (`kernel_dir()`, not chosen by SEG_KERNEL_DIR or `directory`)
+  cannot be written (a read-only home on a cluster), builds in $TMPDIR/seg-kernels-UID
+  instead. Raises RuntimeError with the compiler's message when it fails. `log`: told when
+  it compiles, and where.
   """
   cxx = _compiler()
   if cxx is None:
@@ -119,16 +123,26 @@ def build(directory: Optional[str] = None, log=None, defines=()) -> str:
   flags = CXX_FLAGS + tuple(f'-D{name}' for name in defines)
   key = hashlib.sha256(source + ' '.join(flags).encode() +
                        jax.lib.__version__.encode() + cxx.encode()).hexdigest()[:16]
+  chosen = directory or os.environ.get('SEG_KERNEL_DIR')
   directory = directory or kernel_dir()
   stem = '-'.join(['int8_kernel'] + [d.lower().replace('_', '-') for d in defines])
   path = os.path.join(directory, f'{stem}-{key}.so')
   if os.path.exists(path):
     return path
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
+  except OSError as e:
+    if chosen:
+      raise RuntimeError(f'cannot write the int8 kernel to {directory}: {e}') from e
+    fallback = os.path.join(tempfile.gettempdir(), f'seg-kernels-{os.getuid()}')
+    if log:
+      log(f'{directory} cannot be written ({e.strerror or e}): the int8 kernel goes to '
+          f'{fallback} (SEG_KERNEL_DIR chooses)')
+    return build(fallback, log, defines)
+  os.close(fd)
   if log:
     log(f'compiling the int8 kernel into {directory} (once) ...')
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
-  os.close(fd)
   try:
     done = subprocess.run([cxx, *flags, f'-I{include}', *SOURCES, '-o', tmp],
                           capture_output=True, text=True)

@@ -645,6 +645,29 @@ def test_a_failed_build_says_why(tmp_path, monkeypatch):
   assert not list((tmp_path / 'kernels').glob('*.so'))  # nothing half-written left behind
 
 
+def test_an_unwritable_cache_sends_the_build_to_the_temporary_directory(tmp_path, monkeypatch):
+  """A home whose cache cannot be written (here: a file where the directory would be) sends
+  the library to $TMPDIR/seg-kernels-UID, and says so; a directory chosen by SEG_KERNEL_DIR
+  is an error instead."""
+  import os
+  import shutil
+  import tempfile
+  built = int8_kernel.build()  # this session's library, copied below instead of rebuilt
+  monkeypatch.delenv('SEG_KERNEL_DIR', raising=False)
+  (tmp_path / 'not_a_directory').write_text('')
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'not_a_directory'))
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+  fallback = tmp_path / f'seg-kernels-{os.getuid()}'
+  fallback.mkdir()
+  shutil.copy(built, fallback / os.path.basename(built))
+  said = []
+  assert int8_kernel.build(log=said.append) == str(fallback / os.path.basename(built))
+  assert len(said) == 1 and 'cannot be written' in said[0] and str(fallback) in said[0]
+  monkeypatch.setenv('SEG_KERNEL_DIR', str(tmp_path / 'not_a_directory' / 'kernels'))
+  with pytest.raises(RuntimeError, match='cannot write the int8 kernel'):
+    int8_kernel.build()
+
+
 def test_the_formulation_can_be_forced(monkeypatch):
   monkeypatch.setenv('SEG_INT8_FORMULATION', 'int8')
   assert cpu_features.formulation_override() == 'int8'
