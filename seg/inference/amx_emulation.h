@@ -11,7 +11,9 @@
 // _tile_dpbusd / _tile_dpbssd add to C[m][n] (int32, wrapping) the sums over k of
 // A[m][4k + i] (uint8 / int8) times B[k][4n + i] (int8), i = 0..3. What the hardware would
 // fault on (a tile used without a config, a palette other than 1, shapes that do not fit
-// the product) aborts with a message instead.
+// the product) aborts with a message instead. So does a load from outside the memory the
+// loop declared readable (`AllowRead`, once it declared any): on the hardware such a read
+// goes unnoticed, or faults only where it crosses into an unmapped page.
 #ifndef SEG_INFERENCE_AMX_EMULATION_H_
 #define SEG_INFERENCE_AMX_EMULATION_H_
 
@@ -19,6 +21,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 namespace seg_amx {
 
@@ -26,6 +30,7 @@ struct Tiles {
   bool configured = false;
   int rows[8] = {}, colsb[8] = {};
   alignas(64) uint8_t data[8][16][64] = {};
+  std::vector<std::pair<const uint8_t*, const uint8_t*>> readable;  // [begin, end) ranges
 };
 
 inline Tiles& State() {
@@ -64,6 +69,19 @@ inline void Release() {
   State() = Tiles();
 }
 
+// Tile loads may read [p, p + bytes) until the next Release.
+inline void AllowRead(const void* p, size_t bytes) {
+  const uint8_t* begin = static_cast<const uint8_t*>(p);
+  State().readable.emplace_back(begin, begin + bytes);
+}
+
+inline bool Readable(const Tiles& s, const uint8_t* begin, const uint8_t* end) {
+  if (s.readable.empty()) return true;
+  for (const auto& range : s.readable)
+    if (begin >= range.first && end <= range.second) return true;
+  return false;
+}
+
 inline void Zero(int t) {
   std::memset(Configured(t).data[t], 0, sizeof(Tiles::data[0]));
 }
@@ -71,8 +89,11 @@ inline void Zero(int t) {
 inline void Load(int t, const void* base, long stride) {
   Tiles& s = Configured(t);
   std::memset(s.data[t], 0, sizeof(Tiles::data[0]));
-  for (int r = 0; r < s.rows[t]; ++r)
-    std::memcpy(s.data[t][r], static_cast<const uint8_t*>(base) + r * stride, s.colsb[t]);
+  for (int r = 0; r < s.rows[t]; ++r) {
+    const uint8_t* row = static_cast<const uint8_t*>(base) + r * stride;
+    if (!Readable(s, row, row + s.colsb[t])) Fault("tile load outside the readable memory", t);
+    std::memcpy(s.data[t][r], row, s.colsb[t]);
+  }
 }
 
 inline void Store(int t, void* base, long stride) {

@@ -495,13 +495,17 @@ SEG_VNNI void VnniRows(const Problem& p, int64_t begin, int64_t end) {
 // k_multiple=64)); an A tile reads 16 rows x 64 input bytes straight from x (row stride k),
 // whose bytes beyond k meet those zero weights, except near the end of x, where the rows
 // are copied into a zero-padded buffer first. The epilogue is Store16.
-// Built with -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`), the tile instructions are
-// amx_emulation.h's plain C++ instead: this loop's code, checked on CPUs without AMX.
+// Built with -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`), the tile instructions
+// are amx_emulation.h's plain C++ instead: this loop's code, checked on CPUs without AMX, its
+// tile loads checked against the memory it declares readable (SEG_AMX_READABLE: x, the
+// weights, the padded rows).
 #if SEG_NEW_LOOPS
 #ifdef SEG_KERNEL_EMULATION
 #include "amx_emulation.h"
 #define SEG_AMX SEG_AVX512
+#define SEG_AMX_READABLE(p, bytes) seg_amx::AllowRead(p, bytes)  // else a load faults
 #else
+#define SEG_AMX_READABLE(p, bytes)
 #define SEG_AMX __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl,avx512dq")))
 #endif
 
@@ -574,6 +578,7 @@ SEG_AMX void AmxRows(const Problem& p, int64_t begin, int64_t end, std::vector<u
     int64_t lda = p.k;
     if (rows < 2 * kTile || (row + rows - 1) * p.k + p.kw > p.m * p.k) {
       pad.assign(2 * kTile * p.kw, 0);
+      SEG_AMX_READABLE(pad.data(), pad.size());
       for (int64_t r = 0; r < rows; ++r) std::memcpy(&pad[r * p.kw], a + r * p.k, p.k);
       a = pad.data();
       lda = p.kw;
@@ -595,6 +600,8 @@ SEG_AMX void AmxRun(const Problem& p, int64_t begin, int64_t end) {
   TileConfig config;
   for (int t = 0; t < 8; ++t) { config.colsb[t] = 64; config.rows[t] = kTile; }
   _tile_loadconfig(&config);
+  SEG_AMX_READABLE(p.x, p.m * p.k);
+  SEG_AMX_READABLE(p.w, (p.n + kPanel - 1) / kPanel * kPanel * p.kw);
   if (p.is_signed) AmxRows<true>(p, begin, end, pad); else AmxRows<false>(p, begin, end, pad);
   _tile_release();
 }

@@ -350,7 +350,10 @@ def test_the_fused_pass_rejects_what_it_cannot_run():
     ((2, 37, 41, 3), 16, 8, 'linear_offset_uint8'), ((1, 66, 64, 3), 32, 16, 'linear_int8'),
     ((1, 20, 18, 3), 24, 40, 'linear_offset_uint8')])
 def test_the_stem_pass_can_run_block0s_projection_too(loop, shape, c, out, mode, monkeypatch):
-  """`stem(..., project=...)` against the stem pass followed by the product, bit for bit."""
+  """`stem(..., project=...)` against the stem pass followed by the product, bit for bit.
+  With 32 output columns (the second shape) each chunk's rows are whole 32-row AMX blocks
+  whose last ends at the end of the chunk's buffer: its rows must be copied into the padded
+  buffer, or the 64-input tile loads read past it (the emulated tiles fault on that)."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   _use_loop(loop, monkeypatch)
   rng = np.random.default_rng(sum(shape) + c + out)
