@@ -158,6 +158,10 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
     times.append((time.perf_counter() - start) * 1000)
   median = statistics.median(times)
   dtype_name = jnp.dtype(eng.dtype).name
+  loop = None
+  if eng.int8_formulation == 'kernel':
+    from seg.inference import int8_kernel
+    loop = int8_kernel.isa()
   record = {
       'peer': 'seg-engine',
       'variant': (f'os{config.model.output_stride}/{dtype_name}/{measure}'
@@ -170,6 +174,7 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
                f'{"float32" if measure == "network" else "uint8"}',
       'dtype': dtype_name,
       'int8_formulation': eng.int8_formulation,
+      'int8_loop': loop,  # the kernel's loop (int8_kernel.isa), where it runs
       'measure': measure,
       'warmup': warmup,
       'requested_iters': iters,
@@ -205,7 +210,11 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
 def format_record(r: Dict[str, Any]) -> str:
   """The one-screen summary of a benchmark record."""
   return '\n'.join([
-      f'engine {r["dtype"]}, {r["measure"]} ({r["input"]} -> {r["output_shape"]}), '
+      f'engine {r["dtype"]}'
+      + (f' ({r["int8_formulation"]} formulation'
+         + (f', {r["int8_loop"]} loop)' if r.get('int8_loop') else ')')
+         if r.get('int8_formulation') else '')
+      + f', {r["measure"]} ({r["input"]} -> {r["output_shape"]}), '
       f'{r["device"]}, allocator {r["allocator"]}',
       f'  median {r["median_ms"]:.1f} ms per batch of {r["batch"]}  '
       f'(min {r["min_ms"]:.1f}, max {r["max_ms"]:.1f}, {r["iters"]} runs after '

@@ -608,6 +608,21 @@ def test_each_loop_runs_the_whole_network_as_the_avx2_loop_does(loop, tiny_int8,
   np.testing.assert_array_equal(logits[loop], logits['avx2'])
 
 
+def test_the_benchmark_names_the_formulation_and_the_loop(monkeypatch):
+  """`main.py benchmark --dtype int8` says which int8 formulation and kernel loop it timed
+  (its record and its summary), so that a figure can be traced to the code that made it."""
+  from experiments import tiny
+  from seg.inference import benchmark
+  config = tiny.get_config()
+  record = benchmark.benchmark(config, height=65, width=65, dtype='int8', warmup=1, iters=2,
+                               log=lambda *a: None)
+  assert record['int8_formulation'] == 'kernel' and record['int8_loop'] == int8_kernel.isa()
+  assert f'(kernel formulation, {int8_kernel.isa()} loop)' in benchmark.format_record(record)
+  record = benchmark.benchmark(config, height=65, width=65, warmup=1, iters=2,
+                               log=lambda *a: None)
+  assert record['int8_loop'] is None and 'formulation' not in benchmark.format_record(record)
+
+
 def test_calibration_records_the_depthwise_inputs(tiny_int8):
   config, _, _, scales = tiny_int8
   names = quantize.scale_names(config.model)
