@@ -1,0 +1,145 @@
+"""The int8 engine on a CPU not measured before (an AMX Xeon, an AVX2-only or AVX-VNNI core):
+one command for what docs/performance.md needs from it.
+
+    python benchmarks/int8_cpu_check.py [--output benchmarks/results/int8-cpu-check-DATE-CPU.json]
+        [--rounds 2] [--skip-peers]
+
+Steps, each a fresh process, their output kept whole in the JSON file:
+1. the CPU: lscpu's model name, the flags the kernels read, the kernel's loops
+   (`int8_kernel.loops()`, the one the engine runs, which the compiler built);
+2. the kernel's tests (tests/inference/test_int8_kernel.py): passed / skipped / failed, so
+   that a loop first met here is checked before it is timed (the AMX and AVX-VNNI loops
+   were written and checked through stand-ins on CPUs without them);
+3. every product in each real loop, one core (`int8_kernel_layers.py`, `taskset -c 0`): the
+   loop to choose per CPU, and where AMX tiles beat VNNI;
+4. the network kernel by kernel in each real loop, one core and both cores
+   (`int8_timeline.py`);
+5. the peers side by side (`peers/run.py`: ONNX Runtime float32 and int8, PyTorch
+   `torch.compile` bfloat16, the engine's float32, bfloat16 and int8; --rounds rounds,
+   batches 1 and 8): issue 17's ratios, needing benchmarks/requirements-peers.txt.
+Prints the key figures at the end (a step that fails is recorded and the rest go on).
+About 15 minutes on 2 cores (2026-12-06, AMD EPYC Zen 4, --rounds 2).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INFO = r'''
+import json, subprocess
+from seg.inference import cpu_features, int8_kernel
+flags = cpu_features.cpu_flags()
+lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
+model = next((l.split(':', 1)[1].strip() for l in lscpu.splitlines()
+              if l.startswith('Model name')), '')
+ok = int8_kernel.available()
+print(json.dumps({
+    'model': model, 'nproc': __import__('os').cpu_count(),
+    'flags': sorted(f for f in flags if f.startswith(('avx512', 'amx')) or
+                    f in ('avx2', 'fma', 'avx_vnni')),
+    'kernel': ok, 'why_not': int8_kernel.unavailable_reason(),
+    'loops': list(int8_kernel.loops()) if ok else [],
+    'isa': int8_kernel.isa() if ok else None,
+    'built': {l: int8_kernel.built(l) for l in int8_kernel.ISAS} if ok else {},
+    'choice': cpu_features.choose().reason}))
+'''
+
+
+def run(command, env=None, timeout=1800):
+  """(exit code, seconds, stdout + stderr) of a command (a list, or a shell line) in the
+  repository root."""
+  start = time.time()
+  try:
+    done = subprocess.run(command, shell=isinstance(command, str), cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
+    code, out = done.returncode, done.stdout + done.stderr
+  except subprocess.TimeoutExpired as e:
+    code, out = 124, f'timed out after {timeout} s\n{e.stdout or ""}'
+  shown = command if isinstance(command, str) else ' '.join(command)[:80]
+  print(f'  [{code}] {time.time() - start:.0f} s  {shown}', flush=True)
+  return code, round(time.time() - start, 1), out
+
+
+def one_core() -> str:
+  return 'taskset -c 0 ' if shutil.which('taskset') else ''
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--output', default='')
+  parser.add_argument('--rounds', type=int, default=2, help='peers rounds')
+  parser.add_argument('--skip-peers', action='store_true')
+  args = parser.parse_args()
+  python = sys.executable
+  report = {'date_utc': datetime.datetime.now(datetime.timezone.utc).strftime(
+      '%Y-%m-%dT%H:%M:%SZ'), 'steps': {}}
+
+  code, _, out = run([python, '-c', INFO])
+  info = json.loads(out.strip().splitlines()[-1]) if code == 0 else {'error': out[-2000:]}
+  report['cpu'] = info
+  print(json.dumps(info, indent=1), flush=True)
+  loops = info.get('loops', [])
+
+  code, seconds, out = run(f'{python} -m pytest -q -p no:cacheprovider '
+                           'tests/inference/test_int8_kernel.py')
+  counts = dict((k, int(v)) for v, k in re.findall(r'(\d+) (passed|skipped|failed|error)', out))
+  report['steps']['tests'] = {'exit': code, 'seconds': seconds, 'counts': counts,
+                              'tail': out[-3000:]}
+
+  code, seconds, out = run(f'{one_core()}{python} benchmarks/int8_kernel_layers.py')
+  total = re.search(r'^all\s+[\d.]+ GMAdd\s+(.*)$', out, re.M)
+  report['steps']['layers_one_core'] = {
+      'exit': code, 'seconds': seconds, 'output': out,
+      'all_products_ms': [float(v) for v in re.findall(r'([\d.]+) \(', total.group(1))]
+      if total else None}
+
+  report['steps']['timeline'] = {}
+  for loop in loops:
+    for cores, prefix in (('one core', one_core()), ('all cores', '')):
+      code, seconds, out = run(f'{prefix}{python} benchmarks/int8_timeline.py --iters 50',
+                               env={'SEG_INT8_KERNEL_ISA': loop})
+      call = re.search(r'a network call took ([\d.]+)', out)
+      report['steps']['timeline'][f'{loop}, {cores}'] = {
+          'exit': code, 'network_ms': float(call.group(1)) if call else None,
+          'output': out[-6000:]}
+
+  if not args.skip_peers:
+    date = report['date_utc'][:10]
+    jsonl = os.path.join('benchmarks', 'results', f'peers-{date}-int8-cpu-check.jsonl')
+    code, seconds, out = run(
+        f'{python} benchmarks/peers/run.py --only onnxruntime-float32,onnxruntime-int8,'
+        f'torch-compile-bfloat16 --engine --rounds {args.rounds} --batches 1,8 --iters 50 '
+        f'--output {jsonl}', timeout=3600)
+    report['steps']['peers'] = {'exit': code, 'seconds': seconds, 'jsonl': jsonl,
+                                'table': out[-5000:]}
+
+  model = re.sub(r'[^a-z0-9]+', '-', info.get('model', 'cpu').lower()).strip('-') or 'cpu'
+  output = args.output or os.path.join(
+      ROOT, 'benchmarks', 'results', f'int8-cpu-check-{report["date_utc"][:10]}-{model}.json')
+  with open(output, 'w') as f:
+    json.dump(report, f, indent=1)
+
+  print(f'\n{info.get("model")}: loops {loops}, the engine runs {info.get("isa")}')
+  print(f'tests: {report["steps"]["tests"]["counts"]}')
+  layers = report['steps']['layers_one_core']['all_products_ms']
+  if layers:
+    names = [f'kernel {loop}' for loop in loops] + ['xla int8', 'xla float32']
+    print('all products, one core, ms: ' + ', '.join(
+        f'{n} {v}' for n, v in zip(names, layers)))
+  for key, value in report['steps']['timeline'].items():
+    print(f'network, {key}: {value["network_ms"]} ms')
+  if 'peers' in report['steps']:
+    print(report['steps']['peers']['table'][-2500:])
+  print(f'written: {output}')
+
+
+if __name__ == '__main__':
+  main()
