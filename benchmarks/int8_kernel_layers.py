@@ -1,14 +1,16 @@
 """Each of the network's 1x1 products in the int8 kernel's loops, XLA's int8 and XLA's float32.
 
-    python benchmarks/int8_kernel_layers.py [--width 1.0] [--size 513] [--iters 15] [--loops L,..]
+    python benchmarks/int8_kernel_layers.py [--width 1.0] [--size 513] [--iters 15] \
+        [--loops avx2,vnni]
 
 The products of DeepLabv3 + MobileNetV2 (output stride 16, batch 1) as the engine runs them,
 random values (speed does not depend on them), each variant one compiled call:
 - kernel LOOP, for each loop this CPU runs (avx2, avxvnni, vnni, amx: `int8_kernel.loops()`;
   with SEG_INT8_LOOP_EMULATION=1 also the stand-ins of avxvnni and amx, the emulated tiles
   far slower than real ones): `seg.inference.int8_kernel.product` on uint8/int8 inputs
-  (signed ones as x + 128 in uint8 for the VNNI loops, as the engine stores them), expansions writing the depthwise layer's
-  uint8 input, the others float32 (the 'kernel' formulation);
+  (signed ones as x + 128 in uint8 for the VNNI loops, as the engine stores them),
+  expansions writing the depthwise layer's uint8 input, the others float32 (the 'kernel'
+  formulation);
 - xla int8: float32 input quantised, int8 x int8 -> int32 `dot_general`, scale, bias and
   activation (the 'int8' formulation, fused by XLA);
 - xla float32: `dot_general` + bias + activation.

@@ -15,10 +15,10 @@ than its float32 ones; on every CPU the quantise / dequantise around XLA's produ
 separate passes over memory (docs/performance.md, "int8"). On CPUs with AVX-VNNI or
 AVX-512 VNNI the kernel multiplies with their dot-product instructions, on CPUs with AMX
 (`amx_int8`) in tiles (`isa()`); `emulate_loops` stands in for AVX-VNNI and AMX on CPUs
-without them (tests). `int8_kernel.cc` multiplies uint8 or int8 activations by packed int8 weights
-into exact int32 sums and applies scale, bias, the activation and (mode 'relu6_uint8') the
-rounding to the next layer's uint8 input in the same loop: the numbers of XLA's int8
-formulation, from a third of the memory traffic.
+without them (tests). `int8_kernel.cc` multiplies uint8 or int8 activations by packed int8
+weights into exact int32 sums and applies scale, bias, the activation and (mode
+'relu6_uint8') the rounding to the next layer's uint8 input in the same loop: the numbers
+of XLA's int8 formulation, from a third of the memory traffic.
 `int8_depthwise.cc` takes an expansion's uint8 output through the 3x3 depthwise layer,
 ReLU6 and the rounding to the projection's uint8 input in one pass (or, `expand_depthwise`,
 the expansion and that layer in one pass over bands of rows); `int8_stem.cc` takes the
@@ -29,10 +29,9 @@ They are C++ compiled on first use with the system's C++ compiler against the XL
 that jaxlib ships (`jax.ffi.include_dir()`), into $XDG_CACHE_HOME/seg/kernels (~/.cache/seg/
 kernels, or $TMPDIR/seg-kernels-UID where that cannot be written; SEG_KERNEL_DIR overrides),
 one library per version of the sources, flags and jaxlib, written atomically so that
-concurrent processes share it. Where they cannot be built
-(no compiler, not x86 with AVX2 and FMA) `available()` is False, says why in
-`unavailable_reason()`, and the engine uses XLA's int8 formulation. Exports (`jax.export`)
-never contain them.
+concurrent processes share it. Where they cannot be built (no compiler, not x86 with AVX2
+and FMA) `available()` is False, says why in `unavailable_reason()`, and the engine uses
+XLA's int8 formulation. Exports (`jax.export`) never contain them.
 """
 
 import ctypes
