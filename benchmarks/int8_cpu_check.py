@@ -18,7 +18,7 @@ Steps, each a fresh process, their output kept whole in the JSON file:
    `torch.compile` bfloat16, the engine's float32, bfloat16 and int8; --rounds rounds,
    batches 1 and 8): issue 17's ratios, needing benchmarks/requirements-peers.txt.
 Prints the key figures at the end (a step that fails is recorded and the rest go on).
-About 15 minutes on 2 cores (2026-12-06, AMD EPYC Zen 4, --rounds 2).
+7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them).
 """
 
 import argparse
