@@ -1,5 +1,5 @@
 // AMX's tile instructions in plain C++, for running the int8 kernel's AMX loop on CPUs
-// without AMX: int8_kernel.cc includes this (after <immintrin.h>) when built with
+// without AMX: int8_product.h includes this (after <immintrin.h>) when built with
 // -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`), and its AMX loop then calls these
 // instead of the instructions. Tests use it to check that loop's tiling, padding and output
 // loops against NumPy where no AMX CPU is at hand; it is far slower than the real tiles.

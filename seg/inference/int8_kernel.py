@@ -15,7 +15,7 @@ than its float32 ones; on every CPU the quantise / dequantise around XLA's produ
 separate passes over memory (docs/performance.md, "int8"). On CPUs with AVX-VNNI or
 AVX-512 VNNI the kernel multiplies with their dot-product instructions, on CPUs with AMX
 (`amx_int8`) in tiles (`isa()`); `emulate_loops` stands in for AVX-VNNI and AMX on CPUs
-without them (tests). `int8_kernel.cc` multiplies uint8 or int8 activations by packed int8
+without them (tests). `int8_product.h` multiplies uint8 or int8 activations by packed int8
 weights into exact int32 sums and applies scale, bias, the activation and (mode
 'relu6_uint8') the rounding to the next layer's uint8 input in the same loop: the numbers
 of XLA's int8 formulation, from a third of the memory traffic.
@@ -54,8 +54,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = tuple(os.path.join(HERE, name)
                 for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc'))
 HEADERS = tuple(os.path.join(HERE, name)
-                for name in ('kernel_threads.h', 'kernel_cpu.h', 'int8_depthwise.h',
-                             'int8_stem.h', 'amx_emulation.h'))
+                for name in ('int8_product.h', 'kernel_threads.h', 'kernel_cpu.h',
+                             'int8_depthwise.h', 'int8_stem.h', 'amx_emulation.h'))
 TARGET = 'seg_int8_product'
 DEPTHWISE_TARGET = 'seg_int8_depthwise'
 STEM_TARGET = 'seg_int8_stem'
@@ -64,12 +64,12 @@ EXPAND_DEPTHWISE_TARGET = 'seg_int8_expand_depthwise'
 _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegInt8Stem': STEM_TARGET, 'SegInt8StemProject': STEM_PROJECT_TARGET,
             'SegInt8ExpandDepthwise': EXPAND_DEPTHWISE_TARGET}  # library symbol: FFI target
-PANEL = 16   # output channels per weight panel (int8_kernel.cc: kPanel)
+PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
 MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3, 'linear_int8': 4,
          'linear_offset_uint8': 5}
-# The kernel's loops (int8_kernel.cc: Isa) and the CPU flags each needs.
+# The kernel's loops (int8_product.h: Isa) and the CPU flags each needs.
 ISAS = {'avx2': 0, 'vnni': 1, 'amx': 2, 'avxvnni': 3}
 AVX512_FLAGS = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'})
 VNNI_FLAGS = AVX512_FLAGS | {'avx512_vnni'}
@@ -295,7 +295,7 @@ def pack_weights(w: np.ndarray, k_multiple: int = GROUP) -> np.ndarray:
 
   in' = in rounded up to `k_multiple` (4, or 64 for AMX tiles) with zero weights. Panel p
   holds output channels 16p..16p+15 (zeros beyond `out`); inside it, for each group of 4
-  inputs, 16 channels x 4 inputs (int8_kernel.cc).
+  inputs, 16 channels x 4 inputs (int8_product.h).
   """
   w = np.asarray(w)
   if w.dtype != np.int8 or w.ndim != 2:
