@@ -99,6 +99,17 @@ inline __m128i Requantise8(__m256 y, __m256 inv, bool offset) {
   return offset ? _mm_xor_si128(q8, _mm_set1_epi8(-128)) : q8;
 }
 
+// A panel's 16 output bytes to o, or the first `valid` of them (the last, partial panel).
+SEG_INLINE void StoreBytes(void* o, __m128i bytes, int64_t valid) {
+  if (valid == kPanel) {
+    _mm_storeu_si128(static_cast<__m128i*>(o), bytes);
+    return;
+  }
+  alignas(16) uint8_t t[kPanel];
+  _mm_store_si128(reinterpret_cast<__m128i*>(t), bytes);
+  std::memcpy(o, t, valid);
+}
+
 // The AVX2 output loop (of the AVX2 and AVX-VNNI loops): R rows' 16 channels of `panel` from
 // their exact int32 sums (acc[r][0]: channels 0-7, acc[r][1]: 8-15).
 template <int R>
@@ -133,14 +144,7 @@ SEG_INLINE void StoreRows(const Problem& p, const __m256i (&acc)[R][2], int64_t 
       const __m256i q16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);
       __m128i q8 = _mm_packs_epi16(_mm256_castsi256_si128(q16), _mm256_extracti128_si256(q16, 1));
       if (p.mode == kLinearUint8Offset) q8 = _mm_xor_si128(q8, _mm_set1_epi8(-128));  // + 128
-      int8_t* o = static_cast<int8_t*>(p.out) + m * p.n + n0;
-      if (valid == kPanel) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), q8);
-      } else {
-        alignas(16) int8_t t[kPanel];
-        _mm_store_si128(reinterpret_cast<__m128i*>(t), q8);
-        std::memcpy(o, t, valid);
-      }
+      StoreBytes(static_cast<int8_t*>(p.out) + m * p.n + n0, q8, valid);
     } else if (p.mode == kRelu6Uint8) {
       const __m256i top = _mm256_set1_epi32(127);
       const __m256i q0 = _mm256_min_epi32(_mm256_cvtps_epi32(y0), top);
@@ -151,14 +155,7 @@ SEG_INLINE void StoreRows(const Problem& p, const __m256i (&acc)[R][2], int64_t 
       const __m256i q16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(q0, q1), 0xD8);
       const __m128i q8 = _mm_packus_epi16(_mm256_castsi256_si128(q16),
                                           _mm256_extracti128_si256(q16, 1));
-      uint8_t* o = static_cast<uint8_t*>(p.out) + m * p.n + n0;
-      if (valid == kPanel) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(o), q8);
-      } else {
-        alignas(16) uint8_t t[kPanel];
-        _mm_store_si128(reinterpret_cast<__m128i*>(t), q8);
-        std::memcpy(o, t, valid);
-      }
+      StoreBytes(static_cast<uint8_t*>(p.out) + m * p.n + n0, q8, valid);
     } else {
       if (p.residual) {
         alignas(32) float t[kPanel] = {};
