@@ -1,9 +1,8 @@
 // int8 1x1 products with the requantisation fused into the output loop, for x86 CPUs with
-// AVX2 and FMA (where XLA's int8 products run no faster than float32), with AVX-512 VNNI's
-// dot-product instructions where the CPU has them (`vnni`, below) and in AMX tiles on CPUs
-// with AMX (`amx`, below); with AVX-VNNI's 256-bit form of the VNNI instruction on CPUs
-// without AVX-512 (`avxvnni`, below). The loops over a problem's rows; int8_kernel.cc holds
-// the per-call state and the XLA FFI handlers that run them.
+// AVX2 and FMA (where XLA's int8 products run no faster than float32): an AVX2 loop and,
+// where the CPU has them, the VNNI dot-product instruction in 256 bits (`avxvnni`, below:
+// CPUs without AVX-512) or 512 (`vnni`), and AMX tiles (`amx`). These are the loops over a
+// problem's rows; int8_kernel.cc holds the per-call state and the FFI handlers that run them.
 //
 //   out[m, n] = act(fma(float(sum_k x[m, k] * w[k, n]), scale[n], bias[n]))
 //
