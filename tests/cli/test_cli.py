@@ -128,13 +128,15 @@ def test_eval_report_scores_what_numpy_computes_from_the_predicted_masks(discern
   assert len(np.unique(np.concatenate([m.ravel() for m in masks]))) > 10
   ious, accuracy = _numpy_ious(pairs.values())
   assert report['num_images'] == len(pairs) == 150
+  # To a few pixels: eval and predict run differently compiled programs (batch 16 on the 161
+  # canvas, and predict's split batches), and this random-logits model has near-ties where
+  # float32 rounding flips a pixel between two classes (seen: between two wrong ones, IoU
+  # 0.0058403 against 0.0058406, Intel Xeon 2026-12-02; one pixel to or from the right class
+  # of 2.4M, AMD EPYC Zen 5 2026-12-06). Allowed: 4 pixels.
+  counted = int(_numpy_confusion(pairs.values()).sum())
+  assert abs(accuracy - report['pixel_accuracy']) * counted <= 4.5
   assert abs(float(np.nanmean(ious)) - report['miou']) <= 1e-6
-  assert abs(accuracy - report['pixel_accuracy']) <= 1e-9
   assert list(report['per_class_iou']) == list(EMBEDDED_CLASS_NAMES)
-  # Class by class to 1e-4: eval and predict run differently compiled programs (batch 16 on
-  # the 161 canvas, and predict's split batches), and this random-logits model has near-ties
-  # where float32 rounding flips a pixel between two wrong classes (seen: green-checker
-  # 0.0058403 against 0.0058406, 2026-12-02).
   for name, want in zip(EMBEDDED_CLASS_NAMES, ious):
     got = report['per_class_iou'][name]
     assert (got is None) if np.isnan(want) else abs(got - want) <= 1e-4, (name, got, want)
