@@ -37,11 +37,13 @@ import json, subprocess
 from seg.inference import cpu_features, int8_kernel
 flags = cpu_features.cpu_flags()
 lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
-model = next((l.split(':', 1)[1].strip() for l in lscpu.splitlines()
-              if l.startswith('Model name')), '')
+field = lambda name: next((l.split(':', 1)[1].strip() for l in lscpu.splitlines()
+                           if l.startswith(name + ':')), '')
+model = field('Model name')
 ok = int8_kernel.available()
 print(json.dumps({
-    'model': model, 'nproc': __import__('os').cpu_count(),
+    'model': model, 'family': field('CPU family'), 'model_number': field('Model'),
+    'nproc': __import__('os').cpu_count(),
     'flags': sorted(f for f in flags if f.startswith(('avx512', 'amx')) or
                     f in ('avx2', 'fma', 'avx_vnni')),
     'kernel': ok, 'why_not': int8_kernel.unavailable_reason(),
@@ -111,9 +113,15 @@ def main():
           'exit': code, 'network_ms': float(call.group(1)) if call else None,
           'output': out[-6000:]}
 
+  # Named by date, model name and family / model number: virtual machines often name only
+  # 'AMD EPYC' or 'Intel Xeon Processor', for Zen 4 (family 25) and Zen 5 (26) alike.
+  stem = '-'.join(part for part in (
+      report['date_utc'][:10],
+      re.sub(r'[^a-z0-9]+', '-', info.get('model', 'cpu').lower()).strip('-') or 'cpu',
+      f'f{info["family"]}m{info["model_number"]}' if info.get('family') else '') if part)
+
   if not args.skip_peers:
-    date = report['date_utc'][:10]
-    jsonl = os.path.join('benchmarks', 'results', f'peers-{date}-int8-cpu-check.jsonl')
+    jsonl = os.path.join('benchmarks', 'results', f'peers-{stem}-int8-cpu-check.jsonl')
     code, seconds, out = run(
         f'{python} benchmarks/peers/run.py --only onnxruntime-float32,onnxruntime-int8,'
         f'torch-compile-bfloat16 --engine --rounds {args.rounds} --batches 1,8 --iters 50 '
@@ -121,9 +129,8 @@ def main():
     report['steps']['peers'] = {'exit': code, 'seconds': seconds, 'jsonl': jsonl,
                                 'table': out[-5000:]}
 
-  model = re.sub(r'[^a-z0-9]+', '-', info.get('model', 'cpu').lower()).strip('-') or 'cpu'
-  output = args.output or os.path.join(
-      ROOT, 'benchmarks', 'results', f'int8-cpu-check-{report["date_utc"][:10]}-{model}.json')
+  output = args.output or os.path.join(ROOT, 'benchmarks', 'results',
+                                       f'int8-cpu-check-{stem}.json')
   with open(output, 'w') as f:
     json.dump(report, f, indent=1)
 
