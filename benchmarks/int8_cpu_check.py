@@ -55,14 +55,14 @@ print(json.dumps({
 
 
 def run(command, env=None, timeout=1800):
-  """(exit code, seconds, stdout + stderr) of a command (a list, or a shell line) in the
-  repository root."""
+  """(exit code, seconds, stderr + stdout) of a command (a list, or a shell line) in the
+  repository root: the results (stdout) last, where the tails kept in the report look."""
   start = time.time()
   try:
     done = subprocess.run(command, shell=isinstance(command, str), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **(env or {})))
-    code, out = done.returncode, done.stdout + done.stderr
+    code, out = done.returncode, done.stderr + done.stdout
   except subprocess.TimeoutExpired as e:
     code, out = 124, f'timed out after {timeout} s\n{e.stdout or ""}'
   shown = command if isinstance(command, str) else ' '.join(command)[:80]
