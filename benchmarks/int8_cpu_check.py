@@ -16,7 +16,9 @@ Steps, each a fresh process, their output kept whole in the JSON file:
    (`int8_timeline.py`);
 5. the peers side by side (`peers/run.py`: ONNX Runtime float32 and int8, PyTorch
    `torch.compile` bfloat16, the engine's float32, bfloat16 and int8; --rounds rounds,
-   batches 1 and 8): issue 17's ratios, needing benchmarks/requirements-peers.txt.
+   batches 1 and 8): issue 17's ratios, needing benchmarks/requirements-peers.txt; and the
+   engine's bfloat16 from strides 8 and 2 (SEG_BF16_FROM_STRIDE; 16, the CPU default, was
+   chosen on CPUs without AMX, where bfloat16 products run at most ~2x float32's).
 Prints the key figures at the end (a step that fails is recorded and the rest go on).
 7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them).
 """
@@ -30,6 +32,9 @@ import shutil
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'peers'))
+from run import ENGINE  # noqa: E402  (benchmarks/peers/run.py: the engine's command line)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFO = r'''
@@ -125,7 +130,9 @@ def main():
     code, seconds, out = run(
         f'{python} benchmarks/peers/run.py --only onnxruntime-float32,onnxruntime-int8,'
         f'torch-compile-bfloat16 --engine --rounds {args.rounds} --batches 1,8 --iters 50 '
-        f'--output {jsonl}', timeout=3600)
+        f'--output {jsonl}' + ''.join(
+            f' --extra "seg-engine-bfloat16-from-{s}=SEG_BF16_FROM_STRIDE={s} {ENGINE} '
+            f'--dtype bfloat16"' for s in (8, 2)), timeout=3600)
     report['steps']['peers'] = {'exit': code, 'seconds': seconds, 'jsonl': jsonl,
                                 'table': out[-5000:]}
 
