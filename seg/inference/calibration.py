@@ -35,7 +35,7 @@ def calibration_images(source: str, config, count: int = DEFAULT_COUNT,
     from seg.predict.files import collect_inputs
     from seg.predict.images import load_rgb
     try:
-      files, _, _ = collect_inputs([source])
+      files = collect_inputs([source]).files
     except FileNotFoundError as e:
       raise ValueError(str(e)) from None
     paths = sorted(f.path for f in files if not f.error)

@@ -14,7 +14,7 @@ import dataclasses
 import glob as glob_lib
 import hashlib
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 from seg.predict.options import Options
 from seg.predict.outputs import output_suffixes
@@ -100,8 +100,16 @@ def _read_list(list_path: str) -> Tuple[List[InputFile], List[str], int]:
   return _relative_to_common(paths) + missing, roots, ignored
 
 
-def collect_inputs(values: Sequence[str]) -> Tuple[List[InputFile], List[str], int]:
-  """All image inputs named by `values`, each once: (files, folder roots, ignored files).
+class Inputs(NamedTuple):
+  files: List[InputFile]   # each file once, in the order found
+  roots: List[str]         # the folder values
+  ignored: int             # files without an image extension in those folders
+  duplicates: List[Tuple[str, str]]  # (path, earlier path): a file found again under
+  #                                    another name (a symlink, a repeated value); skipped
+
+
+def collect_inputs(values: Sequence[str]) -> Inputs:
+  """All image inputs named by `values`, each once (`Inputs`).
 
   A value is an image file, a folder (searched recursively for the extensions
   in IMAGE_EXTENSIONS), a glob pattern (`**` recurses), or a list file
@@ -109,9 +117,11 @@ def collect_inputs(values: Sequence[str]) -> Tuple[List[InputFile], List[str], i
   entries resolve against the list file's folder). A value may be a comma
   list. Outputs mirror paths relative to a folder value, or, for files found
   through a pattern or a list, relative to the deepest folder holding all of
-  them (a single file: its name).
+  them (a single file: its name). A file found again (the same real path, e.g. through a
+  symlink) is predicted under the first name only; `duplicates` names the others that
+  differ from it.
   """
-  result, roots, ignored, seen = [], [], 0, set()
+  result, roots, ignored, seen, names, duplicates = [], [], 0, {}, set(), []
   for value in values:
     parts = [value] if os.path.exists(value) else [v for v in value.split(',') if v]
     for part in parts:
@@ -119,11 +129,16 @@ def collect_inputs(values: Sequence[str]) -> Tuple[List[InputFile], List[str], i
       roots += part_roots
       ignored += n
       for item in files:
-        key = os.path.realpath(item.path)
-        if key not in seen:
-          seen.add(key)
+        name, key = os.path.abspath(item.path), os.path.realpath(item.path)
+        if name in names:  # the same path again: a repeated or overlapping value
+          continue
+        names.add(name)
+        if key in seen:
+          duplicates.append((item.path, seen[key]))
+        else:
+          seen[key] = item.path
           result.append(item)
-  return result, roots, ignored
+  return Inputs(result, roots, ignored, duplicates)
 
 
 def check_output_folder(inputs: Sequence[InputFile], roots: Sequence[str], output_dir: str):

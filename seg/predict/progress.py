@@ -15,6 +15,7 @@ class RunReport:
   failures: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
   seconds: float = 0.0
   ignored: int = 0
+  duplicates: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, first)
   interrupted: bool = False
   peak_bytes_held: int = 0  # decoded images held at once, waiting for the model or writers
 
@@ -29,6 +30,12 @@ class RunReport:
     if self.ignored:
       lines.append(f'  ignored    {self.ignored:>8,}  files without an image extension in '
                    'input folders')
+    if self.duplicates:
+      lines.append(f'  duplicates {len(self.duplicates):>8,}  the same file as an earlier input '
+                   '(predicted once, under the earlier name)')
+      lines += [f'SAME FILE {path} = {first}' for path, first in self.duplicates[:10]]
+      if len(self.duplicates) > 10:
+        lines.append(f'... and {len(self.duplicates) - 10} more')
     for path, reason in self.failures[:50]:
       lines.append(f'FAILED {path}: {reason}')
     if len(self.failures) > 50:

@@ -309,8 +309,9 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
   """
   options = options or Options()
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-  files, roots, ignored = collect_inputs(inputs)
-  check_output_folder(files, roots, output_dir)
+  found = collect_inputs(inputs)
+  files = found.files
+  check_output_folder(files, found.roots, output_dir)
   if not files:
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
   if engine is None:
@@ -330,7 +331,7 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
   if pipeline.memory is not None:
     log(pipeline.memory.describe())
   report = pipeline.run(jobs)
-  report.ignored = ignored
+  report.ignored, report.duplicates = found.ignored, found.duplicates
   log(report.format(output_dir))
   if options.profile:
     log(pipeline.profile.format(report.processed))

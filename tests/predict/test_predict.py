@@ -26,7 +26,7 @@ from experiments import tiny
 from seg import checkpoint, predict
 from seg.inference.engine import Engine
 from seg.predict import large_images
-from seg.predict.progress import Progress
+from seg.predict.progress import Progress, RunReport
 from seg.predict.files import collect_inputs, plan_jobs
 from seg.predict.images import load_image, load_rgb
 from seg.model import create_model
@@ -231,7 +231,7 @@ def test_files_folders_globs_and_lists(tmp_path):
   found = lambda values: [(os.path.relpath(f.path, tmp_path), f.relative, f.error)
                           for f in collect_inputs(values)[0]]
   # A folder: recursive, image extensions only, mirrored relative to the folder.
-  files, roots, ignored = collect_inputs([photos])
+  files, roots, ignored, _ = collect_inputs([photos])
   assert [(f.relative) for f in files] == ['a.jpg', os.path.join('2024', 'b.png')]
   assert roots == [photos] and ignored == 1
   # A file: its name. A glob: relative to the deepest folder holding every match.
@@ -251,6 +251,20 @@ def test_files_folders_globs_and_lists(tmp_path):
     collect_inputs([str(tmp_path / 'nope')])
   with pytest.raises(FileNotFoundError, match='matches no file'):
     collect_inputs([str(tmp_path / '*.gif')])
+
+
+def test_a_file_found_twice_is_predicted_once_and_named_in_the_summary(tmp_path):
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'in' / 'b.png').write_bytes(b'x')
+  os.symlink(tmp_path / 'in' / 'b.png', tmp_path / 'in' / 'a.png')  # found first (sorted)
+  given_twice = str(tmp_path / 'in' / 'b.png')
+  found = collect_inputs([str(tmp_path / 'in'), given_twice])
+  assert [f.relative for f in found.files] == ['a.png']
+  # A repeated value is no surprise; another name for the same file is reported.
+  assert found.duplicates == [(str(tmp_path / 'in' / 'b.png'), str(tmp_path / 'in' / 'a.png'))]
+  summary = RunReport(total=1, processed=1, duplicates=found.duplicates).format('out')
+  assert 'duplicates        1' in summary
+  assert f'SAME FILE {tmp_path}/in/b.png = {tmp_path}/in/a.png' in summary
 
 
 def test_never_writes_into_the_input_tree(tmp_path):
@@ -553,7 +567,7 @@ def test_tile_layout():
 def test_a_budget_of_one_image_at_a_time_still_finishes(engine, tmp_path):
   for i in range(5):
     Image.fromarray(_scene(30 + i, 30, i)).save(tmp_path / f'{i}.png')
-  files, _, _ = collect_inputs([str(tmp_path)])
+  files = collect_inputs([str(tmp_path)]).files
   options = predict.Options(workers=2)
   jobs = plan_jobs(files, str(tmp_path.parent / 'budget-out'), options)
   summary = predict.Pipeline(engine, options, io.StringIO(), bytes_in_flight=1).run(jobs)
