@@ -20,7 +20,8 @@ Steps, each a fresh process, their output kept whole in the JSON file:
    engine's bfloat16 from strides 8 and 2 (SEG_BF16_FROM_STRIDE; 16, the CPU default, was
    chosen on CPUs without AMX, where bfloat16 products run at most ~2x float32's).
 Prints the key figures at the end (a step that fails is recorded and the rest go on).
-7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them).
+7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them);
+8.1 on a Zen 5 with the two bfloat16 rows (2026-12-06 19:09 UTC; the peers 6.6).
 """
 
 import argparse
@@ -118,10 +119,11 @@ def main():
           'exit': code, 'network_ms': float(call.group(1)) if call else None,
           'output': out[-6000:]}
 
-  # Named by date, model name and family / model number: virtual machines often name only
-  # 'AMD EPYC' or 'Intel Xeon Processor', for Zen 4 (family 25) and Zen 5 (26) alike.
+  # Named by date and time (a second run never overwrites or mixes with the first), model
+  # name and family / model number: virtual machines often name only 'AMD EPYC' or 'Intel
+  # Xeon Processor', for Zen 4 (family 25) and Zen 5 (26) alike.
   stem = '-'.join(part for part in (
-      report['date_utc'][:10],
+      report['date_utc'][:10], report['date_utc'][11:16].replace(':', ''),
       re.sub(r'[^a-z0-9]+', '-', info.get('model', 'cpu').lower()).strip('-') or 'cpu',
       f'f{info["family"]}m{info["model_number"]}' if info.get('family') else '') if part)
 
