@@ -1,7 +1,7 @@
 """The int8 engine on a CPU not measured before (an AMX Xeon, an AVX2-only or AVX-VNNI core):
 one command for what docs/performance.md needs from it.
 
-    python benchmarks/int8_cpu_check.py [--output benchmarks/results/int8-cpu-check-DATE-CPU.json]
+    python benchmarks/int8_cpu_check.py [--output benchmarks/results/int8-cpu-check-DATE-HHMM-CPU.json]
         [--rounds 2] [--skip-peers]
 
 Steps, each a fresh process, their output kept whole in the JSON file:
