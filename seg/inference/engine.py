@@ -11,6 +11,7 @@ to the next size of the form k * 64 + 1 (`bucket_shape`).
 """
 
 import functools
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -44,8 +45,9 @@ def int8_formulation_for(platform: str, requested: Optional[str] = None, log=Non
   """The int8 formulation an engine on `platform` runs (`seg.inference.quantize`).
 
   `requested`, else SEG_INT8_FORMULATION, else this CPU's choice (`cpu_features.choose`) on a
-  CPU and 'int8' on accelerators. 'kernel' becomes 'int8' (said through `log`) off the CPU or
-  where the kernel cannot be built (`seg.inference.int8_kernel.available`).
+  CPU and 'int8' on accelerators. 'kernel' becomes 'int8' off the CPU or where the kernel
+  cannot be built (`seg.inference.int8_kernel.available`), said through `log`, or on stderr
+  without one (2-3x slower on a CPU: never silently).
   """
   from seg.inference import cpu_features
   on_cpu = platform == 'cpu'
@@ -56,8 +58,8 @@ def int8_formulation_for(platform: str, requested: Optional[str] = None, log=Non
     why = (f'the engine runs on {platform}, the kernel on CPUs' if not on_cpu else
            None if int8_kernel.available(log) else int8_kernel.unavailable_reason())
     if why:
-      if log:
-        log(f"int8: XLA's int8 products instead of the project's int8 kernel ({why})")
+      (log or functools.partial(print, file=sys.stderr))(
+          f"int8: XLA's int8 products instead of the project's int8 kernel ({why})")
       formulation = 'int8'
   return formulation
 

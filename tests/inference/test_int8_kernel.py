@@ -632,7 +632,7 @@ def test_calibration_records_the_depthwise_inputs(tiny_int8):
   assert all(0 < scales[n] <= 6 / 127 + 1e-7 for n in names if n.endswith('/depthwise'))
 
 
-def test_without_the_kernel_the_engine_falls_back_to_xla_int8(tiny_int8, monkeypatch):
+def test_without_the_kernel_the_engine_falls_back_to_xla_int8(tiny_int8, monkeypatch, capsys):
   config, variables, _, scales = tiny_int8
   monkeypatch.setattr(int8_kernel, '_state', {'ok': False, 'reason': 'no C++ compiler'})
   messages = []
@@ -640,7 +640,10 @@ def test_without_the_kernel_the_engine_falls_back_to_xla_int8(tiny_int8, monkeyp
                       int8_formulation='kernel', log=messages.append)
   assert eng.int8_formulation == 'int8'
   assert any('no C++ compiler' in m for m in messages)
+  capsys.readouterr()
   assert engine.int8_formulation_for('cpu', 'kernel') == 'int8'
+  # Without a log (benchmark, predict, a library user) the fallback still says so.
+  assert "XLA's int8 products instead" in capsys.readouterr().err
   assert eng.folded['blocks'][1]['expand']['w'].ndim == 2
 
 
