@@ -120,8 +120,10 @@ def build(directory: Optional[str] = None, log=None, defines=()) -> str:
     with open(name, 'rb') as f:
       source += f.read()
   flags = CXX_FLAGS + tuple(f'-D{name}' for name in defines)
-  key = hashlib.sha256(source + ' '.join(flags).encode() +
-                       jax.lib.__version__.encode() + cxx.encode()).hexdigest()[:16]
+  # The compiler as resolved: `g++` switched to another version behind the same path
+  # (update-alternatives, a distribution upgrade) builds afresh, with the loops it can build.
+  key = hashlib.sha256(source + ' '.join(flags).encode() + jax.lib.__version__.encode() +
+                       os.path.realpath(cxx).encode()).hexdigest()[:16]
   chosen = directory or os.environ.get('SEG_KERNEL_DIR')
   directory = directory or kernel_dir()
   stem = '-'.join(['int8_kernel'] + [d.lower().replace('_', '-') for d in defines])

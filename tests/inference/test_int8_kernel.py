@@ -689,6 +689,29 @@ def test_an_unwritable_cache_sends_the_build_to_the_temporary_directory(tmp_path
     int8_kernel.build()
 
 
+def test_another_compiler_behind_the_same_name_builds_afresh(tmp_path, monkeypatch):
+  """The library is kept per compiler as resolved: `g++` pointed at another version (a link
+  switched, as update-alternatives does) builds a new one, which the old version might
+  lack loops of (int8_kernel.built); the same compiler again reuses its library."""
+  import os
+  calls = tmp_path / 'calls'
+  for name in ('g++-10', 'g++-12'):  # stand-ins: record the call, write the output file
+    script = tmp_path / name
+    script.write_text(f'#!/bin/sh\necho {name} >> {calls}\n'
+                      'while [ "$1" != -o ]; do shift; done; : > "$2"\n')
+    script.chmod(0o755)
+  link = tmp_path / 'g++'
+  os.symlink(tmp_path / 'g++-10', link)
+  monkeypatch.setenv('CXX', str(link))
+  first = int8_kernel.build(str(tmp_path / 'kernels'))
+  assert int8_kernel.build(str(tmp_path / 'kernels')) == first  # kept: built once
+  os.remove(link)
+  os.symlink(tmp_path / 'g++-12', link)
+  second = int8_kernel.build(str(tmp_path / 'kernels'))
+  assert second != first and os.path.exists(second)
+  assert calls.read_text().split() == ['g++-10', 'g++-12']
+
+
 def test_the_formulation_can_be_forced(monkeypatch):
   monkeypatch.setenv('SEG_INT8_FORMULATION', 'int8')
   assert cpu_features.formulation_override() == 'int8'
