@@ -71,23 +71,35 @@ def train(*, config, workdir: str, coordinator: str = '', num_processes: Optiona
     loop.train_and_evaluate(config, workdir)  # exit 0 also when stopped by a signal
 
 
+def _calibration(dtype: str, calibration: str, calibration_count: int):
+  """The int8 calibration flags as keyword arguments; refused with another dtype."""
+  if dtype != 'int8' and (calibration or calibration_count):
+    raise CommandError('--calibration and --calibration-count are for --dtype int8')
+  return dict(calibration=calibration or None, calibration_count=calibration_count)
+
+
 def evaluate(*, workdir: str, config=None, output: Optional[str] = None,
-             dtype: str = 'float32') -> None:
+             dtype: str = 'float32', calibration: str = '',
+             calibration_count: Optional[int] = None) -> None:
   from seg.inference import evaluate as evaluate_lib
+  calibrate = _calibration(dtype, calibration, calibration_count)
   with _user_errors():  # also e.g. no calibration images
-    evaluate_lib.evaluate_workdir(workdir, config, output, dtype=dtype)
+    evaluate_lib.evaluate_workdir(workdir, config, output, dtype=dtype, **calibrate)
 
 
 def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int = 8,
-            dtype: str = 'float32', **options) -> int:
+            dtype: str = 'float32', calibration: str = '',
+            calibration_count: Optional[int] = None, **options) -> int:
   from seg.inference.engine import batch_devices
   from seg.predict import Options, predict_paths
   from seg.predict.memory import parse_budget
+  calibrate = _calibration(dtype, calibration, calibration_count)
   with _user_errors():
     if 'memory_budget' in options:
       options['memory_budget'] = parse_budget(options['memory_budget'])
     failures = predict_paths(workdir, inputs, output, Options(**options),
-                             batch_size=batch_size, dtype=dtype, devices=batch_devices())
+                             batch_size=batch_size, dtype=dtype, devices=batch_devices(),
+                             **calibrate)
   return 1 if failures else 0
 
 
@@ -107,7 +119,8 @@ def import_weights(*, fmt: str, src: str, output: str, config=None) -> None:
 
 
 def benchmark(*, config=None, workdir: Optional[str] = None, train: bool = False,
-              steps: int = 30, as_json: bool = False, **settings) -> None:
+              steps: int = 30, as_json: bool = False, calibration: str = '',
+              calibration_count: Optional[int] = None, **settings) -> None:
   if train:  # training images/s: in-memory batches, then the real input pipeline
     if config is None:
       raise CommandError('--train needs --config')
@@ -117,24 +130,29 @@ def benchmark(*, config=None, workdir: Optional[str] = None, train: bool = False
     return
   if config is None and not workdir:
     raise CommandError('--config or --workdir required')
+  calibrate = _calibration(settings.get('dtype', 'float32'), calibration, calibration_count)
+  if calibration and not workdir:
+    raise CommandError('--calibration needs --workdir (random weights run fixed scales)')
   from seg.inference import benchmark as inference_benchmark
   with _user_errors():
-    record = inference_benchmark.benchmark(config, workdir, **settings)
+    record = inference_benchmark.benchmark(config, workdir, **settings, **calibrate)
   print(json.dumps(record) if as_json else inference_benchmark.format_record(record))
 
 
 def export(*, workdir: str, output: str, fmt: str = 'jax', config=None,
            platforms: str = 'cpu,cuda', dtype: str = 'float32', batch_size: Optional[int] = None,
            height: int = 0, width: int = 0, size: str = '', quantize: str = '',
-           calibration: str = '', calibration_count: int = 200, logits: bool = False) -> None:
+           calibration: str = '', calibration_count: Optional[int] = None,
+           logits: bool = False) -> None:
   if fmt == 'jax':
-    if size or quantize or calibration or logits:
-      raise CommandError('--size, --quantize, --calibration and --logits are for --format '
-                         'tflite or onnx (jax: --height/--width, --dtype)')
+    if size or quantize or logits:
+      raise CommandError('--size, --quantize and --logits are for --format tflite or onnx '
+                         '(jax: --height/--width, --dtype)')
+    calibrate = _calibration(dtype, calibration, calibration_count)
     from seg.inference import export as export_lib
     with _user_errors():
       export_lib.export_workdir(workdir, output, platforms.split(','), config, dtype, batch_size,
-                                height or None, width or None)
+                                height or None, width or None, **calibrate)
     return
   if height or width:
     raise CommandError('--height/--width are for --format jax; use --size HxW')
@@ -154,13 +172,15 @@ def run(args: argparse.Namespace) -> int:
           coordinator=a.coordinator, num_processes=a.num_processes, process_id=a.process_id)
   elif command == 'eval':
     evaluate(workdir=a.workdir, config=_workdir_config(a.workdir, a.config, a.overrides),
-             output=a.output, dtype=a.dtype)
+             output=a.output, dtype=a.dtype, calibration=a.calibration,
+             calibration_count=a.calibration_count)
   elif command == 'predict':
     return predict(workdir=a.workdir, inputs=a.input, output=a.output,
                    batch_size=a.batch_size, dtype=a.dtype, overwrite=a.overwrite,
                    overlay=a.overlay, probabilities=a.probabilities,
                    large_images=a.large_images, max_side=a.max_side, workers=a.workers,
-                   profile=a.profile, memory_budget=a.memory_budget, shard=a.shard)
+                   profile=a.profile, memory_budget=a.memory_budget, shard=a.shard,
+                   calibration=a.calibration, calibration_count=a.calibration_count)
   elif command == 'prepare-data':
     prepare_data(dataset=a.dataset, data_dir=a.data_dir, manual_dir=a.manual_dir)
   elif command == 'import-weights':
@@ -171,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
               steps=a.steps, as_json=a.json, batch_size=a.batch_size,
               height=a.height or None, width=a.width or None, dtype=a.dtype,
               measure=a.measure, warmup=a.warmup, iters=a.iters,
-              image_by_image=a.image_by_image)
+              image_by_image=a.image_by_image, calibration=a.calibration,
+              calibration_count=a.calibration_count)
   elif command == 'export':
     export(workdir=a.workdir, output=a.output, fmt=a.format,
            config=_workdir_config(a.workdir, a.config, a.overrides), platforms=a.platforms,

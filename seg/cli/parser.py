@@ -52,6 +52,15 @@ def _add_config(p, required: bool, what: str) -> None:
                       'overridden with --config.FIELD=VALUE, e.g. --config.train.steps=100')
 
 
+def _add_calibration(p, what: str) -> None:
+  p.add_argument('--calibration', default='', metavar='IMAGES',
+                 help=f'{what}: the calibration images, a folder, glob or list, or a dataset '
+                      'split (default: the config\'s training split); the scales are stored '
+                      'as WORKDIR/int8_scales.json and reused while model and images stay')
+  p.add_argument('--calibration-count', type=_positive, default=None,
+                 help=f'{what}: how many calibration images (a seeded choice; default 200)')
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The parser of every command (`args.command` names the one given)."""
   parser = argparse.ArgumentParser(
@@ -80,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config(p, False, ' (default: the workdir\'s own config)')
   p.add_argument('--output', help='also write the report as JSON (and a per-class chart)')
   p.add_argument('--dtype', default='float32', choices=DTYPES,
-                 help='engine compute dtype (int8: calibrated on the training split once, '
-                      'stored as WORKDIR/int8_scales.json)')
+                 help='engine compute dtype (int8: calibrated once, see --calibration)')
+  _add_calibration(p, '--dtype int8')
 
   p = commands.add_parser('predict', help='masks for image files, folders, globs and lists')
   p.add_argument('--workdir', required=True)
@@ -111,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--workers', type=_positive, default=2,
                  help='decoding threads, and as many writing threads')
   p.add_argument('--dtype', default='float32', choices=DTYPES, help='engine compute dtype')
+  _add_calibration(p, '--dtype int8')
   p.add_argument('--profile', action=_Bool,
                  help='print where the time went: seconds per stage (decode ... write)')
 
@@ -134,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--height', type=int, default=0, help='padded input height (default eval_size)')
   p.add_argument('--width', type=int, default=0, help='padded input width (default eval_size)')
   p.add_argument('--dtype', default='float32', choices=DTYPES)
+  _add_calibration(p, '--dtype int8 with --workdir')
   p.add_argument('--measure', default='network', choices=('network', 'predict'),
                  help='network: float images -> logits at the output stride (what the peers '
                       'time); predict: uint8 images -> class map at full size')
@@ -162,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--quantize', choices=('int8',),
                  help='tflite/onnx: int8 post-training quantization (needs --calibration)')
   p.add_argument('--calibration', default='', metavar='IMAGES',
-                 help='--quantize: a folder, glob or list of images, or a dataset split '
-                      '(e.g. train)')
-  p.add_argument('--calibration-count', type=_positive, default=200,
-                 help='--quantize: how many calibration images (a seeded choice)')
+                 help='--quantize (tflite/onnx) or --dtype int8 (jax): a folder, glob or list '
+                      'of images, or a dataset split (e.g. train; jax: the default)')
+  p.add_argument('--calibration-count', type=_positive, default=None,
+                 help='how many calibration images (a seeded choice; default 200)')
   p.add_argument('--logits', action=_Bool,
                  help='tflite/onnx: also output the upsampled logits, not only the class map')
   p.add_argument('--platforms', default='cpu,cuda', help='jax: comma-separated, e.g. cpu,cuda')

@@ -54,7 +54,7 @@ def _check_arguments(fmt: str, size: Optional[str], quantize: Optional[str],
 
 def export_model(workdir: str, fmt: str, output: str, config=None, size: Optional[str] = None,
                  quantize: Optional[str] = None, calibration: Optional[str] = None,
-                 calibration_count: int = DEFAULT_COUNT, logits: bool = False,
+                 calibration_count: Optional[int] = None, logits: bool = False,
                  upsample: bool = True, log=print) -> dict:
   """Writes `output` in format `fmt` ('tflite', 'onnx' or 'hf'); returns a summary record.
 
@@ -77,7 +77,8 @@ def export_model(workdir: str, fmt: str, output: str, config=None, size: Optiona
   canvases = []
   if quantize:
     ch, cw = hw or (config.data.eval_size, config.data.eval_size)
-    canvases = calibration_canvases(calibration, config, calibration_count, ch, cw)
+    canvases = calibration_canvases(calibration, config, calibration_count or DEFAULT_COUNT,
+                                    ch, cw)
     log(f'calibration: {len(canvases)} images from {calibration} on {ch}x{cw} canvases')
   parent = os.path.dirname(os.path.abspath(output))
   os.makedirs(parent, exist_ok=True)

@@ -94,7 +94,9 @@ def random_int8_network(config, batch: int, size: int):
 def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
               height: Optional[int] = None, width: Optional[int] = None,
               dtype: str = 'float32', measure: str = 'network', warmup: int = 3,
-              iters: int = 10, image_by_image: Optional[bool] = None, log=print) -> Dict[str, Any]:
+              iters: int = 10, image_by_image: Optional[bool] = None, log=print,
+              calibration: Optional[str] = None,
+              calibration_count: Optional[int] = None) -> Dict[str, Any]:
   """Times the engine; returns the JSON record (see the module docstring)."""
   from seg import checkpoint
   from seg.inference import engine
@@ -117,7 +119,8 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
   int8_scales = None
   if dtype == 'int8':  # the workdir's calibration; random weights: any scale runs as fast
     from seg.inference.quantize import scale_names
-    int8_scales = (engine.int8_scales_for(workdir, config, variables, log) if workdir else
+    int8_scales = (engine.int8_scales_for(workdir, config, variables, log, calibration,
+                                          calibration_count) if workdir else
                    dict.fromkeys(scale_names(config.model), 6 / 127))
   eng = engine.Engine(config, variables, dtype=dtype, batch_size=batch_size,
                       image_by_image=image_by_image, devices=engine.batch_devices(),

@@ -32,13 +32,28 @@ def batch_devices() -> List[jax.Device]:
   return jax.local_devices()
 
 
-def int8_scales_for(workdir: str, config, variables, log=None) -> Dict[str, float]:
+def int8_scales_for(workdir: str, config, variables, log=None, calibration: Optional[str] = None,
+                    calibration_count: Optional[int] = None) -> Dict[str, float]:
   """The int8 activation scales of the model in `workdir`: `workdir/int8_scales.json`, or
-  calibrated on the config's training split and stored there (`seg.inference.quantize`)."""
+  calibrated and stored there (`seg.inference.quantize.load_or_calibrate`).
+
+  calibration: the images (`seg.inference.calibration`: a folder, glob or list, or a split
+    name), calibration_count: how many; not given: those the workdir was calibrated on
+    before, else the config's training split and 200.
+  """
   from seg.inference import quantize
   folded = fold_variables(config.model, jax.device_get(variables), xp=np)
-  return quantize.load_or_calibrate(workdir, config, folded, source=config.data.train_split,
-                                    log=log or print)
+  try:
+    return quantize.load_or_calibrate(workdir, config, folded, source=calibration,
+                                      count=calibration_count, log=log or print)
+  except FileNotFoundError as e:  # e.g. the VOC archives of an imported model's config
+    if calibration:
+      raise
+    raise FileNotFoundError(
+        f'int8 calibrates on images, by default the config\'s training split '
+        f'{config.data.train_split!r} of {config.data.dataset!r}, which cannot be read here: '
+        f'give --calibration a folder, glob or list of images like those to predict. ({e})'
+    ) from None
 
 
 def int8_formulation_for(platform: str, requested: Optional[str] = None, log=None) -> str:
@@ -134,14 +149,17 @@ class Engine:
     return bucket_shape(height, width, self.eval_size)
 
   @classmethod
-  def from_workdir(cls, workdir: str, **kwargs) -> Tuple['Engine', int]:
-    """(the engine for the latest checkpoint of `workdir`, its step); `kwargs` as `Engine`'s."""
+  def from_workdir(cls, workdir: str, calibration: Optional[str] = None,
+                   calibration_count: Optional[int] = None, **kwargs) -> Tuple['Engine', int]:
+    """(the engine for the latest checkpoint of `workdir`, its step); `kwargs` as `Engine`'s;
+    `calibration`, `calibration_count`: int8's images (`int8_scales_for`)."""
     from seg import checkpoint
     from seg.model import create_model
     config = checkpoint.load_config(workdir)
     variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
     if kwargs.get('dtype') == 'int8' and kwargs.get('int8_scales') is None:
-      kwargs['int8_scales'] = int8_scales_for(workdir, config, variables, kwargs.get('log'))
+      kwargs['int8_scales'] = int8_scales_for(workdir, config, variables, kwargs.get('log'),
+                                              calibration, calibration_count)
     return cls(config, variables, **kwargs), step
 
   def forward(self, folded, images: jax.Array, upsample: bool = True) -> jax.Array:

@@ -145,13 +145,14 @@ def engine_dtype(name: str):
 
 
 def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
-                     log=print, dtype: str = 'float32') -> Dict:
+                     log=print, dtype: str = 'float32', calibration: Optional[str] = None,
+                     calibration_count: Optional[int] = None) -> Dict:
   """`main.py eval`: evaluates the latest checkpoint of `workdir` and prints the table.
 
   `config` defaults to the one the workdir was trained with; data and eval
   fields of a given config may differ from training (e.g. another split).
   `dtype`: the engine's compute dtype (int8: scales from `workdir/int8_scales.json`, or
-  calibrated on the training split and stored there).
+  calibrated on the training split, or `calibration`'s images, and stored there).
   `output` (report JSON) gets a bar chart of the per-class IoU beside it,
   OUTPUT_STEM_per_class_iou.png.
   """
@@ -161,8 +162,8 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
   log(f'evaluating {workdir} at step {step}' + (f' in {dtype}' if dtype != 'float32' else ''))
   if dtype != 'float32':  # the engine's weights: bfloat16 kernels, or int8 (calibrated)
     from seg.inference import engine
-    scales = engine.int8_scales_for(workdir, config, variables, log) if dtype == 'int8' \
-        else None
+    scales = engine.int8_scales_for(workdir, config, variables, log, calibration,
+                                    calibration_count) if dtype == 'int8' else None
     eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales, log=log)
     if eng.int8_formulation:
       loop = ''

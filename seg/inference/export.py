@@ -67,12 +67,14 @@ def export_engine(eng: engine.Engine, platforms: Sequence[str] = ('cpu', 'cuda')
 def export_workdir(workdir: str, output: str, platforms: Sequence[str] = ('cpu', 'cuda'),
                    config=None, dtype: str = 'float32', batch_size: Optional[int] = None,
                    height: Optional[int] = None, width: Optional[int] = None,
-                   log=print) -> jax_export.Exported:
+                   log=print, calibration: Optional[str] = None,
+                   calibration_count: Optional[int] = None) -> jax_export.Exported:
   """`main.py export`: serialises the latest checkpoint of `workdir` to `output`."""
   start = time.time()
   config = config or checkpoint.load_config(workdir)
   variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
-  scales = engine.int8_scales_for(workdir, config, variables, log) if dtype == 'int8' else None
+  scales = (engine.int8_scales_for(workdir, config, variables, log, calibration,
+                                   calibration_count) if dtype == 'int8' else None)
   # int8: int8 weights in the file whatever this CPU prefers (4x smaller, runs anywhere).
   eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales,
                       int8_formulation='int8')

@@ -535,25 +535,37 @@ def model_fingerprint(folded: Dict[str, Any]) -> str:
   return digest.hexdigest()
 
 
-def load_or_calibrate(workdir: str, config, folded: Dict[str, Any], source: str = 'train',
-                      count: int = 200, seed: int = 0, log=print,
+def load_or_calibrate(workdir: str, config, folded: Dict[str, Any], source: Optional[str] = None,
+                      count: Optional[int] = None, seed: int = 0, log=print,
                       images_fn: Optional[Callable] = None) -> Dict[str, float]:
   """The int8 input scales of the model in `workdir`: read from `workdir/int8_scales.json`
   when it was calibrated for these weights and this calibration set, else calibrated on
   `calibration_images(source, config, count, seed)` and written there.
 
+  Without `source` the calibration set is the stored file's (the workdir keeps the images
+  it was once calibrated on, e.g. a folder given to `predict --calibration`), else the
+  config's training split; `count` then defaults to the stored set's, else to 200.
   folded: `fold_variables(config.model, variables, xp=np)`.
   """
+  from seg.inference.calibration import DEFAULT_COUNT
   path = os.path.join(workdir, SCALES_FILE)
   fingerprint = model_fingerprint(folded)
-  wanted = {'source': source, 'count': count, 'seed': seed}
+  stored = None
   if os.path.exists(path):
     with open(path) as f:
       stored = json.load(f)
-    same_set = {k: stored.get('calibration', {}).get(k) for k in wanted} == wanted
+  before = (stored or {}).get('calibration', {})
+  if source and os.path.exists(source):  # a folder or list: the same wherever run from
+    source = os.path.abspath(source)
+  kept = {} if source else before  # a source given is a new set: its count defaults to 200
+  wanted = {'source': source or kept.get('source') or config.data.train_split,
+            'count': count or kept.get('count') or DEFAULT_COUNT, 'seed': seed}
+  source, count = wanted['source'], wanted['count']
+  if stored is not None:
+    same_set = {k: before.get(k) for k in wanted} == wanted
     if stored.get('model') == fingerprint and same_set and \
         set(stored.get('scales', {})) >= set(scale_names(config.model)):
-      log(f'int8 scales from {path} ({stored["calibration"]["images"]} images of {source!r})')
+      log(f'int8 scales from {path} ({before["images"]} images of {source!r})')
       return {k: float(v) for k, v in stored['scales'].items()}
     log(f'{path} belongs to other weights or another calibration set: recalibrating')
   from seg.inference.calibration import calibration_images
@@ -564,9 +576,13 @@ def load_or_calibrate(workdir: str, config, folded: Dict[str, Any], source: str 
             'calibration': dict(wanted, images=len(images)),
             'date_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
             'scales': scales}
-  os.makedirs(workdir, exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(record, f, indent=1)
-  os.replace(path + '.tmp', path)
-  log(f'wrote {path}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(record, f, indent=1)
+    os.replace(path + '.tmp', path)
+    log(f'wrote {path}')
+  except OSError as e:  # a read-only model folder: use them, calibrate again next time
+    log(f'could not store the int8 scales as {path} ({e.strerror or e}): they serve this run '
+        'only, and the next one calibrates again')
   return scales

@@ -296,7 +296,8 @@ def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
 
 def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Options] = None,
                   batch_size: int = 8, engine=None, log=print, progress_stream=None,
-                  dtype: str = 'float32', devices=None) -> int:
+                  dtype: str = 'float32', devices=None, calibration: Optional[str] = None,
+                  calibration_count: Optional[int] = None) -> int:
   """`main.py predict`: masks for every input; prints a summary, returns the number of failures.
 
   Ctrl-C stops reading new inputs, lets the writes under way finish, prints the summary and
@@ -305,7 +306,8 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
   Args:
     inputs: a path or a list of input values (see `seg.predict.files.collect_inputs`).
     engine: the model to run (default: an `Engine` for the latest checkpoint of `workdir`
-      with `batch_size`, `dtype` and `devices`).
+      with `batch_size`, `dtype` and `devices`; int8 calibrated on `calibration`'s images,
+      `seg.inference.engine.int8_scales_for`).
   """
   options = options or Options()
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -316,8 +318,8 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
   if engine is None:
     from seg.inference.engine import Engine
-    engine, step = Engine.from_workdir(workdir, batch_size=batch_size, dtype=dtype,
-                                       devices=devices)
+    engine, step = Engine.from_workdir(workdir, calibration, calibration_count,
+                                       batch_size=batch_size, dtype=dtype, devices=devices)
     parts = engine.parts(batch_size)
     split = f', each batch of {batch_size} as {parts} parts at once' if parts > 1 else ''
     log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '

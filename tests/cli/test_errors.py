@@ -112,3 +112,14 @@ def test_eval_with_a_bad_override_of_the_workdirs_config(tmp_path):
   (tmp_path / 'config.json').write_text(tiny.get_config().to_json())
   message = _error('eval', '--workdir', str(tmp_path), '--config.model.divisible_by=4')
   assert message == 'config.model.divisible_by must be one of (8, 1), got 4'
+
+
+def test_calibration_flags_without_int8_are_refused(tmp_path):
+  for argv in (['predict', '--workdir', str(tmp_path), '--input', str(tmp_path), '--output',
+                str(tmp_path / 'out'), '--calibration', 'photos/'],
+               ['eval', '--workdir', str(tmp_path), '--calibration-count', '50'],
+               ['export', '--workdir', str(tmp_path), '--output', str(tmp_path / 'm.jax'),
+                '--calibration', 'photos/']):
+    assert _error(*argv) == '--calibration and --calibration-count are for --dtype int8'
+  assert 'needs --workdir' in _error('benchmark', '--config', 'experiments/tiny.py',
+                                     '--dtype', 'int8', '--calibration', 'photos/')

@@ -116,6 +116,58 @@ def test_calibration_is_stored_and_reused(tmp_path, tiny_int8):
   assert len(calls) == 3
 
 
+def test_a_calibration_set_once_chosen_stays_the_workdirs(tmp_path, tiny_int8, monkeypatch):
+  """`predict --calibration photos/` once: later commands without the flag reuse those
+  scales, and recalibrate on the same photos when the weights change."""
+  config, _, folded, _ = tiny_int8
+  calls = []
+
+  def images_fn(source, config, count, seed):
+    calls.append((source, count))
+    rng = np.random.default_rng(len(calls))
+    return [rng.integers(0, 256, (EVAL_SIZE, EVAL_SIZE, 3), np.uint8) for _ in range(2)]
+
+  run = lambda f, **kw: quantize.load_or_calibrate(str(tmp_path), config, f, log=said.append,
+                                                    images_fn=images_fn, **kw)
+  said = []
+  first = run(folded, source='photos/', count=2)
+  assert run(folded) == first and calls == [('photos/', 2)]  # the flag not given: reused
+  run(jax.tree_util.tree_map(lambda a: a * 1.5, folded))  # new weights: the same photos
+  assert calls[-1] == ('photos/', 2)
+  run(folded, source='train')  # another set asked for: recalibrated, 200 by default
+  assert calls[-1] == ('train', 200)
+  (tmp_path / 'mine').mkdir()  # a folder is stored by its absolute path: found from anywhere
+  monkeypatch.chdir(tmp_path)
+  run(folded, source='mine')
+  assert calls[-1] == (str(tmp_path / 'mine'), 200)
+  assert run(folded, source=str(tmp_path / 'mine')) and len(calls) == 4  # the same set
+  run(folded, source='train')
+  # A model folder that cannot be written: the scales serve the run, and it says so.
+  (tmp_path / (quantize.SCALES_FILE + '.tmp')).mkdir()
+  said.clear()
+  assert set(run(folded, source='elsewhere/')) == set(quantize.scale_names(config.model))
+  assert any('could not store the int8 scales' in m for m in said)
+  assert json.loads((tmp_path / quantize.SCALES_FILE).read_text())['calibration'][
+      'source'] == 'train'  # the stored file untouched
+
+
+def test_without_the_training_split_int8_names_calibration(tmp_path, tiny_int8, monkeypatch):
+  """An imported model's config names VOC, which is not here: int8 says how to go on."""
+  from seg.inference import calibration, engine
+  config, variables, _, _ = tiny_int8
+
+  def no_archives(source, *args):
+    raise FileNotFoundError(f'VOCtrainval_11-May-2012.tar not found ({source})')
+  monkeypatch.setattr(calibration, 'calibration_images', no_archives)
+  with pytest.raises(FileNotFoundError, match='give --calibration a folder') as error:
+    engine.int8_scales_for(str(tmp_path), config, variables, log=lambda *_: None)
+  assert 'VOCtrainval_11-May-2012.tar not found' in str(error.value)
+  with pytest.raises(FileNotFoundError) as error:  # a source the user gave: its own error
+    engine.int8_scales_for(str(tmp_path), config, variables, log=lambda *_: None,
+                           calibration='photos/')
+  assert '--calibration' not in str(error.value)
+
+
 @pytest.mark.parametrize('flags, xla_flags, formulation', [
     ('flags\t\t: fpu sse2 avx avx2 fma amx_bf16 amx_tile amx_int8 avx512_vnni',
      ('--xla_cpu_use_onednn=true',), 'kernel'),    # the kernel in AMX tiles
