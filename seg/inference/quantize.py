@@ -576,13 +576,16 @@ def load_or_calibrate(workdir: str, config, folded: Dict[str, Any], source: Opti
             'calibration': dict(wanted, images=len(images)),
             'date_utc': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
             'scales': scales}
+  tmp = f'{path}.{os.getpid()}.tmp'  # shards of one predict, calibrating at once, each own
   try:
     os.makedirs(workdir, exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
+    with open(tmp, 'w') as f:
       json.dump(record, f, indent=1)
-    os.replace(path + '.tmp', path)
+    os.replace(tmp, path)
     log(f'wrote {path}')
   except OSError as e:  # a read-only model folder: use them, calibrate again next time
     log(f'could not store the int8 scales as {path} ({e.strerror or e}): they serve this run '
         'only, and the next one calibrates again')
+    if os.path.isfile(tmp):
+      os.remove(tmp)
   return scales

@@ -2,6 +2,7 @@
 and the CPU-feature choice of its formulation."""
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -143,7 +144,7 @@ def test_a_calibration_set_once_chosen_stays_the_workdirs(tmp_path, tiny_int8, m
   assert run(folded, source=str(tmp_path / 'mine')) and len(calls) == 4  # the same set
   run(folded, source='train')
   # A model folder that cannot be written: the scales serve the run, and it says so.
-  (tmp_path / (quantize.SCALES_FILE + '.tmp')).mkdir()
+  (tmp_path / f'{quantize.SCALES_FILE}.{os.getpid()}.tmp').mkdir()
   said.clear()
   assert set(run(folded, source='elsewhere/')) == set(quantize.scale_names(config.model))
   assert any('could not store the int8 scales' in m for m in said)
