@@ -55,8 +55,9 @@ def _add_config(p, required: bool, what: str) -> None:
 def _add_calibration(p, what: str) -> None:
   p.add_argument('--calibration', default='', metavar='IMAGES',
                  help=f'{what}: the calibration images, a folder, glob or list, or a dataset '
-                      'split (default: the config\'s training split); the scales are stored '
-                      'as WORKDIR/int8_scales.json and reused while model and images stay')
+                      'split (default: those the workdir was calibrated on before, else the '
+                      'config\'s training split); the scales are stored as '
+                      'WORKDIR/int8_scales.json and reused while model and images stay')
   p.add_argument('--calibration-count', type=_positive, default=None,
                  help=f'{what}: how many calibration images (a seeded choice; default 200)')
 
