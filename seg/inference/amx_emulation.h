@@ -9,7 +9,8 @@
 // 14 reserved, colsb[16] as uint16, rows[16] as uint8); a load reads rows x colsb bytes at
 // base + row * stride and zeroes the rest of the tile; a store writes rows x colsb bytes;
 // _tile_dpbusd / _tile_dpbssd add to C[m][n] (int32, wrapping) the sums over k of
-// A[m][4k + i] (uint8 / int8) times B[k][4n + i] (int8), i = 0..3. What the hardware would
+// A[m][4k + i] (uint8 / int8) times B[k][4n + i] (int8), i = 0..3; _tile_dpbf16ps adds
+// the float32 products of pairs of bfloat16 (the bfloat16 kernel, bf16_product.h). What the hardware would
 // fault on (a tile used without a config, a palette other than 1, shapes that do not fit
 // the product) aborts with a message instead. So does a load from outside the memory the
 // loop declared readable (`AllowRead`, once it declared any): on the hardware such a read
@@ -127,6 +128,35 @@ inline void DotProduct(int c, int a, int b) {
     }
 }
 
+// C += A . B over pairs of bfloat16 (_tile_dpbf16ps): C[m][n] (float32) plus, for each pair k
+// in order, A[m][2k] * B[k][2n] then A[m][2k + 1] * B[k][2n + 1], each product exact and
+// each sum rounded to float32 (the SDM's order; the hardware's denormals aside).
+inline void DotProductBf16(int c, int a, int b) {
+  Tiles& s = Configured(c);
+  Configured(a);
+  Configured(b);
+  const int m = s.rows[c], n = s.colsb[c] / 4, k2 = s.colsb[a] / 4;
+  if (s.rows[a] != m || s.rows[b] != k2 || s.colsb[b] != s.colsb[c] || s.colsb[c] % 4)
+    Fault("tile shapes do not fit a product", c);
+  auto widen = [](const uint8_t* bytes) {
+    uint16_t h;
+    std::memcpy(&h, bytes, 2);
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  };
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      float acc;
+      std::memcpy(&acc, &s.data[c][i][4 * j], 4);
+      for (int k = 0; k < k2; ++k)
+        for (int g = 0; g < 2; ++g)
+          acc += widen(&s.data[a][i][4 * k + 2 * g]) * widen(&s.data[b][k][4 * j + 2 * g]);
+      std::memcpy(&s.data[c][i][4 * j], &acc, 4);
+    }
+}
+
 }  // namespace seg_amx
 
 // The intrinsics' names, now calling the emulation (GCC defines some as macros, some as
@@ -138,6 +168,7 @@ inline void DotProduct(int c, int a, int b) {
 #undef _tile_stored
 #undef _tile_dpbusd
 #undef _tile_dpbssd
+#undef _tile_dpbf16ps
 #define _tile_loadconfig(config) seg_amx::LoadConfig(config)
 #define _tile_release() seg_amx::Release()
 #define _tile_zero(t) seg_amx::Zero(t)
@@ -145,5 +176,6 @@ inline void DotProduct(int c, int a, int b) {
 #define _tile_stored(t, base, stride) seg_amx::Store(t, base, stride)
 #define _tile_dpbusd(c, a, b) seg_amx::DotProduct<false>(c, a, b)
 #define _tile_dpbssd(c, a, b) seg_amx::DotProduct<true>(c, a, b)
+#define _tile_dpbf16ps(c, a, b) seg_amx::DotProductBf16(c, a, b)
 
 #endif  // SEG_INFERENCE_AMX_EMULATION_H_

@@ -165,6 +165,9 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
   if eng.int8_formulation == 'kernel':
     from seg.inference import int8_kernel
     loop = int8_kernel.isa()
+  elif eng.bf16_formulation == 'kernel':
+    from seg.inference import bf16_kernel
+    loop = bf16_kernel.isa()
   record = {
       'peer': 'seg-engine',
       'variant': (f'os{config.model.output_stride}/{dtype_name}/{measure}'
@@ -177,7 +180,10 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
                f'{"float32" if measure == "network" else "uint8"}',
       'dtype': dtype_name,
       'int8_formulation': eng.int8_formulation,
-      'int8_loop': loop,  # the kernel's loop (int8_kernel.isa), where it runs
+      'bf16_formulation': eng.bf16_formulation,
+      # the kernel's loop (int8_kernel.isa or bf16_kernel.isa), where it runs
+      'int8_loop': loop if eng.int8_formulation else None,
+      'bf16_loop': loop if eng.bf16_formulation else None,
       'measure': measure,
       'warmup': warmup,
       'requested_iters': iters,
@@ -214,9 +220,9 @@ def format_record(r: Dict[str, Any]) -> str:
   """The one-screen summary of a benchmark record."""
   return '\n'.join([
       f'engine {r["dtype"]}'
-      + (f' ({r["int8_formulation"]} formulation'
-         + (f', {r["int8_loop"]} loop)' if r.get('int8_loop') else ')')
-         if r.get('int8_formulation') else '')
+      + ''.join(f' ({r[f"{d}_formulation"]} formulation'
+                + (f', {r[f"{d}_loop"]} loop)' if r.get(f'{d}_loop') else ')')
+                for d in ('int8', 'bf16') if r.get(f'{d}_formulation'))
       + f', {r["measure"]} ({r["input"]} -> {r["output_shape"]}), '
       f'{r["device"]}, allocator {r["allocator"]}',
       f'  median {r["median_ms"]:.1f} ms per batch of {r["batch"]}  '

@@ -3,6 +3,7 @@
     choice = choose(cpu_flags())     # /proc/cpuinfo's flags (or a string of them)
     choice.xla_flags                 # e.g. ('--xla_cpu_use_onednn=true',) on AMX CPUs
     choice.int8_formulation          # 'int8', 'float32' or 'kernel' (seg.inference.quantize)
+    choice.bf16_formulation          # 'kernel' (seg.inference.bf16_kernel) or 'xla'
     choice.reason                    # one line: why
 
 Imports nothing heavy: the CLI calls it before JAX starts (`seg.cli.process`), since XLA
@@ -35,6 +36,11 @@ The rules, and what they rest on (docs/performance.md, "int8"):
   same integers multiplied exactly in float32 (what such CPUs do fastest).
 Where 'kernel' is chosen and cannot be built, the engine falls back to 'int8'.
 SEG_INT8_FORMULATION (`formulation_override`) overrides the choice, e.g. for A/B timings.
+
+bfloat16 ("bfloat16" in docs/performance.md): 'kernel' on x86-64 CPUs with AVX2, FMA and
+AVX-512 BF16 or AMX-BF16 (the project's kernel rounds float32 activations to bfloat16 as it
+reads them: 1.6x XLA's float32 products' rate over the network on an AMD EPYC Zen 5,
+2026-12-06), else 'xla' (XLA's bfloat16 products). SEG_BF16_FORMULATION overrides it.
 """
 
 import dataclasses
@@ -45,6 +51,8 @@ from typing import FrozenSet, Iterable, Optional, Tuple, Union
 CPUINFO = '/proc/cpuinfo'
 # The int8 formulations of seg.inference.quantize (defined here: this module imports no JAX).
 FORMULATIONS = ('int8', 'float32', 'kernel')
+# The bfloat16 formulations: XLA's products, or the project's kernel (seg.inference.bf16_kernel).
+BF16_FORMULATIONS = ('xla', 'kernel')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,8 @@ class Choice:
   xla_flags: Tuple[str, ...]
   int8_formulation: str
   reason: str
+  # 'kernel' where the bfloat16 kernel has a loop (seg.inference.bf16_kernel), else 'xla'.
+  bf16_formulation: str = 'xla'
 
 
 def parse_flags(cpuinfo: str) -> FrozenSet[str]:
@@ -101,6 +111,26 @@ def choose(flags: Union[str, Iterable[str], None] = None,
     flags = parse_flags(flags) if ':' in flags else frozenset(flags.split())
   flags = frozenset(flags)
   machine = (machine or platform.machine()).lower()
+  choice = _choose_int8(flags, machine)
+  if has_avx2_fma(flags, machine) and ('amx_bf16' in flags or 'avx512_bf16' in flags):
+    loop = 'AMX-BF16 tiles' if 'amx_bf16' in flags else 'AVX-512 BF16'
+    choice = dataclasses.replace(choice, bf16_formulation='kernel',
+                                 reason=f'{choice.reason}; bfloat16 kernel in {loop}')
+  return choice
+
+
+def bf16_formulation_override() -> Optional[str]:
+  """SEG_BF16_FORMULATION ('xla' or 'kernel'), or None when unset or 'auto'."""
+  value = os.environ.get('SEG_BF16_FORMULATION', 'auto') or 'auto'
+  if value == 'auto':
+    return None
+  if value not in BF16_FORMULATIONS:
+    raise ValueError(f"SEG_BF16_FORMULATION must be auto or one of {BF16_FORMULATIONS}, "
+                     f"got {value!r}")
+  return value
+
+
+def _choose_int8(flags: FrozenSet[str], machine: str) -> Choice:
   if flags & {'amx_int8', 'amx_bf16'}:
     return Choice(('--xla_cpu_use_onednn=true',), 'kernel' if 'amx_int8' in flags else 'int8',
                   'AMX: oneDNN kernels, the fused int8 kernel in AMX tiles')

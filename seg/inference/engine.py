@@ -79,6 +79,30 @@ def int8_formulation_for(platform: str, requested: Optional[str] = None, log=Non
   return formulation
 
 
+def bf16_formulation_for(platform: str, requested: Optional[str] = None, log=None) -> str:
+  """The bfloat16 formulation an engine on `platform` runs: 'kernel' (the project's bfloat16
+  kernel, `seg.inference.bf16_kernel`) or 'xla'.
+
+  `requested`, else SEG_BF16_FORMULATION, else this CPU's choice (`cpu_features.choose`) on a
+  CPU and 'xla' on accelerators. 'kernel' becomes 'xla' off the CPU or where the kernel
+  cannot run, said through `log` (or on stderr) when it was asked for by name.
+  """
+  from seg.inference import cpu_features
+  on_cpu = platform == 'cpu'
+  asked = requested or cpu_features.bf16_formulation_override()
+  formulation = asked or (cpu_features.choose().bf16_formulation if on_cpu else 'xla')
+  if formulation == 'kernel':
+    from seg.inference import bf16_kernel
+    why = (f'the engine runs on {platform}, the kernel on CPUs' if not on_cpu else
+           None if bf16_kernel.available(log) else bf16_kernel.unavailable_reason())
+    if why:
+      if asked:
+        (log or functools.partial(print, file=sys.stderr))(
+            f"bfloat16: XLA's bfloat16 products instead of the project's kernel ({why})")
+      formulation = 'xla'
+  return formulation
+
+
 class Engine:
   """Compiled inference for one trained model: class maps and logits of uint8 images.
 
@@ -95,7 +119,8 @@ class Engine:
                device: Optional[jax.Device] = None, image_by_image: Optional[bool] = None,
                log=None, devices: Optional[Sequence[jax.Device]] = None,
                int8_scales: Optional[Dict[str, float]] = None,
-               int8_formulation: Optional[str] = None):
+               int8_formulation: Optional[str] = None,
+               bf16_formulation: Optional[str] = None):
     if isinstance(dtype, str):
       if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
@@ -113,7 +138,7 @@ class Engine:
     self.device = self.devices[0]
     self.log = log
     folded = fold_variables(config.model, jax.device_get(variables), xp=np)
-    self.int8_formulation = None
+    self.int8_formulation = self.bf16_formulation = None
     if dtype == jnp.int8:  # seg.inference.quantize
       from seg.inference import quantize
       if int8_scales is None:
@@ -123,6 +148,13 @@ class Engine:
                                                    log)
       folded = quantize.quantize_folded(config.model, folded, int8_scales,
                                         self.int8_formulation)
+    elif dtype == jnp.bfloat16:
+      self.bf16_formulation = bf16_formulation_for(self.device.platform, bf16_formulation, log)
+      if self.bf16_formulation == 'kernel':
+        from seg.inference import bf16_kernel
+        folded = bf16_kernel.pack_folded(folded)
+      else:
+        folded = cast_folded(folded, dtype, xp=np)
     else:
       folded = cast_folded(folded, dtype, xp=np)
     self.folded_on = {d: jax.device_put(folded, d) for d in self.devices}

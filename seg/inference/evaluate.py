@@ -173,6 +173,10 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
         loop = (f', its {int8_kernel.isa()} loop, depthwise layers in '
                 f'{where(quantize.depthwise_choice())}, stem in {where(quantize.stem_choice())}')
       log(f'int8 products: the {eng.int8_formulation!r} formulation{loop} (seg.inference.quantize)')
+    if eng.bf16_formulation == 'kernel':
+      from seg.inference import bf16_kernel
+      log(f'bfloat16 products: the project\'s kernel, its {bf16_kernel.isa()} loop '
+          f'(seg.inference.bf16_kernel)')
     variables = jax.device_get(eng.folded)
   report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype)),
                     parallel.replicate(variables), config, log=log)

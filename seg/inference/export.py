@@ -55,6 +55,9 @@ def export_engine(eng: engine.Engine, platforms: Sequence[str] = ('cpu', 'cuda')
   unknown = [p for p in platforms if p not in PLATFORMS]
   if unknown or not platforms:
     raise ValueError(f'platforms must be among {PLATFORMS}, got {list(platforms)}')
+  if 'kernel' in (eng.int8_formulation, eng.bf16_formulation):
+    raise ValueError("the engine runs the project's CPU kernels, which an export cannot carry: "
+                     "build it with int8_formulation='int8' or bf16_formulation='xla'")
   height, width = height or eng.eval_size, width or eng.eval_size
   batch = jax_export.symbolic_shape('batch')[0] if batch_size is None else batch_size
   folded = jax.device_get(eng.folded)  # constants of the exported module
@@ -75,9 +78,10 @@ def export_workdir(workdir: str, output: str, platforms: Sequence[str] = ('cpu',
   variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
   scales = (engine.int8_scales_for(workdir, config, variables, log, calibration,
                                    calibration_count) if dtype == 'int8' else None)
-  # int8: int8 weights in the file whatever this CPU prefers (4x smaller, runs anywhere).
+  # int8: int8 weights in the file whatever this CPU prefers (4x smaller, runs anywhere);
+  # bfloat16: XLA's products (the project's kernels are not part of an export).
   eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales,
-                      int8_formulation='int8')
+                      int8_formulation='int8', bf16_formulation='xla')
   exported = export_engine(eng, platforms, batch_size, height, width)
   blob = exported.serialize()
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -12,7 +12,11 @@ It re-expresses the trained model's function for speed, without changing it:
   (`preferred_element_type`); biases, activations, depthwise taps and logits are float32. On
   a CPU the high-resolution layers stay float32: they are memory-bound, and conversions made
   them slower; on accelerators every layer after the stem is bfloat16
-  (`low_precision_from_stride`).
+  (`low_precision_from_stride`). Folded params with packed weights
+  (`seg.inference.bf16_kernel.pack_folded`, the CPU's 'kernel' formulation) run those
+  products in the project's bfloat16 kernel instead: activations stay float32 in memory,
+  rounded to bfloat16 inside the kernel, with bias, activation and residual sum in its
+  output loop; the other layers are float32.
 
 `forward` is a pure function of (folded params, images), so it can be jitted, pmapped
 (`seg.inference.evaluate`) or exported (`seg.inference.export`).
@@ -35,18 +39,26 @@ from seg.preprocessing import preprocess_padded
 LOW_PRECISION_FROM_STRIDES = (2, 4, 8, 16)
 
 
-def low_precision_from_stride() -> int:
+# From which stride on the CPU's bfloat16 kernel ('kernel' formulation) runs the products
+# when SEG_BF16_FROM_STRIDE is auto (docs/performance.md, "bfloat16").
+KERNEL_FROM_STRIDE = 8
+
+
+def low_precision_from_stride(kernel: bool = False) -> int:
   """From which input stride on `forward(dtype=bfloat16)` computes in bfloat16.
 
   The environment variable SEG_BF16_FROM_STRIDE chooses (2, 4, 8 or 16; 2 means every layer
-  after the stem); unset or 'auto': 16 on a CPU (measured: the high-resolution layers are
+  after the stem); unset or 'auto': on a CPU 16 (measured: the high-resolution layers are
   memory-bound there and the conversions cost more than they save, docs/performance.md),
-  2 on accelerators (half the bytes of every layer; not measured yet:
-  `benchmarks/gpu_check.py` times both). Read when a function is traced.
+  or `KERNEL_FROM_STRIDE` with the bfloat16 kernel (`kernel`: no conversion passes); 2 on
+  accelerators (half the bytes of every layer; not measured yet: `benchmarks/gpu_check.py`
+  times both). Read when a function is traced.
   """
   value = os.environ.get('SEG_BF16_FROM_STRIDE', 'auto') or 'auto'
   if value == 'auto':
-    return 16 if jax.default_backend() == 'cpu' else 2
+    if jax.default_backend() != 'cpu':
+      return 2
+    return KERNEL_FROM_STRIDE if kernel else 16
   if not value.isdigit() or int(value) not in LOW_PRECISION_FROM_STRIDES:
     raise ValueError(f'SEG_BF16_FROM_STRIDE must be auto or one of '
                      f'{LOW_PRECISION_FROM_STRIDES}, got {value!r}')
@@ -58,6 +70,18 @@ def _pointwise(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   y = lax.dot_general(x, w.astype(x.dtype), (((3,), (0,)), ((), ())),
                       preferred_element_type=jnp.float32)
   return y + b
+
+
+def _product(x: jax.Array, layer: Dict[str, Any], act: str = 'linear', low: bool = False,
+             residual: Optional[jax.Array] = None) -> jax.Array:
+  """act(1x1 convolution + bias) (+ residual), float32: in the bfloat16 kernel when `low`
+  and `layer` has packed weights ('wp'), else `_pointwise` in x's dtype."""
+  if low and 'wp' in layer:
+    from seg.inference import bf16_kernel
+    return bf16_kernel.product(x, layer['wp'], layer['b'], mode=act, residual=residual)
+  y = _pointwise(x, layer['w'], layer['b'])
+  y = {'linear': y, 'relu6': _relu6(y), 'relu': jax.nn.relu(y)}[act]
+  return y if residual is None else y + residual.astype(jnp.float32)
 
 
 def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
@@ -158,47 +182,54 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   # A low-precision dtype from `low_precision_from_stride()` on (or the output stride, if
   # smaller). On a CPU that is 16: there the products have hundreds of channels and
   # bfloat16 doubles their speed, while the high-resolution layers are memory-bound and the
-  # float32 <-> bfloat16 conversions cost more than they save (docs/performance.md).
+  # float32 <-> bfloat16 conversions cost more than they save (docs/performance.md). With
+  # the bfloat16 kernel (packed weights) activations stay float32 (`stored`) and the
+  # kernel rounds a product's inputs as it reads them.
+  kernel = dtype == jnp.bfloat16 and 'wp' in folded['blocks'][0]['project']
   compute_dtype, input_stride = dtype, 2
-  first_low = min(low_precision_from_stride(), output_stride)
+  first_low = min(low_precision_from_stride(kernel), output_stride)
   # Strides and dilations from the architecture; channel counts from the weights (they
   # depend on model.divisible_by too).
   for block, (_, _, stride, dilation) in zip(folded['blocks'], block_specs(width, output_stride)):
     dtype = compute_dtype if input_stride >= first_low else jnp.float32
+    low = dtype != jnp.float32
+    stored = jnp.float32 if kernel else dtype
     input_stride *= stride
-    x = x.astype(dtype)
+    x = x.astype(stored)
     residual = stride == 1 and x.shape[-1] == block['project']['w'].shape[-1]
-    inputs = x
     y = x
     if 'expand' in block:
-      y = _relu6(_pointwise(y, block['expand']['w'], block['expand']['b'])).astype(dtype)
+      y = _product(y, block['expand'], 'relu6', low).astype(stored)
     y = _relu6(_depthwise(y, block['depthwise']['w'], block['depthwise']['b'], stride,
-                          dilation)).astype(dtype)
-    y = _pointwise(y, block['project']['w'], block['project']['b'])
-    if residual:
-      y = y + inputs.astype(jnp.float32)
-    x = y.astype(dtype)
+                          dilation)).astype(stored)
+    y = _product(y, block['project'], 'linear', low, residual=x if residual else None)
+    x = y.astype(stored)
 
   dtype = compute_dtype
-  x = x.astype(dtype)
+  stored = jnp.float32 if kernel else dtype
+  x = x.astype(stored)
   head = folded['head']
   pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [n, c]
   pooled = jax.nn.relu(pooled.astype(dtype) @ head['pool']['w'].astype(dtype)
                        + head['pool']['b'])
-  pooled_term = lax.dot_general(pooled.astype(dtype), head['proj_pool'],
+  pooled_term = lax.dot_general(pooled.astype(dtype), head['proj_pool'].astype(dtype),
                                 (((1,), (0,)), ((), ())),
                                 preferred_element_type=jnp.float32)  # [n, 256]
-  branches = [jax.nn.relu(_pointwise(x, head['aspp0']['w'], head['aspp0']['b']))]
+  low = dtype != jnp.float32
+  branches = [_product(x, head['aspp0'], 'relu', low)]
   rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
   for i, rate in enumerate(rates, start=1):
     if f'aspp{i}' in head:
       branches.append(jax.nn.relu(_conv(x, head[f'aspp{i}']['w'], head[f'aspp{i}']['b'],
                                         dilation=rate)))
-  y = jnp.concatenate(branches, axis=-1).astype(dtype) if len(branches) > 1 else \
-      branches[0].astype(dtype)
-  y = _pointwise(y, head['proj_branches'], head['proj_b'])
-  y = jax.nn.relu(y + pooled_term[:, None, None, :]).astype(dtype)
-  logits = _pointwise(y, head['logits']['w'], head['logits']['b'])
+  y = jnp.concatenate(branches, axis=-1).astype(stored) if len(branches) > 1 else \
+      branches[0].astype(stored)
+  projection = {'w': head['proj_branches'], 'b': head['proj_b']}
+  if 'proj_branches_wp' in head:
+    projection['wp'] = head['proj_branches_wp']
+  y = _product(y, projection, 'linear', low)
+  y = jax.nn.relu(y + pooled_term[:, None, None, :]).astype(stored)
+  logits = _product(y, head['logits'], 'linear', low)
   if upsample:
     logits = resize_bilinear(logits, images.shape[1:3])
   return logits

@@ -52,10 +52,12 @@ from seg.inference import cpu_features
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Compiled together into one library; the headers are part of its key.
 SOURCES = tuple(os.path.join(HERE, name)
-                for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc'))
+                for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc',
+                             'bf16_kernel.cc'))
 HEADERS = tuple(os.path.join(HERE, name)
                 for name in ('int8_product.h', 'kernel_threads.h', 'kernel_cpu.h',
-                             'int8_depthwise.h', 'int8_stem.h', 'amx_emulation.h'))
+                             'int8_depthwise.h', 'int8_stem.h', 'amx_emulation.h',
+                             'bf16_product.h'))
 TARGET = 'seg_int8_product'
 DEPTHWISE_TARGET = 'seg_int8_depthwise'
 STEM_TARGET = 'seg_int8_stem'
@@ -63,7 +65,8 @@ STEM_PROJECT_TARGET = 'seg_int8_stem_project'
 EXPAND_DEPTHWISE_TARGET = 'seg_int8_expand_depthwise'
 _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegInt8Stem': STEM_TARGET, 'SegInt8StemProject': STEM_PROJECT_TARGET,
-            'SegInt8ExpandDepthwise': EXPAND_DEPTHWISE_TARGET}  # library symbol: FFI target
+            'SegInt8ExpandDepthwise': EXPAND_DEPTHWISE_TARGET,
+            'SegBf16Product': 'seg_bf16_product'}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
@@ -78,7 +81,8 @@ OFFSET_LOOPS = ('avxvnni', 'vnni')
 # The loops `emulate_loops` stands in for, and the CPU flags their stand-ins need.
 EMULATED = {'avxvnni': VNNI_FLAGS, 'amx': AVX512_FLAGS}
 # The targets that take a loop, and the suffix of the emulation library's (`emulate_loops`).
-LOOP_TARGETS = ('SegInt8Product', 'SegInt8StemProject', 'SegInt8ExpandDepthwise')
+LOOP_TARGETS = ('SegInt8Product', 'SegInt8StemProject', 'SegInt8ExpandDepthwise',
+                'SegBf16Product')
 EMULATION = '_emulation'
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')

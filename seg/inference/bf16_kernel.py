@@ -1,0 +1,171 @@
+"""The bfloat16 engine's own kernel: 1x1 products in AVX-512 BF16 or AMX-BF16 tiles, float32
+activations in and out (`bf16_product.h`).
+
+    if bf16_kernel.available():                    # the int8 kernels' library, built once
+      wp = bf16_kernel.pack_weights(w)             # [in, out] float32 -> packed bfloat16
+      y = bf16_kernel.product(x, wp, b, mode='relu6')   # inside jit, on a CPU
+
+XLA's bfloat16 engine rounds whole tensors to bfloat16 in passes over memory before its
+products, which made bfloat16 slower than float32 on the memory-bound high-resolution layers
+of a CPU (docs/performance.md, "bfloat16"); this kernel rounds a block of rows in the core's
+cache on its way into the product and adds bias, activation and residual in its output
+loop, so any product can run in bfloat16 at no extra pass. The numbers are XLA's bfloat16
+formulation's (inputs and weights rounded to bfloat16 to nearest even, exact products,
+float32 sums) up to the order of the sums.
+
+It is compiled into the library of `seg.inference.int8_kernel` (`build`), and runs where the
+CPU has AVX-512 BF16 (`avx512_bf16`: Intel Xeons since Cooper Lake, AMD Zen 4 and later) or
+AMX-BF16 tiles (`amx_bf16`, Intel Xeons since Sapphire Rapids); elsewhere `available()` is
+False and the engine keeps XLA's bfloat16. `int8_kernel.emulate_loops` stands in for the
+AMX tiles on CPUs with AVX-512 (tests). Exports (`jax.export`) never contain it.
+"""
+
+import ctypes
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seg.inference import cpu_features, int8_kernel
+
+TARGET = 'SegBf16Product'  # int8_kernel._TARGETS' key
+PANEL = 16       # output channels per weight panel (bf16_product.h: kPanel)
+K_MULTIPLE = 32  # inputs per AMX tile product; weights are packed to a multiple of it
+MODES = {'linear': 0, 'relu6': 1, 'relu': 2}
+# The kernel's loops (bf16_product.h: Isa), slowest first, and the CPU flags each needs.
+LOOPS = {'avx512bf16': 0, 'amx': 1}
+BF16_FLAGS = int8_kernel.AVX512_FLAGS | {'avx512_bf16'}
+_state = {}
+
+
+def unavailable_reason() -> Optional[str]:
+  """Why `available()` is False (None when it is True)."""
+  if not int8_kernel.available():
+    return int8_kernel.unavailable_reason()
+  if not loops():
+    return 'the CPU has neither AVX-512 BF16 nor AMX-BF16'
+  return None
+
+
+def available(log=None) -> bool:
+  """Whether the kernel runs here: the library builds (`int8_kernel.available`) and the CPU
+  has one of its loops."""
+  return int8_kernel.available(log) and bool(loops())
+
+
+def built(loop: str) -> bool:
+  """Whether the library has `loop` (compilers before GCC 10 / clang 9 have no AVX-512 BF16
+  intrinsics, before GCC 11 / clang 12 no AMX ones) and this CPU runs its instructions."""
+  return (int8_kernel.available() and
+          int8_kernel._state['lib'].SegBf16HasLoop(ctypes.c_int(LOOPS[loop])) == 1)
+
+
+def loops(flags=None) -> tuple:
+  """The kernel's loops this CPU can run, slowest first: 'avx512bf16', 'amx' (amx_bf16, where
+  Linux grants this process the tile registers). With `int8_kernel.emulate_loops` on, 'amx'
+  is offered where its stand-in runs (AVX-512 F, BW, VL, DQ), and only there."""
+  if flags is None:
+    key = ('loops', int8_kernel.loops_emulated())
+    if key not in _state:
+      _state[key] = loops(cpu_features.cpu_flags())
+    return _state[key]
+  flags = frozenset(flags)
+  if not int8_kernel.available():
+    return ()
+  found = []
+  if BF16_FLAGS <= flags and built('avx512bf16'):
+    found.append('avx512bf16')
+  if int8_kernel.loops_emulated():
+    amx = int8_kernel.EMULATED['amx'] <= flags
+  else:
+    amx = 'amx_bf16' in flags and int8_kernel._state['lib'].SegAmxPermitted() == 1
+  if amx and built('amx'):
+    found.append('amx')
+  return tuple(found)
+
+
+def isa() -> str:
+  """Which loop runs here: the fastest of `loops()`. SEG_BF16_KERNEL_ISA=avx512bf16|amx forces
+  one (an error where the CPU lacks it)."""
+  wanted = os.environ.get('SEG_BF16_KERNEL_ISA', 'auto') or 'auto'
+  if wanted != 'auto' and wanted not in LOOPS:
+    raise ValueError(f"SEG_BF16_KERNEL_ISA must be auto, {', '.join(LOOPS)}, got {wanted!r}")
+  have = loops()
+  if not have:
+    raise RuntimeError(f'the bfloat16 kernel is unavailable: {unavailable_reason()}')
+  if wanted != 'auto' and wanted not in have:
+    raise RuntimeError(f'SEG_BF16_KERNEL_ISA={wanted}, but this CPU or Linux offers only '
+                       f'{", ".join(have)}')
+  return have[-1] if wanted == 'auto' else wanted
+
+
+def pack_weights(w: np.ndarray) -> np.ndarray:
+  """[in, out] float -> the kernel's layout, 1-D uint16 (bfloat16 bits) of in' x
+  ceil(out / 16) x 16, in' = in rounded up to 32 with zero weights.
+
+  Rounded to bfloat16 to nearest even (as `astype(jnp.bfloat16)`). Panel p holds output
+  channels 16p..16p+15 (zeros beyond `out`); inside it, for each pair of inputs, 16 channels
+  x 2 inputs (bf16_product.h).
+  """
+  w = np.asarray(w)
+  if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating) and w.dtype != jnp.bfloat16:
+    raise ValueError(f'expected [in, out] float weights, got {w.dtype} {w.shape}')
+  k, n = w.shape
+  panels = -(-n // PANEL)
+  kp = -(-k // K_MULTIPLE) * K_MULTIPLE
+  padded = np.zeros((kp, panels * PANEL), jnp.bfloat16)
+  padded[:k, :n] = w.astype(jnp.bfloat16)
+  # [k'/2, 2, panels, 16] -> [panels, k'/2, 16, 2]
+  return np.ascontiguousarray(
+      padded.reshape(kp // 2, 2, panels, PANEL).transpose(2, 0, 3, 1)).reshape(-1).view(
+          np.uint16)
+
+
+def product(x: jax.Array, w_packed: jax.Array, bias: jax.Array, mode: str = 'linear',
+            residual: Optional[jax.Array] = None, loop: Optional[str] = None) -> jax.Array:
+  """act(bf16(x) @ w + bias) (+ residual) over x's last axis, float32, in the kernel (CPU).
+
+  x: [..., in] float32 (rounded to bfloat16 inside); w_packed: `pack_weights`; bias: float32
+  [out]; mode: 'linear', 'relu6' or 'relu'; residual: float32 [..., out], 'linear' only,
+  added after the bias. loop: one of `loops()` (default `isa()`).
+  """
+  if not available():
+    raise RuntimeError(f'the bfloat16 kernel is unavailable: {unavailable_reason()}')
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {sorted(MODES)}, got {mode!r}')
+  if residual is not None and mode != 'linear':
+    raise ValueError(f"a residual is mode 'linear's, not {mode!r}")
+  loop = loop or isa()
+  if loop not in loops():
+    raise ValueError(f"loop {loop!r} is not one of this CPU's: {loops()}")
+  k, n = x.shape[-1], bias.shape[0]
+  expected = -(-k // K_MULTIPLE) * K_MULTIPLE * -(-n // PANEL) * PANEL
+  if w_packed.shape != (expected,) or w_packed.dtype != jnp.uint16:
+    raise ValueError(f'packed weights for {k} inputs and {n} outputs are uint16 '
+                     f'({expected},), got {w_packed.dtype} {w_packed.shape}')
+  shape = x.shape[:-1] + (n,)
+  if residual is not None and residual.shape != shape:
+    raise ValueError(f'the residual must be {shape}, got {residual.shape}')
+  residual = (jnp.zeros((0,), jnp.float32) if residual is None else
+              residual.astype(jnp.float32))
+  call = jax.ffi.ffi_call(int8_kernel._target(TARGET, loop),
+                          jax.ShapeDtypeStruct(shape, jnp.float32))
+  return call(x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), residual,
+              mode=np.int32(MODES[mode]), isa=np.int32(LOOPS[loop]))
+
+
+def pack_folded(folded):
+  """Folded float32 params (`seg.inference.fold.fold_variables`, NumPy) with every 1x1
+  product's weights also packed for the kernel ('wp' beside 'w'; the concat projection's as
+  head['proj_branches_wp']): what `seg.inference.forward` runs in the kernel with
+  dtype=bfloat16. The float32 'w' stay, for the products below the bfloat16 stride."""
+  def packed(layer):
+    return dict(layer, wp=pack_weights(layer['w']))
+  blocks = [{name: packed(layer) if name in ('expand', 'project') else layer
+             for name, layer in block.items()} for block in folded['blocks']]
+  head = dict(folded['head'], aspp0=packed(folded['head']['aspp0']),
+              logits=packed(folded['head']['logits']),
+              proj_branches_wp=pack_weights(folded['head']['proj_branches']))
+  return dict(folded, blocks=blocks, head=head)

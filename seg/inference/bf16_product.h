@@ -1,0 +1,262 @@
+// bfloat16 1x1 products for x86 CPUs with AVX-512 BF16 (`vdpbf16ps`) or AMX-BF16 tiles, with
+// float32 activations in and out: the inputs are rounded to bfloat16 inside the kernel, so
+// the float32 layers around a product (depthwise, residual sums) need no conversion pass
+// over memory, and bias, activation and residual sum run in the product's output loop.
+//
+//   out[m, n] = act(sum_k bf16(x[m, k]) * w[k, n] + bias[n]) (+ residual[m, n])
+//
+// x: [m, k] float32; w: bfloat16 (as uint16), packed by `pack_weights` in bf16_kernel.py into
+// panels of 16 output channels, each [kp / 2][16][2] (two consecutive inputs of one output
+// channel in one 32-bit lane: the pair layout of `vdpbf16ps` and of AMX's B tiles), kp = k
+// rounded up to 32 with zero weights. Each products of two bfloat16 is exact in float32; the
+// sums are float32 (round to nearest even), as XLA's bfloat16 products with float32
+// accumulation, in another order. A row block's inputs are rounded to bfloat16 (to nearest
+// even, as XLA and NumPy round) once into a per-thread buffer, zero-padded to kp inputs and
+// to whole tiles of rows, from which both loops read.
+//
+// mode: 0 linear, 1 ReLU6, 2 ReLU; mode 0 may add a float32 `residual` [m, n] (a residual
+// block's projection and its sum in one pass).
+#ifndef SEG_INFERENCE_BF16_PRODUCT_H_
+#define SEG_INFERENCE_BF16_PRODUCT_H_
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "int8_product.h"  // SEG_INLINE, SEG_AVX512, SEG_AMX, the AMX permission and config
+#include "kernel_cpu.h"
+
+// The AVX-512 BF16 intrinsics came with GCC 10 and clang 9 (<avx512bf16intrin.h>).
+#if !defined(SEG_WITHOUT_NEW_LOOPS) && __has_include(<avx512bf16intrin.h>)
+#define SEG_BF16_LOOP 1
+#else
+#define SEG_BF16_LOOP 0
+#endif
+
+namespace seg {
+namespace bf16 {
+
+constexpr int kPanel = 16;          // output channels per weight panel: one zmm of float32
+constexpr int64_t kKMultiple = 32;  // inputs per AMX tile product: packed k's multiple
+constexpr int64_t kChunkRows = 64;  // rows per claim of the thread pool, at most
+constexpr int64_t kGrainRows = 32;  // and a multiple of this (two AMX row tiles)
+
+enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2 };
+enum Isa { kAvx512Bf16 = 0, kAmxBf16 = 1 };  // bf16_kernel.py: LOOPS
+
+struct Problem {
+  const float* x;
+  int64_t m, k, n;
+  int64_t kp;          // the packed weights' inputs: k rounded up to kKMultiple
+  const uint16_t* w;
+  const float* bias;   // padded to whole panels
+  int mode;
+  int isa;
+  const float* residual;  // mode 0: added to the output, or null
+  float* out;
+};
+
+// ------------------------------------------------------------------------------------------
+// Rows [row, row + rows) of x as bfloat16, rounded to nearest even (the float32 bits plus
+// 0x7fff plus the lowest kept bit, truncated: NumPy's and XLA's rounding of finite values),
+// into a [rows_padded][kp] buffer with zeros beyond k and beyond `rows`.
+SEG_AVX512 inline void RoundRows(const Problem& p, int64_t row, int64_t rows,
+                                 int64_t rows_padded, uint16_t* a) {
+  const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = p.x + (row + r) * p.k;
+    uint16_t* o = a + r * p.kp;
+    for (int64_t c = 0; c < p.kp; c += 16) {
+      const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, p.k - c));
+      const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+      const __m512i bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(mask, x + c));
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+      const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(half, lsb));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+    }
+  }
+  if (rows_padded > rows)
+    std::memset(a + rows * p.kp, 0, (rows_padded - rows) * p.kp * sizeof(uint16_t));
+}
+
+// One row's 16 channels of `panel` from their float32 sums: bias, activation, residual.
+SEG_AVX512 SEG_INLINE void Store16(const Problem& p, __m512 acc, int64_t m, int64_t panel,
+                                   __m512 b) {
+  const int64_t n0 = panel * kPanel;
+  const int64_t valid = std::min<int64_t>(kPanel, p.n - n0);
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  __m512 y = _mm512_add_ps(acc, b);
+  if (p.mode != kLinear) y = _mm512_max_ps(y, _mm512_setzero_ps());
+  if (p.mode == kRelu6) y = _mm512_min_ps(y, _mm512_set1_ps(6.f));
+  // Whole panels unmasked: masked stores are several times slower on AMD's Zen 4 and 5.
+  if (valid == kPanel) {
+    if (p.residual) y = _mm512_add_ps(y, _mm512_loadu_ps(p.residual + m * p.n + n0));
+    _mm512_storeu_ps(p.out + m * p.n + n0, y);
+    return;
+  }
+  if (p.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, p.residual + m * p.n + n0));
+  _mm512_mask_storeu_ps(p.out + m * p.n + n0, mask, y);
+}
+
+// ------------------------------------------------------------------------------------------
+// AVX-512 BF16 (avx512_bf16): _mm512_dpbf16_ps multiplies the two bfloat16 of each 32-bit
+// lane of its inputs and adds both products to that lane's float32: one pair of inputs of a
+// panel (16 channels x 2 inputs, 64 bytes) is one zmm. R rows x P panels of accumulators.
+#if SEG_BF16_LOOP
+#define SEG_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+template <int R, int P>
+SEG_BF16 SEG_INLINE void Tile(const Problem& p, const uint16_t* a, int64_t row,
+                              int64_t panel) {
+  const int64_t pairs = (p.k + 1) / 2, panel_size = p.kp * kPanel;
+  const uint16_t* w = p.w + panel * panel_size;
+  __m512 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < P; ++q) acc[r][q] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < pairs; ++g) {
+    __m512i wv[P];
+    for (int q = 0; q < P; ++q) wv[q] = _mm512_loadu_si512(w + q * panel_size + 32 * g);
+    for (int r = 0; r < R; ++r) {
+      int32_t two;
+      std::memcpy(&two, a + r * p.kp + 2 * g, 4);
+      const __m512i xb = _mm512_set1_epi32(two);
+      for (int q = 0; q < P; ++q)
+        acc[r][q] = _mm512_dpbf16_ps(acc[r][q], (__m512bh)xb, (__m512bh)wv[q]);
+    }
+  }
+  for (int q = 0; q < P; ++q) {
+    const __m512 b = _mm512_loadu_ps(p.bias + (panel + q) * kPanel);
+    for (int r = 0; r < R; ++r) Store16(p, acc[r][q], row + r, panel + q, b);
+  }
+}
+
+template <int P>
+SEG_BF16 void Panels(const Problem& p, const uint16_t* a, int64_t begin, int64_t end,
+                     int64_t panel) {
+  constexpr int R = P == 4 ? 4 : 8;
+  int64_t r = begin;
+  for (; r + R <= end; r += R) Tile<R, P>(p, a + (r - begin) * p.kp, r, panel);
+  for (; r < end; ++r) Tile<1, P>(p, a + (r - begin) * p.kp, r, panel);
+}
+
+// Rows [begin, end): rounded into the thread's buffer once, then every panel.
+SEG_BF16 inline void Bf16Rows(const Problem& p, int64_t begin, int64_t end) {
+  thread_local std::vector<uint16_t> buffer;
+  buffer.resize((end - begin) * p.kp);
+  RoundRows(p, begin, end - begin, end - begin, buffer.data());
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  int64_t panel = 0;
+  for (; panel + 4 <= panels; panel += 4) Panels<4>(p, buffer.data(), begin, end, panel);
+  if (panel + 2 <= panels) {
+    Panels<2>(p, buffer.data(), begin, end, panel);
+    panel += 2;
+  }
+  if (panel < panels) Panels<1>(p, buffer.data(), begin, end, panel);
+}
+#else
+inline void Bf16Rows(const Problem&, int64_t, int64_t) {}  // never called: RunsLoop
+#endif  // SEG_BF16_LOOP
+
+// ------------------------------------------------------------------------------------------
+// AMX-BF16 (amx_bf16): _tile_dpbf16ps adds to a 16 x 16 float32 C tile the products of a
+// 16-row x 32-input bfloat16 A tile and a B tile of 16 pairs of inputs x 16 channels: the
+// packed weights of a panel for 32 inputs are exactly that B tile (64-byte rows). A tiles
+// come from the rounded rows (row stride kp, padded to 32 rows). Built with
+// -DSEG_KERNEL_EMULATION the tile instructions are amx_emulation.h's plain C++, as in the
+// int8 kernel's AMX loop.
+#if SEG_NEW_LOOPS
+#ifdef SEG_KERNEL_EMULATION
+#define SEG_AMX_BF16 SEG_AVX512
+#else
+#define SEG_AMX_BF16 \
+  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+#endif
+
+// RT row tiles x PT panels, A tiles from a0 (and a0 + 16 rows), into tiles 0..3.
+template <int RT, int PT>
+SEG_AMX_BF16 void AmxBlock(const Problem& p, const uint16_t* a0, int64_t panel, float* c,
+                           int64_t row, int64_t rows) {
+  constexpr int kTile = 16;
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  const int64_t lda = p.kp * sizeof(uint16_t), panel_size = p.kp * kPanel;
+  const uint16_t* a1 = a0 + kTile * p.kp;
+  const uint16_t* b0 = p.w + panel * panel_size;
+  const uint16_t* b1 = b0 + panel_size;
+  for (int64_t kb = 0; kb < p.kp; kb += kKMultiple) {
+    _tile_loadd(4, a0 + kb, lda);
+    if (RT == 2) _tile_loadd(5, a1 + kb, lda);
+    _tile_loadd(6, b0 + kb * kPanel, 64);
+    if (PT == 2) _tile_loadd(7, b1 + kb * kPanel, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (PT == 2) _tile_dpbf16ps(1, 4, 7);
+    if (RT == 2) _tile_dpbf16ps(2, 5, 6);
+    if (RT == 2 && PT == 2) _tile_dpbf16ps(3, 5, 7);
+  }
+  constexpr int kC = kTile * kTile;  // float32 per C tile
+  _tile_stored(0, c, 64);
+  if (PT == 2) _tile_stored(1, c + kC, 64);
+  if (RT == 2) _tile_stored(2, c + 2 * kC, 64);
+  if (RT == 2 && PT == 2) _tile_stored(3, c + 3 * kC, 64);
+  for (int pt = 0; pt < PT; ++pt) {
+    const __m512 b = _mm512_loadu_ps(p.bias + (panel + pt) * kPanel);
+    for (int rt = 0; rt < RT; ++rt)
+      for (int64_t r = 0; r < std::min<int64_t>(kTile, rows - rt * kTile); ++r)
+        Store16(p, _mm512_load_ps(c + (2 * rt + pt) * kC + r * kTile), row + rt * kTile + r,
+                panel + pt, b);
+  }
+}
+
+SEG_AMX_BF16 inline void AmxRows(const Problem& p, int64_t begin, int64_t end) {
+  constexpr int64_t kBlock = 32;  // two row tiles
+  thread_local std::vector<uint16_t> buffer;
+  alignas(64) float c[4 * 16 * 16];
+  product::TileConfig config;
+  for (int t = 0; t < 8; ++t) { config.colsb[t] = 64; config.rows[t] = 16; }
+  _tile_loadconfig(&config);
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  for (int64_t row = begin; row < end; row += kBlock) {
+    const int64_t rows = std::min(kBlock, end - row);
+    buffer.resize(kBlock * p.kp);
+    RoundRows(p, row, rows, kBlock, buffer.data());
+    SEG_AMX_READABLE(buffer.data(), buffer.size() * sizeof(uint16_t));
+    SEG_AMX_READABLE(p.w, panels * p.kp * kPanel * sizeof(uint16_t));
+    int64_t panel = 0;
+    if (rows > 16) {
+      for (; panel + 2 <= panels; panel += 2) AmxBlock<2, 2>(p, buffer.data(), panel, c, row, rows);
+      if (panel < panels) AmxBlock<2, 1>(p, buffer.data(), panel, c, row, rows);
+    } else {
+      for (; panel + 2 <= panels; panel += 2) AmxBlock<1, 2>(p, buffer.data(), panel, c, row, rows);
+      if (panel < panels) AmxBlock<1, 1>(p, buffer.data(), panel, c, row, rows);
+    }
+  }
+  _tile_release();
+}
+#else
+inline void AmxRows(const Problem&, int64_t, int64_t) {}  // never called: RunsLoop
+#endif  // SEG_NEW_LOOPS
+
+inline void RunRows(const Problem& p, int64_t begin, int64_t end) {
+  if (p.isa == kAmxBf16) AmxRows(p, begin, end); else Bf16Rows(p, begin, end);
+}
+
+// Whether this CPU has the instructions of loop `isa` (AMX's permission is asked apart).
+inline bool RunsLoop(int32_t isa) {
+  switch (isa) {
+#if SEG_BF16_LOOP
+    case kAvx512Bf16: return seg::HasAvx512() && __builtin_cpu_supports("avx512bf16");
+#endif
+#if SEG_NEW_LOOPS
+    case kAmxBf16: return seg::HasAvx512();  // and amx_bf16: bf16_kernel.py's flags
+#endif
+    default: return false;
+  }
+}
+
+}  // namespace bf16
+}  // namespace seg
+
+#endif  // SEG_INFERENCE_BF16_PRODUCT_H_

@@ -1,0 +1,245 @@
+"""The bfloat16 kernel (seg/inference/bf16_product.h) against NumPy's bfloat16 rounding and
+float64 sums, and the engine's 'kernel' bfloat16 formulation against XLA's."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from helpers import EVAL_SIZE, random_variables, tiny_engine_config
+from seg.inference import benchmark, bf16_kernel, cpu_features, engine, export, int8_kernel
+from seg.inference.forward import forward
+from seg.model import block_specs
+from seg.preprocessing import preprocess
+
+pytestmark = pytest.mark.skipif(
+    not int8_kernel.cpu_supported(), reason='the kernels need an x86-64 CPU with AVX2 and FMA')
+
+
+def _use_loop(loop, monkeypatch):
+  """Skips unless this CPU runs `loop`; 'amx' runs in its stand-in (`int8_kernel.emulate_loops`)
+  where the CPU lacks AMX-BF16 but has AVX-512, for this test only."""
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  if loop == 'amx' and loop not in bf16_kernel.loops() and (
+      int8_kernel.EMULATED['amx'] <= cpu_features.cpu_flags()):
+    monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
+    int8_kernel.emulate_loops(True)
+  if loop not in bf16_kernel.loops():
+    pytest.skip(f'this CPU runs the bfloat16 loops {bf16_kernel.loops()}, not {loop}')
+
+
+def _bf16(x):
+  """x rounded to bfloat16 (ml_dtypes: to nearest even), as float64."""
+  return np.asarray(x, np.float32).astype(jnp.bfloat16).astype(np.float64)
+
+
+@pytest.mark.parametrize('loop', ['avx512bf16', 'amx'])
+def test_the_kernel_rounds_its_inputs_to_nearest_even(loop, monkeypatch):
+  """Through identity weights the output is the input as the kernel rounded it: NumPy's
+  bfloat16 of every value, ties (exactly half a bfloat16 step above a value whose last bit
+  is even, and above one whose last bit is odd) included."""
+  _use_loop(loop, monkeypatch)
+  rng = np.random.default_rng(1)
+  k = 40
+  base = rng.uniform(-300, 300, (37, k)).astype(np.float32).astype(jnp.bfloat16)
+  bits = base.view(np.uint16).astype(np.uint32) << 16
+  x = rng.uniform(-300, 300, (37, k)).astype(np.float32)
+  x[:10] = (bits[:10] | 0x8000).view(np.float32)  # ties, after even and odd last bits
+  x[10:12] = (bits[10:12] | 0x7fff).view(np.float32)  # just below a tie
+  assert {0, 1} <= set(((bits[:10] >> 16) & 1).ravel().tolist())
+  y = bf16_kernel.product(jnp.asarray(x), jnp.asarray(bf16_kernel.pack_weights(np.eye(k))),
+                          jnp.zeros(k), loop=loop)
+  np.testing.assert_array_equal(np.asarray(y), _bf16(x).astype(np.float32))
+
+
+@pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'residual'])
+@pytest.mark.parametrize('loop,k', [('avx512bf16', 7), ('avx512bf16', 52), ('avx512bf16', 136),
+                                    ('amx', 7), ('amx', 52), ('amx', 136)])
+def test_the_kernel_computes_the_bfloat16_product(mode, loop, k, monkeypatch):
+  """Each loop the CPU runs (or AMX's stand-in), with an odd number of inputs (7: half a pair
+  at the end), one partial 32-input tile (52) or four and a part (136), 45 rows (not whole
+  4-row or 16-row tiles) in a batch of 3, 101 outputs (7 panels: the loops' 4-, 2- and
+  1-panel tiles): the float32 result is within float32 summation error of the exact sum
+  of bfloat16-rounded inputs times bfloat16-rounded weights, and farther than that from the
+  float32 product (it multiplied in bfloat16)."""
+  _use_loop(loop, monkeypatch)
+  rng = np.random.default_rng(k)
+  x = rng.normal(0, 1, (3, 45, k)).astype(np.float32)
+  w = rng.normal(0, 0.2, (k, 101)).astype(np.float32)
+  b = rng.normal(0, 1, 101).astype(np.float32)
+  residual = rng.normal(0, 1, (3, 45, 101)).astype(np.float32) if mode == 'residual' else None
+  y = np.asarray(bf16_kernel.product(
+      jnp.asarray(x), jnp.asarray(bf16_kernel.pack_weights(w)), jnp.asarray(b),
+      mode='linear' if mode == 'residual' else mode,
+      residual=None if residual is None else jnp.asarray(residual), loop=loop))
+  sums = _bf16(x) @ _bf16(w) + b
+  magnitude = np.abs(_bf16(x)) @ np.abs(_bf16(w)) + np.abs(b)
+  act = {'relu6': lambda v: np.clip(v, 0, 6), 'relu': lambda v: np.maximum(v, 0)}.get(
+      mode, lambda v: v)
+  reference = act(sums) + (0 if residual is None else residual)
+  bound = (k + 2) * 2.0**-24 * (magnitude + (0 if residual is None else np.abs(residual)))
+  assert y.shape == (3, 45, 101) and y.dtype == np.float32
+  assert np.all(np.abs(y - reference) <= bound)
+  exact = act(x.astype(np.float64) @ w.astype(np.float64) + b)
+  assert np.abs(y - exact - (0 if residual is None else residual)).max() > 10 * bound.max()
+
+
+def test_packed_weights_follow_the_kernels_layout():
+  """Panel p, pair g, channel c, j: the bfloat16 of w[2g + j, 16p + c], zeros beyond the
+  weights (inputs to a multiple of 32, outputs to whole panels)."""
+  rng = np.random.default_rng(2)
+  w = rng.normal(0, 1, (37, 21)).astype(np.float32)
+  packed = bf16_kernel.pack_weights(w)
+  assert packed.dtype == np.uint16 and packed.shape == (64 * 32,)  # 2 panels x 64 inputs
+  as_float = (packed.astype(np.uint32) << 16).view(np.float32).reshape(2, 32, 16, 2)
+  for p, g, c, j in [(0, 0, 0, 0), (0, 3, 5, 1), (1, 18, 4, 0), (1, 17, 4, 1)]:
+    assert as_float[p, g, c, j] == np.float32(_bf16(w[2 * g + j, 16 * p + c]))
+  assert not as_float[1, :, 5:].any()   # outputs 21..31
+  assert not as_float[:, 19:].any()     # inputs 38..63 (input 37's pair partner too)
+  assert not as_float[:, 18, :, 1].any()
+
+
+def test_the_kernel_rejects_what_it_cannot_run():
+  if not bf16_kernel.available():
+    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+  x = jnp.ones((4, 40), jnp.float32)
+  packed = jnp.asarray(bf16_kernel.pack_weights(np.ones((40, 20), np.float32)))
+  with pytest.raises(ValueError, match='packed weights for 40 inputs and 20 outputs'):
+    bf16_kernel.product(x, packed[:-1], jnp.zeros(20))
+  with pytest.raises(ValueError, match="a residual is mode 'linear's"):
+    bf16_kernel.product(x, packed, jnp.zeros(20), mode='relu6', residual=jnp.zeros((4, 20)))
+  with pytest.raises(ValueError, match='the residual must be'):
+    bf16_kernel.product(x, packed, jnp.zeros(20), residual=jnp.zeros((4, 21)))
+  with pytest.raises(ValueError, match='mode must be one of'):
+    bf16_kernel.product(x, packed, jnp.zeros(20), mode='gelu')
+  with pytest.raises(ValueError, match='is not one of this CPU'):
+    bf16_kernel.product(x, packed, jnp.zeros(20), loop='neon')
+
+
+def test_the_cpu_choice_of_the_bfloat16_formulation(monkeypatch):
+  """The kernel where the CPU has AVX-512 BF16 or AMX-BF16 (with AVX2 and FMA), XLA's
+  bfloat16 elsewhere; SEG_BF16_FORMULATION overrides, and is checked."""
+  base = 'fpu sse2 avx avx2 fma avx512f avx512bw avx512vl avx512dq'
+  choose = lambda flags, machine='x86_64': cpu_features.choose(flags, machine).bf16_formulation
+  assert choose(base) == 'xla'
+  assert choose(base + ' avx512_bf16') == 'kernel'
+  assert choose(base + ' avx512_vnni amx_bf16 amx_int8 amx_tile') == 'kernel'
+  assert choose('avx512_bf16 avx2') == 'xla'  # no FMA: the library is not built
+  assert choose('Features : fp asimd bf16', machine='aarch64') == 'xla'
+  assert 'bfloat16 kernel in AVX-512 BF16' in cpu_features.choose(base + ' avx512_bf16',
+                                                                  'x86_64').reason
+  monkeypatch.setenv('SEG_BF16_FORMULATION', 'xla')
+  assert engine.bf16_formulation_for('cpu') == 'xla'
+  monkeypatch.setenv('SEG_BF16_FORMULATION', 'fast')
+  with pytest.raises(ValueError, match='SEG_BF16_FORMULATION must be auto or one of'):
+    engine.bf16_formulation_for('cpu')
+
+
+def test_without_the_kernel_bfloat16_stays_xlas(monkeypatch):
+  """Accelerators never get the CPU kernel, nor does a CPU that cannot run it; when it was
+  asked for by name, the engine says why it runs XLA's products instead."""
+  said = []
+  assert engine.bf16_formulation_for('gpu', 'kernel', said.append) == 'xla'
+  assert 'the engine runs on gpu' in said[-1]
+  assert engine.bf16_formulation_for('gpu') == 'xla'  # the CPU's choice is not asked
+  monkeypatch.setattr(bf16_kernel, 'available', lambda log=None: False)
+  monkeypatch.setattr(bf16_kernel, 'unavailable_reason', lambda: 'no AVX-512 BF16')
+  assert engine.bf16_formulation_for('cpu', 'kernel', said.append) == 'xla'
+  assert 'no AVX-512 BF16' in said[-1]
+  said.clear()
+  assert engine.bf16_formulation_for('cpu', log=said.append) == 'xla' and not said
+
+
+@pytest.fixture(scope='module')
+def tiny_model():
+  config = tiny_engine_config()
+  _, variables = random_variables(config.model, seed=7)
+  return config, variables
+
+
+def _kernel_engine(config, variables, **kwargs):
+  if not bf16_kernel.available():
+    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+  return engine.Engine(config, variables, dtype='bfloat16', bf16_formulation='kernel', **kwargs)
+
+
+@pytest.mark.parametrize('from_stride', ['2', '16'])
+def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
+    tiny_model, from_stride, monkeypatch):
+  """Counted in the traced program: the expansion and projection of each block whose input
+  has stride >= SEG_BF16_FROM_STRIDE (at most the output stride), and the head's aspp0,
+  concat projection and logits; their logits are as close to float32's as XLA's bfloat16
+  engine's, and the classes float32's."""
+  config, variables = tiny_model
+  monkeypatch.setenv('SEG_BF16_FROM_STRIDE', from_stride)
+  eng = _kernel_engine(config, variables)
+  assert eng.bf16_formulation == 'kernel'
+  m = config.model
+  images = preprocess(np.random.default_rng(3).integers(0, 256, (1, EVAL_SIZE, EVAL_SIZE, 3),
+                                                        np.uint8))
+  run = lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
+                             dtype=jnp.bfloat16)
+  jaxpr = jax.make_jaxpr(run)(eng.folded, images)
+  calls = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call']
+  strides = [2]
+  for _, _, stride, _ in block_specs(m.width, m.output_stride):
+    strides.append(strides[-1] * stride)
+  threshold = min(int(from_stride), m.output_stride)
+  want = sum((2 if i else 1) for i, s in enumerate(strides[:-1]) if s >= threshold) + 3
+  assert len(calls) == want
+  # No bfloat16 tensor between the layers: the kernel rounds what it reads.
+  assert not [e for e in jaxpr.eqns if e.primitive.name == 'dot_general'
+              and e.invars[0].aval.dtype == jnp.bfloat16 and e.outvars[0].aval.ndim == 4]
+  got = np.asarray(jax.jit(run)(eng.folded, images))
+  xla = engine.Engine(config, variables, dtype='bfloat16', bf16_formulation='xla')
+  reference = np.asarray(jax.jit(run)(xla.folded, images))
+  f32 = engine.Engine(config, variables)
+  exact = np.asarray(jax.jit(lambda f, x: forward(f, x, width=m.width,
+                                                  output_stride=m.output_stride))(
+                                                      f32.folded, images))
+  rms = lambda v: np.sqrt(np.mean(np.square(v)))
+  # bfloat16's error, no larger than XLA's bfloat16 engine's (which also stores the
+  # activations between layers in bfloat16), and within the bound test_engine.py sets it.
+  assert 1e-5 * rms(exact) < rms(got - exact) <= 0.05 * rms(exact)
+  assert rms(got - exact) <= 1.2 * rms(reference - exact)
+  assert (got.argmax(-1) == exact.argmax(-1)).mean() >= 0.98
+
+
+def test_the_kernel_engine_predicts_the_float32_classes(tiny_model):
+  """Whole predictions (preprocessing, padding, argmax, two images of other sizes)."""
+  config, variables = tiny_model
+  eng = _kernel_engine(config, variables, batch_size=2)
+  rng = np.random.default_rng(4)
+  images = [rng.integers(0, 256, shape, np.uint8) for shape in
+            [(EVAL_SIZE, EVAL_SIZE - 7, 3), (EVAL_SIZE - 20, EVAL_SIZE, 3)]]
+  got = eng.predict(images)
+  expected = engine.Engine(config, variables, batch_size=2).predict(images)
+  xla = engine.Engine(config, variables, dtype='bfloat16', batch_size=2,
+                      bf16_formulation='xla').predict(images)
+  assert [g.shape for g in got] == [e.shape for e in expected]
+  agree = lambda a: np.mean([(g == e).mean() for g, e in zip(a, expected)])
+  # A random model's classes are close calls (a trained one's agree on 99.97% of the pixels,
+  # docs/performance.md): as many as XLA's bfloat16 engine keeps, near enough.
+  assert agree(got) >= 0.95 and agree(got) >= agree(xla) - 0.01
+
+
+def test_an_export_never_carries_the_kernel(tiny_model):
+  """The kernel lives in this project's library: an export of a kernel engine is refused,
+  and `main.py export --dtype bfloat16`'s engine runs XLA's products."""
+  config, variables = tiny_model
+  with pytest.raises(ValueError, match='which an export cannot carry'):
+    export.export_engine(_kernel_engine(config, variables), platforms=('cpu',))
+  eng = engine.Engine(config, variables, dtype='bfloat16', bf16_formulation='xla')
+  exported = export.export_engine(eng, platforms=('cpu',), batch_size=1)
+  assert 'seg_bf16_product' not in exported.mlir_module() and 'bf16' in exported.mlir_module()
+
+
+def test_the_benchmark_names_the_bfloat16_formulation_and_loop():
+  if not bf16_kernel.available():
+    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+  from experiments import tiny
+  record = benchmark.benchmark(tiny.get_config(), height=65, width=65, dtype='bfloat16',
+                               warmup=1, iters=2, log=lambda *a: None)
+  assert record['bf16_formulation'] == 'kernel' and record['bf16_loop'] == bf16_kernel.isa()
+  assert record['int8_loop'] is None
+  assert f'(kernel formulation, {bf16_kernel.isa()} loop)' in benchmark.format_record(record)
