@@ -41,7 +41,7 @@ LOW_PRECISION_FROM_STRIDES = (2, 4, 8, 16)
 
 # From which stride on the CPU's bfloat16 kernel ('kernel' formulation) runs the products
 # when SEG_BF16_FROM_STRIDE is auto (docs/performance.md, "bfloat16").
-KERNEL_FROM_STRIDE = 8
+KERNEL_FROM_STRIDE = 4
 
 
 def low_precision_from_stride(kernel: bool = False) -> int:
