@@ -1,11 +1,21 @@
-// The bfloat16 kernel's XLA FFI handler: a 1x1 product in the loops of bf16_product.h (which
-// describes them), float32 in and out. Built into the same library as the int8 kernels by
-// seg/inference/int8_kernel.py (`build`), called through bf16_kernel.py. Rows are split into
-// chunks shared by the calling thread and XLA's intra-op thread pool (kernel_threads.h).
+// The bfloat16 engine's XLA FFI handlers: a 1x1 product in the loops of bf16_product.h (which
+// describes them), float32 in and out; and the 3x3 depthwise layer + ReLU6 in float32 (the
+// int8 engine's depthwise loop for AVX-512, int8_depthwise.h, with float32 input and output:
+//
+//   y = b[c];  y = fma(x[n, oy*s + i*d - pt, ox*s + j*d - pl, c], w[i, j, c], y)
+//                for (i, j) in row-major order, 0 outside the input ('SAME' padding)
+//   out[n, oy, ox, c] = clip(y, 0, 6)
+//
+// XLA's float32 taps of forward._depthwise summed in one fixed order). Built into the same
+// library as the int8 kernels by seg/inference/int8_kernel.py (`build`), called through
+// bf16_kernel.py. Work is split into chunks shared by the calling thread and XLA's intra-op
+// thread pool (kernel_threads.h).
 #include <cstdint>
 #include <vector>
 
 #include "bf16_product.h"
+#include "int8_depthwise.h"
+#include "kernel_cpu.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -48,7 +58,57 @@ ffi::Error Bf16Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+using seg::depthwise::Depthwise;
+
+template <int S, int D>
+void RunDepthwise(ffi::ThreadPool& pool, const Depthwise& d, int64_t images) {
+  seg::ForEachRows(pool, images, d.oh, 1, d.band, [&d](int64_t n, int64_t oy0, int64_t oy1) {
+    thread_local std::vector<float> buffer;
+    d.BandWide<S, D, true>(n, oy0, buffer, oy1);
+  });
+}
+
+ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                        ffi::Buffer<ffi::F32> b, int32_t stride, int32_t dilation,
+                        int32_t pad_top, int32_t pad_left, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  if (xd.size() != 4 || od.size() != 4 || wd.size() != 3 || wd[0] != seg::depthwise::kSize ||
+      wd[1] != seg::depthwise::kSize)
+    return ffi::Error::InvalidArgument("x and out are [n, h, w, c], the weights [3, 3, c]");
+  const int64_t c = xd[3];
+  if (wd[2] != c || od[3] != c || od[0] != xd[0] || b.element_count() != c)
+    return ffi::Error::InvalidArgument("weights, bias and output do not match x's channels");
+  if (!seg::HasAvx512())
+    return ffi::Error::InvalidArgument("the float32 depthwise loop needs AVX-512 F, BW, VL, DQ");
+  Depthwise d{nullptr, xd[1], xd[2], c, w.typed_data(), b.typed_data(), 1.f, stride,
+              dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
+  if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
+    return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
+  d.wide = true;
+  d.xf = x.typed_data();
+  d.outf = out->typed_data();
+  d.ChooseBand();
+  if (stride == 1 && dilation == 1) RunDepthwise<1, 1>(pool, d, xd[0]);
+  else if (stride == 2 && dilation == 1) RunDepthwise<2, 1>(pool, d, xd[0]);
+  else if (stride == 1 && dilation == 2) RunDepthwise<1, 2>(pool, d, xd[0]);
+  else if (stride == 1 && dilation == 4) RunDepthwise<1, 4>(pool, d, xd[0]);
+  else return ffi::Error::InvalidArgument("stride and dilation: (1, 1), (2, 1), (1, 2), (1, 4)");
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegF32Depthwise, F32Depthwise,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // w [3, 3, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b [c]
+                                  .Attr<int32_t>("stride")
+                                  .Attr<int32_t>("dilation")
+                                  .Attr<int32_t>("pad_top")
+                                  .Attr<int32_t>("pad_left")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, c]
 
 extern "C" int SegBf16HasLoop(int isa) { return RunsLoop(isa) ? 1 : 0; }
 

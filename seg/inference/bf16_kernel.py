@@ -156,6 +156,36 @@ def product(x: jax.Array, w_packed: jax.Array, bias: jax.Array, mode: str = 'lin
               mode=np.int32(MODES[mode]), isa=np.int32(LOOPS[loop]))
 
 
+# (stride, dilation) pairs the depthwise loop is compiled for (the int8 engine's).
+DEPTHWISE_STRIDES = int8_kernel.DEPTHWISE_STRIDES
+
+
+def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
+              dilation: int) -> jax.Array:
+  """relu6(3x3 depthwise 'SAME' conv(x, w) + b), float32 in and out, in the kernel (a CPU
+  with AVX-512 F, BW, VL and DQ, which every CPU `available()` is True on has): XLA's float32
+  taps (`seg.inference.forward._depthwise`), summed in one fixed order with one rounding per
+  tap (fused multiply-adds), so results may differ from XLA's by a rounding now and then.
+
+  x: [n, h, w, c] float32 (any c); w: [3, 3, c]; b: [c]; (stride, dilation) in
+  `DEPTHWISE_STRIDES`. Returns float32 [n, ceil(h / stride), ceil(w / stride), c].
+  """
+  from seg.model.layers import same_padding
+  if not available():
+    raise RuntimeError(f'the bfloat16 kernel is unavailable: {unavailable_reason()}')
+  n, h, wd, c = x.shape
+  if w.shape != (3, 3, c) or b.shape != (c,) or (stride, dilation) not in DEPTHWISE_STRIDES:
+    raise ValueError(f'3x3 weights [3, 3, {c}], a bias [{c}] and (stride, dilation) in '
+                     f'{DEPTHWISE_STRIDES} only, got {w.shape}, {b.shape}, '
+                     f'({stride}, {dilation})')
+  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wd // stride), c), jnp.float32)
+  return jax.ffi.ffi_call(int8_kernel._TARGETS['SegF32Depthwise'], out)(
+      x.astype(jnp.float32), w.astype(jnp.float32), b.astype(jnp.float32),
+      stride=np.int32(stride), dilation=np.int32(dilation),
+      pad_top=np.int32(same_padding(h, 3, stride, dilation)[0]),
+      pad_left=np.int32(same_padding(wd, 3, stride, dilation)[0]))
+
+
 def pack_folded(folded):
   """Folded float32 params (`seg.inference.fold.fold_variables`, NumPy) with every 1x1
   product's weights also packed for the kernel ('wp' beside 'w'; the concat projection's as

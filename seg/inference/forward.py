@@ -16,7 +16,8 @@ It re-expresses the trained model's function for speed, without changing it:
   (`seg.inference.bf16_kernel.pack_folded`, the CPU's 'kernel' formulation) run those
   products in the project's bfloat16 kernel instead: activations stay float32 in memory,
   rounded to bfloat16 inside the kernel, with bias, activation and residual sum in its
-  output loop; the other layers are float32.
+  output loop; the depthwise layers run in its float32 loop (with their ReLU6), the other
+  layers in XLA's float32.
 
 `forward` is a pure function of (folded params, images), so it can be jitted, pmapped
 (`seg.inference.evaluate`) or exported (`seg.inference.export`).
@@ -186,6 +187,8 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   # the bfloat16 kernel (packed weights) activations stay float32 (`stored`) and the
   # kernel rounds a product's inputs as it reads them.
   kernel = dtype == jnp.bfloat16 and 'wp' in folded['blocks'][0]['project']
+  if kernel:
+    from seg.inference import bf16_kernel
   compute_dtype, input_stride = dtype, 2
   first_low = min(low_precision_from_stride(kernel), output_stride)
   # Strides and dilations from the architecture; channel counts from the weights (they
@@ -200,8 +203,12 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
     y = x
     if 'expand' in block:
       y = _product(y, block['expand'], 'relu6', low).astype(stored)
-    y = _relu6(_depthwise(y, block['depthwise']['w'], block['depthwise']['b'], stride,
-                          dilation)).astype(stored)
+    if kernel and (stride, dilation) in bf16_kernel.DEPTHWISE_STRIDES:  # float32, any stride
+      y = bf16_kernel.depthwise(y, block['depthwise']['w'], block['depthwise']['b'], stride,
+                                dilation)
+    else:
+      y = _relu6(_depthwise(y, block['depthwise']['w'], block['depthwise']['b'], stride,
+                            dilation)).astype(stored)
     y = _product(y, block['project'], 'linear', low, residual=x if residual else None)
     x = y.astype(stored)
 

@@ -1,5 +1,6 @@
 // The depthwise layer of int8_depthwise.cc (which describes it), shared with int8_kernel.cc's
-// expansion + depthwise pass.
+// expansion + depthwise pass; and its AVX-512 loop in float32, input and ReLU6 output
+// (`xf`, `outf`: bf16_kernel.cc's depthwise layer of the bfloat16 engine).
 #ifndef SEG_INFERENCE_INT8_DEPTHWISE_H_
 #define SEG_INFERENCE_INT8_DEPTHWISE_H_
 
@@ -32,6 +33,8 @@ struct Depthwise {
   int64_t band;  // output rows per chunk
   int64_t row_base = 0;  // the first row x holds (int8_kernel.cc's fused expansion: a band's)
   bool wide = false;     // the AVX-512 loop (BandWide)
+  const float* xf = nullptr;  // float32 in and out instead of x and out (BandWide only)
+  float* outf = nullptr;
 
   // Columns of a converted row: the input's, with the padding's zeros around them.
   int64_t Span() const { return (ow - 1) * stride + (kSize - 1) * dilation + 1; }
@@ -164,20 +167,26 @@ struct Depthwise {
     const int64_t span = Span(), first = pad_left, last = std::min(pad_left + w, span);
     const __m512 zero = _mm512_setzero_ps();
     for (int64_t col = 0; col < first; ++col) _mm512_store_ps(r + col * kWideBlock, zero);
-    const uint8_t* src = x + (n * h + iy - row_base) * w * c + ch;
-    for (int64_t col = first; col < last; ++col, src += c)
-      _mm512_store_ps(r + col * kWideBlock, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
-          _mm_maskz_loadu_epi8(mask, src))));
+    if (xf) {
+      const float* src = xf + (n * h + iy - row_base) * w * c + ch;
+      for (int64_t col = first; col < last; ++col, src += c)
+        _mm512_store_ps(r + col * kWideBlock, _mm512_maskz_loadu_ps(mask, src));
+    } else {
+      const uint8_t* src = x + (n * h + iy - row_base) * w * c + ch;
+      for (int64_t col = first; col < last; ++col, src += c)
+        _mm512_store_ps(r + col * kWideBlock, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(
+            _mm_maskz_loadu_epi8(mask, src))));
+    }
     for (int64_t col = last; col < span; ++col) _mm512_store_ps(r + col * kWideBlock, zero);
   }
 
   // U output pixels from ox of one row (converted input rows rows[0..3), null: padding),
   // weights wv[9] and bias of the vector's channels, written to o (the row's output at those
-  // channels).
-  template <int S, int D, int U>
+  // channels: uint8, or with kFloat float32 ReLU6).
+  template <int S, int D, int U, bool kFloat>
   SEG_DEPTHWISE_AVX512 static void PixelsWide(const float* const* rows, const __m512* wv,
                                               __m512 bias, __m512 inv, __mmask16 mask,
-                                              int64_t ox, int64_t c, uint8_t* o) {
+                                              int64_t ox, int64_t c, void* o) {
     __m512 acc[U];
     for (int u = 0; u < U; ++u) acc[u] = bias;
     for (int i = 0; i < kSize; ++i) {
@@ -192,12 +201,18 @@ struct Depthwise {
     const __m512i top = _mm512_set1_epi32(127);
     for (int u = 0; u < U; ++u) {
       const __m512 y = _mm512_min_ps(_mm512_max_ps(acc[u], zero), six);
+      if (kFloat) {  // whole vectors unmasked: masked stores are slow on AMD's Zen 4 and 5
+        float* of = static_cast<float*>(o) + (ox + u) * c;
+        if (mask == 0xffff) _mm512_storeu_ps(of, y); else _mm512_mask_storeu_ps(of, mask, y);
+        continue;
+      }
       const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(y, inv)), top);
-      _mm_mask_storeu_epi8(o + (ox + u) * c, mask, _mm512_cvtepi32_epi8(q));
+      _mm_mask_storeu_epi8(static_cast<uint8_t*>(o) + (ox + u) * c, mask,
+                           _mm512_cvtepi32_epi8(q));
     }
   }
 
-  template <int S, int D>
+  template <int S, int D, bool kFloat = false>
   SEG_DEPTHWISE_AVX512 void BandWide(int64_t n, int64_t oy0, std::vector<float>& buffer,
                                      int64_t limit) const {
     const int64_t oy1 = std::min({oh, oy0 + band, limit});
@@ -226,11 +241,14 @@ struct Depthwise {
           const int64_t iy = oy * S + i * D - pad_top;
           rows[i] = iy >= 0 && iy < h ? rows_base + (iy - first) * row_floats : nullptr;
         }
-        uint8_t* o = out + (n * oh + oy) * ow * c + ch;
+        const int64_t at = (n * oh + oy) * ow * c + ch;
+        void* o = kFloat ? static_cast<void*>(outf + at) : static_cast<void*>(out + at);
         int64_t ox = 0;
-        for (; ox + 8 <= ow; ox += 8) PixelsWide<S, D, 8>(rows, wv, bias, inv, mask, ox, c, o);
-        for (; ox + 4 <= ow; ox += 4) PixelsWide<S, D, 4>(rows, wv, bias, inv, mask, ox, c, o);
-        for (; ox < ow; ++ox) PixelsWide<S, D, 1>(rows, wv, bias, inv, mask, ox, c, o);
+        for (; ox + 8 <= ow; ox += 8)
+          PixelsWide<S, D, 8, kFloat>(rows, wv, bias, inv, mask, ox, c, o);
+        for (; ox + 4 <= ow; ox += 4)
+          PixelsWide<S, D, 4, kFloat>(rows, wv, bias, inv, mask, ox, c, o);
+        for (; ox < ow; ++ox) PixelsWide<S, D, 1, kFloat>(rows, wv, bias, inv, mask, ox, c, o);
       }
     }
   }

@@ -66,7 +66,8 @@ EXPAND_DEPTHWISE_TARGET = 'seg_int8_expand_depthwise'
 _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegInt8Stem': STEM_TARGET, 'SegInt8StemProject': STEM_PROJECT_TARGET,
             'SegInt8ExpandDepthwise': EXPAND_DEPTHWISE_TARGET,
-            'SegBf16Product': 'seg_bf16_product'}  # library symbol: FFI target
+            'SegBf16Product': 'seg_bf16_product',
+            'SegF32Depthwise': 'seg_f32_depthwise'}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product

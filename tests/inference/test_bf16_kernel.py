@@ -84,6 +84,43 @@ def test_the_kernel_computes_the_bfloat16_product(mode, loop, k, monkeypatch):
   assert np.abs(y - exact - (0 if residual is None else residual)).max() > 10 * bound.max()
 
 
+def _numpy_depthwise(x, w, b, stride, dilation):
+  """relu6(3x3 'SAME' depthwise conv + b) in float64, TensorFlow's 'SAME' padding."""
+  n, h, wd, c = x.shape
+  oh, ow = -(-h // stride), -(-wd // stride)
+  pads = [max((o - 1) * stride + 2 * dilation + 1 - size, 0) for o, size in ((oh, h), (ow, wd))]
+  xp = np.zeros((n, h + pads[0], wd + pads[1], c))
+  xp[:, pads[0] // 2:pads[0] // 2 + h, pads[1] // 2:pads[1] // 2 + wd] = x
+  y = np.zeros((n, oh, ow, c)) + b
+  for i in range(3):
+    for j in range(3):
+      y += xp[:, i * dilation:i * dilation + (oh - 1) * stride + 1:stride,
+              j * dilation:j * dilation + (ow - 1) * stride + 1:stride] * w[i, j]
+  return np.clip(y, 0, 6)
+
+
+@pytest.mark.parametrize('stride,dilation', bf16_kernel.DEPTHWISE_STRIDES)
+@pytest.mark.parametrize('shape', [(2, 17, 23, 40), (1, 12, 9, 13)])
+def test_the_float32_depthwise_layer_is_numpys(stride, dilation, shape):
+  """The bfloat16 engine's depthwise layer (float32 in and out, ReLU6) against NumPy's sums
+  in float64: odd sizes, a batch, channels beyond whole 16-channel vectors (40) or fewer
+  than one (13)."""
+  if not bf16_kernel.available():
+    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+  rng = np.random.default_rng(shape[-1] + stride + dilation)
+  x = rng.uniform(0, 6, shape).astype(np.float32)
+  w = rng.normal(0, 0.5, (3, 3, shape[-1])).astype(np.float32)
+  b = rng.normal(0, 1, shape[-1]).astype(np.float32)
+  y = np.asarray(bf16_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), stride,
+                                       dilation))
+  expected = _numpy_depthwise(x, w, b, stride, dilation)
+  assert y.shape == expected.shape and y.dtype == np.float32
+  np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
+  assert 0 < (y == 0).mean() < 1 and 0 < (y == 6).mean() < 1  # both ends of ReLU6 met
+  with pytest.raises(ValueError, match='3x3 weights'):
+    bf16_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), 2, 2)
+
+
 def test_packed_weights_follow_the_kernels_layout():
   """Panel p, pair g, channel c, j: the bfloat16 of w[2g + j, 16p + c], zeros beyond the
   weights (inputs to a multiple of 32, outputs to whole panels)."""
@@ -168,7 +205,7 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
     tiny_model, from_stride, monkeypatch):
   """Counted in the traced program: the expansion and projection of each block whose input
   has stride >= SEG_BF16_FROM_STRIDE (at most the output stride), and the head's aspp0,
-  concat projection and logits; their logits are as close to float32's as XLA's bfloat16
+  concat projection and logits, and every depthwise layer (in float32); their logits are as close to float32's as XLA's bfloat16
   engine's, and the classes float32's."""
   config, variables = tiny_model
   monkeypatch.setenv('SEG_BF16_FROM_STRIDE', from_stride)
@@ -180,7 +217,11 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
   run = lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
                              dtype=jnp.bfloat16)
   jaxpr = jax.make_jaxpr(run)(eng.folded, images)
-  calls = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call']
+  calls = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
+           and e.params['target_name'] == 'seg_bf16_product']
+  depthwise = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
+               and e.params['target_name'] == 'seg_f32_depthwise']
+  assert len(depthwise) == len(block_specs(m.width, m.output_stride))  # all, any stride
   strides = [2]
   for _, _, stride, _ in block_specs(m.width, m.output_stride):
     strides.append(strides[-1] * stride)
