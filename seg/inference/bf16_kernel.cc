@@ -10,6 +10,7 @@
 // library as the int8 kernels by seg/inference/int8_kernel.py (`build`), called through
 // bf16_kernel.py. Work is split into chunks shared by the calling thread and XLA's intra-op
 // thread pool (kernel_threads.h).
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -96,7 +97,99 @@ ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+// ------------------------------------------------------------------------------------------
+// An expansion (ReLU6) and the depthwise layer after it in one pass (bf16_kernel.py:
+// expand_depthwise), the same numbers as the two calls: a chunk is a band of the depthwise
+// layer's output rows of one image; it computes the expansion's output for just the input
+// rows that band reads, into a buffer that stays in the core's cache, and runs the
+// depthwise loop over it. The expansion's output (25 MB of float32 for block 1 of a 513x513
+// image) never goes to memory; the input rows a band shares with the next (one at stride 2,
+// two at stride 1) are computed by both.
+constexpr int64_t kFusedBytes = 1024 * 1024;  // a band's expansion output, at most
+
+template <int S, int D>
+void FusedRun(ffi::ThreadPool& pool, const Problem& p, const Depthwise& d, int64_t images,
+              int64_t rows) {
+  seg::ForEachRows(pool, images, d.oh, 2, rows, [&p, &d](int64_t n, int64_t oy0, int64_t oy1) {
+    thread_local std::vector<float> expanded, converted;
+    const int64_t first = std::max<int64_t>(oy0 * S - d.pad_top, 0);
+    const int64_t last = std::min<int64_t>((oy1 - 1) * S + 2 * D - d.pad_top + 1, d.h);
+    const int64_t pixels = (last - first) * d.w;
+    expanded.resize(pixels * p.n);
+    Problem q = p;
+    q.x = p.x + (n * d.h + first) * d.w * p.k;
+    q.m = pixels;
+    q.out = expanded.data();
+    RunRows(q, 0, pixels);
+    Depthwise band = d;
+    band.xf = expanded.data();
+    band.row_base = n * d.h + first;
+    for (int64_t oy = oy0; oy < oy1; oy += d.band)
+      band.BandWide<S, D, true>(n, oy, converted, oy1);
+  });
+}
+
+ffi::Error Bf16ExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::U16> w, ffi::Buffer<ffi::F32> bias,
+                               ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd, int32_t isa,
+                               int32_t stride, int32_t dilation, int32_t pad_top,
+                               int32_t pad_left, ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wdd = wd.dimensions(), od = out->dimensions();
+  const int64_t e = static_cast<int64_t>(bias.element_count());
+  if (xd.size() != 4 || od.size() != 4 || od[0] != xd[0] || od[3] != e)
+    return ffi::Error::InvalidArgument("x is [n, h, w, k] and out [n, oh, ow, expanded]");
+  if (wdd.size() != 3 || wdd[0] != 3 || wdd[1] != 3 || wdd[2] != e || bd.element_count() != e)
+    return ffi::Error::InvalidArgument(
+        "the depthwise weights are [3, 3, expanded], bias [expanded]");
+  const int64_t k = xd[3], panels = (e + kPanel - 1) / kPanel;
+  const int64_t kp = (k + kKMultiple - 1) / kKMultiple * kKMultiple;
+  if (static_cast<int64_t>(w.element_count()) != panels * kPanel * kp)
+    return ffi::Error::InvalidArgument("packed weights do not match the input and output sizes");
+  if ((isa != kAvx512Bf16 && isa != kAmxBf16) || !RunsLoop(isa))
+    return ffi::Error::InvalidArgument("this CPU lacks the instructions of that loop (isa)");
+  if (isa == kAmxBf16 && !seg::product::AmxPermitted())
+    return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
+  std::vector<float> padded_bias(panels * kPanel, 0.f);
+  std::copy_n(bias.typed_data(), e, padded_bias.begin());
+  const Problem p{x.typed_data(), 0, k, e, kp, w.typed_data(), padded_bias.data(), kRelu6, isa,
+                  nullptr, nullptr};
+  Depthwise d{nullptr, xd[1], xd[2], e, wd.typed_data(), bd.typed_data(), 1.f, stride,
+              dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
+  if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
+    return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
+  d.wide = true;
+  d.outf = out->typed_data();
+  d.ChooseBand();
+  // Output rows per chunk: as many as keep the band's expansion output within kFusedBytes,
+  // and at most an eighth of the image's, so that two threads share even a batch of one.
+  int64_t rows = 1;
+  while (rows < (d.oh + 7) / 8 &&
+         (rows * stride + 2 * dilation + 1) * d.w * e * 4 <= kFusedBytes)
+    ++rows;
+  if (stride == 1 && dilation == 1) FusedRun<1, 1>(pool, p, d, xd[0], rows);
+  else if (stride == 2 && dilation == 1) FusedRun<2, 1>(pool, p, d, xd[0], rows);
+  else if (stride == 1 && dilation == 2) FusedRun<1, 2>(pool, p, d, xd[0], rows);
+  else if (stride == 1 && dilation == 4) FusedRun<1, 4>(pool, p, d, xd[0], rows);
+  else return ffi::Error::InvalidArgument("stride and dilation: (1, 1), (2, 1), (1, 2), (1, 4)");
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegBf16ExpandDepthwise, Bf16ExpandDepthwise,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, k]
+                                  .Arg<ffi::Buffer<ffi::U16>>()    // packed bfloat16 weights
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias [expanded]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, expanded]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bd [expanded]
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("stride")
+                                  .Attr<int32_t>("dilation")
+                                  .Attr<int32_t>("pad_top")
+                                  .Attr<int32_t>("pad_left")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, expanded]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegF32Depthwise, F32Depthwise,
                               ffi::Ffi::Bind()

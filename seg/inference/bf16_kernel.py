@@ -186,6 +186,36 @@ def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
       pad_left=np.int32(same_padding(wd, 3, stride, dilation)[0]))
 
 
+def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax.Array,
+                     bd: jax.Array, stride: int, dilation: int,
+                     loop: Optional[str] = None) -> jax.Array:
+  """`depthwise(product(x, w_packed, bias, 'relu6'), wd, bd, stride, dilation)` in one pass
+  over bands of rows (bf16_kernel.cc): the same numbers, without the expansion's output
+  going to memory. x: [n, h, w, in] float32; the rest as `product`'s and `depthwise`'s."""
+  from seg.model.layers import same_padding
+  if not available():
+    raise RuntimeError(f'the bfloat16 kernel is unavailable: {unavailable_reason()}')
+  loop = loop or isa()
+  if loop not in loops():
+    raise ValueError(f"loop {loop!r} is not one of this CPU's: {loops()}")
+  n, h, wdt, k = x.shape
+  e = bias.shape[0]
+  expected = -(-k // K_MULTIPLE) * K_MULTIPLE * -(-e // PANEL) * PANEL
+  if w_packed.shape != (expected,) or w_packed.dtype != jnp.uint16:
+    raise ValueError(f'packed weights for {k} inputs and {e} outputs are uint16 '
+                     f'({expected},), got {w_packed.dtype} {w_packed.shape}')
+  if wd.shape != (3, 3, e) or bd.shape != (e,) or (stride, dilation) not in DEPTHWISE_STRIDES:
+    raise ValueError(f'3x3 weights [3, 3, {e}], a bias [{e}] and (stride, dilation) in '
+                     f'{DEPTHWISE_STRIDES} only, got {wd.shape}, {bd.shape}, '
+                     f'({stride}, {dilation})')
+  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wdt // stride), e), jnp.float32)
+  return jax.ffi.ffi_call(int8_kernel._target('SegBf16ExpandDepthwise', loop), out)(
+      x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), wd.astype(jnp.float32),
+      bd.astype(jnp.float32), isa=np.int32(LOOPS[loop]), stride=np.int32(stride),
+      dilation=np.int32(dilation), pad_top=np.int32(same_padding(h, 3, stride, dilation)[0]),
+      pad_left=np.int32(same_padding(wdt, 3, stride, dilation)[0]))
+
+
 def pack_folded(folded):
   """Folded float32 params (`seg.inference.fold.fold_variables`, NumPy) with every 1x1
   product's weights also packed for the kernel ('wp' beside 'w'; the concat projection's as

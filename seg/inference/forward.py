@@ -40,9 +40,13 @@ from seg.preprocessing import preprocess_padded
 LOW_PRECISION_FROM_STRIDES = (2, 4, 8, 16)
 
 
+# The bfloat16 kernel runs an expansion and its depthwise layer in one pass where the
+# expansion's output has at least this many elements per image (blocks 1-3 at 513x513; by
+# measurement, docs/performance.md "bfloat16": 2.6x as fast for block 1, slower at 33x33).
+FUSE_FROM_ELEMENTS = 2 * 2**20
 # From which stride on the CPU's bfloat16 kernel ('kernel' formulation) runs the products
 # when SEG_BF16_FROM_STRIDE is auto (docs/performance.md, "bfloat16").
-KERNEL_FROM_STRIDE = 4
+KERNEL_FROM_STRIDE = 2
 
 
 def low_precision_from_stride(kernel: bool = False) -> int:
@@ -83,6 +87,25 @@ def _product(x: jax.Array, layer: Dict[str, Any], act: str = 'linear', low: bool
   y = _pointwise(x, layer['w'], layer['b'])
   y = {'linear': y, 'relu6': _relu6(y), 'relu': jax.nn.relu(y)}[act]
   return y if residual is None else y + residual.astype(jnp.float32)
+
+
+def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int,
+                      low: bool, kernel: bool, stored) -> jax.Array:
+  """A block's expansion (if any; bfloat16 inputs where `low`) and depthwise layer, with their
+  ReLU6s, stored as `stored`. With the bfloat16 kernel (`kernel`) the depthwise layer runs
+  in its float32 loop, and a large expansion in one pass with it (`FUSE_FROM_ELEMENTS`)."""
+  from seg.inference import bf16_kernel
+  expand, depthwise = block.get('expand'), block['depthwise']
+  if not (kernel and (stride, dilation) in bf16_kernel.DEPTHWISE_STRIDES):
+    y = x if expand is None else _product(x, expand, 'relu6', low).astype(stored)
+    return _relu6(_depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)).astype(stored)
+  if low and expand is not None and (
+      x.shape[1] * x.shape[2] * expand['b'].shape[0] >= FUSE_FROM_ELEMENTS):
+    # One pass: the expansion's output stays in the core's cache.
+    return bf16_kernel.expand_depthwise(x, expand['wp'], expand['b'], depthwise['w'],
+                                        depthwise['b'], stride, dilation)
+  y = x if expand is None else _product(x, expand, 'relu6', low)
+  return bf16_kernel.depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)
 
 
 def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
@@ -187,8 +210,6 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   # the bfloat16 kernel (packed weights) activations stay float32 (`stored`) and the
   # kernel rounds a product's inputs as it reads them.
   kernel = dtype == jnp.bfloat16 and 'wp' in folded['blocks'][0]['project']
-  if kernel:
-    from seg.inference import bf16_kernel
   compute_dtype, input_stride = dtype, 2
   first_low = min(low_precision_from_stride(kernel), output_stride)
   # Strides and dilations from the architecture; channel counts from the weights (they
@@ -200,15 +221,7 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
     input_stride *= stride
     x = x.astype(stored)
     residual = stride == 1 and x.shape[-1] == block['project']['w'].shape[-1]
-    y = x
-    if 'expand' in block:
-      y = _product(y, block['expand'], 'relu6', low).astype(stored)
-    if kernel and (stride, dilation) in bf16_kernel.DEPTHWISE_STRIDES:  # float32, any stride
-      y = bf16_kernel.depthwise(y, block['depthwise']['w'], block['depthwise']['b'], stride,
-                                dilation)
-    else:
-      y = _relu6(_depthwise(y, block['depthwise']['w'], block['depthwise']['b'], stride,
-                            dilation)).astype(stored)
+    y = _expand_depthwise(x, block, stride, dilation, low, kernel, stored)
     y = _product(y, block['project'], 'linear', low, residual=x if residual else None)
     x = y.astype(stored)
 

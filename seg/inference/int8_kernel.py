@@ -67,7 +67,8 @@ _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegInt8Stem': STEM_TARGET, 'SegInt8StemProject': STEM_PROJECT_TARGET,
             'SegInt8ExpandDepthwise': EXPAND_DEPTHWISE_TARGET,
             'SegBf16Product': 'seg_bf16_product',
-            'SegF32Depthwise': 'seg_f32_depthwise'}  # library symbol: FFI target
+            'SegF32Depthwise': 'seg_f32_depthwise',
+            'SegBf16ExpandDepthwise': 'seg_bf16_expand_depthwise'}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
@@ -83,7 +84,7 @@ OFFSET_LOOPS = ('avxvnni', 'vnni')
 EMULATED = {'avxvnni': VNNI_FLAGS, 'amx': AVX512_FLAGS}
 # The targets that take a loop, and the suffix of the emulation library's (`emulate_loops`).
 LOOP_TARGETS = ('SegInt8Product', 'SegInt8StemProject', 'SegInt8ExpandDepthwise',
-                'SegBf16Product')
+                'SegBf16Product', 'SegBf16ExpandDepthwise')
 EMULATION = '_emulation'
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')

@@ -121,6 +121,28 @@ def test_the_float32_depthwise_layer_is_numpys(stride, dilation, shape):
     bf16_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), 2, 2)
 
 
+@pytest.mark.parametrize('loop', ['avx512bf16', 'amx'])
+@pytest.mark.parametrize('stride,dilation', bf16_kernel.DEPTHWISE_STRIDES)
+def test_the_fused_pass_computes_the_expansion_then_the_depthwise_layer(stride, dilation, loop,
+                                                                       monkeypatch):
+  """Bands of rows through both layers give exactly the two calls' numbers (odd sizes, a
+  batch of 2, expanded channels beyond whole panels)."""
+  _use_loop(loop, monkeypatch)
+  rng = np.random.default_rng(stride * 10 + dilation)
+  x = jnp.asarray(rng.uniform(-1, 1, (2, 19, 14, 24)), jnp.float32)
+  wp = jnp.asarray(bf16_kernel.pack_weights(rng.normal(0, 0.3, (24, 40)).astype(np.float32)))
+  b = jnp.asarray(rng.normal(0, 1, 40), jnp.float32)
+  wd = jnp.asarray(rng.normal(0, 0.3, (3, 3, 40)), jnp.float32)
+  bd = jnp.asarray(rng.normal(0, 1, 40), jnp.float32)
+  fused = bf16_kernel.expand_depthwise(x, wp, b, wd, bd, stride, dilation, loop=loop)
+  two = bf16_kernel.depthwise(bf16_kernel.product(x, wp, b, 'relu6', loop=loop), wd, bd,
+                              stride, dilation)
+  assert fused.shape == (2, -(-19 // stride), -(-14 // stride), 40)
+  np.testing.assert_array_equal(np.asarray(fused), np.asarray(two))
+  with pytest.raises(ValueError, match='packed weights for 24 inputs and 49 outputs'):
+    bf16_kernel.expand_depthwise(x, wp, jnp.zeros(49), wd, bd, stride, dilation, loop=loop)
+
+
 def test_packed_weights_follow_the_kernels_layout():
   """Panel p, pair g, channel c, j: the bfloat16 of w[2g + j, 16p + c], zeros beyond the
   weights (inputs to a multiple of 32, outputs to whole panels)."""
@@ -246,9 +268,34 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
   assert (got.argmax(-1) == exact.argmax(-1)).mean() >= 0.98
 
 
-def test_the_kernel_engine_predicts_the_float32_classes(tiny_model):
-  """Whole predictions (preprocessing, padding, argmax, two images of other sizes)."""
+def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model, monkeypatch):
+  """Expansions whose output reaches `FUSE_FROM_ELEMENTS` (none at this size; all with the
+  threshold at 0) run with their depthwise layer in one pass, with the same logits."""
+  from seg.inference import forward as forward_module
   config, variables = tiny_model
+  eng = _kernel_engine(config, variables)
+  m = config.model
+  images = preprocess(np.random.default_rng(5).integers(0, 256, (1, EVAL_SIZE, EVAL_SIZE, 3),
+                                                        np.uint8))
+  monkeypatch.setenv('SEG_BF16_FROM_STRIDE', '2')
+  # A new function each time: JAX reuses a function's trace, which read the threshold.
+  run = lambda: lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
+                                     dtype=jnp.bfloat16)
+  fused_calls = lambda: [e for e in jax.make_jaxpr(run())(eng.folded, images).eqns
+                         if e.primitive.name == 'ffi_call' and
+                         e.params['target_name'] == 'seg_bf16_expand_depthwise']
+  assert not fused_calls()
+  separate = np.asarray(jax.jit(run())(eng.folded, images))
+  monkeypatch.setattr(forward_module, 'FUSE_FROM_ELEMENTS', 0)
+  assert len(fused_calls()) == len(block_specs(m.width, m.output_stride)) - 1  # block 0: none
+  np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), separate)
+
+
+def test_the_kernel_engine_predicts_the_float32_classes(tiny_model, monkeypatch):
+  """Whole predictions (preprocessing, padding, argmax, two images of other sizes), with
+  bfloat16 from the same stride in both formulations."""
+  config, variables = tiny_model
+  monkeypatch.setenv('SEG_BF16_FROM_STRIDE', '2')
   eng = _kernel_engine(config, variables, batch_size=2)
   rng = np.random.default_rng(4)
   images = [rng.integers(0, 256, shape, np.uint8) for shape in
