@@ -24,8 +24,8 @@ depthwise layer, float32 image in and block 0's projection's uint8 input out:
 """
 
 import argparse
-import statistics
-import time
+
+from kernel_timing import chosen_loops, median_ms
 
 
 def main():
@@ -71,23 +71,8 @@ def main():
   dims = (((1,), (0,)), ((), ()))
   act = {None: lambda y: y, 'relu6': lambda y: jnp.clip(y, 0, 6), 'relu': jax.nn.relu}
 
-  def timed(fn, *operands):
-    compiled = jax.jit(fn).lower(*operands).compile()
-    for _ in range(3):
-      compiled(*operands).block_until_ready()
-    times = []
-    for _ in range(args.iters):
-      start = time.perf_counter()
-      compiled(*operands).block_until_ready()
-      times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-  loops = int8_kernel.loops()
-  if args.loops:
-    unknown = set(args.loops.split(',')) - set(loops)
-    if unknown:
-      raise SystemExit(f'--loops: {sorted(unknown)} not among this CPU\'s {loops}')
-    loops = tuple(loop for loop in loops if loop in args.loops.split(','))
+  timed = lambda fn, *operands: median_ms(fn, *operands, iters=args.iters)
+  loops = chosen_loops(int8_kernel.loops(), args.loops)
   columns = [f'kernel {loop}' for loop in loops] + ['xla int8', 'xla float32']
   print(f'{args.size}x{args.size}, width {args.width}, batch 1, jax {jax.__version__}, '
         f'the engine\'s loop: {int8_kernel.isa()}; ms (GMAdd/s): ' + ' | '.join(columns))

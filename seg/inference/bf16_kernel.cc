@@ -12,6 +12,7 @@
 // thread pool (kernel_threads.h).
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "bf16_product.h"
@@ -61,6 +62,20 @@ ffi::Error Bf16Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
 using seg::depthwise::Depthwise;
 
+// run(S, D) with the compile-time (stride, dilation) pair, among those compiled
+// (bf16_kernel.py: DEPTHWISE_STRIDES, MobileNetV2's at output stride 8, 16 and 32).
+template <typename Run>
+ffi::Error WithStride(int32_t stride, int32_t dilation, Run run) {
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  if (stride == 1 && dilation == 1) run(I1(), I1());
+  else if (stride == 2 && dilation == 1) run(I2(), I1());
+  else if (stride == 1 && dilation == 2) run(I1(), I2());
+  else if (stride == 1 && dilation == 4) run(I1(), std::integral_constant<int, 4>());
+  else return ffi::Error::InvalidArgument("stride and dilation: (1, 1), (2, 1), (1, 2), (1, 4)");
+  return ffi::Error::Success();
+}
+
 template <int S, int D>
 void RunDepthwise(ffi::ThreadPool& pool, const Depthwise& d, int64_t images) {
   seg::ForEachRows(pool, images, d.oh, 1, d.band, [&d](int64_t n, int64_t oy0, int64_t oy1) {
@@ -89,12 +104,9 @@ ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   d.xf = x.typed_data();
   d.outf = out->typed_data();
   d.ChooseBand();
-  if (stride == 1 && dilation == 1) RunDepthwise<1, 1>(pool, d, xd[0]);
-  else if (stride == 2 && dilation == 1) RunDepthwise<2, 1>(pool, d, xd[0]);
-  else if (stride == 1 && dilation == 2) RunDepthwise<1, 2>(pool, d, xd[0]);
-  else if (stride == 1 && dilation == 4) RunDepthwise<1, 4>(pool, d, xd[0]);
-  else return ffi::Error::InvalidArgument("stride and dilation: (1, 1), (2, 1), (1, 2), (1, 4)");
-  return ffi::Error::Success();
+  return WithStride(stride, dilation, [&](auto s, auto dl) {
+    RunDepthwise<decltype(s)::value, decltype(dl)::value>(pool, d, xd[0]);
+  });
 }
 
 // ------------------------------------------------------------------------------------------
@@ -166,12 +178,9 @@ ffi::Error Bf16ExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   while (rows < (d.oh + 7) / 8 &&
          (rows * stride + 2 * dilation + 1) * d.w * e * 4 <= kFusedBytes)
     ++rows;
-  if (stride == 1 && dilation == 1) FusedRun<1, 1>(pool, p, d, xd[0], rows);
-  else if (stride == 2 && dilation == 1) FusedRun<2, 1>(pool, p, d, xd[0], rows);
-  else if (stride == 1 && dilation == 2) FusedRun<1, 2>(pool, p, d, xd[0], rows);
-  else if (stride == 1 && dilation == 4) FusedRun<1, 4>(pool, p, d, xd[0], rows);
-  else return ffi::Error::InvalidArgument("stride and dilation: (1, 1), (2, 1), (1, 2), (1, 4)");
-  return ffi::Error::Success();
+  return WithStride(stride, dilation, [&](auto s, auto dl) {
+    FusedRun<decltype(s)::value, decltype(dl)::value>(pool, p, d, xd[0], rows);
+  });
 }
 
 }  // namespace
