@@ -216,6 +216,37 @@ def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax
       pad_left=np.int32(same_padding(wdt, 3, stride, dilation)[0]))
 
 
+def stem_supported(images_shape, stem_w_shape) -> bool:
+  """Whether `stem` takes images of `images_shape` [n, h, w, 3] and a stem [3, 3, 3, c]: the
+  int8 kernel's stem pass (`int8_kernel.stem_supported`) with c a multiple of 16."""
+  return int8_kernel.stem_supported(images_shape, stem_w_shape) and stem_w_shape[3] % 16 == 0
+
+
+def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
+         bd: jax.Array) -> jax.Array:
+  """relu6(depthwise(relu6(stem conv(images, ws) + bs), wd) + bd) in one pass (CPU, AVX-512):
+  the stem (3x3, stride 2, 'SAME') and block 0's depthwise layer, float32 in and out, XLA's
+  float32 taps of `forward._stem` and `forward._depthwise` summed in one fixed order.
+
+  images: [n, h, w, 3] float32; ws: [3, 3, 3, c]; bs, bd: [c]; wd: [3, 3, c]; c a multiple
+  of 16 (`stem_supported`). Returns float32 [n, ceil(h / 2), ceil(w / 2), c].
+  """
+  from seg.model.layers import same_padding
+  if not available():
+    raise RuntimeError(f'the bfloat16 kernel is unavailable: {unavailable_reason()}')
+  if not stem_supported(images.shape, ws.shape):
+    raise ValueError(f'images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a multiple '
+                     f'of 16, got {images.shape}, {ws.shape}')
+  n, h, w, _ = images.shape
+  c = ws.shape[3]
+  out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.float32)
+  return jax.ffi.ffi_call(int8_kernel._TARGETS['SegF32Stem'], out)(
+      images.astype(jnp.float32), ws.astype(jnp.float32), bs.astype(jnp.float32),
+      wd.astype(jnp.float32), bd.astype(jnp.float32), jnp.ones((1,), jnp.float32),
+      pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
+      pad_left=np.int32(same_padding(w, 3, 2, 1)[0]))
+
+
 def pack_folded(folded):
   """Folded float32 params (`seg.inference.fold.fold_variables`, NumPy) with every 1x1
   product's weights also packed for the kernel ('wp' beside 'w'; the concat projection's as

@@ -108,6 +108,19 @@ def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation
   return bf16_kernel.depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)
 
 
+def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array) -> Optional[jax.Array]:
+  """Block 0's depthwise output from the bfloat16 kernel's stem pass (`bf16_kernel.stem`),
+  or None where it does not apply: block 0 with an expansion, or whose projection adds the
+  stem's output back (equal channels), or channels the pass does not take."""
+  from seg.inference import bf16_kernel
+  stem, block0 = folded['stem'], folded['blocks'][0]
+  if ('expand' in block0 or stem['w'].shape[-1] == block0['project']['w'].shape[-1] or
+      not bf16_kernel.stem_supported(images.shape, stem['w'].shape)):
+    return None
+  return bf16_kernel.stem(images, stem['w'], stem['b'], block0['depthwise']['w'],
+                          block0['depthwise']['b'])
+
+
 def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
                dilation: int, form: Optional[str] = None) -> jax.Array:
   """3x3 depthwise 'SAME' conv + bias, float32 result, written as `form`
@@ -202,14 +215,18 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
     one = functools.partial(forward, folded, width=width, output_stride=output_stride,
                             dtype=dtype, upsample=upsample)
     return lax.map(lambda image: one(image[None])[0], images)
-  x = _relu6(_stem(images, folded['stem']['w'], folded['stem']['b']))
+  kernel = dtype == jnp.bfloat16 and 'wp' in folded['blocks'][0]['project']
+  # With the bfloat16 kernel the stem and block 0's depthwise layer are one pass (`stem0`,
+  # where block 0 has no expansion or residual sum to read the stem's output).
+  stem0 = _kernel_stem_pass(folded, images) if kernel else None
+  x = None if stem0 is not None else _relu6(_stem(images, folded['stem']['w'],
+                                                  folded['stem']['b']))
   # A low-precision dtype from `low_precision_from_stride()` on (or the output stride, if
   # smaller). On a CPU that is 16: there the products have hundreds of channels and
   # bfloat16 doubles their speed, while the high-resolution layers are memory-bound and the
   # float32 <-> bfloat16 conversions cost more than they save (docs/performance.md). With
   # the bfloat16 kernel (packed weights) activations stay float32 (`stored`) and the
   # kernel rounds a product's inputs as it reads them.
-  kernel = dtype == jnp.bfloat16 and 'wp' in folded['blocks'][0]['project']
   compute_dtype, input_stride = dtype, 2
   first_low = min(low_precision_from_stride(kernel), output_stride)
   # Strides and dilations from the architecture; channel counts from the weights (they
@@ -219,9 +236,12 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
     low = dtype != jnp.float32
     stored = jnp.float32 if kernel else dtype
     input_stride *= stride
-    x = x.astype(stored)
-    residual = stride == 1 and x.shape[-1] == block['project']['w'].shape[-1]
-    y = _expand_depthwise(x, block, stride, dilation, low, kernel, stored)
+    if x is None:  # block 0 after the stem pass
+      y, residual = stem0, False
+    else:
+      x = x.astype(stored)
+      residual = stride == 1 and x.shape[-1] == block['project']['w'].shape[-1]
+      y = _expand_depthwise(x, block, stride, dilation, low, kernel, stored)
     y = _product(y, block['project'], 'linear', low, residual=x if residual else None)
     x = y.astype(stored)
 

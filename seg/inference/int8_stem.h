@@ -1,5 +1,6 @@
 // The stem pass of int8_stem.cc (which describes it), shared with int8_kernel.cc's stem +
-// projection pass.
+// projection pass; its AVX-512 loops also write block 0's depthwise output in float32
+// (`outf`: bf16_kernel.cc's stem pass of the bfloat16 engine).
 #ifndef SEG_INFERENCE_INT8_STEM_H_
 #define SEG_INFERENCE_INT8_STEM_H_
 
@@ -33,6 +34,7 @@ struct Stem {
   int64_t rows;  // output rows per chunk, at most
   int64_t out_base = 0;  // the first output row `out` holds (int8_kernel.cc: a chunk's)
   bool wide = false;     // the AVX-512 loops (c a multiple of 16; `Wide()`)
+  float* outf = nullptr;  // float32 ReLU6 out instead of `out` (the AVX-512 loops only)
 
   // Floats of a padded input row: the 2 ow + 1 columns the stem reads, 3 channels each.
   int64_t PaddedRow() const { return (2 * ow + 1) * 3; }
@@ -216,7 +218,7 @@ struct Stem {
   template <int U>
   SEG_STEM_AVX512 void DepthwisePixelsWide(const float* const* rows, const __m512* wv,
                                            __m512 bias, int64_t ox, int64_t ch,
-                                           uint8_t* o) const {
+                                           void* o) const {
     __m512 acc[U];
     for (int u = 0; u < U; ++u) acc[u] = bias;
 #pragma GCC unroll 3
@@ -233,13 +235,17 @@ struct Stem {
     const __m512i top = _mm512_set1_epi32(127);
     for (int u = 0; u < U; ++u) {
       const __m512 y = _mm512_min_ps(_mm512_max_ps(acc[u], zero), six);
+      if (outf) {
+        _mm512_storeu_ps(static_cast<float*>(o) + (ox + u) * c + ch, y);
+        continue;
+      }
       const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(y, inv)), top);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + (ox + u) * c + ch),
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(o) + (ox + u) * c + ch),
                        _mm512_cvtepi32_epi8(q));
     }
   }
 
-  SEG_STEM_AVX512 void DepthwiseRowWide(const float* const* rows, uint8_t* o) const {
+  SEG_STEM_AVX512 void DepthwiseRowWide(const float* const* rows, void* o) const {
     for (int64_t ch = 0; ch < c; ch += 16) {
       __m512 wv[9];
       for (int t = 0; t < 9; ++t) wv[t] = _mm512_loadu_ps(wd + t * c + ch);
@@ -265,7 +271,8 @@ struct Stem {
         const int64_t sy = oy + i - 1;
         rows[i] = sy >= 0 && sy < oh ? slot(sy) : nullptr;
       }
-      DepthwiseRow(rows, out + (n * oh + oy - out_base) * ow * c);
+      const int64_t at = (n * oh + oy - out_base) * ow * c;
+      if (outf) DepthwiseRowWide(rows, outf + at); else DepthwiseRow(rows, out + at);
     }
   }
 

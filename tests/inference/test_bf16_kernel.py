@@ -143,6 +143,43 @@ def test_the_fused_pass_computes_the_expansion_then_the_depthwise_layer(stride, 
     bf16_kernel.expand_depthwise(x, wp, jnp.zeros(49), wd, bd, stride, dilation, loop=loop)
 
 
+def _numpy_stem(x, ws, bs):
+  """relu6(3x3 stride-2 'SAME' conv + bs) in float64."""
+  n, h, w, _ = x.shape
+  oh, ow = -(-h // 2), -(-w // 2)
+  pads = [max((o - 1) * 2 + 3 - size, 0) for o, size in ((oh, h), (ow, w))]
+  xp = np.zeros((n, h + pads[0], w + pads[1], 3))
+  xp[:, pads[0] // 2:pads[0] // 2 + h, pads[1] // 2:pads[1] // 2 + w] = x
+  y = np.zeros((n, oh, ow, ws.shape[-1])) + bs
+  for i in range(3):
+    for j in range(3):
+      y += xp[:, i:i + 2 * oh - 1:2, j:j + 2 * ow - 1:2] @ ws[i, j]
+  return np.clip(y, 0, 6)
+
+
+@pytest.mark.parametrize('shape,c', [((2, 33, 29, 3), 16), ((1, 40, 65, 3), 32)])
+def test_the_stem_pass_is_numpys_stem_then_depthwise_layer(shape, c):
+  """The bfloat16 engine's stem pass (stem, ReLU6, block 0's depthwise layer, ReLU6; float32)
+  against NumPy in float64: odd and even sizes (the 'SAME' padding's sides), a batch."""
+  if not bf16_kernel.available():
+    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+  rng = np.random.default_rng(c + shape[1])
+  x = rng.uniform(-1, 1, shape).astype(np.float32)
+  ws = rng.normal(0, 0.5, (3, 3, 3, c)).astype(np.float32)
+  bs = rng.normal(0, 1, c).astype(np.float32)
+  wd = rng.normal(0, 0.5, (3, 3, c)).astype(np.float32)
+  bd = rng.normal(0, 1, c).astype(np.float32)
+  y = np.asarray(bf16_kernel.stem(*map(jnp.asarray, (x, ws, bs, wd, bd))))
+  expected = _numpy_depthwise(_numpy_stem(x, ws, bs), wd, bd, 1, 1)
+  assert y.shape == expected.shape and y.dtype == np.float32
+  np.testing.assert_allclose(y, expected, rtol=0, atol=2e-5)
+  assert 0 < (y == 0).mean() < 1 and 0 < (y == 6).mean() < 1
+  assert not bf16_kernel.stem_supported(shape, (3, 3, 3, 24))  # 16 channels per vector
+  with pytest.raises(ValueError, match='a multiple of 16'):
+    bf16_kernel.stem(jnp.asarray(x), jnp.zeros((3, 3, 3, 24)), jnp.zeros(24),
+                     jnp.zeros((3, 3, 24)), jnp.zeros(24))
+
+
 def test_packed_weights_follow_the_kernels_layout():
   """Panel p, pair g, channel c, j: the bfloat16 of w[2g + j, 16p + c], zeros beyond the
   weights (inputs to a multiple of 32, outputs to whole panels)."""
@@ -243,7 +280,10 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
            and e.params['target_name'] == 'seg_bf16_product']
   depthwise = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
                and e.params['target_name'] == 'seg_f32_depthwise']
-  assert len(depthwise) == len(block_specs(m.width, m.output_stride))  # all, any stride
+  stem = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
+          and e.params['target_name'] == 'seg_f32_stem']
+  # All, any stride: block 0's in one pass with the stem, the others alone.
+  assert len(stem) == 1 and len(depthwise) == len(block_specs(m.width, m.output_stride)) - 1
   strides = [2]
   for _, _, stride, _ in block_specs(m.width, m.output_stride):
     strides.append(strides[-1] * stride)
