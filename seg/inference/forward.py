@@ -111,10 +111,14 @@ def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation
 def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array) -> Optional[jax.Array]:
   """Block 0's depthwise output from the bfloat16 kernel's stem pass (`bf16_kernel.stem`),
   or None where it does not apply: block 0 with an expansion, or whose projection adds the
-  stem's output back (equal channels), or channels the pass does not take."""
+  stem's output back (equal channels), or channels the pass does not take; or where
+  SEG_BF16_STEM=xla (XLA's stem and the kernel's depthwise layer, for A/B timings; read
+  when traced)."""
   from seg.inference import bf16_kernel
   stem, block0 = folded['stem'], folded['blocks'][0]
-  if ('expand' in block0 or stem['w'].shape[-1] == block0['project']['w'].shape[-1] or
+  if os.environ.get('SEG_BF16_STEM', 'kernel') not in ('kernel', 'xla', ''):
+    raise ValueError(f"SEG_BF16_STEM must be kernel or xla, got {os.environ['SEG_BF16_STEM']!r}")
+  if (os.environ.get('SEG_BF16_STEM') == 'xla' or 'expand' in block0 or stem['w'].shape[-1] == block0['project']['w'].shape[-1] or
       not bf16_kernel.stem_supported(images.shape, stem['w'].shape)):
     return None
   return bf16_kernel.stem(images, stem['w'], stem['b'], block0['depthwise']['w'],

@@ -331,6 +331,31 @@ def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model
   np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), separate)
 
 
+def test_the_stem_pass_can_be_left_to_xla(tiny_model, monkeypatch):
+  """SEG_BF16_STEM=xla (A/B timings): XLA's stem, block 0's depthwise layer in the kernel
+  alone, nearly the same logits; another value is refused."""
+  config, variables = tiny_model
+  eng = _kernel_engine(config, variables)
+  m = config.model
+  images = preprocess(np.random.default_rng(6).integers(0, 256, (1, EVAL_SIZE, EVAL_SIZE, 3),
+                                                        np.uint8))
+  run = lambda: lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
+                                     dtype=jnp.bfloat16)
+  targets = lambda: [e.params['target_name'] for e in jax.make_jaxpr(run())(eng.folded,
+                                                                          images).eqns
+                     if e.primitive.name == 'ffi_call']
+  with_pass = np.asarray(jax.jit(run())(eng.folded, images))
+  assert targets().count('seg_f32_stem') == 1
+  monkeypatch.setenv('SEG_BF16_STEM', 'xla')
+  assert 'seg_f32_stem' not in targets()
+  assert targets().count('seg_f32_depthwise') == len(block_specs(m.width, m.output_stride))
+  without = np.asarray(jax.jit(run())(eng.folded, images))
+  np.testing.assert_allclose(without, with_pass, rtol=0, atol=1e-3 * np.abs(with_pass).max())
+  monkeypatch.setenv('SEG_BF16_STEM', 'fast')
+  with pytest.raises(ValueError, match='SEG_BF16_STEM must be kernel or xla'):
+    targets()
+
+
 def test_the_kernel_engine_predicts_the_float32_classes(tiny_model, monkeypatch):
   """Whole predictions (preprocessing, padding, argmax, two images of other sizes), with
   bfloat16 from the same stride in both formulations."""
