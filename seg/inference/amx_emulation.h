@@ -1,8 +1,9 @@
-// AMX's tile instructions in plain C++, for running the int8 kernel's AMX loop on CPUs
-// without AMX: int8_product.h includes this (after <immintrin.h>) when built with
-// -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`), and its AMX loop then calls these
-// instead of the instructions. Tests use it to check that loop's tiling, padding and output
-// loops against NumPy where no AMX CPU is at hand; it is far slower than the real tiles.
+// AMX's tile instructions in plain C++, for running the int8 and bfloat16 kernels' AMX loops
+// on CPUs without AMX: int8_product.h includes this (after <immintrin.h>) when built with
+// -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`), and the AMX loops (its own and
+// bf16_product.h's) then call these instead of the instructions. Tests use it to check those
+// loops' tiling, padding and output loops against NumPy where no AMX CPU is at hand; it is
+// far slower than the real tiles.
 //
 // What it models (Intel SDM, "Intel AMX"; palette 1): eight tiles of at most 16 rows x 64
 // bytes, shaped by the config that _tile_loadconfig reads (64 bytes: palette, start_row,
@@ -10,8 +11,8 @@
 // base + row * stride and zeroes the rest of the tile; a store writes rows x colsb bytes;
 // _tile_dpbusd / _tile_dpbssd add to C[m][n] (int32, wrapping) the sums over k of
 // A[m][4k + i] (uint8 / int8) times B[k][4n + i] (int8), i = 0..3; _tile_dpbf16ps adds
-// the float32 products of pairs of bfloat16 (the bfloat16 kernel, bf16_product.h). What the hardware would
-// fault on (a tile used without a config, a palette other than 1, shapes that do not fit
+// the float32 products of pairs of bfloat16 (the bfloat16 kernel, bf16_product.h). What the
+// hardware would fault on (a tile used without a config, a palette other than 1, shapes that do not fit
 // the product) aborts with a message instead. So does a load from outside the memory the
 // loop declared readable (`AllowRead`, once it declared any): on the hardware such a read
 // goes unnoticed, or faults only where it crosses into an unmapped page.

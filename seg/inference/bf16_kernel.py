@@ -1,9 +1,12 @@
-"""The bfloat16 engine's own kernel: 1x1 products in AVX-512 BF16 or AMX-BF16 tiles, float32
-activations in and out (`bf16_product.h`).
+"""The bfloat16 engine's own kernels: 1x1 products in AVX-512 BF16 or AMX-BF16 tiles, float32
+activations in and out (`bf16_product.h`), and the float32 layers between them.
 
     if bf16_kernel.available():                    # the int8 kernels' library, built once
       wp = bf16_kernel.pack_weights(w)             # [in, out] float32 -> packed bfloat16
       y = bf16_kernel.product(x, wp, b, mode='relu6')   # inside jit, on a CPU
+      y = bf16_kernel.depthwise(y, wd, bd, stride, dilation)         # float32, ReLU6
+      y = bf16_kernel.expand_depthwise(x, wp, b, wd, bd, stride, dilation)   # both, one pass
+      y0 = bf16_kernel.stem(images, ws, bs, wd0, bd0)   # stem + block 0's depthwise layer
 
 XLA's bfloat16 engine rounds whole tensors to bfloat16 in passes over memory before its
 products, which made bfloat16 slower than float32 on the memory-bound high-resolution layers
@@ -11,7 +14,9 @@ of a CPU (docs/performance.md, "bfloat16"); this kernel rounds a block of rows i
 cache on its way into the product and adds bias, activation and residual in its output
 loop, so any product can run in bfloat16 at no extra pass. The numbers are XLA's bfloat16
 formulation's (inputs and weights rounded to bfloat16 to nearest even, exact products,
-float32 sums) up to the order of the sums.
+float32 sums) up to the order of the sums. The depthwise layers and the stem are the int8
+engine's AVX-512 loops (`int8_depthwise.h`, `int8_stem.h`) with float32 in and out: XLA's
+float32 taps, summed in one fixed order (`bf16_kernel.cc`).
 
 It is compiled into the library of `seg.inference.int8_kernel` (`build`), and runs where the
 CPU has AVX-512 BF16 (`avx512_bf16`: Intel Xeons since Cooper Lake, AMD Zen 4 and later) or

@@ -94,8 +94,9 @@ def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation
   """A block's expansion (if any; bfloat16 inputs where `low`) and depthwise layer, with their
   ReLU6s, stored as `stored`. With the bfloat16 kernel (`kernel`) the depthwise layer runs
   in its float32 loop, and a large expansion in one pass with it (`FUSE_FROM_ELEMENTS`)."""
-  from seg.inference import bf16_kernel
   expand, depthwise = block.get('expand'), block['depthwise']
+  if kernel:
+    from seg.inference import bf16_kernel
   if not (kernel and (stride, dilation) in bf16_kernel.DEPTHWISE_STRIDES):
     y = x if expand is None else _product(x, expand, 'relu6', low).astype(stored)
     return _relu6(_depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)).astype(stored)
@@ -116,9 +117,11 @@ def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array) -> Optional[jax
   when traced)."""
   from seg.inference import bf16_kernel
   stem, block0 = folded['stem'], folded['blocks'][0]
-  if os.environ.get('SEG_BF16_STEM', 'kernel') not in ('kernel', 'xla', ''):
-    raise ValueError(f"SEG_BF16_STEM must be kernel or xla, got {os.environ['SEG_BF16_STEM']!r}")
-  if (os.environ.get('SEG_BF16_STEM') == 'xla' or 'expand' in block0 or stem['w'].shape[-1] == block0['project']['w'].shape[-1] or
+  choice = os.environ.get('SEG_BF16_STEM', 'kernel') or 'kernel'
+  if choice not in ('kernel', 'xla'):
+    raise ValueError(f'SEG_BF16_STEM must be kernel or xla, got {choice!r}')
+  if (choice == 'xla' or 'expand' in block0 or
+      stem['w'].shape[-1] == block0['project']['w'].shape[-1] or
       not bf16_kernel.stem_supported(images.shape, stem['w'].shape)):
     return None
   return bf16_kernel.stem(images, stem['w'], stem['b'], block0['depthwise']['w'],

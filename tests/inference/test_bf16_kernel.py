@@ -264,8 +264,9 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
     tiny_model, from_stride, monkeypatch):
   """Counted in the traced program: the expansion and projection of each block whose input
   has stride >= SEG_BF16_FROM_STRIDE (at most the output stride), and the head's aspp0,
-  concat projection and logits, and every depthwise layer (in float32); their logits are as close to float32's as XLA's bfloat16
-  engine's, and the classes float32's."""
+  concat projection and logits; every depthwise layer (in float32; block 0's in one pass with
+  the stem). Their logits are as close to float32's as XLA's bfloat16 engine's, and the
+  classes float32's."""
   config, variables = tiny_model
   monkeypatch.setenv('SEG_BF16_FROM_STRIDE', from_stride)
   eng = _kernel_engine(config, variables)
