@@ -20,22 +20,11 @@ Prints the median ms and GMAdd/s per layer with its input stride, and the totals
 layers from each stride on.
 """
 
-import argparse
-
-from kernel_timing import chosen_loops, median_ms
+from kernel_timing import chosen_loops, median_ms, parse_args
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--width', type=float, default=1.0)
-  parser.add_argument('--size', type=int, default=513)
-  parser.add_argument('--iters', type=int, default=15)
-  parser.add_argument('--loops', default=None,
-                      help='the kernel loops to time, comma-separated (default: all this CPU '
-                           'runs)')
-  args = parser.parse_args()
-  from seg.cli import process
-  process.reexec_with_mimalloc()  # as main.py runs
+  args = parse_args(__doc__.split('\n')[0])
 
   import jax
   import jax.numpy as jnp

@@ -23,23 +23,11 @@ depthwise layer, float32 image in and block 0's projection's uint8 input out:
 `int8_kernel.stem` (the same loops) and XLA's (SEG_INT8_STEM=xla).
 """
 
-import argparse
-
-from kernel_timing import chosen_loops, median_ms
+from kernel_timing import chosen_loops, median_ms, parse_args
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--width', type=float, default=1.0)
-  parser.add_argument('--size', type=int, default=513)
-  parser.add_argument('--iters', type=int, default=15)
-  parser.add_argument('--loops', default=None,
-                      help='the kernel loops to time, comma-separated (default: all this CPU '
-                           'runs), e.g. avx2,avxvnni with SEG_INT8_LOOP_EMULATION=1')
-  args = parser.parse_args()
-  from seg.cli import process
-  process.reexec_with_mimalloc()  # as main.py runs: glibc's fresh pages at every call
-  # would add page faults to every layer that writes megabytes
+  args = parse_args(__doc__.split('\n')[0], ', e.g. avx2,avxvnni with SEG_INT8_LOOP_EMULATION=1')
 
   import jax
   import jax.numpy as jnp

@@ -1,8 +1,25 @@
-"""What the kernel benchmarks (int8_kernel_layers.py, bf16_kernel_layers.py) share: one
-compiled call's median time, and the kernel loops a --loops flag picks."""
+"""What the kernel benchmarks (int8_kernel_layers.py, bf16_kernel_layers.py) share: their
+flags, one compiled call's median time, and the kernel loops a --loops flag picks."""
 
+import argparse
 import statistics
 import time
+
+
+def parse_args(description: str, loops_example: str = ''):
+  """--width, --size, --iters and --loops, parsed; then mimalloc, as main.py runs (glibc's
+  fresh pages at every call would add page faults to every layer that writes megabytes)."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--width', type=float, default=1.0)
+  parser.add_argument('--size', type=int, default=513)
+  parser.add_argument('--iters', type=int, default=15)
+  parser.add_argument('--loops', default=None,
+                      help='the kernel loops to time, comma-separated (default: all this CPU '
+                           f'runs){loops_example}')
+  args = parser.parse_args()
+  from seg.cli import process
+  process.reexec_with_mimalloc()
+  return args
 
 
 def median_ms(fn, *operands, iters: int) -> float:

@@ -6,8 +6,9 @@
 //                for (i, j) in row-major order, 0 outside the input ('SAME' padding)
 //   out[n, oy, ox, c] = clip(y, 0, 6)
 //
-// XLA's float32 taps of forward._depthwise summed in one fixed order), alone, after a large
-// expansion in one pass, or after the stem in one pass. Built into the same
+// XLA's float32 taps of forward._depthwise summed in one fixed order), alone or after a
+// large expansion in one pass (the stem pass writing float32 is int8_stem.cc's). Built into
+// the same
 // library as the int8 kernels by seg/inference/int8_kernel.py (`build`), called through
 // bf16_kernel.py. Work is split into chunks shared by the calling thread and XLA's intra-op
 // thread pool (kernel_threads.h).
@@ -18,7 +19,6 @@
 
 #include "bf16_product.h"
 #include "int8_depthwise.h"
-#include "int8_stem.h"
 #include "kernel_cpu.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
@@ -185,49 +185,7 @@ ffi::Error Bf16ExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   });
 }
 
-// ------------------------------------------------------------------------------------------
-// The stem (3x3, stride 2, ReLU6) and block 0's depthwise layer (ReLU6) in one pass, float32
-// in and out: int8_stem.h's AVX-512 loops writing float32 (`Stem::outf`); the 257x257 stem
-// map of a 513x513 image never goes to memory.
-ffi::Error F32Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ws,
-                   ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd,
-                   ffi::Buffer<ffi::F32> unused, int32_t pad_top, int32_t pad_left,
-                   ffi::ResultBuffer<ffi::F32> out) {
-  const auto od = out->dimensions();
-  if (od.size() != 4) return ffi::Error::InvalidArgument("out is [n, oh, ow, c]");
-  seg::stem::Stem s;
-  ffi::Error error = seg::stem::Make(x, ws, bs, wd, bd, unused, pad_top, pad_left, od[0], od[1],
-                                     od[2], nullptr, pool.num_threads(), s);
-  if (error.failure()) return error;
-  if (od[3] != s.c || s.c % 16 != 0)
-    return ffi::Error::InvalidArgument("out's channels are the stem's, a multiple of 16");
-  if (!seg::HasAvx512())
-    return ffi::Error::InvalidArgument("the float32 stem needs AVX-512 F, BW, VL and DQ");
-  s.wide = true;
-  s.outf = out->typed_data();
-  seg::ForEachRows(pool, od[0], s.oh, seg::stem::kGrainRows, s.rows,
-                   [&s](int64_t n, int64_t oy0, int64_t oy1) {
-    thread_local std::vector<float> buffer;
-    s.Chunk(n, oy0, oy1, buffer);
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SegF32Stem, F32Stem,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, 3]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // ws [3, 3, 3, c]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // bs [c]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, c]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // bd [c]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // [1], unused (the int8
-                                                                   // stem's scale)
-                                  .Attr<int32_t>("pad_top")
-                                  .Attr<int32_t>("pad_left")
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, c]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegBf16ExpandDepthwise, Bf16ExpandDepthwise,
                               ffi::Ffi::Bind()

@@ -245,11 +245,12 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
   n, h, w, _ = images.shape
   c = ws.shape[3]
   out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.float32)
-  return jax.ffi.ffi_call(int8_kernel._TARGETS['SegF32Stem'], out)(
+  # The int8 engine's stem pass, its AVX-512 loops writing float32 (its scale unused).
+  return jax.ffi.ffi_call(int8_kernel.STEM_TARGET, out)(
       images.astype(jnp.float32), ws.astype(jnp.float32), bs.astype(jnp.float32),
-      wd.astype(jnp.float32), bd.astype(jnp.float32), jnp.ones((1,), jnp.float32),
+      wd.astype(jnp.float32), bd.astype(jnp.float32), jnp.ones((), jnp.float32),
       pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
-      pad_left=np.int32(same_padding(w, 3, 2, 1)[0]))
+      pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), wide=True)
 
 
 def pack_folded(folded):

@@ -68,8 +68,7 @@ _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegInt8ExpandDepthwise': EXPAND_DEPTHWISE_TARGET,
             'SegBf16Product': 'seg_bf16_product',
             'SegF32Depthwise': 'seg_f32_depthwise',
-            'SegBf16ExpandDepthwise': 'seg_bf16_expand_depthwise',
-            'SegF32Stem': 'seg_f32_stem'}  # library symbol: FFI target
+            'SegBf16ExpandDepthwise': 'seg_bf16_expand_depthwise'}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product

@@ -37,20 +37,31 @@ namespace {
 
 using seg::stem::Stem;
 
+// out: uint8 as above, or float32: clip(y, 0, 6) itself (the bfloat16 engine's stem pass,
+// bf16_kernel.py: stem; the AVX-512 loops only, c a multiple of 16).
 ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ws,
                     ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd,
                     ffi::Buffer<ffi::F32> bd, ffi::Buffer<ffi::F32> inv_out, int32_t pad_top,
-                    int32_t pad_left, bool wide, ffi::Result<ffi::Buffer<ffi::U8>> out) {
+                    int32_t pad_left, bool wide, ffi::Result<ffi::AnyBuffer> out) {
   const auto od = out->dimensions();
   if (od.size() != 4) return ffi::Error::InvalidArgument("out is [n, oh, ow, c]");
+  const bool to_float = out->element_type() == ffi::DataType::F32;
+  if (!to_float && out->element_type() != ffi::DataType::U8)
+    return ffi::Error::InvalidArgument("out is uint8 or float32");
   Stem s;
-  ffi::Error error = seg::stem::Make(x, ws, bs, wd, bd, inv_out, pad_top, pad_left, od[0], od[1],
-                                     od[2], out->typed_data(), pool.num_threads(), s);
+  ffi::Error error = seg::stem::Make(
+      x, ws, bs, wd, bd, inv_out, pad_top, pad_left, od[0], od[1], od[2],
+      to_float ? nullptr : static_cast<uint8_t*>(out->untyped_data()), pool.num_threads(), s);
   if (error.failure()) return error;
   if (od[3] != s.c) return ffi::Error::InvalidArgument("out's channels are the stem's");
   if (wide && !seg::HasAvx512())
     return ffi::Error::InvalidArgument("the AVX-512 loops need AVX-512 F, BW, VL and DQ");
   s.wide = wide;
+  if (to_float) {
+    if (!s.Wide())
+      return ffi::Error::InvalidArgument("float32 out: the AVX-512 loops, c a multiple of 16");
+    s.outf = static_cast<float*>(out->untyped_data());
+  }
   seg::ForEachRows(pool, od[0], s.oh, seg::stem::kGrainRows, s.rows,
                    [&s](int64_t n, int64_t oy0, int64_t oy1) {
     thread_local std::vector<float> buffer;
@@ -73,4 +84,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Stem, Int8Stem,
                                   .Attr<int32_t>("pad_top")
                                   .Attr<int32_t>("pad_left")
                                   .Attr<bool>("wide")              // the AVX-512 loops
-                                  .Ret<ffi::Buffer<ffi::U8>>());  // out [n, oh, ow, c]
+                                  .Ret<ffi::AnyBuffer>());         // out [n, oh, ow, c]

@@ -282,7 +282,7 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
   depthwise = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
                and e.params['target_name'] == 'seg_f32_depthwise']
   stem = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
-          and e.params['target_name'] == 'seg_f32_stem']
+          and e.params['target_name'] == int8_kernel.STEM_TARGET]
   # All, any stride: block 0's in one pass with the stem, the others alone.
   assert len(stem) == 1 and len(depthwise) == len(block_specs(m.width, m.output_stride)) - 1
   strides = [2]
@@ -346,9 +346,9 @@ def test_the_stem_pass_can_be_left_to_xla(tiny_model, monkeypatch):
                                                                           images).eqns
                      if e.primitive.name == 'ffi_call']
   with_pass = np.asarray(jax.jit(run())(eng.folded, images))
-  assert targets().count('seg_f32_stem') == 1
+  assert targets().count(int8_kernel.STEM_TARGET) == 1
   monkeypatch.setenv('SEG_BF16_STEM', 'xla')
-  assert 'seg_f32_stem' not in targets()
+  assert int8_kernel.STEM_TARGET not in targets()
   assert targets().count('seg_f32_depthwise') == len(block_specs(m.width, m.output_stride))
   without = np.asarray(jax.jit(run())(eng.folded, images))
   np.testing.assert_allclose(without, with_pass, rtol=0, atol=1e-3 * np.abs(with_pass).max())
