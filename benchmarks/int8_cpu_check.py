@@ -23,7 +23,7 @@ Steps, each a fresh process, their output kept whole in the JSON file:
    bfloat16 products run at most ~2x float32's).
 Prints the key figures at the end (a step that fails is recorded and the rest go on).
 7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them);
-8.1 on a Zen 5 with the two bfloat16 rows (2026-12-06 19:09 UTC; the peers 6.6); about 10.5
+8.1 on a Zen 5 with the two bfloat16 rows (2026-12-06 19:09 UTC; the peers 6.6); 10.2
 there with the bfloat16 kernel's tests and four bfloat16 rows (20:55 UTC: tests 1.4, the
 peers 7.9).
 """
