@@ -148,15 +148,15 @@ class Engine:
                                                    log)
       folded = quantize.quantize_folded(config.model, folded, int8_scales,
                                         self.int8_formulation)
-    elif dtype == jnp.bfloat16:
-      self.bf16_formulation = bf16_formulation_for(self.device.platform, bf16_formulation, log)
-      if self.bf16_formulation == 'kernel':
+    else:
+      if dtype == jnp.bfloat16:
+        self.bf16_formulation = bf16_formulation_for(self.device.platform, bf16_formulation,
+                                                     log)
+      if self.bf16_formulation == 'kernel':  # float32 weights, and packed bfloat16 ones
         from seg.inference import bf16_kernel
         folded = bf16_kernel.pack_folded(folded)
       else:
         folded = cast_folded(folded, dtype, xp=np)
-    else:
-      folded = cast_folded(folded, dtype, xp=np)
     self.folded_on = {d: jax.device_put(folded, d) for d in self.devices}
     self.folded = self.folded_on[self.device]
     static = dict(width=config.model.width, output_stride=config.model.output_stride,
