@@ -7,7 +7,7 @@ one command for what docs/performance.md needs from it.
 Steps, each a fresh process, their output kept whole in the JSON file:
 1. the CPU: lscpu's model name, the flags the kernels read, the kernel's loops
    (`int8_kernel.loops()`, the one the engine runs, which the compiler built);
-2. the kernels' tests (tests/inference/test_int8_kernel.py, test_bf16_kernel.py): passed /
+2. the kernels' tests (tests/inference/test_int8_kernel.py, test_float_kernel.py): passed /
    skipped / failed, so that a loop first met here is checked before it is timed (the AMX,
    AMX-BF16 and AVX-VNNI loops were written and checked through stand-ins on CPUs without
    them);
@@ -20,7 +20,8 @@ Steps, each a fresh process, their output kept whole in the JSON file:
    batches 1 and 8): issue 17's ratios, needing benchmarks/requirements-peers.txt; and the
    engine's bfloat16 in its other forms (`BF16_ROWS`: the bfloat16 kernel and XLA's
    products, from other strides; the defaults were chosen on CPUs without AMX, where
-   bfloat16 products run at most ~2x float32's).
+   bfloat16 products run at most ~2x float32's) and its float32 in XLA's products
+   (`F32_ROWS`).
 Prints the key figures at the end (a step that fails is recorded and the rest go on).
 7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them);
 8.1 on a Zen 5 with the two bfloat16 rows (2026-12-06 19:09 UTC; the peers 6.6); 10.2
@@ -42,16 +43,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pee
 from run import ENGINE  # noqa: E402  (benchmarks/peers/run.py: the engine's command line)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The engine's bfloat16 besides its default (the bfloat16 kernel from stride 8 where the CPU
+# The engine's bfloat16 besides its default (the float kernel from stride 2 where the CPU
 # has AVX-512 BF16 or AMX-BF16, else XLA's products from stride 16): the kernel from strides
 # 16 and 4, and XLA's products from 16 and 8.
 BF16_ROWS = (('kernel-from-16', 'SEG_BF16_FORMULATION=kernel SEG_BF16_FROM_STRIDE=16'),
              ('kernel-from-4', 'SEG_BF16_FORMULATION=kernel SEG_BF16_FROM_STRIDE=4'),
              ('xla-from-16', 'SEG_BF16_FORMULATION=xla SEG_BF16_FROM_STRIDE=16'),
              ('xla-from-8', 'SEG_BF16_FORMULATION=xla SEG_BF16_FROM_STRIDE=8'))
+# The engine's float32 besides its default (the float kernel where the CPU has AVX-512).
+F32_ROWS = (('xla', 'SEG_F32_FORMULATION=xla'),)
 INFO = r'''
 import json, subprocess
-from seg.inference import bf16_kernel, cpu_features, int8_kernel
+from seg.inference import float_kernel, cpu_features, int8_kernel
 flags = cpu_features.cpu_flags()
 lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
 field = lambda name: next((l.split(':', 1)[1].strip() for l in lscpu.splitlines()
@@ -67,7 +70,7 @@ print(json.dumps({
     'loops': list(int8_kernel.loops()) if ok else [],
     'isa': int8_kernel.isa() if ok else None,
     'built': {l: int8_kernel.built(l) for l in int8_kernel.ISAS} if ok else {},
-    'bf16_loops': list(bf16_kernel.loops()) if ok else [],
+    'bf16_loops': list(float_kernel.loops()) if ok else [],
     'choice': cpu_features.choose().reason}))
 '''
 
@@ -109,7 +112,7 @@ def main():
   loops = info.get('loops', [])
 
   code, seconds, out = run(f'{python} -m pytest -q -p no:cacheprovider '
-                           'tests/inference/test_int8_kernel.py tests/inference/test_bf16_kernel.py')
+                           'tests/inference/test_int8_kernel.py tests/inference/test_float_kernel.py')
   counts = dict((k, int(v)) for v, k in re.findall(r'(\d+) (passed|skipped|failed|error)', out))
   report['steps']['tests'] = {'exit': code, 'seconds': seconds, 'counts': counts,
                               'tail': out[-3000:]}
@@ -146,7 +149,9 @@ def main():
         f'torch-compile-bfloat16 --engine --rounds {args.rounds} --batches 1,8 --iters 50 '
         f'--output {jsonl}' + ''.join(
             f' --extra "seg-engine-bfloat16-{name}={env} {ENGINE} --dtype bfloat16"'
-            for name, env in BF16_ROWS), timeout=3600)
+            for name, env in BF16_ROWS) + ''.join(
+            f' --extra "seg-engine-float32-{name}={env} {ENGINE}"'
+            for name, env in F32_ROWS), timeout=3600)
     report['steps']['peers'] = {'exit': code, 'seconds': seconds, 'jsonl': jsonl,
                                 'table': out[-5000:]}
 

@@ -1,4 +1,4 @@
-"""What the kernel benchmarks (int8_kernel_layers.py, bf16_kernel_layers.py) share: their
+"""What the kernel benchmarks (int8_kernel_layers.py, float_kernel_layers.py) share: their
 flags, one compiled call's median time, and the kernel loops a --loops flag picks."""
 
 import argparse

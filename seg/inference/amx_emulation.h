@@ -1,7 +1,7 @@
 // AMX's tile instructions in plain C++, for running the int8 and bfloat16 kernels' AMX loops
 // on CPUs without AMX: int8_product.h includes this (after <immintrin.h>) when built with
 // -DSEG_KERNEL_EMULATION (int8_kernel.py: `emulate_loops`), and the AMX loops (its own and
-// bf16_product.h's) then call these instead of the instructions. Tests use it to check those
+// float_product.h's) then call these instead of the instructions. Tests use it to check those
 // loops' tiling, padding and output loops against NumPy where no AMX CPU is at hand; it is
 // far slower than the real tiles.
 //
@@ -11,7 +11,7 @@
 // base + row * stride and zeroes the rest of the tile; a store writes rows x colsb bytes;
 // _tile_dpbusd / _tile_dpbssd add to C[m][n] (int32, wrapping) the sums over k of
 // A[m][4k + i] (uint8 / int8) times B[k][4n + i] (int8), i = 0..3; _tile_dpbf16ps adds
-// the float32 products of pairs of bfloat16 (the bfloat16 kernel, bf16_product.h). What the
+// the float32 products of pairs of bfloat16 (the bfloat16 kernel, float_product.h). What the
 // hardware would fault on (a tile used without a config, a palette other than 1, shapes that do not fit
 // the product) aborts with a message instead. So does a load from outside the memory the
 // loop declared readable (`AllowRead`, once it declared any): on the hardware such a read

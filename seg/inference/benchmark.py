@@ -166,8 +166,10 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
     from seg.inference import int8_kernel
     loop = int8_kernel.isa()
   elif eng.bf16_formulation == 'kernel':
-    from seg.inference import bf16_kernel
-    loop = bf16_kernel.isa()
+    from seg.inference import float_kernel
+    loop = float_kernel.isa()
+  elif eng.f32_formulation == 'kernel':
+    loop = 'avx512'  # the float32 products' one loop
   record = {
       'peer': 'seg-engine',
       'variant': (f'os{config.model.output_stride}/{dtype_name}/{measure}'
@@ -181,9 +183,11 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
       'dtype': dtype_name,
       'int8_formulation': eng.int8_formulation,
       'bf16_formulation': eng.bf16_formulation,
-      # the kernel's loop (int8_kernel.isa or bf16_kernel.isa), where it runs
+      'f32_formulation': eng.f32_formulation,
+      # the kernel's loop (int8_kernel.isa, float_kernel.isa or 'avx512'), where it runs
       'int8_loop': loop if eng.int8_formulation else None,
       'bf16_loop': loop if eng.bf16_formulation else None,
+      'f32_loop': loop if eng.f32_formulation else None,
       'measure': measure,
       'warmup': warmup,
       'requested_iters': iters,
@@ -222,7 +226,7 @@ def format_record(r: Dict[str, Any]) -> str:
       f'engine {r["dtype"]}'
       + ''.join(f' ({r[f"{d}_formulation"]} formulation'
                 + (f', {r[f"{d}_loop"]} loop)' if r.get(f'{d}_loop') else ')')
-                for d in ('int8', 'bf16') if r.get(f'{d}_formulation'))
+                for d in ('int8', 'bf16', 'f32') if r.get(f'{d}_formulation'))
       + f', {r["measure"]} ({r["input"]} -> {r["output_shape"]}), '
       f'{r["device"]}, allocator {r["allocator"]}',
       f'  median {r["median_ms"]:.1f} ms per batch of {r["batch"]}  '

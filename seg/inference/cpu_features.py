@@ -3,7 +3,8 @@
     choice = choose(cpu_flags())     # /proc/cpuinfo's flags (or a string of them)
     choice.xla_flags                 # e.g. ('--xla_cpu_use_onednn=true',) on AMX CPUs
     choice.int8_formulation          # 'int8', 'float32' or 'kernel' (seg.inference.quantize)
-    choice.bf16_formulation          # 'kernel' (seg.inference.bf16_kernel) or 'xla'
+    choice.bf16_formulation          # 'kernel' (seg.inference.float_kernel) or 'xla'
+    choice.f32_formulation           # the same for float32
     choice.reason                    # one line: why
 
 Imports nothing heavy: the CLI calls it before JAX starts (`seg.cli.process`), since XLA
@@ -40,9 +41,14 @@ SEG_INT8_FORMULATION (`formulation_override`) overrides the choice, e.g. for A/B
 bfloat16 ("bfloat16" in docs/performance.md): 'kernel' on x86-64 CPUs with AVX2, FMA and
 AVX-512 BF16 or AMX-BF16 (the project's kernel rounds float32 activations to bfloat16 as it
 reads them: the network's products in 8.2 ms against XLA's 12.4 in bfloat16 and 18.9 in
-float32, `benchmarks/bf16_kernel_layers.py`, and the engine at 11.7 against 17.0 ms per
+float32, `benchmarks/float_kernel_layers.py`, and the engine at 11.7 against 17.0 ms per
 image with XLA's bfloat16, on a 2-core AMD EPYC Zen 5, 2026-12-06), else 'xla' (XLA's
 bfloat16 products). SEG_BF16_FORMULATION overrides it.
+
+float32 ("float32" in docs/performance.md): 'kernel' on x86-64 CPUs with AVX2, FMA and
+AVX-512 F, BW, VL and DQ (the same kernel's float32 products, depthwise layers and stem
+pass: the engine at 15.5-15.8 against 21.2-22.1 ms per image with XLA's float32 on a 2-core
+AMD EPYC Zen 5, 2026-12-06), else 'xla'. SEG_F32_FORMULATION overrides it.
 """
 
 import dataclasses
@@ -51,10 +57,13 @@ import platform
 from typing import FrozenSet, Iterable, Optional, Tuple, Union
 
 CPUINFO = '/proc/cpuinfo'
+# What the float kernel's float32 loops need (int8_kernel.AVX512_FLAGS; no JAX here).
+AVX512_FLAGS = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'})
 # The int8 formulations of seg.inference.quantize (defined here: this module imports no JAX).
 FORMULATIONS = ('int8', 'float32', 'kernel')
-# The bfloat16 formulations: XLA's products, or the project's kernel (seg.inference.bf16_kernel).
-BF16_FORMULATIONS = ('xla', 'kernel')
+# The float32 and bfloat16 formulations: XLA's products, or the project's kernel
+# (seg.inference.float_kernel).
+FLOAT_FORMULATIONS = ('xla', 'kernel')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +71,10 @@ class Choice:
   xla_flags: Tuple[str, ...]
   int8_formulation: str
   reason: str
-  # 'kernel' where the bfloat16 kernel has a loop (seg.inference.bf16_kernel), else 'xla'.
+  # 'kernel' where the float kernel has a bfloat16 loop (seg.inference.float_kernel), else 'xla'.
   bf16_formulation: str = 'xla'
+  # 'kernel' where it has its float32 loops (AVX-512), else 'xla'.
+  f32_formulation: str = 'xla'
 
 
 def parse_flags(cpuinfo: str) -> FrozenSet[str]:
@@ -118,16 +129,22 @@ def choose(flags: Union[str, Iterable[str], None] = None,
   flags = frozenset(flags)
   machine = (machine or platform.machine()).lower()
   choice = _choose_int8(flags, machine)
-  if has_avx2_fma(flags, machine) and ('amx_bf16' in flags or 'avx512_bf16' in flags):
+  avx512 = has_avx2_fma(flags, machine) and AVX512_FLAGS <= flags
+  if avx512:
+    choice = dataclasses.replace(choice, f32_formulation='kernel',
+                                 reason=f'{choice.reason}; float32 kernel in AVX-512')
+  if avx512 and ('amx_bf16' in flags or 'avx512_bf16' in flags):
     loop = 'AMX-BF16 tiles' if 'amx_bf16' in flags else 'AVX-512 BF16'
     choice = dataclasses.replace(choice, bf16_formulation='kernel',
                                  reason=f'{choice.reason}; bfloat16 kernel in {loop}')
   return choice
 
 
-def bf16_formulation_override() -> Optional[str]:
-  """SEG_BF16_FORMULATION ('xla' or 'kernel'), or None when unset or 'auto'."""
-  return _override('SEG_BF16_FORMULATION', BF16_FORMULATIONS)
+def float_formulation_override(dtype: str) -> Optional[str]:
+  """SEG_BF16_FORMULATION (dtype 'bfloat16') or SEG_F32_FORMULATION ('float32'): 'xla' or
+  'kernel', or None when unset or 'auto'."""
+  variable = {'bfloat16': 'SEG_BF16_FORMULATION', 'float32': 'SEG_F32_FORMULATION'}[dtype]
+  return _override(variable, FLOAT_FORMULATIONS)
 
 
 def _choose_int8(flags: FrozenSet[str], machine: str) -> Choice:

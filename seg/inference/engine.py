@@ -79,26 +79,31 @@ def int8_formulation_for(platform: str, requested: Optional[str] = None, log=Non
   return formulation
 
 
-def bf16_formulation_for(platform: str, requested: Optional[str] = None, log=None) -> str:
-  """The bfloat16 formulation an engine on `platform` runs: 'kernel' (the project's bfloat16
-  kernel, `seg.inference.bf16_kernel`) or 'xla'.
+def float_formulation_for(dtype: str, platform: str, requested: Optional[str] = None,
+                          log=None) -> str:
+  """The formulation a float32 or bfloat16 (`dtype`) engine on `platform` runs: 'kernel' (the
+  project's kernel, `seg.inference.float_kernel`) or 'xla'.
 
-  `requested`, else SEG_BF16_FORMULATION, else this CPU's choice (`cpu_features.choose`) on a
-  CPU and 'xla' on accelerators. 'kernel' becomes 'xla' off the CPU or where the kernel
-  cannot run, said through `log` (or on stderr) when it was asked for by name.
+  `requested`, else SEG_F32_FORMULATION / SEG_BF16_FORMULATION, else this CPU's choice
+  (`cpu_features.choose`) on a CPU and 'xla' on accelerators. 'kernel' becomes 'xla' off the
+  CPU or where the kernel cannot run, said through `log` (or on stderr) when it was asked
+  for by name.
   """
   from seg.inference import cpu_features
   on_cpu = platform == 'cpu'
-  asked = requested or cpu_features.bf16_formulation_override()
-  formulation = asked or (cpu_features.choose().bf16_formulation if on_cpu else 'xla')
+  asked = requested or cpu_features.float_formulation_override(dtype)
+  choice = cpu_features.choose()
+  formulation = asked or ((choice.f32_formulation if dtype == 'float32' else
+                           choice.bf16_formulation) if on_cpu else 'xla')
   if formulation == 'kernel':
-    from seg.inference import bf16_kernel
+    from seg.inference import float_kernel
     why = (f'the engine runs on {platform}, the kernel on CPUs' if not on_cpu else
-           None if bf16_kernel.available(log) else bf16_kernel.unavailable_reason())
+           None if float_kernel.available(DTYPES[dtype], log) else
+           float_kernel.unavailable_reason(DTYPES[dtype]))
     if why:
       if asked:
         (log or functools.partial(print, file=sys.stderr))(
-            f"bfloat16: XLA's bfloat16 products instead of the project's kernel ({why})")
+            f"{dtype}: XLA's {dtype} products instead of the project's kernel ({why})")
       formulation = 'xla'
   return formulation
 
@@ -112,7 +117,10 @@ class Engine:
   Every call pads to the shape bucket of its images (`bucket_shape`), splits
   the batch into chunks of `batch_size` (the last one padded), and runs the
   executable compiled ahead of time for (batch_size, bucket, dtype); given
-  several `devices`, each runs an equal part of a chunk (`run_padded`).
+  several `devices`, each runs an equal part of a chunk (`run_padded`). On x86 CPUs with
+  AVX-512 float32 and bfloat16 run in the project's kernel (`f32_formulation`,
+  `bf16_formulation`: 'kernel'; 'xla' asks for XLA's products), int8 as
+  `int8_formulation` says (`seg.inference.cpu_features`).
   """
 
   def __init__(self, config, variables: Dict[str, Any], dtype='float32', batch_size: int = 1,
@@ -120,7 +128,8 @@ class Engine:
                log=None, devices: Optional[Sequence[jax.Device]] = None,
                int8_scales: Optional[Dict[str, float]] = None,
                int8_formulation: Optional[str] = None,
-               bf16_formulation: Optional[str] = None):
+               bf16_formulation: Optional[str] = None,
+               f32_formulation: Optional[str] = None):
     if isinstance(dtype, str):
       if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
@@ -138,7 +147,9 @@ class Engine:
     self.device = self.devices[0]
     self.log = log
     folded = fold_variables(config.model, jax.device_get(variables), xp=np)
-    self.int8_formulation = self.bf16_formulation = None
+    # Which products each dtype runs: int8's (seg.inference.quantize), bfloat16's and
+    # float32's ('kernel': seg.inference.float_kernel, or 'xla'); None for other dtypes.
+    self.int8_formulation = self.bf16_formulation = self.f32_formulation = None
     if dtype == jnp.int8:  # seg.inference.quantize
       from seg.inference import quantize
       if int8_scales is None:
@@ -149,12 +160,17 @@ class Engine:
       folded = quantize.quantize_folded(config.model, folded, int8_scales,
                                         self.int8_formulation)
     else:
+      name = jnp.dtype(dtype).name
+      formulation = float_formulation_for(
+          name, self.device.platform,
+          bf16_formulation if dtype == jnp.bfloat16 else f32_formulation, log)
       if dtype == jnp.bfloat16:
-        self.bf16_formulation = bf16_formulation_for(self.device.platform, bf16_formulation,
-                                                     log)
-      if self.bf16_formulation == 'kernel':  # float32 weights, and packed bfloat16 ones
-        from seg.inference import bf16_kernel
-        folded = bf16_kernel.pack_folded(folded)
+        self.bf16_formulation = formulation
+      else:
+        self.f32_formulation = formulation
+      if formulation == 'kernel':  # float32 weights, and packed ones for the kernel
+        from seg.inference import float_kernel
+        folded = float_kernel.pack_folded(folded, dtype)
       else:
         folded = cast_folded(folded, dtype, xp=np)
     self.folded_on = {d: jax.device_put(folded, d) for d in self.devices}

@@ -174,9 +174,12 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
                 f'{where(quantize.depthwise_choice())}, stem in {where(quantize.stem_choice())}')
       log(f'int8 products: the {eng.int8_formulation!r} formulation{loop} (seg.inference.quantize)')
     if eng.bf16_formulation == 'kernel':
-      from seg.inference import bf16_kernel
-      log(f'bfloat16 products: the project\'s kernel, its {bf16_kernel.isa()} loop '
-          f'(seg.inference.bf16_kernel)')
+      from seg.inference import float_kernel
+      log(f'bfloat16 products: the project\'s kernel, its {float_kernel.isa()} loop '
+          f'(seg.inference.float_kernel)')
+    if eng.f32_formulation == 'kernel':
+      log('float32 products: the project\'s kernel, its AVX-512 loop '
+          '(seg.inference.float_kernel)')
     variables = jax.device_get(eng.folded)
   report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype)),
                     parallel.replicate(variables), config, log=log)

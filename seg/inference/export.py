@@ -33,9 +33,11 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 from jax import export as jax_export
+import numpy as np
 
 from seg import checkpoint
 from seg.inference import engine
+from seg.inference.fold import cast_folded
 from seg.inference.forward import class_map
 from seg.model import create_model
 
@@ -55,12 +57,16 @@ def export_engine(eng: engine.Engine, platforms: Sequence[str] = ('cpu', 'cuda')
   unknown = [p for p in platforms if p not in PLATFORMS]
   if unknown or not platforms:
     raise ValueError(f'platforms must be among {PLATFORMS}, got {list(platforms)}')
-  if 'kernel' in (eng.int8_formulation, eng.bf16_formulation):
-    raise ValueError("the engine runs the project's CPU kernels, which an export cannot carry: "
-                     "build it with int8_formulation='int8' or bf16_formulation='xla'")
+  if eng.int8_formulation == 'kernel':
+    raise ValueError("the engine runs the project's int8 kernel, which an export cannot carry: "
+                     "build it with int8_formulation='int8'")
   height, width = height or eng.eval_size, width or eng.eval_size
   batch = jax_export.symbolic_shape('batch')[0] if batch_size is None else batch_size
   folded = jax.device_get(eng.folded)  # constants of the exported module
+  if 'kernel' in (eng.f32_formulation, eng.bf16_formulation):
+    # XLA's products in the engine's dtype: the project's kernels are not part of an export.
+    from seg.inference import float_kernel
+    folded = cast_folded(float_kernel.unpacked(folded), eng.dtype, xp=np)
   fn = jax.jit(lambda images, sizes: class_map(folded, images, sizes, **eng.static))
   return jax_export.export(fn, platforms=tuple(platforms))(
       jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8),
@@ -79,9 +85,9 @@ def export_workdir(workdir: str, output: str, platforms: Sequence[str] = ('cpu',
   scales = (engine.int8_scales_for(workdir, config, variables, log, calibration,
                                    calibration_count) if dtype == 'int8' else None)
   # int8: int8 weights in the file whatever this CPU prefers (4x smaller, runs anywhere);
-  # bfloat16: XLA's products (the project's kernels are not part of an export).
+  # float32 and bfloat16: XLA's products (the project's kernels are not part of an export).
   eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales,
-                      int8_formulation='int8', bf16_formulation='xla')
+                      int8_formulation='int8', bf16_formulation='xla', f32_formulation='xla')
   exported = export_engine(eng, platforms, batch_size, height, width)
   blob = exported.serialize()
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

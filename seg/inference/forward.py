@@ -12,12 +12,14 @@ It re-expresses the trained model's function for speed, without changing it:
   (`preferred_element_type`); biases, activations, depthwise taps and logits are float32. On
   a CPU the high-resolution layers stay float32: they are memory-bound, and conversions made
   them slower; on accelerators every layer after the stem is bfloat16
-  (`low_precision_from_stride`). Folded params with packed weights
-  (`seg.inference.bf16_kernel.pack_folded`, the CPU's 'kernel' formulation) run those
-  products in the project's bfloat16 kernel instead: activations stay float32 in memory,
-  rounded to bfloat16 inside the kernel, with bias, activation and residual sum in its
-  output loop; the depthwise layers run in its float32 loop (with their ReLU6), the other
-  layers in XLA's float32.
+  (`low_precision_from_stride`).
+- Folded params with packed weights (`seg.inference.float_kernel.pack_folded`, the CPU's
+  'kernel' formulation of float32 and bfloat16) run the products in the project's kernel
+  instead, in the packed weights' precision: activations stay float32 in memory (bfloat16
+  weights: rounded to bfloat16 inside the kernel, from `low_precision_from_stride(True)`
+  on), with bias, activation and residual sum in its output loop; the stem and the
+  depthwise layers run in its float32 loops (with their ReLU6), the head's pooling and the
+  resizing in XLA's float32.
 
 `forward` is a pure function of (folded params, images), so it can be jitted, pmapped
 (`seg.inference.evaluate`) or exported (`seg.inference.export`).
@@ -77,13 +79,19 @@ def _pointwise(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
   return y + b
 
 
+def _in_kernel(layer: Dict[str, Any], low: bool) -> bool:
+  """Whether a 1x1 layer runs in the kernel: it has packed weights ('wp'), float32 ones (the
+  float32 kernel: every product) or bfloat16 ones where the layer is `low` precision."""
+  return 'wp' in layer and (low or layer['wp'].dtype == jnp.float32)
+
+
 def _product(x: jax.Array, layer: Dict[str, Any], act: str = 'linear', low: bool = False,
              residual: Optional[jax.Array] = None) -> jax.Array:
-  """act(1x1 convolution + bias) (+ residual), float32: in the bfloat16 kernel when `low`
-  and `layer` has packed weights ('wp'), else `_pointwise` in x's dtype."""
-  if low and 'wp' in layer:
-    from seg.inference import bf16_kernel
-    return bf16_kernel.product(x, layer['wp'], layer['b'], mode=act, residual=residual)
+  """act(1x1 convolution + bias) (+ residual), float32: in the kernel (`_in_kernel`), else
+  `_pointwise` in x's dtype."""
+  if _in_kernel(layer, low):
+    from seg.inference import float_kernel
+    return float_kernel.product(x, layer['wp'], layer['b'], mode=act, residual=residual)
   y = _pointwise(x, layer['w'], layer['b'])
   y = {'linear': y, 'relu6': _relu6(y), 'relu': jax.nn.relu(y)}[act]
   return y if residual is None else y + residual.astype(jnp.float32)
@@ -92,40 +100,41 @@ def _product(x: jax.Array, layer: Dict[str, Any], act: str = 'linear', low: bool
 def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int,
                       low: bool, kernel: bool, stored) -> jax.Array:
   """A block's expansion (if any; bfloat16 inputs where `low`) and depthwise layer, with their
-  ReLU6s, stored as `stored`. With the bfloat16 kernel (`kernel`) the depthwise layer runs
-  in its float32 loop, and a large expansion in one pass with it (`FUSE_FROM_ELEMENTS`)."""
+  ReLU6s, stored as `stored`. With the kernel (`kernel`) the depthwise layer runs in its
+  float32 loop, and a large expansion in the kernel in one pass with it
+  (`FUSE_FROM_ELEMENTS`)."""
   expand, depthwise = block.get('expand'), block['depthwise']
   if kernel:
-    from seg.inference import bf16_kernel
-  if not (kernel and (stride, dilation) in bf16_kernel.DEPTHWISE_STRIDES):
+    from seg.inference import float_kernel
+  if not (kernel and (stride, dilation) in float_kernel.DEPTHWISE_STRIDES):
     y = x if expand is None else _product(x, expand, 'relu6', low).astype(stored)
     return _relu6(_depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)).astype(stored)
-  if low and expand is not None and (
+  if expand is not None and _in_kernel(expand, low) and (
       x.shape[1] * x.shape[2] * expand['b'].shape[0] >= FUSE_FROM_ELEMENTS):
     # One pass: the expansion's output stays in the core's cache.
-    return bf16_kernel.expand_depthwise(x, expand['wp'], expand['b'], depthwise['w'],
-                                        depthwise['b'], stride, dilation)
+    return float_kernel.expand_depthwise(x, expand['wp'], expand['b'], depthwise['w'],
+                                         depthwise['b'], stride, dilation)
   y = x if expand is None else _product(x, expand, 'relu6', low)
-  return bf16_kernel.depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)
+  return float_kernel.depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)
 
 
 def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array) -> Optional[jax.Array]:
-  """Block 0's depthwise output from the bfloat16 kernel's stem pass (`bf16_kernel.stem`),
-  or None where it does not apply: block 0 with an expansion, or whose projection adds the
-  stem's output back (equal channels), or channels the pass does not take; or where
-  SEG_BF16_STEM=xla (XLA's stem and the kernel's depthwise layer, for A/B timings; read
+  """Block 0's depthwise output from the kernel's stem pass (`float_kernel.stem`), or None
+  where it does not apply: block 0 with an expansion, or whose projection adds the stem's
+  output back (equal channels), or channels the pass does not take; or where
+  SEG_FLOAT_STEM=xla (XLA's stem and the kernel's depthwise layer, for A/B timings; read
   when traced)."""
-  from seg.inference import bf16_kernel
+  from seg.inference import float_kernel
   stem, block0 = folded['stem'], folded['blocks'][0]
-  choice = os.environ.get('SEG_BF16_STEM', 'kernel') or 'kernel'
+  choice = os.environ.get('SEG_FLOAT_STEM', 'kernel') or 'kernel'
   if choice not in ('kernel', 'xla'):
-    raise ValueError(f'SEG_BF16_STEM must be kernel or xla, got {choice!r}')
+    raise ValueError(f'SEG_FLOAT_STEM must be kernel or xla, got {choice!r}')
   if (choice == 'xla' or 'expand' in block0 or
       stem['w'].shape[-1] == block0['project']['w'].shape[-1] or
-      not bf16_kernel.stem_supported(images.shape, stem['w'].shape)):
+      not float_kernel.stem_supported(images.shape, stem['w'].shape)):
     return None
-  return bf16_kernel.stem(images, stem['w'], stem['b'], block0['depthwise']['w'],
-                          block0['depthwise']['b'])
+  return float_kernel.stem(images, stem['w'], stem['b'], block0['depthwise']['w'],
+                           block0['depthwise']['b'])
 
 
 def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
@@ -222,8 +231,9 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
     one = functools.partial(forward, folded, width=width, output_stride=output_stride,
                             dtype=dtype, upsample=upsample)
     return lax.map(lambda image: one(image[None])[0], images)
-  kernel = dtype == jnp.bfloat16 and 'wp' in folded['blocks'][0]['project']
-  # With the bfloat16 kernel the stem and block 0's depthwise layer are one pass (`stem0`,
+  # Packed weights: the kernel formulation (float32 or bfloat16, as they are packed).
+  kernel = 'wp' in folded['blocks'][0]['project']
+  # With the kernel the stem and block 0's depthwise layer are one pass (`stem0`,
   # where block 0 has no expansion or residual sum to read the stem's output).
   stem0 = _kernel_stem_pass(folded, images) if kernel else None
   x = None if stem0 is not None else _relu6(_stem(images, folded['stem']['w'],

@@ -1,6 +1,6 @@
 // The depthwise layer of int8_depthwise.cc (which describes it), shared with int8_kernel.cc's
 // expansion + depthwise pass; and its AVX-512 loop in float32, input and ReLU6 output
-// (`xf`, `outf`: bf16_kernel.cc's depthwise layer of the bfloat16 engine).
+// (`xf`, `outf`: float_kernel.cc's depthwise layer of the bfloat16 engine).
 #ifndef SEG_INFERENCE_INT8_DEPTHWISE_H_
 #define SEG_INFERENCE_INT8_DEPTHWISE_H_
 

@@ -53,11 +53,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Compiled together into one library; the headers are part of its key.
 SOURCES = tuple(os.path.join(HERE, name)
                 for name in ('int8_kernel.cc', 'int8_depthwise.cc', 'int8_stem.cc',
-                             'bf16_kernel.cc'))
+                             'float_kernel.cc'))
 HEADERS = tuple(os.path.join(HERE, name)
                 for name in ('int8_product.h', 'kernel_threads.h', 'kernel_cpu.h',
                              'int8_depthwise.h', 'int8_stem.h', 'amx_emulation.h',
-                             'bf16_product.h'))
+                             'float_product.h'))
 TARGET = 'seg_int8_product'
 DEPTHWISE_TARGET = 'seg_int8_depthwise'
 STEM_TARGET = 'seg_int8_stem'
@@ -66,9 +66,9 @@ EXPAND_DEPTHWISE_TARGET = 'seg_int8_expand_depthwise'
 _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegInt8Stem': STEM_TARGET, 'SegInt8StemProject': STEM_PROJECT_TARGET,
             'SegInt8ExpandDepthwise': EXPAND_DEPTHWISE_TARGET,
-            'SegBf16Product': 'seg_bf16_product',
+            'SegFloatProduct': 'seg_float_product',
             'SegF32Depthwise': 'seg_f32_depthwise',
-            'SegBf16ExpandDepthwise': 'seg_bf16_expand_depthwise'}  # library symbol: FFI target
+            'SegFloatExpandDepthwise': 'seg_float_expand_depthwise'}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
@@ -76,7 +76,7 @@ MODES = {'linear': 0, 'relu6': 1, 'relu': 2, 'relu6_uint8': 3, 'linear_int8': 4,
          'linear_offset_uint8': 5}
 # The kernel's loops (int8_product.h: Isa) and the CPU flags each needs.
 ISAS = {'avx2': 0, 'vnni': 1, 'amx': 2, 'avxvnni': 3}
-AVX512_FLAGS = frozenset({'avx512f', 'avx512bw', 'avx512vl', 'avx512dq'})
+AVX512_FLAGS = cpu_features.AVX512_FLAGS
 VNNI_FLAGS = AVX512_FLAGS | {'avx512_vnni'}
 # The loops whose instruction multiplies unsigned inputs: signed ones as x + 128.
 OFFSET_LOOPS = ('avxvnni', 'vnni')
@@ -84,7 +84,7 @@ OFFSET_LOOPS = ('avxvnni', 'vnni')
 EMULATED = {'avxvnni': VNNI_FLAGS, 'amx': AVX512_FLAGS}
 # The targets that take a loop, and the suffix of the emulation library's (`emulate_loops`).
 LOOP_TARGETS = ('SegInt8Product', 'SegInt8StemProject', 'SegInt8ExpandDepthwise',
-                'SegBf16Product', 'SegBf16ExpandDepthwise')
+                'SegFloatProduct', 'SegFloatExpandDepthwise')
 EMULATION = '_emulation'
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')

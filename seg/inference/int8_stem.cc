@@ -38,7 +38,7 @@ namespace {
 using seg::stem::Stem;
 
 // out: uint8 as above, or float32: clip(y, 0, 6) itself (the bfloat16 engine's stem pass,
-// bf16_kernel.py: stem; the AVX-512 loops only, c a multiple of 16).
+// float_kernel.py: stem; the AVX-512 loops only, c a multiple of 16).
 ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ws,
                     ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd,
                     ffi::Buffer<ffi::F32> bd, ffi::Buffer<ffi::F32> inv_out, int32_t pad_top,

@@ -1,6 +1,6 @@
 // The stem pass of int8_stem.cc (which describes it), shared with int8_kernel.cc's stem +
 // projection pass; its AVX-512 loops also write block 0's depthwise output in float32
-// (`outf`: bf16_kernel.cc's stem pass of the bfloat16 engine).
+// (`outf`: float_kernel.cc's stem pass of the bfloat16 engine).
 #ifndef SEG_INFERENCE_INT8_STEM_H_
 #define SEG_INFERENCE_INT8_STEM_H_
 

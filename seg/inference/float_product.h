@@ -5,7 +5,7 @@
 //
 //   out[m, n] = act(sum_k bf16(x[m, k]) * w[k, n] + bias[n]) (+ residual[m, n])
 //
-// x: [m, k] float32; w: bfloat16 (as uint16), packed by `pack_weights` in bf16_kernel.py into
+// x: [m, k] float32; w: bfloat16 (as uint16), packed by `pack_weights` in float_kernel.py into
 // panels of 16 output channels, each [kp / 2][16][2] (two consecutive inputs of one output
 // channel in one 32-bit lane: the pair layout of `vdpbf16ps` and of AMX's B tiles), kp = k
 // rounded up to 32 with zero weights. Each products of two bfloat16 is exact in float32; the
@@ -16,8 +16,8 @@
 //
 // mode: 0 linear, 1 ReLU6, 2 ReLU; mode 0 may add a float32 `residual` [m, n] (a residual
 // block's projection and its sum in one pass).
-#ifndef SEG_INFERENCE_BF16_PRODUCT_H_
-#define SEG_INFERENCE_BF16_PRODUCT_H_
+#ifndef SEG_INFERENCE_FLOAT_PRODUCT_H_
+#define SEG_INFERENCE_FLOAT_PRODUCT_H_
 
 #include <immintrin.h>
 
@@ -37,7 +37,7 @@
 #endif
 
 namespace seg {
-namespace bf16 {
+namespace floating {
 
 constexpr int kPanel = 16;          // output channels per weight panel: one zmm of float32
 constexpr int64_t kKMultiple = 32;  // inputs per AMX tile product: packed k's multiple
@@ -45,7 +45,8 @@ constexpr int64_t kChunkRows = 64;  // rows per claim of the thread pool, at mos
 constexpr int64_t kGrainRows = 32;  // and a multiple of this (two AMX row tiles)
 
 enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2 };
-enum Isa { kAvx512Bf16 = 0, kAmxBf16 = 1 };  // bf16_kernel.py: LOOPS
+// kAvx512F32: float32 products (no rounding), float32 weights packed [panels][k][16].
+enum Isa { kAvx512Bf16 = 0, kAmxBf16 = 1, kAvx512F32 = 2 };  // float_kernel.py: LOOPS
 
 struct Problem {
   const float* x;
@@ -57,6 +58,7 @@ struct Problem {
   int isa;
   const float* residual;  // mode 0: added to the output, or null
   float* out;
+  const float* wf = nullptr;  // kAvx512F32's weights (then w is unused)
 };
 
 // ------------------------------------------------------------------------------------------
@@ -100,6 +102,51 @@ SEG_AVX512 SEG_INLINE void Store16(const Problem& p, __m512 acc, int64_t m, int6
   }
   if (p.residual) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(mask, p.residual + m * p.n + n0));
   _mm512_mask_storeu_ps(p.out + m * p.n + n0, mask, y);
+}
+
+// ------------------------------------------------------------------------------------------
+// float32 (AVX-512 F): one input of a panel (16 channels) is one zmm, each row's input is
+// broadcast and multiplied in by a fused multiply-add; R rows x P panels of accumulators,
+// the inputs summed in order (k = 0, 1, ...). Rows are read from x itself.
+template <int R, int P>
+SEG_AVX512 SEG_INLINE void F32Tile(const Problem& p, int64_t row, int64_t panel) {
+  const int64_t k = p.k, panel_size = k * kPanel;
+  const float* w = p.wf + panel * panel_size;
+  const float* x = p.x + row * k;
+  __m512 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < P; ++q) acc[r][q] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < k; ++g) {
+    __m512 wv[P];
+    for (int q = 0; q < P; ++q) wv[q] = _mm512_loadu_ps(w + q * panel_size + kPanel * g);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * k + g]);
+      for (int q = 0; q < P; ++q) acc[r][q] = _mm512_fmadd_ps(xb, wv[q], acc[r][q]);
+    }
+  }
+  for (int q = 0; q < P; ++q) {
+    const __m512 b = _mm512_loadu_ps(p.bias + (panel + q) * kPanel);
+    for (int r = 0; r < R; ++r) Store16(p, acc[r][q], row + r, panel + q, b);
+  }
+}
+
+template <int P>
+SEG_AVX512 void F32Panels(const Problem& p, int64_t begin, int64_t end, int64_t panel) {
+  constexpr int R = P == 4 ? 6 : 8;
+  int64_t r = begin;
+  for (; r + R <= end; r += R) F32Tile<R, P>(p, r, panel);
+  for (; r < end; ++r) F32Tile<1, P>(p, r, panel);
+}
+
+SEG_AVX512 inline void F32Rows(const Problem& p, int64_t begin, int64_t end) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  int64_t panel = 0;
+  for (; panel + 4 <= panels; panel += 4) F32Panels<4>(p, begin, end, panel);
+  if (panel + 2 <= panels) {
+    F32Panels<2>(p, begin, end, panel);
+    panel += 2;
+  }
+  if (panel < panels) F32Panels<1>(p, begin, end, panel);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -240,7 +287,9 @@ inline void AmxRows(const Problem&, int64_t, int64_t) {}  // never called: RunsL
 #endif  // SEG_NEW_LOOPS
 
 inline void RunRows(const Problem& p, int64_t begin, int64_t end) {
-  if (p.isa == kAmxBf16) AmxRows(p, begin, end); else Bf16Rows(p, begin, end);
+  if (p.isa == kAmxBf16) AmxRows(p, begin, end);
+  else if (p.isa == kAvx512F32) F32Rows(p, begin, end);
+  else Bf16Rows(p, begin, end);
 }
 
 // Whether this CPU has the instructions of loop `isa` (AMX's permission is asked apart).
@@ -250,13 +299,14 @@ inline bool RunsLoop(int32_t isa) {
     case kAvx512Bf16: return seg::HasAvx512() && __builtin_cpu_supports("avx512bf16");
 #endif
 #if SEG_NEW_LOOPS
-    case kAmxBf16: return seg::HasAvx512();  // and amx_bf16: bf16_kernel.py's flags
+    case kAmxBf16: return seg::HasAvx512();  // and amx_bf16: float_kernel.py's flags
 #endif
+    case kAvx512F32: return seg::HasAvx512();
     default: return false;
   }
 }
 
-}  // namespace bf16
+}  // namespace floating
 }  // namespace seg
 
-#endif  // SEG_INFERENCE_BF16_PRODUCT_H_
+#endif  // SEG_INFERENCE_FLOAT_PRODUCT_H_

@@ -1,16 +1,18 @@
-"""Each of the network's 1x1 products in the bfloat16 kernel's loops, XLA's bfloat16 and XLA's
-float32.
+"""Each of the network's 1x1 products in the float kernel's loops (bfloat16 and float32), XLA's
+bfloat16 and XLA's float32.
 
-    python benchmarks/bf16_kernel_layers.py [--width 1.0] [--size 513] [--iters 15] \
+    python benchmarks/float_kernel_layers.py [--width 1.0] [--size 513] [--iters 15] \
         [--loops avx512bf16,amx]
 
 The products of DeepLabv3 + MobileNetV2 (output stride 16, batch 1) as the engine runs them,
 random values (speed does not depend on them), each variant one compiled call, alternating
 per layer:
-- kernel LOOP, for each loop this CPU runs (avx512bf16, amx: `bf16_kernel.loops()`; with
+- kernel LOOP, for each loop this CPU runs (avx512bf16, amx: `float_kernel.loops()`; with
   SEG_INT8_LOOP_EMULATION=1 also AMX's stand-in, far slower than real tiles):
-  `seg.inference.bf16_kernel.product`, float32 in and out, the activation in its output loop
+  `seg.inference.float_kernel.product`, float32 in and out, the activation in its output loop
   and a residual block's sum too (the 'kernel' bfloat16 formulation);
+- kernel float32: the same with float32 weights (the 'kernel' float32 formulation; where the
+  CPU has AVX-512);
 - xla bfloat16: bfloat16 input (as XLA's bfloat16 formulation stores the activations from
   SEG_BF16_FROM_STRIDE on), bfloat16 weights, float32 accumulation, bias, activation and
   residual fused by XLA;
@@ -31,11 +33,12 @@ def main():
   import numpy as np
   from jax import lax
 
-  from seg.inference import bf16_kernel
+  from seg.inference import float_kernel
   from seg.model import block_specs
 
-  if not bf16_kernel.available():
-    raise SystemExit(f'the bfloat16 kernel is unavailable: {bf16_kernel.unavailable_reason()}')
+  if not float_kernel.available(jnp.float32):
+    raise SystemExit(f'the float kernel is unavailable: '
+                     f'{float_kernel.unavailable_reason(jnp.float32)}')
   size = -(-args.size // 2)
   stride_in = 2
   specs = block_specs(args.width, 16)
@@ -59,10 +62,12 @@ def main():
   act = {'linear': lambda y: y, 'relu6': lambda y: jnp.clip(y, 0, 6), 'relu': jax.nn.relu}
 
   timed = lambda fn, *operands: median_ms(fn, *operands, iters=args.iters)
-  loops = chosen_loops(bf16_kernel.loops(), args.loops)
-  columns = [f'kernel {loop}' for loop in loops] + ['xla bfloat16', 'xla float32']
+  loops = chosen_loops(float_kernel.loops(), args.loops)
+  columns = ([f'kernel {loop}' for loop in loops] + ['kernel float32', 'xla bfloat16',
+                                                      'xla float32'])
+  engines = float_kernel.isa() if float_kernel.available() else 'none'
   print(f'{args.size}x{args.size}, width {args.width}, batch 1, jax {jax.__version__}, '
-        f'the engine\'s loop: {bf16_kernel.isa()}; ms (GMAdd/s): ' + ' | '.join(columns))
+        f'the bfloat16 engine\'s loop: {engines}; ms (GMAdd/s): ' + ' | '.join(columns))
   by_stride = {}  # stride: (madds, {column: ms})
   for name, stride, m, k, n, activation, residual in layers:
     x = jnp.asarray(rng.uniform(0, 1, (m, k)), jnp.float32)
@@ -72,8 +77,11 @@ def main():
     f = act[activation]
     plus = (lambda y, r: y + r) if residual else (lambda y, r: y)
     ms = {f'kernel {loop}': timed(
-        lambda x, wp, r, loop=loop: bf16_kernel.product(x, wp, b, activation, r, loop),
-        x, jnp.asarray(bf16_kernel.pack_weights(w)), r) for loop in loops}
+        lambda x, wp, r, loop=loop: float_kernel.product(x, wp, b, activation, r, loop),
+        x, jnp.asarray(float_kernel.pack_weights(w)), r) for loop in loops}
+    ms['kernel float32'] = timed(
+        lambda x, wp, r: float_kernel.product(x, wp, b, activation, r),
+        x, jnp.asarray(float_kernel.pack_weights(w, jnp.float32)), r)
     ms['xla bfloat16'] = timed(lambda x, w, r: plus(f(lax.dot_general(
         x, w, dims, preferred_element_type=jnp.float32) + b), r),
         x.astype(jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), r)

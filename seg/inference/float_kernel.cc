@@ -1,4 +1,4 @@
-// The bfloat16 engine's XLA FFI handlers: a 1x1 product in the loops of bf16_product.h (which
+// The bfloat16 engine's XLA FFI handlers: a 1x1 product in the loops of float_product.h (which
 // describes them), float32 in and out; and the 3x3 depthwise layer + ReLU6 in float32 (the
 // int8 engine's depthwise loop for AVX-512, int8_depthwise.h, with float32 input and output:
 //
@@ -10,14 +10,14 @@
 // large expansion in one pass (the stem pass writing float32 is int8_stem.cc's). Built into
 // the same
 // library as the int8 kernels by seg/inference/int8_kernel.py (`build`), called through
-// bf16_kernel.py. Work is split into chunks shared by the calling thread and XLA's intra-op
+// float_kernel.py. Work is split into chunks shared by the calling thread and XLA's intra-op
 // thread pool (kernel_threads.h).
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
-#include "bf16_product.h"
+#include "float_product.h"
 #include "int8_depthwise.h"
 #include "kernel_cpu.h"
 #include "kernel_threads.h"
@@ -27,9 +27,29 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace seg::bf16;  // NOLINT: the loops, modes and Problem of one kernel
+using namespace seg::floating;  // NOLINT: the loops, modes and Problem of one kernel
 
-ffi::Error Bf16Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U16> w,
+// The packed weights of loop `isa` for k inputs and n outputs into p: bfloat16 (uint16)
+// [panels][kp / 2][16][2] for the bfloat16 loops, float32 [panels][k][16] for kAvx512F32.
+ffi::Error SetWeights(ffi::AnyBuffer& w, int32_t isa, Problem& p) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  if (isa != kAvx512Bf16 && isa != kAmxBf16 && isa != kAvx512F32)
+    return ffi::Error::InvalidArgument("unknown isa");
+  const bool f32 = isa == kAvx512F32;
+  if (w.element_type() != (f32 ? ffi::DataType::F32 : ffi::DataType::U16) ||
+      static_cast<int64_t>(w.element_count()) != panels * kPanel * (f32 ? p.k : p.kp))
+    return ffi::Error::InvalidArgument("packed weights do not match the loop, the input and "
+                                       "output sizes");
+  if (!RunsLoop(isa))
+    return ffi::Error::InvalidArgument("this CPU lacks the instructions of that loop (isa)");
+  if (isa == kAmxBf16 && !seg::product::AmxPermitted())
+    return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
+  if (f32) p.wf = static_cast<const float*>(w.untyped_data());
+  else p.w = static_cast<const uint16_t*>(w.untyped_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error FloatProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
                        int32_t mode, int32_t isa, ffi::ResultBuffer<ffi::F32> out) {
   const auto dims = x.dimensions();
@@ -39,14 +59,7 @@ ffi::Error Bf16Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const int64_t k = dims.back(), n = static_cast<int64_t>(bias.element_count());
   const int64_t panels = (n + kPanel - 1) / kPanel;
   const int64_t kp = (k + kKMultiple - 1) / kKMultiple * kKMultiple;
-  if (static_cast<int64_t>(w.element_count()) != panels * kPanel * kp)
-    return ffi::Error::InvalidArgument("packed weights do not match the input and output sizes");
   if (mode < kLinear || mode > kRelu) return ffi::Error::InvalidArgument("unknown mode");
-  if (isa != kAvx512Bf16 && isa != kAmxBf16) return ffi::Error::InvalidArgument("unknown isa");
-  if (!RunsLoop(isa))
-    return ffi::Error::InvalidArgument("this CPU lacks the instructions of that loop (isa)");
-  if (isa == kAmxBf16 && !seg::product::AmxPermitted())
-    return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
   const size_t size = static_cast<size_t>(m * n);
   if (out->element_count() != size)
     return ffi::Error::InvalidArgument("the output is [..., out]");
@@ -54,9 +67,9 @@ ffi::Error Bf16Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     return ffi::Error::InvalidArgument("a residual is [..., out], in mode 0 only");
   std::vector<float> padded_bias(panels * kPanel, 0.f);
   std::copy_n(bias.typed_data(), n, padded_bias.begin());
-  const Problem p{x.typed_data(), m, k, n, kp, w.typed_data(), padded_bias.data(), mode, isa,
-                  residual.element_count() ? residual.typed_data() : nullptr,
-                  out->typed_data()};
+  Problem p{x.typed_data(), m, k, n, kp, nullptr, padded_bias.data(), mode, isa,
+            residual.element_count() ? residual.typed_data() : nullptr, out->typed_data()};
+  if (auto error = SetWeights(w, isa, p); error.failure()) return error;
   seg::ForEachRange(pool, m, kGrainRows, kChunkRows,
                     [&p](int64_t begin, int64_t end) { RunRows(p, begin, end); });
   return ffi::Error::Success();
@@ -65,7 +78,7 @@ ffi::Error Bf16Product(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 using seg::depthwise::Depthwise;
 
 // run(S, D) with the compile-time (stride, dilation) pair, among those compiled
-// (bf16_kernel.py: DEPTHWISE_STRIDES, MobileNetV2's at output stride 8, 16 and 32).
+// (float_kernel.py: DEPTHWISE_STRIDES, MobileNetV2's at output stride 8, 16 and 32).
 template <typename Run>
 ffi::Error WithStride(int32_t stride, int32_t dilation, Run run) {
   using I1 = std::integral_constant<int, 1>;
@@ -112,7 +125,7 @@ ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 }
 
 // ------------------------------------------------------------------------------------------
-// An expansion (ReLU6) and the depthwise layer after it in one pass (bf16_kernel.py:
+// An expansion (ReLU6) and the depthwise layer after it in one pass (float_kernel.py:
 // expand_depthwise), the same numbers as the two calls: a chunk is a band of the depthwise
 // layer's output rows of one image; it computes the expansion's output for just the input
 // rows that band reads, into a buffer that stays in the core's cache, and runs the
@@ -143,8 +156,8 @@ void FusedRun(ffi::ThreadPool& pool, const Problem& p, const Depthwise& d, int64
   });
 }
 
-ffi::Error Bf16ExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                               ffi::Buffer<ffi::U16> w, ffi::Buffer<ffi::F32> bias,
+ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
                                ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd, int32_t isa,
                                int32_t stride, int32_t dilation, int32_t pad_top,
                                int32_t pad_left, ffi::ResultBuffer<ffi::F32> out) {
@@ -157,16 +170,11 @@ ffi::Error Bf16ExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         "the depthwise weights are [3, 3, expanded], bias [expanded]");
   const int64_t k = xd[3], panels = (e + kPanel - 1) / kPanel;
   const int64_t kp = (k + kKMultiple - 1) / kKMultiple * kKMultiple;
-  if (static_cast<int64_t>(w.element_count()) != panels * kPanel * kp)
-    return ffi::Error::InvalidArgument("packed weights do not match the input and output sizes");
-  if ((isa != kAvx512Bf16 && isa != kAmxBf16) || !RunsLoop(isa))
-    return ffi::Error::InvalidArgument("this CPU lacks the instructions of that loop (isa)");
-  if (isa == kAmxBf16 && !seg::product::AmxPermitted())
-    return ffi::Error::Internal("the kernel (Linux) refused this process AMX's tile registers");
   std::vector<float> padded_bias(panels * kPanel, 0.f);
   std::copy_n(bias.typed_data(), e, padded_bias.begin());
-  const Problem p{x.typed_data(), 0, k, e, kp, w.typed_data(), padded_bias.data(), kRelu6, isa,
-                  nullptr, nullptr};
+  Problem p{x.typed_data(), 0, k, e, kp, nullptr, padded_bias.data(), kRelu6, isa, nullptr,
+            nullptr};
+  if (auto error = SetWeights(w, isa, p); error.failure()) return error;
   Depthwise d{nullptr, xd[1], xd[2], e, wd.typed_data(), bd.typed_data(), 1.f, stride,
               dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
   if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
@@ -187,11 +195,11 @@ ffi::Error Bf16ExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SegBf16ExpandDepthwise, Bf16ExpandDepthwise,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatExpandDepthwise, FloatExpandDepthwise,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, k]
-                                  .Arg<ffi::Buffer<ffi::U16>>()    // packed bfloat16 weights
+                                  .Arg<ffi::AnyBuffer>()           // packed weights
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bias [expanded]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, expanded]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bd [expanded]
@@ -214,13 +222,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegF32Depthwise, F32Depthwise,
                                   .Attr<int32_t>("pad_left")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, c]
 
-extern "C" int SegBf16HasLoop(int isa) { return RunsLoop(isa) ? 1 : 0; }
+extern "C" int SegFloatHasLoop(int isa) { return RunsLoop(isa) ? 1 : 0; }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SegBf16Product, Bf16Product,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatProduct, FloatProduct,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()    // x [..., k]
-                                  .Arg<ffi::Buffer<ffi::U16>>()    // packed bfloat16 weights
+                                  .Arg<ffi::AnyBuffer>()           // packed weights
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bias [n]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // residual [..., n] or [0]
                                   .Attr<int32_t>("mode")

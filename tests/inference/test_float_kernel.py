@@ -1,5 +1,5 @@
-"""The bfloat16 kernel (seg/inference/bf16_product.h) against NumPy's bfloat16 rounding and
-float64 sums, and the engine's 'kernel' bfloat16 formulation against XLA's."""
+"""The float kernel (seg/inference/float_product.h) against NumPy's bfloat16 rounding and
+float64 sums, and the engine's 'kernel' float32 and bfloat16 formulations against XLA's."""
 
 import numpy as np
 import jax
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from helpers import EVAL_SIZE, random_variables, tiny_engine_config
-from seg.inference import benchmark, bf16_kernel, cpu_features, engine, export, int8_kernel
+from seg.inference import benchmark, float_kernel, cpu_features, engine, export, int8_kernel
 from seg.inference.forward import forward
 from seg.model import block_specs
 from seg.preprocessing import preprocess
@@ -16,16 +16,24 @@ pytestmark = pytest.mark.skipif(
     not int8_kernel.cpu_supported(), reason='the kernels need an x86-64 CPU with AVX2 and FMA')
 
 
+def _skip_without_f32():
+  if not float_kernel.available(jnp.float32):
+    pytest.skip(f'no float32 kernel here: {float_kernel.unavailable_reason(jnp.float32)}')
+
+
 def _use_loop(loop, monkeypatch):
-  """Skips unless this CPU runs `loop`; 'amx' runs in its stand-in (`int8_kernel.emulate_loops`)
-  where the CPU lacks AMX-BF16 but has AVX-512, for this test only."""
+  """Skips unless this CPU runs `loop` ('float32': the float32 products' loop); 'amx' runs in
+  its stand-in (`int8_kernel.emulate_loops`) where the CPU lacks AMX-BF16 but has AVX-512,
+  for this test only."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
-  if loop == 'amx' and loop not in bf16_kernel.loops() and (
+  if loop == 'float32':
+    return _skip_without_f32()
+  if loop == 'amx' and loop not in float_kernel.loops() and (
       int8_kernel.EMULATED['amx'] <= cpu_features.cpu_flags()):
     monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
     int8_kernel.emulate_loops(True)
-  if loop not in bf16_kernel.loops():
-    pytest.skip(f'this CPU runs the bfloat16 loops {bf16_kernel.loops()}, not {loop}')
+  if loop not in float_kernel.loops():
+    pytest.skip(f'this CPU runs the bfloat16 loops {float_kernel.loops()}, not {loop}')
 
 
 def _bf16(x):
@@ -47,7 +55,7 @@ def test_the_kernel_rounds_its_inputs_to_nearest_even(loop, monkeypatch):
   x[:10] = (bits[:10] | 0x8000).view(np.float32)  # ties, after even and odd last bits
   x[10:12] = (bits[10:12] | 0x7fff).view(np.float32)  # just below a tie
   assert {0, 1} <= set(((bits[:10] >> 16) & 1).ravel().tolist())
-  y = bf16_kernel.product(jnp.asarray(x), jnp.asarray(bf16_kernel.pack_weights(np.eye(k))),
+  y = float_kernel.product(jnp.asarray(x), jnp.asarray(float_kernel.pack_weights(np.eye(k))),
                           jnp.zeros(k), loop=loop)
   np.testing.assert_array_equal(np.asarray(y), _bf16(x).astype(np.float32))
 
@@ -68,8 +76,8 @@ def test_the_kernel_computes_the_bfloat16_product(mode, loop, k, monkeypatch):
   w = rng.normal(0, 0.2, (k, 101)).astype(np.float32)
   b = rng.normal(0, 1, 101).astype(np.float32)
   residual = rng.normal(0, 1, (3, 45, 101)).astype(np.float32) if mode == 'residual' else None
-  y = np.asarray(bf16_kernel.product(
-      jnp.asarray(x), jnp.asarray(bf16_kernel.pack_weights(w)), jnp.asarray(b),
+  y = np.asarray(float_kernel.product(
+      jnp.asarray(x), jnp.asarray(float_kernel.pack_weights(w)), jnp.asarray(b),
       mode='linear' if mode == 'residual' else mode,
       residual=None if residual is None else jnp.asarray(residual), loop=loop))
   sums = _bf16(x) @ _bf16(w) + b
@@ -82,6 +90,52 @@ def test_the_kernel_computes_the_bfloat16_product(mode, loop, k, monkeypatch):
   assert np.all(np.abs(y - reference) <= bound)
   exact = act(x.astype(np.float64) @ w.astype(np.float64) + b)
   assert np.abs(y - exact - (0 if residual is None else residual)).max() > 10 * bound.max()
+
+
+@pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'residual'])
+@pytest.mark.parametrize('k', [1, 7, 52, 136])
+def test_the_kernel_computes_the_float32_product(mode, k):
+  """float32 weights: 45 rows (not whole 6- or 8-row tiles) in a batch of 3, 101 outputs (7
+  panels: the 4-, 2- and 1-panel tiles), 1 to 136 inputs: within float32 summation error of
+  the exact float64 sum, and far closer to it than bfloat16 inputs would allow (nothing is
+  rounded on the way in)."""
+  _skip_without_f32()
+  rng = np.random.default_rng(100 + k)
+  x = rng.normal(0, 1, (3, 45, k)).astype(np.float32)
+  w = rng.normal(0, 0.2, (k, 101)).astype(np.float32)
+  b = rng.normal(0, 1, 101).astype(np.float32)
+  residual = rng.normal(0, 1, (3, 45, 101)).astype(np.float32) if mode == 'residual' else None
+  y = np.asarray(float_kernel.product(
+      jnp.asarray(x), jnp.asarray(float_kernel.pack_weights(w, jnp.float32)), jnp.asarray(b),
+      mode='linear' if mode == 'residual' else mode,
+      residual=None if residual is None else jnp.asarray(residual)))
+  act = {'relu6': lambda v: np.clip(v, 0, 6), 'relu': lambda v: np.maximum(v, 0)}.get(
+      mode, lambda v: v)
+  x64, w64 = x.astype(np.float64), w.astype(np.float64)
+  reference = act(x64 @ w64 + b) + (0 if residual is None else residual)
+  magnitude = np.abs(x64) @ np.abs(w64) + np.abs(b)
+  bound = (k + 2) * 2.0**-24 * (magnitude + (0 if residual is None else np.abs(residual)))
+  assert y.shape == (3, 45, 101) and y.dtype == np.float32
+  assert np.all(np.abs(y - reference) <= bound)
+  if mode in ('linear', 'residual'):
+    rounded = _bf16(x) @ _bf16(w) + b + (0 if residual is None else residual)
+    assert np.abs(rounded - reference).max() > 10 * bound.max()
+
+
+def test_float32_weights_are_packed_in_panels_of_16_channels():
+  """Panel p, input g, channel c: w[g, 16p + c] exactly, zeros beyond the outputs; no
+  padding of the inputs."""
+  rng = np.random.default_rng(3)
+  w = rng.normal(0, 1, (37, 21)).astype(np.float32)
+  packed = float_kernel.pack_weights(w, jnp.float32)
+  assert packed.dtype == np.float32 and packed.shape == (2 * 37 * 16,)
+  assert float_kernel.packed_size(37, 21, jnp.float32) == packed.size
+  panels = packed.reshape(2, 37, 16)
+  np.testing.assert_array_equal(panels[0], w[:, :16])
+  np.testing.assert_array_equal(panels[1, :, :5], w[:, 16:])
+  assert not panels[1, :, 5:].any()
+  with pytest.raises(ValueError, match='float32 or bfloat16, not int8'):
+    float_kernel.pack_weights(w, jnp.int8)
 
 
 def _numpy_depthwise(x, w, b, stride, dilation):
@@ -99,48 +153,50 @@ def _numpy_depthwise(x, w, b, stride, dilation):
   return np.clip(y, 0, 6)
 
 
-@pytest.mark.parametrize('stride,dilation', bf16_kernel.DEPTHWISE_STRIDES)
+@pytest.mark.parametrize('stride,dilation', float_kernel.DEPTHWISE_STRIDES)
 @pytest.mark.parametrize('shape', [(2, 17, 23, 40), (1, 12, 9, 13)])
 def test_the_float32_depthwise_layer_is_numpys(stride, dilation, shape):
-  """The bfloat16 engine's depthwise layer (float32 in and out, ReLU6) against NumPy's sums
+  """The kernel engines' depthwise layer (float32 in and out, ReLU6) against NumPy's sums
   in float64: odd sizes, a batch, channels beyond whole 16-channel vectors (40) or fewer
   than one (13)."""
-  if not bf16_kernel.available():
-    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+  _skip_without_f32()
   rng = np.random.default_rng(shape[-1] + stride + dilation)
   x = rng.uniform(0, 6, shape).astype(np.float32)
   w = rng.normal(0, 0.5, (3, 3, shape[-1])).astype(np.float32)
   b = rng.normal(0, 1, shape[-1]).astype(np.float32)
-  y = np.asarray(bf16_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), stride,
+  y = np.asarray(float_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), stride,
                                        dilation))
   expected = _numpy_depthwise(x, w, b, stride, dilation)
   assert y.shape == expected.shape and y.dtype == np.float32
   np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
   assert 0 < (y == 0).mean() < 1 and 0 < (y == 6).mean() < 1  # both ends of ReLU6 met
   with pytest.raises(ValueError, match='3x3 weights'):
-    bf16_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), 2, 2)
+    float_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), 2, 2)
 
 
-@pytest.mark.parametrize('loop', ['avx512bf16', 'amx'])
-@pytest.mark.parametrize('stride,dilation', bf16_kernel.DEPTHWISE_STRIDES)
+@pytest.mark.parametrize('loop', ['avx512bf16', 'amx', 'float32'])
+@pytest.mark.parametrize('stride,dilation', float_kernel.DEPTHWISE_STRIDES)
 def test_the_fused_pass_computes_the_expansion_then_the_depthwise_layer(stride, dilation, loop,
                                                                        monkeypatch):
   """Bands of rows through both layers give exactly the two calls' numbers (odd sizes, a
-  batch of 2, expanded channels beyond whole panels)."""
+  batch of 2, expanded channels beyond whole panels), in each precision."""
   _use_loop(loop, monkeypatch)
+  dtype = jnp.float32 if loop == 'float32' else jnp.bfloat16
+  loop = None if loop == 'float32' else loop
   rng = np.random.default_rng(stride * 10 + dilation)
   x = jnp.asarray(rng.uniform(-1, 1, (2, 19, 14, 24)), jnp.float32)
-  wp = jnp.asarray(bf16_kernel.pack_weights(rng.normal(0, 0.3, (24, 40)).astype(np.float32)))
+  wp = jnp.asarray(float_kernel.pack_weights(rng.normal(0, 0.3, (24, 40)).astype(np.float32),
+                                             dtype))
   b = jnp.asarray(rng.normal(0, 1, 40), jnp.float32)
   wd = jnp.asarray(rng.normal(0, 0.3, (3, 3, 40)), jnp.float32)
   bd = jnp.asarray(rng.normal(0, 1, 40), jnp.float32)
-  fused = bf16_kernel.expand_depthwise(x, wp, b, wd, bd, stride, dilation, loop=loop)
-  two = bf16_kernel.depthwise(bf16_kernel.product(x, wp, b, 'relu6', loop=loop), wd, bd,
+  fused = float_kernel.expand_depthwise(x, wp, b, wd, bd, stride, dilation, loop=loop)
+  two = float_kernel.depthwise(float_kernel.product(x, wp, b, 'relu6', loop=loop), wd, bd,
                               stride, dilation)
   assert fused.shape == (2, -(-19 // stride), -(-14 // stride), 40)
   np.testing.assert_array_equal(np.asarray(fused), np.asarray(two))
-  with pytest.raises(ValueError, match='packed weights for 24 inputs and 49 outputs'):
-    bf16_kernel.expand_depthwise(x, wp, jnp.zeros(49), wd, bd, stride, dilation, loop=loop)
+  with pytest.raises(ValueError, match='weights for 24 inputs and 49 outputs'):
+    float_kernel.expand_depthwise(x, wp, jnp.zeros(49), wd, bd, stride, dilation, loop=loop)
 
 
 def _numpy_stem(x, ws, bs):
@@ -159,24 +215,23 @@ def _numpy_stem(x, ws, bs):
 
 @pytest.mark.parametrize('shape,c', [((2, 33, 29, 3), 16), ((1, 40, 65, 3), 32)])
 def test_the_stem_pass_is_numpys_stem_then_depthwise_layer(shape, c):
-  """The bfloat16 engine's stem pass (stem, ReLU6, block 0's depthwise layer, ReLU6; float32)
+  """The kernel engines' stem pass (stem, ReLU6, block 0's depthwise layer, ReLU6; float32)
   against NumPy in float64: odd and even sizes (the 'SAME' padding's sides), a batch."""
-  if not bf16_kernel.available():
-    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+  _skip_without_f32()
   rng = np.random.default_rng(c + shape[1])
   x = rng.uniform(-1, 1, shape).astype(np.float32)
   ws = rng.normal(0, 0.5, (3, 3, 3, c)).astype(np.float32)
   bs = rng.normal(0, 1, c).astype(np.float32)
   wd = rng.normal(0, 0.5, (3, 3, c)).astype(np.float32)
   bd = rng.normal(0, 1, c).astype(np.float32)
-  y = np.asarray(bf16_kernel.stem(*map(jnp.asarray, (x, ws, bs, wd, bd))))
+  y = np.asarray(float_kernel.stem(*map(jnp.asarray, (x, ws, bs, wd, bd))))
   expected = _numpy_depthwise(_numpy_stem(x, ws, bs), wd, bd, 1, 1)
   assert y.shape == expected.shape and y.dtype == np.float32
   np.testing.assert_allclose(y, expected, rtol=0, atol=2e-5)
   assert 0 < (y == 0).mean() < 1 and 0 < (y == 6).mean() < 1
-  assert not bf16_kernel.stem_supported(shape, (3, 3, 3, 24))  # 16 channels per vector
+  assert not float_kernel.stem_supported(shape, (3, 3, 3, 24))  # 16 channels per vector
   with pytest.raises(ValueError, match='a multiple of 16'):
-    bf16_kernel.stem(jnp.asarray(x), jnp.zeros((3, 3, 3, 24)), jnp.zeros(24),
+    float_kernel.stem(jnp.asarray(x), jnp.zeros((3, 3, 3, 24)), jnp.zeros(24),
                      jnp.zeros((3, 3, 24)), jnp.zeros(24))
 
 
@@ -185,7 +240,7 @@ def test_packed_weights_follow_the_kernels_layout():
   weights (inputs to a multiple of 32, outputs to whole panels)."""
   rng = np.random.default_rng(2)
   w = rng.normal(0, 1, (37, 21)).astype(np.float32)
-  packed = bf16_kernel.pack_weights(w)
+  packed = float_kernel.pack_weights(w)
   assert packed.dtype == np.uint16 and packed.shape == (64 * 32,)  # 2 panels x 64 inputs
   as_float = (packed.astype(np.uint32) << 16).view(np.float32).reshape(2, 32, 16, 2)
   for p, g, c, j in [(0, 0, 0, 0), (0, 3, 5, 1), (1, 18, 4, 0), (1, 17, 4, 1)]:
@@ -196,20 +251,27 @@ def test_packed_weights_follow_the_kernels_layout():
 
 
 def test_the_kernel_rejects_what_it_cannot_run():
-  if not bf16_kernel.available():
-    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+  if not float_kernel.available():
+    pytest.skip(f'no bfloat16 kernel here: {float_kernel.unavailable_reason()}')
   x = jnp.ones((4, 40), jnp.float32)
-  packed = jnp.asarray(bf16_kernel.pack_weights(np.ones((40, 20), np.float32)))
-  with pytest.raises(ValueError, match='packed weights for 40 inputs and 20 outputs'):
-    bf16_kernel.product(x, packed[:-1], jnp.zeros(20))
+  packed = jnp.asarray(float_kernel.pack_weights(np.ones((40, 20), np.float32)))
+  with pytest.raises(ValueError, match='weights for 40 inputs and 20 outputs'):
+    float_kernel.product(x, packed[:-1], jnp.zeros(20))
   with pytest.raises(ValueError, match="a residual is mode 'linear's"):
-    bf16_kernel.product(x, packed, jnp.zeros(20), mode='relu6', residual=jnp.zeros((4, 20)))
+    float_kernel.product(x, packed, jnp.zeros(20), mode='relu6', residual=jnp.zeros((4, 20)))
   with pytest.raises(ValueError, match='the residual must be'):
-    bf16_kernel.product(x, packed, jnp.zeros(20), residual=jnp.zeros((4, 21)))
+    float_kernel.product(x, packed, jnp.zeros(20), residual=jnp.zeros((4, 21)))
   with pytest.raises(ValueError, match='mode must be one of'):
-    bf16_kernel.product(x, packed, jnp.zeros(20), mode='gelu')
+    float_kernel.product(x, packed, jnp.zeros(20), mode='gelu')
   with pytest.raises(ValueError, match='is not one of this CPU'):
-    bf16_kernel.product(x, packed, jnp.zeros(20), loop='neon')
+    float_kernel.product(x, packed, jnp.zeros(20), loop='neon')
+  f32 = jnp.asarray(float_kernel.pack_weights(np.ones((40, 20), np.float32), jnp.float32))
+  with pytest.raises(ValueError, match='float32 weights for 40 inputs and 20 outputs'):
+    float_kernel.product(x, f32[:-16], jnp.zeros(20))
+  with pytest.raises(ValueError, match='float32 products have one loop'):
+    float_kernel.product(x, f32, jnp.zeros(20), loop='amx')
+  with pytest.raises(ValueError, match='packed weights are float32 or uint16'):
+    float_kernel.product(x, f32.astype(jnp.int32), jnp.zeros(20))
 
 
 def test_the_cpu_choice_of_the_bfloat16_formulation(monkeypatch):
@@ -224,26 +286,51 @@ def test_the_cpu_choice_of_the_bfloat16_formulation(monkeypatch):
   assert choose('Features : fp asimd bf16', machine='aarch64') == 'xla'
   assert 'bfloat16 kernel in AVX-512 BF16' in cpu_features.choose(base + ' avx512_bf16',
                                                                   'x86_64').reason
+  assert choose('fpu sse2 avx avx2 fma avx512_bf16') == 'xla'  # its loops are AVX-512's
   monkeypatch.setenv('SEG_BF16_FORMULATION', 'xla')
-  assert engine.bf16_formulation_for('cpu') == 'xla'
+  assert engine.float_formulation_for('bfloat16', 'cpu') == 'xla'
   monkeypatch.setenv('SEG_BF16_FORMULATION', 'fast')
   with pytest.raises(ValueError, match='SEG_BF16_FORMULATION must be auto or one of'):
-    engine.bf16_formulation_for('cpu')
+    engine.float_formulation_for('bfloat16', 'cpu')
 
 
-def test_without_the_kernel_bfloat16_stays_xlas(monkeypatch):
+def test_the_cpu_choice_of_the_float32_formulation(monkeypatch):
+  """The kernel where the CPU has AVX-512 F, BW, VL and DQ (with AVX2 and FMA), XLA's float32
+  elsewhere; SEG_F32_FORMULATION overrides, and is checked; the bfloat16 variable does not
+  touch float32."""
+  choose = lambda flags, machine='x86_64': cpu_features.choose(flags, machine).f32_formulation
+  avx2 = 'fpu sse2 avx avx2 fma'
+  assert choose(avx2) == 'xla'
+  assert choose(avx2 + ' avx512f avx512bw avx512vl avx512dq') == 'kernel'
+  assert choose(avx2 + ' avx512f avx512dq') == 'xla'  # no BW and VL (Xeon Phi)
+  assert choose('avx2 avx512f avx512bw avx512vl avx512dq') == 'xla'  # no FMA: not built
+  assert choose('Features : fp asimd', machine='aarch64') == 'xla'
+  assert 'float32 kernel in AVX-512' in cpu_features.choose(
+      avx2 + ' avx512f avx512bw avx512vl avx512dq', 'x86_64').reason
+  monkeypatch.setenv('SEG_BF16_FORMULATION', 'xla')
+  monkeypatch.setenv('SEG_F32_FORMULATION', 'kernel')
+  assert cpu_features.float_formulation_override('float32') == 'kernel'
+  monkeypatch.setenv('SEG_F32_FORMULATION', 'xla')
+  assert engine.float_formulation_for('float32', 'cpu') == 'xla'
+  monkeypatch.setenv('SEG_F32_FORMULATION', 'fast')
+  with pytest.raises(ValueError, match='SEG_F32_FORMULATION must be auto or one of'):
+    engine.float_formulation_for('float32', 'cpu')
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_without_the_kernel_the_engine_runs_xlas_products(dtype, monkeypatch):
   """Accelerators never get the CPU kernel, nor does a CPU that cannot run it; when it was
   asked for by name, the engine says why it runs XLA's products instead."""
   said = []
-  assert engine.bf16_formulation_for('gpu', 'kernel', said.append) == 'xla'
-  assert 'the engine runs on gpu' in said[-1]
-  assert engine.bf16_formulation_for('gpu') == 'xla'  # the CPU's choice is not asked
-  monkeypatch.setattr(bf16_kernel, 'available', lambda log=None: False)
-  monkeypatch.setattr(bf16_kernel, 'unavailable_reason', lambda: 'no AVX-512 BF16')
-  assert engine.bf16_formulation_for('cpu', 'kernel', said.append) == 'xla'
-  assert 'no AVX-512 BF16' in said[-1]
+  assert engine.float_formulation_for(dtype, 'gpu', 'kernel', said.append) == 'xla'
+  assert 'the engine runs on gpu' in said[-1] and f"XLA's {dtype} products" in said[-1]
+  assert engine.float_formulation_for(dtype, 'gpu') == 'xla'  # the CPU's choice is not asked
+  monkeypatch.setattr(float_kernel, 'available', lambda dtype=None, log=None: False)
+  monkeypatch.setattr(float_kernel, 'unavailable_reason', lambda dtype=None: 'no AVX-512')
+  assert engine.float_formulation_for(dtype, 'cpu', 'kernel', said.append) == 'xla'
+  assert 'no AVX-512' in said[-1]
   said.clear()
-  assert engine.bf16_formulation_for('cpu', log=said.append) == 'xla' and not said
+  assert engine.float_formulation_for(dtype, 'cpu', log=said.append) == 'xla' and not said
 
 
 @pytest.fixture(scope='module')
@@ -253,10 +340,17 @@ def tiny_model():
   return config, variables
 
 
-def _kernel_engine(config, variables, **kwargs):
-  if not bf16_kernel.available():
-    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+def _kernel_engine(config, variables, dtype='bfloat16', **kwargs):
+  if not float_kernel.available(engine.DTYPES[dtype]):
+    pytest.skip(f'no {dtype} kernel here: '
+                f'{float_kernel.unavailable_reason(engine.DTYPES[dtype])}')
+  if dtype == 'float32':
+    return engine.Engine(config, variables, f32_formulation='kernel', **kwargs)
   return engine.Engine(config, variables, dtype='bfloat16', bf16_formulation='kernel', **kwargs)
+
+
+def _xla_float32(config, variables, **kwargs):
+  return engine.Engine(config, variables, f32_formulation='xla', **kwargs)
 
 
 @pytest.mark.parametrize('from_stride', ['2', '16'])
@@ -278,7 +372,7 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
                              dtype=jnp.bfloat16)
   jaxpr = jax.make_jaxpr(run)(eng.folded, images)
   calls = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
-           and e.params['target_name'] == 'seg_bf16_product']
+           and e.params['target_name'] == 'seg_float_product']
   depthwise = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
                and e.params['target_name'] == 'seg_f32_depthwise']
   stem = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
@@ -297,7 +391,7 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
   got = np.asarray(jax.jit(run)(eng.folded, images))
   xla = engine.Engine(config, variables, dtype='bfloat16', bf16_formulation='xla')
   reference = np.asarray(jax.jit(run)(xla.folded, images))
-  f32 = engine.Engine(config, variables)
+  f32 = _xla_float32(config, variables)
   exact = np.asarray(jax.jit(lambda f, x: forward(f, x, width=m.width,
                                                   output_stride=m.output_stride))(
                                                       f32.folded, images))
@@ -307,6 +401,46 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
   assert 1e-5 * rms(exact) < rms(got - exact) <= 0.05 * rms(exact)
   assert rms(got - exact) <= 1.2 * rms(reference - exact)
   assert (got.argmax(-1) == exact.argmax(-1)).mean() >= 0.98
+
+
+def test_the_float32_engine_runs_every_layer_but_the_heads_pooling_in_the_kernel(
+    tiny_model, monkeypatch):
+  """float32 kernel engine, counted in the traced program: every expansion and projection
+  and the head's aspp0, concat projection and logits in the kernel's products (large
+  expansions fused with their depthwise layer: all of them with the threshold at 0, with
+  the same logits), every depthwise layer in its loop, block 0's with the stem; no XLA
+  product on a feature map left. Its logits are XLA's float32 engine's up to float32
+  summation order, its classes XLA's but for near-ties."""
+  from seg.inference import forward as forward_module
+  config, variables = tiny_model
+  eng = _kernel_engine(config, variables, dtype='float32')
+  assert eng.f32_formulation == 'kernel' and eng.bf16_formulation is None
+  m = config.model
+  images = preprocess(np.random.default_rng(8).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3),
+                                                        np.uint8))
+  run = lambda: lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
+                                     upsample=False)  # (resizing is a product, XLA's)
+  jaxpr = jax.make_jaxpr(run())(eng.folded, images)
+  targets = [e.params['target_name'] for e in jaxpr.eqns if e.primitive.name == 'ffi_call']
+  blocks = block_specs(m.width, m.output_stride)
+  products = sum(2 if 'expand' in block else 1 for block in eng.folded['blocks']) + 3
+  assert targets.count('seg_float_product') + targets.count('seg_float_expand_depthwise') == (
+      products)
+  assert targets.count('seg_f32_depthwise') + targets.count(
+      'seg_float_expand_depthwise') == len(blocks) - 1
+  assert targets.count(int8_kernel.STEM_TARGET) == 1
+  assert not [e for e in jaxpr.eqns if e.primitive.name == 'dot_general'
+              and e.outvars[0].aval.ndim == 4]
+  got = np.asarray(jax.jit(run())(eng.folded, images))
+  xla = _xla_float32(config, variables)
+  exact = np.asarray(jax.jit(run())(xla.folded, images))
+  assert 0 < np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max()
+  assert (got.argmax(-1) == exact.argmax(-1)).mean() >= 0.999
+  monkeypatch.setattr(forward_module, 'FUSE_FROM_ELEMENTS', 0)
+  targets = [e.params['target_name'] for e in jax.make_jaxpr(run())(eng.folded, images).eqns
+             if e.primitive.name == 'ffi_call']
+  assert targets.count('seg_float_expand_depthwise') == len(blocks) - 1  # block 0: none
+  np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), got)
 
 
 def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model, monkeypatch):
@@ -324,7 +458,7 @@ def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model
                                      dtype=jnp.bfloat16)
   fused_calls = lambda: [e for e in jax.make_jaxpr(run())(eng.folded, images).eqns
                          if e.primitive.name == 'ffi_call' and
-                         e.params['target_name'] == 'seg_bf16_expand_depthwise']
+                         e.params['target_name'] == 'seg_float_expand_depthwise']
   assert not fused_calls()
   separate = np.asarray(jax.jit(run())(eng.folded, images))
   monkeypatch.setattr(forward_module, 'FUSE_FROM_ELEMENTS', 0)
@@ -333,7 +467,7 @@ def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model
 
 
 def test_the_stem_pass_can_be_left_to_xla(tiny_model, monkeypatch):
-  """SEG_BF16_STEM=xla (A/B timings): XLA's stem, block 0's depthwise layer in the kernel
+  """SEG_FLOAT_STEM=xla (A/B timings): XLA's stem, block 0's depthwise layer in the kernel
   alone, nearly the same logits; another value is refused."""
   config, variables = tiny_model
   eng = _kernel_engine(config, variables)
@@ -347,13 +481,13 @@ def test_the_stem_pass_can_be_left_to_xla(tiny_model, monkeypatch):
                      if e.primitive.name == 'ffi_call']
   with_pass = np.asarray(jax.jit(run())(eng.folded, images))
   assert targets().count(int8_kernel.STEM_TARGET) == 1
-  monkeypatch.setenv('SEG_BF16_STEM', 'xla')
+  monkeypatch.setenv('SEG_FLOAT_STEM', 'xla')
   assert int8_kernel.STEM_TARGET not in targets()
   assert targets().count('seg_f32_depthwise') == len(block_specs(m.width, m.output_stride))
   without = np.asarray(jax.jit(run())(eng.folded, images))
   np.testing.assert_allclose(without, with_pass, rtol=0, atol=1e-3 * np.abs(with_pass).max())
-  monkeypatch.setenv('SEG_BF16_STEM', 'fast')
-  with pytest.raises(ValueError, match='SEG_BF16_STEM must be kernel or xla'):
+  monkeypatch.setenv('SEG_FLOAT_STEM', 'fast')
+  with pytest.raises(ValueError, match='SEG_FLOAT_STEM must be kernel or xla'):
     targets()
 
 
@@ -367,7 +501,7 @@ def test_the_kernel_engine_predicts_the_float32_classes(tiny_model, monkeypatch)
   images = [rng.integers(0, 256, shape, np.uint8) for shape in
             [(EVAL_SIZE, EVAL_SIZE - 7, 3), (EVAL_SIZE - 20, EVAL_SIZE, 3)]]
   got = eng.predict(images)
-  expected = engine.Engine(config, variables, batch_size=2).predict(images)
+  expected = _xla_float32(config, variables, batch_size=2).predict(images)
   xla = engine.Engine(config, variables, dtype='bfloat16', batch_size=2,
                       bf16_formulation='xla').predict(images)
   assert [g.shape for g in got] == [e.shape for e in expected]
@@ -377,23 +511,42 @@ def test_the_kernel_engine_predicts_the_float32_classes(tiny_model, monkeypatch)
   assert agree(got) >= 0.95 and agree(got) >= agree(xla) - 0.01
 
 
-def test_an_export_never_carries_the_kernel(tiny_model):
-  """The kernel lives in this project's library: an export of a kernel engine is refused,
-  and `main.py export --dtype bfloat16`'s engine runs XLA's products."""
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_an_export_never_carries_the_kernel(tiny_model, dtype):
+  """The kernel lives in this project's library: an export of a kernel engine carries XLA's
+  products in the engine's dtype, the export of an XLA engine (`main.py export`'s) to the
+  pixel; an int8 kernel engine is refused."""
   config, variables = tiny_model
-  with pytest.raises(ValueError, match='which an export cannot carry'):
-    export.export_engine(_kernel_engine(config, variables), platforms=('cpu',))
-  eng = engine.Engine(config, variables, dtype='bfloat16', bf16_formulation='xla')
+  eng = _kernel_engine(config, variables, dtype=dtype)
+  xla = engine.Engine(config, variables, dtype=dtype, bf16_formulation='xla',
+                      f32_formulation='xla')
   exported = export.export_engine(eng, platforms=('cpu',), batch_size=1)
-  assert 'seg_bf16_product' not in exported.mlir_module() and 'bf16' in exported.mlir_module()
+  text = exported.mlir_module()
+  assert 'seg_float_product' not in text and 'seg_f32_depthwise' not in text
+  assert ('bf16' in text) == (dtype == 'bfloat16')
+  images = np.random.default_rng(9).integers(0, 256, (1, EVAL_SIZE, EVAL_SIZE, 3), np.uint8)
+  sizes = np.array([[EVAL_SIZE, EVAL_SIZE]], np.int32)
+  np.testing.assert_array_equal(np.asarray(exported.call(images, sizes))[0],
+                                xla.predict(images)[0])
+  from seg.inference.quantize import scale_names
+  int8 = engine.Engine(config, variables, dtype='int8', int8_formulation='kernel',
+                       int8_scales=dict.fromkeys(scale_names(config.model), 6 / 127))
+  if int8.int8_formulation == 'kernel':
+    with pytest.raises(ValueError, match='which an export cannot carry'):
+      export.export_engine(int8, platforms=('cpu',))
 
 
-def test_the_benchmark_names_the_bfloat16_formulation_and_loop():
-  if not bf16_kernel.available():
-    pytest.skip(f'no bfloat16 kernel here: {bf16_kernel.unavailable_reason()}')
+def test_the_benchmark_names_the_float_formulation_and_loop():
+  if not float_kernel.available():
+    pytest.skip(f'no bfloat16 kernel here: {float_kernel.unavailable_reason()}')
   from experiments import tiny
   record = benchmark.benchmark(tiny.get_config(), height=65, width=65, dtype='bfloat16',
                                warmup=1, iters=2, log=lambda *a: None)
-  assert record['bf16_formulation'] == 'kernel' and record['bf16_loop'] == bf16_kernel.isa()
-  assert record['int8_loop'] is None
-  assert f'(kernel formulation, {bf16_kernel.isa()} loop)' in benchmark.format_record(record)
+  assert record['bf16_formulation'] == 'kernel' and record['bf16_loop'] == float_kernel.isa()
+  assert record['int8_loop'] is None and record['f32_formulation'] is None
+  assert f'(kernel formulation, {float_kernel.isa()} loop)' in benchmark.format_record(record)
+  record = benchmark.benchmark(tiny.get_config(), height=65, width=65, warmup=1, iters=2,
+                               log=lambda *a: None)
+  assert record['f32_formulation'] == 'kernel' and record['f32_loop'] == 'avx512'
+  assert record['bf16_formulation'] is None
+  assert 'engine float32 (kernel formulation, avx512 loop)' in benchmark.format_record(record)

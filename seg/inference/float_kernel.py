@@ -1,0 +1,325 @@
+"""The project's floating-point kernels: 1x1 products with float32 activations in and out, in
+float32 (AVX-512 fused multiply-adds) or bfloat16 (AVX-512 BF16 or AMX-BF16 tiles;
+`float_product.h`), and the float32 layers between them: the float32 and bfloat16 engines'
+'kernel' formulations on x86 CPUs.
+
+    if float_kernel.available(jnp.float32):        # the int8 kernels' library, built once
+      wp = float_kernel.pack_weights(w, jnp.float32)   # [in, out] -> packed (or jnp.bfloat16)
+      y = float_kernel.product(x, wp, b, mode='relu6')  # inside jit, on a CPU
+      y = float_kernel.depthwise(y, wd, bd, stride, dilation)        # float32, ReLU6
+      y = float_kernel.expand_depthwise(x, wp, b, wd, bd, stride, dilation)  # both, one pass
+      y0 = float_kernel.stem(images, ws, bs, wd0, bd0)  # stem + block 0's depthwise layer
+
+The packed weights' dtype says the product's precision. bfloat16: XLA's bfloat16 engine
+rounds whole tensors to bfloat16 in passes over memory before its products, which made
+bfloat16 slower than float32 on the memory-bound high-resolution layers of a CPU
+(docs/performance.md, "bfloat16"); this kernel rounds a block of rows in the core's cache on
+its way into the product, so any product can run in bfloat16 at no extra pass. The numbers
+are XLA's bfloat16 formulation's (inputs and weights rounded to bfloat16 to nearest even,
+exact products, float32 sums) up to the order of the sums. float32: the same products
+without rounding, each output a fused multiply-add per input in input order. Either way
+bias, activation and residual sum run in the product's output loop, and a large expansion
+runs in one pass with its depthwise layer. The depthwise layers and the stem are the int8
+engine's AVX-512 loops (`int8_depthwise.h`, `int8_stem.h`) with float32 in and out: XLA's
+float32 taps, summed in one fixed order (`float_kernel.cc`).
+
+It is compiled into the library of `seg.inference.int8_kernel` (`build`). float32 runs where
+the CPU has AVX-512 F, BW, VL and DQ (Intel Xeons since Skylake, AMD Zen 4 and later);
+bfloat16 where it also has AVX-512 BF16 (`avx512_bf16`: Intel Xeons since Cooper Lake, AMD
+Zen 4 and later) or AMX-BF16 tiles (`amx_bf16`, Intel Xeons since Sapphire Rapids);
+elsewhere `available()` is False and the engine keeps XLA's products.
+`int8_kernel.emulate_loops` stands in for the AMX tiles on CPUs with AVX-512 (tests).
+Exports (`jax.export`) never contain it.
+"""
+
+import ctypes
+import os
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from seg.inference import cpu_features, int8_kernel
+
+TARGET = 'SegFloatProduct'  # int8_kernel._TARGETS' key
+PANEL = 16       # output channels per weight panel (float_product.h: kPanel)
+K_MULTIPLE = 32  # inputs per AMX tile product; bfloat16 weights are packed to a multiple of it
+MODES = {'linear': 0, 'relu6': 1, 'relu': 2}
+# The bfloat16 products' loops (float_product.h: Isa), slowest first.
+LOOPS = {'avx512bf16': 0, 'amx': 1}
+BF16_FLAGS = int8_kernel.AVX512_FLAGS | {'avx512_bf16'}
+# The float32 products' one loop (float_product.h: kAvx512F32), and what the float32 layers
+# (products, depthwise, stem) need.
+F32_LOOP = 2
+F32_FLAGS = int8_kernel.AVX512_FLAGS
+_state = {}
+
+
+def _is_f32(dtype) -> bool:
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f'the kernel computes float32 or bfloat16, not {jnp.dtype(dtype).name}')
+  return jnp.dtype(dtype) == jnp.float32
+
+
+def unavailable_reason(dtype=jnp.bfloat16) -> Optional[str]:
+  """Why `available(dtype)` is False (None when it is True)."""
+  if not int8_kernel.available():
+    return int8_kernel.unavailable_reason()
+  if _is_f32(dtype):
+    if not F32_FLAGS <= cpu_features.cpu_flags():
+      return 'the CPU lacks AVX-512 F, BW, VL or DQ'
+  elif not loops():
+    return 'the CPU has neither AVX-512 BF16 nor AMX-BF16'
+  return None
+
+
+def available(dtype=jnp.bfloat16, log=None) -> bool:
+  """Whether the kernel's `dtype` (float32 or bfloat16) products run here: the library builds
+  (`int8_kernel.available`) and the CPU has their loop (and the float32 layers' AVX-512)."""
+  return int8_kernel.available(log) and unavailable_reason(dtype) is None
+
+
+def built(loop: str) -> bool:
+  """Whether the library has bfloat16 loop `loop` (compilers before GCC 10 / clang 9 have no
+  AVX-512 BF16 intrinsics, before GCC 11 / clang 12 no AMX ones) and this CPU runs its
+  instructions."""
+  return (int8_kernel.available() and
+          int8_kernel._state['lib'].SegFloatHasLoop(ctypes.c_int(LOOPS[loop])) == 1)
+
+
+def loops(flags=None) -> tuple:
+  """The bfloat16 loops this CPU can run, slowest first: 'avx512bf16', 'amx' (amx_bf16, where
+  Linux grants this process the tile registers). With `int8_kernel.emulate_loops` on, 'amx'
+  is offered where its stand-in runs (AVX-512 F, BW, VL, DQ), and only there."""
+  if flags is None:
+    key = ('loops', int8_kernel.loops_emulated())
+    if key not in _state:
+      _state[key] = loops(cpu_features.cpu_flags())
+    return _state[key]
+  flags = frozenset(flags)
+  if not int8_kernel.available():
+    return ()
+  found = []
+  if BF16_FLAGS <= flags and built('avx512bf16'):
+    found.append('avx512bf16')
+  if int8_kernel.loops_emulated():
+    amx = int8_kernel.EMULATED['amx'] <= flags
+  else:
+    amx = 'amx_bf16' in flags and int8_kernel._state['lib'].SegAmxPermitted() == 1
+  if amx and built('amx'):
+    found.append('amx')
+  return tuple(found)
+
+
+def isa() -> str:
+  """Which bfloat16 loop runs here: the fastest of `loops()`. SEG_BF16_KERNEL_ISA=avx512bf16|amx forces
+  one (an error where the CPU lacks it)."""
+  wanted = os.environ.get('SEG_BF16_KERNEL_ISA', 'auto') or 'auto'
+  if wanted != 'auto' and wanted not in LOOPS:
+    raise ValueError(f"SEG_BF16_KERNEL_ISA must be auto, {', '.join(LOOPS)}, got {wanted!r}")
+  have = loops()
+  if not have:
+    raise RuntimeError(f'the bfloat16 kernel is unavailable: {unavailable_reason()}')
+  if wanted != 'auto' and wanted not in have:
+    raise RuntimeError(f'SEG_BF16_KERNEL_ISA={wanted}, but this CPU or Linux offers only '
+                       f'{", ".join(have)}')
+  return have[-1] if wanted == 'auto' else wanted
+
+
+def pack_weights(w: np.ndarray, dtype=jnp.bfloat16) -> np.ndarray:
+  """[in, out] float -> the kernel's layout for `dtype`'s products, 1-D, in panels of 16
+  output channels (panel p: channels 16p..16p+15, zeros beyond `out`; float_product.h).
+
+  bfloat16: uint16 (bfloat16 bits, rounded to nearest even as `astype(jnp.bfloat16)`), in' x
+  ceil(out / 16) x 16 with in' = in rounded up to 32 with zero weights; inside a panel, for
+  each pair of inputs, 16 channels x 2 inputs. float32: float32, ceil(out / 16) x in x 16.
+  """
+  w = np.asarray(w)
+  if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating) and w.dtype != jnp.bfloat16:
+    raise ValueError(f'expected [in, out] float weights, got {w.dtype} {w.shape}')
+  k, n = w.shape
+  panels = -(-n // PANEL)
+  if _is_f32(dtype):
+    padded = np.zeros((k, panels * PANEL), np.float32)
+    padded[:, :n] = w
+    return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2)).reshape(-1)
+  kp = -(-k // K_MULTIPLE) * K_MULTIPLE
+  padded = np.zeros((kp, panels * PANEL), jnp.bfloat16)
+  padded[:k, :n] = w.astype(jnp.bfloat16)
+  # [k'/2, 2, panels, 16] -> [panels, k'/2, 16, 2]
+  return np.ascontiguousarray(
+      padded.reshape(kp // 2, 2, panels, PANEL).transpose(2, 0, 3, 1)).reshape(-1).view(
+          np.uint16)
+
+
+def packed_size(k: int, n: int, dtype) -> int:
+  """Elements of `pack_weights`' output for [k, n] weights and `dtype`."""
+  kp = k if _is_f32(dtype) else -(-k // K_MULTIPLE) * K_MULTIPLE
+  return kp * -(-n // PANEL) * PANEL
+
+
+def _loop_of(w_packed: jax.Array, loop: Optional[str]) -> Tuple[str, int]:
+  """(loop name, the kernel's `isa` attribute) for packed weights (their dtype says the
+  precision) and `loop` (bfloat16: one of `loops()`, default `isa()`; float32: None)."""
+  if w_packed.dtype == jnp.float32:
+    if loop is not None:
+      raise ValueError(f'float32 products have one loop; got loop={loop!r}')
+    if not available(jnp.float32):
+      raise RuntimeError(f'the float32 kernel is unavailable: '
+                         f'{unavailable_reason(jnp.float32)}')
+    return 'avx512', F32_LOOP
+  if w_packed.dtype != jnp.uint16:
+    raise ValueError(f'packed weights are float32 or uint16 (bfloat16 bits), got '
+                     f'{w_packed.dtype}')
+  if not available():
+    raise RuntimeError(f'the bfloat16 kernel is unavailable: {unavailable_reason()}')
+  loop = loop or isa()
+  if loop not in loops():
+    raise ValueError(f"loop {loop!r} is not one of this CPU's: {loops()}")
+  return loop, LOOPS[loop]
+
+
+def _check_packed(w_packed: jax.Array, k: int, n: int) -> None:
+  expected = packed_size(k, n, jnp.float32 if w_packed.dtype == jnp.float32 else jnp.bfloat16)
+  if w_packed.shape != (expected,):
+    raise ValueError(f'packed {w_packed.dtype} weights for {k} inputs and {n} outputs are '
+                     f'({expected},), got {w_packed.shape}')
+
+
+def product(x: jax.Array, w_packed: jax.Array, bias: jax.Array, mode: str = 'linear',
+            residual: Optional[jax.Array] = None, loop: Optional[str] = None) -> jax.Array:
+  """act(x @ w + bias) (+ residual) over x's last axis, float32, in the kernel (CPU), in the
+  packed weights' precision: float32, or bfloat16 (x rounded to bfloat16 inside).
+
+  x: [..., in] float32; w_packed: `pack_weights`; bias: float32 [out]; mode: 'linear',
+  'relu6' or 'relu'; residual: float32 [..., out], 'linear' only, added after the bias.
+  loop: bfloat16's, one of `loops()` (default `isa()`).
+  """
+  loop, isa_value = _loop_of(w_packed, loop)
+  if mode not in MODES:
+    raise ValueError(f'mode must be one of {sorted(MODES)}, got {mode!r}')
+  if residual is not None and mode != 'linear':
+    raise ValueError(f"a residual is mode 'linear's, not {mode!r}")
+  k, n = x.shape[-1], bias.shape[0]
+  _check_packed(w_packed, k, n)
+  shape = x.shape[:-1] + (n,)
+  if residual is not None and residual.shape != shape:
+    raise ValueError(f'the residual must be {shape}, got {residual.shape}')
+  residual = (jnp.zeros((0,), jnp.float32) if residual is None else
+              residual.astype(jnp.float32))
+  call = jax.ffi.ffi_call(int8_kernel._target(TARGET, loop),
+                          jax.ShapeDtypeStruct(shape, jnp.float32))
+  return call(x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), residual,
+              mode=np.int32(MODES[mode]), isa=np.int32(isa_value))
+
+
+# (stride, dilation) pairs the depthwise loop is compiled for (the int8 engine's).
+DEPTHWISE_STRIDES = int8_kernel.DEPTHWISE_STRIDES
+
+
+def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
+              dilation: int) -> jax.Array:
+  """relu6(3x3 depthwise 'SAME' conv(x, w) + b), float32 in and out, in the kernel (a CPU
+  with AVX-512 F, BW, VL and DQ: where `available(jnp.float32)`): XLA's float32
+  taps (`seg.inference.forward._depthwise`), summed in one fixed order with one rounding per
+  tap (fused multiply-adds), so results may differ from XLA's by a rounding now and then.
+
+  x: [n, h, w, c] float32 (any c); w: [3, 3, c]; b: [c]; (stride, dilation) in
+  `DEPTHWISE_STRIDES`. Returns float32 [n, ceil(h / stride), ceil(w / stride), c].
+  """
+  from seg.model.layers import same_padding
+  if not available(jnp.float32):
+    raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
+  n, h, wd, c = x.shape
+  if w.shape != (3, 3, c) or b.shape != (c,) or (stride, dilation) not in DEPTHWISE_STRIDES:
+    raise ValueError(f'3x3 weights [3, 3, {c}], a bias [{c}] and (stride, dilation) in '
+                     f'{DEPTHWISE_STRIDES} only, got {w.shape}, {b.shape}, '
+                     f'({stride}, {dilation})')
+  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wd // stride), c), jnp.float32)
+  return jax.ffi.ffi_call(int8_kernel._TARGETS['SegF32Depthwise'], out)(
+      x.astype(jnp.float32), w.astype(jnp.float32), b.astype(jnp.float32),
+      stride=np.int32(stride), dilation=np.int32(dilation),
+      pad_top=np.int32(same_padding(h, 3, stride, dilation)[0]),
+      pad_left=np.int32(same_padding(wd, 3, stride, dilation)[0]))
+
+
+def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax.Array,
+                     bd: jax.Array, stride: int, dilation: int,
+                     loop: Optional[str] = None) -> jax.Array:
+  """`depthwise(product(x, w_packed, bias, 'relu6'), wd, bd, stride, dilation)` in one pass
+  over bands of rows (float_kernel.cc): the same numbers, without the expansion's output
+  going to memory. x: [n, h, w, in] float32; the rest as `product`'s and `depthwise`'s."""
+  from seg.model.layers import same_padding
+  loop, isa_value = _loop_of(w_packed, loop)
+  n, h, wdt, k = x.shape
+  e = bias.shape[0]
+  _check_packed(w_packed, k, e)
+  if wd.shape != (3, 3, e) or bd.shape != (e,) or (stride, dilation) not in DEPTHWISE_STRIDES:
+    raise ValueError(f'3x3 weights [3, 3, {e}], a bias [{e}] and (stride, dilation) in '
+                     f'{DEPTHWISE_STRIDES} only, got {wd.shape}, {bd.shape}, '
+                     f'({stride}, {dilation})')
+  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wdt // stride), e), jnp.float32)
+  return jax.ffi.ffi_call(int8_kernel._target('SegFloatExpandDepthwise', loop), out)(
+      x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), wd.astype(jnp.float32),
+      bd.astype(jnp.float32), isa=np.int32(isa_value), stride=np.int32(stride),
+      dilation=np.int32(dilation), pad_top=np.int32(same_padding(h, 3, stride, dilation)[0]),
+      pad_left=np.int32(same_padding(wdt, 3, stride, dilation)[0]))
+
+
+def stem_supported(images_shape, stem_w_shape) -> bool:
+  """Whether `stem` takes images of `images_shape` [n, h, w, 3] and a stem [3, 3, 3, c]: the
+  int8 kernel's stem pass (`int8_kernel.stem_supported`) with c a multiple of 16."""
+  return int8_kernel.stem_supported(images_shape, stem_w_shape) and stem_w_shape[3] % 16 == 0
+
+
+def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
+         bd: jax.Array) -> jax.Array:
+  """relu6(depthwise(relu6(stem conv(images, ws) + bs), wd) + bd) in one pass (CPU, AVX-512):
+  the stem (3x3, stride 2, 'SAME') and block 0's depthwise layer, float32 in and out, XLA's
+  float32 taps of `forward._stem` and `forward._depthwise` summed in one fixed order.
+
+  images: [n, h, w, 3] float32; ws: [3, 3, 3, c]; bs, bd: [c]; wd: [3, 3, c]; c a multiple
+  of 16 (`stem_supported`). Returns float32 [n, ceil(h / 2), ceil(w / 2), c].
+  """
+  from seg.model.layers import same_padding
+  if not available(jnp.float32):
+    raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
+  if not stem_supported(images.shape, ws.shape):
+    raise ValueError(f'images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a multiple '
+                     f'of 16, got {images.shape}, {ws.shape}')
+  n, h, w, _ = images.shape
+  c = ws.shape[3]
+  out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.float32)
+  # The int8 engine's stem pass, its AVX-512 loops writing float32 (its scale unused).
+  return jax.ffi.ffi_call(int8_kernel.STEM_TARGET, out)(
+      images.astype(jnp.float32), ws.astype(jnp.float32), bs.astype(jnp.float32),
+      wd.astype(jnp.float32), bd.astype(jnp.float32), jnp.ones((), jnp.float32),
+      pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
+      pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), wide=True)
+
+
+def pack_folded(folded, dtype=jnp.bfloat16):
+  """Folded float32 params (`seg.inference.fold.fold_variables`, NumPy) with every 1x1
+  product's weights also packed for `dtype`'s products in the kernel ('wp' beside 'w'; the
+  concat projection's as head['proj_branches_wp']): what `seg.inference.forward` runs in the
+  kernel with that dtype. The float32 'w' stay: for bfloat16's products below its stride,
+  and for exports (`unpacked`)."""
+  def packed(layer):
+    return dict(layer, wp=pack_weights(layer['w'], dtype))
+  blocks = [{name: packed(layer) if name in ('expand', 'project') else layer
+             for name, layer in block.items()} for block in folded['blocks']]
+  head = dict(folded['head'], aspp0=packed(folded['head']['aspp0']),
+              logits=packed(folded['head']['logits']),
+              proj_branches_wp=pack_weights(folded['head']['proj_branches'], dtype))
+  return dict(folded, blocks=blocks, head=head)
+
+
+def unpacked(folded):
+  """`pack_folded`'s params without the packed weights: what XLA's formulation runs."""
+  def strip(layer):
+    return {k: v for k, v in layer.items() if k != 'wp'} if isinstance(layer, dict) else layer
+  blocks = [{name: strip(layer) for name, layer in block.items()} for block in folded['blocks']]
+  head = {name: strip(layer) for name, layer in folded['head'].items()
+          if name != 'proj_branches_wp'}
+  return dict(folded, blocks=blocks, head=head)
