@@ -1,13 +1,15 @@
-"""How often the bfloat16 (or int8) engine predicts the float32 engine's class, over a split.
+"""How often the bfloat16 (or int8, or float32-kernel) engine predicts XLA's float32 class.
 
-    python benchmarks/dtype_agreement.py --workdir runs/quickstart [--split val] [--dtype int8]
+    python benchmarks/dtype_agreement.py --workdir runs/quickstart [--split val]
+        [--dtype bfloat16|int8|float32]
 
-Runs the trained model of a workdir through `seg.inference.engine.Engine` in float32
-and in bfloat16 (bf16 products accumulating in float32) or int8 (the workdir's
-int8_scales.json, calibrated on the training split if missing) on every image of the
-split (at its original size, padded as `eval` pads), and prints the share of
-pixels whose predicted class is identical, the worst image's share, and the
-largest logit difference relative to the largest float32 logit.
+Runs the trained model of a workdir through `seg.inference.engine.Engine` in float32 with
+XLA's products (the reference, what exports run) and in bfloat16 (bf16 products
+accumulating in float32), int8 (the workdir's int8_scales.json, calibrated on the training
+split if missing) or float32 in the CPU's own formulation (the project's kernel on AVX-512
+CPUs) on every image of the split (at its original size, padded as `eval` pads), and
+prints the share of pixels whose predicted class is identical, the worst image's share,
+and the largest logit difference relative to the largest float32 logit.
 """
 
 import argparse
@@ -18,7 +20,7 @@ def main():
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--split', default=None, help='default: the config\'s eval_split')
   parser.add_argument('--batch-size', type=int, default=4)
-  parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'int8'))
+  parser.add_argument('--dtype', default='bfloat16', choices=('bfloat16', 'int8', 'float32'))
   args = parser.parse_args()
 
   import numpy as np
@@ -33,7 +35,7 @@ def main():
   variables, step = checkpoint.load_model_variables(args.workdir, create_model(config.model))
   split = args.split or config.data.eval_split
   images = [ex['image'] for ex in tfds.as_numpy(pipeline.split_examples(config.data, split))]
-  f32 = engine.Engine(config, variables, 'float32', args.batch_size)
+  f32 = engine.Engine(config, variables, 'float32', args.batch_size, f32_formulation='xla')
   scales = (engine.int8_scales_for(args.workdir, config, variables) if args.dtype == 'int8'
             else None)
   bf16 = engine.Engine(config, variables, args.dtype, args.batch_size, int8_scales=scales)
@@ -49,10 +51,12 @@ def main():
       worst = min(worst, float(agree.mean()))
       max_rel = max(max_rel, float(np.abs(a - b).max() / np.abs(a).max()))
     print(f'  {min(start + 32, len(images))}/{len(images)} images', flush=True)
-  print(f'{args.workdir} (step {step}), {split}: {len(images)} images, {total:,} pixels')
-  print(f'  {args.dtype} class == float32 class: {100 * same / total:.3f}% of pixels '
-        f'(worst image {100 * worst:.2f}%)')
-  print(f'  max |logit difference| / max |float32 logit|: {max_rel:.4f}')
+  print(f'{args.workdir} (step {step}), {split}: {len(images)} images, {total:,} pixels; '
+        f'{args.dtype} formulation: '
+        f'{bf16.int8_formulation or bf16.bf16_formulation or bf16.f32_formulation}')
+  print(f'  {args.dtype} class == XLA float32 class: {100 * same / total:.3f}% of pixels '
+        f'({total - same:,} differ; worst image {100 * worst:.2f}%)')
+  print(f'  max |logit difference| / max |float32 logit|: {max_rel:.2e}')
 
 
 if __name__ == '__main__':

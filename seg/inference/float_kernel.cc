@@ -1,6 +1,7 @@
-// The bfloat16 engine's XLA FFI handlers: a 1x1 product in the loops of float_product.h (which
-// describes them), float32 in and out; and the 3x3 depthwise layer + ReLU6 in float32 (the
-// int8 engine's depthwise loop for AVX-512, int8_depthwise.h, with float32 input and output:
+// The float32 and bfloat16 engines' XLA FFI handlers: a 1x1 product in the loops of
+// float_product.h (which describes them), float32 in and out, its precision that of the
+// packed weights; and the 3x3 depthwise layer + ReLU6 in float32 (the int8 engine's
+// depthwise loop for AVX-512, int8_depthwise.h, with float32 input and output:
 //
 //   y = b[c];  y = fma(x[n, oy*s + i*d - pt, ox*s + j*d - pl, c], w[i, j, c], y)
 //                for (i, j) in row-major order, 0 outside the input ('SAME' padding)
@@ -8,10 +9,9 @@
 //
 // XLA's float32 taps of forward._depthwise summed in one fixed order), alone or after a
 // large expansion in one pass (the stem pass writing float32 is int8_stem.cc's). Built into
-// the same
-// library as the int8 kernels by seg/inference/int8_kernel.py (`build`), called through
-// float_kernel.py. Work is split into chunks shared by the calling thread and XLA's intra-op
-// thread pool (kernel_threads.h).
+// the same library as the int8 kernels by seg/inference/int8_kernel.py (`build`), called
+// through float_kernel.py. Work is split into chunks shared by the calling thread and XLA's
+// intra-op thread pool (kernel_threads.h).
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>

@@ -1,18 +1,21 @@
-// bfloat16 1x1 products for x86 CPUs with AVX-512 BF16 (`vdpbf16ps`) or AMX-BF16 tiles, with
-// float32 activations in and out: the inputs are rounded to bfloat16 inside the kernel, so
-// the float32 layers around a product (depthwise, residual sums) need no conversion pass
-// over memory, and bias, activation and residual sum run in the product's output loop.
+// 1x1 products with float32 activations in and out, for x86 CPUs with AVX-512: in float32
+// (fused multiply-adds), or in bfloat16 with AVX-512 BF16 (`vdpbf16ps`) or AMX-BF16 tiles, the
+// inputs rounded to bfloat16 inside the kernel, so the float32 layers around a product
+// (depthwise, residual sums) need no conversion pass over memory; bias, activation and
+// residual sum run in the product's output loop.
 //
-//   out[m, n] = act(sum_k bf16(x[m, k]) * w[k, n] + bias[n]) (+ residual[m, n])
+//   out[m, n] = act(sum_k x[m, k] * w[k, n] + bias[n]) (+ residual[m, n])
 //
-// x: [m, k] float32; w: bfloat16 (as uint16), packed by `pack_weights` in float_kernel.py into
-// panels of 16 output channels, each [kp / 2][16][2] (two consecutive inputs of one output
-// channel in one 32-bit lane: the pair layout of `vdpbf16ps` and of AMX's B tiles), kp = k
-// rounded up to 32 with zero weights. Each products of two bfloat16 is exact in float32; the
-// sums are float32 (round to nearest even), as XLA's bfloat16 products with float32
-// accumulation, in another order. A row block's inputs are rounded to bfloat16 (to nearest
-// even, as XLA and NumPy round) once into a per-thread buffer, zero-padded to kp inputs and
-// to whole tiles of rows, from which both loops read.
+// x: [m, k] float32. float32 (isa kAvx512F32): w float32, packed by `pack_weights` in
+// float_kernel.py into panels of 16 output channels, each [k][16]; every output is the
+// fused multiply-add of its inputs in order k = 0, 1, ..., then the bias. bfloat16: w as
+// uint16, panels of [kp / 2][16][2] (two consecutive inputs of one output channel in one
+// 32-bit lane: the pair layout of `vdpbf16ps` and of AMX's B tiles), kp = k rounded up to
+// 32 with zero weights. Each product of two bfloat16 is exact in float32; the sums are
+// float32 (round to nearest even), as XLA's bfloat16 products with float32 accumulation, in
+// another order. A row block's inputs are rounded to bfloat16 (to nearest even, as XLA and
+// NumPy round) once into a per-thread buffer, zero-padded to kp inputs and to whole tiles of
+// rows, from which both bfloat16 loops read.
 //
 // mode: 0 linear, 1 ReLU6, 2 ReLU; mode 0 may add a float32 `residual` [m, n] (a residual
 // block's projection and its sum in one pass).
@@ -52,7 +55,7 @@ struct Problem {
   const float* x;
   int64_t m, k, n;
   int64_t kp;          // the packed weights' inputs: k rounded up to kKMultiple
-  const uint16_t* w;
+  const uint16_t* w;   // bfloat16's weights
   const float* bias;   // padded to whole panels
   int mode;
   int isa;
