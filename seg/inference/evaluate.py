@@ -70,13 +70,14 @@ def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_c
   `scales`/`flip`: multi-scale and flipped evaluation (`multi_scale_logits`).
 
   Args:
-    variables: the model's {'params', 'batch_stats'}; for another `dtype` (bfloat16, int8)
-      the engine's prepared weights instead (`seg.inference.engine.Engine.folded`).
+    variables: the model's {'params', 'batch_stats'} (folded here, XLA's float32: training's
+      evaluation), or the engine's prepared weights (`seg.inference.engine.Engine.folded`:
+      `main.py eval`, any dtype, in the CPU's formulation).
     batch: image [n, h, w, 3] uint8 with size [n, 2] (each image's height and width; the
       rest is padding, `preprocess_padded`), label [n, h, w], mask [n]
       (`seg.data.pipeline.eval_batches`).
   """
-  if dtype == jnp.float32:
+  if 'params' in variables:
     folded = fold.cast_folded(fold.fold_variables(model_config, variables), jnp.float32)
   else:
     folded = variables
@@ -160,27 +161,27 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
   model = create_model(config.model)
   variables, step = checkpoint.load_model_variables(workdir, model)
   log(f'evaluating {workdir} at step {step}' + (f' in {dtype}' if dtype != 'float32' else ''))
-  if dtype != 'float32':  # the engine's weights: bfloat16 kernels, or int8 (calibrated)
-    from seg.inference import engine
-    scales = engine.int8_scales_for(workdir, config, variables, log, calibration,
-                                    calibration_count) if dtype == 'int8' else None
-    eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales, log=log)
-    if eng.int8_formulation:
-      loop = ''
-      if eng.int8_formulation == 'kernel':
-        from seg.inference import int8_kernel, quantize
-        where = lambda choice: 'the kernel' if choice == 'kernel' else "XLA's"
-        loop = (f', its {int8_kernel.isa()} loop, depthwise layers in '
-                f'{where(quantize.depthwise_choice())}, stem in {where(quantize.stem_choice())}')
-      log(f'int8 products: the {eng.int8_formulation!r} formulation{loop} (seg.inference.quantize)')
-    if eng.bf16_formulation == 'kernel':
-      from seg.inference import float_kernel
-      log(f'bfloat16 products: the project\'s kernel, its {float_kernel.isa()} loop '
-          f'(seg.inference.float_kernel)')
-    if eng.f32_formulation == 'kernel':
-      log('float32 products: the project\'s kernel, its AVX-512 loop '
-          '(seg.inference.float_kernel)')
-    variables = jax.device_get(eng.folded)
+  # The engine's weights, as predict runs them: the CPU's kernels, int8's calibration.
+  from seg.inference import engine
+  scales = engine.int8_scales_for(workdir, config, variables, log, calibration,
+                                  calibration_count) if dtype == 'int8' else None
+  eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales, log=log)
+  if eng.int8_formulation:
+    loop = ''
+    if eng.int8_formulation == 'kernel':
+      from seg.inference import int8_kernel, quantize
+      where = lambda choice: 'the kernel' if choice == 'kernel' else "XLA's"
+      loop = (f', its {int8_kernel.isa()} loop, depthwise layers in '
+              f'{where(quantize.depthwise_choice())}, stem in {where(quantize.stem_choice())}')
+    log(f'int8 products: the {eng.int8_formulation!r} formulation{loop} (seg.inference.quantize)')
+  if eng.bf16_formulation == 'kernel':
+    from seg.inference import float_kernel
+    log(f'bfloat16 products: the project\'s kernel, its {float_kernel.isa()} loop '
+        f'(seg.inference.float_kernel)')
+  if eng.f32_formulation == 'kernel':
+    log('float32 products: the project\'s kernel, its AVX-512 loop '
+        '(seg.inference.float_kernel)')
+  variables = jax.device_get(eng.folded)
   report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype)),
                     parallel.replicate(variables), config, log=log)
   report['step'] = step

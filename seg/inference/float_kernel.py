@@ -67,7 +67,9 @@ def unavailable_reason(dtype=jnp.bfloat16) -> Optional[str]:
   if not int8_kernel.available():
     return int8_kernel.unavailable_reason()
   if _is_f32(dtype):
-    if not F32_FLAGS <= cpu_features.cpu_flags():
+    if 'avx512' not in _state:
+      _state['avx512'] = F32_FLAGS <= cpu_features.cpu_flags()
+    if not _state['avx512']:
       return 'the CPU lacks AVX-512 F, BW, VL or DQ'
   elif not loops():
     return 'the CPU has neither AVX-512 BF16 nor AMX-BF16'
