@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "int8_product.h"  // SEG_INLINE, SEG_AVX512, SEG_AMX, the AMX permission and config
@@ -107,6 +108,29 @@ SEG_AVX512 SEG_INLINE void Store16(const Problem& p, __m512 acc, int64_t m, int6
   _mm512_mask_storeu_ps(p.out + m * p.n + n0, mask, y);
 }
 
+// The output loop of R rows x P panels of float32 sums.
+template <int R, int P>
+SEG_AVX512 SEG_INLINE void StoreTile(const Problem& p, const __m512 (&acc)[R][P], int64_t row,
+                                     int64_t panel) {
+  for (int q = 0; q < P; ++q) {
+    const __m512 b = _mm512_loadu_ps(p.bias + (panel + q) * kPanel);
+    for (int r = 0; r < R; ++r) Store16(p, acc[r][q], row + r, panel + q, b);
+  }
+}
+
+// run(P, panel) for groups of P panels (4, then a 2, then a 1) that cover the output.
+template <typename Run>
+inline void ForPanelGroups(const Problem& p, Run run) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  int64_t panel = 0;
+  for (; panel + 4 <= panels; panel += 4) run(std::integral_constant<int, 4>(), panel);
+  if (panel + 2 <= panels) {
+    run(std::integral_constant<int, 2>(), panel);
+    panel += 2;
+  }
+  if (panel < panels) run(std::integral_constant<int, 1>(), panel);
+}
+
 // ------------------------------------------------------------------------------------------
 // float32 (AVX-512 F): one input of a panel (16 channels) is one zmm, each row's input is
 // broadcast and multiplied in by a fused multiply-add; R rows x P panels of accumulators,
@@ -127,10 +151,7 @@ SEG_AVX512 SEG_INLINE void F32Tile(const Problem& p, int64_t row, int64_t panel)
       for (int q = 0; q < P; ++q) acc[r][q] = _mm512_fmadd_ps(xb, wv[q], acc[r][q]);
     }
   }
-  for (int q = 0; q < P; ++q) {
-    const __m512 b = _mm512_loadu_ps(p.bias + (panel + q) * kPanel);
-    for (int r = 0; r < R; ++r) Store16(p, acc[r][q], row + r, panel + q, b);
-  }
+  StoreTile<R, P>(p, acc, row, panel);
 }
 
 template <int P>
@@ -141,15 +162,10 @@ SEG_AVX512 void F32Panels(const Problem& p, int64_t begin, int64_t end, int64_t 
   for (; r < end; ++r) F32Tile<1, P>(p, r, panel);
 }
 
-SEG_AVX512 inline void F32Rows(const Problem& p, int64_t begin, int64_t end) {
-  const int64_t panels = (p.n + kPanel - 1) / kPanel;
-  int64_t panel = 0;
-  for (; panel + 4 <= panels; panel += 4) F32Panels<4>(p, begin, end, panel);
-  if (panel + 2 <= panels) {
-    F32Panels<2>(p, begin, end, panel);
-    panel += 2;
-  }
-  if (panel < panels) F32Panels<1>(p, begin, end, panel);
+inline void F32Rows(const Problem& p, int64_t begin, int64_t end) {
+  ForPanelGroups(p, [&](auto panels, int64_t panel) {
+    F32Panels<decltype(panels)::value>(p, begin, end, panel);
+  });
 }
 
 // ------------------------------------------------------------------------------------------
@@ -178,10 +194,7 @@ SEG_BF16 SEG_INLINE void Tile(const Problem& p, const uint16_t* a, int64_t row,
         acc[r][q] = _mm512_dpbf16_ps(acc[r][q], (__m512bh)xb, (__m512bh)wv[q]);
     }
   }
-  for (int q = 0; q < P; ++q) {
-    const __m512 b = _mm512_loadu_ps(p.bias + (panel + q) * kPanel);
-    for (int r = 0; r < R; ++r) Store16(p, acc[r][q], row + r, panel + q, b);
-  }
+  StoreTile<R, P>(p, acc, row, panel);
 }
 
 template <int P>
@@ -198,14 +211,9 @@ SEG_BF16 inline void Bf16Rows(const Problem& p, int64_t begin, int64_t end) {
   thread_local std::vector<uint16_t> buffer;
   buffer.resize((end - begin) * p.kp);
   RoundRows(p, begin, end - begin, end - begin, buffer.data());
-  const int64_t panels = (p.n + kPanel - 1) / kPanel;
-  int64_t panel = 0;
-  for (; panel + 4 <= panels; panel += 4) Panels<4>(p, buffer.data(), begin, end, panel);
-  if (panel + 2 <= panels) {
-    Panels<2>(p, buffer.data(), begin, end, panel);
-    panel += 2;
-  }
-  if (panel < panels) Panels<1>(p, buffer.data(), begin, end, panel);
+  ForPanelGroups(p, [&](auto panels, int64_t panel) {
+    Panels<decltype(panels)::value>(p, buffer.data(), begin, end, panel);
+  });
 }
 #else
 inline void Bf16Rows(const Problem&, int64_t, int64_t) {}  // never called: RunsLoop
