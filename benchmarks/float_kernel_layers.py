@@ -11,8 +11,9 @@ per layer:
   SEG_INT8_LOOP_EMULATION=1 also AMX's stand-in, far slower than real tiles):
   `seg.inference.float_kernel.product`, float32 in and out, the activation in its output loop
   and a residual block's sum too (the 'kernel' bfloat16 formulation);
-- kernel float32: the same with float32 weights (the 'kernel' float32 formulation; where the
-  CPU has AVX-512);
+- kernel float32 LOOP, for each float32 loop this CPU runs (avx2, avx512:
+  `float_kernel.f32_loops()`): the same with float32 weights (the 'kernel' float32
+  formulation);
 - xla bfloat16: bfloat16 input (as XLA's bfloat16 formulation stores the activations from
   SEG_BF16_FROM_STRIDE on), bfloat16 weights, float32 accumulation, bias, activation and
   residual fused by XLA;
@@ -63,8 +64,9 @@ def main():
 
   timed = lambda fn, *operands: median_ms(fn, *operands, iters=args.iters)
   loops = chosen_loops(float_kernel.loops(), args.loops)
-  columns = ([f'kernel {loop}' for loop in loops] + ['kernel float32', 'xla bfloat16',
-                                                      'xla float32'])
+  f32_loops = float_kernel.f32_loops()
+  columns = ([f'kernel {loop}' for loop in loops] +
+             [f'kernel float32 {loop}' for loop in f32_loops] + ['xla bfloat16', 'xla float32'])
   engines = float_kernel.isa() if float_kernel.available() else 'none'
   print(f'{args.size}x{args.size}, width {args.width}, batch 1, jax {jax.__version__}, '
         f'the bfloat16 engine\'s loop: {engines}; ms (GMAdd/s): ' + ' | '.join(columns))
@@ -79,9 +81,10 @@ def main():
     ms = {f'kernel {loop}': timed(
         lambda x, wp, r, loop=loop: float_kernel.product(x, wp, b, activation, r, loop),
         x, jnp.asarray(float_kernel.pack_weights(w)), r) for loop in loops}
-    ms['kernel float32'] = timed(
-        lambda x, wp, r: float_kernel.product(x, wp, b, activation, r),
-        x, jnp.asarray(float_kernel.pack_weights(w, jnp.float32)), r)
+    for loop in f32_loops:
+      ms[f'kernel float32 {loop}'] = timed(
+          lambda x, wp, r, loop=loop: float_kernel.product(x, wp, b, activation, r, loop),
+          x, jnp.asarray(float_kernel.pack_weights(w, jnp.float32)), r)
     ms['xla bfloat16'] = timed(lambda x, w, r: plus(f(lax.dot_general(
         x, w, dims, preferred_element_type=jnp.float32) + b), r),
         x.astype(jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), r)

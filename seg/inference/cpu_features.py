@@ -49,7 +49,10 @@ float32 ("float32 in the kernel" in docs/performance.md): 'kernel' on x86-64 CPU
 FMA and AVX-512 F, BW, VL and DQ (the same kernel's float32 products, depthwise layers and
 stem pass: the network's products in 13.7 ms against XLA's 22.3, and the engine at 0.72-0.73x
 XLA's float32 time per image, call by call in one process, on a 2-core AMD EPYC Zen 5,
-2026-12-06), else 'xla'. SEG_F32_FORMULATION overrides it.
+2026-12-06), else 'xla'. The kernel's AVX2 loops run on CPUs with AVX2 and FMA alone but
+are not chosen there: not measured on such a CPU (on the Zen 5, forced, 1.32x XLA's time,
+XLA using AVX-512). SEG_F32_FORMULATION overrides it (kernel: the AVX2 loops where AVX-512
+is missing).
 """
 
 import dataclasses

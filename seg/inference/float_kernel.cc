@@ -30,12 +30,12 @@ namespace {
 using namespace seg::floating;  // NOLINT: the loops, modes and Problem of one kernel
 
 // The packed weights of loop `isa` for k inputs and n outputs into p: bfloat16 (uint16)
-// [panels][kp / 2][16][2] for the bfloat16 loops, float32 [panels][k][16] for kAvx512F32.
+// [panels][kp / 2][16][2] for the bfloat16 loops, float32 [panels][k][16] for the float32
+// loops.
 ffi::Error SetWeights(ffi::AnyBuffer& w, int32_t isa, Problem& p) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
-  if (isa != kAvx512Bf16 && isa != kAmxBf16 && isa != kAvx512F32)
-    return ffi::Error::InvalidArgument("unknown isa");
-  const bool f32 = isa == kAvx512F32;
+  if (isa < kAvx512Bf16 || isa > kAvx2F32) return ffi::Error::InvalidArgument("unknown isa");
+  const bool f32 = isa == kAvx512F32 || isa == kAvx2F32;
   if (w.element_type() != (f32 ? ffi::DataType::F32 : ffi::DataType::U16) ||
       static_cast<int64_t>(w.element_count()) != panels * kPanel * (f32 ? p.k : p.kp))
     return ffi::Error::InvalidArgument("packed weights do not match the loop, the input and "
@@ -91,17 +91,27 @@ ffi::Error WithStride(int32_t stride, int32_t dilation, Run run) {
   return ffi::Error::Success();
 }
 
+// Output rows [oy0, oy0 + d.band) of image n (and before `limit`), float32 in and out, in
+// the AVX-512 loop (d.wide) or the AVX2 one (c a multiple of 8): the same numbers.
+template <int S, int D>
+void FloatBand(const Depthwise& d, int64_t n, int64_t oy0, std::vector<float>& buffer,
+               int64_t limit) {
+  if (d.wide) d.BandWide<S, D, true>(n, oy0, buffer, limit);
+  else d.Band<S, D, true>(n, oy0, buffer, limit);
+}
+
 template <int S, int D>
 void RunDepthwise(ffi::ThreadPool& pool, const Depthwise& d, int64_t images) {
   seg::ForEachRows(pool, images, d.oh, 1, d.band, [&d](int64_t n, int64_t oy0, int64_t oy1) {
     thread_local std::vector<float> buffer;
-    d.BandWide<S, D, true>(n, oy0, buffer, oy1);
+    FloatBand<S, D>(d, n, oy0, buffer, oy1);
   });
 }
 
 ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::Buffer<ffi::F32> b, int32_t stride, int32_t dilation,
-                        int32_t pad_top, int32_t pad_left, ffi::ResultBuffer<ffi::F32> out) {
+                        int32_t pad_top, int32_t pad_left, bool wide,
+                        ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 4 || od.size() != 4 || wd.size() != 3 || wd[0] != seg::depthwise::kSize ||
       wd[1] != seg::depthwise::kSize)
@@ -109,13 +119,15 @@ ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t c = xd[3];
   if (wd[2] != c || od[3] != c || od[0] != xd[0] || b.element_count() != c)
     return ffi::Error::InvalidArgument("weights, bias and output do not match x's channels");
-  if (!seg::HasAvx512())
-    return ffi::Error::InvalidArgument("the float32 depthwise loop needs AVX-512 F, BW, VL, DQ");
+  if (wide && !seg::HasAvx512())
+    return ffi::Error::InvalidArgument("the AVX-512 depthwise loop needs AVX-512 F, BW, VL, DQ");
+  if (!wide && c % 8 != 0)
+    return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
   Depthwise d{nullptr, xd[1], xd[2], c, w.typed_data(), b.typed_data(), 1.f, stride,
               dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
   if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
     return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
-  d.wide = true;
+  d.wide = wide;
   d.xf = x.typed_data();
   d.outf = out->typed_data();
   d.ChooseBand();
@@ -151,8 +163,7 @@ void FusedRun(ffi::ThreadPool& pool, const Problem& p, const Depthwise& d, int64
     Depthwise band = d;
     band.xf = expanded.data();
     band.row_base = n * d.h + first;
-    for (int64_t oy = oy0; oy < oy1; oy += d.band)
-      band.BandWide<S, D, true>(n, oy, converted, oy1);
+    for (int64_t oy = oy0; oy < oy1; oy += d.band) FloatBand<S, D>(band, n, oy, converted, oy1);
   });
 }
 
@@ -179,7 +190,9 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
               dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
   if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
     return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
-  d.wide = true;
+  d.wide = isa != kAvx2F32;  // the bfloat16 loops and kAvx512F32: AVX-512
+  if (!d.wide && e % 8 != 0)
+    return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
   d.outf = out->typed_data();
   d.ChooseBand();
   // Output rows per chunk: as many as keep the band's expansion output within kFusedBytes,
@@ -220,6 +233,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegF32Depthwise, F32Depthwise,
                                   .Attr<int32_t>("dilation")
                                   .Attr<int32_t>("pad_top")
                                   .Attr<int32_t>("pad_left")
+                                  .Attr<bool>("wide")              // the AVX-512 loop
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, c]
 
 extern "C" int SegFloatHasLoop(int isa) { return RunsLoop(isa) ? 1 : 0; }

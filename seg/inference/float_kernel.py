@@ -23,9 +23,10 @@ runs in one pass with its depthwise layer. The depthwise layers and the stem are
 engine's AVX-512 loops (`int8_depthwise.h`, `int8_stem.h`) with float32 in and out: XLA's
 float32 taps, summed in one fixed order (`float_kernel.cc`).
 
-It is compiled into the library of `seg.inference.int8_kernel` (`build`). float32 runs where
-the CPU has AVX-512 F, BW, VL and DQ (Intel Xeons since Skylake, AMD Zen 4 and later);
-bfloat16 where it also has AVX-512 BF16 (`avx512_bf16`: Intel Xeons since Cooper Lake, AMD
+It is compiled into the library of `seg.inference.int8_kernel` (`build`). float32 runs
+wherever that builds (x86-64 with AVX2 and FMA), in AVX-512 loops where the CPU has AVX-512
+F, BW, VL and DQ (Intel Xeons since Skylake, AMD Zen 4 and later; `f32_isa()`); bfloat16
+where it has AVX-512 BF16 (`avx512_bf16`: Intel Xeons since Cooper Lake, AMD
 Zen 4 and later) or AMX-BF16 tiles (`amx_bf16`, Intel Xeons since Sapphire Rapids);
 elsewhere `available()` is False and the engine keeps XLA's products.
 `int8_kernel.emulate_loops` stands in for the AMX tiles on CPUs with AVX-512 (tests).
@@ -49,10 +50,9 @@ MODES = {'linear': 0, 'relu6': 1, 'relu': 2}
 # The bfloat16 products' loops (float_product.h: Isa), slowest first.
 LOOPS = {'avx512bf16': 0, 'amx': 1}
 BF16_FLAGS = int8_kernel.AVX512_FLAGS | {'avx512_bf16'}
-# The float32 products' one loop (float_product.h: kAvx512F32), and what the float32 layers
-# (products, depthwise, stem) need.
-F32_LOOP = 2
-F32_FLAGS = int8_kernel.AVX512_FLAGS
+# The float32 layers' loops (float_product.h: kAvx512F32, kAvx2F32), slowest first: products,
+# depthwise layers and stem pass in AVX2 and FMA (the library's baseline) or in AVX-512.
+F32_LOOPS = {'avx2': 3, 'avx512': 2}
 _state = {}
 
 
@@ -67,19 +67,41 @@ def unavailable_reason(dtype=jnp.bfloat16) -> Optional[str]:
   if not int8_kernel.available():
     return int8_kernel.unavailable_reason()
   if _is_f32(dtype):
-    if 'avx512' not in _state:
-      _state['avx512'] = F32_FLAGS <= cpu_features.cpu_flags()
-    if not _state['avx512']:
-      return 'the CPU lacks AVX-512 F, BW, VL or DQ'
-  elif not loops():
+    return None  # the AVX2 loops: the library's baseline
+  if not loops():
     return 'the CPU has neither AVX-512 BF16 nor AMX-BF16'
   return None
 
 
 def available(dtype=jnp.bfloat16, log=None) -> bool:
   """Whether the kernel's `dtype` (float32 or bfloat16) products run here: the library builds
-  (`int8_kernel.available`) and the CPU has their loop (and the float32 layers' AVX-512)."""
+  (`int8_kernel.available`: x86-64 with AVX2 and FMA) and, for bfloat16, the CPU has one of
+  its loops."""
   return int8_kernel.available(log) and unavailable_reason(dtype) is None
+
+
+def f32_loops() -> tuple:
+  """The float32 loops this CPU runs, slowest first: 'avx2' wherever the kernel builds,
+  'avx512' with AVX-512 F, BW, VL and DQ."""
+  if 'f32_loops' not in _state:
+    avx512 = int8_kernel.AVX512_FLAGS <= cpu_features.cpu_flags()
+    _state['f32_loops'] = ('avx2', 'avx512') if avx512 else ('avx2',)
+  return _state['f32_loops'] if int8_kernel.available() else ()
+
+
+def f32_isa() -> str:
+  """Which float32 loop runs here: the fastest of `f32_loops()`. SEG_F32_KERNEL_ISA=avx2|avx512
+  forces one (an error where the CPU lacks it)."""
+  wanted = os.environ.get('SEG_F32_KERNEL_ISA', 'auto') or 'auto'
+  if wanted != 'auto' and wanted not in F32_LOOPS:
+    raise ValueError(f"SEG_F32_KERNEL_ISA must be auto, {', '.join(F32_LOOPS)}, got {wanted!r}")
+  have = f32_loops()
+  if not have:
+    raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
+  if wanted != 'auto' and wanted not in have:
+    raise RuntimeError(f'SEG_F32_KERNEL_ISA={wanted}, but this CPU offers only '
+                       f'{", ".join(have)}')
+  return have[-1] if wanted == 'auto' else wanted
 
 
 def built(loop: str) -> bool:
@@ -163,14 +185,16 @@ def packed_size(k: int, n: int, dtype) -> int:
 
 def _loop_of(w_packed: jax.Array, loop: Optional[str]) -> Tuple[str, int]:
   """(loop name, the kernel's `isa` attribute) for packed weights (their dtype says the
-  precision) and `loop` (bfloat16: one of `loops()`, default `isa()`; float32: None)."""
+  precision) and `loop` (bfloat16: one of `loops()`, default `isa()`; float32: one of
+  `f32_loops()`, default `f32_isa()`)."""
   if w_packed.dtype == jnp.float32:
-    if loop is not None:
-      raise ValueError(f'float32 products have one loop; got loop={loop!r}')
     if not available(jnp.float32):
       raise RuntimeError(f'the float32 kernel is unavailable: '
                          f'{unavailable_reason(jnp.float32)}')
-    return 'avx512', F32_LOOP
+    loop = loop or f32_isa()
+    if loop not in f32_loops():
+      raise ValueError(f"float32 loop {loop!r} is not one of this CPU's: {f32_loops()}")
+    return loop, F32_LOOPS[loop]
   if w_packed.dtype != jnp.uint16:
     raise ValueError(f'packed weights are float32 or uint16 (bfloat16 bits), got '
                      f'{w_packed.dtype}')
@@ -196,7 +220,8 @@ def product(x: jax.Array, w_packed: jax.Array, bias: jax.Array, mode: str = 'lin
 
   x: [..., in] float32; w_packed: `pack_weights`; bias: float32 [out]; mode: 'linear',
   'relu6' or 'relu'; residual: float32 [..., out], 'linear' only, added after the bias.
-  loop: bfloat16's, one of `loops()` (default `isa()`).
+  loop: one of `loops()` for bfloat16 weights (default `isa()`), of `f32_loops()` for
+  float32 ones (default `f32_isa()`).
   """
   loop, isa_value = _loop_of(w_packed, loop)
   if mode not in MODES:
@@ -220,30 +245,44 @@ def product(x: jax.Array, w_packed: jax.Array, bias: jax.Array, mode: str = 'lin
 DEPTHWISE_STRIDES = int8_kernel.DEPTHWISE_STRIDES
 
 
-def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
-              dilation: int) -> jax.Array:
-  """relu6(3x3 depthwise 'SAME' conv(x, w) + b), float32 in and out, in the kernel (a CPU
-  with AVX-512 F, BW, VL and DQ: where `available(jnp.float32)`): XLA's float32
-  taps (`seg.inference.forward._depthwise`), summed in one fixed order with one rounding per
-  tap (fused multiply-adds), so results may differ from XLA's by a rounding now and then.
+def depthwise_supported(channels: int, loop: Optional[str] = None) -> bool:
+  """Whether the depthwise loop of float32 `loop` (default `f32_isa()`) takes `channels`: the
+  AVX-512 loop any number, the AVX2 loop multiples of 8."""
+  return (loop or f32_isa()) == 'avx512' or channels % int8_kernel.DEPTHWISE_CHANNELS == 0
 
-  x: [n, h, w, c] float32 (any c); w: [3, 3, c]; b: [c]; (stride, dilation) in
-  `DEPTHWISE_STRIDES`. Returns float32 [n, ceil(h / stride), ceil(w / stride), c].
+
+def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: int,
+              loop: Optional[str] = None) -> jax.Array:
+  """relu6(3x3 depthwise 'SAME' conv(x, w) + b), float32 in and out, in the kernel's loop for
+  float32 `loop` (default `f32_isa()`): XLA's float32 taps
+  (`seg.inference.forward._depthwise`), summed in one fixed order with one rounding per tap
+  (fused multiply-adds), so results may differ from XLA's by a rounding now and then; both
+  loops give the same numbers.
+
+  x: [n, h, w, c] float32 (c: `depthwise_supported`); w: [3, 3, c]; b: [c]; (stride,
+  dilation) in `DEPTHWISE_STRIDES`. Returns float32 [n, ceil(h / stride), ceil(w / stride),
+  c].
   """
   from seg.model.layers import same_padding
   if not available(jnp.float32):
     raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
+  loop = loop or f32_isa()
+  if loop not in f32_loops():
+    raise ValueError(f"float32 loop {loop!r} is not one of this CPU's: {f32_loops()}")
   n, h, wd, c = x.shape
   if w.shape != (3, 3, c) or b.shape != (c,) or (stride, dilation) not in DEPTHWISE_STRIDES:
     raise ValueError(f'3x3 weights [3, 3, {c}], a bias [{c}] and (stride, dilation) in '
                      f'{DEPTHWISE_STRIDES} only, got {w.shape}, {b.shape}, '
                      f'({stride}, {dilation})')
+  if not depthwise_supported(c, loop):
+    raise ValueError(f'the {loop} depthwise loop takes channels in multiples of '
+                     f'{int8_kernel.DEPTHWISE_CHANNELS}, got {c}')
   out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wd // stride), c), jnp.float32)
   return jax.ffi.ffi_call(int8_kernel._TARGETS['SegF32Depthwise'], out)(
       x.astype(jnp.float32), w.astype(jnp.float32), b.astype(jnp.float32),
       stride=np.int32(stride), dilation=np.int32(dilation),
       pad_top=np.int32(same_padding(h, 3, stride, dilation)[0]),
-      pad_left=np.int32(same_padding(wd, 3, stride, dilation)[0]))
+      pad_left=np.int32(same_padding(wd, 3, stride, dilation)[0]), wide=loop == 'avx512')
 
 
 def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax.Array,
@@ -261,6 +300,9 @@ def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax
     raise ValueError(f'3x3 weights [3, 3, {e}], a bias [{e}] and (stride, dilation) in '
                      f'{DEPTHWISE_STRIDES} only, got {wd.shape}, {bd.shape}, '
                      f'({stride}, {dilation})')
+  if loop == 'avx2' and not depthwise_supported(e, loop):  # (the other loops: AVX-512's)
+    raise ValueError(f'the avx2 depthwise loop takes channels in multiples of '
+                     f'{int8_kernel.DEPTHWISE_CHANNELS}, got {e}')
   out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wdt // stride), e), jnp.float32)
   return jax.ffi.ffi_call(int8_kernel._target('SegFloatExpandDepthwise', loop), out)(
       x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), wd.astype(jnp.float32),
@@ -271,34 +313,39 @@ def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax
 
 def stem_supported(images_shape, stem_w_shape) -> bool:
   """Whether `stem` takes images of `images_shape` [n, h, w, 3] and a stem [3, 3, 3, c]: the
-  int8 kernel's stem pass (`int8_kernel.stem_supported`) with c a multiple of 16."""
-  return int8_kernel.stem_supported(images_shape, stem_w_shape) and stem_w_shape[3] % 16 == 0
+  int8 kernel's stem pass (`int8_kernel.stem_supported`: c a multiple of 8)."""
+  return int8_kernel.stem_supported(images_shape, stem_w_shape)
 
 
 def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
-         bd: jax.Array) -> jax.Array:
-  """relu6(depthwise(relu6(stem conv(images, ws) + bs), wd) + bd) in one pass (CPU, AVX-512):
-  the stem (3x3, stride 2, 'SAME') and block 0's depthwise layer, float32 in and out, XLA's
-  float32 taps of `forward._stem` and `forward._depthwise` summed in one fixed order.
+         bd: jax.Array, loop: Optional[str] = None) -> jax.Array:
+  """relu6(depthwise(relu6(stem conv(images, ws) + bs), wd) + bd) in one pass (CPU): the stem
+  (3x3, stride 2, 'SAME') and block 0's depthwise layer, float32 in and out, XLA's float32
+  taps of `forward._stem` and `forward._depthwise` summed in one fixed order, in the loops of
+  float32 `loop` (default `f32_isa()`; the AVX-512 ones where c is a multiple of 16): the
+  same numbers either way.
 
   images: [n, h, w, 3] float32; ws: [3, 3, 3, c]; bs, bd: [c]; wd: [3, 3, c]; c a multiple
-  of 16 (`stem_supported`). Returns float32 [n, ceil(h / 2), ceil(w / 2), c].
+  of 8 (`stem_supported`). Returns float32 [n, ceil(h / 2), ceil(w / 2), c].
   """
   from seg.model.layers import same_padding
   if not available(jnp.float32):
     raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
   if not stem_supported(images.shape, ws.shape):
     raise ValueError(f'images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a multiple '
-                     f'of 16, got {images.shape}, {ws.shape}')
+                     f'of 8, got {images.shape}, {ws.shape}')
+  loop = loop or f32_isa()
+  if loop not in f32_loops():
+    raise ValueError(f"float32 loop {loop!r} is not one of this CPU's: {f32_loops()}")
   n, h, w, _ = images.shape
   c = ws.shape[3]
   out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.float32)
-  # The int8 engine's stem pass, its AVX-512 loops writing float32 (its scale unused).
+  # The int8 engine's stem pass writing float32 (its scale unused).
   return jax.ffi.ffi_call(int8_kernel.STEM_TARGET, out)(
       images.astype(jnp.float32), ws.astype(jnp.float32), bs.astype(jnp.float32),
       wd.astype(jnp.float32), bd.astype(jnp.float32), jnp.ones((), jnp.float32),
       pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
-      pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), wide=True)
+      pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), wide=loop == 'avx512')
 
 
 def pack_folded(folded, dtype=jnp.bfloat16):

@@ -49,8 +49,8 @@ constexpr int64_t kChunkRows = 64;  // rows per claim of the thread pool, at mos
 constexpr int64_t kGrainRows = 32;  // and a multiple of this (two AMX row tiles)
 
 enum Mode { kLinear = 0, kRelu6 = 1, kRelu = 2 };
-// kAvx512F32: float32 products (no rounding), float32 weights packed [panels][k][16].
-enum Isa { kAvx512Bf16 = 0, kAmxBf16 = 1, kAvx512F32 = 2 };  // float_kernel.py: LOOPS
+// kAvx512F32, kAvx2F32: float32 products (no rounding), float32 weights [panels][k][16].
+enum Isa { kAvx512Bf16 = 0, kAmxBf16 = 1, kAvx512F32 = 2, kAvx2F32 = 3 };  // float_kernel.py
 
 struct Problem {
   const float* x;
@@ -62,7 +62,7 @@ struct Problem {
   int isa;
   const float* residual;  // mode 0: added to the output, or null
   float* out;
-  const float* wf = nullptr;  // kAvx512F32's weights (then w is unused)
+  const float* wf = nullptr;  // the float32 loops' weights (then w is unused)
 };
 
 // ------------------------------------------------------------------------------------------
@@ -166,6 +166,58 @@ inline void F32Rows(const Problem& p, int64_t begin, int64_t end) {
   ForPanelGroups(p, [&](auto panels, int64_t panel) {
     F32Panels<decltype(panels)::value>(p, begin, end, panel);
   });
+}
+
+// One row's 8 channels from n0 (those below p.n) from their float32 sums: bias, activation,
+// residual (the AVX2 loop's Store16).
+SEG_INLINE void Store8(const Problem& p, __m256 acc, int64_t m, int64_t n0) {
+  const int64_t valid = std::min<int64_t>(8, p.n - n0);
+  if (valid <= 0) return;
+  __m256 y = _mm256_add_ps(acc, _mm256_loadu_ps(p.bias + n0));  // (padded to whole panels)
+  if (p.mode != kLinear) y = _mm256_max_ps(y, _mm256_setzero_ps());
+  if (p.mode == kRelu6) y = _mm256_min_ps(y, _mm256_set1_ps(6.f));
+  const int64_t at = m * p.n + n0;
+  if (valid == 8) {
+    if (p.residual) y = _mm256_add_ps(y, _mm256_loadu_ps(p.residual + at));
+    _mm256_storeu_ps(p.out + at, y);
+    return;
+  }
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  if (p.residual) y = _mm256_add_ps(y, _mm256_maskload_ps(p.residual + at, mask));
+  _mm256_maskstore_ps(p.out + at, mask, y);
+}
+
+// float32 in AVX2 (CPUs without AVX-512): the same sums in the same order, a panel's 16
+// channels in two ymm, 6 rows x 1 panel of accumulators (12 of the 16 registers).
+template <int R>
+SEG_INLINE void F32TileAvx2(const Problem& p, int64_t row, int64_t panel) {
+  const int64_t k = p.k;
+  const float* w = p.wf + panel * k * kPanel;
+  const float* x = p.x + row * k;
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < k; ++g) {
+    const __m256 w0 = _mm256_loadu_ps(w + kPanel * g), w1 = _mm256_loadu_ps(w + kPanel * g + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xb = _mm256_set1_ps(x[r * k + g]);
+      acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    Store8(p, acc[r][0], row + r, panel * kPanel);
+    Store8(p, acc[r][1], row + r, panel * kPanel + 8);
+  }
+}
+
+inline void F32RowsAvx2(const Problem& p, int64_t begin, int64_t end) {
+  const int64_t panels = (p.n + kPanel - 1) / kPanel;
+  for (int64_t panel = 0; panel < panels; ++panel) {
+    int64_t r = begin;
+    for (; r + 6 <= end; r += 6) F32TileAvx2<6>(p, r, panel);
+    for (; r < end; ++r) F32TileAvx2<1>(p, r, panel);
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -300,6 +352,7 @@ inline void AmxRows(const Problem&, int64_t, int64_t) {}  // never called: RunsL
 inline void RunRows(const Problem& p, int64_t begin, int64_t end) {
   if (p.isa == kAmxBf16) AmxRows(p, begin, end);
   else if (p.isa == kAvx512F32) F32Rows(p, begin, end);
+  else if (p.isa == kAvx2F32) F32RowsAvx2(p, begin, end);
   else Bf16Rows(p, begin, end);
 }
 
@@ -313,6 +366,7 @@ inline bool RunsLoop(int32_t isa) {
     case kAmxBf16: return seg::HasAvx512();  // and amx_bf16: float_kernel.py's flags
 #endif
     case kAvx512F32: return seg::HasAvx512();
+    case kAvx2F32: return true;  // the library's baseline (AVX2 and FMA)
     default: return false;
   }
 }

@@ -106,7 +106,8 @@ def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation
   expand, depthwise = block.get('expand'), block['depthwise']
   if kernel:
     from seg.inference import float_kernel
-  if not (kernel and (stride, dilation) in float_kernel.DEPTHWISE_STRIDES):
+  if not (kernel and (stride, dilation) in float_kernel.DEPTHWISE_STRIDES and
+          float_kernel.depthwise_supported(depthwise['b'].shape[0])):
     y = x if expand is None else _product(x, expand, 'relu6', low).astype(stored)
     return _relu6(_depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)).astype(stored)
   if expand is not None and _in_kernel(expand, low) and (

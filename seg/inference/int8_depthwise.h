@@ -33,7 +33,7 @@ struct Depthwise {
   int64_t band;  // output rows per chunk
   int64_t row_base = 0;  // the first row x holds (int8_kernel.cc's fused expansion: a band's)
   bool wide = false;     // the AVX-512 loop (BandWide)
-  const float* xf = nullptr;  // float32 in and out instead of x and out (BandWide only)
+  const float* xf = nullptr;  // float32 in and out instead of x and out (kFloat loops)
   float* outf = nullptr;
 
   // Columns of a converted row: the input's, with the padding's zeros around them.
@@ -55,20 +55,27 @@ struct Depthwise {
   void Convert(int64_t n, int64_t iy, int64_t ch, int64_t width, float* r) const {
     const int64_t first = pad_left, last = std::min(pad_left + w, Span());
     std::fill(r, r + first * width, 0.f);
-    const uint8_t* src = x + (n * h + iy - row_base) * w * c + ch;
-    for (int64_t col = first; col < last; ++col, src += c)
-      for (int64_t k = 0; k < width; k += 8)
-        _mm256_storeu_ps(r + col * width + k, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k)))));
+    if (xf) {
+      const float* src = xf + (n * h + iy - row_base) * w * c + ch;
+      for (int64_t col = first; col < last; ++col, src += c)
+        std::copy_n(src, width, r + col * width);
+    } else {
+      const uint8_t* src = x + (n * h + iy - row_base) * w * c + ch;
+      for (int64_t col = first; col < last; ++col, src += c)
+        for (int64_t k = 0; k < width; k += 8)
+          _mm256_storeu_ps(r + col * width + k, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + k)))));
+    }
     std::fill(r + last * width, r + Span() * width, 0.f);
   }
 
   // U output pixels from ox x V vectors of 8 channels from ch (of the block that starts at
   // ch0 and is `width` channels wide) of the output row whose converted input rows are
-  // rows[0..3) (null: padding), written to o (the row's output).
-  template <int S, int D, int U, int V>
+  // rows[0..3) (null: padding), written to o (the row's output: uint8, or with kFloat
+  // float32 ReLU6).
+  template <int S, int D, int U, int V, bool kFloat>
   void Pixels(const float* const* rows, int64_t width, int64_t ox, int64_t ch0, int64_t ch,
-              uint8_t* o) const {
+              void* o) const {
     __m256 acc[U][V];
     for (int v = 0; v < V; ++v) {
       const __m256 bias = _mm256_loadu_ps(b + ch0 + ch + 8 * v);
@@ -92,34 +99,39 @@ struct Depthwise {
     for (int u = 0; u < U; ++u) {
       for (int v = 0; v < V; ++v) {
         const __m256 y = _mm256_min_ps(_mm256_max_ps(acc[u][v], zero), six);
+        const int64_t at = (ox + u) * c + ch0 + ch + 8 * v;
+        if (kFloat) {
+          _mm256_storeu_ps(static_cast<float*>(o) + at, y);
+          continue;
+        }
         const __m256i q = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y, inv)), top);
         const __m128i q16 = _mm_packus_epi32(_mm256_castsi256_si128(q),
                                              _mm256_extracti128_si256(q, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + (ox + u) * c + ch0 + ch + 8 * v),
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(o) + at),
                          _mm_packus_epi16(q16, q16));
       }
     }
   }
 
   // Channels [ch0, ch0 + width) of one output row.
-  template <int S, int D>
-  void OutputRow(const float* const* rows, int64_t ch0, int64_t width, uint8_t* o) const {
+  template <int S, int D, bool kFloat>
+  void OutputRow(const float* const* rows, int64_t ch0, int64_t width, void* o) const {
     int64_t ch = 0;
     for (; ch + 16 <= width; ch += 16) {
       int64_t ox = 0;
-      for (; ox + 4 <= ow; ox += 4) Pixels<S, D, 4, 2>(rows, width, ox, ch0, ch, o);
-      for (; ox < ow; ++ox) Pixels<S, D, 1, 2>(rows, width, ox, ch0, ch, o);
+      for (; ox + 4 <= ow; ox += 4) Pixels<S, D, 4, 2, kFloat>(rows, width, ox, ch0, ch, o);
+      for (; ox < ow; ++ox) Pixels<S, D, 1, 2, kFloat>(rows, width, ox, ch0, ch, o);
     }
     if (ch < width) {  // 8 channels left
       int64_t ox = 0;
-      for (; ox + 4 <= ow; ox += 4) Pixels<S, D, 4, 1>(rows, width, ox, ch0, ch, o);
-      for (; ox < ow; ++ox) Pixels<S, D, 1, 1>(rows, width, ox, ch0, ch, o);
+      for (; ox + 4 <= ow; ox += 4) Pixels<S, D, 4, 1, kFloat>(rows, width, ox, ch0, ch, o);
+      for (; ox < ow; ++ox) Pixels<S, D, 1, 1, kFloat>(rows, width, ox, ch0, ch, o);
     }
   }
 
   // Output rows [oy0, oy0 + band) of image n (and before `limit`), a block of channels at a
-  // time.
-  template <int S, int D>
+  // time (kFloat: xf in, outf out; c a multiple of 8).
+  template <int S, int D, bool kFloat = false>
   void Band(int64_t n, int64_t oy0, std::vector<float>& buffer,
             int64_t limit = INT64_MAX) const {
     const int64_t oy1 = std::min({oh, oy0 + band, limit});
@@ -142,7 +154,9 @@ struct Depthwise {
           const int64_t iy = oy * S + i * D - pad_top;
           rows[i] = iy >= 0 && iy < h ? buffer.data() + (iy - first) * row_floats : nullptr;
         }
-        OutputRow<S, D>(rows, ch0, width, out + (n * oh + oy) * ow * c);
+        const int64_t at = (n * oh + oy) * ow * c;
+        OutputRow<S, D, kFloat>(rows, ch0, width, kFloat ? static_cast<void*>(outf + at)
+                                                         : static_cast<void*>(out + at));
       }
     }
   }

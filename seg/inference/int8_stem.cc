@@ -37,8 +37,8 @@ namespace {
 
 using seg::stem::Stem;
 
-// out: uint8 as above, or float32: clip(y, 0, 6) itself (the bfloat16 engine's stem pass,
-// float_kernel.py: stem; the AVX-512 loops only, c a multiple of 16).
+// out: uint8 as above, or float32: clip(y, 0, 6) itself (the float engines' stem pass,
+// float_kernel.py: stem).
 ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ws,
                     ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd,
                     ffi::Buffer<ffi::F32> bd, ffi::Buffer<ffi::F32> inv_out, int32_t pad_top,
@@ -57,11 +57,7 @@ ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (wide && !seg::HasAvx512())
     return ffi::Error::InvalidArgument("the AVX-512 loops need AVX-512 F, BW, VL and DQ");
   s.wide = wide;
-  if (to_float) {
-    if (!s.Wide())
-      return ffi::Error::InvalidArgument("float32 out: the AVX-512 loops, c a multiple of 16");
-    s.outf = static_cast<float*>(out->untyped_data());
-  }
+  if (to_float) s.outf = static_cast<float*>(out->untyped_data());
   seg::ForEachRows(pool, od[0], s.oh, seg::stem::kGrainRows, s.rows,
                    [&s](int64_t n, int64_t oy0, int64_t oy1) {
     thread_local std::vector<float> buffer;

@@ -1,6 +1,6 @@
 // The stem pass of int8_stem.cc (which describes it), shared with int8_kernel.cc's stem +
 // projection pass; its AVX-512 loops also write block 0's depthwise output in float32
-// (`outf`: float_kernel.cc's stem pass of the bfloat16 engine).
+// (`outf`: float_kernel.py's stem pass of the float engines).
 #ifndef SEG_INFERENCE_INT8_STEM_H_
 #define SEG_INFERENCE_INT8_STEM_H_
 
@@ -34,7 +34,7 @@ struct Stem {
   int64_t rows;  // output rows per chunk, at most
   int64_t out_base = 0;  // the first output row `out` holds (int8_kernel.cc: a chunk's)
   bool wide = false;     // the AVX-512 loops (c a multiple of 16; `Wide()`)
-  float* outf = nullptr;  // float32 ReLU6 out instead of `out` (the AVX-512 loops only)
+  float* outf = nullptr;  // float32 ReLU6 out instead of `out`
 
   // Floats of a padded input row: the 2 ow + 1 columns the stem reads, 3 channels each.
   int64_t PaddedRow() const { return (2 * ow + 1) * 3; }
@@ -114,9 +114,9 @@ struct Stem {
   }
 
   // U depthwise outputs from ox x V vectors from ch, from the stem rows rows[3] (null:
-  // padding), rounded to uint8 into o (the output row).
-  template <int U, int V>
-  void DepthwisePixels(const float* const* rows, int64_t ox, int64_t ch, uint8_t* o) const {
+  // padding), rounded to uint8 into o (the output row), or with kFloat float32 ReLU6.
+  template <int U, int V, bool kFloat = false>
+  void DepthwisePixels(const float* const* rows, int64_t ox, int64_t ch, void* o) const {
     __m256 acc[U][V];
     for (int v = 0; v < V; ++v) {
       const __m256 bias = _mm256_loadu_ps(bd + ch + 8 * v);
@@ -140,26 +140,33 @@ struct Stem {
     for (int u = 0; u < U; ++u)
       for (int v = 0; v < V; ++v) {
         const __m256 y = _mm256_min_ps(_mm256_max_ps(acc[u][v], zero), six);
+        if (kFloat) {
+          _mm256_storeu_ps(static_cast<float*>(o) + (ox + u) * c + ch + 8 * v, y);
+          continue;
+        }
         const __m256i q = _mm256_min_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(y, inv)), top);
         const __m128i q16 = _mm_packus_epi32(_mm256_castsi256_si128(q),
                                              _mm256_extracti128_si256(q, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + (ox + u) * c + ch + 8 * v),
-                         _mm_packus_epi16(q16, q16));
+        _mm_storel_epi64(
+            reinterpret_cast<__m128i*>(static_cast<uint8_t*>(o) + (ox + u) * c + ch + 8 * v),
+            _mm_packus_epi16(q16, q16));
       }
   }
 
-  void DepthwiseRow(const float* const* rows, uint8_t* o) const {
+  // One output row into o: uint8, or with kFloat float32 ReLU6.
+  template <bool kFloat = false>
+  void DepthwiseRow(const float* const* rows, void* o) const {
     if (Wide()) return DepthwiseRowWide(rows, o);
     int64_t ch = 0;
     for (; ch + 16 <= c; ch += 16) {
       int64_t ox = 0;
-      for (; ox + 4 <= ow; ox += 4) DepthwisePixels<4, 2>(rows, ox, ch, o);
-      for (; ox < ow; ++ox) DepthwisePixels<1, 2>(rows, ox, ch, o);
+      for (; ox + 4 <= ow; ox += 4) DepthwisePixels<4, 2, kFloat>(rows, ox, ch, o);
+      for (; ox < ow; ++ox) DepthwisePixels<1, 2, kFloat>(rows, ox, ch, o);
     }
     if (ch < c) {  // 8 channels left
       int64_t ox = 0;
-      for (; ox + 4 <= ow; ox += 4) DepthwisePixels<4, 1>(rows, ox, ch, o);
-      for (; ox < ow; ++ox) DepthwisePixels<1, 1>(rows, ox, ch, o);
+      for (; ox + 4 <= ow; ox += 4) DepthwisePixels<4, 1, kFloat>(rows, ox, ch, o);
+      for (; ox < ow; ++ox) DepthwisePixels<1, 1, kFloat>(rows, ox, ch, o);
     }
   }
 
@@ -272,7 +279,7 @@ struct Stem {
         rows[i] = sy >= 0 && sy < oh ? slot(sy) : nullptr;
       }
       const int64_t at = (n * oh + oy - out_base) * ow * c;
-      if (outf) DepthwiseRowWide(rows, outf + at); else DepthwiseRow(rows, out + at);
+      if (outf) DepthwiseRow<true>(rows, outf + at); else DepthwiseRow(rows, out + at);
     }
   }
 

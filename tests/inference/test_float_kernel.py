@@ -16,18 +16,21 @@ pytestmark = pytest.mark.skipif(
     not int8_kernel.cpu_supported(), reason='the kernels need an x86-64 CPU with AVX2 and FMA')
 
 
-def _skip_without_f32():
+def _skip_without_f32(loop=None):
+  """Skips unless the float32 kernel runs here (and its loop `loop`, 'avx2' or 'avx512')."""
   if not float_kernel.available(jnp.float32):
     pytest.skip(f'no float32 kernel here: {float_kernel.unavailable_reason(jnp.float32)}')
+  if loop and loop not in float_kernel.f32_loops():
+    pytest.skip(f'this CPU runs the float32 loops {float_kernel.f32_loops()}, not {loop}')
 
 
 def _use_loop(loop, monkeypatch):
-  """Skips unless this CPU runs `loop` ('float32': the float32 products' loop); 'amx' runs in
+  """Skips unless this CPU runs `loop` ('avx2', 'avx512': the float32 loops); 'amx' runs in
   its stand-in (`int8_kernel.emulate_loops`) where the CPU lacks AMX-BF16 but has AVX-512,
   for this test only."""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
-  if loop == 'float32':
-    return _skip_without_f32()
+  if loop in float_kernel.F32_LOOPS:
+    return _skip_without_f32(loop)
   if loop == 'amx' and loop not in float_kernel.loops() and (
       int8_kernel.EMULATED['amx'] <= cpu_features.cpu_flags()):
     monkeypatch.setattr(int8_kernel, '_state', dict(int8_kernel._state))  # restored afterwards
@@ -94,12 +97,13 @@ def test_the_kernel_computes_the_bfloat16_product(mode, loop, k, monkeypatch):
 
 @pytest.mark.parametrize('mode', ['linear', 'relu6', 'relu', 'residual'])
 @pytest.mark.parametrize('k', [1, 7, 52, 136])
-def test_the_kernel_computes_the_float32_product(mode, k):
-  """float32 weights: 45 rows (not whole 6- or 8-row tiles) in a batch of 3, 101 outputs (7
-  panels: the 4-, 2- and 1-panel tiles), 1 to 136 inputs: within float32 summation error of
-  the exact float64 sum, and far closer to it than bfloat16 inputs would allow (nothing is
-  rounded on the way in)."""
-  _skip_without_f32()
+@pytest.mark.parametrize('loop', list(float_kernel.F32_LOOPS))
+def test_the_kernel_computes_the_float32_product(mode, k, loop):
+  """float32 weights, each loop: 45 rows (not whole 6- or 8-row tiles) in a batch of 3, 101
+  outputs (7 panels: the 4-, 2- and 1-panel tiles; a partial one), 1 to 136 inputs: within
+  float32 summation error of the exact float64 sum, and far closer to it than bfloat16
+  inputs would allow (nothing is rounded on the way in)."""
+  _skip_without_f32(loop)
   rng = np.random.default_rng(100 + k)
   x = rng.normal(0, 1, (3, 45, k)).astype(np.float32)
   w = rng.normal(0, 0.2, (k, 101)).astype(np.float32)
@@ -108,7 +112,7 @@ def test_the_kernel_computes_the_float32_product(mode, k):
   y = np.asarray(float_kernel.product(
       jnp.asarray(x), jnp.asarray(float_kernel.pack_weights(w, jnp.float32)), jnp.asarray(b),
       mode='linear' if mode == 'residual' else mode,
-      residual=None if residual is None else jnp.asarray(residual)))
+      residual=None if residual is None else jnp.asarray(residual), loop=loop))
   act = {'relu6': lambda v: np.clip(v, 0, 6), 'relu': lambda v: np.maximum(v, 0)}.get(
       mode, lambda v: v)
   x64, w64 = x.astype(np.float64), w.astype(np.float64)
@@ -155,17 +159,24 @@ def _numpy_depthwise(x, w, b, stride, dilation):
 
 @pytest.mark.parametrize('stride,dilation', float_kernel.DEPTHWISE_STRIDES)
 @pytest.mark.parametrize('shape', [(2, 17, 23, 40), (1, 12, 9, 13)])
-def test_the_float32_depthwise_layer_is_numpys(stride, dilation, shape):
-  """The kernel engines' depthwise layer (float32 in and out, ReLU6) against NumPy's sums
-  in float64: odd sizes, a batch, channels beyond whole 16-channel vectors (40) or fewer
-  than one (13)."""
-  _skip_without_f32()
+@pytest.mark.parametrize('loop', list(float_kernel.F32_LOOPS))
+def test_the_float32_depthwise_layer_is_numpys(stride, dilation, shape, loop):
+  """The kernel engines' depthwise layer (float32 in and out, ReLU6) in each loop against
+  NumPy's sums in float64: odd sizes, a batch, channels beyond whole 16-channel vectors (40)
+  or fewer than one (13: the AVX-512 loop only; the AVX2 loop refuses them)."""
+  _skip_without_f32(loop)
   rng = np.random.default_rng(shape[-1] + stride + dilation)
   x = rng.uniform(0, 6, shape).astype(np.float32)
   w = rng.normal(0, 0.5, (3, 3, shape[-1])).astype(np.float32)
   b = rng.normal(0, 1, shape[-1]).astype(np.float32)
+  if loop == 'avx2' and shape[-1] % 8:
+    assert not float_kernel.depthwise_supported(shape[-1], loop)
+    with pytest.raises(ValueError, match='takes channels in multiples of 8'):
+      float_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), stride, dilation,
+                             loop)
+    return
   y = np.asarray(float_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), stride,
-                                       dilation))
+                                        dilation, loop))
   expected = _numpy_depthwise(x, w, b, stride, dilation)
   assert y.shape == expected.shape and y.dtype == np.float32
   np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
@@ -174,15 +185,14 @@ def test_the_float32_depthwise_layer_is_numpys(stride, dilation, shape):
     float_kernel.depthwise(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), 2, 2)
 
 
-@pytest.mark.parametrize('loop', ['avx512bf16', 'amx', 'float32'])
+@pytest.mark.parametrize('loop', ['avx512bf16', 'amx', 'avx2', 'avx512'])
 @pytest.mark.parametrize('stride,dilation', float_kernel.DEPTHWISE_STRIDES)
 def test_the_fused_pass_computes_the_expansion_then_the_depthwise_layer(stride, dilation, loop,
                                                                        monkeypatch):
   """Bands of rows through both layers give exactly the two calls' numbers (odd sizes, a
   batch of 2, expanded channels beyond whole panels), in each precision."""
   _use_loop(loop, monkeypatch)
-  dtype = jnp.float32 if loop == 'float32' else jnp.bfloat16
-  loop = None if loop == 'float32' else loop
+  dtype = jnp.float32 if loop in float_kernel.F32_LOOPS else jnp.bfloat16
   rng = np.random.default_rng(stride * 10 + dilation)
   x = jnp.asarray(rng.uniform(-1, 1, (2, 19, 14, 24)), jnp.float32)
   wp = jnp.asarray(float_kernel.pack_weights(rng.normal(0, 0.3, (24, 40)).astype(np.float32),
@@ -213,26 +223,29 @@ def _numpy_stem(x, ws, bs):
   return np.clip(y, 0, 6)
 
 
-@pytest.mark.parametrize('shape,c', [((2, 33, 29, 3), 16), ((1, 40, 65, 3), 32)])
-def test_the_stem_pass_is_numpys_stem_then_depthwise_layer(shape, c):
+@pytest.mark.parametrize('shape,c', [((2, 33, 29, 3), 16), ((1, 40, 65, 3), 32),
+                                     ((1, 21, 18, 3), 24)])
+@pytest.mark.parametrize('loop', list(float_kernel.F32_LOOPS))
+def test_the_stem_pass_is_numpys_stem_then_depthwise_layer(shape, c, loop):
   """The kernel engines' stem pass (stem, ReLU6, block 0's depthwise layer, ReLU6; float32)
-  against NumPy in float64: odd and even sizes (the 'SAME' padding's sides), a batch."""
-  _skip_without_f32()
+  in each loop against NumPy in float64: odd and even sizes (the 'SAME' padding's sides), a
+  batch, channels in 16s and not (24: the AVX2 loops even where AVX-512 runs)."""
+  _skip_without_f32(loop)
   rng = np.random.default_rng(c + shape[1])
   x = rng.uniform(-1, 1, shape).astype(np.float32)
   ws = rng.normal(0, 0.5, (3, 3, 3, c)).astype(np.float32)
   bs = rng.normal(0, 1, c).astype(np.float32)
   wd = rng.normal(0, 0.5, (3, 3, c)).astype(np.float32)
   bd = rng.normal(0, 1, c).astype(np.float32)
-  y = np.asarray(float_kernel.stem(*map(jnp.asarray, (x, ws, bs, wd, bd))))
+  y = np.asarray(float_kernel.stem(*map(jnp.asarray, (x, ws, bs, wd, bd)), loop=loop))
   expected = _numpy_depthwise(_numpy_stem(x, ws, bs), wd, bd, 1, 1)
   assert y.shape == expected.shape and y.dtype == np.float32
   np.testing.assert_allclose(y, expected, rtol=0, atol=2e-5)
   assert 0 < (y == 0).mean() < 1 and 0 < (y == 6).mean() < 1
-  assert not float_kernel.stem_supported(shape, (3, 3, 3, 24))  # 16 channels per vector
-  with pytest.raises(ValueError, match='a multiple of 16'):
-    float_kernel.stem(jnp.asarray(x), jnp.zeros((3, 3, 3, 24)), jnp.zeros(24),
-                     jnp.zeros((3, 3, 24)), jnp.zeros(24))
+  assert not float_kernel.stem_supported(shape, (3, 3, 3, 20))  # 8 channels per vector
+  with pytest.raises(ValueError, match='a multiple of 8'):
+    float_kernel.stem(jnp.asarray(x), jnp.zeros((3, 3, 3, 20)), jnp.zeros(20),
+                      jnp.zeros((3, 3, 20)), jnp.zeros(20), loop=loop)
 
 
 def test_packed_weights_follow_the_kernels_layout():
@@ -268,7 +281,7 @@ def test_the_kernel_rejects_what_it_cannot_run():
   f32 = jnp.asarray(float_kernel.pack_weights(np.ones((40, 20), np.float32), jnp.float32))
   with pytest.raises(ValueError, match='float32 weights for 40 inputs and 20 outputs'):
     float_kernel.product(x, f32[:-16], jnp.zeros(20))
-  with pytest.raises(ValueError, match='float32 products have one loop'):
+  with pytest.raises(ValueError, match="float32 loop 'amx' is not one of this CPU"):
     float_kernel.product(x, f32, jnp.zeros(20), loop='amx')
   with pytest.raises(ValueError, match='packed weights are float32 or uint16'):
     float_kernel.product(x, f32.astype(jnp.int32), jnp.zeros(20))
@@ -441,6 +454,13 @@ def test_the_float32_engine_runs_every_layer_but_the_heads_pooling_in_the_kernel
              if e.primitive.name == 'ffi_call']
   assert targets.count('seg_float_expand_depthwise') == len(blocks) - 1  # block 0: none
   np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), got)
+  # Every loop (SEG_F32_KERNEL_ISA, read when traced) sums in the same order: the same bits.
+  for loop in float_kernel.f32_loops():
+    monkeypatch.setenv('SEG_F32_KERNEL_ISA', loop)
+    np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), got)
+  monkeypatch.setenv('SEG_F32_KERNEL_ISA', 'sse')
+  with pytest.raises(ValueError, match='SEG_F32_KERNEL_ISA must be auto, avx2, avx512'):
+    jax.make_jaxpr(run())(eng.folded, images)
 
 
 def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model, monkeypatch):
