@@ -20,8 +20,8 @@ Steps, each a fresh process, their output kept whole in the JSON file:
    batches 1 and 8): issue 17's ratios, needing benchmarks/requirements-peers.txt; and the
    engine's bfloat16 in its other forms (`BF16_ROWS`: the bfloat16 kernel and XLA's
    products, from other strides; the defaults were chosen on CPUs without AMX, where
-   bfloat16 products run at most ~2x float32's) and its float32 in XLA's products
-   (`F32_ROWS`).
+   bfloat16 products run at most ~2x float32's) and its float32 in both formulations
+   (`F32_ROWS`: XLA's products, and the float kernel, in AVX2 on CPUs without AVX-512).
 Prints the key figures at the end (a step that fails is recorded and the rest go on).
 7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them);
 8.1 on a Zen 5 with the two bfloat16 rows (2026-12-06 19:09 UTC; the peers 6.6); 10.2
@@ -50,8 +50,9 @@ BF16_ROWS = (('kernel-from-16', 'SEG_BF16_FORMULATION=kernel SEG_BF16_FROM_STRID
              ('kernel-from-4', 'SEG_BF16_FORMULATION=kernel SEG_BF16_FROM_STRIDE=4'),
              ('xla-from-16', 'SEG_BF16_FORMULATION=xla SEG_BF16_FROM_STRIDE=16'),
              ('xla-from-8', 'SEG_BF16_FORMULATION=xla SEG_BF16_FROM_STRIDE=8'))
-# The engine's float32 besides its default (the float kernel where the CPU has AVX-512).
-F32_ROWS = (('xla', 'SEG_F32_FORMULATION=xla'),)
+# The engine's float32 in both formulations (the default: the float kernel where the CPU has
+# AVX-512, XLA's products elsewhere; `kernel` runs the kernel's AVX2 loops there).
+F32_ROWS = (('xla', 'SEG_F32_FORMULATION=xla'), ('kernel', 'SEG_F32_FORMULATION=kernel'))
 INFO = r'''
 import json, subprocess
 from seg.inference import float_kernel, cpu_features, int8_kernel
