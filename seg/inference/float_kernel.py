@@ -92,15 +92,20 @@ def f32_loops() -> tuple:
 def f32_isa() -> str:
   """Which float32 loop runs here: the fastest of `f32_loops()`. SEG_F32_KERNEL_ISA=avx2|avx512
   forces one (an error where the CPU lacks it)."""
-  wanted = os.environ.get('SEG_F32_KERNEL_ISA', 'auto') or 'auto'
-  if wanted != 'auto' and wanted not in F32_LOOPS:
-    raise ValueError(f"SEG_F32_KERNEL_ISA must be auto, {', '.join(F32_LOOPS)}, got {wanted!r}")
-  have = f32_loops()
+  return _chosen('SEG_F32_KERNEL_ISA', F32_LOOPS, f32_loops(), 'this CPU', jnp.float32)
+
+
+def _chosen(variable: str, names, have: tuple, offers: str, dtype) -> str:
+  """The loop `variable` names (one of `names`; an error where it is not in `have`), or the
+  fastest of `have` (the last) when it is unset or 'auto'."""
+  wanted = os.environ.get(variable, 'auto') or 'auto'
+  if wanted != 'auto' and wanted not in names:
+    raise ValueError(f"{variable} must be auto, {', '.join(names)}, got {wanted!r}")
   if not have:
-    raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
+    raise RuntimeError(f'the {jnp.dtype(dtype).name} kernel is unavailable: '
+                       f'{unavailable_reason(dtype)}')
   if wanted != 'auto' and wanted not in have:
-    raise RuntimeError(f'SEG_F32_KERNEL_ISA={wanted}, but this CPU offers only '
-                       f'{", ".join(have)}')
+    raise RuntimeError(f'{variable}={wanted}, but {offers} offers only {", ".join(have)}')
   return have[-1] if wanted == 'auto' else wanted
 
 
@@ -137,18 +142,9 @@ def loops(flags=None) -> tuple:
 
 
 def isa() -> str:
-  """Which bfloat16 loop runs here: the fastest of `loops()`. SEG_BF16_KERNEL_ISA=avx512bf16|amx forces
-  one (an error where the CPU lacks it)."""
-  wanted = os.environ.get('SEG_BF16_KERNEL_ISA', 'auto') or 'auto'
-  if wanted != 'auto' and wanted not in LOOPS:
-    raise ValueError(f"SEG_BF16_KERNEL_ISA must be auto, {', '.join(LOOPS)}, got {wanted!r}")
-  have = loops()
-  if not have:
-    raise RuntimeError(f'the bfloat16 kernel is unavailable: {unavailable_reason()}')
-  if wanted != 'auto' and wanted not in have:
-    raise RuntimeError(f'SEG_BF16_KERNEL_ISA={wanted}, but this CPU or Linux offers only '
-                       f'{", ".join(have)}')
-  return have[-1] if wanted == 'auto' else wanted
+  """Which bfloat16 loop runs here: the fastest of `loops()`. SEG_BF16_KERNEL_ISA=avx512bf16|amx
+  forces one (an error where the CPU lacks it)."""
+  return _chosen('SEG_BF16_KERNEL_ISA', LOOPS, loops(), 'this CPU or Linux', jnp.bfloat16)
 
 
 def pack_weights(w: np.ndarray, dtype=jnp.bfloat16) -> np.ndarray:
