@@ -9,7 +9,9 @@ accumulating in float32), int8 (the workdir's int8_scales.json, calibrated on th
 split if missing) or float32 in the CPU's own formulation (the project's kernel on AVX-512
 CPUs) on every image of the split (at its original size, padded as `eval` pads), and
 prints the share of pixels whose predicted class is identical, the worst image's share,
-and the largest logit difference relative to the largest float32 logit.
+and the largest logit difference relative to the largest float32 logit; and the same share
+for the engine's class maps (`Engine.predict`: its own upsampling and argmax, the CPU
+kernel's where `upsample_argmax` is 'kernel') against the reference's argmax.
 """
 
 import argparse
@@ -39,14 +41,15 @@ def main():
   scales = (engine.int8_scales_for(args.workdir, config, variables) if args.dtype == 'int8'
             else None)
   bf16 = engine.Engine(config, variables, args.dtype, args.batch_size, int8_scales=scales)
-  same = total = 0
+  same = total = same_maps = 0
   worst, max_rel = 1.0, 0.0
   for start in range(0, len(images), 32):
     chunk = images[start:start + 32]
     la, lb = f32.logits(chunk), bf16.logits(chunk)
-    for a, b in zip(la, lb):
+    for a, b, mask in zip(la, lb, bf16.predict(chunk)):
       agree = np.argmax(a, -1) == np.argmax(b, -1)
       same += int(agree.sum())
+      same_maps += int((np.argmax(a, -1) == mask).sum())
       total += agree.size
       worst = min(worst, float(agree.mean()))
       max_rel = max(max_rel, float(np.abs(a - b).max() / np.abs(a).max()))
@@ -57,6 +60,8 @@ def main():
   print(f'  {args.dtype} class == XLA float32 class: {100 * same / total:.3f}% of pixels '
         f'({total - same:,} differ; worst image {100 * worst:.2f}%)')
   print(f'  max |logit difference| / max |float32 logit|: {max_rel:.2e}')
+  print(f'  class maps (upsampling and argmax: {bf16.upsample_argmax}) == XLA float32 class: '
+        f'{100 * same_maps / total:.3f}% of pixels ({total - same_maps:,} differ)')
 
 
 if __name__ == '__main__':

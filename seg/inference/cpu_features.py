@@ -151,6 +151,13 @@ def float_formulation_override(dtype: str) -> Optional[str]:
   return _override(variable, FLOAT_FORMULATIONS)
 
 
+def upsample_argmax_override() -> Optional[str]:
+  """SEG_UPSAMPLE_ARGMAX: 'xla' or 'kernel' (how the engine's class map upsamples the logits
+  and takes their argmax, `seg.inference.engine.upsample_argmax_for`), or None when unset or
+  'auto'."""
+  return _override('SEG_UPSAMPLE_ARGMAX', FLOAT_FORMULATIONS)
+
+
 def _choose_int8(flags: FrozenSet[str], machine: str) -> Choice:
   if flags & {'amx_int8', 'amx_bf16'}:
     return Choice(('--xla_cpu_use_onednn=true',), 'kernel' if 'amx_int8' in flags else 'int8',

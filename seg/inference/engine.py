@@ -108,6 +108,27 @@ def float_formulation_for(dtype: str, platform: str, requested: Optional[str] = 
   return formulation
 
 
+def upsample_argmax_for(platform: str, requested: Optional[str] = None, log=None) -> str:
+  """How an engine on `platform` takes the logits to the image's size and their argmax
+  (`forward.class_map`'s `upsample_argmax`): `requested`, else SEG_UPSAMPLE_ARGMAX, else
+  'kernel' on CPUs where the project's kernel runs (`float_kernel.available(float32)`: x86-64
+  with AVX2 and FMA) and 'xla' elsewhere. 'kernel' becomes 'xla' off the CPU or where the
+  kernel cannot run, said through `log` (or on stderr) when it was asked for by name."""
+  from seg.inference import cpu_features, float_kernel
+  on_cpu = platform == 'cpu'
+  asked = requested or cpu_features.upsample_argmax_override()
+  choice = asked or ('kernel' if on_cpu and float_kernel.available(jnp.float32, log) else 'xla')
+  if choice == 'kernel':
+    why = (f'the engine runs on {platform}, the kernel on CPUs' if not on_cpu else
+           None if float_kernel.available(jnp.float32, log) else
+           float_kernel.unavailable_reason(jnp.float32))
+    if why:
+      (log or functools.partial(print, file=sys.stderr))(
+          f"upsampling and argmax: XLA's instead of the project's kernel ({why})")
+      choice = 'xla'
+  return choice
+
+
 class Engine:
   """Compiled inference for one trained model: class maps and logits of uint8 images.
 
@@ -129,7 +150,8 @@ class Engine:
                int8_scales: Optional[Dict[str, float]] = None,
                int8_formulation: Optional[str] = None,
                bf16_formulation: Optional[str] = None,
-               f32_formulation: Optional[str] = None):
+               f32_formulation: Optional[str] = None,
+               upsample_argmax: Optional[str] = None):
     if isinstance(dtype, str):
       if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
@@ -183,7 +205,10 @@ class Engine:
     self.image_by_image = image_by_image
     self.static = static  # the keyword arguments of `forward` / `class_map` besides the batch
     self._batch_static = dict(static, image_by_image=image_by_image)
-    self._class_map = jax.jit(functools.partial(class_map, **self._batch_static))
+    # The class map's resize and argmax: 'kernel' (row by row) or 'xla' (`class_map`).
+    self.upsample_argmax = upsample_argmax_for(self.device.platform, upsample_argmax, log)
+    self._class_map = jax.jit(functools.partial(class_map, **self._batch_static,
+                                                upsample_argmax=self.upsample_argmax))
     self._logits = jax.jit(lambda f, x, s: forward(f, preprocess_padded(x, s),
                                                    **self._batch_static))
     self._features = jax.jit(lambda f, x, s: forward(f, preprocess_padded(x, s), upsample=False,

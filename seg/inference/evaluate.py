@@ -61,13 +61,15 @@ def multi_scale_logits(folded, images: jax.Array, *, model_config, scales=(1.0,)
 
 def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_config,
               ignore_label: int, scales=(1.0,), flip: bool = False,
-              dtype=jnp.float32) -> jax.Array:
+              dtype=jnp.float32, upsample_argmax: str = 'xla') -> jax.Array:
   """Confusion matrix of one batch, summed over every device of the pmap axis.
 
   The logits come from the inference engine's folded forward pass
   (`seg.inference.forward.forward`, float32), the same function `predict`, `benchmark`
   and `export` run; folding the BatchNorm statistics costs a few small ops.
   `scales`/`flip`: multi-scale and flipped evaluation (`multi_scale_logits`).
+  `upsample_argmax='kernel'`: one scale without flip takes its logits to the image's size
+  and their argmax in the CPU kernel (`forward.class_map`'s, as the engine does).
 
   Args:
     variables: the model's {'params', 'batch_stats'} (folded here, XLA's float32: training's
@@ -82,16 +84,24 @@ def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_c
   else:
     folded = variables
   images = preprocess_padded(batch['image'], batch['size'])
-  scores = multi_scale_logits(folded, images, model_config=model_config, scales=scales,
-                              flip=flip, dtype=dtype)
-  predictions = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  if upsample_argmax == 'kernel' and tuple(scales) == (1.0,) and not flip:
+    from seg.inference import float_kernel
+    features = forward(folded, images, width=model_config.width, upsample=False,
+                       output_stride=model_config.output_stride, dtype=dtype)
+    predictions = float_kernel.upsampled_argmax(features, *images.shape[1:3])
+  else:
+    scores = multi_scale_logits(folded, images, model_config=model_config, scales=scales,
+                                flip=flip, dtype=dtype)
+    predictions = jnp.argmax(scores, axis=-1)
+  predictions = predictions.astype(jnp.int32)
   cm = confusion_matrix(batch['label'], predictions, model_config.num_classes, batch['mask'],
                         ignore_label)
   return lax.psum(cm, AXIS_NAME)
 
 
-def make_p_eval_step(model, config, dtype=jnp.float32):
-  """The pmapped evaluation step for `config` (`model` is unused: kept for callers).
+def make_p_eval_step(model, config, dtype=jnp.float32, upsample_argmax: str = 'xla'):
+  """The pmapped evaluation step for `config` (`model` is unused: kept for callers);
+  `dtype`, `upsample_argmax`: `eval_step`'s.
 
   Batches of different spatial shapes (e.g. images larger than `eval_size` in
   a larger padded bucket) each compile once; pmap caches them by shape.
@@ -104,7 +114,8 @@ def make_p_eval_step(model, config, dtype=jnp.float32):
     raise ValueError(f'config.eval.scales must be positive numbers, got {scales}')
   return jax.pmap(functools.partial(
       eval_step, model_config=config.model, ignore_label=config.data.ignore_label,
-      scales=scales, flip=bool(config.eval.flip), dtype=dtype), axis_name=AXIS_NAME)
+      scales=scales, flip=bool(config.eval.flip), dtype=dtype,
+      upsample_argmax=upsample_argmax), axis_name=AXIS_NAME)
 
 
 def evaluate(p_eval_step, variables: Dict[str, Any], config, split: Optional[str] = None,
@@ -182,7 +193,10 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
     log('float32 products: the project\'s kernel, its AVX-512 loop '
         '(seg.inference.float_kernel)')
   variables = jax.device_get(eng.folded)
-  report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype)),
+  if eng.upsample_argmax == 'kernel' and tuple(config.eval.scales) == (1.0,) and \
+      not config.eval.flip:
+    log("upsampling and argmax: the project's kernel, row by row (seg.inference.float_kernel)")
+  report = evaluate(make_p_eval_step(model, config, engine_dtype(dtype), eng.upsample_argmax),
                     parallel.replicate(variables), config, log=log)
   report['step'] = step
   report['dtype'] = dtype

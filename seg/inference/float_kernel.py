@@ -344,6 +344,31 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
       pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), wide=loop == 'avx512')
 
 
+def upsampled_argmax(logits: jax.Array, height: int, width: int) -> jax.Array:
+  """The class map: argmax over classes of `logits` [n, fh, fw, classes] (float32, at most 256
+  classes) resized to [height, width] with aligned corners, as
+  `argmax(seg.model.layers.resize_bilinear(logits, (height, width)))` -> uint8 [n, height,
+  width], in the kernel (CPU), row by row: the upsampled logits never go to memory.
+
+  Each output is NumPy's float32 arithmetic on the rows-then-columns formula of
+  `seg.predict.upsampling.upsampled_logits` bit for bit (float_kernel.cc), argmax'ed with
+  ties to the lower class; XLA's resize sums the same two terms in its own order, so a
+  pixel whose two best classes tie to a rounding may differ from XLA's class map.
+  """
+  from seg.model.layers import align_corners_taps
+  if not available(jnp.float32):
+    raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
+  if logits.ndim != 4 or not 1 <= logits.shape[3] <= 256:
+    raise ValueError(f'logits are [n, fh, fw, classes] with 1 to 256 classes, got '
+                     f'{logits.shape}')
+  rows = align_corners_taps(height, logits.shape[1])
+  cols = align_corners_taps(width, logits.shape[2])
+  out = jax.ShapeDtypeStruct((logits.shape[0], height, width), jnp.uint8)
+  return jax.ffi.ffi_call(int8_kernel._TARGETS['SegUpsampledArgmax'], out)(
+      logits.astype(jnp.float32), rows[0].astype(np.int32), rows[1], cols[0].astype(np.int32),
+      cols[1])
+
+
 def pack_folded(folded, dtype=jnp.bfloat16):
   """Folded float32 params (`seg.inference.fold.fold_variables`, NumPy) with every 1x1
   product's weights also packed for `dtype`'s products in the kernel ('wp' beside 'w'; the

@@ -19,7 +19,8 @@ It re-expresses the trained model's function for speed, without changing it:
   weights: rounded to bfloat16 inside the kernel, from `low_precision_from_stride(True)`
   on), with bias, activation and residual sum in its output loop; the stem and the
   depthwise layers run in its float32 loops (with their ReLU6), the head's pooling and the
-  resizing in XLA's float32.
+  resizing in XLA's float32. `class_map` can take the resize and the argmax to the kernel
+  too (`upsample_argmax='kernel'`, the engine's choice on x86 CPUs), in any dtype.
 
 `forward` is a pure function of (folded params, images), so it can be jitted, pmapped
 (`seg.inference.evaluate`) or exported (`seg.inference.export`).
@@ -293,14 +294,30 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   return logits
 
 
+UPSAMPLE_ARGMAX = ('xla', 'kernel')
+
+
 def class_map(folded, images: jax.Array, sizes: Optional[jax.Array], *, width: float,
-              output_stride: int, dtype=jnp.float32, image_by_image: bool = False) -> jax.Array:
+              output_stride: int, dtype=jnp.float32, image_by_image: bool = False,
+              upsample_argmax: str = 'xla') -> jax.Array:
   """uint8 images [n, h, w, 3] (+ valid sizes [n, 2]) -> class ids [n, h, w] uint8.
 
   The whole prediction function: preprocessing, padding, network, argmax.
+  `upsample_argmax`: how the logits reach the image's size and their argmax: 'xla' (the
+  model's `resize_bilinear`, then argmax) or 'kernel' (the CPU kernel's
+  `float_kernel.upsampled_argmax`: the same rule, row by row, without the upsampled logits in
+  memory; a class may differ from XLA's only where two classes tie to a rounding).
   """
+  if upsample_argmax not in UPSAMPLE_ARGMAX:
+    raise ValueError(f'upsample_argmax must be one of {UPSAMPLE_ARGMAX}, got '
+                     f'{upsample_argmax!r}')
+  kernel = upsample_argmax == 'kernel'
   logits = forward(folded, preprocess_padded(images, sizes), width=width,
-                   output_stride=output_stride, dtype=dtype, image_by_image=image_by_image)
+                   output_stride=output_stride, dtype=dtype, image_by_image=image_by_image,
+                   upsample=not kernel)
+  if kernel:
+    from seg.inference import float_kernel
+    return float_kernel.upsampled_argmax(logits, *images.shape[1:3])
   return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
 

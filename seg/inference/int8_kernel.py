@@ -68,7 +68,8 @@ _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegInt8ExpandDepthwise': EXPAND_DEPTHWISE_TARGET,
             'SegFloatProduct': 'seg_float_product',
             'SegF32Depthwise': 'seg_f32_depthwise',
-            'SegFloatExpandDepthwise': 'seg_float_expand_depthwise'}  # library symbol: FFI target
+            'SegFloatExpandDepthwise': 'seg_float_expand_depthwise',
+            'SegUpsampledArgmax': 'seg_upsampled_argmax'}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
 AMX_K = 64   # input channels per AMX tile product
@@ -149,7 +150,7 @@ def build(directory: Optional[str] = None, log=None, defines=()) -> str:
     return build(fallback, log, defines)
   os.close(fd)
   if log:
-    log(f'compiling the int8 kernel into {directory} (once) ...')
+    log(f"compiling the project's CPU kernels into {directory} (once) ...")
   try:
     done = subprocess.run([cxx, *flags, f'-I{include}', *SOURCES, '-o', tmp],
                           capture_output=True, text=True)
