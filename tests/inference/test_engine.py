@@ -11,7 +11,7 @@ import pytest
 
 from helpers import EVAL_SIZE, ROOT, random_variables, tiny_engine_config
 from seg import parallel
-from seg.inference import engine, evaluate, fold
+from seg.inference import engine, evaluate, float_kernel, fold
 from seg.inference.forward import forward, low_precision_from_stride
 from seg.model import block_specs
 from seg.preprocessing import MEAN_PIXEL, bucket_shape, preprocess
@@ -155,13 +155,17 @@ def test_bad_inputs_are_clear_errors(tiny_model):
     eng.predict([np.zeros((0, 10, 3), np.uint8)])
 
 
-def test_pmapped_eval_counts_batches_of_two_shapes(tiny_model):
+@pytest.mark.parametrize('upsample_argmax', ['xla', 'kernel'])
+def test_pmapped_eval_counts_batches_of_two_shapes(tiny_model, upsample_argmax):
   # The evaluation step (engine forward, psum over 4 devices) against a NumPy confusion
-  # matrix of the Flax model's predictions, for batches of two padded shapes.
+  # matrix of the Flax model's predictions, for batches of two padded shapes; with the
+  # logits' upsampling and argmax in XLA and in the CPU kernel (`main.py eval`'s on x86).
+  if upsample_argmax == 'kernel' and not float_kernel.available(jnp.float32):
+    pytest.skip(f'no CPU kernel here: {float_kernel.unavailable_reason(jnp.float32)}')
   config, model, variables = tiny_model
   config = config.copy_and_resolve_references()
   num_classes = config.model.num_classes
-  p_eval_step = evaluate.make_p_eval_step(model, config)
+  p_eval_step = evaluate.make_p_eval_step(model, config, upsample_argmax=upsample_argmax)
   replicated = parallel.replicate(variables)
   rng = np.random.default_rng(4)
   apply = jax.jit(lambda v, x: model.apply(v, preprocess(x), train=False))
