@@ -169,10 +169,14 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
     from seg.inference import float_kernel
     loop = float_kernel.isa()
   elif eng.f32_formulation == 'kernel':
-    loop = 'avx512'  # the float32 products' one loop
+    from seg.inference import float_kernel
+    loop = float_kernel.f32_isa()
+  # The class map's upsampling and argmax ('kernel' or 'xla'), where they are timed.
+  upsample_argmax = eng.upsample_argmax if measure == 'predict' else None
   record = {
       'peer': 'seg-engine',
       'variant': (f'os{config.model.output_stride}/{dtype_name}/{measure}'
+                  f'{f"/{upsample_argmax}-argmax" if upsample_argmax else ""}'
                   f'{"" if image_by_image or batch_size == 1 else "/batched"}'
                   f'{f"/{parts}parts" if parts > 1 else ""}+{allocator()}'),
       'devices': parts,
@@ -189,6 +193,7 @@ def benchmark(config, workdir: Optional[str] = None, batch_size: int = 1,
       'bf16_loop': loop if eng.bf16_formulation else None,
       'f32_loop': loop if eng.f32_formulation else None,
       'measure': measure,
+      'upsample_argmax': upsample_argmax,
       'warmup': warmup,
       'requested_iters': iters,
       'median_ms': round(median, 3),
@@ -227,7 +232,9 @@ def format_record(r: Dict[str, Any]) -> str:
       + ''.join(f' ({r[f"{d}_formulation"]} formulation'
                 + (f', {r[f"{d}_loop"]} loop)' if r.get(f'{d}_loop') else ')')
                 for d in ('int8', 'bf16', 'f32') if r.get(f'{d}_formulation'))
-      + f', {r["measure"]} ({r["input"]} -> {r["output_shape"]}), '
+      + f', {r["measure"]} ({r["input"]} -> {r["output_shape"]}'
+      + (f'; upsampling and argmax: {r["upsample_argmax"]}' if r.get('upsample_argmax') else '')
+      + '), '
       f'{r["device"]}, allocator {r["allocator"]}',
       f'  median {r["median_ms"]:.1f} ms per batch of {r["batch"]}  '
       f'(min {r["min_ms"]:.1f}, max {r["max_ms"]:.1f}, {r["iters"]} runs after '

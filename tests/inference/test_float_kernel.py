@@ -556,7 +556,7 @@ def test_an_export_never_carries_the_kernel(tiny_model, dtype):
       export.export_engine(int8, platforms=('cpu',))
 
 
-def test_the_benchmark_names_the_float_formulation_and_loop():
+def test_the_benchmark_names_the_float_formulation_and_loop(monkeypatch):
   if not float_kernel.available():
     pytest.skip(f'no bfloat16 kernel here: {float_kernel.unavailable_reason()}')
   from experiments import tiny
@@ -570,3 +570,7 @@ def test_the_benchmark_names_the_float_formulation_and_loop():
   assert record['f32_formulation'] == 'kernel' and record['f32_loop'] == 'avx512'
   assert record['bf16_formulation'] is None
   assert 'engine float32 (kernel formulation, avx512 loop)' in benchmark.format_record(record)
+  monkeypatch.setenv('SEG_F32_KERNEL_ISA', 'avx2')
+  record = benchmark.benchmark(tiny.get_config(), height=65, width=65, warmup=1, iters=2,
+                               log=lambda *a: None)
+  assert record['f32_loop'] == 'avx2'

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from helpers import EVAL_SIZE, random_variables, tiny_engine_config
-from seg.inference import engine, export, float_kernel, int8_kernel
+from seg.inference import benchmark, engine, export, float_kernel, int8_kernel
 from seg.model.layers import resize_bilinear
 
 pytestmark = pytest.mark.skipif(
@@ -161,3 +161,19 @@ def test_an_export_carries_xlas_upsampling(tiny_model):
   eng = engine.Engine(config, variables, upsample_argmax='kernel', f32_formulation='xla')
   text = export.export_engine(eng, platforms=('cpu',), batch_size=1).mlir_module()
   assert 'seg_upsampled_argmax' not in text
+
+
+def test_the_benchmark_names_the_class_maps_upsampling(monkeypatch):
+  """`benchmark --measure predict` says whose upsampling and argmax it timed."""
+  from experiments import tiny
+  run = lambda measure: benchmark.benchmark(tiny.get_config(), height=65, width=65,
+                                            measure=measure, warmup=1, iters=2,
+                                            log=lambda *a: None)
+  monkeypatch.delenv('SEG_UPSAMPLE_ARGMAX', raising=False)
+  record = run('predict')
+  assert record['upsample_argmax'] == 'kernel' and '/kernel-argmax' in record['variant']
+  assert 'upsampling and argmax: kernel' in benchmark.format_record(record)
+  assert record['output_shape'] == [1, 65, 65]
+  monkeypatch.setenv('SEG_UPSAMPLE_ARGMAX', 'xla')
+  assert run('predict')['upsample_argmax'] == 'xla'
+  assert run('network')['upsample_argmax'] is None
