@@ -1,0 +1,107 @@
+"""Two settings of the engine's class maps timed call by call in one process: an A/B that a
+VM whose speed drifts (docs/performance.md) cannot tilt, since both see the same stretches.
+
+    python benchmarks/engine_ab.py [--dtype float32] [--batch 8] [--iters 30] [--size 513] \
+        [--one-part B] [VAR=VALUE ...]
+
+A is the default engine; B the engine built and compiled with the given SEG_* environment
+variables (e.g. SEG_UPSAMPLE_ARGMAX=xla, SEG_F32_FORMULATION=xla, SEG_FLOAT_STEM=xla).
+`--one-part A|B|both` gives that engine one device, so that it computes each batch whole
+instead of as two parts at once (`Engine.run_padded`; a CPU is shown to XLA as two devices,
+`seg.cli.process`). What is timed is `Engine.predict`'s compiled work: uint8 images in
+(already on the devices), preprocessing, the network, upsampling and argmax, class maps
+out, every part dispatched before any is awaited. experiments/base.py, random weights (and
+fixed int8 scales; speed does not depend on values). Prints per setting the median, 25th
+percentile and fastest ms per image, and the median of the per-pair ratios B / A. Runs
+under mimalloc, as `main.py benchmark` does.
+"""
+
+import argparse
+import os
+import time
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--config', default='experiments/base.py')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'int8'))
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--size', type=int, default=513)
+  parser.add_argument('--iters', type=int, default=30)
+  parser.add_argument('--one-part', choices=('A', 'B', 'both'), default=None)
+  parser.add_argument('settings', nargs='*', help='VAR=VALUE for B')
+  args = parser.parse_args()
+  b_env = dict(s.split('=', 1) for s in args.settings)
+  from seg.cli import process
+  process.reexec_with_mimalloc()  # as main.py runs
+  process.split_cpu_into_devices()  # as predict and benchmark run
+  process.use_cpu_feature_flags()
+
+  import jax
+  import numpy as np
+
+  from seg.config import load_experiment
+  from seg.inference import benchmark, engine
+  from seg.inference.quantize import scale_names
+  from seg.model import create_model
+
+  config = load_experiment(args.config)
+  variables = benchmark.random_variables(create_model(config.model))
+  scales = (dict.fromkeys(scale_names(config.model), 6 / 127) if args.dtype == 'int8'
+            else None)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8)
+  sizes = np.tile(np.array([[args.size, args.size]], np.int32), (args.batch, 1))
+
+  def build(env, one_part):
+    """The engine's calls for one batch: [(compiled, arguments)] per part."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+      devices = engine.batch_devices()[:1] if one_part else engine.batch_devices()
+      eng = engine.Engine(config, variables, dtype=args.dtype, batch_size=args.batch,
+                          devices=devices, int8_scales=scales)
+      parts = eng.parts(args.batch)
+      size = args.batch // parts
+      calls = []
+      for i, device in enumerate(eng.devices[:parts]):
+        rows = slice(i * size, (i + 1) * size)
+        fn = eng.compiled('classes', size, args.size, args.size, device=device)
+        calls.append((fn, (eng.folded_on[device], jax.device_put(images[rows], device),
+                           jax.device_put(sizes[rows], device))))
+      return eng, parts, calls
+    finally:
+      for k, v in saved.items():
+        if v is None:
+          os.environ.pop(k, None)
+        else:
+          os.environ[k] = v
+
+  one = args.one_part or ''
+  a_eng, a_parts, a_calls = build({}, one in ('A', 'both'))
+  b_eng, b_parts, b_calls = build(b_env, one in ('B', 'both'))
+  describe = lambda eng, parts: (f'{parts} part{"s" if parts > 1 else ""}, upsampling and '
+                                 f'argmax: {eng.upsample_argmax}')
+  runs = {f'A (default; {describe(a_eng, a_parts)})': a_calls,
+          f'B ({" ".join(args.settings) or "default"}; {describe(b_eng, b_parts)})': b_calls}
+  run = lambda calls: jax.block_until_ready([fn(*arguments) for fn, arguments in calls])
+  for calls in runs.values():
+    for _ in range(3):
+      run(calls)
+  times = {name: [] for name in runs}
+  for _ in range(args.iters):
+    for name, calls in runs.items():
+      start = time.perf_counter()
+      run(calls)
+      times[name].append((time.perf_counter() - start) * 1e3 / args.batch)
+  print(f'{args.config}, {args.dtype}, {args.size}x{args.size}, batch {args.batch}, '
+        f'{args.iters} calls each, alternating; class maps, ms per image:')
+  for name, t in times.items():
+    print(f'  {name}: median {np.median(t):.2f}  p25 {np.percentile(t, 25):.2f}  '
+          f'fastest {min(t):.2f}')
+  a, b = (np.asarray(t) for t in times.values())
+  print(f'  B / A, median of the pairs: {np.median(b / a):.3f}')
+
+
+if __name__ == '__main__':
+  main()
