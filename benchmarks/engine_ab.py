@@ -2,13 +2,13 @@
 VM whose speed drifts (docs/performance.md) cannot tilt, since both see the same stretches.
 
     python benchmarks/engine_ab.py [--dtype float32] [--batch 8] [--iters 30] [--size 513] \
-        [--one-part B] [VAR=VALUE ...]
+        [--parts-a one|devices] [--parts-b one|devices] [VAR=VALUE ...]
 
 A is the default engine; B the engine built and compiled with the given SEG_* environment
 variables (e.g. SEG_UPSAMPLE_ARGMAX=xla, SEG_F32_FORMULATION=xla, SEG_FLOAT_STEM=xla).
-`--one-part A|B|both` gives that engine one device, so that it computes each batch whole
-instead of as two parts at once (`Engine.run_padded`; a CPU is shown to XLA as two devices,
-`seg.cli.process`). What is timed is `Engine.predict`'s compiled work: uint8 images in
+`--parts-a`, `--parts-b`: whether that engine computes each batch whole ('one') or as one
+part per device at once ('devices'; `Engine.run_padded`; a CPU is shown to XLA as two
+devices, `seg.cli.process`); default the engine's own choice (`Engine.split_batches`). What is timed is `Engine.predict`'s compiled work: uint8 images in
 (already on the devices), preprocessing, the network, upsampling and argmax, class maps
 out, every part dispatched before any is awaited. experiments/base.py, random weights (and
 fixed int8 scales; speed does not depend on values). Prints per setting the median, 25th
@@ -28,7 +28,8 @@ def main():
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--size', type=int, default=513)
   parser.add_argument('--iters', type=int, default=30)
-  parser.add_argument('--one-part', choices=('A', 'B', 'both'), default=None)
+  parser.add_argument('--parts-a', choices=('one', 'devices'), default=None)
+  parser.add_argument('--parts-b', choices=('one', 'devices'), default=None)
   parser.add_argument('settings', nargs='*', help='VAR=VALUE for B')
   args = parser.parse_args()
   b_env = dict(s.split('=', 1) for s in args.settings)
@@ -53,14 +54,14 @@ def main():
   images = rng.integers(0, 256, (args.batch, args.size, args.size, 3), np.uint8)
   sizes = np.tile(np.array([[args.size, args.size]], np.int32), (args.batch, 1))
 
-  def build(env, one_part):
+  def build(env, parts):
     """The engine's calls for one batch: [(compiled, arguments)] per part."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-      devices = engine.batch_devices()[:1] if one_part else engine.batch_devices()
       eng = engine.Engine(config, variables, dtype=args.dtype, batch_size=args.batch,
-                          devices=devices, int8_scales=scales)
+                          devices=engine.batch_devices(), int8_scales=scales,
+                          split_batches=None if parts is None else parts == 'devices')
       parts = eng.parts(args.batch)
       size = args.batch // parts
       calls = []
@@ -77,9 +78,8 @@ def main():
         else:
           os.environ[k] = v
 
-  one = args.one_part or ''
-  a_eng, a_parts, a_calls = build({}, one in ('A', 'both'))
-  b_eng, b_parts, b_calls = build(b_env, one in ('B', 'both'))
+  a_eng, a_parts, a_calls = build({}, args.parts_a)
+  b_eng, b_parts, b_calls = build(b_env, args.parts_b)
   describe = lambda eng, parts: (f'{parts} part{"s" if parts > 1 else ""}, upsampling and '
                                  f'argmax: {eng.upsample_argmax}')
   runs = {f'A (default; {describe(a_eng, a_parts)})': a_calls,

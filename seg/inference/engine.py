@@ -138,7 +138,9 @@ class Engine:
   Every call pads to the shape bucket of its images (`bucket_shape`), splits
   the batch into chunks of `batch_size` (the last one padded), and runs the
   executable compiled ahead of time for (batch_size, bucket, dtype); given
-  several `devices`, each runs an equal part of a chunk (`run_padded`). On x86 CPUs with
+  several `devices`, each runs an equal part of a chunk (`run_padded`; `split_batches`:
+  True or False forces it, None splits unless the kernels run the whole network and the
+  class map: `upsample_argmax` 'kernel', the CPU's choice where the kernels run). On x86 CPUs with
   AVX-512 float32 and bfloat16 run in the project's kernel (`f32_formulation`,
   `bf16_formulation`: 'kernel'; 'xla' asks for XLA's products), int8 as
   `int8_formulation` says (`seg.inference.cpu_features`).
@@ -151,7 +153,8 @@ class Engine:
                int8_formulation: Optional[str] = None,
                bf16_formulation: Optional[str] = None,
                f32_formulation: Optional[str] = None,
-               upsample_argmax: Optional[str] = None):
+               upsample_argmax: Optional[str] = None,
+               split_batches: Optional[bool] = None):
     if isinstance(dtype, str):
       if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
@@ -209,6 +212,13 @@ class Engine:
     self.upsample_argmax = upsample_argmax_for(self.device.platform, upsample_argmax, log)
     self._class_map = jax.jit(functools.partial(class_map, **self._batch_static,
                                                 upsample_argmax=self.upsample_argmax))
+    # Several devices (a CPU shown to XLA as two) compute a batch as parts at once
+    # (`run_padded`), which keeps every core busy in XLA's single-threaded stretches. Where
+    # the kernels run the network and the class map, on threads of their own on every core,
+    # a batch was faster whole (docs/performance.md, "Two parts at once on a CPU").
+    in_kernels = self.upsample_argmax == 'kernel' and 'kernel' in (
+        self.int8_formulation, self.bf16_formulation, self.f32_formulation)
+    self.split_batches = not in_kernels if split_batches is None else split_batches
     self._logits = jax.jit(lambda f, x, s: forward(f, preprocess_padded(x, s),
                                                    **self._batch_static))
     self._features = jax.jit(lambda f, x, s: forward(f, preprocess_padded(x, s), upsample=False,
@@ -261,8 +271,9 @@ class Engine:
     return self._compiled[key]
 
   def parts(self, batch: int) -> int:
-    """Into how many parts `run_padded` splits a batch: one per device if they divide it."""
-    return len(self.devices) if batch % len(self.devices) == 0 else 1
+    """Into how many parts `run_padded` splits a batch: one per device if they divide it
+    and the engine splits batches (`split_batches`)."""
+    return len(self.devices) if self.split_batches and batch % len(self.devices) == 0 else 1
 
   def run_padded(self, kind: str, images: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Compiled calls on a canvas: images [batch, H, W, 3] uint8, sizes [batch, 2].
