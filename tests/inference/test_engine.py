@@ -127,7 +127,8 @@ def test_a_batch_split_over_devices_gives_the_one_device_results(tiny_model):
   one = engine.Engine(config, variables, batch_size=4)
   expected_masks, expected_logits = one.predict(images), one.logits(images)
   for batch_size, parts in ((4, 2), (3, 1)):   # 3 images do not split over 2 devices
-    split = engine.Engine(config, variables, batch_size=batch_size, devices=devices)
+    split = engine.Engine(config, variables, batch_size=batch_size, devices=devices,
+                          split_batches=True)
     for mask, expected in zip(split.predict(images), expected_masks):
       np.testing.assert_array_equal(mask, expected)
     for logits, expected in zip(split.logits(images), expected_logits):
@@ -135,6 +136,25 @@ def test_a_batch_split_over_devices_gives_the_one_device_results(tiny_model):
     # Each part ran on its own device: batch_size / parts images there.
     assert {(k[1], k[4]) for k in split.compile_seconds} == {
         (batch_size // parts, device) for device in devices[:parts]}
+
+
+def test_batches_run_whole_where_the_kernels_run_the_network_and_the_class_map(tiny_model):
+  """By default a batch is split over the devices unless the CPU kernels run both the
+  network and the class map's upsampling and argmax (they use every core themselves)."""
+  config, _, variables = tiny_model
+  devices = jax.local_devices()[:2]
+  make = lambda **kwargs: engine.Engine(config, variables, batch_size=4, devices=devices,
+                                        **kwargs)
+  for kwargs in ({'f32_formulation': 'xla', 'upsample_argmax': 'xla'},
+                 {'f32_formulation': 'xla', 'upsample_argmax': 'kernel'}):
+    eng = make(**kwargs)
+    assert eng.split_batches and eng.parts(4) == 2 and eng.parts(3) == 1
+  if not float_kernel.available(jnp.float32):
+    pytest.skip(f'no CPU kernel here: {float_kernel.unavailable_reason(jnp.float32)}')
+  eng = make(f32_formulation='kernel', upsample_argmax='kernel')
+  assert (eng.f32_formulation, eng.split_batches, eng.parts(4)) == ('kernel', False, 1)
+  assert make(f32_formulation='kernel', upsample_argmax='xla').parts(4) == 2
+  assert make(f32_formulation='kernel', split_batches=True).parts(4) == 2
 
 
 @pytest.mark.parametrize('size, expected', [((10, 10), (65, 65)), ((65, 65), (65, 65)),
