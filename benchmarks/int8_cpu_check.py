@@ -21,7 +21,10 @@ Steps, each a fresh process, their output kept whole in the JSON file:
    engine's bfloat16 in its other forms (`BF16_ROWS`: the bfloat16 kernel and XLA's
    products, from other strides; the defaults were chosen on CPUs without AMX, where
    bfloat16 products run at most ~2x float32's) and its float32 in both formulations
-   (`F32_ROWS`: XLA's products, and the float kernel, in AVX2 on CPUs without AVX-512).
+   (`F32_ROWS`: XLA's products, and the float kernel, in AVX2 on CPUs without AVX-512);
+6. the class maps call by call (`engine_ab.py`, batch 8, float32 and int8): the default
+   against XLA's upsampling and argmax (`SEG_UPSAMPLE_ARGMAX=xla`), and against the batch
+   in one part per device (`--parts-b devices`), both chosen on a Zen 5 (2026-12-07).
 Prints the key figures at the end (a step that fails is recorded and the rest go on).
 7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them);
 8.1 on a Zen 5 with the two bfloat16 rows (2026-12-06 19:09 UTC; the peers 6.6); 10.2
@@ -113,7 +116,8 @@ def main():
   loops = info.get('loops', [])
 
   code, seconds, out = run(f'{python} -m pytest -q -p no:cacheprovider '
-                           'tests/inference/test_int8_kernel.py tests/inference/test_float_kernel.py')
+                           'tests/inference/test_int8_kernel.py tests/inference/test_float_kernel.py '
+                           'tests/inference/test_upsampled_argmax.py')
   counts = dict((k, int(v)) for v, k in re.findall(r'(\d+) (passed|skipped|failed|error)', out))
   report['steps']['tests'] = {'exit': code, 'seconds': seconds, 'counts': counts,
                               'tail': out[-3000:]}
@@ -156,6 +160,17 @@ def main():
     report['steps']['peers'] = {'exit': code, 'seconds': seconds, 'jsonl': jsonl,
                                 'table': out[-5000:]}
 
+  report['steps']['class_maps'] = {}
+  for dtype in ('float32', 'int8'):
+    for name, b in (('xla upsampling and argmax', 'SEG_UPSAMPLE_ARGMAX=xla'),
+                    ('one part per device', '--parts-b devices')):
+      code, seconds, out = run(f'{python} benchmarks/engine_ab.py --dtype {dtype} --batch 8 '
+                               f'--iters 30 {b}')
+      ratio = re.search(r'B / A, median of the pairs: ([\d.]+)', out)
+      report['steps']['class_maps'][f'{dtype}, B: {name}'] = {
+          'exit': code, 'b_over_a': float(ratio.group(1)) if ratio else None,
+          'output': out[-1500:]}
+
   output = args.output or os.path.join(ROOT, 'benchmarks', 'results',
                                        f'int8-cpu-check-{stem}.json')
   with open(output, 'w') as f:
@@ -170,6 +185,8 @@ def main():
         f'{n} {v}' for n, v in zip(names, layers)))
   for key, value in report['steps']['timeline'].items():
     print(f'network, {key}: {value["network_ms"]} ms')
+  for key, value in report['steps']['class_maps'].items():
+    print(f'class maps, {key}: B / A {value["b_over_a"]}')
   if 'peers' in report['steps']:
     print(report['steps']['peers']['table'][-2500:])
   print(f'written: {output}')
