@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "class_map.h"
 #include "float_product.h"
 #include "int8_depthwise.h"
 #include "kernel_cpu.h"
@@ -208,80 +209,8 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // ------------------------------------------------------------------------------------------
-// The class map (float_kernel.py: upsampled_argmax): logits on the feature grid, upsampled
-// bilinearly with the taps given (aligned corners), and the first class of the largest,
-//
-//   r[w, c] = f[n, rlo[y], w, c] * (1 - rt[y]) + f[n, rhi, w, c] * rt[y]  (rhi = min(rlo + 1, fh - 1))
-//   v[x, c] = r[clo[x], c] * (1 - ct[x]) + r[chi, c] * ct[x]             (chi likewise)
-//   out[n, y, x] = the first c with the largest v[x, c]
-//
-// every product and sum rounded to float32 in that order (the library is built without
-// contraction into fused multiply-adds): NumPy's float32 arithmetic on that formula
-// (seg.predict.upsampling), bit for bit. One output row at a time: r and v (class-major,
-// 44 KB for 21 classes at 513 pixels) stay in the core's cache, where XLA's resize writes
-// every class of every pixel to memory and reads it back for the argmax. NaN never wins.
-constexpr int64_t kLanes = 8;  // pixels per AVX2 vector
-
-struct ClassMap {
-  const float* f;
-  int64_t fh, fw, classes, height, width;
-  const int32_t* row_lo;
-  const float* row_t;
-  std::vector<int64_t> start;       // [fw + 1]: the first pixel x with clo[x] >= w
-  std::vector<float> col_t, col_s;  // ct[x] and 1 - ct[x], padded by kLanes
-  uint8_t* out;
-
-  int64_t Stride() const { return width + kLanes; }  // v's row per class
-
-  void Row(int64_t n, int64_t y, std::vector<float>& r, std::vector<float>& v) const {
-    r.resize(classes * fw);
-    v.resize(classes * Stride());
-    const int32_t lo = row_lo[y];
-    const float t = row_t[y], s = 1.f - t;
-    const float* f0 = f + (n * fh + lo) * fw * classes;
-    const float* f1 = f + (n * fh + std::min<int64_t>(lo + 1, fh - 1)) * fw * classes;
-    for (int64_t w = 0; w < fw; ++w)
-      for (int64_t c = 0; c < classes; ++c)
-        r[c * fw + w] = f0[w * classes + c] * s + f1[w * classes + c] * t;
-    // The pixels of cell w, [start[w], start[w + 1]), read r[w] and r[w + 1]; a vector that
-    // runs past the cell's last pixel is overwritten by the next cell's (or lands in the
-    // padding).
-    for (int64_t c = 0; c < classes; ++c) {
-      const float* rc = r.data() + c * fw;
-      float* vc = v.data() + c * Stride();
-      for (int64_t w = 0; w < fw; ++w) {
-        const __m256 r0 = _mm256_set1_ps(rc[w]);
-        const __m256 r1 = _mm256_set1_ps(rc[std::min<int64_t>(w + 1, fw - 1)]);
-        for (int64_t x = start[w]; x < start[w + 1]; x += kLanes)
-          _mm256_storeu_ps(vc + x,
-                           _mm256_add_ps(_mm256_mul_ps(r0, _mm256_loadu_ps(col_s.data() + x)),
-                                         _mm256_mul_ps(r1, _mm256_loadu_ps(col_t.data() + x))));
-      }
-    }
-    uint8_t* o = out + (n * height + y) * width;
-    for (int64_t x = 0; x < width; x += kLanes) {
-      __m256 best = _mm256_loadu_ps(v.data() + x), index = _mm256_setzero_ps();
-      for (int64_t c = 1; c < classes; ++c) {
-        const __m256 value = _mm256_loadu_ps(v.data() + c * Stride() + x);
-        const __m256 more = _mm256_cmp_ps(value, best, _CMP_GT_OQ);  // ties keep the first
-        best = _mm256_blendv_ps(best, value, more);
-        index = _mm256_blendv_ps(index, _mm256_set1_ps(static_cast<float>(c)), more);
-      }
-      const __m256i i32 = _mm256_cvttps_epi32(index);
-      const __m128i u16 = _mm_packus_epi32(_mm256_castsi256_si128(i32),
-                                           _mm256_extracti128_si256(i32, 1));
-      const __m128i u8 = _mm_packus_epi16(u16, u16);
-      if (x + kLanes <= width) {
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(o + x), u8);
-      } else {
-        alignas(16) uint8_t last[16];
-        _mm_store_si128(reinterpret_cast<__m128i*>(last), u8);
-        std::copy_n(last, width - x, o + x);
-      }
-    }
-  }
-};
-
+// The class map (float_kernel.py: upsampled_argmax): every output row in class_map.h's
+// vector loop, rows shared by the threads.
 ffi::Error UpsampledArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
                            ffi::Buffer<ffi::S32> row_lo, ffi::Buffer<ffi::F32> row_t,
                            ffi::Buffer<ffi::S32> col_lo, ffi::Buffer<ffi::F32> col_t,
@@ -305,21 +234,16 @@ ffi::Error UpsampledArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   for (int64_t x = 0; x < width; ++x)
     if (cl[x] < 0 || cl[x] >= fw || (x && cl[x] < cl[x - 1]))
       return ffi::Error::InvalidArgument("column taps must be ascending, on the feature grid");
-  ClassMap m{logits.typed_data(), fh, fw, classes, height, width, rl, row_t.typed_data(),
-             std::vector<int64_t>(fw + 1), {}, {}, out->typed_data()};
-  for (int64_t w = 0, x = 0; w <= fw; ++w) {
-    while (x < width && cl[x] < w) ++x;
-    m.start[w] = x;
-  }
-  m.col_t.assign(width + kLanes, 0.f);
-  m.col_s.assign(width + kLanes, 0.f);
-  for (int64_t x = 0; x < width; ++x) {
-    m.col_t[x] = col_t.typed_data()[x];
-    m.col_s[x] = 1.f - m.col_t[x];
-  }
-  seg::ForEachRows(pool, ld[0], height, 4, 32, [&m](int64_t n, int64_t y0, int64_t y1) {
+  const seg::class_map::Columns columns(cl, col_t.typed_data(), fw, width);
+  const float* f = logits.typed_data();
+  const float* rt = row_t.typed_data();
+  uint8_t* o = out->typed_data();
+  seg::ForEachRows(pool, ld[0], height, 4, 32, [&](int64_t n, int64_t y0, int64_t y1) {
     thread_local std::vector<float> r, v;
-    for (int64_t y = y0; y < y1; ++y) m.Row(n, y, r, v);
+    for (int64_t y = y0; y < y1; ++y) {
+      seg::class_map::Blend(f + n * fh * fw * classes, fh, fw, classes, rl[y], rt[y], r);
+      columns.Row(r, classes, v, o + (n * height + y) * width);
+    }
   });
   return ffi::Error::Success();
 }
@@ -355,6 +279,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegF32Depthwise, F32Depthwise,
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, c]
 
 extern "C" int SegFloatHasLoop(int isa) { return RunsLoop(isa) ? 1 : 0; }
+
+// One image's class map by blocks (class_map.h: Blocks), on the calling thread, for NumPy
+// arrays through ctypes (float_kernel.py: class_map_blocks, which checks the arguments).
+extern "C" void SegClassMapBlocks(const float* logits, int64_t fh, int64_t fw, int64_t classes,
+                                  int64_t height, int64_t width, const int32_t* row_lo,
+                                  const float* row_t, const int32_t* col_lo,
+                                  const float* col_t, int64_t block, uint8_t* out) {
+  seg::class_map::Blocks(logits, fh, fw, classes, height, width, row_lo, row_t, col_lo, col_t,
+                         block, out);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatProduct, FloatProduct,
                               ffi::Ffi::Bind()

@@ -369,6 +369,44 @@ def upsampled_argmax(logits: jax.Array, height: int, width: int) -> jax.Array:
       cols[1])
 
 
+def class_map_blocks(features: np.ndarray, row_taps, col_taps, block: int) -> np.ndarray:
+  """One image's class map in the kernel, on the calling thread (the GIL released): logits
+  `features` [fh, fw, classes] (at most 256) taken to the taps' size (`row_taps`, `col_taps`:
+  (lo, frac) per output row and column, `seg.model.layers.align_corners_taps`'s form) and
+  their argmax, by blocks: the classes at every `block`-th row and column (and both sides of
+  every cell line) first, then pixel by pixel only the blocks whose corners disagree, as
+  `seg.predict.upsampling.class_map` does in NumPy. -> uint8 [rows, columns].
+
+  Every pixel it computes is `upsampled_argmax`'s (NumPy's float32 arithmetic, bit for bit);
+  a block takes its corners' class, which the bilinear rule makes exact but for a pixel
+  whose two best classes tie to a rounding.
+  """
+  if not available(jnp.float32):
+    raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
+  features = np.ascontiguousarray(features, np.float32)
+  if features.ndim != 3 or not 1 <= features.shape[2] <= 256 or block < 1:
+    raise ValueError(f'features are [fh, fw, classes] with 1 to 256 classes and block >= 1, '
+                     f'got {features.shape} and {block}')
+  fh, fw, classes = features.shape
+  taps = []
+  for (lo, frac), cells in ((row_taps, fh), (col_taps, fw)):
+    lo = np.ascontiguousarray(lo, np.int32)
+    frac = np.ascontiguousarray(frac, np.float32)
+    if lo.shape != frac.shape or lo.ndim != 1 or len(lo) == 0 or lo.min() < 0 or \
+        lo.max() >= cells or np.any(np.diff(lo) < 0):
+      raise ValueError('taps are (lo, frac) of one length, lo ascending on the feature grid')
+    taps.append((lo, frac))
+  (row_lo, row_t), (col_lo, col_t) = taps
+  out = np.empty((len(row_lo), len(col_lo)), np.uint8)
+  pointer = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+  size = ctypes.c_int64
+  int8_kernel._state['lib'].SegClassMapBlocks(
+      pointer(features), size(fh), size(fw), size(classes), size(out.shape[0]),
+      size(out.shape[1]), pointer(row_lo), pointer(row_t), pointer(col_lo), pointer(col_t),
+      size(block), pointer(out))
+  return out
+
+
 def pack_folded(folded, dtype=jnp.bfloat16):
   """Folded float32 params (`seg.inference.fold.fold_variables`, NumPy) with every 1x1
   product's weights also packed for `dtype`'s products in the kernel ('wp' beside 'w'; the

@@ -17,9 +17,14 @@ their class, and the other blocks (along class boundaries) are computed pixel by
 That is exact, not an approximation: inside a cell the logits are bilinear in (row, column),
 so is the difference of two classes, and a bilinear function is smallest at a corner of any
 rectangle, so the class that wins at the four corners wins everywhere in between.
+
+On x86 CPUs where the project's kernels run (`seg.inference.float_kernel.available`), the
+same blocks run in C++ (`float_kernel.class_map_blocks`, the GIL released), with this
+module's rows-then-columns arithmetic at every pixel it computes; SEG_UPSAMPLE_ARGMAX=xla
+keeps NumPy's.
 """
 
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
@@ -63,17 +68,29 @@ def upsampled_logits(features: np.ndarray, row_taps, col_taps, row0: int,
   return _interpolate(_rows(features, strip), col_taps)
 
 
+def _kernel_runs() -> bool:
+  """Whether `class_map` runs in the project's kernel here (module docstring)."""
+  from seg.inference import cpu_features, float_kernel
+  return (cpu_features.upsample_argmax_override() != 'xla' and
+          float_kernel.available(np.float32))
+
+
 def class_map(features: np.ndarray, original: Tuple[int, int], resized: Tuple[int, int],
-              canvas: Tuple[int, int], block: int = BLOCK) -> np.ndarray:
+              canvas: Tuple[int, int], block: int = BLOCK,
+              kernel: Optional[bool] = None) -> np.ndarray:
   """argmax of the logits upsampled to `original` (module docstring): [H, W] uint8.
 
   features: [fh, fw, C] logits on the canvas's feature grid; original (H, W), resized
-  (h, w) and canvas (Hc, Wc) sizes. block=1 computes every pixel exactly.
+  (h, w) and canvas (Hc, Wc) sizes. block=1 computes every pixel exactly. kernel: in the
+  project's kernel (True), in NumPy (False), or the kernel where it runs (None).
   """
   features = np.asarray(features, np.float32)
   height, width = original
   row_taps = feature_positions(height, resized[0], canvas[0], features.shape[0])
   col_taps = feature_positions(width, resized[1], canvas[1], features.shape[1])
+  if _kernel_runs() if kernel is None else kernel:
+    from seg.inference import float_kernel
+    return float_kernel.class_map_blocks(features, row_taps, col_taps, block)
   # Exact classes on the sample grid (`_samples`).
   sample_y, sample_x = _samples(row_taps, height, block), _samples(col_taps, width, block)
   grid = _grid_classes(features, _weights(row_taps, sample_y, features.shape[0]),

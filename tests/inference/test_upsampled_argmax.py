@@ -1,6 +1,6 @@
-"""The class map's upsampling and argmax in the CPU kernel (`float_kernel.upsampled_argmax`)
-against NumPy's float32 arithmetic on the aligned-corner rule and against XLA's resize and
-argmax, and the engine's choice of it."""
+"""The class map's upsampling and argmax in the CPU kernel (`float_kernel.upsampled_argmax`,
+and `class_map_blocks` for predict's large images) against NumPy's float32 arithmetic on the
+aligned-corner rule and against XLA's resize and argmax, and the engine's choice of it."""
 
 import numpy as np
 import jax
@@ -177,3 +177,40 @@ def test_the_benchmark_names_the_class_maps_upsampling(monkeypatch):
   monkeypatch.setenv('SEG_UPSAMPLE_ARGMAX', 'xla')
   assert run('predict')['upsample_argmax'] == 'xla'
   assert run('network')['upsample_argmax'] is None
+
+
+@pytest.mark.parametrize('shape,size,span', [
+    ((25, 33, 21), (600, 800), (24, 32)),   # a photo from a 385x513 canvas, corners aligned
+    ((33, 25, 21), (500, 375), (32, 23.25)),  # part of the grid: an image smaller than its canvas
+    ((3, 5, 7), (40, 1), (2, 0)),
+])
+def test_class_maps_by_blocks_are_the_per_pixel_class_maps(shape, size, span):
+  """`class_map_blocks` at block=1 is `upsampled_argmax`'s arithmetic at every pixel (NumPy's,
+  bit for bit); with blocks, only blocks whose corners agree take their class. Smooth logits
+  (few class boundaries) as a network gives them, and rough ones (many)."""
+  from seg.model.layers import align_corners_taps
+  rng = np.random.default_rng(shape[0])
+  taps = [align_corners_taps(n, cells, span=s) for n, cells, s in zip(size, shape, span)]
+  for logits in (rng.standard_normal(shape).astype(np.float32),
+                 np.cumsum(rng.standard_normal(shape), axis=0).astype(np.float32)):
+    every = float_kernel.class_map_blocks(logits, *taps, block=1)
+    lo, t = taps[0]
+    t = t[:, None, None]
+    rows = logits[lo] * (1 - t) + logits[np.minimum(lo + 1, shape[0] - 1)] * t
+    lo, t = taps[1]
+    t = t[None, :, None]
+    full = rows[:, lo] * (1 - t) + rows[:, np.minimum(lo + 1, shape[1] - 1)] * t
+    np.testing.assert_array_equal(every, full.argmax(-1))
+    blocks = float_kernel.class_map_blocks(logits, *taps, block=8)
+    assert blocks.shape == size and (blocks == every).mean() >= 0.999
+
+
+def test_class_maps_by_blocks_refuse_bad_taps():
+  logits = np.zeros((4, 4, 3), np.float32)
+  good = (np.zeros(5, np.int32), np.zeros(5, np.float32))
+  for bad in [(np.array([0, 2, 1]), np.zeros(3)), (np.array([0, 4]), np.zeros(2)),
+              (np.array([-1, 0]), np.zeros(2)), (np.zeros(2), np.zeros(3))]:
+    with pytest.raises(ValueError, match='taps'):
+      float_kernel.class_map_blocks(logits, good, bad, block=8)
+  with pytest.raises(ValueError, match='1 to 256 classes'):
+    float_kernel.class_map_blocks(np.zeros((4, 4, 300), np.float32), good, good, block=8)

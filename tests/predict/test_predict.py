@@ -513,20 +513,31 @@ def test_default_masks_of_a_large_image_are_the_upsampled_argmax(engine, referen
   assert (mask == expected).mean() >= 0.999
 
 
-def test_upsampled_class_map_matches_every_pixel_computed(engine):
-  """seg.predict.upsampling's block shortcut against block=1 (every pixel) and NumPy."""
+@pytest.mark.parametrize('kernel', [False, True])
+def test_upsampled_class_map_matches_every_pixel_computed(engine, kernel):
+  """seg.predict.upsampling's block shortcut against block=1 (every pixel) and NumPy, in
+  NumPy and in the project's kernel (which computes NumPy's float32 numbers at every pixel
+  it computes)."""
+  from seg.inference import float_kernel
   from seg.predict import upsampling
+  if kernel and not float_kernel.available(np.float32):
+    pytest.skip(f'no CPU kernel here: {float_kernel.unavailable_reason(np.float32)}')
   rng = np.random.default_rng(5)
   features = rng.normal(size=(11, 11, 21)).astype(np.float32)
   for original, resized in (((1000, 707), (161, 114)), ((9, 161), (9, 161)), ((1, 300), (1, 161))):
-    shortcut = upsampling.class_map(features, original, resized, (EVAL_SIZE, EVAL_SIZE))
+    shortcut = upsampling.class_map(features, original, resized, (EVAL_SIZE, EVAL_SIZE),
+                                    kernel=kernel)
     rows = _aligned_weights(original[0], resized[0], EVAL_SIZE, 11) if original[0] > 1 else \
         np.eye(11)[:1]
     cols = _aligned_weights(original[1], resized[1], EVAL_SIZE, 11)
     logits = np.einsum('oh,hwc,pw->opc', rows, features.astype(np.float64), cols)
-    exact = upsampling.class_map(features, original, resized, (EVAL_SIZE, EVAL_SIZE), block=1)
+    exact = upsampling.class_map(features, original, resized, (EVAL_SIZE, EVAL_SIZE), block=1,
+                                 kernel=kernel)
     _assert_same_classes(exact, logits, near_tie=1e-5)  # float32 against float64
     assert (shortcut == logits.argmax(-1)).mean() >= 0.999
+    if kernel:  # every pixel: NumPy's float32 arithmetic, bit for bit
+      np.testing.assert_array_equal(exact, upsampling.class_map(
+          features, original, resized, (EVAL_SIZE, EVAL_SIZE), block=1, kernel=False))
 
 
 def test_a_large_turned_jpeg_keeps_its_full_oriented_size(engine, tmp_path):
