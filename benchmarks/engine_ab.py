@@ -17,8 +17,8 @@ under mimalloc, as `main.py benchmark` does.
 """
 
 import argparse
-import os
-import time
+
+from kernel_timing import alternate, environment, print_ab
 
 
 def main():
@@ -56,9 +56,7 @@ def main():
 
   def build(env, parts):
     """The engine's calls for one batch: [(compiled, arguments)] per part."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
       eng = engine.Engine(config, variables, dtype=args.dtype, batch_size=args.batch,
                           devices=engine.batch_devices(), int8_scales=scales,
                           split_batches=None if parts is None else parts == 'devices')
@@ -71,12 +69,6 @@ def main():
         calls.append((fn, (eng.folded_on[device], jax.device_put(images[rows], device),
                            jax.device_put(sizes[rows], device))))
       return eng, parts, calls
-    finally:
-      for k, v in saved.items():
-        if v is None:
-          os.environ.pop(k, None)
-        else:
-          os.environ[k] = v
 
   a_eng, a_parts, a_calls = build({}, args.parts_a)
   b_eng, b_parts, b_calls = build(b_env, args.parts_b)
@@ -85,23 +77,11 @@ def main():
   runs = {f'A (default; {describe(a_eng, a_parts)})': a_calls,
           f'B ({" ".join(args.settings) or "default"}; {describe(b_eng, b_parts)})': b_calls}
   run = lambda calls: jax.block_until_ready([fn(*arguments) for fn, arguments in calls])
-  for calls in runs.values():
-    for _ in range(3):
-      run(calls)
-  times = {name: [] for name in runs}
-  for _ in range(args.iters):
-    for name, calls in runs.items():
-      start = time.perf_counter()
-      run(calls)
-      times[name].append((time.perf_counter() - start) * 1e3 / args.batch)
+  times = alternate({name: (lambda calls=calls: run(calls)) for name, calls in runs.items()},
+                    args.iters, args.batch)
   print(f'{args.config}, {args.dtype}, {args.size}x{args.size}, batch {args.batch}, '
         f'{args.iters} calls each, alternating; class maps, ms per image:')
-  for name, t in times.items():
-    print(f'  {name}: median {np.median(t):.2f}  p25 {np.percentile(t, 25):.2f}  '
-          f'fastest {min(t):.2f}')
-  a, b = (np.asarray(t) for t in times.values())
-  print(f'  B / A, median of the pairs: {np.median(b / a):.3f}')
-
+  print_ab(times)
 
 if __name__ == '__main__':
   main()

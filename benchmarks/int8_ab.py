@@ -12,8 +12,8 @@ B / A. Runs under mimalloc, as `main.py benchmark` does.
 """
 
 import argparse
-import os
-import time
+
+from kernel_timing import alternate, environment, print_ab
 
 
 def main():
@@ -38,35 +38,15 @@ def main():
   params = eng.folded
 
   def compiled(env):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environment(env):
       return compile_network()
-    finally:
-      for k, v in saved.items():
-        if v is None:
-          os.environ.pop(k, None)
-        else:
-          os.environ[k] = v
 
   runs = {'A (default)': compiled({}), f'B ({" ".join(args.settings)})': compiled(b_env)}
-  times = {name: [] for name in runs}
-  for f in runs.values():
-    for _ in range(3):
-      f(params, images).block_until_ready()
-  for _ in range(args.iters):
-    for name, f in runs.items():
-      start = time.perf_counter()
-      f(params, images).block_until_ready()
-      times[name].append((time.perf_counter() - start) * 1e3 / args.batch)
+  times = alternate({name: (lambda f=f: f(params, images).block_until_ready())
+                     for name, f in runs.items()}, args.iters, args.batch)
   print(f'{args.config}, {args.size}x{args.size}, batch {args.batch}, {args.iters} calls each, '
         f'alternating; int8 formulation {eng.int8_formulation}; ms per image:')
-  for name, t in times.items():
-    print(f'  {name}: median {np.median(t):.2f}  p25 {np.percentile(t, 25):.2f}  '
-          f'fastest {min(t):.2f}')
-  a, b = (np.asarray(t) for t in times.values())
-  print(f'  B / A, median of the pairs: {np.median(b / a):.3f}')
-
+  print_ab(times)
 
 if __name__ == '__main__':
   main()

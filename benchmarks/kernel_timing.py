@@ -1,7 +1,11 @@
 """What the kernel benchmarks (int8_kernel_layers.py, float_kernel_layers.py) share: their
-flags, one compiled call's median time, and the kernel loops a --loops flag picks."""
+flags, one compiled call's median time, and the kernel loops a --loops flag picks; and what
+the A/B scripts (int8_ab.py, engine_ab.py) share: settings in the environment while traced,
+calls alternated, the report."""
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
 
@@ -46,3 +50,46 @@ def chosen_loops(available: tuple, wanted) -> tuple:
   if unknown:
     raise SystemExit(f'--loops: {sorted(unknown)} not among this CPU\'s {available}')
   return tuple(loop for loop in available if loop in wanted.split(','))
+
+
+@contextlib.contextmanager
+def environment(variables):
+  """The SEG_* `variables` ({name: value}) set inside the block (read when a function is
+  traced or an engine built), the previous values back after it."""
+  saved = {k: os.environ.get(k) for k in variables}
+  os.environ.update(variables)
+  try:
+    yield
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def alternate(runs, iters: int, per_call: int):
+  """{name: ms per image of each call}: every run of `runs` ({name: a function that runs one
+  call and waits for it}) three times untimed, then `iters` times each, alternating, so that
+  a machine whose speed drifts treats them alike; `per_call`: images per call."""
+  for run in runs.values():
+    for _ in range(3):
+      run()
+  times = {name: [] for name in runs}
+  for _ in range(iters):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run()
+      times[name].append((time.perf_counter() - start) * 1e3 / per_call)
+  return times
+
+
+def print_ab(times) -> None:
+  """Per setting the median, 25th percentile and fastest ms per image; the median of the
+  per-pair ratios B / A (`alternate`'s two runs, A first)."""
+  import numpy as np
+  for name, t in times.items():
+    print(f'  {name}: median {np.median(t):.2f}  p25 {np.percentile(t, 25):.2f}  '
+          f'fastest {min(t):.2f}')
+  a, b = (np.asarray(t) for t in times.values())
+  print(f'  B / A, median of the pairs: {np.median(b / a):.3f}')
