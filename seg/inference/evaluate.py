@@ -190,7 +190,8 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
     log(f'bfloat16 products: the project\'s kernel, its {float_kernel.isa()} loop '
         f'(seg.inference.float_kernel)')
   if eng.f32_formulation == 'kernel':
-    log('float32 products: the project\'s kernel, its AVX-512 loop '
+    from seg.inference import float_kernel
+    log(f'float32 products: the project\'s kernel, its {float_kernel.f32_isa()} loop '
         '(seg.inference.float_kernel)')
   variables = jax.device_get(eng.folded)
   if eng.upsample_argmax == 'kernel' and tuple(config.eval.scales) == (1.0,) and \
