@@ -34,7 +34,7 @@ def main():
   from seg.inference import benchmark
 
   config = load_experiment(args.config)
-  compile_network, eng, images = benchmark.random_int8_network(config, args.batch, args.size)
+  compile_network, eng, images = benchmark.random_network(config, args.batch, args.size)
   params = eng.folded
 
   def compiled(env):

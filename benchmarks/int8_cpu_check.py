@@ -14,7 +14,8 @@ Steps, each a fresh process, their output kept whole in the JSON file:
 3. every product in each real loop, one core (`int8_kernel_layers.py`, `taskset -c 0`): the
    loop to choose per CPU, and where AMX tiles beat VNNI;
 4. the network kernel by kernel in each real loop, one core and both cores
-   (`int8_timeline.py`);
+   (`int8_timeline.py`), and the bfloat16 and float32 engines' in each of their loops, both
+   cores (`int8_timeline.py --dtype`: where an AMX CPU's time goes once the products are fast);
 5. the peers side by side (`peers/run.py`: ONNX Runtime float32 and int8, PyTorch
    `torch.compile` bfloat16, the engine's float32, bfloat16 and int8; --rounds rounds,
    batches 1 and 8): issue 17's ratios, needing benchmarks/requirements-peers.txt; and the
@@ -76,6 +77,7 @@ print(json.dumps({
     'isa': int8_kernel.isa() if ok else None,
     'built': {l: int8_kernel.built(l) for l in int8_kernel.ISAS} if ok else {},
     'bf16_loops': list(float_kernel.loops()) if ok else [],
+    'f32_loops': list(float_kernel.f32_loops()) if ok else [],
     'choice': cpu_features.choose().reason}))
 '''
 
@@ -137,6 +139,16 @@ def main():
                                env={'SEG_INT8_KERNEL_ISA': loop})
       call = re.search(r'a network call took ([\d.]+)', out)
       report['steps']['timeline'][f'{loop}, {cores}'] = {
+          'exit': code, 'network_ms': float(call.group(1)) if call else None,
+          'output': out[-6000:]}
+  for dtype, float_loops in (('bfloat16', info.get('bf16_loops', [])),
+                             ('float32', info.get('f32_loops', []))):
+    variable = {'bfloat16': 'SEG_BF16_KERNEL_ISA', 'float32': 'SEG_F32_KERNEL_ISA'}[dtype]
+    for loop in float_loops:
+      code, seconds, out = run(f'{python} benchmarks/int8_timeline.py --dtype {dtype} '
+                               '--iters 50', env={variable: loop})
+      call = re.search(r'a network call took ([\d.]+)', out)
+      report['steps']['timeline'][f'{dtype} {loop}, all cores'] = {
           'exit': code, 'network_ms': float(call.group(1)) if call else None,
           'output': out[-6000:]}
 

@@ -37,7 +37,7 @@ def main():
   from seg.inference import benchmark
 
   config = load_experiment(args.config)
-  compile_network, eng, images = benchmark.random_int8_network(config, 1, args.size)
+  compile_network, eng, images = benchmark.random_network(config, 1, args.size)
   compiled, params = compile_network(), eng.folded
   for _ in range(3):
     compiled(params, images).block_until_ready()

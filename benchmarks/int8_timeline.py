@@ -1,9 +1,11 @@
-"""The int8 engine's kernel calls one by one, timed inside the kernels, at full speed.
+"""The engine's kernel calls one by one, timed inside the kernels, at full speed.
 
-    python benchmarks/int8_timeline.py [--config experiments/base.py] [--batch 1] [--iters 100]
+    python benchmarks/int8_timeline.py [--dtype int8|bfloat16|float32] [--config experiments/base.py]
+        [--batch 1] [--iters 100]
 
-Random weights and fixed int8 scales (speed does not depend on values), the 'kernel'
-formulation (x86 with AVX2 and FMA). The compiled network runs `--iters` times while the
+Random weights and, for int8, fixed scales (speed does not depend on values), the 'kernel'
+formulation of the dtype (int8: x86 with AVX2 and FMA; bfloat16 and float32 where
+`cpu_features` chooses the float kernel). The compiled network runs `--iters` times while the
 kernels record each call's start and end (`int8_kernel.record_call_times`: from the start
 of its work to its last chunk done, on every thread the pool lends it); the calls are named
 after the network's custom calls in the order the compiled program lists them (FFI target
@@ -23,6 +25,7 @@ import time
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--dtype', default='int8', choices=['int8', 'bfloat16', 'float32'])
   parser.add_argument('--config', default='experiments/base.py')
   parser.add_argument('--size', type=int, default=513)
   parser.add_argument('--batch', type=int, default=1)
@@ -35,12 +38,17 @@ def main():
   import numpy as np
 
   from seg.config import load_experiment
-  from seg.inference import benchmark, int8_kernel
+  from seg.inference import benchmark, float_kernel, int8_kernel
 
   config = load_experiment(args.config)
-  compile_network, eng, images = benchmark.random_int8_network(config, args.batch, args.size)
-  if eng.int8_formulation != 'kernel':
-    raise SystemExit(f'the int8 formulation here is {eng.int8_formulation!r}, not the kernel\'s')
+  compile_network, eng, images = benchmark.random_network(config, args.batch, args.size,
+                                                          args.dtype)
+  formulation = {'int8': eng.int8_formulation, 'bfloat16': eng.bf16_formulation,
+                 'float32': eng.f32_formulation}[args.dtype]
+  if formulation != 'kernel':
+    raise SystemExit(f'the {args.dtype} formulation here is {formulation!r}, not the kernel\'s')
+  loop = {'int8': int8_kernel.isa, 'bfloat16': float_kernel.isa,
+          'float32': float_kernel.f32_isa}[args.dtype]()
   compiled, params = compile_network(), eng.folded
   calls = []  # (FFI target, output shape) in program order
   for line in compiled.as_text().splitlines():
@@ -60,29 +68,33 @@ def main():
   finally:
     int8_kernel.record_call_times(False)
   times = int8_kernel.call_times()
-  if len(times) != args.iters * len(calls):
+  # Images one by one (the engine's default on the CPU) run the program's calls once per image.
+  passes = args.batch if len(times) == args.iters * args.batch * len(calls) else 1
+  if len(times) != args.iters * passes * len(calls):
     raise SystemExit(f'{len(times)} kernel calls recorded for {args.iters} runs of a program '
                      f'with {len(calls)} custom calls')
-  times = times.reshape(args.iters, len(calls), 2) * 1000
+  times = times.reshape(args.iters, passes * len(calls), 2) * 1000
   runs = np.asarray(runs) * 1000
-  ms = np.median(times[..., 1] - times[..., 0], axis=0)
   previous_end = np.concatenate([runs[:, :1], times[:, :-1, 1]], axis=1)
-  gaps = np.median(times[..., 0] - previous_end, axis=0)
-  print(f'{args.config}, {args.size}x{args.size}, batch {args.batch}, loop {int8_kernel.isa()}, '
-        f'jax {jax.__version__}, {args.iters} runs; median ms per kernel call, and of the gap '
-        f'before it:')
+  per_pass = lambda a: a.reshape(args.iters * passes, len(calls))
+  ms = np.median(per_pass(times[..., 1] - times[..., 0]), axis=0)
+  gaps = np.median(per_pass(times[..., 0] - previous_end), axis=0)
+  print(f'{args.config}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, loop {loop}, '
+        f'jax {jax.__version__}, {args.iters} runs'
+        f'{f", {passes} images one by one" if passes > 1 else ""}; median ms per kernel call '
+        f'(per image), and of the gap before it:')
   per_target = collections.defaultdict(float)
   for i, ((target, shape), value, gap) in enumerate(zip(calls, ms, gaps)):
     per_target[target] += value
     print(f'  {i:3d}  {value:7.3f}  {gap:6.3f}  {target:28s} {shape}')
   for target, value in sorted(per_target.items(), key=lambda kv: -kv[1]):
     print(f'  {value:7.2f}  {target}')
-  wall = runs[:, 1] - runs[:, 0]
-  print(f'  {ms.sum():7.2f}  all kernel calls; a network call took {np.median(wall):.2f} '
+  wall = (runs[:, 1] - runs[:, 0]) / passes
+  between = np.sum(times[:, 1:, 0] - times[:, :-1, 1], axis=1) / passes
+  print(f'  {ms.sum():7.2f}  all kernel calls; a network call took {np.median(wall):.2f} per image '
         f'(median), of which (medians) {np.median(times[:, 0, 0] - runs[:, 0]):.3f} before the '
-        f'first kernel, {np.median(np.sum(times[:, 1:, 0] - times[:, :-1, 1], axis=1)):.3f} '
-        f'between kernels, {np.median(runs[:, 1] - times[:, -1, 1]):.3f} after the last')
-
+        f'first kernel, {np.median(between):.3f} between kernels (per image), '
+        f'{np.median(runs[:, 1] - times[:, -1, 1]):.3f} after the last')
 
 if __name__ == '__main__':
   main()

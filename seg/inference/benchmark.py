@@ -69,25 +69,28 @@ def random_variables(model, seed: int = 0) -> Dict[str, Any]:
   return jax.tree_util.tree_map_with_path(draw, checkpoint.abstract_variables(model))
 
 
-def random_int8_network(config, batch: int, size: int):
-  """(compile, engine, images) of the int8 engine for speed measurements (the benchmark
-  scripts): random weights and fixed input scales (speed does not depend on values),
-  `batch` random float32 images of size x size; compile() traces and compiles the network
-  (logits at the output stride, a function of (engine.folded, images)) anew, reading the
-  SEG_INT8_* variables then."""
+def random_network(config, batch: int, size: int, dtype: str = 'int8'):
+  """(compile, engine, images) of the engine in `dtype` for speed measurements (the
+  benchmark scripts): random weights and, for int8, fixed input scales (speed does not
+  depend on values), `batch` random float32 images of size x size; compile() traces and
+  compiles the network (logits at the output stride, a function of (engine.folded,
+  images)) anew, reading the SEG_* variables then."""
   from seg.inference import engine, quantize
   from seg.model import create_model
   m = config.model
-  scales = {name: 6 / 127 for name in quantize.scale_names(m)}
-  eng = engine.Engine(config, random_variables(create_model(m)), dtype='int8', batch_size=1,
+  scales = {name: 6 / 127 for name in quantize.scale_names(m)} if dtype == 'int8' else None
+  eng = engine.Engine(config, random_variables(create_model(m)), dtype=dtype, batch_size=1,
                       int8_scales=scales)
   images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)),
                        jnp.float32)
 
   def compile_network():
-    return jax.jit(lambda p, x: quantize.forward_int8(
-        p, x, width=m.width, output_stride=m.output_stride, upsample=False)).lower(
-            eng.folded, images).compile()
+    if dtype == 'int8':
+      fn = lambda p, x: quantize.forward_int8(p, x, width=m.width, output_stride=m.output_stride,
+                                              upsample=False)
+    else:  # a fresh function, so that the SEG_* variables are read again
+      fn = lambda p, x: eng.forward(p, x, upsample=False)
+    return jax.jit(fn).lower(eng.folded, images).compile()
   return compile_network, eng, images
 
 

@@ -51,7 +51,7 @@ ffi::Error SetWeights(ffi::AnyBuffer& w, int32_t isa, Problem& p) {
   return ffi::Error::Success();
 }
 
-ffi::Error FloatProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+ffi::Error FloatProduct(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
                        int32_t mode, int32_t isa, ffi::ResultBuffer<ffi::F32> out) {
   const auto dims = x.dimensions();
@@ -69,8 +69,15 @@ ffi::Error FloatProduct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
     return ffi::Error::InvalidArgument("a residual is [..., out], in mode 0 only");
   std::vector<float> padded_bias(panels * kPanel, 0.f);
   std::copy_n(bias.typed_data(), n, padded_bias.begin());
-  Problem p{x.typed_data(), m, k, n, kp, nullptr, padded_bias.data(), mode, isa,
+  const bool bf16_in = x.element_type() == ffi::DataType::BF16;
+  if (!bf16_in && x.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("x is float32, or bfloat16 for the bfloat16 loops");
+  if (bf16_in && (isa == kAvx512F32 || isa == kAvx2F32))
+    return ffi::Error::InvalidArgument("bfloat16 x: the bfloat16 loops only");
+  Problem p{bf16_in ? nullptr : static_cast<const float*>(x.untyped_data()), m, k, n, kp,
+            nullptr, padded_bias.data(), mode, isa,
             residual.element_count() ? residual.typed_data() : nullptr, out->typed_data()};
+  if (bf16_in) p.xb = static_cast<const uint16_t*>(x.untyped_data());
   if (auto error = SetWeights(w, isa, p); error.failure()) return error;
   seg::ForEachRange(pool, m, kGrainRows, kChunkRows,
                     [&p](int64_t begin, int64_t end) { RunRows(p, begin, end); });
@@ -98,8 +105,25 @@ ffi::Error WithStride(int32_t stride, int32_t dilation, Run run) {
 template <int S, int D>
 void FloatBand(const Depthwise& d, int64_t n, int64_t oy0, std::vector<float>& buffer,
                int64_t limit) {
-  if (d.wide) d.BandWide<S, D, true>(n, oy0, buffer, limit);
+  using seg::depthwise::kBfloat16;
+  using seg::depthwise::kFloat32;
+  if (d.outb) d.BandWide<S, D, kBfloat16>(n, oy0, buffer, limit);  // (checked: d.wide)
+  else if (d.wide) d.BandWide<S, D, kFloat32>(n, oy0, buffer, limit);
   else d.Band<S, D, true>(n, oy0, buffer, limit);
+}
+
+// The output of a float32 depthwise layer into d: float32 (outf) or, in the AVX-512 loop,
+// bfloat16 (outb, the bfloat16 products' input).
+ffi::Error SetOutput(ffi::Result<ffi::AnyBuffer>& out, Depthwise& d) {
+  if (out->element_type() == ffi::DataType::BF16) {
+    if (!d.wide) return ffi::Error::InvalidArgument("bfloat16 out: the AVX-512 loop only");
+    d.outb = static_cast<uint16_t*>(out->untyped_data());
+  } else if (out->element_type() == ffi::DataType::F32) {
+    d.outf = static_cast<float*>(out->untyped_data());
+  } else {
+    return ffi::Error::InvalidArgument("out is float32 or bfloat16");
+  }
+  return ffi::Error::Success();
 }
 
 template <int S, int D>
@@ -113,7 +137,7 @@ void RunDepthwise(ffi::ThreadPool& pool, const Depthwise& d, int64_t images) {
 ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::Buffer<ffi::F32> b, int32_t stride, int32_t dilation,
                         int32_t pad_top, int32_t pad_left, bool wide,
-                        ffi::ResultBuffer<ffi::F32> out) {
+                        ffi::Result<ffi::AnyBuffer> out) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 4 || od.size() != 4 || wd.size() != 3 || wd[0] != seg::depthwise::kSize ||
       wd[1] != seg::depthwise::kSize)
@@ -131,7 +155,7 @@ ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
   d.wide = wide;
   d.xf = x.typed_data();
-  d.outf = out->typed_data();
+  if (auto error = SetOutput(out, d); error.failure()) return error;
   d.ChooseBand();
   return WithStride(stride, dilation, [&](auto s, auto dl) {
     RunDepthwise<decltype(s)::value, decltype(dl)::value>(pool, d, xd[0]);
@@ -173,7 +197,7 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
                                ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd, int32_t isa,
                                int32_t stride, int32_t dilation, int32_t pad_top,
-                               int32_t pad_left, ffi::ResultBuffer<ffi::F32> out) {
+                               int32_t pad_left, ffi::Result<ffi::AnyBuffer> out) {
   const auto xd = x.dimensions(), wdd = wd.dimensions(), od = out->dimensions();
   const int64_t e = static_cast<int64_t>(bias.element_count());
   if (xd.size() != 4 || od.size() != 4 || od[0] != xd[0] || od[3] != e)
@@ -195,7 +219,7 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   d.wide = isa != kAvx2F32;  // the bfloat16 loops and kAvx512F32: AVX-512
   if (!d.wide && e % 8 != 0)
     return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
-  d.outf = out->typed_data();
+  if (auto error = SetOutput(out, d); error.failure()) return error;
   d.ChooseBand();
   // Output rows per chunk: as many as keep the band's expansion output within kFusedBytes,
   // and at most an eighth of the image's, so that two threads share even a batch of one.
@@ -263,7 +287,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatExpandDepthwise, FloatExpandDepthwise,
                                   .Attr<int32_t>("dilation")
                                   .Attr<int32_t>("pad_top")
                                   .Attr<int32_t>("pad_left")
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, expanded]
+                                  .Ret<ffi::AnyBuffer>());  // out [n, oh, ow, expanded] f32|bf16
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegF32Depthwise, F32Depthwise,
                               ffi::Ffi::Bind()
@@ -276,7 +300,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegF32Depthwise, F32Depthwise,
                                   .Attr<int32_t>("pad_top")
                                   .Attr<int32_t>("pad_left")
                                   .Attr<bool>("wide")              // the AVX-512 loop
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, c]
+                                  .Ret<ffi::AnyBuffer>());         // out [n, oh, ow, c] f32|bf16
 
 extern "C" int SegFloatHasLoop(int isa) { return RunsLoop(isa) ? 1 : 0; }
 
@@ -293,7 +317,7 @@ extern "C" void SegClassMapBlocks(const float* logits, int64_t fh, int64_t fw, i
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatProduct, FloatProduct,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [..., k]
+                                  .Arg<ffi::AnyBuffer>()           // x [..., k] f32 or bf16
                                   .Arg<ffi::AnyBuffer>()           // packed weights
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bias [n]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // residual [..., n] or [0]

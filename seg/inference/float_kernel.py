@@ -214,7 +214,8 @@ def product(x: jax.Array, w_packed: jax.Array, bias: jax.Array, mode: str = 'lin
   """act(x @ w + bias) (+ residual) over x's last axis, float32, in the kernel (CPU), in the
   packed weights' precision: float32, or bfloat16 (x rounded to bfloat16 inside).
 
-  x: [..., in] float32; w_packed: `pack_weights`; bias: float32 [out]; mode: 'linear',
+  x: [..., in] float32, or bfloat16 with bfloat16 weights (the same numbers as x in float32
+  holding those values: the kernel's rounding leaves them as they are); w_packed: `pack_weights`; bias: float32 [out]; mode: 'linear',
   'relu6' or 'relu'; residual: float32 [..., out], 'linear' only, added after the bias.
   loop: one of `loops()` for bfloat16 weights (default `isa()`), of `f32_loops()` for
   float32 ones (default `f32_isa()`).
@@ -231,9 +232,11 @@ def product(x: jax.Array, w_packed: jax.Array, bias: jax.Array, mode: str = 'lin
     raise ValueError(f'the residual must be {shape}, got {residual.shape}')
   residual = (jnp.zeros((0,), jnp.float32) if residual is None else
               residual.astype(jnp.float32))
+  if x.dtype == jnp.bfloat16 and w_packed.dtype == jnp.float32:
+    raise ValueError('a bfloat16 x goes with bfloat16 weights (pack_weights)')
   call = jax.ffi.ffi_call(int8_kernel._target(TARGET, loop),
                           jax.ShapeDtypeStruct(shape, jnp.float32))
-  return call(x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), residual,
+  return call(x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), residual,
               mode=np.int32(MODES[mode]), isa=np.int32(isa_value))
 
 
@@ -247,8 +250,19 @@ def depthwise_supported(channels: int, loop: Optional[str] = None) -> bool:
   return (loop or f32_isa()) == 'avx512' or channels % int8_kernel.DEPTHWISE_CHANNELS == 0
 
 
+def _out_dtype(out_dtype, wide: bool):
+  """The output dtype of a float32 depthwise or stem pass: float32, or bfloat16 (rounded to
+  nearest even as the bfloat16 products round their inputs) from the AVX-512 loops."""
+  out_dtype = jnp.dtype(out_dtype)
+  if out_dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f'out_dtype is float32 or bfloat16, got {out_dtype}')
+  if out_dtype == jnp.bfloat16 and not wide:
+    raise ValueError('a bfloat16 output needs the AVX-512 loops')
+  return out_dtype
+
+
 def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: int,
-              loop: Optional[str] = None) -> jax.Array:
+              loop: Optional[str] = None, out_dtype=jnp.float32) -> jax.Array:
   """relu6(3x3 depthwise 'SAME' conv(x, w) + b), float32 in and out, in the kernel's loop for
   float32 `loop` (default `f32_isa()`): XLA's float32 taps
   (`seg.inference.forward._depthwise`), summed in one fixed order with one rounding per tap
@@ -256,8 +270,9 @@ def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: i
   loops give the same numbers.
 
   x: [n, h, w, c] float32 (c: `depthwise_supported`); w: [3, 3, c]; b: [c]; (stride,
-  dilation) in `DEPTHWISE_STRIDES`. Returns float32 [n, ceil(h / stride), ceil(w / stride),
-  c].
+  dilation) in `DEPTHWISE_STRIDES`. Returns [n, ceil(h / stride), ceil(w / stride), c] in
+  `out_dtype`: float32, or bfloat16 (the AVX-512 loop: each output rounded to nearest even,
+  the input of a bfloat16 `product` that computes what it would from the float32 output).
   """
   from seg.model.layers import same_padding
   if not available(jnp.float32):
@@ -273,7 +288,8 @@ def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: i
   if not depthwise_supported(c, loop):
     raise ValueError(f'the {loop} depthwise loop takes channels in multiples of '
                      f'{int8_kernel.DEPTHWISE_CHANNELS}, got {c}')
-  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wd // stride), c), jnp.float32)
+  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wd // stride), c),
+                             _out_dtype(out_dtype, loop == 'avx512'))
   return jax.ffi.ffi_call(int8_kernel._TARGETS['SegF32Depthwise'], out)(
       x.astype(jnp.float32), w.astype(jnp.float32), b.astype(jnp.float32),
       stride=np.int32(stride), dilation=np.int32(dilation),
@@ -283,10 +299,11 @@ def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: i
 
 def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax.Array,
                      bd: jax.Array, stride: int, dilation: int,
-                     loop: Optional[str] = None) -> jax.Array:
-  """`depthwise(product(x, w_packed, bias, 'relu6'), wd, bd, stride, dilation)` in one pass
-  over bands of rows (float_kernel.cc): the same numbers, without the expansion's output
-  going to memory. x: [n, h, w, in] float32; the rest as `product`'s and `depthwise`'s."""
+                     loop: Optional[str] = None, out_dtype=jnp.float32) -> jax.Array:
+  """`depthwise(product(x, w_packed, bias, 'relu6'), wd, bd, stride, dilation, out_dtype=...)`
+  in one pass over bands of rows (float_kernel.cc): the same numbers, without the
+  expansion's output going to memory. x: [n, h, w, in] float32; the rest as `product`'s and
+  `depthwise`'s (a bfloat16 output: the loops other than float32's avx2)."""
   from seg.model.layers import same_padding
   loop, isa_value = _loop_of(w_packed, loop)
   n, h, wdt, k = x.shape
@@ -299,7 +316,8 @@ def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax
   if loop == 'avx2' and not depthwise_supported(e, loop):  # (the other loops: AVX-512's)
     raise ValueError(f'the avx2 depthwise loop takes channels in multiples of '
                      f'{int8_kernel.DEPTHWISE_CHANNELS}, got {e}')
-  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wdt // stride), e), jnp.float32)
+  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wdt // stride), e),
+                             _out_dtype(out_dtype, loop != 'avx2'))
   return jax.ffi.ffi_call(int8_kernel._target('SegFloatExpandDepthwise', loop), out)(
       x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), wd.astype(jnp.float32),
       bd.astype(jnp.float32), isa=np.int32(isa_value), stride=np.int32(stride),
@@ -314,7 +332,7 @@ def stem_supported(images_shape, stem_w_shape) -> bool:
 
 
 def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
-         bd: jax.Array, loop: Optional[str] = None) -> jax.Array:
+         bd: jax.Array, loop: Optional[str] = None, out_dtype=jnp.float32) -> jax.Array:
   """relu6(depthwise(relu6(stem conv(images, ws) + bs), wd) + bd) in one pass (CPU): the stem
   (3x3, stride 2, 'SAME') and block 0's depthwise layer, float32 in and out, XLA's float32
   taps of `forward._stem` and `forward._depthwise` summed in one fixed order, in the loops of
@@ -322,7 +340,8 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
   same numbers either way.
 
   images: [n, h, w, 3] float32; ws: [3, 3, 3, c]; bs, bd: [c]; wd: [3, 3, c]; c a multiple
-  of 8 (`stem_supported`). Returns float32 [n, ceil(h / 2), ceil(w / 2), c].
+  of 8 (`stem_supported`). Returns [n, ceil(h / 2), ceil(w / 2), c] in `out_dtype`: float32,
+  or bfloat16 (rounded as `depthwise`'s; the AVX-512 loops, c a multiple of 16).
   """
   from seg.model.layers import same_padding
   if not available(jnp.float32):
@@ -335,8 +354,9 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
     raise ValueError(f"float32 loop {loop!r} is not one of this CPU's: {f32_loops()}")
   n, h, w, _ = images.shape
   c = ws.shape[3]
-  out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.float32)
-  # The int8 engine's stem pass writing float32 (its scale unused).
+  out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c),
+                             _out_dtype(out_dtype, loop == 'avx512' and c % 16 == 0))
+  # The int8 engine's stem pass writing float32 or bfloat16 (its scale unused).
   return jax.ffi.ffi_call(int8_kernel.STEM_TARGET, out)(
       images.astype(jnp.float32), ws.astype(jnp.float32), bs.astype(jnp.float32),
       wd.astype(jnp.float32), bd.astype(jnp.float32), jnp.ones((), jnp.float32),

@@ -6,7 +6,8 @@
 //
 //   out[m, n] = act(sum_k x[m, k] * w[k, n] + bias[n]) (+ residual[m, n])
 //
-// x: [m, k] float32. float32 (isa kAvx512F32): w float32, packed by `pack_weights` in
+// x: [m, k] float32, or for the bfloat16 loops bfloat16 (`xb`: a layer that rounded its
+// output as RoundRows would, so the product computes the same numbers). float32 (isa kAvx512F32): w float32, packed by `pack_weights` in
 // float_kernel.py into panels of 16 output channels, each [k][16]; every output is the
 // fused multiply-add of its inputs in order k = 0, 1, ..., then the bias. bfloat16: w as
 // uint16, panels of [kp / 2][16][2] (two consecutive inputs of one output channel in one
@@ -63,30 +64,43 @@ struct Problem {
   const float* residual;  // mode 0: added to the output, or null
   float* out;
   const float* wf = nullptr;  // the float32 loops' weights (then w is unused)
+  // The bfloat16 loops: x already in bfloat16 (the bits RoundRows would give), x unused.
+  const uint16_t* xb = nullptr;
 };
 
 // ------------------------------------------------------------------------------------------
-// Rows [row, row + rows) of x as bfloat16, rounded to nearest even (the float32 bits plus
-// 0x7fff plus the lowest kept bit, truncated: NumPy's and XLA's rounding of finite values),
-// into a [rows_padded][kp] buffer with zeros beyond k and beyond `rows`.
+// Rows [row, row + rows) of x as bfloat16, rounded to nearest even (seg::RoundToBf16), or of
+// xb as they are, into a [rows_padded][kp] buffer with zeros beyond k and beyond `rows`.
 SEG_AVX512 inline void RoundRows(const Problem& p, int64_t row, int64_t rows,
                                  int64_t rows_padded, uint16_t* a) {
-  const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* x = p.x + (row + r) * p.k;
     uint16_t* o = a + r * p.kp;
+    if (p.xb) {
+      std::memcpy(o, p.xb + (row + r) * p.k, p.k * sizeof(uint16_t));
+      std::fill(o + p.k, o + p.kp, 0);
+      continue;
+    }
+    const float* x = p.x + (row + r) * p.k;
     for (int64_t c = 0; c < p.kp; c += 16) {
       const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, p.k - c));
       const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-      const __m512i bits = _mm512_castps_si512(_mm512_maskz_loadu_ps(mask, x + c));
-      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-      const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(half, lsb));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + c),
-                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+                          seg::RoundToBf16(_mm512_maskz_loadu_ps(mask, x + c)));
     }
   }
   if (rows_padded > rows)
     std::memset(a + rows * p.kp, 0, (rows_padded - rows) * p.kp * sizeof(uint16_t));
+}
+
+// The bfloat16 rows [row, row + rows) as the loops read them ([rows][kp], zeros beyond k):
+// xb itself where its rows need no padding, else rounded or copied into `buffer`.
+SEG_AVX512 inline const uint16_t* BfloatRows(const Problem& p, int64_t row, int64_t rows,
+                                             int64_t rows_padded,
+                                             std::vector<uint16_t>& buffer) {
+  if (p.xb && p.k == p.kp && rows == rows_padded) return p.xb + row * p.k;
+  buffer.resize(rows_padded * p.kp);
+  RoundRows(p, row, rows, rows_padded, buffer.data());
+  return buffer.data();
 }
 
 // One row's 16 channels of `panel` from their float32 sums: bias, activation, residual.
@@ -258,13 +272,13 @@ SEG_BF16 void Panels(const Problem& p, const uint16_t* a, int64_t begin, int64_t
   for (; r < end; ++r) Tile<1, P>(p, a + (r - begin) * p.kp, r, panel);
 }
 
-// Rows [begin, end): rounded into the thread's buffer once, then every panel.
+// Rows [begin, end): rounded into the thread's buffer once (or read as they are: `xb`), then
+// every panel.
 SEG_BF16 inline void Bf16Rows(const Problem& p, int64_t begin, int64_t end) {
   thread_local std::vector<uint16_t> buffer;
-  buffer.resize((end - begin) * p.kp);
-  RoundRows(p, begin, end - begin, end - begin, buffer.data());
+  const uint16_t* a = BfloatRows(p, begin, end - begin, end - begin, buffer);
   ForPanelGroups(p, [&](auto panels, int64_t panel) {
-    Panels<decltype(panels)::value>(p, buffer.data(), begin, end, panel);
+    Panels<decltype(panels)::value>(p, a, begin, end, panel);
   });
 }
 #else
@@ -330,17 +344,16 @@ SEG_AMX_BF16 inline void AmxRows(const Problem& p, int64_t begin, int64_t end) {
   const int64_t panels = (p.n + kPanel - 1) / kPanel;
   for (int64_t row = begin; row < end; row += kBlock) {
     const int64_t rows = std::min(kBlock, end - row);
-    buffer.resize(kBlock * p.kp);
-    RoundRows(p, row, rows, kBlock, buffer.data());
-    SEG_AMX_READABLE(buffer.data(), buffer.size() * sizeof(uint16_t));
+    const uint16_t* a = BfloatRows(p, row, rows, kBlock, buffer);  // whole tiles of rows
+    SEG_AMX_READABLE(a, kBlock * p.kp * sizeof(uint16_t));
     SEG_AMX_READABLE(p.w, panels * p.kp * kPanel * sizeof(uint16_t));
     int64_t panel = 0;
     if (rows > 16) {
-      for (; panel + 2 <= panels; panel += 2) AmxBlock<2, 2>(p, buffer.data(), panel, c, row, rows);
-      if (panel < panels) AmxBlock<2, 1>(p, buffer.data(), panel, c, row, rows);
+      for (; panel + 2 <= panels; panel += 2) AmxBlock<2, 2>(p, a, panel, c, row, rows);
+      if (panel < panels) AmxBlock<2, 1>(p, a, panel, c, row, rows);
     } else {
-      for (; panel + 2 <= panels; panel += 2) AmxBlock<1, 2>(p, buffer.data(), panel, c, row, rows);
-      if (panel < panels) AmxBlock<1, 1>(p, buffer.data(), panel, c, row, rows);
+      for (; panel + 2 <= panels; panel += 2) AmxBlock<1, 2>(p, a, panel, c, row, rows);
+      if (panel < panels) AmxBlock<1, 1>(p, a, panel, c, row, rows);
     }
   }
   _tile_release();

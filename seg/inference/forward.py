@@ -98,12 +98,27 @@ def _product(x: jax.Array, layer: Dict[str, Any], act: str = 'linear', low: bool
   return y if residual is None else y + residual.astype(jnp.float32)
 
 
+def _bf16_handoff(project: Dict[str, Any], low: bool) -> bool:
+  """Whether the depthwise layer (or stem pass) before `project` writes its output as
+  bfloat16: where the projection runs in the bfloat16 kernel, which rounds its input to
+  bfloat16 anyway (to nearest even, as the depthwise loop rounds its output), so the numbers
+  are the same and half the bytes go through memory. SEG_BF16_HANDOFF=float32 keeps float32
+  hand-offs (A/B timings; read when traced)."""
+  from seg.inference import float_kernel
+  choice = os.environ.get('SEG_BF16_HANDOFF', 'bfloat16') or 'bfloat16'
+  if choice not in ('bfloat16', 'float32'):
+    raise ValueError(f'SEG_BF16_HANDOFF must be bfloat16 or float32, got {choice!r}')
+  return (choice == 'bfloat16' and _in_kernel(project, low) and
+          project['wp'].dtype == jnp.uint16 and float_kernel.f32_isa() == 'avx512')
+
+
 def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int,
                       low: bool, kernel: bool, stored) -> jax.Array:
   """A block's expansion (if any; bfloat16 inputs where `low`) and depthwise layer, with their
   ReLU6s, stored as `stored`. With the kernel (`kernel`) the depthwise layer runs in its
   float32 loop, and a large expansion in the kernel in one pass with it
-  (`FUSE_FROM_ELEMENTS`)."""
+  (`FUSE_FROM_ELEMENTS`); its output is bfloat16 where the projection takes it so
+  (`_bf16_handoff`)."""
   expand, depthwise = block.get('expand'), block['depthwise']
   if kernel:
     from seg.inference import float_kernel
@@ -111,17 +126,21 @@ def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation
           float_kernel.depthwise_supported(depthwise['b'].shape[0])):
     y = x if expand is None else _product(x, expand, 'relu6', low).astype(stored)
     return _relu6(_depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)).astype(stored)
+  out_dtype = jnp.bfloat16 if _bf16_handoff(block['project'], low) else jnp.float32
   if expand is not None and _in_kernel(expand, low) and (
       x.shape[1] * x.shape[2] * expand['b'].shape[0] >= FUSE_FROM_ELEMENTS):
     # One pass: the expansion's output stays in the core's cache.
     return float_kernel.expand_depthwise(x, expand['wp'], expand['b'], depthwise['w'],
-                                         depthwise['b'], stride, dilation)
+                                         depthwise['b'], stride, dilation, out_dtype=out_dtype)
   y = x if expand is None else _product(x, expand, 'relu6', low)
-  return float_kernel.depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)
+  return float_kernel.depthwise(y, depthwise['w'], depthwise['b'], stride, dilation,
+                                out_dtype=out_dtype)
 
 
-def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array) -> Optional[jax.Array]:
-  """Block 0's depthwise output from the kernel's stem pass (`float_kernel.stem`), or None
+def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array,
+                      low: bool) -> Optional[jax.Array]:
+  """Block 0's depthwise output from the kernel's stem pass (`float_kernel.stem`; bfloat16
+  where block 0's projection takes it so, `_bf16_handoff` with `low` its precision), or None
   where it does not apply: block 0 with an expansion, or whose projection adds the stem's
   output back (equal channels), or channels the pass does not take; or where
   SEG_FLOAT_STEM=xla (XLA's stem and the kernel's depthwise layer, for A/B timings; read
@@ -135,8 +154,10 @@ def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array) -> Optional[jax
       stem['w'].shape[-1] == block0['project']['w'].shape[-1] or
       not float_kernel.stem_supported(images.shape, stem['w'].shape)):
     return None
+  bf16 = _bf16_handoff(block0['project'], low) and stem['w'].shape[-1] % 16 == 0
   return float_kernel.stem(images, stem['w'], stem['b'], block0['depthwise']['w'],
-                           block0['depthwise']['b'])
+                           block0['depthwise']['b'],
+                           out_dtype=jnp.bfloat16 if bf16 else jnp.float32)
 
 
 def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
@@ -237,7 +258,10 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   kernel = 'wp' in folded['blocks'][0]['project']
   # With the kernel the stem and block 0's depthwise layer are one pass (`stem0`,
   # where block 0 has no expansion or residual sum to read the stem's output).
-  stem0 = _kernel_stem_pass(folded, images) if kernel else None
+  compute_dtype, input_stride = dtype, 2
+  first_low = min(low_precision_from_stride(kernel), output_stride)
+  stem0 = (_kernel_stem_pass(folded, images, low=dtype != jnp.float32 and first_low <= 2)
+           if kernel else None)
   x = None if stem0 is not None else _relu6(_stem(images, folded['stem']['w'],
                                                   folded['stem']['b']))
   # A low-precision dtype from `low_precision_from_stride()` on (or the output stride, if
@@ -245,9 +269,8 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   # bfloat16 doubles their speed, while the high-resolution layers are memory-bound and the
   # float32 <-> bfloat16 conversions cost more than they save (docs/performance.md). With
   # the bfloat16 kernel (packed weights) activations stay float32 (`stored`) and the
-  # kernel rounds a product's inputs as it reads them.
-  compute_dtype, input_stride = dtype, 2
-  first_low = min(low_precision_from_stride(kernel), output_stride)
+  # kernel rounds a product's inputs as it reads them (the depthwise layers hand them
+  # bfloat16: `_bf16_handoff`).
   # Strides and dilations from the architecture; channel counts from the weights (they
   # depend on model.divisible_by too).
   for block, (_, _, stride, dilation) in zip(folded['blocks'], block_specs(width, output_stride)):

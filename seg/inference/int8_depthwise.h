@@ -1,6 +1,7 @@
 // The depthwise layer of int8_depthwise.cc (which describes it), shared with int8_kernel.cc's
 // expansion + depthwise pass; and its AVX-512 loop in float32, input and ReLU6 output
-// (`xf`, `outf`: float_kernel.cc's depthwise layer of the bfloat16 engine).
+// (`xf`, `outf`: float_kernel.cc's depthwise layer of the float engines), the output also as
+// bfloat16 (`outb`: rounded to nearest even, the bfloat16 products' input).
 #ifndef SEG_INFERENCE_INT8_DEPTHWISE_H_
 #define SEG_INFERENCE_INT8_DEPTHWISE_H_
 
@@ -9,6 +10,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#include "kernel_cpu.h"
 
 namespace seg {
 namespace depthwise {
@@ -20,6 +23,9 @@ constexpr int64_t kBandBytes = 256 * 1024;   // converted input rows of a band, 
 constexpr int kMaxBandRows = 8;              // output rows per band, at most
 
 #define SEG_DEPTHWISE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// What the AVX-512 loop writes: uint8 (`out`), float32 (`outf`) or bfloat16 (`outb`).
+enum Output { kUint8 = 0, kFloat32 = 1, kBfloat16 = 2 };
 
 struct Depthwise {
   const uint8_t* x;  // row iy of image n at x + (n * h + iy - row_base) * w * c
@@ -35,6 +41,7 @@ struct Depthwise {
   bool wide = false;     // the AVX-512 loop (BandWide)
   const float* xf = nullptr;  // float32 in and out instead of x and out (kFloat loops)
   float* outf = nullptr;
+  uint16_t* outb = nullptr;   // or bfloat16 out (the AVX-512 loop's kBfloat16)
 
   // Columns of a converted row: the input's, with the padding's zeros around them.
   int64_t Span() const { return (ow - 1) * stride + (kSize - 1) * dilation + 1; }
@@ -196,8 +203,8 @@ struct Depthwise {
 
   // U output pixels from ox of one row (converted input rows rows[0..3), null: padding),
   // weights wv[9] and bias of the vector's channels, written to o (the row's output at those
-  // channels: uint8, or with kFloat float32 ReLU6).
-  template <int S, int D, int U, bool kFloat>
+  // channels: uint8, or ReLU6 in float32 or bfloat16, as kOut says).
+  template <int S, int D, int U, int kOut>
   SEG_DEPTHWISE_AVX512 static void PixelsWide(const float* const* rows, const __m512* wv,
                                               __m512 bias, __m512 inv, __mmask16 mask,
                                               int64_t ox, int64_t c, void* o) {
@@ -215,9 +222,16 @@ struct Depthwise {
     const __m512i top = _mm512_set1_epi32(127);
     for (int u = 0; u < U; ++u) {
       const __m512 y = _mm512_min_ps(_mm512_max_ps(acc[u], zero), six);
-      if (kFloat) {  // whole vectors unmasked: masked stores are slow on AMD's Zen 4 and 5
+      if (kOut == kFloat32) {  // whole vectors unmasked: masked stores are slow on Zen 4 and 5
         float* of = static_cast<float*>(o) + (ox + u) * c;
         if (mask == 0xffff) _mm512_storeu_ps(of, y); else _mm512_mask_storeu_ps(of, mask, y);
+        continue;
+      }
+      if (kOut == kBfloat16) {
+        uint16_t* ob = static_cast<uint16_t*>(o) + (ox + u) * c;
+        const __m256i h = RoundToBf16(y);
+        if (mask == 0xffff) _mm256_storeu_si256(reinterpret_cast<__m256i*>(ob), h);
+        else _mm256_mask_storeu_epi16(ob, mask, h);
         continue;
       }
       const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(y, inv)), top);
@@ -226,7 +240,7 @@ struct Depthwise {
     }
   }
 
-  template <int S, int D, bool kFloat = false>
+  template <int S, int D, int kOut = kUint8>
   SEG_DEPTHWISE_AVX512 void BandWide(int64_t n, int64_t oy0, std::vector<float>& buffer,
                                      int64_t limit) const {
     const int64_t oy1 = std::min({oh, oy0 + band, limit});
@@ -256,13 +270,14 @@ struct Depthwise {
           rows[i] = iy >= 0 && iy < h ? rows_base + (iy - first) * row_floats : nullptr;
         }
         const int64_t at = (n * oh + oy) * ow * c + ch;
-        void* o = kFloat ? static_cast<void*>(outf + at) : static_cast<void*>(out + at);
+        void* o = kOut == kFloat32 ? static_cast<void*>(outf + at) :
+                  kOut == kBfloat16 ? static_cast<void*>(outb + at) : static_cast<void*>(out + at);
         int64_t ox = 0;
         for (; ox + 8 <= ow; ox += 8)
-          PixelsWide<S, D, 8, kFloat>(rows, wv, bias, inv, mask, ox, c, o);
+          PixelsWide<S, D, 8, kOut>(rows, wv, bias, inv, mask, ox, c, o);
         for (; ox + 4 <= ow; ox += 4)
-          PixelsWide<S, D, 4, kFloat>(rows, wv, bias, inv, mask, ox, c, o);
-        for (; ox < ow; ++ox) PixelsWide<S, D, 1, kFloat>(rows, wv, bias, inv, mask, ox, c, o);
+          PixelsWide<S, D, 4, kOut>(rows, wv, bias, inv, mask, ox, c, o);
+        for (; ox < ow; ++ox) PixelsWide<S, D, 1, kOut>(rows, wv, bias, inv, mask, ox, c, o);
       }
     }
   }

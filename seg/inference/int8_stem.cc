@@ -38,16 +38,17 @@ namespace {
 using seg::stem::Stem;
 
 // out: uint8 as above, or float32: clip(y, 0, 6) itself (the float engines' stem pass,
-// float_kernel.py: stem).
+// float_kernel.py: stem), or that rounded to bfloat16 (the bfloat16 engine's; AVX-512 loops).
 ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ws,
                     ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd,
                     ffi::Buffer<ffi::F32> bd, ffi::Buffer<ffi::F32> inv_out, int32_t pad_top,
                     int32_t pad_left, bool wide, ffi::Result<ffi::AnyBuffer> out) {
   const auto od = out->dimensions();
   if (od.size() != 4) return ffi::Error::InvalidArgument("out is [n, oh, ow, c]");
-  const bool to_float = out->element_type() == ffi::DataType::F32;
+  const bool to_bf16 = out->element_type() == ffi::DataType::BF16;
+  const bool to_float = out->element_type() == ffi::DataType::F32 || to_bf16;
   if (!to_float && out->element_type() != ffi::DataType::U8)
-    return ffi::Error::InvalidArgument("out is uint8 or float32");
+    return ffi::Error::InvalidArgument("out is uint8, float32 or bfloat16");
   Stem s;
   ffi::Error error = seg::stem::Make(
       x, ws, bs, wd, bd, inv_out, pad_top, pad_left, od[0], od[1], od[2],
@@ -57,7 +58,10 @@ ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (wide && !seg::HasAvx512())
     return ffi::Error::InvalidArgument("the AVX-512 loops need AVX-512 F, BW, VL and DQ");
   s.wide = wide;
-  if (to_float) s.outf = static_cast<float*>(out->untyped_data());
+  if (to_bf16 && !s.Wide())
+    return ffi::Error::InvalidArgument("bfloat16 out: the AVX-512 loops, channels in 16s");
+  if (to_bf16) s.outb = static_cast<uint16_t*>(out->untyped_data());
+  else if (to_float) s.outf = static_cast<float*>(out->untyped_data());
   seg::ForEachRows(pool, od[0], s.oh, seg::stem::kGrainRows, s.rows,
                    [&s](int64_t n, int64_t oy0, int64_t oy1) {
     thread_local std::vector<float> buffer;

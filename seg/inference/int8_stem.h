@@ -1,6 +1,7 @@
 // The stem pass of int8_stem.cc (which describes it), shared with int8_kernel.cc's stem +
 // projection pass; its AVX-512 loops also write block 0's depthwise output in float32
-// (`outf`: float_kernel.py's stem pass of the float engines).
+// (`outf`: float_kernel.py's stem pass of the float engines) or bfloat16 (`outb`: the
+// bfloat16 engine's, rounded to nearest even as its products round their inputs).
 #ifndef SEG_INFERENCE_INT8_STEM_H_
 #define SEG_INFERENCE_INT8_STEM_H_
 
@@ -10,6 +11,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernel_cpu.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace seg {
@@ -35,6 +37,7 @@ struct Stem {
   int64_t out_base = 0;  // the first output row `out` holds (int8_kernel.cc: a chunk's)
   bool wide = false;     // the AVX-512 loops (c a multiple of 16; `Wide()`)
   float* outf = nullptr;  // float32 ReLU6 out instead of `out`
+  uint16_t* outb = nullptr;  // or bfloat16 (rounded to nearest even; the AVX-512 loops only)
 
   // Floats of a padded input row: the 2 ow + 1 columns the stem reads, 3 channels each.
   int64_t PaddedRow() const { return (2 * ow + 1) * 3; }
@@ -246,6 +249,12 @@ struct Stem {
         _mm512_storeu_ps(static_cast<float*>(o) + (ox + u) * c + ch, y);
         continue;
       }
+      if (outb) {
+        _mm256_storeu_si256(
+            reinterpret_cast<__m256i*>(static_cast<uint16_t*>(o) + (ox + u) * c + ch),
+            RoundToBf16(y));
+        continue;
+      }
       const __m512i q = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(y, inv)), top);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(o) + (ox + u) * c + ch),
                        _mm512_cvtepi32_epi8(q));
@@ -279,7 +288,9 @@ struct Stem {
         rows[i] = sy >= 0 && sy < oh ? slot(sy) : nullptr;
       }
       const int64_t at = (n * oh + oy - out_base) * ow * c;
-      if (outf) DepthwiseRow<true>(rows, outf + at); else DepthwiseRow(rows, out + at);
+      if (outb) DepthwiseRowWide(rows, outb + at);  // (the FFI call checked Wide())
+      else if (outf) DepthwiseRow<true>(rows, outf + at);
+      else DepthwiseRow(rows, out + at);
     }
   }
 

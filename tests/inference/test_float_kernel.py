@@ -248,6 +248,76 @@ def test_the_stem_pass_is_numpys_stem_then_depthwise_layer(shape, c, loop):
                       jnp.zeros((3, 3, 20)), jnp.zeros(20), loop=loop)
 
 
+@pytest.mark.parametrize('layer', ['depthwise', 'fused avx512bf16', 'fused amx', 'stem'])
+@pytest.mark.parametrize('c', [16, 40, 13])
+def test_a_bfloat16_output_is_the_float32_output_rounded_to_nearest_even(layer, c,
+                                                                        monkeypatch):
+  """The depthwise layer, the fused pass (in each bfloat16 loop) and the stem pass asked for
+  bfloat16 write their float32 outputs as ml_dtypes rounds them, to the bit (whole 16-channel
+  vectors, a masked last one, fewer than one); the stem pass in 16s only, the AVX2 loops
+  refuse (they write float32)."""
+  _skip_without_f32('avx512')
+  if layer.startswith('fused'):
+    _use_loop(layer.split()[1], monkeypatch)
+  rng = np.random.default_rng(c)
+  wd = jnp.asarray(rng.normal(0, 0.4, (3, 3, c)), jnp.float32)
+  bd = jnp.asarray(rng.normal(0, 1, c), jnp.float32)
+  if layer == 'stem':
+    if c % 16:
+      return
+    images = jnp.asarray(rng.uniform(-1, 1, (2, 31, 22, 3)), jnp.float32)
+    ws = jnp.asarray(rng.normal(0, 0.5, (3, 3, 3, c)), jnp.float32)
+    bs = jnp.asarray(rng.normal(0, 1, c), jnp.float32)
+    run = lambda dtype, loop=None: float_kernel.stem(images, ws, bs, wd, bd, loop=loop,
+                                                     out_dtype=dtype)
+  elif layer == 'depthwise':
+    x = jnp.asarray(rng.uniform(0, 6, (2, 17, 14, c)), jnp.float32)
+    run = lambda dtype, loop=None: float_kernel.depthwise(x, wd, bd, 1, 2, loop=loop,
+                                                          out_dtype=dtype)
+  else:
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 19, 14, 24)), jnp.float32)
+    wp = jnp.asarray(float_kernel.pack_weights(rng.normal(0, 0.3, (24, c)).astype(np.float32)))
+    b = jnp.asarray(rng.normal(0, 1, c), jnp.float32)
+    loop = layer.split()[1]
+    run = lambda dtype, _=None: float_kernel.expand_depthwise(x, wp, b, wd, bd, 2, 1,
+                                                              loop=loop, out_dtype=dtype)
+  f32, bf16 = np.asarray(run(jnp.float32)), np.asarray(run(jnp.bfloat16))
+  assert f32.dtype == np.float32 and bf16.dtype == jnp.bfloat16 and bf16.shape == f32.shape
+  np.testing.assert_array_equal(bf16.view(np.uint16), f32.astype(jnp.bfloat16).view(np.uint16))
+  inside = (f32 > 0) & (f32 < 6)  # (ReLU6's ends are bfloat16 already)
+  assert inside.mean() > 0.3 and (bf16.astype(np.float32) != f32)[inside].mean() > 0.9
+  if layer in ('depthwise', 'stem') and 'avx2' in float_kernel.f32_loops() and c % 8 == 0:
+    with pytest.raises(ValueError, match='a bfloat16 output needs the AVX-512 loops'):
+      run(jnp.bfloat16, 'avx2')
+  with pytest.raises(ValueError, match='out_dtype is float32 or bfloat16'):
+    run(jnp.int8)
+
+
+@pytest.mark.parametrize('loop', ['avx512bf16', 'amx'])
+@pytest.mark.parametrize('k,rows', [(7, 45), (64, 45), (64, 96), (136, 96)])
+def test_the_bfloat16_product_takes_bfloat16_inputs(loop, k, rows, monkeypatch):
+  """x handed over in bfloat16 gives exactly the float32 x of the same values' outputs:
+  inputs read in place (k a multiple of 32 and whole 32-row blocks: 64 x 96) or copied into
+  the padded rows (7 and 136 inputs, 45 rows), with a residual sum; a bfloat16 x with float32
+  weights is refused."""
+  _use_loop(loop, monkeypatch)
+  rng = np.random.default_rng(k + rows)
+  xb = jnp.asarray(rng.normal(0, 1, (rows, k)), jnp.bfloat16)
+  w = jnp.asarray(float_kernel.pack_weights(rng.normal(0, 0.2, (k, 40)).astype(np.float32)))
+  b = jnp.asarray(rng.normal(0, 1, 40), jnp.float32)
+  residual = jnp.asarray(rng.normal(0, 1, (rows, 40)), jnp.float32)
+  for mode, r in (('relu6', None), ('linear', residual)):
+    got = float_kernel.product(xb, w, b, mode=mode, residual=r, loop=loop)
+    np.testing.assert_array_equal(
+        np.asarray(got),
+        np.asarray(float_kernel.product(xb.astype(jnp.float32), w, b, mode=mode, residual=r,
+                                        loop=loop)))
+  f32 = jnp.asarray(float_kernel.pack_weights(np.ones((k, 40), np.float32), jnp.float32))
+  if float_kernel.available(jnp.float32):
+    with pytest.raises(ValueError, match='a bfloat16 x goes with bfloat16 weights'):
+      float_kernel.product(xb, f32, b)
+
+
 def test_packed_weights_follow_the_kernels_layout():
   """Panel p, pair g, channel c, j: the bfloat16 of w[2g + j, 16p + c], zeros beyond the
   weights (inputs to a multiple of 32, outputs to whole panels)."""
@@ -398,7 +468,8 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
   threshold = min(int(from_stride), m.output_stride)
   want = sum((2 if i else 1) for i, s in enumerate(strides[:-1]) if s >= threshold) + 3
   assert len(calls) == want
-  # No bfloat16 tensor between the layers: the kernel rounds what it reads.
+  # No XLA product in bfloat16 on a feature map: the kernel rounds what it reads (or takes
+  # the depthwise layers' bfloat16, test_the_depthwise_layers_hand_the_bfloat16_products...).
   assert not [e for e in jaxpr.eqns if e.primitive.name == 'dot_general'
               and e.invars[0].aval.dtype == jnp.bfloat16 and e.outvars[0].aval.ndim == 4]
   got = np.asarray(jax.jit(run)(eng.folded, images))
@@ -461,6 +532,47 @@ def test_the_float32_engine_runs_every_layer_but_the_heads_pooling_in_the_kernel
   monkeypatch.setenv('SEG_F32_KERNEL_ISA', 'sse')
   with pytest.raises(ValueError, match='SEG_F32_KERNEL_ISA must be auto, avx2, avx512'):
     jax.make_jaxpr(run())(eng.folded, images)
+
+
+@pytest.mark.parametrize('from_stride', ['2', '16'])
+def test_the_depthwise_layers_hand_the_bfloat16_products_bfloat16(tiny_model, from_stride,
+                                                                 monkeypatch):
+  """Every depthwise layer (and the stem pass) whose projection runs in the bfloat16 kernel
+  writes bfloat16, the others float32 (from stride 16: only those from there), and the
+  logits are the float32 hand-offs' (SEG_BF16_HANDOFF=float32) to the bit: the product
+  rounds its input as the depthwise loop rounds its output. The float32 engine hands over
+  float32; another value is refused."""
+  config, variables = tiny_model
+  monkeypatch.setenv('SEG_BF16_FROM_STRIDE', from_stride)
+  eng = _kernel_engine(config, variables)
+  m = config.model
+  images = preprocess(np.random.default_rng(12).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3),
+                                                         np.uint8))
+  run = lambda: lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
+                                     dtype=jnp.bfloat16, upsample=False)
+  handoffs = lambda folded: [
+      e.outvars[0].aval.dtype for e in jax.make_jaxpr(run())(folded, images).eqns
+      if e.primitive.name == 'ffi_call' and e.params['target_name'] in (
+          'seg_f32_depthwise', 'seg_float_expand_depthwise', int8_kernel.STEM_TARGET)]
+  strides = [2]
+  for _, _, stride, _ in block_specs(m.width, m.output_stride):
+    strides.append(strides[-1] * stride)
+  low = [s >= min(int(from_stride), m.output_stride) for s in strides[:-1]]
+  got = handoffs(eng.folded)
+  assert got == [jnp.bfloat16 if is_low else jnp.float32 for is_low in low]
+  logits = np.asarray(jax.jit(run())(eng.folded, images))
+  monkeypatch.setenv('SEG_BF16_HANDOFF', 'float32')
+  assert set(handoffs(eng.folded)) == {jnp.dtype(jnp.float32)}
+  np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), logits)
+  monkeypatch.setenv('SEG_BF16_HANDOFF', 'bfloat16')
+  float32 = _kernel_engine(config, variables, dtype='float32')
+  f32_run = lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
+                                 upsample=False)
+  assert not [e for e in jax.make_jaxpr(f32_run)(float32.folded, images).eqns
+              if e.primitive.name == 'ffi_call' and e.outvars[0].aval.dtype == jnp.bfloat16]
+  monkeypatch.setenv('SEG_BF16_HANDOFF', 'half')
+  with pytest.raises(ValueError, match='SEG_BF16_HANDOFF must be bfloat16 or float32'):
+    handoffs(eng.folded)
 
 
 def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model, monkeypatch):
