@@ -21,6 +21,7 @@
 #include "class_map.h"
 #include "float_product.h"
 #include "int8_depthwise.h"
+#include "int8_stem.h"
 #include "kernel_cpu.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
@@ -233,6 +234,68 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // ------------------------------------------------------------------------------------------
+// The stem pass (int8_stem.h, writing float32 or bfloat16) and block 0's projection in one
+// pass (float_kernel.py: stem_project), the same numbers as the two calls: a chunk of output
+// rows of one image goes through the stem and depthwise layer into a buffer that stays in
+// the core's cache (bfloat16 for the bfloat16 loops: the product's input as it would round
+// it), then through the product. Block 0's depthwise output (a 257 x 257 x 32 map at 513 x
+// 513) never goes to memory.
+constexpr int64_t kStemMidBytes = 512 * 1024;  // a chunk's depthwise output, at most
+
+ffi::Error FloatStemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> ws, ffi::Buffer<ffi::F32> bs,
+                            ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd,
+                            ffi::Buffer<ffi::F32> unused_scale, ffi::AnyBuffer w,
+                            ffi::Buffer<ffi::F32> bias, int32_t pad_top, int32_t pad_left,
+                            int32_t isa, ffi::ResultBuffer<ffi::F32> out) {
+  const auto od = out->dimensions();
+  if (od.size() != 4) return ffi::Error::InvalidArgument("out is [n, oh, ow, channels]");
+  seg::stem::Stem s;
+  ffi::Error error = seg::stem::Make(x, ws, bs, wd, bd, unused_scale, pad_top, pad_left, od[0],
+                                     od[1], od[2], nullptr, pool.num_threads(), s);
+  if (error.failure()) return error;
+  const int64_t n = static_cast<int64_t>(bias.element_count()), k = s.c;
+  if (od[3] != n) return ffi::Error::InvalidArgument("out's channels are the bias's");
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  std::vector<float> padded_bias(panels * kPanel, 0.f);
+  std::copy_n(bias.typed_data(), n, padded_bias.begin());
+  Problem p{nullptr, 0, k, n, (k + kKMultiple - 1) / kKMultiple * kKMultiple, nullptr,
+            padded_bias.data(), kLinear, isa, nullptr, nullptr};
+  if (auto e = SetWeights(w, isa, p); e.failure()) return e;
+  const bool bf16 = isa == kAvx512Bf16 || isa == kAmxBf16;
+  s.wide = isa != kAvx2F32;  // the other loops' CPUs have AVX-512 F, BW, VL and DQ
+  if (bf16 && !s.Wide())
+    return ffi::Error::InvalidArgument("the bfloat16 loops take the stem's channels in 16s");
+  const int64_t pixel_bytes = s.ow * k * (bf16 ? 2 : 4);
+  const int64_t most = std::max<int64_t>(seg::stem::kGrainRows,
+                                         std::min<int64_t>(s.rows, kStemMidBytes / pixel_bytes));
+  float* o = out->typed_data();
+  seg::ForEachRows(pool, od[0], s.oh, seg::stem::kGrainRows, most,
+                   [&](int64_t image, int64_t oy0, int64_t oy1) {
+    thread_local std::vector<float> rows, midf;
+    thread_local std::vector<uint16_t> midb;
+    const int64_t pixels = (oy1 - oy0) * s.ow;
+    seg::stem::Stem chunk = s;
+    chunk.out_base = image * s.oh + oy0;
+    Problem q = p;
+    if (bf16) {
+      midb.resize(pixels * k);
+      chunk.outb = midb.data();
+      q.xb = midb.data();
+    } else {
+      midf.resize(pixels * k);
+      chunk.outf = midf.data();
+      q.x = midf.data();
+    }
+    chunk.Chunk(image, oy0, oy1, rows);
+    q.m = pixels;
+    q.out = o + (image * s.oh + oy0) * s.ow * n;
+    RunRows(q, 0, pixels);
+  });
+  return ffi::Error::Success();
+}
+
+// ------------------------------------------------------------------------------------------
 // The class map (float_kernel.py: upsampled_argmax): every output row in class_map.h's
 // vector loop, rows shared by the threads.
 ffi::Error UpsampledArgmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
@@ -324,6 +387,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatProduct, FloatProduct,
                                   .Attr<int32_t>("mode")
                                   .Attr<int32_t>("isa")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [..., n]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatStemProject, FloatStemProject,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, 3]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // ws [3, 3, 3, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bs [c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bd [c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // the stem's scale [] (unused)
+                                  .Arg<ffi::AnyBuffer>()           // packed weights
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias [out]
+                                  .Attr<int32_t>("pad_top")
+                                  .Attr<int32_t>("pad_left")
+                                  .Attr<int32_t>("isa")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, out]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegUpsampledArgmax, UpsampledArgmax,
                               ffi::Ffi::Bind()

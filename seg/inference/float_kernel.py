@@ -364,6 +364,32 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
       pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), wide=loop == 'avx512')
 
 
+def stem_project(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax.Array,
+                 w_packed: jax.Array, bias: jax.Array, loop: Optional[str] = None) -> jax.Array:
+  """`product(stem(images, ws, bs, wd, bd), w_packed, bias)` in one pass (CPU): the stem pass
+  and block 0's projection (no activation) over chunks of rows, the stem pass's output never
+  in memory; the same numbers as the two calls (the bfloat16 loops: as with `stem`'s
+  bfloat16 output). `loop` as `product`'s, which also chooses the stem pass's loops (AVX-512
+  but for float32's avx2); images, ws, bs, wd, bd as `stem`'s (the bfloat16 loops: c a
+  multiple of 16). Returns float32 [n, ceil(h / 2), ceil(w / 2), out]."""
+  from seg.model.layers import same_padding
+  loop, isa_value = _loop_of(w_packed, loop)
+  if not stem_supported(images.shape, ws.shape):
+    raise ValueError(f'images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a multiple '
+                     f'of 8, got {images.shape}, {ws.shape}')
+  n, h, w, _ = images.shape
+  c = ws.shape[3]
+  if w_packed.dtype == jnp.uint16 and c % 16:
+    raise ValueError(f'the bfloat16 loops take the stem\'s channels in multiples of 16, got {c}')
+  _check_packed(w_packed, c, bias.shape[0])
+  out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), bias.shape[0]), jnp.float32)
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return jax.ffi.ffi_call(int8_kernel._target('SegFloatStemProject', loop), out)(
+      f32(images), f32(ws), f32(bs), f32(wd), f32(bd), jnp.ones((), jnp.float32), w_packed,
+      f32(bias), pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
+      pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), isa=np.int32(isa_value))
+
+
 def upsampled_argmax(logits: jax.Array, height: int, width: int) -> jax.Array:
   """The class map: argmax over classes of `logits` [n, fh, fw, classes] (float32, at most 256
   classes) resized to [height, width] with aligned corners, as

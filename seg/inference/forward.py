@@ -28,7 +28,7 @@ It re-expresses the trained model's function for speed, without changing it:
 
 import functools
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -137,27 +137,36 @@ def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation
                                 out_dtype=out_dtype)
 
 
+STEM_CHOICES = ('kernel', 'pass', 'xla')
+
+
 def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array,
-                      low: bool) -> Optional[jax.Array]:
-  """Block 0's depthwise output from the kernel's stem pass (`float_kernel.stem`; bfloat16
-  where block 0's projection takes it so, `_bf16_handoff` with `low` its precision), or None
-  where it does not apply: block 0 with an expansion, or whose projection adds the stem's
-  output back (equal channels), or channels the pass does not take; or where
-  SEG_FLOAT_STEM=xla (XLA's stem and the kernel's depthwise layer, for A/B timings; read
-  when traced)."""
+                      low: bool) -> Tuple[Optional[jax.Array], bool]:
+  """(y, projected): the kernel's stem pass over the stem and block 0's depthwise layer, or
+  None where it does not apply (block 0 with an expansion, or whose projection adds the
+  stem's output back (equal channels), or channels the pass does not take). `projected`:
+  y is block 0's projection already, the stem pass and the projection in one pass
+  (`float_kernel.stem_project`) where the projection runs in the kernel (`low`: its
+  precision); else y is the depthwise output (bfloat16 where the projection takes it so,
+  `_bf16_handoff`). SEG_FLOAT_STEM chooses, for A/B timings (read when traced): 'kernel'
+  (the default, as above), 'pass' (the stem pass and the projection apart) or 'xla' (XLA's
+  stem, the kernel's depthwise layer)."""
   from seg.inference import float_kernel
   stem, block0 = folded['stem'], folded['blocks'][0]
   choice = os.environ.get('SEG_FLOAT_STEM', 'kernel') or 'kernel'
-  if choice not in ('kernel', 'xla'):
-    raise ValueError(f'SEG_FLOAT_STEM must be kernel or xla, got {choice!r}')
-  if (choice == 'xla' or 'expand' in block0 or
-      stem['w'].shape[-1] == block0['project']['w'].shape[-1] or
+  if choice not in STEM_CHOICES:
+    raise ValueError(f'SEG_FLOAT_STEM must be one of {", ".join(STEM_CHOICES)}, got {choice!r}')
+  c = stem['w'].shape[-1]
+  if (choice == 'xla' or 'expand' in block0 or c == block0['project']['w'].shape[-1] or
       not float_kernel.stem_supported(images.shape, stem['w'].shape)):
-    return None
-  bf16 = _bf16_handoff(block0['project'], low) and stem['w'].shape[-1] % 16 == 0
-  return float_kernel.stem(images, stem['w'], stem['b'], block0['depthwise']['w'],
-                           block0['depthwise']['b'],
-                           out_dtype=jnp.bfloat16 if bf16 else jnp.float32)
+    return None, False
+  project = block0['project']
+  args = (images, stem['w'], stem['b'], block0['depthwise']['w'], block0['depthwise']['b'])
+  if choice == 'kernel' and _in_kernel(project, low) and (
+      project['wp'].dtype == jnp.float32 or c % 16 == 0):
+    return float_kernel.stem_project(*args, project['wp'], project['b']), True
+  bf16 = _bf16_handoff(project, low) and c % 16 == 0
+  return float_kernel.stem(*args, out_dtype=jnp.bfloat16 if bf16 else jnp.float32), False
 
 
 def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
@@ -260,8 +269,9 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   # where block 0 has no expansion or residual sum to read the stem's output).
   compute_dtype, input_stride = dtype, 2
   first_low = min(low_precision_from_stride(kernel), output_stride)
-  stem0 = (_kernel_stem_pass(folded, images, low=dtype != jnp.float32 and first_low <= 2)
-           if kernel else None)
+  stem0, projected = (_kernel_stem_pass(folded, images,
+                                         low=dtype != jnp.float32 and first_low <= 2)
+                       if kernel else (None, False))
   x = None if stem0 is not None else _relu6(_stem(images, folded['stem']['w'],
                                                   folded['stem']['b']))
   # A low-precision dtype from `low_precision_from_stride()` on (or the output stride, if
@@ -278,6 +288,9 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
     low = dtype != jnp.float32
     stored = jnp.float32 if kernel else dtype
     input_stride *= stride
+    if x is None and projected:  # block 0 in the stem pass, its projection too
+      x = stem0
+      continue
     if x is None:  # block 0 after the stem pass
       y, residual = stem0, False
     else:

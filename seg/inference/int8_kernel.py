@@ -69,6 +69,7 @@ _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegFloatProduct': 'seg_float_product',
             'SegF32Depthwise': 'seg_f32_depthwise',
             'SegFloatExpandDepthwise': 'seg_float_expand_depthwise',
+            'SegFloatStemProject': 'seg_float_stem_project',
             'SegUpsampledArgmax': 'seg_upsampled_argmax'}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
@@ -85,7 +86,7 @@ OFFSET_LOOPS = ('avxvnni', 'vnni')
 EMULATED = {'avxvnni': VNNI_FLAGS, 'amx': AVX512_FLAGS}
 # The targets that take a loop, and the suffix of the emulation library's (`emulate_loops`).
 LOOP_TARGETS = ('SegInt8Product', 'SegInt8StemProject', 'SegInt8ExpandDepthwise',
-                'SegFloatProduct', 'SegFloatExpandDepthwise')
+                'SegFloatProduct', 'SegFloatExpandDepthwise', 'SegFloatStemProject')
 EMULATION = '_emulation'
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')

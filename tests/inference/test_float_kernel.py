@@ -318,6 +318,38 @@ def test_the_bfloat16_product_takes_bfloat16_inputs(loop, k, rows, monkeypatch):
       float_kernel.product(xb, f32, b)
 
 
+@pytest.mark.parametrize('shape,c', [((2, 33, 29, 3), 16), ((1, 70, 65, 3), 32),
+                                     ((1, 21, 18, 3), 24)])
+@pytest.mark.parametrize('loop', ['avx512bf16', 'amx', 'avx2', 'avx512'])
+def test_the_stem_pass_and_projection_in_one_pass_are_the_two_calls(shape, c, loop, monkeypatch):
+  """`stem_project` gives exactly the stem pass's output (bfloat16 for the bfloat16 loops,
+  which round it so anyway) through `product`, in each loop (AMX's stand-in), over odd sizes,
+  a batch of 2, a taller image than one chunk of rows (70 -> 35 rows), outputs beyond whole
+  panels (20); the bfloat16 loops refuse a stem whose channels are not in 16s (24)."""
+  _use_loop(loop, monkeypatch)
+  _skip_without_f32('avx512')  # (the bfloat16 loops' stem pass is the AVX-512 one)
+  dtype = jnp.float32 if loop in float_kernel.F32_LOOPS else jnp.bfloat16
+  rng = np.random.default_rng(c + shape[1])
+  images = jnp.asarray(rng.uniform(-1, 1, shape), jnp.float32)
+  ws, bs, wd, bd = (jnp.asarray(rng.normal(0, 0.5, s_), jnp.float32)
+                    for s_ in ((3, 3, 3, c), (c,), (3, 3, c), (c,)))
+  wp = jnp.asarray(float_kernel.pack_weights(rng.normal(0, 0.3, (c, 20)).astype(np.float32),
+                                             dtype))
+  b = jnp.asarray(rng.normal(0, 1, 20), jnp.float32)
+  if dtype == jnp.bfloat16 and c % 16:
+    with pytest.raises(ValueError, match='channels in multiples of 16'):
+      float_kernel.stem_project(images, ws, bs, wd, bd, wp, b, loop=loop)
+    return
+  stem_loop = loop if dtype == jnp.float32 else 'avx512'
+  mid = float_kernel.stem(images, ws, bs, wd, bd, loop=stem_loop, out_dtype=dtype)
+  two = np.asarray(float_kernel.product(mid, wp, b, loop=loop))
+  one = np.asarray(float_kernel.stem_project(images, ws, bs, wd, bd, wp, b, loop=loop))
+  assert one.shape == (shape[0], -(-shape[1] // 2), -(-shape[2] // 2), 20)
+  np.testing.assert_array_equal(one, two)
+  with pytest.raises(ValueError, match='weights for'):
+    float_kernel.stem_project(images, ws, bs, wd, bd, wp[:-16], b, loop=loop)
+
+
 def test_packed_weights_follow_the_kernels_layout():
   """Panel p, pair g, channel c, j: the bfloat16 of w[2g + j, 16p + c], zeros beyond the
   weights (inputs to a multiple of 32, outputs to whole panels)."""
@@ -442,8 +474,8 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
   """Counted in the traced program: the expansion and projection of each block whose input
   has stride >= SEG_BF16_FROM_STRIDE (at most the output stride), and the head's aspp0,
   concat projection and logits; every depthwise layer (in float32; block 0's in one pass with
-  the stem). Their logits are as close to float32's as XLA's bfloat16 engine's, and the
-  classes float32's."""
+  the stem, and with block 0's projection where that is in the kernel). Their logits are as
+  close to float32's as XLA's bfloat16 engine's, and the classes float32's."""
   config, variables = tiny_model
   monkeypatch.setenv('SEG_BF16_FROM_STRIDE', from_stride)
   eng = _kernel_engine(config, variables)
@@ -458,16 +490,18 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
            and e.params['target_name'] == 'seg_float_product']
   depthwise = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
                and e.params['target_name'] == 'seg_f32_depthwise']
-  stem = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
-          and e.params['target_name'] == int8_kernel.STEM_TARGET]
-  # All, any stride: block 0's in one pass with the stem, the others alone.
-  assert len(stem) == 1 and len(depthwise) == len(block_specs(m.width, m.output_stride)) - 1
+  stem = [e.params['target_name'] for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
+          and e.params['target_name'] in (int8_kernel.STEM_TARGET, 'seg_float_stem_project')]
+  # All, any stride: block 0's in one pass with the stem (and its projection from stride
+  # 2), the others alone.
+  assert stem == ['seg_float_stem_project' if from_stride == '2' else int8_kernel.STEM_TARGET]
+  assert len(depthwise) == len(block_specs(m.width, m.output_stride)) - 1
   strides = [2]
   for _, _, stride, _ in block_specs(m.width, m.output_stride):
     strides.append(strides[-1] * stride)
   threshold = min(int(from_stride), m.output_stride)
   want = sum((2 if i else 1) for i, s in enumerate(strides[:-1]) if s >= threshold) + 3
-  assert len(calls) == want
+  assert len(calls) + (from_stride == '2') == want
   # No XLA product in bfloat16 on a feature map: the kernel rounds what it reads (or takes
   # the depthwise layers' bfloat16, test_the_depthwise_layers_hand_the_bfloat16_products...).
   assert not [e for e in jaxpr.eqns if e.primitive.name == 'dot_general'
@@ -508,11 +542,11 @@ def test_the_float32_engine_runs_every_layer_but_the_heads_pooling_in_the_kernel
   targets = [e.params['target_name'] for e in jaxpr.eqns if e.primitive.name == 'ffi_call']
   blocks = block_specs(m.width, m.output_stride)
   products = sum(2 if 'expand' in block else 1 for block in eng.folded['blocks']) + 3
-  assert targets.count('seg_float_product') + targets.count('seg_float_expand_depthwise') == (
-      products)
+  assert targets.count('seg_float_product') + targets.count('seg_float_expand_depthwise') + (
+      targets.count('seg_float_stem_project')) == products
   assert targets.count('seg_f32_depthwise') + targets.count(
       'seg_float_expand_depthwise') == len(blocks) - 1
-  assert targets.count(int8_kernel.STEM_TARGET) == 1
+  assert targets.count('seg_float_stem_project') == 1  # the stem, block 0's depthwise, project
   assert not [e for e in jaxpr.eqns if e.primitive.name == 'dot_general'
               and e.outvars[0].aval.ndim == 4]
   got = np.asarray(jax.jit(run())(eng.folded, images))
@@ -537,8 +571,8 @@ def test_the_float32_engine_runs_every_layer_but_the_heads_pooling_in_the_kernel
 @pytest.mark.parametrize('from_stride', ['2', '16'])
 def test_the_depthwise_layers_hand_the_bfloat16_products_bfloat16(tiny_model, from_stride,
                                                                  monkeypatch):
-  """Every depthwise layer (and the stem pass) whose projection runs in the bfloat16 kernel
-  writes bfloat16, the others float32 (from stride 16: only those from there), and the
+  """Every depthwise layer (and the stem pass, where it does not compute the projection
+  itself) whose projection runs in the bfloat16 kernel writes bfloat16, the others float32 (from stride 16: only those from there), and the
   logits are the float32 hand-offs' (SEG_BF16_HANDOFF=float32) to the bit: the product
   rounds its input as the depthwise loop rounds its output. The float32 engine hands over
   float32; another value is refused."""
@@ -558,6 +592,8 @@ def test_the_depthwise_layers_hand_the_bfloat16_products_bfloat16(tiny_model, fr
   for _, _, stride, _ in block_specs(m.width, m.output_stride):
     strides.append(strides[-1] * stride)
   low = [s >= min(int(from_stride), m.output_stride) for s in strides[:-1]]
+  if low[0]:  # block 0's projection in the stem pass itself: no hand-off
+    low = low[1:]
   got = handoffs(eng.folded)
   assert got == [jnp.bfloat16 if is_low else jnp.float32 for is_low in low]
   logits = np.asarray(jax.jit(run())(eng.folded, images))
@@ -598,28 +634,35 @@ def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model
   np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), separate)
 
 
-def test_the_stem_pass_can_be_left_to_xla(tiny_model, monkeypatch):
-  """SEG_FLOAT_STEM=xla (A/B timings): XLA's stem, block 0's depthwise layer in the kernel
-  alone, nearly the same logits; another value is refused."""
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_the_stem_pass_takes_block_0s_projection_or_leaves_it(tiny_model, dtype, monkeypatch):
+  """By default the stem pass computes block 0's projection too (one call); SEG_FLOAT_STEM
+  (A/B timings) =pass leaves the projection to its own call, with the same logits to the bit;
+  =xla leaves the stem to XLA and block 0's depthwise layer to the kernel alone, with nearly
+  the same logits; another value is refused."""
   config, variables = tiny_model
-  eng = _kernel_engine(config, variables)
+  eng = _kernel_engine(config, variables, dtype=dtype)
   m = config.model
-  images = preprocess(np.random.default_rng(6).integers(0, 256, (1, EVAL_SIZE, EVAL_SIZE, 3),
+  images = preprocess(np.random.default_rng(6).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3),
                                                         np.uint8))
   run = lambda: lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
-                                     dtype=jnp.bfloat16)
+                                     dtype=engine.DTYPES[dtype])
   targets = lambda: [e.params['target_name'] for e in jax.make_jaxpr(run())(eng.folded,
                                                                           images).eqns
                      if e.primitive.name == 'ffi_call']
-  with_pass = np.asarray(jax.jit(run())(eng.folded, images))
-  assert targets().count(int8_kernel.STEM_TARGET) == 1
-  monkeypatch.setenv('SEG_FLOAT_STEM', 'xla')
+  fused = np.asarray(jax.jit(run())(eng.folded, images))
+  assert targets()[0] == 'seg_float_stem_project'
   assert int8_kernel.STEM_TARGET not in targets()
+  monkeypatch.setenv('SEG_FLOAT_STEM', 'pass')
+  assert targets()[:2] == [int8_kernel.STEM_TARGET, 'seg_float_product']
+  np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), fused)
+  monkeypatch.setenv('SEG_FLOAT_STEM', 'xla')
+  assert not {int8_kernel.STEM_TARGET, 'seg_float_stem_project'} & set(targets())
   assert targets().count('seg_f32_depthwise') == len(block_specs(m.width, m.output_stride))
   without = np.asarray(jax.jit(run())(eng.folded, images))
-  np.testing.assert_allclose(without, with_pass, rtol=0, atol=1e-3 * np.abs(with_pass).max())
+  np.testing.assert_allclose(without, fused, rtol=0, atol=1e-3 * np.abs(fused).max())
   monkeypatch.setenv('SEG_FLOAT_STEM', 'fast')
-  with pytest.raises(ValueError, match='SEG_FLOAT_STEM must be kernel or xla'):
+  with pytest.raises(ValueError, match='SEG_FLOAT_STEM must be one of kernel, pass, xla'):
     targets()
 
 
