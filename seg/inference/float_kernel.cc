@@ -1,15 +1,17 @@
 // The float32 and bfloat16 engines' XLA FFI handlers: a 1x1 product in the loops of
-// float_product.h (which describes them), float32 in and out, its precision that of the
-// packed weights; and the 3x3 depthwise layer + ReLU6 in float32 (the int8 engine's
-// depthwise loop for AVX-512, int8_depthwise.h, with float32 input and output:
+// float_product.h (which describes them), float32 out, float32 in (or bfloat16 for the
+// bfloat16 loops), its precision that of the packed weights; and the 3x3 depthwise layer +
+// ReLU6 in float32 (the int8 engine's depthwise loop for AVX-512, int8_depthwise.h, with
+// float32 input and float32 or bfloat16 output:
 //
 //   y = b[c];  y = fma(x[n, oy*s + i*d - pt, ox*s + j*d - pl, c], w[i, j, c], y)
 //                for (i, j) in row-major order, 0 outside the input ('SAME' padding)
-//   out[n, oy, ox, c] = clip(y, 0, 6)
+//   out[n, oy, ox, c] = clip(y, 0, 6)   (bfloat16: rounded to nearest even)
 //
 // XLA's float32 taps of forward._depthwise summed in one fixed order), alone or after a
-// large expansion in one pass (the stem pass writing float32 is int8_stem.cc's); and the
-// class map: logits upsampled and their argmax, row by row (UpsampledArgmax). Built into
+// large expansion in one pass; the stem pass (int8_stem.cc's, writing float32 or bfloat16)
+// with block 0's projection in one pass; and the class map: logits upsampled and their
+// argmax, row by row (UpsampledArgmax). Built into
 // the same library as the int8 kernels by seg/inference/int8_kernel.py (`build`), called
 // through float_kernel.py. Work is split into chunks shared by the calling thread and XLA's
 // intra-op thread pool (kernel_threads.h).
