@@ -236,6 +236,82 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // ------------------------------------------------------------------------------------------
+// A depthwise layer and the projection after it in one pass (float_kernel.py:
+// depthwise_project), the same numbers as the two calls: a chunk of the depthwise layer's
+// output rows of one image goes into a buffer that stays in the core's cache (bfloat16 for
+// the bfloat16 loops, as the product would round it), then through the product (with the
+// residual block's sum). The depthwise output never goes to memory, and there is nothing to
+// compute twice: each output row of the projection is one of the depthwise layer's.
+constexpr int64_t kMidBytes = 256 * 1024;  // a chunk's depthwise output, at most
+
+ffi::Error FloatDepthwiseProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd,
+                                 ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
+                                 ffi::Buffer<ffi::F32> residual, int32_t isa, int32_t stride,
+                                 int32_t dilation, int32_t pad_top, int32_t pad_left,
+                                 ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wdd = wd.dimensions(), od = out->dimensions();
+  if (xd.size() != 4 || od.size() != 4 || od[0] != xd[0])
+    return ffi::Error::InvalidArgument("x is [n, h, w, c] and out [n, oh, ow, out]");
+  const int64_t c = xd[3], n = static_cast<int64_t>(bias.element_count());
+  if (wdd.size() != 3 || wdd[0] != 3 || wdd[1] != 3 || wdd[2] != c || bd.element_count() != c)
+    return ffi::Error::InvalidArgument("the depthwise weights are [3, 3, c], bias [c]");
+  if (od[3] != n) return ffi::Error::InvalidArgument("out's channels are the bias's");
+  const size_t size = static_cast<size_t>(od[0] * od[1] * od[2] * n);
+  if (residual.element_count() && residual.element_count() != size)
+    return ffi::Error::InvalidArgument("a residual is out's shape");
+  const int64_t panels = (n + kPanel - 1) / kPanel;
+  std::vector<float> padded_bias(panels * kPanel, 0.f);
+  std::copy_n(bias.typed_data(), n, padded_bias.begin());
+  Problem p{nullptr, 0, c, n, (c + kKMultiple - 1) / kKMultiple * kKMultiple, nullptr,
+            padded_bias.data(), kLinear, isa,
+            residual.element_count() ? residual.typed_data() : nullptr, nullptr};
+  if (auto error = SetWeights(w, isa, p); error.failure()) return error;
+  Depthwise d{nullptr, xd[1], xd[2], c, wd.typed_data(), bd.typed_data(), 1.f, stride,
+              dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
+  if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
+    return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
+  d.wide = isa != kAvx2F32;  // the bfloat16 loops and kAvx512F32: AVX-512
+  if (!d.wide && c % 8 != 0)
+    return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
+  const bool bf16 = isa == kAvx512Bf16 || isa == kAmxBf16;
+  d.xf = x.typed_data();
+  d.ChooseBand();
+  // Output rows per chunk: as many as keep the chunk's depthwise output within kMidBytes,
+  // and at most an eighth of the image's, so that two threads share even a batch of one.
+  const int64_t row_bytes = d.ow * c * (bf16 ? 2 : 4);
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>((d.oh + 7) / 8,
+                                                              kMidBytes / row_bytes));
+  float* o = out->typed_data();
+  return WithStride(stride, dilation, [&](auto s, auto dl) {
+    constexpr int S = decltype(s)::value, D = decltype(dl)::value;
+    seg::ForEachRows(pool, xd[0], d.oh, 1, rows, [&](int64_t image, int64_t oy0, int64_t oy1) {
+      thread_local std::vector<float> converted, midf;
+      thread_local std::vector<uint16_t> midb;
+      const int64_t pixels = (oy1 - oy0) * d.ow;
+      Depthwise chunk = d;
+      chunk.out_row_base = image * d.oh + oy0;
+      Problem q = p;
+      if (bf16) {
+        midb.resize(pixels * c);
+        chunk.outb = midb.data();
+        q.xb = midb.data();
+      } else {
+        midf.resize(pixels * c);
+        chunk.outf = midf.data();
+        q.x = midf.data();
+      }
+      for (int64_t oy = oy0; oy < oy1; oy += d.band) FloatBand<S, D>(chunk, image, oy, converted, oy1);
+      const int64_t first = (image * d.oh + oy0) * d.ow;
+      q.m = pixels;
+      q.out = o + first * n;
+      if (p.residual) q.residual = p.residual + first * n;
+      RunRows(q, 0, pixels);
+    });
+  });
+}
+
+// ------------------------------------------------------------------------------------------
 // The stem pass (int8_stem.h, writing float32 or bfloat16) and block 0's projection in one
 // pass (float_kernel.py: stem_project), the same numbers as the two calls: a chunk of output
 // rows of one image goes through the stem and depthwise layer into a buffer that stays in
@@ -389,6 +465,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatProduct, FloatProduct,
                                   .Attr<int32_t>("mode")
                                   .Attr<int32_t>("isa")
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [..., n]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatDepthwiseProject, FloatDepthwiseProject,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, c]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bd [c]
+                                  .Arg<ffi::AnyBuffer>()           // packed weights
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // bias [out]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // residual [n, oh, ow, out] or [0]
+                                  .Attr<int32_t>("isa")
+                                  .Attr<int32_t>("stride")
+                                  .Attr<int32_t>("dilation")
+                                  .Attr<int32_t>("pad_top")
+                                  .Attr<int32_t>("pad_left")
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [n, oh, ow, out]
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatStemProject, FloatStemProject,
                               ffi::Ffi::Bind()

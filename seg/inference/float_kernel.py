@@ -325,6 +325,40 @@ def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax
       pad_left=np.int32(same_padding(wdt, 3, stride, dilation)[0]))
 
 
+def depthwise_project(x: jax.Array, wd: jax.Array, bd: jax.Array, stride: int, dilation: int,
+                      w_packed: jax.Array, bias: jax.Array,
+                      residual: Optional[jax.Array] = None,
+                      loop: Optional[str] = None) -> jax.Array:
+  """`product(depthwise(x, wd, bd, stride, dilation), w_packed, bias, residual=residual)` in
+  one pass over chunks of rows (float_kernel.cc), the same numbers (the bfloat16 loops: as
+  with `depthwise`'s bfloat16 output), the depthwise output never in memory. x: [n, h, w,
+  c] float32; `loop` as `product`'s, which also chooses the depthwise loop (AVX-512 but for
+  float32's avx2, which takes c in multiples of 8); residual: float32, the output's shape.
+  Returns float32 [n, ceil(h / stride), ceil(w / stride), out]."""
+  from seg.model.layers import same_padding
+  loop, isa_value = _loop_of(w_packed, loop)
+  n, h, wdt, c = x.shape
+  if wd.shape != (3, 3, c) or bd.shape != (c,) or (stride, dilation) not in DEPTHWISE_STRIDES:
+    raise ValueError(f'3x3 weights [3, 3, {c}], a bias [{c}] and (stride, dilation) in '
+                     f'{DEPTHWISE_STRIDES} only, got {wd.shape}, {bd.shape}, '
+                     f'({stride}, {dilation})')
+  if loop == 'avx2' and not depthwise_supported(c, loop):
+    raise ValueError(f'the avx2 depthwise loop takes channels in multiples of '
+                     f'{int8_kernel.DEPTHWISE_CHANNELS}, got {c}')
+  _check_packed(w_packed, c, bias.shape[0])
+  shape = (n, -(-h // stride), -(-wdt // stride), bias.shape[0])
+  if residual is not None and residual.shape != shape:
+    raise ValueError(f'the residual must be {shape}, got {residual.shape}')
+  residual = (jnp.zeros((0,), jnp.float32) if residual is None else
+              residual.astype(jnp.float32))
+  return jax.ffi.ffi_call(int8_kernel._target('SegFloatDepthwiseProject', loop),
+                          jax.ShapeDtypeStruct(shape, jnp.float32))(
+      x.astype(jnp.float32), wd.astype(jnp.float32), bd.astype(jnp.float32), w_packed,
+      bias.astype(jnp.float32), residual, isa=np.int32(isa_value), stride=np.int32(stride),
+      dilation=np.int32(dilation), pad_top=np.int32(same_padding(h, 3, stride, dilation)[0]),
+      pad_left=np.int32(same_padding(wdt, 3, stride, dilation)[0]))
+
+
 def stem_supported(images_shape, stem_w_shape) -> bool:
   """Whether `stem` takes images of `images_shape` [n, h, w, 3] and a stem [3, 3, 3, c]: the
   int8 kernel's stem pass (`int8_kernel.stem_supported`: c a multiple of 8)."""

@@ -112,29 +112,45 @@ def _bf16_handoff(project: Dict[str, Any], low: bool) -> bool:
           project['wp'].dtype == jnp.uint16 and float_kernel.f32_isa() == 'avx512')
 
 
-def _expand_depthwise(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int,
-                      low: bool, kernel: bool, stored) -> jax.Array:
-  """A block's expansion (if any; bfloat16 inputs where `low`) and depthwise layer, with their
-  ReLU6s, stored as `stored`. With the kernel (`kernel`) the depthwise layer runs in its
-  float32 loop, and a large expansion in the kernel in one pass with it
-  (`FUSE_FROM_ELEMENTS`); its output is bfloat16 where the projection takes it so
-  (`_bf16_handoff`)."""
-  expand, depthwise = block.get('expand'), block['depthwise']
+def _depthwise_project_apart() -> bool:
+  """SEG_DEPTHWISE_PROJECT=two: the kernel's depthwise layers and projections as two calls
+  each, for A/B timings (default one: `float_kernel.depthwise_project`; read when traced)."""
+  choice = os.environ.get('SEG_DEPTHWISE_PROJECT', 'one') or 'one'
+  if choice not in ('one', 'two'):
+    raise ValueError(f'SEG_DEPTHWISE_PROJECT must be one or two, got {choice!r}')
+  return choice == 'two'
+
+
+def _block(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int, low: bool,
+           kernel: bool, stored, residual: Optional[jax.Array]) -> jax.Array:
+  """A block after the stem: its expansion (if any; bfloat16 inputs where `low`), depthwise
+  layer (ReLU6s, stored as `stored`) and projection (+ `residual`), float32 out. With the
+  kernel (`kernel`) the depthwise layer runs in its float32 loop: with a large expansion
+  in one pass (`FUSE_FROM_ELEMENTS`), handing the projection bfloat16 where it takes it so
+  (`_bf16_handoff`); otherwise in one pass with the projection where that is in the kernel
+  (`float_kernel.depthwise_project`)."""
+  expand, depthwise, project = block.get('expand'), block['depthwise'], block['project']
   if kernel:
     from seg.inference import float_kernel
   if not (kernel and (stride, dilation) in float_kernel.DEPTHWISE_STRIDES and
           float_kernel.depthwise_supported(depthwise['b'].shape[0])):
     y = x if expand is None else _product(x, expand, 'relu6', low).astype(stored)
-    return _relu6(_depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)).astype(stored)
-  out_dtype = jnp.bfloat16 if _bf16_handoff(block['project'], low) else jnp.float32
+    y = _relu6(_depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)).astype(stored)
+    return _product(y, project, 'linear', low, residual=residual)
+  out_dtype = jnp.bfloat16 if _bf16_handoff(project, low) else jnp.float32
   if expand is not None and _in_kernel(expand, low) and (
       x.shape[1] * x.shape[2] * expand['b'].shape[0] >= FUSE_FROM_ELEMENTS):
     # One pass: the expansion's output stays in the core's cache.
-    return float_kernel.expand_depthwise(x, expand['wp'], expand['b'], depthwise['w'],
-                                         depthwise['b'], stride, dilation, out_dtype=out_dtype)
+    y = float_kernel.expand_depthwise(x, expand['wp'], expand['b'], depthwise['w'],
+                                      depthwise['b'], stride, dilation, out_dtype=out_dtype)
+    return _product(y, project, 'linear', low, residual=residual)
   y = x if expand is None else _product(x, expand, 'relu6', low)
-  return float_kernel.depthwise(y, depthwise['w'], depthwise['b'], stride, dilation,
-                                out_dtype=out_dtype)
+  if _in_kernel(project, low) and not _depthwise_project_apart():
+    return float_kernel.depthwise_project(y, depthwise['w'], depthwise['b'], stride, dilation,
+                                          project['wp'], project['b'], residual=residual)
+  y = float_kernel.depthwise(y, depthwise['w'], depthwise['b'], stride, dilation,
+                             out_dtype=out_dtype)
+  return _product(y, project, 'linear', low, residual=residual)
 
 
 STEM_CHOICES = ('kernel', 'pass', 'xla')
@@ -292,13 +308,12 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
       x = stem0
       continue
     if x is None:  # block 0 after the stem pass
-      y, residual = stem0, False
-    else:
-      x = x.astype(stored)
-      residual = stride == 1 and x.shape[-1] == block['project']['w'].shape[-1]
-      y = _expand_depthwise(x, block, stride, dilation, low, kernel, stored)
-    y = _product(y, block['project'], 'linear', low, residual=x if residual else None)
-    x = y.astype(stored)
+      x = _product(stem0, block['project'], 'linear', low).astype(stored)
+      continue
+    x = x.astype(stored)
+    residual = stride == 1 and x.shape[-1] == block['project']['w'].shape[-1]
+    x = _block(x, block, stride, dilation, low, kernel, stored,
+               x if residual else None).astype(stored)
 
   dtype = compute_dtype
   stored = jnp.float32 if kernel else dtype

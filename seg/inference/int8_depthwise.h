@@ -38,6 +38,7 @@ struct Depthwise {
   int64_t oh, ow;
   int64_t band;  // output rows per chunk
   int64_t row_base = 0;  // the first row x holds (int8_kernel.cc's fused expansion: a band's)
+  int64_t out_row_base = 0;  // the first output row the output holds (the same for outputs)
   bool wide = false;     // the AVX-512 loop (BandWide)
   const float* xf = nullptr;  // float32 in and out instead of x and out (kFloat loops)
   float* outf = nullptr;
@@ -161,7 +162,7 @@ struct Depthwise {
           const int64_t iy = oy * S + i * D - pad_top;
           rows[i] = iy >= 0 && iy < h ? buffer.data() + (iy - first) * row_floats : nullptr;
         }
-        const int64_t at = (n * oh + oy) * ow * c;
+        const int64_t at = (n * oh + oy - out_row_base) * ow * c;
         OutputRow<S, D, kFloat>(rows, ch0, width, kFloat ? static_cast<void*>(outf + at)
                                                          : static_cast<void*>(out + at));
       }
@@ -269,7 +270,7 @@ struct Depthwise {
           const int64_t iy = oy * S + i * D - pad_top;
           rows[i] = iy >= 0 && iy < h ? rows_base + (iy - first) * row_floats : nullptr;
         }
-        const int64_t at = (n * oh + oy) * ow * c + ch;
+        const int64_t at = (n * oh + oy - out_row_base) * ow * c + ch;
         void* o = kOut == kFloat32 ? static_cast<void*>(outf + at) :
                   kOut == kBfloat16 ? static_cast<void*>(outb + at) : static_cast<void*>(out + at);
         int64_t ox = 0;

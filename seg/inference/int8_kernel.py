@@ -70,6 +70,7 @@ _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegF32Depthwise': 'seg_f32_depthwise',
             'SegFloatExpandDepthwise': 'seg_float_expand_depthwise',
             'SegFloatStemProject': 'seg_float_stem_project',
+            'SegFloatDepthwiseProject': 'seg_float_depthwise_project',
             'SegUpsampledArgmax': 'seg_upsampled_argmax'}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane
@@ -86,7 +87,8 @@ OFFSET_LOOPS = ('avxvnni', 'vnni')
 EMULATED = {'avxvnni': VNNI_FLAGS, 'amx': AVX512_FLAGS}
 # The targets that take a loop, and the suffix of the emulation library's (`emulate_loops`).
 LOOP_TARGETS = ('SegInt8Product', 'SegInt8StemProject', 'SegInt8ExpandDepthwise',
-                'SegFloatProduct', 'SegFloatExpandDepthwise', 'SegFloatStemProject')
+                'SegFloatProduct', 'SegFloatExpandDepthwise', 'SegFloatStemProject',
+                'SegFloatDepthwiseProject')
 EMULATION = '_emulation'
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')

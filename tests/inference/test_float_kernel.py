@@ -350,6 +350,39 @@ def test_the_stem_pass_and_projection_in_one_pass_are_the_two_calls(shape, c, lo
     float_kernel.stem_project(images, ws, bs, wd, bd, wp[:-16], b, loop=loop)
 
 
+@pytest.mark.parametrize('stride,dilation', float_kernel.DEPTHWISE_STRIDES)
+@pytest.mark.parametrize('loop', ['avx512bf16', 'amx', 'avx2', 'avx512'])
+def test_the_depthwise_layer_and_projection_in_one_pass_are_the_two_calls(stride, dilation,
+                                                                         loop, monkeypatch):
+  """`depthwise_project` gives exactly `depthwise` (bfloat16 out for the bfloat16 loops, as
+  the product rounds it) then `product` with a residual, in each loop (AMX's stand-in): a
+  batch of 2, odd sizes, taller than one chunk of rows, 40 channels (beyond whole vectors),
+  20 outputs; without a residual too; a residual of another shape is refused."""
+  _use_loop(loop, monkeypatch)
+  _skip_without_f32('avx512')
+  dtype = jnp.float32 if loop in float_kernel.F32_LOOPS else jnp.bfloat16
+  rng = np.random.default_rng(stride * 10 + dilation)
+  x = jnp.asarray(rng.uniform(0, 6, (2, 37, 15, 40)), jnp.float32)
+  wd = jnp.asarray(rng.normal(0, 0.3, (3, 3, 40)), jnp.float32)
+  bd = jnp.asarray(rng.normal(0, 1, 40), jnp.float32)
+  wp = jnp.asarray(float_kernel.pack_weights(rng.normal(0, 0.2, (40, 20)).astype(np.float32),
+                                             dtype))
+  b = jnp.asarray(rng.normal(0, 1, 20), jnp.float32)
+  shape = (2, -(-37 // stride), -(-15 // stride), 20)
+  residual = jnp.asarray(rng.normal(0, 1, shape), jnp.float32)
+  mid = float_kernel.depthwise(x, wd, bd, stride, dilation,
+                               loop=loop if dtype == jnp.float32 else 'avx512', out_dtype=dtype)
+  for r in (residual, None):
+    one = np.asarray(float_kernel.depthwise_project(x, wd, bd, stride, dilation, wp, b,
+                                                    residual=r, loop=loop))
+    assert one.shape == shape
+    np.testing.assert_array_equal(one, np.asarray(float_kernel.product(mid, wp, b, residual=r,
+                                                                       loop=loop)))
+  with pytest.raises(ValueError, match='the residual must be'):
+    float_kernel.depthwise_project(x, wd, bd, stride, dilation, wp, b, residual=residual[:1],
+                                   loop=loop)
+
+
 def test_packed_weights_follow_the_kernels_layout():
   """Panel p, pair g, channel c, j: the bfloat16 of w[2g + j, 16p + c], zeros beyond the
   weights (inputs to a multiple of 32, outputs to whole panels)."""
@@ -490,18 +523,21 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
            and e.params['target_name'] == 'seg_float_product']
   depthwise = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
                and e.params['target_name'] == 'seg_f32_depthwise']
+  with_projection = [e for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
+                     and e.params['target_name'] == 'seg_float_depthwise_project']
   stem = [e.params['target_name'] for e in jaxpr.eqns if e.primitive.name == 'ffi_call'
           and e.params['target_name'] in (int8_kernel.STEM_TARGET, 'seg_float_stem_project')]
   # All, any stride: block 0's in one pass with the stem (and its projection from stride
-  # 2), the others alone.
+  # 2), the others alone or with their projection where that is in the kernel.
   assert stem == ['seg_float_stem_project' if from_stride == '2' else int8_kernel.STEM_TARGET]
-  assert len(depthwise) == len(block_specs(m.width, m.output_stride)) - 1
+  assert len(depthwise) + len(with_projection) == len(block_specs(m.width, m.output_stride)) - 1
+  assert with_projection
   strides = [2]
   for _, _, stride, _ in block_specs(m.width, m.output_stride):
     strides.append(strides[-1] * stride)
   threshold = min(int(from_stride), m.output_stride)
   want = sum((2 if i else 1) for i, s in enumerate(strides[:-1]) if s >= threshold) + 3
-  assert len(calls) + (from_stride == '2') == want
+  assert len(calls) + len(with_projection) + (from_stride == '2') == want
   # No XLA product in bfloat16 on a feature map: the kernel rounds what it reads (or takes
   # the depthwise layers' bfloat16, test_the_depthwise_layers_hand_the_bfloat16_products...).
   assert not [e for e in jaxpr.eqns if e.primitive.name == 'dot_general'
@@ -543,9 +579,11 @@ def test_the_float32_engine_runs_every_layer_but_the_heads_pooling_in_the_kernel
   blocks = block_specs(m.width, m.output_stride)
   products = sum(2 if 'expand' in block else 1 for block in eng.folded['blocks']) + 3
   assert targets.count('seg_float_product') + targets.count('seg_float_expand_depthwise') + (
-      targets.count('seg_float_stem_project')) == products
-  assert targets.count('seg_f32_depthwise') + targets.count(
-      'seg_float_expand_depthwise') == len(blocks) - 1
+      targets.count('seg_float_stem_project') + targets.count('seg_float_depthwise_project')
+  ) == products
+  assert targets.count('seg_f32_depthwise') + targets.count('seg_float_expand_depthwise') + (
+      targets.count('seg_float_depthwise_project')) == len(blocks) - 1
+  assert targets.count('seg_float_depthwise_project') >= 1
   assert targets.count('seg_float_stem_project') == 1  # the stem, block 0's depthwise, project
   assert not [e for e in jaxpr.eqns if e.primitive.name == 'dot_general'
               and e.outvars[0].aval.ndim == 4]
@@ -578,6 +616,7 @@ def test_the_depthwise_layers_hand_the_bfloat16_products_bfloat16(tiny_model, fr
   float32; another value is refused."""
   config, variables = tiny_model
   monkeypatch.setenv('SEG_BF16_FROM_STRIDE', from_stride)
+  monkeypatch.setenv('SEG_DEPTHWISE_PROJECT', 'two')  # (one pass: nothing handed over)
   eng = _kernel_engine(config, variables)
   m = config.model
   images = preprocess(np.random.default_rng(12).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3),
@@ -611,6 +650,35 @@ def test_the_depthwise_layers_hand_the_bfloat16_products_bfloat16(tiny_model, fr
     handoffs(eng.folded)
 
 
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_depthwise_layers_run_in_one_pass_with_their_projections(tiny_model, dtype,
+                                                                  monkeypatch):
+  """Every depthwise layer not fused with its expansion runs with its projection in one call
+  (the residual sum included), with the same logits to the bit as two calls
+  (SEG_DEPTHWISE_PROJECT=two, for A/B timings); another value is refused."""
+  config, variables = tiny_model
+  eng = _kernel_engine(config, variables, dtype=dtype)
+  m = config.model
+  images = preprocess(np.random.default_rng(13).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3),
+                                                         np.uint8))
+  run = lambda: lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
+                                     dtype=engine.DTYPES[dtype], upsample=False)
+  targets = lambda: [e.params['target_name'] for e in jax.make_jaxpr(run())(eng.folded,
+                                                                          images).eqns
+                     if e.primitive.name == 'ffi_call']
+  blocks = len(block_specs(m.width, m.output_stride))
+  one = np.asarray(jax.jit(run())(eng.folded, images))
+  assert targets().count('seg_float_depthwise_project') == blocks - 1  # (block 0: the stem's)
+  assert 'seg_f32_depthwise' not in targets()
+  monkeypatch.setenv('SEG_DEPTHWISE_PROJECT', 'two')
+  assert targets().count('seg_f32_depthwise') == blocks - 1
+  assert 'seg_float_depthwise_project' not in targets()
+  np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), one)
+  monkeypatch.setenv('SEG_DEPTHWISE_PROJECT', 'three')
+  with pytest.raises(ValueError, match='SEG_DEPTHWISE_PROJECT must be one or two'):
+    targets()
+
+
 def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model, monkeypatch):
   """Expansions whose output reaches `FUSE_FROM_ELEMENTS` (none at this size; all with the
   threshold at 0) run with their depthwise layer in one pass, with the same logits."""
@@ -638,8 +706,8 @@ def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model
 def test_the_stem_pass_takes_block_0s_projection_or_leaves_it(tiny_model, dtype, monkeypatch):
   """By default the stem pass computes block 0's projection too (one call); SEG_FLOAT_STEM
   (A/B timings) =pass leaves the projection to its own call, with the same logits to the bit;
-  =xla leaves the stem to XLA and block 0's depthwise layer to the kernel alone, with nearly
-  the same logits; another value is refused."""
+  =xla leaves the stem to XLA and block 0's depthwise layer to the kernel (with its
+  projection), with nearly the same logits; another value is refused."""
   config, variables = tiny_model
   eng = _kernel_engine(config, variables, dtype=dtype)
   m = config.model
@@ -658,7 +726,8 @@ def test_the_stem_pass_takes_block_0s_projection_or_leaves_it(tiny_model, dtype,
   np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), fused)
   monkeypatch.setenv('SEG_FLOAT_STEM', 'xla')
   assert not {int8_kernel.STEM_TARGET, 'seg_float_stem_project'} & set(targets())
-  assert targets().count('seg_f32_depthwise') == len(block_specs(m.width, m.output_stride))
+  assert targets().count('seg_float_depthwise_project') == len(block_specs(m.width,
+                                                                          m.output_stride))
   without = np.asarray(jax.jit(run())(eng.folded, images))
   np.testing.assert_allclose(without, fused, rtol=0, atol=1e-3 * np.abs(fused).max())
   monkeypatch.setenv('SEG_FLOAT_STEM', 'fast')
