@@ -166,6 +166,58 @@ ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 }
 
 // ------------------------------------------------------------------------------------------
+// Output rows [oy0, oy1) of image `image` of depthwise layer d (its input set up by the
+// caller) through the projection p after it: the rows go into a buffer that stays in the
+// core's cache (bfloat16 for the bfloat16 loops, as the product would round them), then the
+// product writes its rows of `out` (and adds p.residual's). The same numbers as the two
+// calls; each output row of the projection is one of the depthwise layer's.
+template <int S, int D>
+void DepthwiseThenProject(const Depthwise& d, const Problem& p, float* out, int64_t image,
+                          int64_t oy0, int64_t oy1) {
+  thread_local std::vector<float> converted, midf;
+  thread_local std::vector<uint16_t> midb;
+  const int64_t pixels = (oy1 - oy0) * d.ow;
+  const bool bf16 = p.isa == kAvx512Bf16 || p.isa == kAmxBf16;
+  Depthwise chunk = d;
+  chunk.outf = nullptr;
+  chunk.outb = nullptr;
+  chunk.out_row_base = image * d.oh + oy0;
+  Problem q = p;
+  if (bf16) {
+    midb.resize(pixels * d.c);
+    chunk.outb = midb.data();
+    q.xb = midb.data();
+  } else {
+    midf.resize(pixels * d.c);
+    chunk.outf = midf.data();
+    q.x = midf.data();
+  }
+  for (int64_t oy = oy0; oy < oy1; oy += d.band) FloatBand<S, D>(chunk, image, oy, converted, oy1);
+  const int64_t first = (image * d.oh + oy0) * d.ow;
+  q.m = pixels;
+  q.out = out + first * p.n;
+  if (p.residual) q.residual = p.residual + first * p.n;
+  RunRows(q, 0, pixels);
+}
+
+// The projection of FloatExpandDepthwise and FloatDepthwiseProject into p (k inputs): packed
+// weights w for loop `isa`, `bias` (padded into `padded_bias`), a residual or none ([0]) of
+// `size` elements.
+ffi::Error SetProjection(ffi::AnyBuffer& w, ffi::Buffer<ffi::F32>& bias,
+                         ffi::Buffer<ffi::F32>& residual, int64_t k, int32_t isa, size_t size,
+                         std::vector<float>& padded_bias, Problem& p) {
+  const int64_t n = static_cast<int64_t>(bias.element_count());
+  if (residual.element_count() && residual.element_count() != size)
+    return ffi::Error::InvalidArgument("a residual is out's shape");
+  padded_bias.assign((n + kPanel - 1) / kPanel * kPanel, 0.f);
+  std::copy_n(bias.typed_data(), n, padded_bias.begin());
+  p = Problem{nullptr, 0, k, n, (k + kKMultiple - 1) / kKMultiple * kKMultiple, nullptr,
+              padded_bias.data(), kLinear, isa,
+              residual.element_count() ? residual.typed_data() : nullptr, nullptr};
+  return SetWeights(w, isa, p);
+}
+
+// ------------------------------------------------------------------------------------------
 // An expansion (ReLU6) and the depthwise layer after it in one pass (float_kernel.py:
 // expand_depthwise), the same numbers as the two calls: a chunk is a band of the depthwise
 // layer's output rows of one image; it computes the expansion's output for just the input
@@ -177,8 +229,8 @@ constexpr int64_t kFusedBytes = 1024 * 1024;  // a band's expansion output, at m
 
 template <int S, int D>
 void FusedRun(ffi::ThreadPool& pool, const Problem& p, const Depthwise& d, int64_t images,
-              int64_t rows) {
-  seg::ForEachRows(pool, images, d.oh, 2, rows, [&p, &d](int64_t n, int64_t oy0, int64_t oy1) {
+              int64_t rows, const Problem* project, float* projected) {
+  seg::ForEachRows(pool, images, d.oh, 2, rows, [&](int64_t n, int64_t oy0, int64_t oy1) {
     thread_local std::vector<float> expanded, converted;
     const int64_t first = std::max<int64_t>(oy0 * S - d.pad_top, 0);
     const int64_t last = std::min<int64_t>((oy1 - 1) * S + 2 * D - d.pad_top + 1, d.h);
@@ -192,19 +244,28 @@ void FusedRun(ffi::ThreadPool& pool, const Problem& p, const Depthwise& d, int64
     Depthwise band = d;
     band.xf = expanded.data();
     band.row_base = n * d.h + first;
+    if (project) {
+      DepthwiseThenProject<S, D>(band, *project, projected, n, oy0, oy1);
+      return;
+    }
     for (int64_t oy = oy0; oy < oy1; oy += d.band) FloatBand<S, D>(band, n, oy, converted, oy1);
   });
 }
 
 ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::AnyBuffer w, ffi::Buffer<ffi::F32> bias,
-                               ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd, int32_t isa,
-                               int32_t stride, int32_t dilation, int32_t pad_top,
-                               int32_t pad_left, ffi::Result<ffi::AnyBuffer> out) {
+                               ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd,
+                               ffi::AnyBuffer pw, ffi::Buffer<ffi::F32> pb,
+                               ffi::Buffer<ffi::F32> residual, int32_t isa, int32_t stride,
+                               int32_t dilation, int32_t pad_top, int32_t pad_left,
+                               ffi::Result<ffi::AnyBuffer> out) {
   const auto xd = x.dimensions(), wdd = wd.dimensions(), od = out->dimensions();
   const int64_t e = static_cast<int64_t>(bias.element_count());
-  if (xd.size() != 4 || od.size() != 4 || od[0] != xd[0] || od[3] != e)
-    return ffi::Error::InvalidArgument("x is [n, h, w, k] and out [n, oh, ow, expanded]");
+  const bool projects = pb.element_count() > 0;  // the projection too: out is its output
+  if (xd.size() != 4 || od.size() != 4 || od[0] != xd[0] ||
+      od[3] != (projects ? static_cast<int64_t>(pb.element_count()) : e))
+    return ffi::Error::InvalidArgument(
+        "x is [n, h, w, k] and out [n, oh, ow, expanded] (or [n, oh, ow, out] projected)");
   if (wdd.size() != 3 || wdd[0] != 3 || wdd[1] != 3 || wdd[2] != e || bd.element_count() != e)
     return ffi::Error::InvalidArgument(
         "the depthwise weights are [3, 3, expanded], bias [expanded]");
@@ -222,7 +283,20 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   d.wide = isa != kAvx2F32;  // the bfloat16 loops and kAvx512F32: AVX-512
   if (!d.wide && e % 8 != 0)
     return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
-  if (auto error = SetOutput(out, d); error.failure()) return error;
+  Problem project;
+  std::vector<float> project_bias;
+  if (projects) {
+    if (out->element_type() != ffi::DataType::F32)
+      return ffi::Error::InvalidArgument("a projection's out is float32");
+    const size_t size = static_cast<size_t>(od[0] * od[1] * od[2] * od[3]);
+    if (auto error = SetProjection(pw, pb, residual, e, isa, size, project_bias, project);
+        error.failure())
+      return error;
+  } else if (residual.element_count()) {
+    return ffi::Error::InvalidArgument("a residual goes with a projection");
+  } else if (auto error = SetOutput(out, d); error.failure()) {
+    return error;
+  }
   d.ChooseBand();
   // Output rows per chunk: as many as keep the band's expansion output within kFusedBytes,
   // and at most an eighth of the image's, so that two threads share even a batch of one.
@@ -231,7 +305,9 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
          (rows * stride + 2 * dilation + 1) * d.w * e * 4 <= kFusedBytes)
     ++rows;
   return WithStride(stride, dilation, [&](auto s, auto dl) {
-    FusedRun<decltype(s)::value, decltype(dl)::value>(pool, p, d, xd[0], rows);
+    FusedRun<decltype(s)::value, decltype(dl)::value>(
+        pool, p, d, xd[0], rows, projects ? &project : nullptr,
+        projects ? static_cast<float*>(out->untyped_data()) : nullptr);
   });
 }
 
@@ -253,20 +329,17 @@ ffi::Error FloatDepthwiseProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const auto xd = x.dimensions(), wdd = wd.dimensions(), od = out->dimensions();
   if (xd.size() != 4 || od.size() != 4 || od[0] != xd[0])
     return ffi::Error::InvalidArgument("x is [n, h, w, c] and out [n, oh, ow, out]");
-  const int64_t c = xd[3], n = static_cast<int64_t>(bias.element_count());
+  const int64_t c = xd[3];
   if (wdd.size() != 3 || wdd[0] != 3 || wdd[1] != 3 || wdd[2] != c || bd.element_count() != c)
     return ffi::Error::InvalidArgument("the depthwise weights are [3, 3, c], bias [c]");
-  if (od[3] != n) return ffi::Error::InvalidArgument("out's channels are the bias's");
-  const size_t size = static_cast<size_t>(od[0] * od[1] * od[2] * n);
-  if (residual.element_count() && residual.element_count() != size)
-    return ffi::Error::InvalidArgument("a residual is out's shape");
-  const int64_t panels = (n + kPanel - 1) / kPanel;
-  std::vector<float> padded_bias(panels * kPanel, 0.f);
-  std::copy_n(bias.typed_data(), n, padded_bias.begin());
-  Problem p{nullptr, 0, c, n, (c + kKMultiple - 1) / kKMultiple * kKMultiple, nullptr,
-            padded_bias.data(), kLinear, isa,
-            residual.element_count() ? residual.typed_data() : nullptr, nullptr};
-  if (auto error = SetWeights(w, isa, p); error.failure()) return error;
+  if (od[3] != static_cast<int64_t>(bias.element_count()))
+    return ffi::Error::InvalidArgument("out's channels are the bias's");
+  Problem p;
+  std::vector<float> padded_bias;
+  if (auto error = SetProjection(w, bias, residual, c, isa, out->element_count(), padded_bias,
+                                 p);
+      error.failure())
+    return error;
   Depthwise d{nullptr, xd[1], xd[2], c, wd.typed_data(), bd.typed_data(), 1.f, stride,
               dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
   if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
@@ -274,39 +347,17 @@ ffi::Error FloatDepthwiseProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   d.wide = isa != kAvx2F32;  // the bfloat16 loops and kAvx512F32: AVX-512
   if (!d.wide && c % 8 != 0)
     return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
-  const bool bf16 = isa == kAvx512Bf16 || isa == kAmxBf16;
   d.xf = x.typed_data();
   d.ChooseBand();
   // Output rows per chunk: as many as keep the chunk's depthwise output within kMidBytes,
   // and at most an eighth of the image's, so that two threads share even a batch of one.
-  const int64_t row_bytes = d.ow * c * (bf16 ? 2 : 4);
+  const int64_t row_bytes = d.ow * c * (isa == kAvx512Bf16 || isa == kAmxBf16 ? 2 : 4);
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>((d.oh + 7) / 8,
                                                               kMidBytes / row_bytes));
   float* o = out->typed_data();
   return WithStride(stride, dilation, [&](auto s, auto dl) {
-    constexpr int S = decltype(s)::value, D = decltype(dl)::value;
     seg::ForEachRows(pool, xd[0], d.oh, 1, rows, [&](int64_t image, int64_t oy0, int64_t oy1) {
-      thread_local std::vector<float> converted, midf;
-      thread_local std::vector<uint16_t> midb;
-      const int64_t pixels = (oy1 - oy0) * d.ow;
-      Depthwise chunk = d;
-      chunk.out_row_base = image * d.oh + oy0;
-      Problem q = p;
-      if (bf16) {
-        midb.resize(pixels * c);
-        chunk.outb = midb.data();
-        q.xb = midb.data();
-      } else {
-        midf.resize(pixels * c);
-        chunk.outf = midf.data();
-        q.x = midf.data();
-      }
-      for (int64_t oy = oy0; oy < oy1; oy += d.band) FloatBand<S, D>(chunk, image, oy, converted, oy1);
-      const int64_t first = (image * d.oh + oy0) * d.ow;
-      q.m = pixels;
-      q.out = o + first * n;
-      if (p.residual) q.residual = p.residual + first * n;
-      RunRows(q, 0, pixels);
+      DepthwiseThenProject<decltype(s)::value, decltype(dl)::value>(d, p, o, image, oy0, oy1);
     });
   });
 }
@@ -423,12 +474,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatExpandDepthwise, FloatExpandDepthwise,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bias [expanded]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, expanded]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bd [expanded]
+                                  .Arg<ffi::AnyBuffer>()           // projection: weights or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // its bias [out] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // residual [n, oh, ow, out] or [0]
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("stride")
                                   .Attr<int32_t>("dilation")
                                   .Attr<int32_t>("pad_top")
                                   .Attr<int32_t>("pad_left")
-                                  .Ret<ffi::AnyBuffer>());  // out [n, oh, ow, expanded] f32|bf16
+                                  .Ret<ffi::AnyBuffer>());  // out [n, oh, ow, expanded] f32|bf16,
+                                                            // or projected [n, oh, ow, out] f32
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegF32Depthwise, F32Depthwise,
                               ffi::Ffi::Bind()

@@ -299,11 +299,17 @@ def depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int, dilation: i
 
 def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax.Array,
                      bd: jax.Array, stride: int, dilation: int,
-                     loop: Optional[str] = None, out_dtype=jnp.float32) -> jax.Array:
+                     loop: Optional[str] = None, out_dtype=jnp.float32,
+                     project: Optional[Tuple[jax.Array, jax.Array]] = None,
+                     residual: Optional[jax.Array] = None) -> jax.Array:
   """`depthwise(product(x, w_packed, bias, 'relu6'), wd, bd, stride, dilation, out_dtype=...)`
   in one pass over bands of rows (float_kernel.cc): the same numbers, without the
   expansion's output going to memory. x: [n, h, w, in] float32; the rest as `product`'s and
-  `depthwise`'s (a bfloat16 output: the loops other than float32's avx2)."""
+  `depthwise`'s (a bfloat16 output: the loops other than float32's avx2).
+
+  project: (packed weights, bias) of the projection after the depthwise layer, which then
+  runs in the same pass (`depthwise_project`'s numbers), with `residual` (float32, its
+  output's shape) added: returns its float32 output [n, oh, ow, out] instead."""
   from seg.model.layers import same_padding
   loop, isa_value = _loop_of(w_packed, loop)
   n, h, wdt, k = x.shape
@@ -316,11 +322,26 @@ def expand_depthwise(x: jax.Array, w_packed: jax.Array, bias: jax.Array, wd: jax
   if loop == 'avx2' and not depthwise_supported(e, loop):  # (the other loops: AVX-512's)
     raise ValueError(f'the avx2 depthwise loop takes channels in multiples of '
                      f'{int8_kernel.DEPTHWISE_CHANNELS}, got {e}')
-  out = jax.ShapeDtypeStruct((n, -(-h // stride), -(-wdt // stride), e),
-                             _out_dtype(out_dtype, loop != 'avx2'))
+  oh, ow = -(-h // stride), -(-wdt // stride)
+  if project is None:
+    if residual is not None:
+      raise ValueError('a residual goes with a projection')
+    pw, pb = jnp.zeros((0,), w_packed.dtype), jnp.zeros((0,), jnp.float32)
+    out = jax.ShapeDtypeStruct((n, oh, ow, e), _out_dtype(out_dtype, loop != 'avx2'))
+  else:
+    pw, pb = project
+    if pw.dtype != w_packed.dtype:
+      raise ValueError('the projection\'s weights are packed as the expansion\'s')
+    _check_packed(pw, e, pb.shape[0])
+    out = jax.ShapeDtypeStruct((n, oh, ow, pb.shape[0]), jnp.float32)
+  if residual is not None and residual.shape != out.shape:
+    raise ValueError(f'the residual must be {out.shape}, got {residual.shape}')
+  residual = (jnp.zeros((0,), jnp.float32) if residual is None else
+              residual.astype(jnp.float32))
   return jax.ffi.ffi_call(int8_kernel._target('SegFloatExpandDepthwise', loop), out)(
       x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), wd.astype(jnp.float32),
-      bd.astype(jnp.float32), isa=np.int32(isa_value), stride=np.int32(stride),
+      bd.astype(jnp.float32), pw, jnp.asarray(pb, jnp.float32), residual,
+      isa=np.int32(isa_value), stride=np.int32(stride),
       dilation=np.int32(dilation), pad_top=np.int32(same_padding(h, 3, stride, dilation)[0]),
       pad_left=np.int32(same_padding(wdt, 3, stride, dilation)[0]))
 

@@ -125,10 +125,10 @@ def _block(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int, low:
            kernel: bool, stored, residual: Optional[jax.Array]) -> jax.Array:
   """A block after the stem: its expansion (if any; bfloat16 inputs where `low`), depthwise
   layer (ReLU6s, stored as `stored`) and projection (+ `residual`), float32 out. With the
-  kernel (`kernel`) the depthwise layer runs in its float32 loop: with a large expansion
-  in one pass (`FUSE_FROM_ELEMENTS`), handing the projection bfloat16 where it takes it so
-  (`_bf16_handoff`); otherwise in one pass with the projection where that is in the kernel
-  (`float_kernel.depthwise_project`)."""
+  kernel (`kernel`) the depthwise layer runs in its float32 loop: in one pass with the
+  projection where that is in the kernel (`float_kernel.depthwise_project`), and with a
+  large expansion too (`FUSE_FROM_ELEMENTS`); apart (SEG_DEPTHWISE_PROJECT=two, or a
+  projection left to XLA) handing it bfloat16 where it takes it so (`_bf16_handoff`)."""
   expand, depthwise, project = block.get('expand'), block['depthwise'], block['project']
   if kernel:
     from seg.inference import float_kernel
@@ -138,14 +138,21 @@ def _block(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int, low:
     y = _relu6(_depthwise(y, depthwise['w'], depthwise['b'], stride, dilation)).astype(stored)
     return _product(y, project, 'linear', low, residual=residual)
   out_dtype = jnp.bfloat16 if _bf16_handoff(project, low) else jnp.float32
+  one_pass = _in_kernel(project, low) and not _depthwise_project_apart()
   if expand is not None and _in_kernel(expand, low) and (
       x.shape[1] * x.shape[2] * expand['b'].shape[0] >= FUSE_FROM_ELEMENTS):
-    # One pass: the expansion's output stays in the core's cache.
+    # One pass: the expansion's output stays in the core's cache (and the depthwise
+    # layer's, with the projection).
+    if one_pass:
+      return float_kernel.expand_depthwise(x, expand['wp'], expand['b'], depthwise['w'],
+                                           depthwise['b'], stride, dilation,
+                                           project=(project['wp'], project['b']),
+                                           residual=residual)
     y = float_kernel.expand_depthwise(x, expand['wp'], expand['b'], depthwise['w'],
                                       depthwise['b'], stride, dilation, out_dtype=out_dtype)
     return _product(y, project, 'linear', low, residual=residual)
   y = x if expand is None else _product(x, expand, 'relu6', low)
-  if _in_kernel(project, low) and not _depthwise_project_apart():
+  if one_pass:
     return float_kernel.depthwise_project(y, depthwise['w'], depthwise['b'], stride, dilation,
                                           project['wp'], project['b'], residual=residual)
   y = float_kernel.depthwise(y, depthwise['w'], depthwise['b'], stride, dilation,

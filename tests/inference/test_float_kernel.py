@@ -190,7 +190,8 @@ def test_the_float32_depthwise_layer_is_numpys(stride, dilation, shape, loop):
 def test_the_fused_pass_computes_the_expansion_then_the_depthwise_layer(stride, dilation, loop,
                                                                        monkeypatch):
   """Bands of rows through both layers give exactly the two calls' numbers (odd sizes, a
-  batch of 2, expanded channels beyond whole panels), in each precision."""
+  batch of 2, expanded channels beyond whole panels), in each precision; with the
+  projection after them too."""
   _use_loop(loop, monkeypatch)
   dtype = jnp.float32 if loop in float_kernel.F32_LOOPS else jnp.bfloat16
   rng = np.random.default_rng(stride * 10 + dilation)
@@ -207,6 +208,21 @@ def test_the_fused_pass_computes_the_expansion_then_the_depthwise_layer(stride, 
   np.testing.assert_array_equal(np.asarray(fused), np.asarray(two))
   with pytest.raises(ValueError, match='weights for 24 inputs and 49 outputs'):
     float_kernel.expand_depthwise(x, wp, jnp.zeros(49), wd, bd, stride, dilation, loop=loop)
+  # The projection (24 outputs, with a residual sum, and without) in the same pass: the
+  # depthwise output as the product takes it (bfloat16: rounded) through `product`.
+  pw = jnp.asarray(float_kernel.pack_weights(rng.normal(0, 0.2, (40, 24)).astype(np.float32),
+                                             dtype))
+  pb = jnp.asarray(rng.normal(0, 1, 24), jnp.float32)
+  residual = jnp.asarray(rng.normal(0, 1, fused.shape[:3] + (24,)), jnp.float32)
+  for r in (residual, None):
+    projected = float_kernel.expand_depthwise(x, wp, b, wd, bd, stride, dilation, loop=loop,
+                                              project=(pw, pb), residual=r)
+    np.testing.assert_array_equal(
+        np.asarray(projected),
+        np.asarray(float_kernel.product(two.astype(dtype), pw, pb, residual=r, loop=loop)))
+  with pytest.raises(ValueError, match='a residual goes with a projection'):
+    float_kernel.expand_depthwise(x, wp, b, wd, bd, stride, dilation, loop=loop,
+                                  residual=residual)
 
 
 def _numpy_stem(x, ws, bs):
