@@ -54,6 +54,13 @@ ffi::Error SetWeights(ffi::AnyBuffer& w, int32_t isa, Problem& p) {
   return ffi::Error::Success();
 }
 
+// Rows [0, m) of p on this thread, kChunkRows at a time as FloatProduct's threads take them:
+// a block of input rows the loops sweep once per group of panels stays in the core's cache.
+inline void RunRowsInChunks(const Problem& p, int64_t m) {
+  for (int64_t row = 0; row < m; row += kChunkRows)
+    RunRows(p, row, std::min(m, row + kChunkRows));
+}
+
 ffi::Error FloatProduct(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
                        int32_t mode, int32_t isa, ffi::ResultBuffer<ffi::F32> out) {
@@ -197,7 +204,7 @@ void DepthwiseThenProject(const Depthwise& d, const Problem& p, float* out, int6
   q.m = pixels;
   q.out = out + first * p.n;
   if (p.residual) q.residual = p.residual + first * p.n;
-  RunRows(q, 0, pixels);
+  RunRowsInChunks(q, pixels);
 }
 
 // The projection of FloatExpandDepthwise and FloatDepthwiseProject into p (k inputs): packed
@@ -419,7 +426,7 @@ ffi::Error FloatStemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     chunk.Chunk(image, oy0, oy1, rows);
     q.m = pixels;
     q.out = o + (image * s.oh + oy0) * s.ow * n;
-    RunRows(q, 0, pixels);
+    RunRowsInChunks(q, pixels);
   });
   return ffi::Error::Success();
 }
