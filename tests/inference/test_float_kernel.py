@@ -517,6 +517,21 @@ def _xla_float32(config, variables, **kwargs):
   return engine.Engine(config, variables, f32_formulation='xla', **kwargs)
 
 
+def _network_and_calls(eng, config, dtype, seed, upsample=True):
+  """(images, run, targets) for a kernel engine's network on 2 random images: run() a fresh
+  function of (folded, images) (a fresh trace reads the SEG_* variables anew), targets() the
+  FFI targets its trace calls, in order."""
+  m = config.model
+  images = preprocess(np.random.default_rng(seed).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3),
+                                                           np.uint8))
+  run = lambda: lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
+                                     dtype=engine.DTYPES[dtype], upsample=upsample)
+  targets = lambda: [e.params['target_name'] for e in jax.make_jaxpr(run())(eng.folded,
+                                                                          images).eqns
+                     if e.primitive.name == 'ffi_call']
+  return images, run, targets
+
+
 @pytest.mark.parametrize('from_stride', ['2', '16'])
 def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
     tiny_model, from_stride, monkeypatch):
@@ -675,13 +690,7 @@ def test_depthwise_layers_run_in_one_pass_with_their_projections(tiny_model, dty
   config, variables = tiny_model
   eng = _kernel_engine(config, variables, dtype=dtype)
   m = config.model
-  images = preprocess(np.random.default_rng(13).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3),
-                                                         np.uint8))
-  run = lambda: lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
-                                     dtype=engine.DTYPES[dtype], upsample=False)
-  targets = lambda: [e.params['target_name'] for e in jax.make_jaxpr(run())(eng.folded,
-                                                                          images).eqns
-                     if e.primitive.name == 'ffi_call']
+  images, run, targets = _network_and_calls(eng, config, dtype, 13, upsample=False)
   blocks = len(block_specs(m.width, m.output_stride))
   one = np.asarray(jax.jit(run())(eng.folded, images))
   assert targets().count('seg_float_depthwise_project') == blocks - 1  # (block 0: the stem's)
@@ -727,13 +736,7 @@ def test_the_stem_pass_takes_block_0s_projection_or_leaves_it(tiny_model, dtype,
   config, variables = tiny_model
   eng = _kernel_engine(config, variables, dtype=dtype)
   m = config.model
-  images = preprocess(np.random.default_rng(6).integers(0, 256, (2, EVAL_SIZE, EVAL_SIZE, 3),
-                                                        np.uint8))
-  run = lambda: lambda f, x: forward(f, x, width=m.width, output_stride=m.output_stride,
-                                     dtype=engine.DTYPES[dtype])
-  targets = lambda: [e.params['target_name'] for e in jax.make_jaxpr(run())(eng.folded,
-                                                                          images).eqns
-                     if e.primitive.name == 'ffi_call']
+  images, run, targets = _network_and_calls(eng, config, dtype, 6)
   fused = np.asarray(jax.jit(run())(eng.folded, images))
   assert targets()[0] == 'seg_float_stem_project'
   assert int8_kernel.STEM_TARGET not in targets()
