@@ -207,20 +207,24 @@ void DepthwiseThenProject(const Depthwise& d, const Problem& p, float* out, int6
   RunRowsInChunks(q, pixels);
 }
 
-// The projection of FloatExpandDepthwise and FloatDepthwiseProject into p (k inputs): packed
-// weights w for loop `isa`, `bias` (padded into `padded_bias`), a residual or none ([0]) of
-// `size` elements.
+// A residual argument's data: null for [0], an error unless it has `size` elements.
+ffi::Error ResidualData(ffi::Buffer<ffi::F32>& residual, size_t size, const float*& data) {
+  data = residual.element_count() ? residual.typed_data() : nullptr;
+  if (data && residual.element_count() != size)
+    return ffi::Error::InvalidArgument("a residual is out's shape");
+  return ffi::Error::Success();
+}
+
+// The projection of the one-pass handlers into p (k inputs): packed weights w for loop
+// `isa`, `bias` (padded into `padded_bias`), `residual` (or null) added to its output.
 ffi::Error SetProjection(ffi::AnyBuffer& w, ffi::Buffer<ffi::F32>& bias,
-                         ffi::Buffer<ffi::F32>& residual, int64_t k, int32_t isa, size_t size,
+                         const float* residual, int64_t k, int32_t isa,
                          std::vector<float>& padded_bias, Problem& p) {
   const int64_t n = static_cast<int64_t>(bias.element_count());
-  if (residual.element_count() && residual.element_count() != size)
-    return ffi::Error::InvalidArgument("a residual is out's shape");
   padded_bias.assign((n + kPanel - 1) / kPanel * kPanel, 0.f);
   std::copy_n(bias.typed_data(), n, padded_bias.begin());
   p = Problem{nullptr, 0, k, n, (k + kKMultiple - 1) / kKMultiple * kKMultiple, nullptr,
-              padded_bias.data(), kLinear, isa,
-              residual.element_count() ? residual.typed_data() : nullptr, nullptr};
+              padded_bias.data(), kLinear, isa, residual, nullptr};
   return SetWeights(w, isa, p);
 }
 
@@ -295,9 +299,12 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (projects) {
     if (out->element_type() != ffi::DataType::F32)
       return ffi::Error::InvalidArgument("a projection's out is float32");
-    const size_t size = static_cast<size_t>(od[0] * od[1] * od[2] * od[3]);
-    if (auto error = SetProjection(pw, pb, residual, e, isa, size, project_bias, project);
+    const float* r;
+    if (auto error = ResidualData(residual, static_cast<size_t>(od[0] * od[1] * od[2] * od[3]),
+                                  r);
         error.failure())
+      return error;
+    if (auto error = SetProjection(pw, pb, r, e, isa, project_bias, project); error.failure())
       return error;
   } else if (residual.element_count()) {
     return ffi::Error::InvalidArgument("a residual goes with a projection");
@@ -343,9 +350,10 @@ ffi::Error FloatDepthwiseProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("out's channels are the bias's");
   Problem p;
   std::vector<float> padded_bias;
-  if (auto error = SetProjection(w, bias, residual, c, isa, out->element_count(), padded_bias,
-                                 p);
-      error.failure())
+  const float* r;
+  if (auto error = ResidualData(residual, out->element_count(), r); error.failure())
+    return error;
+  if (auto error = SetProjection(w, bias, r, c, isa, padded_bias, p); error.failure())
     return error;
   Depthwise d{nullptr, xd[1], xd[2], c, wd.typed_data(), bd.typed_data(), 1.f, stride,
               dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
@@ -392,12 +400,9 @@ ffi::Error FloatStemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (error.failure()) return error;
   const int64_t n = static_cast<int64_t>(bias.element_count()), k = s.c;
   if (od[3] != n) return ffi::Error::InvalidArgument("out's channels are the bias's");
-  const int64_t panels = (n + kPanel - 1) / kPanel;
-  std::vector<float> padded_bias(panels * kPanel, 0.f);
-  std::copy_n(bias.typed_data(), n, padded_bias.begin());
-  Problem p{nullptr, 0, k, n, (k + kKMultiple - 1) / kKMultiple * kKMultiple, nullptr,
-            padded_bias.data(), kLinear, isa, nullptr, nullptr};
-  if (auto e = SetWeights(w, isa, p); e.failure()) return e;
+  Problem p;
+  std::vector<float> padded_bias;
+  if (auto e = SetProjection(w, bias, nullptr, k, isa, padded_bias, p); e.failure()) return e;
   const bool bf16 = isa == kAvx512Bf16 || isa == kAmxBf16;
   s.wide = isa != kAvx2F32;  // the other loops' CPUs have AVX-512 F, BW, VL and DQ
   if (bf16 && !s.Wide())
