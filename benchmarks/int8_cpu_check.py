@@ -31,7 +31,7 @@ Prints the key figures at the end (a step that fails is recorded and the rest go
 8.1 on a Zen 5 with the two bfloat16 rows (2026-12-06 19:09 UTC; the peers 6.6); 10.2
 there with the bfloat16 kernel's tests and four bfloat16 rows (20:55 UTC: tests 1.4, the
 peers 7.9); with --skip-peers and the class-map A/Bs 4.6 there (2026-12-07 01:58 UTC:
-tests 1.5, the A/Bs 0.7).
+tests 1.5, the A/Bs 0.7); with the float engines' timelines too 3.2 (04:20 UTC).
 """
 
 import argparse
