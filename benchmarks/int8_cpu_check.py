@@ -25,13 +25,16 @@ Steps, each a fresh process, their output kept whole in the JSON file:
    (`F32_ROWS`: XLA's products, and the float kernel, in AVX2 on CPUs without AVX-512);
 6. the class maps call by call (`engine_ab.py`, batch 8, float32 and int8): the default
    against XLA's upsampling and argmax (`SEG_UPSAMPLE_ARGMAX=xla`), and against the batch
-   in one part per device (`--parts-b devices`), both chosen on a Zen 5 (2026-12-07).
+   in one part per device (`--parts-b devices`), both chosen on a Zen 5 (2026-12-07); and
+   the float engines' passes over memory, chosen there too (`FLOAT_ABS`: two calls for a
+   depthwise layer and its projection, float32 hand-offs, the stem pass apart).
 Prints the key figures at the end (a step that fails is recorded and the rest go on).
 7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them);
 8.1 on a Zen 5 with the two bfloat16 rows (2026-12-06 19:09 UTC; the peers 6.6); 10.2
 there with the bfloat16 kernel's tests and four bfloat16 rows (20:55 UTC: tests 1.4, the
 peers 7.9); with --skip-peers and the class-map A/Bs 4.6 there (2026-12-07 01:58 UTC:
-tests 1.5, the A/Bs 0.7); with the float engines' timelines too 3.2 (04:20 UTC).
+tests 1.5, the A/Bs 0.7); with the float engines' timelines too 3.2 (04:20 UTC), and their
+four A/Bs 3 (04:38-04:41 UTC).
 """
 
 import argparse
@@ -58,6 +61,13 @@ BF16_ROWS = (('kernel-from-16', 'SEG_BF16_FORMULATION=kernel SEG_BF16_FROM_STRID
 # The engine's float32 in both formulations (the default: the float kernel where the CPU has
 # AVX-512, XLA's products elsewhere; `kernel` runs the kernel's AVX2 loops there).
 F32_ROWS = (('xla', 'SEG_F32_FORMULATION=xla'), ('kernel', 'SEG_F32_FORMULATION=kernel'))
+# The float engines' one-pass and hand-off choices against their A/B switches (engine_ab.py
+# settings for B), per dtype.
+FLOAT_ABS = (('float32', 'two calls per depthwise layer', 'SEG_DEPTHWISE_PROJECT=two'),
+             ('bfloat16', 'two calls per depthwise layer', 'SEG_DEPTHWISE_PROJECT=two'),
+             ('bfloat16', 'two calls, float32 hand-offs',
+              'SEG_DEPTHWISE_PROJECT=two SEG_BF16_HANDOFF=float32'),
+             ('bfloat16', 'the stem pass apart', 'SEG_FLOAT_STEM=pass'))
 INFO = r'''
 import json, subprocess
 from seg.inference import float_kernel, cpu_features, int8_kernel
@@ -174,15 +184,23 @@ def main():
                                 'table': out[-5000:]}
 
   report['steps']['class_maps'] = {}
+
+  def class_map_ab(dtype, name, b, iters):
+    code, seconds, out = run(f'{python} benchmarks/engine_ab.py --dtype {dtype} --batch 8 '
+                             f'--iters {iters} {b}')
+    ratio = re.search(r'B / A, median of the pairs: ([\d.]+)', out)
+    report['steps']['class_maps'][f'{dtype}, B: {name}'] = {
+        'exit': code, 'b_over_a': float(ratio.group(1)) if ratio else None,
+        'output': out[-1500:]}
+
   for dtype in ('float32', 'int8'):
     for name, b in (('xla upsampling and argmax', 'SEG_UPSAMPLE_ARGMAX=xla'),
                     ('one part per device', '--parts-b devices')):
-      code, seconds, out = run(f'{python} benchmarks/engine_ab.py --dtype {dtype} --batch 8 '
-                               f'--iters 30 {b}')
-      ratio = re.search(r'B / A, median of the pairs: ([\d.]+)', out)
-      report['steps']['class_maps'][f'{dtype}, B: {name}'] = {
-          'exit': code, 'b_over_a': float(ratio.group(1)) if ratio else None,
-          'output': out[-1500:]}
+      class_map_ab(dtype, name, b, 30)
+  kernels = {'bfloat16': info.get('bf16_loops'), 'float32': info.get('f32_loops')}
+  for dtype, name, b in FLOAT_ABS:
+    if kernels[dtype]:  # (the float kernel runs here in that dtype)
+      class_map_ab(dtype, name, b, 20)
 
   output = args.output or os.path.join(ROOT, 'benchmarks', 'results',
                                        f'int8-cpu-check-{stem}.json')
