@@ -488,7 +488,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatExpandDepthwise, FloatExpandDepthwise,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bd [expanded]
                                   .Arg<ffi::AnyBuffer>()           // projection: weights or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // its bias [out] or [0]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // residual [n, oh, ow, out] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // residual: out's shape or [0]
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("stride")
                                   .Attr<int32_t>("dilation")
@@ -541,7 +541,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatDepthwiseProject, FloatDepthwiseProject,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bd [c]
                                   .Arg<ffi::AnyBuffer>()           // packed weights
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bias [out]
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // residual [n, oh, ow, out] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // residual: out's shape or [0]
                                   .Attr<int32_t>("isa")
                                   .Attr<int32_t>("stride")
                                   .Attr<int32_t>("dilation")

@@ -215,10 +215,11 @@ def product(x: jax.Array, w_packed: jax.Array, bias: jax.Array, mode: str = 'lin
   packed weights' precision: float32, or bfloat16 (x rounded to bfloat16 inside).
 
   x: [..., in] float32, or bfloat16 with bfloat16 weights (the same numbers as x in float32
-  holding those values: the kernel's rounding leaves them as they are); w_packed: `pack_weights`; bias: float32 [out]; mode: 'linear',
-  'relu6' or 'relu'; residual: float32 [..., out], 'linear' only, added after the bias.
-  loop: one of `loops()` for bfloat16 weights (default `isa()`), of `f32_loops()` for
-  float32 ones (default `f32_isa()`).
+  holding those values: the kernel's rounding leaves them as they are); w_packed:
+  `pack_weights`; bias: float32 [out]; mode: 'linear', 'relu6' or 'relu'; residual:
+  float32 [..., out], 'linear' only, added after the bias. loop: one of `loops()` for
+  bfloat16 weights (default `isa()`), of `f32_loops()` for float32 ones (default
+  `f32_isa()`).
   """
   loop, isa_value = _loop_of(w_packed, loop)
   if mode not in MODES:
@@ -236,7 +237,8 @@ def product(x: jax.Array, w_packed: jax.Array, bias: jax.Array, mode: str = 'lin
     raise ValueError('a bfloat16 x goes with bfloat16 weights (pack_weights)')
   call = jax.ffi.ffi_call(int8_kernel._target(TARGET, loop),
                           jax.ShapeDtypeStruct(shape, jnp.float32))
-  return call(x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32), w_packed, bias.astype(jnp.float32), residual,
+  x = x if x.dtype == jnp.bfloat16 else x.astype(jnp.float32)
+  return call(x, w_packed, bias.astype(jnp.float32), residual,
               mode=np.int32(MODES[mode]), isa=np.int32(isa_value))
 
 

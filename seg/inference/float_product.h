@@ -7,9 +7,10 @@
 //   out[m, n] = act(sum_k x[m, k] * w[k, n] + bias[n]) (+ residual[m, n])
 //
 // x: [m, k] float32, or for the bfloat16 loops bfloat16 (`xb`: a layer that rounded its
-// output as RoundRows would, so the product computes the same numbers). float32 (isa kAvx512F32): w float32, packed by `pack_weights` in
-// float_kernel.py into panels of 16 output channels, each [k][16]; every output is the
-// fused multiply-add of its inputs in order k = 0, 1, ..., then the bias. bfloat16: w as
+// output as RoundRows would, so the product computes the same numbers). float32 (isa
+// kAvx512F32): w float32, packed by `pack_weights` in float_kernel.py into panels of 16
+// output channels, each [k][16]; every output is the fused multiply-add of its inputs in
+// order k = 0, 1, ..., then the bias. bfloat16: w as
 // uint16, panels of [kp / 2][16][2] (two consecutive inputs of one output channel in one
 // 32-bit lane: the pair layout of `vdpbf16ps` and of AMX's B tiles), kp = k rounded up to
 // 32 with zero weights. Each product of two bfloat16 is exact in float32; the sums are

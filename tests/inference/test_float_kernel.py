@@ -641,10 +641,10 @@ def test_the_float32_engine_runs_every_layer_but_the_heads_pooling_in_the_kernel
 def test_the_depthwise_layers_hand_the_bfloat16_products_bfloat16(tiny_model, from_stride,
                                                                  monkeypatch):
   """Every depthwise layer (and the stem pass, where it does not compute the projection
-  itself) whose projection runs in the bfloat16 kernel writes bfloat16, the others float32 (from stride 16: only those from there), and the
-  logits are the float32 hand-offs' (SEG_BF16_HANDOFF=float32) to the bit: the product
-  rounds its input as the depthwise loop rounds its output. The float32 engine hands over
-  float32; another value is refused."""
+  itself) whose projection runs in the bfloat16 kernel writes bfloat16, the others float32
+  (from stride 16: only those from there), and the logits are the float32 hand-offs'
+  (SEG_BF16_HANDOFF=float32) to the bit: the product rounds its input as the depthwise loop
+  rounds its output. The float32 engine hands over float32; another value is refused."""
   config, variables = tiny_model
   monkeypatch.setenv('SEG_BF16_FROM_STRIDE', from_stride)
   monkeypatch.setenv('SEG_DEPTHWISE_PROJECT', 'two')  # (one pass: nothing handed over)
