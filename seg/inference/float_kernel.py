@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seg.inference import cpu_features, int8_kernel
+from seg.inference import cpu_features, int8_kernel, loop_check
 
 TARGET = 'SegFloatProduct'  # int8_kernel._TARGETS' key
 PANEL = 16       # output channels per weight panel (float_product.h: kPanel)
@@ -66,10 +66,37 @@ def unavailable_reason(dtype=jnp.bfloat16) -> Optional[str]:
   """Why `available(dtype)` is False (None when it is True)."""
   if not int8_kernel.available():
     return int8_kernel.unavailable_reason()
-  if _is_f32(dtype):
-    return None  # the AVX2 loops: the library's baseline
+  if _is_f32(dtype):  # the AVX2 loops: the library's baseline
+    return None if f32_loops() else _none_agreed(_state['f32_verdicts'], 'float32')
   if not loops():
-    return 'the CPU has neither AVX-512 BF16 nor AMX-BF16'
+    return (_none_agreed(_verdicts(), 'bfloat16') if _verdicts() else
+            'the CPU has neither AVX-512 BF16 nor AMX-BF16')
+  return None
+
+
+def _none_agreed(verdicts: dict, what: str) -> str:
+  return (f'no {what} loop computed its first-use check product right (' +
+          '; '.join(f'{loop}: {reason}' for loop, reason in verdicts.items()) + ')')
+
+
+def _verdicts() -> dict:
+  """The bfloat16 loops' first-use checks (`loop_check`): loop -> None (right) or what was
+  wrong; the stand-ins apart from the real loops."""
+  return _state.setdefault(('verdicts', int8_kernel.loops_emulated()), {})
+
+
+def _check_loop(loop: str, dtype) -> Optional[str]:
+  """`loop_check`'s product in `loop` of the `dtype` kernel (bfloat16: from float32 and
+  from bfloat16 inputs), against NumPy's: None where it is right, else what differs."""
+  x, w, b, expected = loop_check.integer_problem(-4, 4)
+  x = x.astype(np.float32)
+  inputs = (x,) if _is_f32(dtype) else (x, x.astype(jnp.bfloat16))
+  run = lambda w_packed, b, *xs: [product(x, w_packed, b, loop=loop) for x in xs]
+  for got in loop_check.run_apart(run, pack_weights(w.astype(np.float32), dtype),
+                                  b.astype(np.float32), *inputs):
+    wrong = loop_check.mismatch(expected.astype(np.float32), got)
+    if wrong:
+      return wrong
   return None
 
 
@@ -83,21 +110,29 @@ def available(dtype=jnp.bfloat16, log=None) -> bool:
 def f32_loops() -> tuple:
   """The float32 loops this CPU runs, slowest first: 'avx2' wherever the kernel builds,
   'avx512' with AVX-512 F, BW, VL and DQ."""
+  if not int8_kernel.available():
+    return ()
   if 'f32_loops' not in _state:
     avx512 = int8_kernel.AVX512_FLAGS <= cpu_features.cpu_flags()
+    # Offered while they compute their first-use checks (`loop_check`), then those right.
     _state['f32_loops'] = ('avx2', 'avx512') if avx512 else ('avx2',)
-  return _state['f32_loops'] if int8_kernel.available() else ()
+    _state['f32_loops'] = loop_check.agreeing(
+        _state['f32_loops'], lambda loop: _check_loop(loop, jnp.float32),
+        _state.setdefault('f32_verdicts', {}), 'float32')
+  return _state['f32_loops']
 
 
 def f32_isa() -> str:
   """Which float32 loop runs here: the fastest of `f32_loops()`. SEG_F32_KERNEL_ISA=avx2|avx512
   forces one (an error where the CPU lacks it)."""
-  return _chosen('SEG_F32_KERNEL_ISA', F32_LOOPS, f32_loops(), 'this CPU', jnp.float32)
+  return _chosen('SEG_F32_KERNEL_ISA', F32_LOOPS, f32_loops(), 'this CPU', jnp.float32,
+                 _state.get('f32_verdicts', {}))
 
 
-def _chosen(variable: str, names, have: tuple, offers: str, dtype) -> str:
-  """The loop `variable` names (one of `names`; an error where it is not in `have`), or the
-  fastest of `have` (the last) when it is unset or 'auto'."""
+def _chosen(variable: str, names, have: tuple, offers: str, dtype, verdicts: dict) -> str:
+  """The loop `variable` names (one of `names`; an error where it is not in `have`, saying
+  why where it failed its first-use check, `verdicts`), or the fastest of `have` (the last)
+  when it is unset or 'auto'."""
   wanted = os.environ.get(variable, 'auto') or 'auto'
   if wanted != 'auto' and wanted not in names:
     raise ValueError(f"{variable} must be auto, {', '.join(names)}, got {wanted!r}")
@@ -105,7 +140,8 @@ def _chosen(variable: str, names, have: tuple, offers: str, dtype) -> str:
     raise RuntimeError(f'the {jnp.dtype(dtype).name} kernel is unavailable: '
                        f'{unavailable_reason(dtype)}')
   if wanted != 'auto' and wanted not in have:
-    raise RuntimeError(f'{variable}={wanted}, but {offers} offers only {", ".join(have)}')
+    raise RuntimeError(f'{variable}={wanted}, but {offers} offers only {", ".join(have)}'
+                       f'{loop_check.refused(verdicts, wanted)}')
   return have[-1] if wanted == 'auto' else wanted
 
 
@@ -124,7 +160,10 @@ def loops(flags=None) -> tuple:
   if flags is None:
     key = ('loops', int8_kernel.loops_emulated())
     if key not in _state:
+      # Offered while they compute their first-use checks (`loop_check`), then those right.
       _state[key] = loops(cpu_features.cpu_flags())
+      _state[key] = loop_check.agreeing(
+          _state[key], lambda loop: _check_loop(loop, jnp.bfloat16), _verdicts(), 'bfloat16')
     return _state[key]
   flags = frozenset(flags)
   if not int8_kernel.available():
@@ -144,7 +183,8 @@ def loops(flags=None) -> tuple:
 def isa() -> str:
   """Which bfloat16 loop runs here: the fastest of `loops()`. SEG_BF16_KERNEL_ISA=avx512bf16|amx
   forces one (an error where the CPU lacks it)."""
-  return _chosen('SEG_BF16_KERNEL_ISA', LOOPS, loops(), 'this CPU or Linux', jnp.bfloat16)
+  return _chosen('SEG_BF16_KERNEL_ISA', LOOPS, loops(), 'this CPU or Linux', jnp.bfloat16,
+                 _verdicts())
 
 
 def pack_weights(w: np.ndarray, dtype=jnp.bfloat16) -> np.ndarray:

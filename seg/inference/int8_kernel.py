@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seg.inference import cpu_features
+from seg.inference import cpu_features, loop_check
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # Compiled together into one library; the headers are part of its key.
@@ -259,7 +259,9 @@ def loops(flags=None) -> tuple:
   'avxvnni' and 'amx' are offered where their stand-ins run (`EMULATED`), and only there."""
   if flags is None:
     if 'loops' not in _state:
+      # Offered while they compute their first-use checks (`loop_check`), then those right.
       _state['loops'] = loops(cpu_features.cpu_flags())
+      _state['loops'] = loop_check.agreeing(_state['loops'], _check_loop, _verdicts(), 'int8')
     return _state['loops']
   flags = frozenset(flags)
   emulated = loops_emulated()
@@ -273,6 +275,37 @@ def loops(flags=None) -> tuple:
           built('amx')):
     found.append('amx')
   return tuple(found)
+
+
+def _verdicts() -> dict:
+  """The loops' first-use checks (`loop_check`): loop -> None (right) or what was wrong;
+  the stand-ins apart from the real loops."""
+  return _state.setdefault(('verdicts', loops_emulated()), {})
+
+
+def _check_loop(loop: str) -> Optional[str]:
+  """`loop_check`'s product in `loop` (weights packed for it) from unsigned inputs and from
+  signed ones (as the engine hands them to this loop: x + 128 for the VNNI loops), float32
+  out with the int8 requantisation beside it (inv_out 1: the sums clipped to [-127, 127]),
+  against NumPy's: None where it is right, else what differs."""
+  x, w, b, expected = loop_check.integer_problem(0, 4)
+  xs, _, _, expected_s = loop_check.integer_problem(-4, 4)
+  w_packed = pack_weights(w.astype(np.int8), AMX_K if loop == 'amx' else GROUP)
+  scale, bias = np.ones(w.shape[1], np.float32), b.astype(np.float32)
+  offset = loop in OFFSET_LOOPS
+  xs = (xs + 128).astype(np.uint8) if offset else xs.astype(np.int8)
+
+  def run(w_packed, scale, bias, x, xs):
+    return [product(x, w_packed, scale, bias, loop=loop),
+            *product(xs, w_packed, scale, bias, loop=loop, offset_input=offset,
+                     requantised='int8')]
+
+  got = loop_check.run_apart(run, w_packed, scale, bias, x.astype(np.uint8), xs)
+  for want, have in zip((expected, expected_s, np.clip(expected_s, -127, 127)), got):
+    wrong = loop_check.mismatch(want.astype(np.dtype(have.dtype)), have)
+    if wrong:
+      return wrong
+  return None
 
 
 def built(loop: str) -> bool:
@@ -290,9 +323,12 @@ def isa() -> str:
     if wanted != 'auto' and wanted not in ISAS:
       raise ValueError(f"SEG_INT8_KERNEL_ISA must be auto, {', '.join(ISAS)}, got {wanted!r}")
     have = loops() if available() else ('avx2',)
+    if not have:
+      raise RuntimeError('no int8 loop computed its first-use check product right: ' +
+                         '; '.join(f'{loop}: {why}' for loop, why in _verdicts().items()))
     if wanted != 'auto' and wanted not in have:
       raise RuntimeError(f'SEG_INT8_KERNEL_ISA={wanted}, but this CPU or Linux offers only '
-                         f'{", ".join(have)}')
+                         f'{", ".join(have)}{loop_check.refused(_verdicts(), wanted)}')
     _state['isa'] = have[-1] if wanted == 'auto' else wanted
   return _state['isa']
 
