@@ -79,10 +79,12 @@ def main():
   per_pass = lambda a: a.reshape(args.iters * passes, len(calls))
   ms = np.median(per_pass(times[..., 1] - times[..., 0]), axis=0)
   gaps = np.median(per_pass(times[..., 0] - previous_end), axis=0)
+  # A call per image where the images run one by one (or the batch is one), else per batch.
+  unit = 'per image' if passes > 1 or args.batch == 1 else f'for all {args.batch} images'
   print(f'{args.config}, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, loop {loop}, '
         f'jax {jax.__version__}, {args.iters} runs'
         f'{f", {passes} images one by one" if passes > 1 else ""}; median ms per kernel call '
-        f'(per image), and of the gap before it:')
+        f'({unit}), and of the gap before it:')
   per_target = collections.defaultdict(float)
   for i, ((target, shape), value, gap) in enumerate(zip(calls, ms, gaps)):
     per_target[target] += value
@@ -91,10 +93,10 @@ def main():
     print(f'  {value:7.2f}  {target}')
   wall = (runs[:, 1] - runs[:, 0]) / passes
   between = np.sum(times[:, 1:, 0] - times[:, :-1, 1], axis=1) / passes
-  print(f'  {ms.sum():7.2f}  all kernel calls; a network call took {np.median(wall):.2f} per image '
+  print(f'  {ms.sum():7.2f}  all kernel calls; a network call took {np.median(wall):.2f} {unit} '
         f'(median), of which (medians) {np.median(times[:, 0, 0] - runs[:, 0]):.3f} before the '
-        f'first kernel, {np.median(between):.3f} between kernels (per image), '
-        f'{np.median(runs[:, 1] - times[:, -1, 1]):.3f} after the last')
+        f'first kernel (once per call), {np.median(between):.3f} between kernels ({unit}), '
+        f'{np.median(runs[:, 1] - times[:, -1, 1]):.3f} after the last (once per call)')
 
 if __name__ == '__main__':
   main()
