@@ -6,8 +6,10 @@ one command for what docs/performance.md needs from it.
 
 Steps, each a fresh process, their output kept whole in the JSON file:
 1. the CPU: lscpu's model name, the flags the kernels read, the kernel's loops
-   (`int8_kernel.loops()`, the one the engine runs, which the compiler built);
-2. the kernels' tests (tests/inference/test_int8_kernel.py, test_float_kernel.py): passed /
+   (`int8_kernel.loops()`, the one the engine runs, which the compiler built) and each
+   loop's first-use check (`loop_checks`: null where it computed its product right);
+2. the kernels' tests (tests/inference/test_int8_kernel.py, test_float_kernel.py,
+   test_loop_check.py, test_upsampled_argmax.py): passed /
    skipped / failed, so that a loop first met here is checked before it is timed (the AMX,
    AMX-BF16 and AVX-VNNI loops were written and checked through stand-ins on CPUs without
    them);
@@ -70,6 +72,7 @@ FLOAT_ABS = (('float32', 'two calls per depthwise layer', 'SEG_DEPTHWISE_PROJECT
              ('bfloat16', 'the stem pass apart', 'SEG_FLOAT_STEM=pass'))
 INFO = r'''
 import json, subprocess
+import jax.numpy as jnp
 from seg.inference import float_kernel, cpu_features, int8_kernel
 flags = cpu_features.cpu_flags()
 lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
@@ -88,6 +91,8 @@ print(json.dumps({
     'built': {l: int8_kernel.built(l) for l in int8_kernel.ISAS} if ok else {},
     'bf16_loops': list(float_kernel.loops()) if ok else [],
     'f32_loops': list(float_kernel.f32_loops()) if ok else [],
+    'loop_checks': {'int8': int8_kernel.loop_verdicts(), 'bfloat16': float_kernel.loop_verdicts(),
+                    'float32': float_kernel.loop_verdicts(jnp.float32)} if ok else {},
     'choice': cpu_features.choose().reason}))
 '''
 
@@ -129,7 +134,9 @@ def main():
   loops = info.get('loops', [])
 
   code, seconds, out = run(f'{python} -m pytest -q -p no:cacheprovider '
-                           'tests/inference/test_int8_kernel.py tests/inference/test_float_kernel.py '
+                           'tests/inference/test_int8_kernel.py '
+                           'tests/inference/test_float_kernel.py '
+                           'tests/inference/test_loop_check.py '
                            'tests/inference/test_upsampled_argmax.py')
   counts = dict((k, int(v)) for v, k in re.findall(r'(\d+) (passed|skipped|failed|error)', out))
   report['steps']['tests'] = {'exit': code, 'seconds': seconds, 'counts': counts,

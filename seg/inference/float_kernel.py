@@ -67,9 +67,9 @@ def unavailable_reason(dtype=jnp.bfloat16) -> Optional[str]:
   if not int8_kernel.available():
     return int8_kernel.unavailable_reason()
   if _is_f32(dtype):  # the AVX2 loops: the library's baseline
-    return None if f32_loops() else _none_agreed(_state['f32_verdicts'], 'float32')
+    return None if f32_loops() else _none_agreed(loop_verdicts(jnp.float32), 'float32')
   if not loops():
-    return (_none_agreed(_verdicts(), 'bfloat16') if _verdicts() else
+    return (_none_agreed(loop_verdicts(), 'bfloat16') if loop_verdicts() else
             'the CPU has neither AVX-512 BF16 nor AMX-BF16')
   return None
 
@@ -79,9 +79,12 @@ def _none_agreed(verdicts: dict, what: str) -> str:
           '; '.join(f'{loop}: {reason}' for loop, reason in verdicts.items()) + ')')
 
 
-def _verdicts() -> dict:
-  """The bfloat16 loops' first-use checks (`loop_check`): loop -> None (right) or what was
-  wrong; the stand-ins apart from the real loops."""
+def loop_verdicts(dtype=jnp.bfloat16) -> dict:
+  """The `dtype` loops' first-use checks so far (`loop_check`; asking `loops()` or
+  `f32_loops()` runs them): loop -> None (right) or what was wrong; the bfloat16 stand-ins
+  apart from the real loops."""
+  if _is_f32(dtype):
+    return _state.setdefault('f32_verdicts', {})
   return _state.setdefault(('verdicts', int8_kernel.loops_emulated()), {})
 
 
@@ -118,7 +121,7 @@ def f32_loops() -> tuple:
     _state['f32_loops'] = ('avx2', 'avx512') if avx512 else ('avx2',)
     _state['f32_loops'] = loop_check.agreeing(
         _state['f32_loops'], lambda loop: _check_loop(loop, jnp.float32),
-        _state.setdefault('f32_verdicts', {}), 'float32')
+        loop_verdicts(jnp.float32), 'float32')
   return _state['f32_loops']
 
 
@@ -126,7 +129,7 @@ def f32_isa() -> str:
   """Which float32 loop runs here: the fastest of `f32_loops()`. SEG_F32_KERNEL_ISA=avx2|avx512
   forces one (an error where the CPU lacks it)."""
   return _chosen('SEG_F32_KERNEL_ISA', F32_LOOPS, f32_loops(), 'this CPU', jnp.float32,
-                 _state.get('f32_verdicts', {}))
+                 loop_verdicts(jnp.float32))
 
 
 def _chosen(variable: str, names, have: tuple, offers: str, dtype, verdicts: dict) -> str:
@@ -163,7 +166,7 @@ def loops(flags=None) -> tuple:
       # Offered while they compute their first-use checks (`loop_check`), then those right.
       _state[key] = loops(cpu_features.cpu_flags())
       _state[key] = loop_check.agreeing(
-          _state[key], lambda loop: _check_loop(loop, jnp.bfloat16), _verdicts(), 'bfloat16')
+          _state[key], lambda loop: _check_loop(loop, jnp.bfloat16), loop_verdicts(), 'bfloat16')
     return _state[key]
   flags = frozenset(flags)
   if not int8_kernel.available():
@@ -184,7 +187,7 @@ def isa() -> str:
   """Which bfloat16 loop runs here: the fastest of `loops()`. SEG_BF16_KERNEL_ISA=avx512bf16|amx
   forces one (an error where the CPU lacks it)."""
   return _chosen('SEG_BF16_KERNEL_ISA', LOOPS, loops(), 'this CPU or Linux', jnp.bfloat16,
-                 _verdicts())
+                 loop_verdicts())
 
 
 def pack_weights(w: np.ndarray, dtype=jnp.bfloat16) -> np.ndarray:

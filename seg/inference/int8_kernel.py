@@ -261,7 +261,7 @@ def loops(flags=None) -> tuple:
     if 'loops' not in _state:
       # Offered while they compute their first-use checks (`loop_check`), then those right.
       _state['loops'] = loops(cpu_features.cpu_flags())
-      _state['loops'] = loop_check.agreeing(_state['loops'], _check_loop, _verdicts(), 'int8')
+      _state['loops'] = loop_check.agreeing(_state['loops'], _check_loop, loop_verdicts(), 'int8')
     return _state['loops']
   flags = frozenset(flags)
   emulated = loops_emulated()
@@ -277,9 +277,9 @@ def loops(flags=None) -> tuple:
   return tuple(found)
 
 
-def _verdicts() -> dict:
-  """The loops' first-use checks (`loop_check`): loop -> None (right) or what was wrong;
-  the stand-ins apart from the real loops."""
+def loop_verdicts() -> dict:
+  """The loops' first-use checks so far (`loop_check`; asking `loops()` runs them): loop ->
+  None (right) or what was wrong; the stand-ins apart from the real loops."""
   return _state.setdefault(('verdicts', loops_emulated()), {})
 
 
@@ -325,10 +325,10 @@ def isa() -> str:
     have = loops() if available() else ('avx2',)
     if not have:
       raise RuntimeError('no int8 loop computed its first-use check product right: ' +
-                         '; '.join(f'{loop}: {why}' for loop, why in _verdicts().items()))
+                         '; '.join(f'{loop}: {why}' for loop, why in loop_verdicts().items()))
     if wanted != 'auto' and wanted not in have:
       raise RuntimeError(f'SEG_INT8_KERNEL_ISA={wanted}, but this CPU or Linux offers only '
-                         f'{", ".join(have)}{loop_check.refused(_verdicts(), wanted)}')
+                         f'{", ".join(have)}{loop_check.refused(loop_verdicts(), wanted)}')
     _state['isa'] = have[-1] if wanted == 'auto' else wanted
   return _state['isa']
 

@@ -56,16 +56,17 @@ def test_every_loop_here_computes_the_check_right(emulate, monkeypatch):
   _fresh_state(monkeypatch, emulate)
   offered = {
       'int8': (int8_kernel.loops(cpu_features.cpu_flags()), int8_kernel.loops,
-               int8_kernel._verdicts),
+               int8_kernel.loop_verdicts),
       'bfloat16': (float_kernel.loops(cpu_features.cpu_flags()), float_kernel.loops,
-                   float_kernel._verdicts),
+                   float_kernel.loop_verdicts),
   }
   for what, (candidates, checked, verdicts) in offered.items():
     assert checked() == candidates, what
     assert verdicts() == {loop: None for loop in candidates}, what
   assert float_kernel.f32_loops() == (('avx2', 'avx512') if int8_kernel.AVX512_FLAGS <=
                                       cpu_features.cpu_flags() else ('avx2',))
-  assert float_kernel._state['f32_verdicts'] == {loop: None for loop in float_kernel.f32_loops()}
+  assert float_kernel.loop_verdicts(jnp.float32) == {
+      loop: None for loop in float_kernel.f32_loops()}
   if emulate:
     assert 'amx' in int8_kernel.loops() and 'amx' in float_kernel.loops()
 
@@ -87,7 +88,7 @@ def test_the_checks_run_where_the_engine_first_asks_inside_a_trace(monkeypatch):
   assert asked['int8'] == int8_kernel.loops(cpu_features.cpu_flags())[-1]
   assert asked['float32'] == float_kernel.f32_loops()[-1]
   assert asked['bfloat16'] == float_kernel.loops(cpu_features.cpu_flags())
-  verdicts = {**int8_kernel._verdicts(), **float_kernel._state['f32_verdicts']}
+  verdicts = {**int8_kernel.loop_verdicts(), **float_kernel.loop_verdicts(jnp.float32)}
   assert verdicts and set(verdicts.values()) == {None}
 
 
