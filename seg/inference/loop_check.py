@@ -36,11 +36,13 @@ def integer_problem(x_low: int, x_high: int, seed: int = 0
 
 
 def run_apart(function: Callable, *arrays: np.ndarray) -> list:
-  """function(*arrays) compiled and run on its own, as NumPy arrays: also where the first
-  question about a loop comes while another function is being traced (the engine's)."""
+  """function(*arrays) compiled for the CPU (where the kernels run, also on a machine whose
+  default device is an accelerator) and run on its own, as NumPy arrays: also where the
+  first question about a loop comes while another function is being traced (the engine's)."""
   import jax
-  compiled = jax.jit(function).lower(*arrays).compile()
-  return [np.asarray(out) for out in compiled(*arrays)]
+  with jax.default_device(jax.devices('cpu')[0]):
+    compiled = jax.jit(function).lower(*arrays).compile()
+    return [np.asarray(out) for out in compiled(*arrays)]
 
 
 def mismatch(expected: np.ndarray, got: np.ndarray) -> Optional[str]:
