@@ -6,7 +6,8 @@ speed drifts (docs/performance.md) cannot tilt, since both see the same stretche
 A is the default network; B is the one traced with the given SEG_* environment variables
 (read when a function is traced, e.g. SEG_INT8_STEM=xla, SEG_INT8_DEPTHWISE=xla,
 SEG_INT8_KERNEL_ISA=avx2). experiments/base.py, random weights and fixed int8 scales (speed
-does not depend on values), float32 images in, logits at stride 16 out. Prints per setting
+does not depend on values), float32 images in, logits at stride 16 out, a batch's images one
+by one as the engine runs them (before 2026-12-07 a batch ran whole here). Prints per setting
 the median, 25th percentile and fastest ms per image, and the median of the per-pair ratios
 B / A. Runs under mimalloc, as `main.py benchmark` does.
 """

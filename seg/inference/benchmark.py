@@ -73,8 +73,9 @@ def random_network(config, batch: int, size: int, dtype: str = 'int8'):
   """(compile, engine, images) of the engine in `dtype` for speed measurements (the
   benchmark scripts): random weights and, for int8, fixed input scales (speed does not
   depend on values), `batch` random float32 images of size x size; compile() traces and
-  compiles the network (logits at the output stride, a function of (engine.folded,
-  images)) anew, reading the SEG_* variables then."""
+  compiles the network as the engine runs it (`Engine.forward`: on a CPU the images one by
+  one; logits at the output stride, a function of (engine.folded, images)) anew, reading
+  the SEG_* variables then."""
   from seg.inference import engine, quantize
   from seg.model import create_model
   m = config.model
@@ -85,11 +86,7 @@ def random_network(config, batch: int, size: int, dtype: str = 'int8'):
                        jnp.float32)
 
   def compile_network():
-    if dtype == 'int8':
-      fn = lambda p, x: quantize.forward_int8(p, x, width=m.width, output_stride=m.output_stride,
-                                              upsample=False)
-    else:  # a fresh function, so that the SEG_* variables are read again
-      fn = lambda p, x: eng.forward(p, x, upsample=False)
+    fn = lambda p, x: eng.forward(p, x, upsample=False)  # fresh: SEG_* read again
     return jax.jit(fn).lower(eng.folded, images).compile()
   return compile_network, eng, images
 
