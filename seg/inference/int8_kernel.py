@@ -284,9 +284,10 @@ def loop_verdicts() -> dict:
 
 
 def _check_loop(loop: str) -> Optional[str]:
-  """`loop_check`'s product in `loop` (weights packed for it) from unsigned inputs and from
-  signed ones (as the engine hands them to this loop: x + 128 for the VNNI loops), float32
-  out with the int8 requantisation beside it (inv_out 1: the sums clipped to [-127, 127]),
+  """`loop_check`'s product in `loop` (weights packed for it) from unsigned inputs (float32
+  out, and the expansions' uint8 out: inv_out 32, so min(32 relu6(sum), 127)) and from
+  signed ones (as the engine hands them to this loop: x + 128 for the VNNI loops; float32
+  out with the int8 requantisation beside it, inv_out 1: the sums clipped to [-127, 127]),
   against NumPy's: None where it is right, else what differs."""
   x, w, b, expected = loop_check.integer_problem(0, 4)
   xs, _, _, expected_s = loop_check.integer_problem(-4, 4)
@@ -297,11 +298,14 @@ def _check_loop(loop: str) -> Optional[str]:
 
   def run(w_packed, scale, bias, x, xs):
     return [product(x, w_packed, scale, bias, loop=loop),
+            product(x, w_packed, scale, bias, 'relu6_uint8', 32.0, loop=loop),
             *product(xs, w_packed, scale, bias, loop=loop, offset_input=offset,
                      requantised='int8')]
 
   got = loop_check.run_apart(run, w_packed, scale, bias, x.astype(np.uint8), xs)
-  for want, have in zip((expected, expected_s, np.clip(expected_s, -127, 127)), got):
+  wanted = (expected, np.minimum(np.clip(expected, 0, 6) * 32, 127), expected_s,
+            np.clip(expected_s, -127, 127))
+  for want, have in zip(wanted, got):
     wrong = loop_check.mismatch(want.astype(np.dtype(have.dtype)), have)
     if wrong:
       return wrong
