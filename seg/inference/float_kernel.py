@@ -90,16 +90,20 @@ def loop_verdicts(dtype=jnp.bfloat16) -> dict:
 
 def _check_loop(loop: str, dtype) -> Optional[str]:
   """`loop_check`'s product in `loop` of the `dtype` kernel (bfloat16: from float32 and
-  from bfloat16 inputs), against NumPy's: None where it is right, else what differs."""
-  x, w, b, expected = loop_check.integer_problem(-4, 4)
-  x = x.astype(np.float32)
-  inputs = (x,) if _is_f32(dtype) else (x, x.astype(jnp.bfloat16))
-  run = lambda w_packed, b, *xs: [product(x, w_packed, b, loop=loop) for x in xs]
-  for got in loop_check.run_apart(run, pack_weights(w.astype(np.float32), dtype),
-                                  b.astype(np.float32), *inputs):
-    wrong = loop_check.mismatch(expected.astype(np.float32), got)
-    if wrong:
-      return wrong
+  from bfloat16 inputs, and bfloat16 inputs read in place: 64 of them, no padding), against
+  NumPy's: None where it is right, else what differs."""
+  problems = [(loop_check.integer_problem(-4, 4), (np.float32,) if _is_f32(dtype) else
+               (np.float32, jnp.bfloat16))]
+  if not _is_f32(dtype):
+    problems.append((loop_check.integer_problem(-4, 4, inputs=K_MULTIPLE * 2),
+                     (jnp.bfloat16,)))
+  for (x, w, b, expected), x_dtypes in problems:
+    run = lambda w_packed, b, *xs: [product(x, w_packed, b, loop=loop) for x in xs]
+    for got in loop_check.run_apart(run, pack_weights(w.astype(np.float32), dtype),
+                                    b.astype(np.float32), *(x.astype(t) for t in x_dtypes)):
+      wrong = loop_check.mismatch(expected.astype(np.float32), got)
+      if wrong:
+        return wrong
   return None
 
 

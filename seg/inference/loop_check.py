@@ -12,7 +12,8 @@ loop that crashes cannot be caught this way, only wrong numbers.
 
 The product: ROWS x INPUTS x OUTPUTS, sizes that reach every tiling case (a whole 32-row
 block of AMX tiles and a part of one, inputs padded to the loops' multiples, a partly used
-panel of 16 outputs).
+panel of 16 outputs); the bfloat16 loops also take 64 bfloat16 inputs, which they read in
+place.
 """
 
 import warnings
@@ -23,15 +24,15 @@ import numpy as np
 ROWS, INPUTS, OUTPUTS = 40, 72, 40
 
 
-def integer_problem(x_low: int, x_high: int, seed: int = 0
+def integer_problem(x_low: int, x_high: int, seed: int = 0, inputs: int = INPUTS
                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """(x [ROWS, INPUTS], w [INPUTS, OUTPUTS], bias [OUTPUTS], x @ w + bias): integers (x in
+  """(x [ROWS, inputs], w [inputs, OUTPUTS], bias [OUTPUTS], x @ w + bias): integers (x in
   [x_low, x_high], w in [-3, 3], bias in [-2, 2]) as int64, the result exact. w and bias
-  depend on `seed` alone (not on x's range)."""
+  depend on `seed` and `inputs` alone (not on x's range)."""
   rng = np.random.RandomState(seed)
-  w = rng.randint(-3, 4, (INPUTS, OUTPUTS)).astype(np.int64)
+  w = rng.randint(-3, 4, (inputs, OUTPUTS)).astype(np.int64)
   b = rng.randint(-2, 3, OUTPUTS).astype(np.int64)
-  x = rng.randint(x_low, x_high + 1, (ROWS, INPUTS)).astype(np.int64)
+  x = rng.randint(x_low, x_high + 1, (ROWS, inputs)).astype(np.int64)
   return x, w, b, x @ w + b
 
 
