@@ -1,7 +1,9 @@
-"""Two settings of the int8 engine timed call by call in one process: an A/B that a VM whose
-speed drifts (docs/performance.md) cannot tilt, since both see the same stretches.
+"""Two settings of the engine's network (int8 unless --dtype) timed call by call in one
+process: an A/B that a VM whose speed drifts (docs/performance.md) cannot tilt, since both
+see the same stretches.
 
-    python benchmarks/int8_ab.py [--batch 1] [--iters 100] [--size 513] VAR=VALUE [VAR=VALUE ...]
+    python benchmarks/int8_ab.py [--dtype int8|bfloat16|float32] [--batch 1] [--iters 100] \
+        [--size 513] VAR=VALUE [VAR=VALUE ...]
 
 A is the default network; B is the one traced with the given SEG_* environment variables
 (read when a function is traced, e.g. SEG_INT8_STEM=xla, SEG_INT8_DEPTHWISE=xla,
@@ -20,6 +22,7 @@ from kernel_timing import alternate, environment, print_ab
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='experiments/base.py')
+  parser.add_argument('--dtype', default='int8', choices=('int8', 'bfloat16', 'float32'))
   parser.add_argument('--batch', type=int, default=1)
   parser.add_argument('--size', type=int, default=513)
   parser.add_argument('--iters', type=int, default=100)
@@ -35,7 +38,8 @@ def main():
   from seg.inference import benchmark
 
   config = load_experiment(args.config)
-  compile_network, eng, images = benchmark.random_network(config, args.batch, args.size)
+  compile_network, eng, images = benchmark.random_network(config, args.batch, args.size,
+                                                          args.dtype)
   params = eng.folded
 
   def compiled(env):
@@ -45,8 +49,10 @@ def main():
   runs = {'A (default)': compiled({}), f'B ({" ".join(args.settings)})': compiled(b_env)}
   times = alternate({name: (lambda f=f: f(params, images).block_until_ready())
                      for name, f in runs.items()}, args.iters, args.batch)
+  formulation = {'int8': eng.int8_formulation, 'bfloat16': eng.bf16_formulation,
+                 'float32': eng.f32_formulation}[args.dtype]
   print(f'{args.config}, {args.size}x{args.size}, batch {args.batch}, {args.iters} calls each, '
-        f'alternating; int8 formulation {eng.int8_formulation}; ms per image:')
+        f'alternating; {args.dtype} formulation {formulation}; ms per image:')
   print_ab(times)
 
 if __name__ == '__main__':

@@ -494,6 +494,21 @@ def stem_project(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
       pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), isa=np.int32(isa_value))
 
 
+def mean(x: jax.Array) -> jax.Array:
+  """x [n, h, w, c] float32 -> [n, c]: the mean over rows and columns in the kernel (CPU),
+  the float32 sum in row-major order over pixels divided by their count (XLA's `jnp.mean`
+  sums in another order: the same value but for roundings). A custom call, not an XLA
+  reduction: a network of kernels and no XLA arithmetic runs inline on the calling thread
+  (XLA's CPU client does so for programs of under 1000 flops by its count), without the
+  asynchronous dispatch's ~0.3 ms per call (docs/performance.md)."""
+  if not available(jnp.float32):
+    raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
+  if x.ndim != 4 or x.shape[1] * x.shape[2] == 0:
+    raise ValueError(f'x is [n, h, w, c] with pixels, got {x.shape}')
+  out = jax.ShapeDtypeStruct((x.shape[0], x.shape[3]), jnp.float32)
+  return jax.ffi.ffi_call(int8_kernel._TARGETS['SegFloatMean'], out)(x.astype(jnp.float32))
+
+
 def upsampled_argmax(logits: jax.Array, height: int, width: int) -> jax.Array:
   """The class map: argmax over classes of `logits` [n, fh, fw, classes] (float32, at most 256
   classes) resized to [height, width] with aligned corners, as
@@ -560,7 +575,8 @@ def class_map_blocks(features: np.ndarray, row_taps, col_taps, block: int) -> np
 def pack_folded(folded, dtype=jnp.bfloat16):
   """Folded float32 params (`seg.inference.fold.fold_variables`, NumPy) with every 1x1
   product's weights also packed for `dtype`'s products in the kernel ('wp' beside 'w'; the
-  concat projection's as head['proj_branches_wp']): what `seg.inference.forward` runs in the
+  concat projection's as head['proj_branches_wp'] and head['proj_pool_wp'], the image
+  pooling's too): what `seg.inference.forward` runs in the
   kernel with that dtype. The float32 'w' stay: for bfloat16's products below its stride,
   and for exports (`unpacked`)."""
   def packed(layer):
@@ -568,8 +584,9 @@ def pack_folded(folded, dtype=jnp.bfloat16):
   blocks = [{name: packed(layer) if name in ('expand', 'project') else layer
              for name, layer in block.items()} for block in folded['blocks']]
   head = dict(folded['head'], aspp0=packed(folded['head']['aspp0']),
-              logits=packed(folded['head']['logits']),
-              proj_branches_wp=pack_weights(folded['head']['proj_branches'], dtype))
+              logits=packed(folded['head']['logits']), pool=packed(folded['head']['pool']),
+              proj_branches_wp=pack_weights(folded['head']['proj_branches'], dtype),
+              proj_pool_wp=pack_weights(folded['head']['proj_pool'], dtype))
   return dict(folded, blocks=blocks, head=head)
 
 
@@ -579,5 +596,5 @@ def unpacked(folded):
     return {k: v for k, v in layer.items() if k != 'wp'} if isinstance(layer, dict) else layer
   blocks = [{name: strip(layer) for name, layer in block.items()} for block in folded['blocks']]
   head = {name: strip(layer) for name, layer in folded['head'].items()
-          if name != 'proj_branches_wp'}
+          if name not in ('proj_branches_wp', 'proj_pool_wp')}
   return dict(folded, blocks=blocks, head=head)

@@ -160,6 +160,26 @@ def _block(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int, low:
   return _product(y, project, 'linear', low, residual=residual)
 
 
+HEAD_POOL_CHOICES = ('kernel', 'xla')
+
+
+def _pool_in_kernel(head: Dict[str, Any], x: jax.Array, low: bool) -> bool:
+  """Whether the head's image pooling runs in the kernel (`float_kernel.mean`, then its two
+  products, the second giving the concat projection's bias): with packed weights whose
+  products run there, for one image at a time (n = 1: the engine's batches on a CPU, image
+  by image), since the pooled term differs between images. A network of kernels then has
+  no XLA arithmetic left, and XLA's CPU client runs it inline on the calling thread instead
+  of dispatching it to another (docs/performance.md). SEG_HEAD_POOL=xla keeps XLA's mean and
+  products (A/B timings; read when traced)."""
+  choice = os.environ.get('SEG_HEAD_POOL', 'kernel') or 'kernel'
+  if choice not in HEAD_POOL_CHOICES:
+    raise ValueError(f'SEG_HEAD_POOL must be one of {", ".join(HEAD_POOL_CHOICES)}, '
+                     f'got {choice!r}')
+  return (choice == 'kernel' and x.shape[0] == 1 and 'proj_pool_wp' in head and
+          _in_kernel(head['pool'], low) and head['pool']['wp'].dtype ==
+          head['proj_pool_wp'].dtype)
+
+
 STEM_CHOICES = ('kernel', 'pass', 'xla')
 
 
@@ -326,13 +346,15 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   stored = jnp.float32 if kernel else dtype
   x = x.astype(stored)
   head = folded['head']
-  pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [n, c]
-  pooled = jax.nn.relu(pooled.astype(dtype) @ head['pool']['w'].astype(dtype)
-                       + head['pool']['b'])
-  pooled_term = lax.dot_general(pooled.astype(dtype), head['proj_pool'].astype(dtype),
-                                (((1,), (0,)), ((), ())),
-                                preferred_element_type=jnp.float32)  # [n, 256]
   low = dtype != jnp.float32
+  pool_in_kernel = _pool_in_kernel(head, x, low)
+  if not pool_in_kernel:
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # [n, c]
+    pooled = jax.nn.relu(pooled.astype(dtype) @ head['pool']['w'].astype(dtype)
+                         + head['pool']['b'])
+    pooled_term = lax.dot_general(pooled.astype(dtype), head['proj_pool'].astype(dtype),
+                                  (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)  # [n, 256]
   branches = [_product(x, head['aspp0'], 'relu', low)]
   rates = tuple(r * 16 // output_stride for r in (6, 12, 18))
   for i, rate in enumerate(rates, start=1):
@@ -344,8 +366,16 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   projection = {'w': head['proj_branches'], 'b': head['proj_b']}
   if 'proj_branches_wp' in head:
     projection['wp'] = head['proj_branches_wp']
-  y = _product(y, projection, 'linear', low)
-  y = jax.nn.relu(y + pooled_term[:, None, None, :]).astype(stored)
+  if pool_in_kernel:
+    # The image pooling's share of the projection, a vector for the one image, joins the
+    # projection's bias; the ReLU runs in the projection's output loop.
+    from seg.inference import float_kernel
+    pooled = _product(float_kernel.mean(x), head['pool'], 'relu', low)  # [1, 256]
+    bias = float_kernel.product(pooled, head['proj_pool_wp'], head['proj_b'])[0]
+    y = _product(y, dict(projection, b=bias), 'relu', low).astype(stored)
+  else:
+    y = _product(y, projection, 'linear', low)
+    y = jax.nn.relu(y + pooled_term[:, None, None, :]).astype(stored)
   logits = _product(y, head['logits'], 'linear', low)
   if upsample:
     logits = resize_bilinear(logits, images.shape[1:3])

@@ -71,6 +71,7 @@ _TARGETS = {'SegInt8Product': TARGET, 'SegInt8Depthwise': DEPTHWISE_TARGET,
             'SegFloatExpandDepthwise': 'seg_float_expand_depthwise',
             'SegFloatStemProject': 'seg_float_stem_project',
             'SegFloatDepthwiseProject': 'seg_float_depthwise_project',
+            'SegFloatMean': 'seg_float_mean',
             'SegUpsampledArgmax': 'seg_upsampled_argmax'}  # library symbol: FFI target
 PANEL = 16   # output channels per weight panel (int8_product.h: kPanel)
 GROUP = 4    # consecutive input channels per 32-bit lane

@@ -567,7 +567,9 @@ def test_the_engine_runs_the_products_from_the_chosen_stride_in_the_kernel(
   for _, _, stride, _ in block_specs(m.width, m.output_stride):
     strides.append(strides[-1] * stride)
   threshold = min(int(from_stride), m.output_stride)
-  want = sum((2 if i else 1) for i, s in enumerate(strides[:-1]) if s >= threshold) + 3
+  # ... + the head's aspp0, concat projection, logits and image pooling's two products (one
+  # image: the pooling in the kernel, `test_the_head_pools_in_the_kernel_for_one_image`).
+  want = sum((2 if i else 1) for i, s in enumerate(strides[:-1]) if s >= threshold) + 3 + 2
   assert len(calls) + len(with_projection) + (from_stride == '2') == want
   # No XLA product in bfloat16 on a feature map: the kernel rounds what it reads (or takes
   # the depthwise layers' bfloat16, test_the_depthwise_layers_hand_the_bfloat16_products...).
@@ -725,6 +727,65 @@ def test_large_expansions_run_in_one_pass_with_their_depthwise_layers(tiny_model
   monkeypatch.setattr(forward_module, 'FUSE_FROM_ELEMENTS', 0)
   assert len(fused_calls()) == len(block_specs(m.width, m.output_stride)) - 1  # block 0: none
   np.testing.assert_array_equal(np.asarray(jax.jit(run())(eng.folded, images)), separate)
+
+
+def test_the_mean_is_the_row_major_float32_sum_over_the_count():
+  """`mean`: per image and channel, the float32 sum over pixels in row-major order (NumPy's
+  float32 additions one pixel at a time), divided by the pixel count, bit for bit."""
+  _skip_without_f32()
+  x = np.random.default_rng(21).normal(0, 3, (2, 5, 7, 40)).astype(np.float32)
+  sums = np.zeros((2, 40), np.float32)
+  for pixel in x.reshape(2, 35, 40).transpose(1, 0, 2):
+    sums = sums + pixel  # float32 + float32: one rounding per pixel, as the kernel's
+  np.testing.assert_array_equal(np.asarray(float_kernel.mean(jnp.asarray(x))),
+                                sums / np.float32(35))
+  np.testing.assert_allclose(np.asarray(float_kernel.mean(jnp.asarray(x))),
+                             x.astype(np.float64).mean(axis=(1, 2)), rtol=0, atol=1e-5)
+  with pytest.raises(ValueError, match=r'x is \[n, h, w, c\]'):
+    float_kernel.mean(jnp.zeros((2, 0, 7, 4)))
+
+
+def _flops(compiled) -> float:
+  """XLA's flop count of a compiled program (its CPU client runs one under 1000 inline)."""
+  analysis = compiled.cost_analysis()
+  return (analysis[0] if isinstance(analysis, (list, tuple)) else analysis).get('flops', 0.0)
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
+def test_the_head_pools_in_the_kernel_for_one_image(tiny_model, dtype, monkeypatch):
+  """For one image (a call's batch, or each image of a batch run image by image) the head's
+  image pooling runs in the kernel (its mean and two products, the second the concat
+  projection's bias), the logits as XLA's pooling gives them but for roundings
+  (SEG_HEAD_POOL=xla, for A/B timings), and the network keeps no XLA arithmetic: under XLA's
+  1000 flops, so its CPU client runs it inline. A batch run whole keeps XLA's pooling (one
+  pooled vector per image); another value is refused."""
+  config, variables = tiny_model
+  eng = _kernel_engine(config, variables, dtype=dtype)
+  m = config.model
+  images, _, _ = _network_and_calls(eng, config, dtype, 17, upsample=False)
+  run = lambda image_by_image: lambda f, x: forward(
+      f, x, width=m.width, output_stride=m.output_stride, dtype=engine.DTYPES[dtype],
+      upsample=False, image_by_image=image_by_image)
+  targets = lambda x, image_by_image=False: [
+      e.params['target_name'] for e in jax.make_jaxpr(run(image_by_image))(eng.folded, x).eqns
+      if e.primitive.name == 'ffi_call']
+  compiled = lambda x, image_by_image=False: jax.jit(run(image_by_image)).lower(
+      eng.folded, x).compile()
+  one = images[:1]
+  assert targets(one).count('seg_float_mean') == 1 and 'seg_float_mean' not in targets(images)
+  kernel = {1: np.asarray(compiled(one)(eng.folded, one)),
+            2: np.asarray(compiled(images, True)(eng.folded, images))}
+  assert _flops(compiled(one)) < 1000 and _flops(compiled(images, True)) < 1000
+  monkeypatch.setenv('SEG_HEAD_POOL', 'xla')
+  assert 'seg_float_mean' not in targets(one)
+  assert _flops(compiled(one)) >= 1000
+  for n, got in kernel.items():
+    xla = np.asarray(compiled(images[:n], n > 1)(eng.folded, images[:n]))
+    np.testing.assert_allclose(got, xla, rtol=0, atol=(1e-5 if dtype == 'float32' else 1e-3)
+                               * np.abs(xla).max())
+  monkeypatch.setenv('SEG_HEAD_POOL', 'fast')
+  with pytest.raises(ValueError, match='SEG_HEAD_POOL must be one of kernel, xla'):
+    targets(one)
 
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
