@@ -439,12 +439,15 @@ ffi::Error FloatStemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // ------------------------------------------------------------------------------------------
 // The mean of each image's channels over its rows and columns (float_kernel.py: mean, the
 // head's image pooling): the float32 sum over pixels in row-major order, divided by their
-// count. On the calling thread (a 33 x 33 x 320 map: tens of microseconds).
+// count. On the calling thread (a 33 x 33 x 320 map: tens of microseconds), its time
+// recorded as the other kernels' (kernel_threads.h: CallTimes).
 ffi::Error FloatMean(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
   const auto xd = x.dimensions(), od = out->dimensions();
   if (xd.size() != 4 || od.size() != 2 || od[0] != xd[0] || od[1] != xd[3] ||
       xd[1] * xd[2] == 0)
     return ffi::Error::InvalidArgument("x is [n, h, w, c] (h, w > 0) and out [n, c]");
+  const bool timed = seg::CallTimes::Get().On();
+  const double start = timed ? seg::CallTimes::Now() : 0.0;
   const int64_t pixels = xd[1] * xd[2], c = xd[3];
   const float count = static_cast<float>(pixels);
   std::vector<float> sums(c);
@@ -456,6 +459,7 @@ ffi::Error FloatMean(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out) {
     float* o = out->typed_data() + n * c;
     for (int64_t j = 0; j < c; ++j) o[j] = sums[j] / count;
   }
+  if (timed) seg::CallTimes::Get().Add(start, seg::CallTimes::Now());
   return ffi::Error::Success();
 }
 

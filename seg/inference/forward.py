@@ -163,6 +163,17 @@ def _block(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int, low:
 HEAD_POOL_CHOICES = ('kernel', 'xla')
 
 
+def head_pool_choice() -> str:
+  """SEG_HEAD_POOL: 'kernel' (unset: the float engines' image pooling in the kernel for one
+  image, `_pool_in_kernel`) or 'xla' (XLA's pooling, for A/B timings). Read when a function
+  is traced."""
+  choice = os.environ.get('SEG_HEAD_POOL', 'kernel') or 'kernel'
+  if choice not in HEAD_POOL_CHOICES:
+    raise ValueError(f'SEG_HEAD_POOL must be one of {", ".join(HEAD_POOL_CHOICES)}, '
+                     f'got {choice!r}')
+  return choice
+
+
 def _pool_in_kernel(head: Dict[str, Any], x: jax.Array, low: bool) -> bool:
   """Whether the head's image pooling runs in the kernel (`float_kernel.mean`, then its two
   products, the second giving the concat projection's bias): with packed weights whose
@@ -170,12 +181,8 @@ def _pool_in_kernel(head: Dict[str, Any], x: jax.Array, low: bool) -> bool:
   by image), since the pooled term differs between images. A network of kernels then has
   no XLA arithmetic left, and XLA's CPU client runs it inline on the calling thread instead
   of dispatching it to another (docs/performance.md). SEG_HEAD_POOL=xla keeps XLA's mean and
-  products (A/B timings; read when traced)."""
-  choice = os.environ.get('SEG_HEAD_POOL', 'kernel') or 'kernel'
-  if choice not in HEAD_POOL_CHOICES:
-    raise ValueError(f'SEG_HEAD_POOL must be one of {", ".join(HEAD_POOL_CHOICES)}, '
-                     f'got {choice!r}')
-  return (choice == 'kernel' and x.shape[0] == 1 and 'proj_pool_wp' in head and
+  products (A/B timings; `head_pool_choice`)."""
+  return (head_pool_choice() == 'kernel' and x.shape[0] == 1 and 'proj_pool_wp' in head and
           _in_kernel(head['pool'], low) and head['pool']['wp'].dtype ==
           head['proj_pool_wp'].dtype)
 
