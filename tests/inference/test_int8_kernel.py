@@ -824,8 +824,10 @@ def test_the_stand_ins_are_asked_for_and_need_avx512(monkeypatch):
 
 def test_kernel_call_times_are_recorded_while_asked():
   """record_call_times / call_times: each kernel call's start and end while recording, in
-  call order, on time.monotonic's clock (a product of 64 rows, then a depthwise layer of far
-  more work: the longer second), nothing after it stops; starting again starts afresh."""
+  call order, on time.monotonic's clock (a product, then a depthwise layer: each inside the
+  interval around its own call), nothing after it stops; starting again starts afresh.
+  (Durations are not compared: on a loaded machine a small call can stall longer than a
+  large one runs, as one did in CI on 2026-12-07.)"""
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.integers(0, 128, (64, 32)), jnp.uint8)
@@ -849,7 +851,6 @@ def test_kernel_call_times_are_recorded_while_asked():
     assert times.shape == (2, 2)
     (start0, end0), (start1, end1) = times
     assert before <= start0 < end0 <= between <= start1 < end1 <= after
-    assert end1 - start1 > end0 - start0
     int8_kernel.record_call_times(True)
     assert int8_kernel.call_times().shape == (0, 2)
   finally:
