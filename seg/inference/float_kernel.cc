@@ -386,17 +386,18 @@ ffi::Error FloatDepthwiseProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // 513) never goes to memory.
 constexpr int64_t kStemMidBytes = 512 * 1024;  // a chunk's depthwise output, at most
 
-ffi::Error FloatStemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> ws, ffi::Buffer<ffi::F32> bs,
-                            ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd,
+ffi::Error FloatStemProject(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                            ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> ws,
+                            ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd,
+                            ffi::Buffer<ffi::F32> bd,
                             ffi::Buffer<ffi::F32> unused_scale, ffi::AnyBuffer w,
                             ffi::Buffer<ffi::F32> bias, int32_t pad_top, int32_t pad_left,
                             int32_t isa, ffi::ResultBuffer<ffi::F32> out) {
   const auto od = out->dimensions();
   if (od.size() != 4) return ffi::Error::InvalidArgument("out is [n, oh, ow, channels]");
   seg::stem::Stem s;
-  ffi::Error error = seg::stem::Make(x, ws, bs, wd, bd, unused_scale, pad_top, pad_left, od[0],
-                                     od[1], od[2], nullptr, pool.num_threads(), s);
+  ffi::Error error = seg::stem::Make(x, sizes, ws, bs, wd, bd, unused_scale, pad_top, pad_left,
+                                     od[0], od[1], od[2], nullptr, pool.num_threads(), s);
   if (error.failure()) return error;
   const int64_t n = static_cast<int64_t>(bias.element_count()), k = s.c;
   if (od[3] != n) return ffi::Error::InvalidArgument("out's channels are the bias's");
@@ -579,7 +580,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatDepthwiseProject, FloatDepthwiseProject,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatStemProject, FloatStemProject,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, 3]
+                                  .Arg<ffi::AnyBuffer>()           // x [n, h, w, 3]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // sizes [n, 2] or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // ws [3, 3, 3, c]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bs [c]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, c]

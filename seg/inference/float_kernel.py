@@ -436,16 +436,19 @@ def stem_supported(images_shape, stem_w_shape) -> bool:
 
 
 def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
-         bd: jax.Array, loop: Optional[str] = None, out_dtype=jnp.float32) -> jax.Array:
+         bd: jax.Array, loop: Optional[str] = None, out_dtype=jnp.float32,
+         sizes: Optional[jax.Array] = None) -> jax.Array:
   """relu6(depthwise(relu6(stem conv(images, ws) + bs), wd) + bd) in one pass (CPU): the stem
   (3x3, stride 2, 'SAME') and block 0's depthwise layer, float32 in and out, XLA's float32
   taps of `forward._stem` and `forward._depthwise` summed in one fixed order, in the loops of
   float32 `loop` (default `f32_isa()`; the AVX-512 ones where c is a multiple of 16): the
   same numbers either way.
 
-  images: [n, h, w, 3] float32; ws: [3, 3, 3, c]; bs, bd: [c]; wd: [3, 3, c]; c a multiple
-  of 8 (`stem_supported`). Returns [n, ceil(h / 2), ceil(w / 2), c] in `out_dtype`: float32,
-  or bfloat16 (rounded as `depthwise`'s; the AVX-512 loops, c a multiple of 16).
+  images: [n, h, w, 3] float32, or uint8 pixels with their valid `sizes`
+  (`int8_kernel.stem_images`: preprocessed as they are read); ws: [3, 3, 3, c]; bs, bd: [c];
+  wd: [3, 3, c]; c a multiple of 8 (`stem_supported`). Returns [n, ceil(h / 2), ceil(w / 2),
+  c] in `out_dtype`: float32, or bfloat16 (rounded as `depthwise`'s; the AVX-512 loops, c a
+  multiple of 16).
   """
   from seg.model.layers import same_padding
   if not available(jnp.float32):
@@ -461,21 +464,23 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
   out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c),
                              _out_dtype(out_dtype, loop == 'avx512' and c % 16 == 0))
   # The int8 engine's stem pass writing float32 or bfloat16 (its scale unused).
+  images, sizes = int8_kernel.stem_images(images, sizes)
   return jax.ffi.ffi_call(int8_kernel.STEM_TARGET, out)(
-      images.astype(jnp.float32), ws.astype(jnp.float32), bs.astype(jnp.float32),
+      images, sizes, ws.astype(jnp.float32), bs.astype(jnp.float32),
       wd.astype(jnp.float32), bd.astype(jnp.float32), jnp.ones((), jnp.float32),
       pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
       pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), wide=loop == 'avx512')
 
 
 def stem_project(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax.Array,
-                 w_packed: jax.Array, bias: jax.Array, loop: Optional[str] = None) -> jax.Array:
+                 w_packed: jax.Array, bias: jax.Array, loop: Optional[str] = None,
+                 sizes: Optional[jax.Array] = None) -> jax.Array:
   """`product(stem(images, ws, bs, wd, bd), w_packed, bias)` in one pass (CPU): the stem pass
   and block 0's projection (no activation) over chunks of rows, the stem pass's output never
   in memory; the same numbers as the two calls (the bfloat16 loops: as with `stem`'s
   bfloat16 output). `loop` as `product`'s, which also chooses the stem pass's loops (AVX-512
-  but for float32's avx2); images, ws, bs, wd, bd as `stem`'s (the bfloat16 loops: c a
-  multiple of 16). Returns float32 [n, ceil(h / 2), ceil(w / 2), out]."""
+  but for float32's avx2); images, ws, bs, wd, bd, sizes as `stem`'s (the bfloat16 loops: c
+  a multiple of 16). Returns float32 [n, ceil(h / 2), ceil(w / 2), out]."""
   from seg.model.layers import same_padding
   loop, isa_value = _loop_of(w_packed, loop)
   if not stem_supported(images.shape, ws.shape):
@@ -488,8 +493,9 @@ def stem_project(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
   _check_packed(w_packed, c, bias.shape[0])
   out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), bias.shape[0]), jnp.float32)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
+  images, sizes = int8_kernel.stem_images(images, sizes)
   return jax.ffi.ffi_call(int8_kernel._target('SegFloatStemProject', loop), out)(
-      f32(images), f32(ws), f32(bs), f32(wd), f32(bd), jnp.ones((), jnp.float32), w_packed,
+      images, sizes, f32(ws), f32(bs), f32(wd), f32(bd), jnp.ones((), jnp.float32), w_packed,
       f32(bias), pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),
       pad_left=np.int32(same_padding(w, 3, 2, 1)[0]), isa=np.int32(isa_value))
 

@@ -190,8 +190,32 @@ def _pool_in_kernel(head: Dict[str, Any], x: jax.Array, low: bool) -> bool:
 STEM_CHOICES = ('kernel', 'pass', 'xla')
 
 
-def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array,
-                      low: bool) -> Tuple[Optional[jax.Array], bool]:
+PIXEL_CHOICES = ('kernel', 'xla')
+
+
+def pixels_in_kernel() -> bool:
+  """Whether the kernels' stem passes read uint8 pixels and preprocess them as they read
+  (`forward`'s `sizes`; the same numbers as XLA's `preprocess_padded` fused in a program),
+  so that no float32 copy of the image goes through memory. SEG_PIXELS=xla preprocesses in
+  XLA first (A/B timings; read when traced)."""
+  choice = os.environ.get('SEG_PIXELS', 'kernel') or 'kernel'
+  if choice not in PIXEL_CHOICES:
+    raise ValueError(f'SEG_PIXELS must be one of {", ".join(PIXEL_CHOICES)}, got {choice!r}')
+  return choice == 'kernel'
+
+
+def preprocessed(images: jax.Array, sizes: Optional[jax.Array]) -> jax.Array:
+  """`forward`'s images as float32 in [-1, 1]: uint8 pixels through `preprocess_padded`
+  (with their `sizes`), preprocessed ones as they are."""
+  if images.dtype == jnp.uint8:
+    return preprocess_padded(images, sizes)
+  if sizes is not None:
+    raise ValueError('sizes go with uint8 pixels; preprocessed images carry their padding')
+  return images
+
+
+def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array, low: bool,
+                      sizes: Optional[jax.Array] = None) -> Tuple[Optional[jax.Array], bool]:
   """(y, projected): the kernel's stem pass over the stem and block 0's depthwise layer, or
   None where it does not apply (block 0 with an expansion, or whose projection adds the
   stem's output back (equal channels), or channels the pass does not take). `projected`:
@@ -200,7 +224,8 @@ def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array,
   precision); else y is the depthwise output (bfloat16 where the projection takes it so,
   `_bf16_handoff`). SEG_FLOAT_STEM chooses, for A/B timings (read when traced): 'kernel'
   (the default, as above), 'pass' (the stem pass and the projection apart) or 'xla' (XLA's
-  stem, the kernel's depthwise layer)."""
+  stem, the kernel's depthwise layer). uint8 `images` (and their `sizes`): the pass reads
+  the pixels (`pixels_in_kernel`), else XLA preprocesses them for it."""
   from seg.inference import float_kernel
   stem, block0 = folded['stem'], folded['blocks'][0]
   choice = os.environ.get('SEG_FLOAT_STEM', 'kernel') or 'kernel'
@@ -211,12 +236,15 @@ def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array,
       not float_kernel.stem_supported(images.shape, stem['w'].shape)):
     return None, False
   project = block0['project']
+  if images.dtype != jnp.uint8 or not pixels_in_kernel():
+    images, sizes = preprocessed(images, sizes), None
   args = (images, stem['w'], stem['b'], block0['depthwise']['w'], block0['depthwise']['b'])
   if choice == 'kernel' and _in_kernel(project, low) and (
       project['wp'].dtype == jnp.float32 or c % 16 == 0):
-    return float_kernel.stem_project(*args, project['wp'], project['b']), True
+    return float_kernel.stem_project(*args, project['wp'], project['b'], sizes=sizes), True
   bf16 = _bf16_handoff(project, low) and c % 16 == 0
-  return float_kernel.stem(*args, out_dtype=jnp.bfloat16 if bf16 else jnp.float32), False
+  return float_kernel.stem(*args, out_dtype=jnp.bfloat16 if bf16 else jnp.float32,
+                           sizes=sizes), False
 
 
 def _depthwise(x: jax.Array, w: jax.Array, b: jax.Array, stride: int,
@@ -290,11 +318,15 @@ def _relu6(x):
 
 
 def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_stride: int,
-            dtype=jnp.float32, upsample: bool = True, image_by_image: bool = False) -> jax.Array:
+            dtype=jnp.float32, upsample: bool = True, image_by_image: bool = False,
+            sizes: Optional[jax.Array] = None) -> jax.Array:
   """The network's logits from the folded weights (`fold_variables` then `cast_folded`).
 
   Args:
-    images: [n, h, w, 3] float in [-1, 1] (already preprocessed; padding is 0).
+    images: [n, h, w, 3] float in [-1, 1] (already preprocessed; padding is 0), or uint8
+      pixels on a canvas with `sizes` ([n, 2] int32: each image's valid rows and columns;
+      None: all), which `preprocess_padded` turns into that: the kernel's stem pass reads
+      them as they are where it runs (`pixels_in_kernel`), XLA preprocesses them elsewhere.
     width, output_stride: `config.model`'s (they fix strides and dilations).
     dtype: the input dtype of the stride >= 16 products (float32 or bfloat16), or int8:
       `folded` then comes from `seg.inference.quantize.quantize_folded`.
@@ -308,20 +340,27 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   if dtype == jnp.int8:  # params from `seg.inference.quantize.quantize_folded`
     from seg.inference.quantize import forward_int8
     return forward_int8(folded, images, width=width, output_stride=output_stride,
-                        upsample=upsample, image_by_image=image_by_image)
+                        upsample=upsample, image_by_image=image_by_image, sizes=sizes)
+  # Packed weights: the kernel formulation (float32 or bfloat16, as they are packed).
+  kernel = 'wp' in folded['blocks'][0]['project']
+  if images.dtype == jnp.uint8 and not (kernel and pixels_in_kernel()):
+    images, sizes = preprocessed(images, sizes), None  # the whole batch, in XLA
   if image_by_image and images.shape[0] > 1:
     one = functools.partial(forward, folded, width=width, output_stride=output_stride,
                             dtype=dtype, upsample=upsample)
-    return lax.map(lambda image: one(image[None])[0], images)
-  # Packed weights: the kernel formulation (float32 or bfloat16, as they are packed).
-  kernel = 'wp' in folded['blocks'][0]['project']
+    if sizes is None:
+      return lax.map(lambda image: one(image[None])[0], images)
+    return lax.map(lambda each: one(each[0][None], sizes=each[1][None])[0], (images, sizes))
   # With the kernel the stem and block 0's depthwise layer are one pass (`stem0`,
   # where block 0 has no expansion or residual sum to read the stem's output).
   compute_dtype, input_stride = dtype, 2
   first_low = min(low_precision_from_stride(kernel), output_stride)
   stem0, projected = (_kernel_stem_pass(folded, images,
-                                         low=dtype != jnp.float32 and first_low <= 2)
+                                         low=dtype != jnp.float32 and first_low <= 2,
+                                         sizes=sizes)
                        if kernel else (None, False))
+  if stem0 is None:
+    images = preprocessed(images, sizes)
   x = None if stem0 is not None else _relu6(_stem(images, folded['stem']['w'],
                                                   folded['stem']['b']))
   # A low-precision dtype from `low_precision_from_stride()` on (or the output stride, if
@@ -407,9 +446,10 @@ def class_map(folded, images: jax.Array, sizes: Optional[jax.Array], *, width: f
     raise ValueError(f'upsample_argmax must be one of {UPSAMPLE_ARGMAX}, got '
                      f'{upsample_argmax!r}')
   kernel = upsample_argmax == 'kernel'
-  logits = forward(folded, preprocess_padded(images, sizes), width=width,
-                   output_stride=output_stride, dtype=dtype, image_by_image=image_by_image,
-                   upsample=not kernel)
+  if images.dtype != jnp.uint8:  # float pixels in [0, 255]: XLA's preprocessing
+    images, sizes = preprocess_padded(images, sizes), None
+  logits = forward(folded, images, width=width, output_stride=output_stride, dtype=dtype,
+                   image_by_image=image_by_image, upsample=not kernel, sizes=sizes)
   if kernel:
     from seg.inference import float_kernel
     return float_kernel.upsampled_argmax(logits, *images.shape[1:3])

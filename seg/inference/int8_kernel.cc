@@ -207,9 +207,10 @@ ffi::Error Int8ExpandDepthwise(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buff
 // `project`): each chunk of rows writes the depthwise layer's uint8 output to a buffer that
 // stays in the core's cache, and the projection (mode 4 or 5: block 1's input) reads it
 // there, so the 257x257x32 map never goes to memory.
-ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::F32> ws, ffi::Buffer<ffi::F32> bs,
-                           ffi::Buffer<ffi::F32> wd, ffi::Buffer<ffi::F32> bd,
+ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                           ffi::Buffer<ffi::S32> sizes, ffi::Buffer<ffi::F32> ws,
+                           ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd,
+                           ffi::Buffer<ffi::F32> bd,
                            ffi::Buffer<ffi::F32> inv_mid, ffi::Buffer<ffi::S8> w,
                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
                            ffi::Buffer<ffi::F32> inv_out, int32_t pad_top, int32_t pad_left,
@@ -219,8 +220,8 @@ ffi::Error Int8StemProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (mode != kLinearInt8 && mode != kLinearUint8Offset)
     return ffi::Error::InvalidArgument("the projection writes the next input: mode 4 or 5");
   seg::stem::Stem s;
-  ffi::Error error = seg::stem::Make(x, ws, bs, wd, bd, inv_mid, pad_top, pad_left, od[0], od[1],
-                                     od[2], nullptr, pool.num_threads(), s);
+  ffi::Error error = seg::stem::Make(x, sizes, ws, bs, wd, bd, inv_mid, pad_top, pad_left,
+                                     od[0], od[1], od[2], nullptr, pool.num_threads(), s);
   if (error.failure()) return error;
   Work work;
   error = MakeProduct(s.c, 0, nullptr, w, scale, bias, inv_out, mode, false, false, isa, nullptr,
@@ -287,7 +288,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Product, Int8Product,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8StemProject, Int8StemProject,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, 3]
+                                  .Arg<ffi::AnyBuffer>()           // x [n, h, w, 3]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // sizes [n, 2] or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // ws [3, 3, 3, c]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bs [c]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, c]

@@ -41,7 +41,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from typing import Optional
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -513,13 +513,31 @@ def stem_supported(images_shape, stem_w_shape) -> bool:
           tuple(stem_w_shape[:3]) == (3, 3, 3) and stem_w_shape[3] % DEPTHWISE_CHANNELS == 0)
 
 
+def stem_images(images: jax.Array, sizes: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
+  """(images, sizes) as the stem passes take them: float32 images (preprocessed; other float
+  dtypes converted) or uint8 pixels (the passes preprocess them as
+  `seg.preprocessing.preprocess_padded` does: u / 127.5 - 1, 0 outside each image's valid
+  region); sizes int32 [n, 2] (valid rows, columns) or [0] for whole images."""
+  if images.dtype != jnp.uint8:
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+      raise ValueError(f'images are float (preprocessed) or uint8 pixels, got {images.dtype}')
+    images = images.astype(jnp.float32)
+  if sizes is None:
+    return images, jnp.zeros((0,), jnp.int32)
+  if tuple(sizes.shape) != (images.shape[0], 2):
+    raise ValueError(f'sizes are [n, 2] for {images.shape[0]} images, got {sizes.shape}')
+  return images, jnp.asarray(sizes, jnp.int32)
+
+
 def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax.Array,
-         inv_out, project=None, loop: Optional[str] = None) -> jax.Array:
+         inv_out, project=None, loop: Optional[str] = None,
+         sizes: Optional[jax.Array] = None) -> jax.Array:
   """The stem and block 0's depthwise layer, to block 0's projection's input (CPU only):
   min(round(relu6(depthwise(relu6(stem conv(images, ws) + bs), wd) + bd) * inv_out), 127)
   as uint8, both convolutions 3x3 'SAME' (the stem stride 2, the depthwise stride 1).
 
-  images: [n, h, w, 3] float32 (preprocessed, 0 is padding); ws: [3, 3, 3, c]; bs, bd: [c];
+  images: [n, h, w, 3] float32 (preprocessed, 0 is padding), or uint8 pixels with their
+  valid `sizes` (`stem_images`: preprocessed as they are read); ws: [3, 3, 3, c]; bs, bd: [c];
   wd: [3, 3, c], all float32, c a multiple of 8; inv_out: 1 / the projection's input scale
   (float32 scalar, traced or not). Returns uint8 [n, ceil(h / 2), ceil(w / 2), c]: XLA's
   float32 stem, taps and quantisation, summed in one fixed order (`int8_stem.cc`).
@@ -532,10 +550,10 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
   from seg.model.layers import same_padding
   if not available():
     raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
-  if images.dtype != jnp.float32 or not stem_supported(images.shape, ws.shape):
-    raise ValueError(f'float32 images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a '
-                     f'multiple of {DEPTHWISE_CHANNELS}, got {images.dtype} {images.shape}, '
-                     f'{ws.shape}')
+  images, sizes = stem_images(images, sizes)
+  if not stem_supported(images.shape, ws.shape):
+    raise ValueError(f'images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a multiple '
+                     f'of {DEPTHWISE_CHANNELS}, got {images.shape}, {ws.shape}')
   n, h, w, _ = images.shape
   c = ws.shape[3]
   if wd.shape != (3, 3, c) or bs.shape != (c,) or bd.shape != (c,):
@@ -547,7 +565,7 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
   if project is None:
     out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c), jnp.uint8)
     return jax.ffi.ffi_call(STEM_TARGET, out)(
-        images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out), **pads,
+        images, sizes, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out), **pads,
         wide=_depthwise_wide(loop))
   w_packed, scale, bias, mode, inv_next = project
   if mode not in ('linear_int8', 'linear_offset_uint8') or c % GROUP:
@@ -557,7 +575,7 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
   out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), scale.shape[0]),
                              jnp.int8 if mode == 'linear_int8' else jnp.uint8)
   return jax.ffi.ffi_call(_target('SegInt8StemProject', loop), out)(
-      images, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out), w_packed, f32(scale),
+      images, sizes, f32(ws), f32(bs), f32(wd), f32(bd), f32(inv_out), w_packed, f32(scale),
       f32(bias), f32(inv_next), mode=np.int32(MODES[mode]), isa=np.int32(ISAS[loop]), **pads)
 
 

@@ -8,10 +8,12 @@
 //   out[n, oy, ox, c] = min(round(clip(y, 0, 6) * inv_out), 127)   (rounding half to even)
 //
 // with 0 outside x and outside s ('SAME' padding of both layers). x: [n, h, w, 3] float32, the
-// preprocessed image; ws: [3, 3, 3, c]; bs, bd: [c]; wd: [3, 3, c]; out: [n, ceil(h / 2),
-// ceil(w / 2), c] uint8. The function of XLA's stem, depthwise taps and quantisation in
-// forward.py / quantize.py, summed in one fixed order (XLA's sums differ from it by a rounding
-// now and then, so outputs may differ by one step).
+// preprocessed image, or its uint8 pixels, preprocessed as they are read (u / 127.5 - 1, 0
+// outside each image's valid rows and columns where `sizes` [n, 2] gives them, as
+// seg/preprocessing.py's preprocess_padded); ws: [3, 3, 3, c]; bs, bd: [c]; wd: [3, 3, c];
+// out: [n, ceil(h / 2), ceil(w / 2), c] uint8. The function of XLA's stem, depthwise taps and
+// quantisation in forward.py / quantize.py, summed in one fixed order (XLA's sums differ from
+// it by a rounding now and then, so outputs may differ by one step).
 //
 // XLA runs those layers as three single-threaded loops over a 2-3 MB image and two 8 MB float32
 // maps (docs/performance.md). Here a chunk of output rows keeps the three stem rows its current
@@ -39,7 +41,8 @@ using seg::stem::Stem;
 
 // out: uint8 as above, or float32: clip(y, 0, 6) itself (the float engines' stem pass,
 // float_kernel.py: stem), or that rounded to bfloat16 (the bfloat16 engine's; AVX-512 loops).
-ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> ws,
+ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S32> sizes,
+                    ffi::Buffer<ffi::F32> ws,
                     ffi::Buffer<ffi::F32> bs, ffi::Buffer<ffi::F32> wd,
                     ffi::Buffer<ffi::F32> bd, ffi::Buffer<ffi::F32> inv_out, int32_t pad_top,
                     int32_t pad_left, bool wide, ffi::Result<ffi::AnyBuffer> out) {
@@ -51,7 +54,7 @@ ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     return ffi::Error::InvalidArgument("out is uint8, float32 or bfloat16");
   Stem s;
   ffi::Error error = seg::stem::Make(
-      x, ws, bs, wd, bd, inv_out, pad_top, pad_left, od[0], od[1], od[2],
+      x, sizes, ws, bs, wd, bd, inv_out, pad_top, pad_left, od[0], od[1], od[2],
       to_float ? nullptr : static_cast<uint8_t*>(out->untyped_data()), pool.num_threads(), s);
   if (error.failure()) return error;
   if (od[3] != s.c) return ffi::Error::InvalidArgument("out's channels are the stem's");
@@ -75,7 +78,8 @@ ffi::Error Int8Stem(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegInt8Stem, Int8Stem,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // x [n, h, w, 3]
+                                  .Arg<ffi::AnyBuffer>()           // x [n, h, w, 3]
+                                  .Arg<ffi::Buffer<ffi::S32>>()    // sizes [n, 2] or [0]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // ws [3, 3, 3, c]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // bs [c]
                                   .Arg<ffi::Buffer<ffi::F32>>()    // wd [3, 3, c]

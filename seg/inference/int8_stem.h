@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -22,8 +23,14 @@ namespace stem {
 constexpr int kMinRows = 16;   // output rows per chunk, at least (but near the end)
 constexpr int kGrainRows = 4;  // the thread pool's claims near the end: a multiple of these
 
+// The preprocessing of a uint8 pixel (seg/preprocessing.py: u / 127.5 - 1, as XLA computes
+// it: times the float32 reciprocal and minus 1 in one fused multiply-add).
+constexpr float kInvMeanPixel = static_cast<float>(1.0 / 127.5);
+
 struct Stem {
-  const float* x;
+  const float* x;             // the preprocessed image [n][h][w][3], or null: `xu`
+  const uint8_t* xu = nullptr;  // or its pixels, preprocessed as they are read
+  const int32_t* sizes = nullptr;  // [n][2]: each image's valid rows and columns, or null
   int64_t h, w;
   const float* ws;  // [3][3][3][c]
   const float* bs;
@@ -44,14 +51,24 @@ struct Stem {
   // Floats of a stem row: ow columns and a zero column on either side, c channels each.
   int64_t StemRow() const { return (ow + 2) * c; }
 
-  // Input row iy of image n, columns -pad_left .. 2 ow - pad_left, into r; 0 outside.
+  // Input row iy of image n, columns -pad_left .. 2 ow - pad_left, into r; 0 outside, and
+  // outside the image's valid rows and columns (`sizes`: preprocess_padded's mean pixel).
   void PadRow(int64_t n, int64_t iy, float* r) const {
     const int64_t first = std::min(pad_left, 2 * ow + 1);
-    const int64_t last = std::min(pad_left + w, 2 * ow + 1);
+    int64_t valid = std::min(pad_left + w, 2 * ow + 1) - first;
+    if (sizes) {
+      valid = iy < sizes[2 * n] ? std::max<int64_t>(0, std::min<int64_t>(valid, sizes[2 * n + 1]))
+                                : 0;
+    }
     std::fill(r, r + 3 * first, 0.f);
-    std::copy(x + (n * h + iy) * w * 3, x + (n * h + iy) * w * 3 + 3 * (last - first),
-              r + 3 * first);
-    std::fill(r + 3 * last, r + PaddedRow(), 0.f);
+    const int64_t at = (n * h + iy) * w * 3;
+    if (xu) {
+      for (int64_t i = 0; i < 3 * valid; ++i)
+        r[3 * first + i] = std::fma(static_cast<float>(xu[at + i]), kInvMeanPixel, -1.f);
+    } else {
+      std::copy(x + at, x + at + 3 * valid, r + 3 * first);
+    }
+    std::fill(r + 3 * (first + valid), r + PaddedRow(), 0.f);
   }
 
   // U stem pixels from sx x V vectors of 8 channels from ch, from the padded input rows in[3]
@@ -306,7 +323,7 @@ struct Stem {
 
 // The stem's arguments checked and its Stem (rows chosen for `threads`), writing c channels
 // of [n, oh, ow] to `out` (null: set per chunk).
-inline xla::ffi::Error Make(xla::ffi::Buffer<xla::ffi::F32>& x,
+inline xla::ffi::Error Make(xla::ffi::AnyBuffer& x, xla::ffi::Buffer<xla::ffi::S32>& sizes,
                             xla::ffi::Buffer<xla::ffi::F32>& ws,
                             xla::ffi::Buffer<xla::ffi::F32>& bs,
                             xla::ffi::Buffer<xla::ffi::F32>& wd,
@@ -318,6 +335,13 @@ inline xla::ffi::Error Make(xla::ffi::Buffer<xla::ffi::F32>& x,
   const auto xd = x.dimensions(), sd = ws.dimensions(), dd = wd.dimensions();
   if (xd.size() != 4 || xd[3] != 3 || sd.size() != 4)
     return Error::InvalidArgument("x is [n, h, w, 3] and the stem's weights [3, 3, 3, c]");
+  const bool pixels = x.element_type() == xla::ffi::DataType::U8;
+  if (!pixels && x.element_type() != xla::ffi::DataType::F32)
+    return Error::InvalidArgument("x is float32 (preprocessed) or uint8 (pixels)");
+  if (sizes.element_count() != 0 && (sizes.dimensions().size() != 2 ||
+                                     sizes.dimensions()[0] != xd[0] ||
+                                     sizes.dimensions()[1] != 2))
+    return Error::InvalidArgument("sizes are [n, 2] (valid rows, columns) or empty");
   const int64_t c = sd[3];
   if (c % 8 != 0) return Error::InvalidArgument("the channels must be a multiple of 8");
   if (sd[0] != 3 || sd[1] != 3 || sd[2] != 3 || dd.size() != 3 || dd[0] != 3 || dd[1] != 3 ||
@@ -329,8 +353,11 @@ inline xla::ffi::Error Make(xla::ffi::Buffer<xla::ffi::F32>& x,
     return Error::InvalidArgument("the output is not the input's size over 2");
   if (pad_top < 0 || pad_top > 2 || pad_left < 0 || pad_left > 2)
     return Error::InvalidArgument("the padding before is 0, 1 or 2");
-  s = Stem{x.typed_data(), xd[1], xd[2], ws.typed_data(), bs.typed_data(), wd.typed_data(),
-           bd.typed_data(), inv_out.typed_data()[0], c, pad_top, pad_left, out, oh, ow, 0};
+  s = Stem{pixels ? nullptr : static_cast<const float*>(x.untyped_data()),
+           pixels ? static_cast<const uint8_t*>(x.untyped_data()) : nullptr,
+           sizes.element_count() ? sizes.typed_data() : nullptr, xd[1], xd[2], ws.typed_data(),
+           bs.typed_data(), wd.typed_data(), bd.typed_data(), inv_out.typed_data()[0], c,
+           pad_top, pad_left, out, oh, ow, 0};
   s.ChooseRows(threads);
   return Error::Success();
 }

@@ -55,7 +55,7 @@ import numpy as np
 from jax import lax
 
 from seg.inference.cpu_features import FORMULATIONS
-from seg.inference.forward import _conv, _depthwise, _stem
+from seg.inference.forward import _conv, _depthwise, _stem, pixels_in_kernel, preprocessed
 from seg.model import block_specs
 from seg.model.layers import resize_bilinear
 
@@ -229,7 +229,7 @@ def _kernel_stem(images: jax.Array, params: Dict[str, Any], spec, observe) -> bo
   _, out, stride, dilation = spec
   return (observe is None and 'expand' not in first and first['project']['w'].ndim == 1 and
           (stride, dilation) == (1, 1) and params['stem']['w'].shape[-1] != out and
-          images.dtype == jnp.float32 and
+          images.dtype in (jnp.float32, jnp.uint8) and
           stem_supported(images.shape, params['stem']['w'].shape) and stem_choice() == 'kernel')
 
 
@@ -322,7 +322,8 @@ def _expand_depthwise(x: jax.Array, params: Dict[str, Any], index: int, stride: 
 
 def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
                  output_stride: int, upsample: bool = True, image_by_image: bool = False,
-                 observe: Optional[Dict[str, jax.Array]] = None, dtype=None) -> jax.Array:
+                 observe: Optional[Dict[str, jax.Array]] = None, dtype=None,
+                 sizes: Optional[jax.Array] = None) -> jax.Array:
   """The network's logits from `quantize_folded`'s params (or float32 folded ones).
 
   As `seg.inference.forward.forward` (same arguments and result); with float32 folded
@@ -330,12 +331,16 @@ def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
   records the largest |input| of every product (`calibrate`).
   """
   del dtype  # int8 (the params say which layers are); accepted as `forward` accepts it
-  if image_by_image and images.shape[0] > 1 and observe is None:
-    def one(image):
-      return forward_int8(params, image[None], width=width, output_stride=output_stride,
-                          upsample=upsample)[0]
-    return lax.map(one, images)
   specs = block_specs(width, output_stride)
+  if images.dtype == jnp.uint8 and not (pixels_in_kernel() and
+                                        _kernel_stem(images, params, specs[0], observe)):
+    images, sizes = preprocessed(images, sizes), None  # the whole batch, in XLA
+  if image_by_image and images.shape[0] > 1 and observe is None:
+    def one(each):
+      image, size = each
+      return forward_int8(params, image[None], width=width, output_stride=output_stride,
+                          upsample=upsample, sizes=None if size is None else size[None])[0]
+    return lax.map(one, (images, sizes))
   first = 0
   if _kernel_stem(images, params, specs[0], observe):
     from seg.inference import int8_kernel  # float32 image in, block 0's projection input out
@@ -346,10 +351,10 @@ def forward_int8(params: Dict[str, Any], images: jax.Array, *, width: float,
       fused = (project['w'], project['scale'], project['b'], _int8_out_mode(),
                project['inv_int8_out_scale'])
     y = int8_kernel.stem(images, stem['w'], stem['b'], blk['depthwise']['w'],
-                         blk['depthwise']['b'], project['inv_x_scale'], fused)
+                         blk['depthwise']['b'], project['inv_x_scale'], fused, sizes=sizes)
     x, first = (y if fused else product(y, project, 'block0/project')), 1
   else:
-    x = _relu6(_stem(images, params['stem']['w'], params['stem']['b']))
+    x = _relu6(_stem(preprocessed(images, sizes), params['stem']['w'], params['stem']['b']))
   for i, (blk, (_, _, stride, dilation)) in enumerate(zip(params['blocks'], specs)):
     if i >= first:
       x = block(x, blk, i, stride, dilation, observe, _handoff(params, specs, i, observe))

@@ -815,6 +815,63 @@ def test_the_stem_pass_takes_block_0s_projection_or_leaves_it(tiny_model, dtype,
     targets()
 
 
+def _equations(jaxpr):
+  """A jaxpr's equations and those of the jaxprs inside them (lax.map's body), in order."""
+  for e in jaxpr.eqns:
+    yield e
+    for value in e.params.values():
+      inner = getattr(value, 'jaxpr', value)
+      if hasattr(inner, 'eqns'):
+        yield from _equations(inner)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'int8'])
+def test_class_maps_hand_the_kernels_the_uint8_pixels(tiny_model, tiny_int8, dtype,
+                                                      monkeypatch):
+  """`class_map` hands the kernel's stem pass the uint8 pixels and their sizes (no float32
+  image in the program: the pass preprocesses as it reads, image by image or a batch whole),
+  with the class maps and logits of XLA's preprocessing first (SEG_PIXELS=xla, for A/B
+  timings) but for the roundings of XLA's unoptimised programs that the tests run (the
+  kernel computes what its optimised ones do, `test_int8_kernel.py`); another value is
+  refused."""
+  from seg.inference import forward as forward_module, quantize
+  if dtype == 'int8':
+    config, _, folded, scales = tiny_int8
+    params = quantize.quantize_folded(config.model, folded, scales, 'kernel')
+  else:
+    config, variables = tiny_model
+    params = _kernel_engine(config, variables, dtype=dtype).folded
+  m = config.model
+  rng = np.random.default_rng(9)
+  pixels = jnp.asarray(rng.integers(0, 256, (3, EVAL_SIZE, EVAL_SIZE, 3), np.uint8))
+  sizes = jnp.asarray([[EVAL_SIZE, EVAL_SIZE], [EVAL_SIZE - 9, EVAL_SIZE],
+                       [EVAL_SIZE, EVAL_SIZE - 20]], jnp.int32)
+  run = lambda by_image: lambda p, x, s, upsample_argmax='kernel': forward_module.class_map(
+      p, x, s, width=m.width, output_stride=m.output_stride, dtype=engine.DTYPES[dtype],
+      image_by_image=by_image, upsample_argmax=upsample_argmax)
+  stem_inputs = lambda: [e.invars[0].aval.dtype for e in _equations(jax.make_jaxpr(run(True))(
+      params, pixels, sizes).jaxpr) if e.primitive.name == 'ffi_call' and 'stem' in
+      e.params['target_name']]  # (inside lax.map's body)
+  assert stem_inputs() == [jnp.uint8]
+  got = {by_image: np.asarray(jax.jit(run(by_image))(params, pixels, sizes))
+         for by_image in (True, False)}
+  logits = np.asarray(jax.jit(lambda p, x, s: forward_module.forward(
+      p, x, width=m.width, output_stride=m.output_stride, dtype=engine.DTYPES[dtype],
+      sizes=s))(params, pixels, sizes))
+  monkeypatch.setenv('SEG_PIXELS', 'xla')
+  assert stem_inputs() == [jnp.float32]
+  xla = np.asarray(jax.jit(run(True))(params, pixels, sizes))
+  xla_logits = np.asarray(jax.jit(lambda p, x, s: forward_module.forward(
+      p, forward_module.preprocessed(x, s), width=m.width, output_stride=m.output_stride,
+      dtype=engine.DTYPES[dtype]))(params, pixels, sizes))
+  np.testing.assert_array_equal(got[True], got[False])
+  assert (got[True] == xla).mean() > 0.99
+  np.testing.assert_allclose(logits, xla_logits, rtol=0, atol=2e-2 * np.abs(xla_logits).max())
+  monkeypatch.setenv('SEG_PIXELS', 'fast')
+  with pytest.raises(ValueError, match='SEG_PIXELS must be one of kernel, xla'):
+    stem_inputs()
+
+
 def test_the_kernel_engine_predicts_the_float32_classes(tiny_model, monkeypatch):
   """Whole predictions (preprocessing, padding, argmax, two images of other sizes), with
   bfloat16 from the same stride in both formulations."""
@@ -831,8 +888,10 @@ def test_the_kernel_engine_predicts_the_float32_classes(tiny_model, monkeypatch)
   assert [g.shape for g in got] == [e.shape for e in expected]
   agree = lambda a: np.mean([(g == e).mean() for g, e in zip(a, expected)])
   # A random model's classes are close calls (a trained one's agree on 99.97% of the pixels,
-  # docs/performance.md): as many as XLA's bfloat16 engine keeps, near enough.
-  assert agree(got) >= 0.95 and agree(got) >= agree(xla) - 0.01
+  # docs/performance.md): as many as XLA's bfloat16 engine keeps, near enough. (The kernel
+  # preprocesses the pixels as XLA's optimised programs do, in one fused multiply-add; the
+  # tests run XLA unoptimised, whose two roundings move some close calls: 94.9% here.)
+  assert agree(got) >= 0.94 and agree(got) >= agree(xla) - 0.01
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])

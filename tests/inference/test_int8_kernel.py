@@ -375,6 +375,51 @@ def test_the_stem_pass_can_run_block0s_projection_too(loop, shape, c, out, mode,
   assert len(np.unique(fused)) > 50
 
 
+def _numpy_preprocessed(pixels, sizes):
+  """seg.preprocessing.preprocess_padded as the stem passes compute it from uint8 pixels (and
+  XLA's optimised programs, 2026-12-07): u times float32(1 / 127.5) minus 1 in one fused
+  multiply-add (exact in float64, rounded once), 0 outside each image's valid rows and
+  columns."""
+  x = (pixels.astype(np.float64) * np.float64(np.float32(1 / 127.5)) - 1).astype(np.float32)
+  for image, (height, width) in zip(x, sizes):
+    image[height:] = 0
+    image[:, width:] = 0
+  return x
+
+
+@pytest.mark.parametrize('loop', ['avx2', 'vnni'])
+def test_the_stem_passes_read_uint8_pixels_and_their_sizes(loop, monkeypatch):
+  """uint8 pixels with each image's valid size (rows, columns; a whole image, fewer rows,
+  fewer columns, an empty one): the stem pass (and with block 0's projection) gives the
+  outputs of the NumPy-preprocessed float32 images, bit for bit; and as XLA's
+  `preprocess_padded` in the engine but for its roundings."""
+  assert int8_kernel.available(), int8_kernel.unavailable_reason()
+  _use_loop(loop, monkeypatch)
+  rng = np.random.default_rng(31)
+  pixels = rng.integers(0, 256, (4, 37, 41, 3), np.uint8)
+  sizes = np.array([[37, 41], [30, 41], [37, 25], [0, 0]], np.int32)
+  ws = rng.normal(0, 0.4, (3, 3, 3, 16)).astype(np.float32)
+  bs, bd = rng.normal(0.5, 1, 16).astype(np.float32), rng.normal(0.5, 1, 16).astype(np.float32)
+  wd = rng.normal(0, 0.4, (3, 3, 16)).astype(np.float32)
+  args = [jnp.asarray(a) for a in (ws, bs, wd, bd)]
+  w = jnp.asarray(int8_kernel.pack_weights(rng.integers(-127, 128, (16, 24)).astype(np.int8)))
+  project = (w, jnp.full(24, 1e-3, jnp.float32), jnp.zeros(24, jnp.float32), 'linear_int8',
+             30.0)
+  x = jnp.asarray(_numpy_preprocessed(pixels, sizes))
+  for fused in (None, project):
+    from_pixels = np.asarray(jax.jit(lambda p, s: int8_kernel.stem(
+        p, *args, 20.0, fused, loop=loop, sizes=s))(jnp.asarray(pixels), jnp.asarray(sizes)))
+    np.testing.assert_array_equal(
+        from_pixels, np.asarray(int8_kernel.stem(x, *args, 20.0, fused, loop=loop)))
+    assert len(np.unique(from_pixels)) > 20
+  from seg.preprocessing import preprocess_padded
+  xla = np.asarray(int8_kernel.stem(preprocess_padded(jnp.asarray(pixels), jnp.asarray(sizes)),
+                                    *args, 20.0, loop=loop))
+  got = np.asarray(int8_kernel.stem(jnp.asarray(pixels), *args, 20.0, loop=loop,
+                                    sizes=jnp.asarray(sizes)))
+  assert np.abs(xla.astype(np.int32) - got).max() <= 1 and (xla == got).mean() > 0.99
+
+
 def test_the_stem_kernel_rejects_what_it_cannot_run():
   assert int8_kernel.available(), int8_kernel.unavailable_reason()
   x = jnp.zeros((1, 9, 9, 3), jnp.float32)
@@ -384,8 +429,11 @@ def test_the_stem_kernel_rejects_what_it_cannot_run():
   ws, b = jnp.zeros((3, 3, 3, 16)), jnp.zeros(16)
   with pytest.raises(ValueError, match='depthwise weights'):
     int8_kernel.stem(x, ws, b, jnp.zeros((3, 3, 8)), b, 1.0)
-  with pytest.raises(ValueError, match='float32 images'):
-    int8_kernel.stem(x.astype(jnp.uint8), ws, b, jnp.zeros((3, 3, 16)), b, 1.0)
+  with pytest.raises(ValueError, match='float .preprocessed. or uint8 pixels'):
+    int8_kernel.stem(x.astype(jnp.int32), ws, b, jnp.zeros((3, 3, 16)), b, 1.0)
+  with pytest.raises(ValueError, match=r'sizes are \[n, 2\] for 1 images'):
+    int8_kernel.stem(x.astype(jnp.uint8), ws, b, jnp.zeros((3, 3, 16)), b, 1.0,
+                     sizes=jnp.zeros((2, 2), jnp.int32))
   assert not int8_kernel.stem_supported((1, 9, 9, 4), (3, 3, 3, 16))
 
 
