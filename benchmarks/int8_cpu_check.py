@@ -28,8 +28,10 @@ Steps, each a fresh process, their output kept whole in the JSON file:
 6. the class maps call by call (`engine_ab.py`, batch 8, float32 and int8): the default
    against XLA's upsampling and argmax (`SEG_UPSAMPLE_ARGMAX=xla`), and against the batch
    in one part per device (`--parts-b devices`), both chosen on a Zen 5 (2026-12-07); and
+   XLA's preprocessing (`SEG_PIXELS=xla`, the stem passes reading pixels since 2026-12-07),
    the float engines' passes over memory, chosen there too (`FLOAT_ABS`: two calls for a
-   depthwise layer and its projection, float32 hand-offs, the stem pass apart).
+   depthwise layer and its projection, float32 hand-offs, the stem pass apart); and the
+   float networks at batch 1 with XLA's head pooling (`int8_ab.py`, `SEG_HEAD_POOL=xla`).
 Prints the key figures at the end (a step that fails is recorded and the rest go on).
 7.7 minutes with --rounds 3 on the 2-core AMD EPYC Zen 4 (2026-12-06; the peers 6.3 of them);
 8.1 on a Zen 5 with the two bfloat16 rows (2026-12-06 19:09 UTC; the peers 6.6); 10.2
@@ -202,12 +204,23 @@ def main():
 
   for dtype in ('float32', 'int8'):
     for name, b in (('xla upsampling and argmax', 'SEG_UPSAMPLE_ARGMAX=xla'),
-                    ('one part per device', '--parts-b devices')):
+                    ('one part per device', '--parts-b devices'),
+                    ('xla preprocessing', 'SEG_PIXELS=xla')):
       class_map_ab(dtype, name, b, 30)
   kernels = {'bfloat16': info.get('bf16_loops'), 'float32': info.get('f32_loops')}
   for dtype, name, b in FLOAT_ABS:
     if kernels[dtype]:  # (the float kernel runs here in that dtype)
       class_map_ab(dtype, name, b, 20)
+  # The head's pooling in the kernel: the network at batch 1 (int8_ab.py, any dtype).
+  report['steps']['network_abs'] = {}
+  for dtype in ('bfloat16', 'float32'):
+    if kernels[dtype]:
+      code, seconds, out = run(f'{python} benchmarks/int8_ab.py --dtype {dtype} --batch 1 '
+                               '--iters 100 SEG_HEAD_POOL=xla')
+      ratio = re.search(r'B / A, median of the pairs: ([\d.]+)', out)
+      report['steps']['network_abs'][f'{dtype}, batch 1, B: xla head pooling'] = {
+          'exit': code, 'b_over_a': float(ratio.group(1)) if ratio else None,
+          'output': out[-1500:]}
 
   output = args.output or os.path.join(ROOT, 'benchmarks', 'results',
                                        f'int8-cpu-check-{stem}.json')
@@ -225,6 +238,8 @@ def main():
     print(f'network, {key}: {value["network_ms"]} ms')
   for key, value in report['steps']['class_maps'].items():
     print(f'class maps, {key}: B / A {value["b_over_a"]}')
+  for key, value in report['steps']['network_abs'].items():
+    print(f'network, {key}: B / A {value["b_over_a"]}')
   if 'peers' in report['steps']:
     print(report['steps']['peers']['table'][-2500:])
   print(f'written: {output}')
