@@ -453,9 +453,7 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
   from seg.model.layers import same_padding
   if not available(jnp.float32):
     raise RuntimeError(f'the float32 kernel is unavailable: {unavailable_reason(jnp.float32)}')
-  if not stem_supported(images.shape, ws.shape):
-    raise ValueError(f'images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a multiple '
-                     f'of 8, got {images.shape}, {ws.shape}')
+  images, sizes = int8_kernel.stem_images(images, sizes, ws.shape)
   loop = loop or f32_isa()
   if loop not in f32_loops():
     raise ValueError(f"float32 loop {loop!r} is not one of this CPU's: {f32_loops()}")
@@ -464,7 +462,6 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
   out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), c),
                              _out_dtype(out_dtype, loop == 'avx512' and c % 16 == 0))
   # The int8 engine's stem pass writing float32 or bfloat16 (its scale unused).
-  images, sizes = int8_kernel.stem_images(images, sizes)
   return jax.ffi.ffi_call(int8_kernel.STEM_TARGET, out)(
       images, sizes, ws.astype(jnp.float32), bs.astype(jnp.float32),
       wd.astype(jnp.float32), bd.astype(jnp.float32), jnp.ones((), jnp.float32),
@@ -483,9 +480,7 @@ def stem_project(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
   a multiple of 16). Returns float32 [n, ceil(h / 2), ceil(w / 2), out]."""
   from seg.model.layers import same_padding
   loop, isa_value = _loop_of(w_packed, loop)
-  if not stem_supported(images.shape, ws.shape):
-    raise ValueError(f'images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a multiple '
-                     f'of 8, got {images.shape}, {ws.shape}')
+  images, sizes = int8_kernel.stem_images(images, sizes, ws.shape)
   n, h, w, _ = images.shape
   c = ws.shape[3]
   if w_packed.dtype == jnp.uint16 and c % 16:
@@ -493,7 +488,6 @@ def stem_project(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array,
   _check_packed(w_packed, c, bias.shape[0])
   out = jax.ShapeDtypeStruct((n, -(-h // 2), -(-w // 2), bias.shape[0]), jnp.float32)
   f32 = lambda a: jnp.asarray(a, jnp.float32)
-  images, sizes = int8_kernel.stem_images(images, sizes)
   return jax.ffi.ffi_call(int8_kernel._target('SegFloatStemProject', loop), out)(
       images, sizes, f32(ws), f32(bs), f32(wd), f32(bd), jnp.ones((), jnp.float32), w_packed,
       f32(bias), pad_top=np.int32(same_padding(h, 3, 2, 1)[0]),

@@ -513,11 +513,16 @@ def stem_supported(images_shape, stem_w_shape) -> bool:
           tuple(stem_w_shape[:3]) == (3, 3, 3) and stem_w_shape[3] % DEPTHWISE_CHANNELS == 0)
 
 
-def stem_images(images: jax.Array, sizes: Optional[jax.Array]) -> Tuple[jax.Array, jax.Array]:
-  """(images, sizes) as the stem passes take them: float32 images (preprocessed; other float
-  dtypes converted) or uint8 pixels (the passes preprocess them as
-  `seg.preprocessing.preprocess_padded` does: u / 127.5 - 1, 0 outside each image's valid
-  region); sizes int32 [n, 2] (valid rows, columns) or [0] for whole images."""
+def stem_images(images: jax.Array, sizes: Optional[jax.Array],
+                stem_w_shape) -> Tuple[jax.Array, jax.Array]:
+  """(images, sizes) as the stem passes take them, checked with the stem's weights' shape
+  (`stem_supported`): float32 images (preprocessed; other float dtypes converted) or uint8
+  pixels (the passes preprocess them as `seg.preprocessing.preprocess_padded` does: u / 127.5
+  - 1, 0 outside each image's valid region); sizes int32 [n, 2] (valid rows, columns) or [0]
+  for whole images."""
+  if not stem_supported(images.shape, stem_w_shape):
+    raise ValueError(f'images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a multiple '
+                     f'of {DEPTHWISE_CHANNELS}, got {images.shape}, {stem_w_shape}')
   if images.dtype != jnp.uint8:
     if not jnp.issubdtype(images.dtype, jnp.floating):
       raise ValueError(f'images are float (preprocessed) or uint8 pixels, got {images.dtype}')
@@ -550,10 +555,7 @@ def stem(images: jax.Array, ws: jax.Array, bs: jax.Array, wd: jax.Array, bd: jax
   from seg.model.layers import same_padding
   if not available():
     raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
-  images, sizes = stem_images(images, sizes)
-  if not stem_supported(images.shape, ws.shape):
-    raise ValueError(f'images [n, h, w, 3] and stem weights [3, 3, 3, c] with c a multiple '
-                     f'of {DEPTHWISE_CHANNELS}, got {images.shape}, {ws.shape}')
+  images, sizes = stem_images(images, sizes, ws.shape)
   n, h, w, _ = images.shape
   c = ws.shape[3]
   if wd.shape != (3, 3, c) or bs.shape != (c,) or bd.shape != (c,):
