@@ -160,18 +160,23 @@ def _block(x: jax.Array, block: Dict[str, Any], stride: int, dilation: int, low:
   return _product(y, project, 'linear', low, residual=residual)
 
 
+def _choice(variable: str, choices: Tuple[str, ...]) -> str:
+  """The value of environment variable `variable`, one of `choices` (unset or empty: the
+  first); read when a function is traced, so A/B timings can trace one setting, then
+  another."""
+  choice = os.environ.get(variable, choices[0]) or choices[0]
+  if choice not in choices:
+    raise ValueError(f'{variable} must be one of {", ".join(choices)}, got {choice!r}')
+  return choice
+
+
 HEAD_POOL_CHOICES = ('kernel', 'xla')
 
 
 def head_pool_choice() -> str:
   """SEG_HEAD_POOL: 'kernel' (unset: the float engines' image pooling in the kernel for one
-  image, `_pool_in_kernel`) or 'xla' (XLA's pooling, for A/B timings). Read when a function
-  is traced."""
-  choice = os.environ.get('SEG_HEAD_POOL', 'kernel') or 'kernel'
-  if choice not in HEAD_POOL_CHOICES:
-    raise ValueError(f'SEG_HEAD_POOL must be one of {", ".join(HEAD_POOL_CHOICES)}, '
-                     f'got {choice!r}')
-  return choice
+  image, `_pool_in_kernel`) or 'xla' (XLA's pooling, for A/B timings)."""
+  return _choice('SEG_HEAD_POOL', HEAD_POOL_CHOICES)
 
 
 def _pool_in_kernel(head: Dict[str, Any], x: jax.Array, low: bool) -> bool:
@@ -197,11 +202,8 @@ def pixels_in_kernel() -> bool:
   """Whether the kernels' stem passes read uint8 pixels and preprocess them as they read
   (`forward`'s `sizes`; the same numbers as XLA's `preprocess_padded` fused in a program),
   so that no float32 copy of the image goes through memory. SEG_PIXELS=xla preprocesses in
-  XLA first (A/B timings; read when traced)."""
-  choice = os.environ.get('SEG_PIXELS', 'kernel') or 'kernel'
-  if choice not in PIXEL_CHOICES:
-    raise ValueError(f'SEG_PIXELS must be one of {", ".join(PIXEL_CHOICES)}, got {choice!r}')
-  return choice == 'kernel'
+  XLA first (A/B timings)."""
+  return _choice('SEG_PIXELS', PIXEL_CHOICES) == 'kernel'
 
 
 def preprocessed(images: jax.Array, sizes: Optional[jax.Array]) -> jax.Array:
@@ -228,9 +230,7 @@ def _kernel_stem_pass(folded: Dict[str, Any], images: jax.Array, low: bool,
   the pixels (`pixels_in_kernel`), else XLA preprocesses them for it."""
   from seg.inference import float_kernel
   stem, block0 = folded['stem'], folded['blocks'][0]
-  choice = os.environ.get('SEG_FLOAT_STEM', 'kernel') or 'kernel'
-  if choice not in STEM_CHOICES:
-    raise ValueError(f'SEG_FLOAT_STEM must be one of {", ".join(STEM_CHOICES)}, got {choice!r}')
+  choice = _choice('SEG_FLOAT_STEM', STEM_CHOICES)
   c = stem['w'].shape[-1]
   if (choice == 'xla' or 'expand' in block0 or c == block0['project']['w'].shape[-1] or
       not float_kernel.stem_supported(images.shape, stem['w'].shape)):
