@@ -144,6 +144,23 @@ void RunDepthwise(ffi::ThreadPool& pool, const Depthwise& d, int64_t images) {
   });
 }
 
+// The float32 depthwise layer d of c channels from x's dimensions xd to out's od (weights w
+// [3, 3, c], bias b): its stride, dilation and padding, the AVX-512 loop where `wide` (else
+// the AVX2 one, channels in 8s); an error where out is not x's size over the stride.
+template <typename Dims>
+ffi::Error MakeDepthwise(const Dims& xd, const Dims& od, int64_t c, const float* w,
+                         const float* b, int32_t stride, int32_t dilation, int32_t pad_top,
+                         int32_t pad_left, bool wide, Depthwise& d) {
+  d = Depthwise{nullptr, xd[1], xd[2], c, w, b, 1.f, stride, dilation, pad_top, pad_left,
+                nullptr, od[1], od[2], 1};
+  if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
+    return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
+  d.wide = wide;
+  if (!wide && c % 8 != 0)
+    return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
+  return ffi::Error::Success();
+}
+
 ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                         ffi::Buffer<ffi::F32> b, int32_t stride, int32_t dilation,
                         int32_t pad_top, int32_t pad_left, bool wide,
@@ -157,13 +174,11 @@ ffi::Error F32Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     return ffi::Error::InvalidArgument("weights, bias and output do not match x's channels");
   if (wide && !seg::HasAvx512())
     return ffi::Error::InvalidArgument("the AVX-512 depthwise loop needs AVX-512 F, BW, VL, DQ");
-  if (!wide && c % 8 != 0)
-    return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
-  Depthwise d{nullptr, xd[1], xd[2], c, w.typed_data(), b.typed_data(), 1.f, stride,
-              dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
-  if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
-    return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
-  d.wide = wide;
+  Depthwise d;
+  if (auto error = MakeDepthwise(xd, od, c, w.typed_data(), b.typed_data(), stride, dilation,
+                                 pad_top, pad_left, wide, d);
+      error.failure())
+    return error;
   d.xf = x.typed_data();
   if (auto error = SetOutput(out, d); error.failure()) return error;
   d.ChooseBand();
@@ -287,13 +302,11 @@ ffi::Error FloatExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Problem p{x.typed_data(), 0, k, e, kp, nullptr, padded_bias.data(), kRelu6, isa, nullptr,
             nullptr};
   if (auto error = SetWeights(w, isa, p); error.failure()) return error;
-  Depthwise d{nullptr, xd[1], xd[2], e, wd.typed_data(), bd.typed_data(), 1.f, stride,
-              dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
-  if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
-    return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
-  d.wide = isa != kAvx2F32;  // the bfloat16 loops and kAvx512F32: AVX-512
-  if (!d.wide && e % 8 != 0)
-    return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
+  Depthwise d;  // AVX-512 for the bfloat16 loops and kAvx512F32
+  if (auto error = MakeDepthwise(xd, od, e, wd.typed_data(), bd.typed_data(), stride, dilation,
+                                 pad_top, pad_left, isa != kAvx2F32, d);
+      error.failure())
+    return error;
   Problem project;
   std::vector<float> project_bias;
   if (projects) {
@@ -355,13 +368,11 @@ ffi::Error FloatDepthwiseProject(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return error;
   if (auto error = SetProjection(w, bias, r, c, isa, padded_bias, p); error.failure())
     return error;
-  Depthwise d{nullptr, xd[1], xd[2], c, wd.typed_data(), bd.typed_data(), 1.f, stride,
-              dilation, pad_top, pad_left, nullptr, od[1], od[2], 1};
-  if (d.oh != (d.h + stride - 1) / stride || d.ow != (d.w + stride - 1) / stride)
-    return ffi::Error::InvalidArgument("the output is not the input's size over the stride");
-  d.wide = isa != kAvx2F32;  // the bfloat16 loops and kAvx512F32: AVX-512
-  if (!d.wide && c % 8 != 0)
-    return ffi::Error::InvalidArgument("the AVX2 depthwise loop takes channels in 8s");
+  Depthwise d;  // AVX-512 for the bfloat16 loops and kAvx512F32
+  if (auto error = MakeDepthwise(xd, od, c, wd.typed_data(), bd.typed_data(), stride, dilation,
+                                 pad_top, pad_left, isa != kAvx2F32, d);
+      error.failure())
+    return error;
   d.xf = x.typed_data();
   d.ChooseBand();
   // Output rows per chunk: as many as keep the chunk's depthwise output within kMidBytes,
