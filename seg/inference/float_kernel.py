@@ -107,6 +107,14 @@ def _check_loop(loop: str, dtype) -> Optional[str]:
   return None
 
 
+def check_f32_loop(loop: str) -> Optional[str]:
+  return _check_loop(loop, jnp.float32)
+
+
+def check_bf16_loop(loop: str) -> Optional[str]:
+  return _check_loop(loop, jnp.bfloat16)
+
+
 def available(dtype=jnp.bfloat16, log=None) -> bool:
   """Whether the kernel's `dtype` (float32 or bfloat16) products run here: the library builds
   (`int8_kernel.available`: x86-64 with AVX2 and FMA) and, for bfloat16, the CPU has one of
@@ -124,8 +132,8 @@ def f32_loops() -> tuple:
     # Offered while they compute their first-use checks (`loop_check`), then those right.
     _state['f32_loops'] = ('avx2', 'avx512') if avx512 else ('avx2',)
     _state['f32_loops'] = loop_check.agreeing(
-        _state['f32_loops'], lambda loop: _check_loop(loop, jnp.float32),
-        loop_verdicts(jnp.float32), 'float32')
+        _state['f32_loops'], f'{__name__}:check_f32_loop', loop_verdicts(jnp.float32),
+        'float32', *int8_kernel.library_checked())
   return _state['f32_loops']
 
 
@@ -169,8 +177,9 @@ def loops(flags=None) -> tuple:
     if key not in _state:
       # Offered while they compute their first-use checks (`loop_check`), then those right.
       _state[key] = loops(cpu_features.cpu_flags())
-      _state[key] = loop_check.agreeing(
-          _state[key], lambda loop: _check_loop(loop, jnp.bfloat16), loop_verdicts(), 'bfloat16')
+      _state[key] = loop_check.agreeing(_state[key], f'{__name__}:check_bf16_loop',
+                                        loop_verdicts(), 'bfloat16',
+                                        *int8_kernel.library_checked())
     return _state[key]
   flags = frozenset(flags)
   if not int8_kernel.available():

@@ -94,7 +94,7 @@ EMULATION = '_emulation'
 CXX_FLAGS = ('-O3', '-mavx2', '-mfma', '-ffp-contract=off', '-shared', '-fPIC', '-std=c++17',
              '-w')
 _state = {}
-_emulation = []  # the emulation library, once loaded (`emulate_loops`)
+_emulation = []  # the emulation library's path, once loaded (`emulate_loops`)
 
 
 def kernel_dir() -> str:
@@ -179,11 +179,12 @@ def available(log=None) -> bool:
     try:
       if not cpu_supported():
         raise RuntimeError('the CPU lacks AVX2 and FMA (or is not x86-64)')
-      lib = ctypes.cdll.LoadLibrary(build(log=log))
+      path = build(log=log)
+      lib = ctypes.cdll.LoadLibrary(path)
       for name, target in _TARGETS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, name)),
                                     platform='cpu')
-      _state.update(ok=True, reason=None, lib=lib)
+      _state.update(ok=True, reason=None, lib=lib, path=path)
     except (RuntimeError, OSError) as e:
       _state.update(ok=False, reason=str(e))
   return _state['ok']
@@ -200,11 +201,12 @@ def emulate_loops(on: bool = True) -> None:
   if on and not _emulation:
     if not available():
       raise RuntimeError(f'the int8 kernel is unavailable: {unavailable_reason()}')
-    lib = ctypes.cdll.LoadLibrary(build(defines=('SEG_KERNEL_EMULATION',)))
+    path = build(defines=('SEG_KERNEL_EMULATION',))
+    lib = ctypes.cdll.LoadLibrary(path)
     for name in LOOP_TARGETS:
       jax.ffi.register_ffi_target(_TARGETS[name] + EMULATION,
                                   jax.ffi.pycapsule(getattr(lib, name)), platform='cpu')
-    _emulation.append(lib)  # registered once per process
+    _emulation.append(path)  # registered once per process
   _state['emulate'] = on
   _state.pop('loops', None)
   _state.pop('isa', None)
@@ -262,7 +264,8 @@ def loops(flags=None) -> tuple:
     if 'loops' not in _state:
       # Offered while they compute their first-use checks (`loop_check`), then those right.
       _state['loops'] = loops(cpu_features.cpu_flags())
-      _state['loops'] = loop_check.agreeing(_state['loops'], _check_loop, loop_verdicts(), 'int8')
+      _state['loops'] = loop_check.agreeing(_state['loops'], f'{__name__}:check_loop',
+                                            loop_verdicts(), 'int8', *library_checked())
     return _state['loops']
   flags = frozenset(flags)
   emulated = loops_emulated()
@@ -284,7 +287,15 @@ def loop_verdicts() -> dict:
   return _state.setdefault(('verdicts', loops_emulated()), {})
 
 
-def _check_loop(loop: str) -> Optional[str]:
+def library_checked() -> Tuple[str, dict]:
+  """(the library whose loops run: the emulation library where `loops_emulated()`, the
+  environment a separate process needs to run the same loops): `loop_check.agreeing`'s."""
+  emulated = loops_emulated()
+  return (_emulation[0] if emulated else _state['path'],
+          {'SEG_INT8_LOOP_EMULATION': '1' if emulated else '0'})
+
+
+def check_loop(loop: str) -> Optional[str]:
   """`loop_check`'s product in `loop` (weights packed for it) from unsigned inputs (float32
   out, and the expansions' uint8 out: inv_out 32, so min(32 relu6(sum), 127)) and from
   signed ones (as the engine hands them to this loop: x + 128 for the VNNI loops; float32

@@ -7,8 +7,14 @@ machines are: the AMX-BF16 loop, for one, has been tested only through its stand
 integer-valued data, whose sums are exact in any order and in each loop's precision, and the
 result must equal NumPy's bit for bit. A loop that disagrees is left out, with a
 RuntimeWarning saying which and how (the engine then takes the next loop down, or XLA), and
-forcing it (SEG_*_KERNEL_ISA) is refused with the same reason. Once per loop and process; a
-loop that crashes cannot be caught this way, only wrong numbers.
+forcing it (SEG_*_KERNEL_ISA) is refused with the same reason. Once per loop and process.
+
+A loop that crashes (an instruction the CPU or Linux refuses, a tile fault) or never ends
+would take the asking process with it, so each real loop first runs the same check in a
+separate process (`python -m seg.inference.loop_check`), once per kernel library and CPU:
+a loop whose process dies in it (or whose check does not end within TIMEOUT_S) is left out
+the same way, its process's end as the reason. How each loop's process ended is kept beside
+the library (`record_path`), so later processes skip this step (timeouts are not kept).
 
 The product: ROWS x INPUTS x OUTPUTS, sizes that reach every tiling case (a whole 32-row
 block of AMX tiles and a part of one, inputs padded to the loops' multiples, a partly used
@@ -16,12 +22,23 @@ panel of 16 outputs); the bfloat16 loops also take 64 bfloat16 inputs, which the
 place.
 """
 
+import hashlib
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 ROWS, INPUTS, OUTPUTS = 40, 72, 40
+CHILD = '_SEG_LOOP_CHECK_CHILD'  # set in the separate process: it runs the loops it is told
+TIMEOUT_S = 300.0  # for the separate process (a check takes a fraction of a second)
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def integer_problem(x_low: int, x_high: int, seed: int = 0, inputs: int = INPUTS
@@ -59,16 +76,30 @@ def mismatch(expected: np.ndarray, got: np.ndarray) -> Optional[str]:
           f'{got[first]!r} instead of {expected[first]!r})')
 
 
-def agreeing(candidates: Sequence[str], check: Callable[[str], Optional[str]],
-             verdicts: Dict[str, Optional[str]], what: str) -> tuple:
+def agreeing(candidates: Sequence[str], check: str, verdicts: Dict[str, Optional[str]],
+             what: str, library: Optional[str] = None,
+             env: Mapping[str, str] = None) -> tuple:
   """The candidates whose `check(loop)` (None: right; else what was wrong) passes, in order;
   each loop checked once (`verdicts` keeps the answers: loop -> None or the reason). Warns
-  for each loop left out."""
+  for each loop left out. `check`: 'module:function', looked up when called.
+
+  `library` (the kernel library's path; None: skip this step): each loop first runs `check`
+  in a separate process (`survived`; `env` added to its environment); one that does not
+  survive it is left out without running here."""
+  if os.environ.get(CHILD) == '1':  # the separate process: its loops run as it is told
+    return tuple(candidates)
+  if library is not None:
+    for loop, ended in survived(candidates, check, what, library, env or {}).items():
+      if ended and loop not in verdicts:
+        verdicts[loop] = ended
+        warnings.warn(f'the {what} loop {loop!r} did not survive its first-use check, run in '
+                      f'a separate process on this CPU, and is not used: {ended}. Please '
+                      f'report it with `lscpu` output.', RuntimeWarning, stacklevel=3)
   passed = []
   for loop in candidates:
     if loop not in verdicts:
       try:
-        verdicts[loop] = check(loop)
+        verdicts[loop] = _function(check)(loop)
       except Exception as e:  # an error in the loop's first call is a failed check too
         verdicts[loop] = f'{type(e).__name__}: {e}'
       if verdicts[loop] is not None:
@@ -80,7 +111,125 @@ def agreeing(candidates: Sequence[str], check: Callable[[str], Optional[str]],
   return tuple(passed)
 
 
+def _function(name: str) -> Callable:
+  module, _, attribute = name.partition(':')
+  return getattr(importlib.import_module(module), attribute)
+
+
+def record_path(library: str) -> str:
+  """Where how each loop's separate process ended is kept: beside `library`, per CPU (its
+  model and flags in /proc/cpuinfo)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = f.read().split('\n\n')[0]
+  except OSError:
+    cpu = ''
+  keep = ('vendor_id', 'cpu family', 'model', 'model name', 'stepping', 'flags')
+  cpu = '\n'.join(line for line in cpu.splitlines() if line.split(':')[0].strip() in keep)
+  return f'{library}.loops-{hashlib.sha256(cpu.encode()).hexdigest()[:12]}.json'
+
+
+def survived(loops: Sequence[str], check: str, what: str, library: str,
+             env: Mapping[str, str]) -> Dict[str, Optional[str]]:
+  """loop -> None where `check(loop)` ran to its end in a separate process, else how that
+  process ended in it (killed by a signal, exited, or not done within TIMEOUT_S); loops whose
+  process failed before reaching them (then a RuntimeWarning) are absent. Read from
+  `record_path(library)` (`what`'s entry) where a process ran them before; what is learnt
+  is added there, timeouts apart."""
+  path = record_path(library)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    record = {}
+  known = dict(record.get(what, {}))
+  pending = [loop for loop in loops if loop not in known]
+  lasting = {}
+  while pending:
+    ran, stopped_in, ended, timed_out = _run_separately(check, pending, env)
+    lasting.update((loop, None) for loop in ran)
+    known.update((loop, None) for loop in ran)
+    if stopped_in is None:
+      if ended:
+        warnings.warn(f'the {what} loops {", ".join(pending[len(ran):])} could not be run '
+                      f'in a separate process before this one ({ended}); they are checked '
+                      f'in this process only', RuntimeWarning, stacklevel=3)
+      break
+    known[stopped_in] = ended
+    if not timed_out:
+      lasting[stopped_in] = ended
+    pending = pending[pending.index(stopped_in) + 1:]
+  if lasting:
+    record[what] = {**record.get(what, {}), **lasting}
+    try:  # atomically: processes beside this one read it
+      fd, tmp = tempfile.mkstemp(suffix='.json', dir=os.path.dirname(path))
+      with os.fdopen(fd, 'w') as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+      os.replace(tmp, path)
+    except OSError:
+      pass  # not kept: the next process runs them again
+  return {loop: known[loop] for loop in loops if loop in known}
+
+
+def _run_separately(check: str, loops: Sequence[str], env: Mapping[str, str]
+                    ) -> Tuple[list, Optional[str], Optional[str], bool]:
+  """Runs `check` on `loops` in order in a fresh Python process: (the loops whose check ended
+  there, the loop it stopped in or None, how it ended where it did not end well, whether it
+  ran out of time)."""
+  path = os.environ.get('PYTHONPATH')
+  child_env = {**os.environ, **env, CHILD: '1', 'JAX_PLATFORMS': 'cpu',
+               'PYTHONPATH': _ROOT + (os.pathsep + path if path else '')}
+  command = [sys.executable, '-m', 'seg.inference.loop_check', check, *loops]
+  timed_out = False
+  try:
+    done = subprocess.run(command, env=child_env, capture_output=True, timeout=TIMEOUT_S)
+    out, err, status = done.stdout, done.stderr, done.returncode
+  except subprocess.TimeoutExpired as e:
+    out, err, status, timed_out = e.stdout or b'', e.stderr or b'', None, True
+  except OSError as e:
+    return [], None, f'{type(e).__name__}: {e}', False
+  lines = [line.split() for line in out.decode(errors='replace').splitlines()]
+  started = [words[1] for words in lines if len(words) == 2 and words[0] == 'start']
+  ran = [words[1] for words in lines if len(words) == 2 and words[0] == 'done']
+  if timed_out:
+    ended = f'its check did not end within {TIMEOUT_S:g} s'
+  elif status < 0:
+    try:
+      ended = f'its process was killed by {signal.Signals(-status).name}'
+    except ValueError:
+      ended = f'its process was killed by signal {-status}'
+  elif status:
+    ended = f'its process exited with status {status}'
+  else:
+    return ran, None, None, False
+  if len(started) == len(ran):  # before any loop, or between two: not the loops' doing
+    tail = err.decode(errors='replace').strip().splitlines()[-3:]
+    return ran, None, ended.replace('its ', 'the ', 1) + (f': {" / ".join(tail)}' if tail
+                                                           else ''), timed_out
+  return ran, started[-1], ended, timed_out
+
+
 def refused(verdicts: Dict[str, Optional[str]], loop: str) -> str:
   """' (loop failed its first-use check: ...)' where it did, else ''."""
   reason = verdicts.get(loop)
   return f' ({loop} failed its first-use check: {reason})' if reason else ''
+
+
+def _main(argv: Sequence[str]) -> None:
+  """The separate process: `python -m seg.inference.loop_check MODULE:FUNCTION LOOP...` runs
+  the check on each loop in order, saying when each starts and ends (its numbers are judged
+  in the asking process)."""
+  import resource
+  resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a loop that crashes leaves no core file
+  check = _function(argv[0])
+  for loop in argv[1:]:
+    print('start', loop, flush=True)
+    try:
+      check(loop)
+    except Exception:  # wrong numbers and errors are the asking process's to judge
+      pass
+    print('done', loop, flush=True)
+
+
+if __name__ == '__main__':
+  _main(sys.argv[1:])

@@ -1,8 +1,13 @@
 """The kernels' first-use loop checks (seg/inference/loop_check.py): every loop of this CPU
 (and every stand-in) computes the check product right, a loop computing it wrong is caught,
-left out with a warning and refused when forced, and the engine then takes the next loop."""
+left out with a warning and refused when forced, and the engine then takes the next loop; a
+loop whose separate process crashes or hangs is left out without running in the asking one."""
 
 import functools
+import json
+import os
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -12,7 +17,7 @@ import pytest
 
 from seg.inference import cpu_features, engine, float_kernel, int8_kernel, loop_check
 
-pytestmark = pytest.mark.skipif(
+needs_kernels = pytest.mark.skipif(
     not int8_kernel.cpu_supported(), reason='the kernels need an x86-64 CPU with AVX2 and FMA')
 
 
@@ -49,6 +54,7 @@ def test_the_check_problem_is_exact_and_mismatches_are_described():
   assert 'shape' in loop_check.mismatch(expected, wrong[:, :8])
 
 
+@needs_kernels
 @pytest.mark.parametrize('emulate', [False, True])
 def test_every_loop_here_computes_the_check_right(emulate, monkeypatch):
   """Each loop the CPU offers (and with `emulate`, the AMX and AVX-VNNI stand-ins) passes:
@@ -71,6 +77,7 @@ def test_every_loop_here_computes_the_check_right(emulate, monkeypatch):
     assert 'amx' in int8_kernel.loops() and 'amx' in float_kernel.loops()
 
 
+@needs_kernels
 def test_the_checks_run_where_the_engine_first_asks_inside_a_trace(monkeypatch):
   """The engine first asks for its loops while tracing its network: the checks' own products
   then run apart from that trace, and every loop still passes."""
@@ -102,13 +109,14 @@ def _swap_two_inputs(pack):
   return packed
 
 
+@needs_kernels
 @pytest.mark.parametrize('kind', ['int8', 'bfloat16', 'float32'])
 def test_the_check_catches_a_loop_computing_wrong(kind, monkeypatch):
   """The check runs the real loop and compares: weights out of place (as a loop reading
   them wrong would use them) give a described mismatch, for every loop."""
   _fresh_state(monkeypatch)
   if kind == 'int8':
-    module, loops, check = int8_kernel, int8_kernel.loops(), int8_kernel._check_loop
+    module, loops, check = int8_kernel, int8_kernel.loops(), int8_kernel.check_loop
   else:
     dtype = jnp.float32 if kind == 'float32' else jnp.bfloat16
     module, check = float_kernel, functools.partial(float_kernel._check_loop, dtype=dtype)
@@ -122,6 +130,7 @@ def test_the_check_catches_a_loop_computing_wrong(kind, monkeypatch):
     assert 'outputs wrong (first at' in check(loop), loop
 
 
+@needs_kernels
 def test_a_loop_computing_wrong_is_left_out_and_refused(monkeypatch):
   """A failing loop is not offered (a RuntimeWarning names it), the engine's choice takes the
   next one down, and forcing it says why it is refused; where no bfloat16 loop is left the
@@ -152,8 +161,8 @@ def test_a_loop_computing_wrong_is_left_out_and_refused(monkeypatch):
 
   # int8: the fastest loop wrong, the next one chosen; forcing it refused.
   fastest = int8_kernel.loops(cpu_features.cpu_flags())[-1]
-  real_int8 = int8_kernel._check_loop
-  monkeypatch.setattr(int8_kernel, '_check_loop', lambda loop: (
+  real_int8 = int8_kernel.check_loop
+  monkeypatch.setattr(int8_kernel, 'check_loop', lambda loop: (
       'made wrong by the test' if loop == fastest else real_int8(loop)))
   with pytest.warns(RuntimeWarning, match=f"int8 loop '{fastest}'"):
     assert int8_kernel.isa() == int8_kernel.loops(cpu_features.cpu_flags())[-2]
@@ -161,3 +170,120 @@ def test_a_loop_computing_wrong_is_left_out_and_refused(monkeypatch):
   monkeypatch.setenv('SEG_INT8_KERNEL_ISA', fastest)
   with pytest.raises(RuntimeError, match=f'{fastest} failed its first-use check'):
     int8_kernel.isa()
+
+
+# A stand-in check module for the separate process: each "loop" behaves as its name says.
+_CHECKS = '''
+import os, signal, time
+
+def check(loop):
+  if loop.startswith('segv'):
+    os.kill(os.getpid(), signal.SIGSEGV)  # what a loop reading outside its memory gets
+  if loop == 'sigill':
+    os.kill(os.getpid(), signal.SIGILL)  # an instruction the CPU or Linux refuses
+  if loop == 'exits':
+    os._exit(3)
+  if loop == 'hangs':
+    time.sleep(600)
+  return 'made wrong by the test' if loop == 'wrong' else None
+'''
+
+
+@pytest.fixture
+def stand_in_checks(tmp_path, monkeypatch):
+  """'checks_for_test:check' importable here and in the separate process; returns the record
+  path of a library at tmp_path/lib.so."""
+  (tmp_path / 'checks_for_test.py').write_text(_CHECKS)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+  return str(tmp_path / 'lib.so')
+
+
+def test_loops_that_crash_their_separate_process_are_left_out_and_remembered(
+    stand_in_checks, monkeypatch):
+  """A loop whose process dies (a signal, an exit) is left out with a warning saying how,
+  without running in this process (it would take it down); the loops after it are still
+  checked apart and here; the record keeps how each ended, and a later process reads it
+  instead of running them again."""
+  library = stand_in_checks
+  loops = ['fine', 'segv', 'wrong', 'sigill', 'exits', 'after']
+  verdicts = {}
+  with pytest.warns(RuntimeWarning) as caught:
+    passed = loop_check.agreeing(loops, 'checks_for_test:check', verdicts, 'test', library, {})
+  assert passed == ('fine', 'after')
+  assert verdicts == {
+      'fine': None, 'segv': 'its process was killed by SIGSEGV',
+      'wrong': 'made wrong by the test', 'sigill': 'its process was killed by SIGILL',
+      'exits': 'its process exited with status 3', 'after': None}
+  said = ' | '.join(str(w.message) for w in caught)
+  assert ("the test loop 'segv' did not survive its first-use check, run in a separate "
+          "process on this CPU, and is not used: its process was killed by SIGSEGV") in said
+  assert "'wrong' computed its first-use check product wrong" in said and 'SIGILL' in said
+  with open(loop_check.record_path(library)) as f:
+    assert json.load(f) == {'test': {
+        'fine': None, 'segv': 'its process was killed by SIGSEGV', 'wrong': None,
+        'sigill': 'its process was killed by SIGILL',
+        'exits': 'its process exited with status 3', 'after': None}}
+
+  # Later: from the record, no process started (none could be); a new loop is run apart.
+  monkeypatch.setattr(sys, 'executable', '/nonexistent/python')
+  verdicts = {}
+  with pytest.warns(RuntimeWarning) as caught:
+    assert loop_check.agreeing(loops, 'checks_for_test:check', verdicts, 'test', library,
+                               {}) == ('fine', 'after')
+  assert [str(w.message).split("'")[1] for w in caught] == ['segv', 'sigill', 'exits', 'wrong']
+  assert verdicts['exits'] == 'its process exited with status 3'
+  with pytest.warns(RuntimeWarning, match='could not be run in a separate process before '
+                                          'this one'):
+    assert loop_check.survived(['fine', 'new'], 'checks_for_test:check', 'test', library,
+                               {}) == {'fine': None}
+  # Another CPU (or library) has its own record.
+  assert loop_check.record_path(library + '2') != loop_check.record_path(library)
+
+
+def test_a_loop_that_hangs_is_left_out_but_not_remembered(stand_in_checks, monkeypatch):
+  """A check that does not end within the time allowed marks its loop left out in this
+  process only (a loaded machine can be slow); the loops before it are remembered."""
+  monkeypatch.setattr(loop_check, 'TIMEOUT_S', 5.0)
+  with pytest.warns(RuntimeWarning, match="'hangs' did not survive .* did not end within 5 s"):
+    assert loop_check.agreeing(['fine', 'hangs', 'after'], 'checks_for_test:check', {},
+                               'test', stand_in_checks, {}) == ('fine', 'after')
+  with open(loop_check.record_path(stand_in_checks)) as f:
+    assert json.load(f) == {'test': {'fine': None, 'after': None}}
+
+
+def test_where_the_separate_process_fails_the_loops_are_checked_here(stand_in_checks):
+  """A separate process that fails before any loop (here its check cannot be imported)
+  says so, and the loops are then checked in this process alone; nothing is recorded."""
+  def check(loop):
+    return None if loop == 'fine' else 'made wrong by the test'
+  sys.modules['checks_in_this_process'] = type(sys)('checks_in_this_process')
+  sys.modules['checks_in_this_process'].check = check
+  try:
+    with pytest.warns(RuntimeWarning) as caught:
+      assert loop_check.agreeing(['fine', 'wrong'], 'checks_in_this_process:check', {},
+                                 'test', stand_in_checks, {}) == ('fine',)
+  finally:
+    del sys.modules['checks_in_this_process']
+  said = ' | '.join(str(w.message) for w in caught)
+  assert 'the test loops fine, wrong could not be run in a separate process' in said
+  assert 'the process exited with status 1' in said and 'ModuleNotFoundError' in said
+  assert not os.path.exists(loop_check.record_path(stand_in_checks))
+
+
+@needs_kernels
+def test_every_real_loop_here_survives_its_separate_process(monkeypatch):
+  """This CPU's loops ran apart once per library and CPU: the record beside the library has
+  each loop offered, all survived; in the separate process itself nothing is checked."""
+  _fresh_state(monkeypatch)
+  offered = {'int8': int8_kernel.loops(), 'bfloat16': float_kernel.loops(),
+             'float32': float_kernel.f32_loops()}
+  library, env = int8_kernel.library_checked()
+  assert env == {'SEG_INT8_LOOP_EMULATION': '0'}
+  with open(loop_check.record_path(library)) as f:
+    record = json.load(f)
+  for what, loops in offered.items():
+    assert {loop: record[what][loop] for loop in loops} == {loop: None for loop in loops}
+  monkeypatch.setenv(loop_check.CHILD, '1')
+  assert loop_check.agreeing(['a', 'b'], 'no_such_module:check', {}, 'test', library) == (
+      'a', 'b')
