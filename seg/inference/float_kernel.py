@@ -133,7 +133,7 @@ def f32_loops() -> tuple:
     _state['f32_loops'] = ('avx2', 'avx512') if avx512 else ('avx2',)
     _state['f32_loops'] = loop_check.agreeing(
         _state['f32_loops'], f'{__name__}:check_f32_loop', loop_verdicts(jnp.float32),
-        'float32', *int8_kernel.library_checked())
+        'float32', int8_kernel.apart())
   return _state['f32_loops']
 
 
@@ -179,7 +179,7 @@ def loops(flags=None) -> tuple:
       _state[key] = loops(cpu_features.cpu_flags())
       _state[key] = loop_check.agreeing(_state[key], f'{__name__}:check_bf16_loop',
                                         loop_verdicts(), 'bfloat16',
-                                        *int8_kernel.library_checked())
+                                        int8_kernel.apart())
     return _state[key]
   flags = frozenset(flags)
   if not int8_kernel.available():

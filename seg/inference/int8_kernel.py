@@ -265,7 +265,7 @@ def loops(flags=None) -> tuple:
       # Offered while they compute their first-use checks (`loop_check`), then those right.
       _state['loops'] = loops(cpu_features.cpu_flags())
       _state['loops'] = loop_check.agreeing(_state['loops'], f'{__name__}:check_loop',
-                                            loop_verdicts(), 'int8', *library_checked())
+                                            loop_verdicts(), 'int8', apart())
     return _state['loops']
   flags = frozenset(flags)
   emulated = loops_emulated()
@@ -287,12 +287,13 @@ def loop_verdicts() -> dict:
   return _state.setdefault(('verdicts', loops_emulated()), {})
 
 
-def library_checked() -> Tuple[str, dict]:
-  """(the library whose loops run: the emulation library where `loops_emulated()`, the
-  environment a separate process needs to run the same loops): `loop_check.agreeing`'s."""
+def apart() -> loop_check.Apart:
+  """Where the loops run apart first (`loop_check.agreeing`): the library whose loops run
+  (the emulation library where `loops_emulated()`) and the same choice for the separate
+  process."""
   emulated = loops_emulated()
-  return (_emulation[0] if emulated else _state['path'],
-          {'SEG_INT8_LOOP_EMULATION': '1' if emulated else '0'})
+  return loop_check.Apart(_emulation[0] if emulated else _state['path'],
+                          {'SEG_INT8_LOOP_EMULATION': '1' if emulated else '0'})
 
 
 def check_loop(loop: str) -> Optional[str]:

@@ -10,11 +10,13 @@ RuntimeWarning saying which and how (the engine then takes the next loop down, o
 forcing it (SEG_*_KERNEL_ISA) is refused with the same reason. Once per loop and process.
 
 A loop that crashes (an instruction the CPU or Linux refuses, a tile fault) or never ends
-would take the asking process with it, so each real loop first runs the same check in a
-separate process (`python -m seg.inference.loop_check`), once per kernel library and CPU:
-a loop whose process dies in it (or whose check does not end within TIMEOUT_S) is left out
-the same way, its process's end as the reason. How each loop's process ended is kept beside
-the library (`record_path`), so later processes skip this step (timeouts are not kept).
+would take the asking process with it, so each loop first runs in a separate process
+(`python -m seg.inference.loop_check`), once per kernel library and CPU: the same check,
+then (`exercise`) the paper's network with random weights, two 257 x 257 images, in the
+loop's dtype with the loop forced in every kernel that takes one. A loop whose process dies
+in it (or does not end within TIMEOUT_S) is left out the same way, its process's end as
+the reason. How each loop's process ended is kept beside the library (`record_path`), so
+later processes skip this step (timeouts are not kept).
 
 The product: ROWS x INPUTS x OUTPUTS, sizes that reach every tiling case (a whole 32-row
 block of AMX tiles and a part of one, inputs padded to the loops' multiples, a partly used
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,6 +41,18 @@ ROWS, INPUTS, OUTPUTS = 40, 72, 40
 CHILD = '_SEG_LOOP_CHECK_CHILD'  # set in the separate process: it runs the loops it is told
 TIMEOUT_S = 300.0  # for the separate process (a check takes a fraction of a second)
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The variables that force each dtype's loop and its kernel formulation (`exercise`).
+FORCING = {'int8': ('SEG_INT8_KERNEL_ISA', 'SEG_INT8_FORMULATION'),
+           'bfloat16': ('SEG_BF16_KERNEL_ISA', 'SEG_BF16_FORMULATION'),
+           'float32': ('SEG_F32_KERNEL_ISA', 'SEG_F32_FORMULATION')}
+NETWORK_SIZE, NETWORK_BATCH = 257, 2
+
+
+class Apart(NamedTuple):
+  """Where the loops run apart first: the kernel library they are in (their record is kept
+  beside it) and what the separate process needs in its environment to run the same ones."""
+  library: str
+  env: Mapping[str, str]
 
 
 def integer_problem(x_low: int, x_high: int, seed: int = 0, inputs: int = INPUTS
@@ -77,19 +91,18 @@ def mismatch(expected: np.ndarray, got: np.ndarray) -> Optional[str]:
 
 
 def agreeing(candidates: Sequence[str], check: str, verdicts: Dict[str, Optional[str]],
-             what: str, library: Optional[str] = None,
-             env: Mapping[str, str] = None) -> tuple:
+             what: str, apart: Optional[Apart] = None) -> tuple:
   """The candidates whose `check(loop)` (None: right; else what was wrong) passes, in order;
   each loop checked once (`verdicts` keeps the answers: loop -> None or the reason). Warns
-  for each loop left out. `check`: 'module:function', looked up when called.
+  for each loop left out. `check`: 'module:function', looked up when called; `what`: the
+  loops' dtype ('int8', 'bfloat16', 'float32'), or another name (no network is run).
 
-  `library` (the kernel library's path; None: skip this step): each loop first runs `check`
-  in a separate process (`survived`; `env` added to its environment); one that does not
-  survive it is left out without running here."""
+  `apart` (None: skip this step): each loop first runs in a separate process (`survived`);
+  one that does not survive it is left out without running here."""
   if os.environ.get(CHILD) == '1':  # the separate process: its loops run as it is told
     return tuple(candidates)
-  if library is not None:
-    for loop, ended in survived(candidates, check, what, library, env or {}).items():
+  if apart is not None:
+    for loop, ended in survived(candidates, check, what, apart).items():
       if ended and loop not in verdicts:
         verdicts[loop] = ended
         warnings.warn(f'the {what} loop {loop!r} did not survive its first-use check, run in '
@@ -129,14 +142,14 @@ def record_path(library: str) -> str:
   return f'{library}.loops-{hashlib.sha256(cpu.encode()).hexdigest()[:12]}.json'
 
 
-def survived(loops: Sequence[str], check: str, what: str, library: str,
-             env: Mapping[str, str]) -> Dict[str, Optional[str]]:
-  """loop -> None where `check(loop)` ran to its end in a separate process, else how that
-  process ended in it (killed by a signal, exited, or not done within TIMEOUT_S); loops whose
-  process failed before reaching them (then a RuntimeWarning) are absent. Read from
-  `record_path(library)` (`what`'s entry) where a process ran them before; what is learnt
-  is added there, timeouts apart."""
-  path = record_path(library)
+def survived(loops: Sequence[str], check: str, what: str,
+             apart: Apart) -> Dict[str, Optional[str]]:
+  """loop -> None where `exercise(what, check, loop)` ran to its end in a separate process
+  (`apart.env` added to its environment), else how that process ended in it (killed by a
+  signal, exited, or not done within TIMEOUT_S); loops whose process failed before reaching
+  them (then a RuntimeWarning) are absent. Read from `record_path(apart.library)` (`what`'s
+  entry) where a process ran them before; what is learnt is added there, timeouts apart."""
+  path = record_path(apart.library)
   try:
     with open(path) as f:
       record = json.load(f)
@@ -146,7 +159,7 @@ def survived(loops: Sequence[str], check: str, what: str, library: str,
   pending = [loop for loop in loops if loop not in known]
   lasting = {}
   while pending:
-    ran, stopped_in, ended, timed_out = _run_separately(check, pending, env)
+    ran, stopped_in, ended, timed_out = _run_separately(what, check, pending, apart.env)
     lasting.update((loop, None) for loop in ran)
     known.update((loop, None) for loop in ran)
     if stopped_in is None:
@@ -171,15 +184,15 @@ def survived(loops: Sequence[str], check: str, what: str, library: str,
   return {loop: known[loop] for loop in loops if loop in known}
 
 
-def _run_separately(check: str, loops: Sequence[str], env: Mapping[str, str]
+def _run_separately(what: str, check: str, loops: Sequence[str], env: Mapping[str, str]
                     ) -> Tuple[list, Optional[str], Optional[str], bool]:
-  """Runs `check` on `loops` in order in a fresh Python process: (the loops whose check ended
+  """Runs `exercise` on `loops` in order in a fresh Python process: (the loops it ended for
   there, the loop it stopped in or None, how it ended where it did not end well, whether it
   ran out of time)."""
   path = os.environ.get('PYTHONPATH')
   child_env = {**os.environ, **env, CHILD: '1', 'JAX_PLATFORMS': 'cpu',
                'PYTHONPATH': _ROOT + (os.pathsep + path if path else '')}
-  command = [sys.executable, '-m', 'seg.inference.loop_check', check, *loops]
+  command = [sys.executable, '-m', 'seg.inference.loop_check', what, check, *loops]
   timed_out = False
   try:
     done = subprocess.run(command, env=child_env, capture_output=True, timeout=TIMEOUT_S)
@@ -202,10 +215,12 @@ def _run_separately(check: str, loops: Sequence[str], env: Mapping[str, str]
     ended = f'its process exited with status {status}'
   else:
     return ran, None, None, False
+  said = err.decode(errors='replace').strip().splitlines()
   if len(started) == len(ran):  # before any loop, or between two: not the loops' doing
-    tail = err.decode(errors='replace').strip().splitlines()[-3:]
-    return ran, None, ended.replace('its ', 'the ', 1) + (f': {" / ".join(tail)}' if tail
-                                                           else ''), timed_out
+    return ran, None, ended.replace('its ', 'the ', 1) + (
+        f': {" / ".join(said[-3:])}' if said else ''), timed_out
+  if status and status > 0 and said:  # an error: its last line
+    ended += f' ({said[-1]})'
   return ran, started[-1], ended, timed_out
 
 
@@ -215,19 +230,37 @@ def refused(verdicts: Dict[str, Optional[str]], loop: str) -> str:
   return f' ({loop} failed its first-use check: {reason})' if reason else ''
 
 
+def exercise(what: str, check: str, loop: str) -> None:
+  """What the separate process runs for `loop`: `check(loop)`, then, where `what` is a dtype
+  (`FORCING`), the paper's network (random weights) on NETWORK_BATCH random images of
+  NETWORK_SIZE squared in that dtype, with `loop` forced in the kernel. The check's errors
+  are ignored (the asking process judges its numbers); the network's end the process."""
+  try:
+    _function(check)(loop)
+  except Exception:
+    pass
+  if what not in FORCING:
+    return
+  from seg.config import default_config
+  from seg.inference import benchmark, int8_kernel
+  isa, formulation = FORCING[what]
+  os.environ.update({isa: loop, formulation: 'kernel'})
+  int8_kernel._state.pop('isa', None)  # the int8 loop is chosen once per process
+  compile_network, engine, images = benchmark.random_network(
+      default_config(), NETWORK_BATCH, NETWORK_SIZE, what)
+  np.asarray(compile_network()(engine.folded, images))
+
+
 def _main(argv: Sequence[str]) -> None:
-  """The separate process: `python -m seg.inference.loop_check MODULE:FUNCTION LOOP...` runs
-  the check on each loop in order, saying when each starts and ends (its numbers are judged
-  in the asking process)."""
+  """The separate process: `python -m seg.inference.loop_check WHAT MODULE:FUNCTION LOOP...`
+  runs `exercise` for each loop in order, saying when each starts and ends."""
   import resource
   resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a loop that crashes leaves no core file
-  check = _function(argv[0])
-  for loop in argv[1:]:
+  what, check = argv[:2]
+  _function(check)  # importable, before any loop
+  for loop in argv[2:]:
     print('start', loop, flush=True)
-    try:
-      check(loop)
-    except Exception:  # wrong numbers and errors are the asking process's to judge
-      pass
+    exercise(what, check, loop)
     print('done', loop, flush=True)
 
 

@@ -191,12 +191,12 @@ def check(loop):
 
 @pytest.fixture
 def stand_in_checks(tmp_path, monkeypatch):
-  """'checks_for_test:check' importable here and in the separate process; returns the record
-  path of a library at tmp_path/lib.so."""
+  """'checks_for_test:check' importable here and in the separate process; returns where to
+  run them apart: a library at tmp_path/lib.so (it need not exist)."""
   (tmp_path / 'checks_for_test.py').write_text(_CHECKS)
   monkeypatch.syspath_prepend(str(tmp_path))
   monkeypatch.setenv('PYTHONPATH', str(tmp_path))
-  return str(tmp_path / 'lib.so')
+  return loop_check.Apart(str(tmp_path / 'lib.so'), {})
 
 
 def test_loops_that_crash_their_separate_process_are_left_out_and_remembered(
@@ -205,11 +205,11 @@ def test_loops_that_crash_their_separate_process_are_left_out_and_remembered(
   without running in this process (it would take it down); the loops after it are still
   checked apart and here; the record keeps how each ended, and a later process reads it
   instead of running them again."""
-  library = stand_in_checks
+  apart = stand_in_checks
   loops = ['fine', 'segv', 'wrong', 'sigill', 'exits', 'after']
   verdicts = {}
   with pytest.warns(RuntimeWarning) as caught:
-    passed = loop_check.agreeing(loops, 'checks_for_test:check', verdicts, 'test', library, {})
+    passed = loop_check.agreeing(loops, 'checks_for_test:check', verdicts, 'test', apart)
   assert passed == ('fine', 'after')
   assert verdicts == {
       'fine': None, 'segv': 'its process was killed by SIGSEGV',
@@ -219,26 +219,27 @@ def test_loops_that_crash_their_separate_process_are_left_out_and_remembered(
   assert ("the test loop 'segv' did not survive its first-use check, run in a separate "
           "process on this CPU, and is not used: its process was killed by SIGSEGV") in said
   assert "'wrong' computed its first-use check product wrong" in said and 'SIGILL' in said
-  with open(loop_check.record_path(library)) as f:
+  with open(loop_check.record_path(apart.library)) as f:
     assert json.load(f) == {'test': {
         'fine': None, 'segv': 'its process was killed by SIGSEGV', 'wrong': None,
         'sigill': 'its process was killed by SIGILL',
         'exits': 'its process exited with status 3', 'after': None}}
 
-  # Later: from the record, no process started (none could be); a new loop is run apart.
+  # Later: from the record, no process started (none could be); a new loop, needing one,
+  # is checked here only.
   monkeypatch.setattr(sys, 'executable', '/nonexistent/python')
   verdicts = {}
   with pytest.warns(RuntimeWarning) as caught:
-    assert loop_check.agreeing(loops, 'checks_for_test:check', verdicts, 'test', library,
-                               {}) == ('fine', 'after')
+    assert loop_check.agreeing(loops, 'checks_for_test:check', verdicts, 'test',
+                               apart) == ('fine', 'after')
   assert [str(w.message).split("'")[1] for w in caught] == ['segv', 'sigill', 'exits', 'wrong']
   assert verdicts['exits'] == 'its process exited with status 3'
   with pytest.warns(RuntimeWarning, match='could not be run in a separate process before '
                                           'this one'):
-    assert loop_check.survived(['fine', 'new'], 'checks_for_test:check', 'test', library,
-                               {}) == {'fine': None}
-  # Another CPU (or library) has its own record.
-  assert loop_check.record_path(library + '2') != loop_check.record_path(library)
+    assert loop_check.survived(['fine', 'new'], 'checks_for_test:check', 'test',
+                               apart) == {'fine': None}
+  # Another library has its own record.
+  assert loop_check.record_path(apart.library + '2') != loop_check.record_path(apart.library)
 
 
 def test_a_loop_that_hangs_is_left_out_but_not_remembered(stand_in_checks, monkeypatch):
@@ -247,8 +248,8 @@ def test_a_loop_that_hangs_is_left_out_but_not_remembered(stand_in_checks, monke
   monkeypatch.setattr(loop_check, 'TIMEOUT_S', 5.0)
   with pytest.warns(RuntimeWarning, match="'hangs' did not survive .* did not end within 5 s"):
     assert loop_check.agreeing(['fine', 'hangs', 'after'], 'checks_for_test:check', {},
-                               'test', stand_in_checks, {}) == ('fine', 'after')
-  with open(loop_check.record_path(stand_in_checks)) as f:
+                               'test', stand_in_checks) == ('fine', 'after')
+  with open(loop_check.record_path(stand_in_checks.library)) as f:
     assert json.load(f) == {'test': {'fine': None, 'after': None}}
 
 
@@ -262,13 +263,13 @@ def test_where_the_separate_process_fails_the_loops_are_checked_here(stand_in_ch
   try:
     with pytest.warns(RuntimeWarning) as caught:
       assert loop_check.agreeing(['fine', 'wrong'], 'checks_in_this_process:check', {},
-                                 'test', stand_in_checks, {}) == ('fine',)
+                                 'test', stand_in_checks) == ('fine',)
   finally:
     del sys.modules['checks_in_this_process']
   said = ' | '.join(str(w.message) for w in caught)
   assert 'the test loops fine, wrong could not be run in a separate process' in said
   assert 'the process exited with status 1' in said and 'ModuleNotFoundError' in said
-  assert not os.path.exists(loop_check.record_path(stand_in_checks))
+  assert not os.path.exists(loop_check.record_path(stand_in_checks.library))
 
 
 @needs_kernels
@@ -278,12 +279,41 @@ def test_every_real_loop_here_survives_its_separate_process(monkeypatch):
   _fresh_state(monkeypatch)
   offered = {'int8': int8_kernel.loops(), 'bfloat16': float_kernel.loops(),
              'float32': float_kernel.f32_loops()}
-  library, env = int8_kernel.library_checked()
+  library, env = int8_kernel.apart()
   assert env == {'SEG_INT8_LOOP_EMULATION': '0'}
   with open(loop_check.record_path(library)) as f:
     record = json.load(f)
   for what, loops in offered.items():
     assert {loop: record[what][loop] for loop in loops} == {loop: None for loop in loops}
   monkeypatch.setenv(loop_check.CHILD, '1')
-  assert loop_check.agreeing(['a', 'b'], 'no_such_module:check', {}, 'test', library) == (
-      'a', 'b')
+  assert loop_check.agreeing(['a', 'b'], 'no_such_module:check', {}, 'test',
+                             int8_kernel.apart()) == ('a', 'b')
+
+
+@needs_kernels
+@pytest.mark.parametrize('what', ['int8', 'bfloat16', 'float32'])
+def test_the_separate_process_runs_the_network_in_the_loop(what, monkeypatch):
+  """What the separate process does for a loop (`exercise`), here in this process: after the
+  check, the network runs in the kernel with that loop forced (the kernels' calls recorded
+  while it runs, and the slowest loop chosen where it is not the default)."""
+  _fresh_state(monkeypatch)
+  offered = {'int8': int8_kernel.loops, 'bfloat16': float_kernel.loops,
+             'float32': float_kernel.f32_loops}[what]()
+  if not offered:
+    pytest.skip(f'no {what} loop here')
+  loop = offered[0]
+  for variable in loop_check.FORCING[what]:
+    monkeypatch.setenv(variable, 'auto')  # restored after the test
+  check = {'int8': 'seg.inference.int8_kernel:check_loop',
+           'bfloat16': 'seg.inference.float_kernel:check_bf16_loop',
+           'float32': 'seg.inference.float_kernel:check_f32_loop'}[what]
+  int8_kernel.record_call_times(True)
+  try:
+    loop_check.exercise(what, check, loop)
+  finally:
+    int8_kernel.record_call_times(False)
+  # The check's calls and the network's: 17 blocks, each at least one kernel call.
+  assert len(int8_kernel.call_times()) > 17
+  chosen = {'int8': int8_kernel.isa, 'bfloat16': float_kernel.isa,
+            'float32': float_kernel.f32_isa}[what]()
+  assert chosen == loop
