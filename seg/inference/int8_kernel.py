@@ -174,7 +174,10 @@ def cpu_supported(flags=None, machine: Optional[str] = None) -> bool:
 
 
 def available(log=None) -> bool:
-  """Builds (first time) and registers the kernel with XLA; False where it cannot."""
+  """Builds (first time) and registers the kernel with XLA; False where it cannot. `log`:
+  told when it compiles, and when the loops first run in a separate process (`apart`)."""
+  if log:
+    _state['log'] = log
   if 'ok' not in _state:
     try:
       if not cpu_supported():
@@ -293,7 +296,8 @@ def apart() -> loop_check.Apart:
   process."""
   emulated = loops_emulated()
   return loop_check.Apart(_emulation[0] if emulated else _state['path'],
-                          {'SEG_INT8_LOOP_EMULATION': '1' if emulated else '0'})
+                          {'SEG_INT8_LOOP_EMULATION': '1' if emulated else '0'},
+                          _state.get('log'))
 
 
 def check_loop(loop: str) -> Optional[str]:

@@ -50,9 +50,11 @@ NETWORK_SIZE, NETWORK_BATCH = 257, 2
 
 class Apart(NamedTuple):
   """Where the loops run apart first: the kernel library they are in (their record is kept
-  beside it) and what the separate process needs in its environment to run the same ones."""
+  beside it), what the separate process needs in its environment to run the same ones, and
+  what to tell when one starts (None: nothing)."""
   library: str
   env: Mapping[str, str]
+  log: Optional[Callable[[str], None]] = None
 
 
 def integer_problem(x_low: int, x_high: int, seed: int = 0, inputs: int = INPUTS
@@ -159,6 +161,9 @@ def survived(loops: Sequence[str], check: str, what: str,
   pending = [loop for loop in loops if loop not in known]
   lasting = {}
   while pending:
+    if apart.log:
+      apart.log(f"running the kernel's {what} loops ({', '.join(pending)}) in a separate "
+                f'process first (once per CPU) ...')
     ran, stopped_in, ended, timed_out = _run_separately(what, check, pending, apart.env)
     lasting.update((loop, None) for loop in ran)
     known.update((loop, None) for loop in ran)

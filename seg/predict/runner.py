@@ -319,7 +319,9 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
   if engine is None:
     from seg.inference.engine import Engine
     engine, step = Engine.from_workdir(workdir, calibration, calibration_count,
-                                       batch_size=batch_size, dtype=dtype, devices=devices)
+                                       batch_size=batch_size, dtype=dtype, devices=devices,
+                                       log=log)  # kernel builds and checks, calibration
+    engine.log = None  # its compilations would come under the progress bar
     parts = engine.parts(batch_size)
     split = f', each batch of {batch_size} as {parts} parts at once' if parts > 1 else ''
     log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '

@@ -205,12 +205,16 @@ def test_loops_that_crash_their_separate_process_are_left_out_and_remembered(
   without running in this process (it would take it down); the loops after it are still
   checked apart and here; the record keeps how each ended, and a later process reads it
   instead of running them again."""
-  apart = stand_in_checks
+  told = []
+  apart = stand_in_checks._replace(log=told.append)
   loops = ['fine', 'segv', 'wrong', 'sigill', 'exits', 'after']
   verdicts = {}
   with pytest.warns(RuntimeWarning) as caught:
     passed = loop_check.agreeing(loops, 'checks_for_test:check', verdicts, 'test', apart)
   assert passed == ('fine', 'after')
+  assert told == [  # one process, then one for the loops after each that did not survive
+      f"running the kernel's test loops ({', '.join(loops[i:])}) in a separate process "
+      f"first (once per CPU) ..." for i in (0, 2, 4, 5)]
   assert verdicts == {
       'fine': None, 'segv': 'its process was killed by SIGSEGV',
       'wrong': 'made wrong by the test', 'sigill': 'its process was killed by SIGILL',
@@ -279,7 +283,7 @@ def test_every_real_loop_here_survives_its_separate_process(monkeypatch):
   _fresh_state(monkeypatch)
   offered = {'int8': int8_kernel.loops(), 'bfloat16': float_kernel.loops(),
              'float32': float_kernel.f32_loops()}
-  library, env = int8_kernel.apart()
+  library, env, _ = int8_kernel.apart()
   assert env == {'SEG_INT8_LOOP_EMULATION': '0'}
   with open(loop_check.record_path(library)) as f:
     record = json.load(f)

@@ -681,3 +681,33 @@ def test_main_predict_exit_status_progress_and_summary(model_dir, tmp_path):
   result = subprocess.run(args[:8] + [str(tmp_path / 'in' / 'masks')] + args[9:], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode != 0 and 'inside the input folder' in result.stderr
+
+
+def test_predict_says_what_the_kernel_sets_up_once_and_keeps_compilations_quiet(
+    model_dir, tmp_path, monkeypatch):
+  """Where the engine runs the project's kernel, `predict` tells its first-use steps (here
+  running the loops apart, a few seconds once per CPU) through its log before the progress,
+  and the engine's compilations (which come under the progress bar) stay out of it."""
+  from seg.inference import cpu_features, float_kernel, int8_kernel, loop_check
+  if cpu_features.choose().f32_formulation != 'kernel' or not int8_kernel.available():
+    pytest.skip("float32 runs in XLA's products on this CPU")
+  workdir, _, _ = model_dir
+  monkeypatch.setattr(int8_kernel, '_state', {
+      key: value for key, value in int8_kernel._state.items()
+      if key not in ('log', 'isa', 'loops') and not (isinstance(key, tuple) and
+                                                     key[0] == 'verdicts')})
+  monkeypatch.setattr(float_kernel, '_state', {})
+  record = str(tmp_path / 'record.json')  # none yet: the loops run apart again
+  monkeypatch.setattr(loop_check, 'record_path', lambda library: record)
+  (tmp_path / 'in').mkdir()
+  Image.fromarray(_scene(40, 50, 12)).save(tmp_path / 'in' / 'a.png')
+  Image.fromarray(_scene(300, 200, 13)).save(tmp_path / 'in' / 'b.png')  # resized: features
+  lines = []
+  assert predict.predict_paths(workdir, str(tmp_path / 'in'), str(tmp_path / 'out'),
+                               batch_size=2, log=lines.append,
+                               progress_stream=io.StringIO()) == 0
+  told = [i for i, line in enumerate(lines) if line.startswith("running the kernel's float32 "
+                                                                 "loops (")]
+  assert told and told[0] < [i for i, line in enumerate(lines) if 'input file(s)' in line][0]
+  assert os.path.exists(record)
+  assert not [line for line in lines if line.startswith('compiled ')], lines
