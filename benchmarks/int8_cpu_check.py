@@ -25,6 +25,7 @@ Steps, each a fresh process, their output kept whole in the JSON file:
    products, from other strides; the defaults were chosen on CPUs without AMX, where
    bfloat16 products run at most ~2x float32's) and its float32 in both formulations
    (`F32_ROWS`: XLA's products, and the float kernel, in AVX2 on CPUs without AVX-512);
+   on AMX CPUs each dtype also without the oneDNN flag the commands add there (`ONEDNN_OFF`);
 6. the class maps call by call (`engine_ab.py`, batch 8, float32 and int8): the default
    against XLA's upsampling and argmax (`SEG_UPSAMPLE_ARGMAX=xla`), and against the batch
    in one part per device (`--parts-b devices`), both chosen on a Zen 5 (2026-12-07); and
@@ -65,6 +66,10 @@ BF16_ROWS = (('kernel-from-16', 'SEG_BF16_FORMULATION=kernel SEG_BF16_FROM_STRID
 # The engine's float32 in both formulations (the default: the float kernel where the CPU has
 # AVX-512, XLA's products elsewhere; `kernel` runs the kernel's AVX2 loops there).
 F32_ROWS = (('xla', 'SEG_F32_FORMULATION=xla'), ('kernel', 'SEG_F32_FORMULATION=kernel'))
+# On AMX CPUs the inference commands add --xla_cpu_use_onednn=true (cpu_features.choose,
+# chosen on 2026-11-29 when XLA ran the products; the kernels run them now): each dtype's
+# engine without it too, there.
+ONEDNN_OFF = 'XLA_FLAGS=--xla_cpu_use_onednn=false'
 # The float engines' one-pass and hand-off choices against their A/B switches (engine_ab.py
 # settings for B), per dtype.
 FLOAT_ABS = (('float32', 'two calls per depthwise layer', 'SEG_DEPTHWISE_PROJECT=two'),
@@ -188,7 +193,10 @@ def main():
             f' --extra "seg-engine-bfloat16-{name}={env} {ENGINE} --dtype bfloat16"'
             for name, env in BF16_ROWS) + ''.join(
             f' --extra "seg-engine-float32-{name}={env} {ENGINE}"'
-            for name, env in F32_ROWS), timeout=3600)
+            for name, env in F32_ROWS) + ''.join(
+            f' --extra "seg-engine-{dtype}-no-onednn={ONEDNN_OFF} {ENGINE} --dtype {dtype}"'
+            for dtype in ('float32', 'bfloat16', 'int8')
+            if any(f.startswith('amx') for f in info.get('flags', []))), timeout=3600)
     report['steps']['peers'] = {'exit': code, 'seconds': seconds, 'jsonl': jsonl,
                                 'table': out[-5000:]}
 
