@@ -200,7 +200,8 @@ def _run_separately(what: str, check: str, loops: Sequence[str], env: Mapping[st
   command = [sys.executable, '-m', 'seg.inference.loop_check', what, check, *loops]
   timed_out = False
   try:
-    done = subprocess.run(command, env=child_env, capture_output=True, timeout=TIMEOUT_S)
+    done = subprocess.run(command, env=child_env, capture_output=True, timeout=TIMEOUT_S,
+                          cwd=_ROOT)  # this `seg` first (`-m` puts the directory first)
     out, err, status = done.stdout, done.stderr, done.returncode
   except subprocess.TimeoutExpired as e:
     out, err, status, timed_out = e.stdout or b'', e.stderr or b'', None, True
