@@ -192,8 +192,12 @@ def check(loop):
 @pytest.fixture
 def stand_in_checks(tmp_path, monkeypatch):
   """'checks_for_test:check' importable here and in the separate process; returns where to
-  run them apart: a library at tmp_path/lib.so (it need not exist)."""
+  run them apart: a library at tmp_path/lib.so (it need not exist). The working directory
+  holds another `seg` package, which the separate process must not import."""
   (tmp_path / 'checks_for_test.py').write_text(_CHECKS)
+  (tmp_path / 'user' / 'seg').mkdir(parents=True)
+  (tmp_path / 'user' / 'seg' / '__init__.py').write_text('raise ImportError("not this seg")')
+  monkeypatch.chdir(tmp_path / 'user')
   monkeypatch.syspath_prepend(str(tmp_path))
   monkeypatch.setenv('PYTHONPATH', str(tmp_path))
   return loop_check.Apart(str(tmp_path / 'lib.so'), {})
