@@ -1,12 +1,15 @@
-"""Size and time of `predict`'s two PNGs per zlib level, against Pillow's encoder, on real masks.
+"""Size and time of `predict`'s two PNGs per zlib level and strategy, against Pillow's encoder,
+on real masks.
 
     python main.py predict --workdir runs/qs --input /tmp/p12 --output /tmp/m12
-    python benchmarks/mask_encoding.py --masks /tmp/m12 [--levels 1,2,3,6,9] [--repeat 3]
+    python benchmarks/mask_encoding.py --masks /tmp/m12 [--levels 1,2,3,6,9]
+        [--strategies default,rle] [--repeat 3]
 
 Reads the class maps `predict` wrote (NAME.png, the palette PNGs; NAME_color.png is ignored),
 and for each one encodes, in this process and one thread, the palette PNG and the RGB colour
 PNG as `predict` does (`seg.predict.png.PngWriter`, strips of `outputs.STRIP_ROWS` rows, the
-Up filter) at every zlib level of --levels, and with Pillow's own encoder (`Image.save`,
+Up filter) at every zlib level of --levels with each strategy of --strategies (zlib's
+default, Z_RLE: `predict`'s), and with Pillow's own encoder (`Image.save`,
 its default level 6 and adaptive filters, from the whole image). The colour lookup
 (`outputs.colours`) is timed on its own. Prints one JSON line per method: ms per image
 (best of --repeat, summed over the images) and KiB per image for each PNG, then a table.
@@ -21,12 +24,14 @@ import platform
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+STRATEGIES = {'default': zlib.Z_DEFAULT_STRATEGY, 'rle': zlib.Z_RLE}
 from seg.predict import outputs  # noqa: E402
 from seg.predict.png import PngWriter  # noqa: E402
 
@@ -53,10 +58,12 @@ def load_masks(folder: str, count: int):
   return paths, masks
 
 
-def ours(rows: np.ndarray, palette, level: int) -> bytes:
-  """One PNG as predict writes it (palette rows with `palette`, else RGB) at zlib `level`."""
+def ours(rows: np.ndarray, palette, level: int, strategy: int) -> bytes:
+  """One PNG as predict writes it (palette rows with `palette`, else RGB) at zlib `level`
+  with `strategy`."""
   buffer = io.BytesIO()
-  writer = PngWriter(buffer, rows.shape[1], rows.shape[0], palette=palette, level=level)
+  writer = PngWriter(buffer, rows.shape[1], rows.shape[0], palette=palette, level=level,
+                     strategy=strategy)
   for r in range(0, rows.shape[0], outputs.STRIP_ROWS):
     writer.write(rows[r:r + outputs.STRIP_ROWS])
   writer.close()
@@ -87,6 +94,7 @@ def main():
   parser.add_argument('--masks', required=True, help="a folder of predict's outputs")
   parser.add_argument('--count', type=int, default=8, help='masks to use (sorted by name)')
   parser.add_argument('--levels', default='1,2,3,6,9')
+  parser.add_argument('--strategies', default='default,rle', help='of: default, rle')
   parser.add_argument('--repeat', type=int, default=3, help='runs per method (best taken)')
   args = parser.parse_args()
   paths, masks = load_masks(args.masks, args.count)
@@ -98,8 +106,9 @@ def main():
   for mask, rgb in zip(masks, rgbs):
     assert (rgb == outputs._colormap()[mask]).all(), 'colours() differs from the colormap'
   rows = [{'method': 'colour lookup (outputs.colours)', 'ms_per_image': 1000 * colour_seconds / n}]
-  methods = [(f'PngWriter, Up filter, zlib {lvl}', lambda r, p, l=int(lvl): ours(r, p, l))
-             for lvl in args.levels.split(',')]
+  methods = [(f'PngWriter, Up filter, zlib {lvl}, {name} strategy',
+              lambda r, p, l=int(lvl), s=STRATEGIES[name]: ours(r, p, l, s))
+             for name in args.strategies.split(',') for lvl in args.levels.split(',')]
   methods.append(('Pillow Image.save (level 6, adaptive filters)', pillow))
   cmap = outputs._colormap()
   for name, method in methods:

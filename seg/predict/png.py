@@ -3,8 +3,10 @@
 Pillow encodes a PNG from a whole image (the RGB colour mask of a 48 MP photo is 144 MB) and
 tries every row filter at its default level 6. A mask is long runs of one value, and most rows
 repeat the row above, so here every row uses PNG's 'Up' filter (the byte difference to the
-row above: zeros where the mask does not change) and zlib runs at level ZLIB_LEVEL (size and
-time measured in docs/predict.md). zlib releases the GIL, so the writer threads encode at once.
+row above: zeros where the mask does not change) and zlib runs with its run-length strategy
+(ZLIB_STRATEGY, Z_RLE: matches of the previous byte only, which is what such rows hold; a
+third of the bytes of level 1's default strategy in the same time, as small as level 6:
+docs/predict.md). zlib releases the GIL, so the writer threads encode at once.
 """
 
 import struct
@@ -13,7 +15,8 @@ from typing import BinaryIO, Optional
 
 import numpy as np
 
-ZLIB_LEVEL = 1        # docs/predict.md: level 1 vs 6 and Pillow's encoder on 12 MP masks
+ZLIB_LEVEL = 1        # docs/predict.md: levels, strategies and Pillow's encoder on 12 MP masks
+ZLIB_STRATEGY = zlib.Z_RLE
 CHUNK_BYTES = 1 << 20  # compressed bytes per IDAT chunk
 _SIGNATURE = b'\x89PNG\r\n\x1a\n'
 _UP = 2               # PNG filter type 'Up'
@@ -34,12 +37,13 @@ class PngWriter:
   """
 
   def __init__(self, file: BinaryIO, width: int, height: int,
-               palette: Optional[np.ndarray] = None, level: int = ZLIB_LEVEL):
+               palette: Optional[np.ndarray] = None, level: int = ZLIB_LEVEL,
+               strategy: int = ZLIB_STRATEGY):
     self.file, self.width, self.height = file, width, height
     self.channels = 1 if palette is not None else 3
     self.rows_written = 0
     self._previous = np.zeros((width * self.channels,), np.uint8)
-    self._zlib = zlib.compressobj(level)
+    self._zlib = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 8, strategy)
     self._pending = []
     self._pending_bytes = 0
     colour_type = 3 if palette is not None else 2
