@@ -132,8 +132,9 @@ def _function(name: str) -> Callable:
 
 
 def record_path(library: str) -> str:
-  """Where how each loop's separate process ended is kept: beside `library`, per CPU (its
-  model and flags in /proc/cpuinfo)."""
+  """Where how each loop's separate process ended is kept: beside `library` (or, where its
+  directory cannot be written, in $TMPDIR/seg-kernels-UID), per CPU (its model and flags
+  in /proc/cpuinfo)."""
   try:
     with open('/proc/cpuinfo') as f:
       cpu = f.read().split('\n\n')[0]
@@ -141,7 +142,11 @@ def record_path(library: str) -> str:
     cpu = ''
   keep = ('vendor_id', 'cpu family', 'model', 'model name', 'stepping', 'flags')
   cpu = '\n'.join(line for line in cpu.splitlines() if line.split(':')[0].strip() in keep)
-  return f'{library}.loops-{hashlib.sha256(cpu.encode()).hexdigest()[:12]}.json'
+  directory, name = os.path.split(os.path.abspath(library))
+  if not os.access(directory, os.W_OK):  # a library installed read-only
+    directory = os.path.join(tempfile.gettempdir(), f'seg-kernels-{os.getuid()}')
+  return os.path.join(directory,
+                      f'{name}.loops-{hashlib.sha256(cpu.encode()).hexdigest()[:12]}.json')
 
 
 def survived(loops: Sequence[str], check: str, what: str,
@@ -180,6 +185,7 @@ def survived(loops: Sequence[str], check: str, what: str,
   if lasting:
     record[what] = {**record.get(what, {}), **lasting}
     try:  # atomically: processes beside this one read it
+      os.makedirs(os.path.dirname(path), exist_ok=True)
       fd, tmp = tempfile.mkstemp(suffix='.json', dir=os.path.dirname(path))
       with os.fdopen(fd, 'w') as f:
         json.dump(record, f, indent=1, sort_keys=True)

@@ -246,8 +246,18 @@ def test_loops_that_crash_their_separate_process_are_left_out_and_remembered(
                                           'this one'):
     assert loop_check.survived(['fine', 'new'], 'checks_for_test:check', 'test',
                                apart) == {'fine': None}
-  # Another library has its own record.
-  assert loop_check.record_path(apart.library + '2') != loop_check.record_path(apart.library)
+  # Another library has its own record; a library in a directory that cannot be written has
+  # it in the temporary directory.
+  beside = loop_check.record_path(apart.library)
+  assert loop_check.record_path(apart.library + '2') != beside
+  library_dir = os.path.dirname(apart.library)
+  assert os.path.dirname(beside) == library_dir
+  real_access = os.access
+  monkeypatch.setattr(os, 'access', lambda path, mode: path != library_dir and real_access(
+      path, mode))
+  elsewhere = loop_check.record_path(apart.library)
+  assert elsewhere == os.path.join(loop_check.tempfile.gettempdir(),
+                                   f'seg-kernels-{os.getuid()}', os.path.basename(beside))
 
 
 def test_a_loop_that_hangs_is_left_out_but_not_remembered(stand_in_checks, monkeypatch):
