@@ -9,7 +9,9 @@ Reads the class maps `predict` wrote (NAME.png, the palette PNGs; NAME_color.png
 and for each one encodes, in this process and one thread, the palette PNG and the RGB colour
 PNG as `predict` does (`seg.predict.png.PngWriter`, strips of `outputs.STRIP_ROWS` rows, the
 Up filter) at every zlib level of --levels with each strategy of --strategies (zlib's
-default, Z_RLE: `predict`'s), and with Pillow's own encoder (`Image.save`,
+default, Z_RLE: `predict`'s without the kernel library), with the kernel library's writer
+(`png.MaskPngWriter`, `predict`'s where it runs: both PNGs from the class indices, so its
+colour PNG time includes the colours), and with Pillow's own encoder (`Image.save`,
 its default level 6 and adaptive filters, from the whole image). The colour lookup
 (`outputs.colours`) is timed on its own. Prints one JSON line per method: ms per image
 (best of --repeat, summed over the images) and KiB per image for each PNG, then a table.
@@ -33,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 STRATEGIES = {'default': zlib.Z_DEFAULT_STRATEGY, 'rle': zlib.Z_RLE}
 from seg.predict import outputs  # noqa: E402
+from seg.predict import png  # noqa: E402
 from seg.predict.png import PngWriter  # noqa: E402
 
 
@@ -66,6 +69,16 @@ def ours(rows: np.ndarray, palette, level: int, strategy: int) -> bytes:
                      strategy=strategy)
   for r in range(0, rows.shape[0], outputs.STRIP_ROWS):
     writer.write(rows[r:r + outputs.STRIP_ROWS])
+  writer.close()
+  return buffer.getvalue()
+
+
+def kernel(mask: np.ndarray, cmap, colour: bool) -> bytes:
+  """One PNG as predict writes it where the kernel library runs (`png.MaskPngWriter`)."""
+  buffer = io.BytesIO()
+  writer = png.MaskPngWriter(buffer, mask.shape[1], mask.shape[0], cmap, colour)
+  for r in range(0, mask.shape[0], outputs.STRIP_ROWS):
+    writer.write(mask[r:r + outputs.STRIP_ROWS])
   writer.close()
   return buffer.getvalue()
 
@@ -106,16 +119,24 @@ def main():
   for mask, rgb in zip(masks, rgbs):
     assert (rgb == outputs._colormap()[mask]).all(), 'colours() differs from the colormap'
   rows = [{'method': 'colour lookup (outputs.colours)', 'ms_per_image': 1000 * colour_seconds / n}]
+  # Each method: (mask, its colours, the palette for the palette PNG or None for the colour
+  # PNG) -> the file's bytes; the kernel's writer takes the mask for both.
   methods = [(f'PngWriter, Up filter, zlib {lvl}, {name} strategy',
-              lambda r, p, l=int(lvl), s=STRATEGIES[name]: ours(r, p, l, s))
+              lambda m, rgb, p, l=int(lvl), s=STRATEGIES[name]: ours(
+                  m if p is not None else rgb, p, l, s))
              for name in args.strategies.split(',') for lvl in args.levels.split(',')]
-  methods.append(('Pillow Image.save (level 6, adaptive filters)', pillow))
+  methods.append(('Pillow Image.save (level 6, adaptive filters)',
+                  lambda m, rgb, p: pillow(m if p is not None else rgb, p)))
   cmap = outputs._colormap()
+  if png.kernel():
+    methods.append(('MaskPngWriter, the kernel library (from the indices, colours included)',
+                    lambda m, rgb, p: kernel(m, cmap, p is None)))
   for name, method in methods:
     row = {'method': name}
     for kind, arrays, palette, mode in (('palette', masks, cmap, 'P'),
                                         ('colour_png', rgbs, None, 'RGB')):
-      seconds, files = best_of(args.repeat, lambda: [method(a, palette) for a in arrays])
+      seconds, files = best_of(args.repeat, lambda: [
+          method(m, rgb, palette) for m, rgb in zip(masks, rgbs)])
       for data, array in zip(files, arrays):   # every file decodes to what it encodes
         decoded = Image.open(io.BytesIO(data))
         assert decoded.mode == mode and (np.asarray(decoded) == array).all(), name

@@ -158,6 +158,12 @@ def upsample_argmax_override() -> Optional[str]:
   return _override('SEG_UPSAMPLE_ARGMAX', FLOAT_FORMULATIONS)
 
 
+def mask_png_override() -> Optional[str]:
+  """SEG_MASK_PNG: 'kernel' or 'zlib' (how predict deflates its mask PNGs,
+  `seg.predict.png.kernel`), or None when unset or 'auto'."""
+  return _override('SEG_MASK_PNG', ('kernel', 'zlib'))
+
+
 def _choose_int8(flags: FrozenSet[str], machine: str) -> Choice:
   if flags & {'amx_int8', 'amx_bf16'}:
     return Choice(('--xla_cpu_use_onednn=true',), 'kernel' if 'amx_int8' in flags else 'int8',

@@ -24,6 +24,7 @@
 #include "float_product.h"
 #include "int8_depthwise.h"
 #include "int8_stem.h"
+#include "mask_png.h"
 #include "kernel_cpu.h"
 #include "kernel_threads.h"
 #include "xla/ffi/api/ffi.h"
@@ -559,6 +560,16 @@ extern "C" void SegClassMapBlocks(const float* logits, int64_t fh, int64_t fw, i
                                   const float* col_t, int64_t block, uint8_t* out) {
   seg::class_map::Blocks(logits, fh, fw, classes, height, width, row_lo, row_t, col_lo, col_t,
                          block, out);
+}
+
+// Rows of a class map deflated as one of its PNGs (mask_png.h: Deflate), on the calling
+// thread, for NumPy arrays through ctypes (seg/predict/png.py: MaskPngWriter).
+extern "C" int64_t SegMaskDeflate(uint64_t* state, const uint8_t* rows, const uint8_t* previous,
+                                  int64_t n, int64_t width, int64_t stride,
+                                  const uint8_t* colours, int start, int finish, uint8_t* out) {
+  static_assert(sizeof(seg::mask_png::State) == 4 * sizeof(uint64_t), "4 uint64");
+  return seg::mask_png::Deflate(reinterpret_cast<seg::mask_png::State*>(state), rows, previous,
+                                n, width, stride, colours, start != 0, finish != 0, out);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatProduct, FloatProduct,

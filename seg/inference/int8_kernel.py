@@ -57,7 +57,7 @@ SOURCES = tuple(os.path.join(HERE, name)
 HEADERS = tuple(os.path.join(HERE, name)
                 for name in ('int8_product.h', 'kernel_threads.h', 'kernel_cpu.h',
                              'int8_depthwise.h', 'int8_stem.h', 'amx_emulation.h',
-                             'float_product.h', 'class_map.h'))
+                             'float_product.h', 'class_map.h', 'mask_png.h'))
 TARGET = 'seg_int8_product'
 DEPTHWISE_TARGET = 'seg_int8_depthwise'
 STEM_TARGET = 'seg_int8_stem'

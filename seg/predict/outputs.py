@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from seg.predict.options import Options
-from seg.predict.png import PngWriter
+from seg.predict import png
 from seg.predict.profile import NO_PROFILE
 
 
@@ -122,23 +122,32 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
   """STEM.png (palette indices), STEM_color.png and, with overlay, STEM_overlay.jpg.
 
   The two PNGs are encoded strip by strip (`seg.predict.png`), so no full-size RGB copy of
-  the mask is made. `image` returns the [H, W, 3] uint8 image for the overlay (read lazily).
-  `profile` times the stages 'colour' (class ids -> RGB), 'encode' and 'write'.
+  the mask is made; in the kernel library where it runs (`png.kernel()`: both from the class
+  indices), else through zlib. `image` returns the [H, W, 3] uint8 image for the overlay
+  (read lazily). `profile` times the stages 'colour' (class ids -> RGB; the kernel colours
+  as it encodes), 'encode' and 'write'.
   """
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
   cmap = _colormap()
   height, width = mask.shape
 
   indices_file, colour_file = io.BytesIO(), io.BytesIO()  # compressed: a few hundred KiB
-  indices = PngWriter(indices_file, width, height, palette=cmap)
-  colour_png = PngWriter(colour_file, width, height)
+  in_kernel = png.kernel()
+  if in_kernel:
+    indices = png.MaskPngWriter(indices_file, width, height, cmap, colour=False)
+    colour_png = png.MaskPngWriter(colour_file, width, height, cmap, colour=True)
+  else:
+    indices = png.PngWriter(indices_file, width, height, palette=cmap)
+    colour_png = png.PngWriter(colour_file, width, height)
   for r in range(0, height, STRIP_ROWS):
     strip = mask[r:r + STRIP_ROWS]
-    with profile.stage('colour'):
-      rgb = colours(strip)
+    colour_rows = strip  # the kernel colours the indices as it encodes
+    if not in_kernel:
+      with profile.stage('colour'):
+        colour_rows = colours(strip)
     with profile.stage('encode'):
       indices.write(strip)
-      colour_png.write(rgb)
+      colour_png.write(colour_rows)
   with profile.stage('encode'):
     indices.close()
     colour_png.close()

@@ -7,8 +7,15 @@ row above: zeros where the mask does not change) and zlib runs with its run-leng
 (ZLIB_STRATEGY, Z_RLE: matches of the previous byte only, which is what such rows hold; a
 third of the bytes of level 1's default strategy in the same time, as small as level 6:
 docs/predict.md). zlib releases the GIL, so the writer threads encode at once.
+
+`MaskPngWriter` writes the same two images of a class map (its palette PNG and the RGB PNG
+of its colours) from the class indices alone, in the project's kernel library
+(seg/inference/mask_png.h: runs of unchanged pixels found 32 at a time and written as
+deflate copies, one Huffman table fitted to masks; no RGB copy of the mask), where that
+library runs (`kernel()`); zlib decodes it (the files are ordinary PNGs).
 """
 
+import ctypes
 import struct
 import zlib
 from typing import BinaryIO, Optional
@@ -84,3 +91,72 @@ class PngWriter:
       raise ValueError(f'{self.rows_written} rows written of {self.height}')
     self._emit(self._zlib.flush(), final=True)
     self.file.write(_chunk(b'IEND', b''))
+
+
+def kernel() -> bool:
+  """Whether `MaskPngWriter` runs here: SEG_MASK_PNG ('kernel' or 'zlib'; default 'kernel'
+  where the project's kernel library runs: x86-64 with AVX2 and FMA and a C++ compiler)."""
+  from seg.inference import cpu_features, int8_kernel
+  asked = cpu_features.mask_png_override()
+  if asked == 'zlib':
+    return False
+  if not int8_kernel.available():
+    if asked == 'kernel':
+      raise RuntimeError(f'SEG_MASK_PNG=kernel, but the kernel library is unavailable: '
+                         f'{int8_kernel.unavailable_reason()}')
+    return False
+  return True
+
+
+class MaskPngWriter(PngWriter):
+  """A class map's palette PNG (`colour` False: its indices, `palette` [256, 3] as PLTE) or
+  its RGB PNG (True: palette[index] per pixel), written strip by strip from [r, width] uint8
+  class indices in the kernel library (`kernel()` must be True): the images PngWriter
+  writes from the same rows (or from their colours), deflated differently."""
+
+  def __init__(self, file: BinaryIO, width: int, height: int, palette: np.ndarray,
+               colour: bool):
+    from seg.inference import int8_kernel
+    palette = np.ascontiguousarray(palette, np.uint8)
+    if palette.shape != (256, 3):
+      raise ValueError(f'palette of shape {palette.shape}, expected (256, 3)')
+    if not int8_kernel.available():
+      raise RuntimeError(f'the kernel library is unavailable: '
+                         f'{int8_kernel.unavailable_reason()}')
+    super().__init__(file, width, height, palette=None if colour else palette)
+    self._deflate = int8_kernel._state['lib'].SegMaskDeflate
+    self._deflate.restype = ctypes.c_int64
+    self._colours = palette.reshape(-1) if colour else None
+    self._state = np.zeros(4, np.uint64)
+    self._above = None  # the last row written
+
+  def write(self, rows: np.ndarray) -> None:
+    """The next rows: [r, width] uint8 class indices (rows may be a strided view)."""
+    rows = np.asarray(rows)
+    if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != self.width:
+      raise ValueError(f'rows of {rows.dtype} {rows.shape}, expected uint8 [r, {self.width}]')
+    if self.rows_written + len(rows) > self.height:
+      raise ValueError(f'{self.rows_written + len(rows)} rows for a PNG of {self.height}')
+    if not len(rows):
+      return
+    rows = np.ascontiguousarray(rows) if rows.strides[1] != 1 else rows
+    self._emit(self._call(rows, start=self.rows_written == 0, finish=False))
+    self.rows_written += len(rows)
+    self._above = np.array(rows[-1])
+
+  def close(self) -> None:
+    if self.rows_written != self.height:
+      raise ValueError(f'{self.rows_written} rows written of {self.height}')
+    self._emit(self._call(np.zeros((0, self.width), np.uint8), start=self.height == 0,
+                          finish=True), final=True)
+    self.file.write(_chunk(b'IEND', b''))
+
+  def _call(self, rows: np.ndarray, start: bool, finish: bool) -> bytes:
+    # mask_png.h, Deflate: the bytes it may write.
+    out = np.empty(2 + (11 * len(rows) * (1 + 3 * self.width) + 1200) // 8 + 16, np.uint8)
+    pointer = lambda a: None if a is None else a.ctypes.data_as(ctypes.c_void_p)
+    written = self._deflate(
+        pointer(self._state), pointer(rows), pointer(self._above), ctypes.c_int64(len(rows)),
+        ctypes.c_int64(self.width), ctypes.c_int64(rows.strides[0]), pointer(self._colours),
+        ctypes.c_int(start), ctypes.c_int(finish), pointer(out))
+    return out[:written].tobytes()

@@ -197,6 +197,96 @@ def test_png_writer_strips_decode_to_the_rows_written():
     PngWriter(io.BytesIO(), 139, 263).write(mask[:5])   # palette rows to an RGB file
 
 
+def _png_stream(data: bytes):
+  """(IHDR's width, height, colour type; the zlib-decompressed IDAT bytes: zlib checks the
+  stream's Adler-32; the PLTE bytes or None) of a PNG file, every chunk's CRC checked."""
+  assert data[:8] == b'\x89PNG\r\n\x1a\n'
+  at, chunks = 8, {}
+  while at < len(data):
+    size, kind = struct.unpack('>I4s', data[at:at + 8])
+    body = data[at + 8:at + 8 + size]
+    assert struct.unpack('>I', data[at + 8 + size:at + 12 + size])[0] == zlib.crc32(kind + body)
+    chunks.setdefault(kind, []).append(body)
+    at += 12 + size
+  assert list(chunks)[-1] == b'IEND'
+  width, height, _, colour_type = struct.unpack('>IIBB', chunks[b'IHDR'][0][:10])
+  return (width, height, colour_type, zlib.decompress(b''.join(chunks[b'IDAT'])),
+          chunks.get(b'PLTE', [None])[0])
+
+
+def _up_filtered(rows: np.ndarray) -> bytes:
+  """PNG's 'Up' filter of [h, w] or [h, w, 3] uint8 rows, each with its filter type byte 2."""
+  flat = rows.reshape(len(rows), -1).astype(np.int16)
+  above = np.concatenate([np.zeros_like(flat[:1]), flat[:-1]])
+  return np.concatenate([np.full((len(rows), 1), 2), (flat - above) % 256], 1).astype(
+      np.uint8).tobytes()
+
+
+@pytest.mark.parametrize('width', [1, 31, 32, 33, 139, 1300])
+def test_mask_png_writer_writes_the_up_filtered_rows_in_the_kernel(width):
+  """seg.predict.png.MaskPngWriter (the kernel library's deflate, from class indices) against
+  independent decoders: zlib's inflate (checking its Adler-32) gives exactly the Up-filtered
+  rows of the indices (palette PNG) and of their VOC colours (RGB PNG, computed here), and
+  Pillow decodes both images; masks of runs longer than a deflate copy, rows like the row
+  above, noise rows of any byte value (the 11-bit codes), given in uneven strips."""
+  from seg.predict import png
+  if not png.kernel():
+    pytest.skip('the kernel library does not run here')
+  rng = np.random.default_rng(width)
+  height = 70
+  mask = np.repeat(rng.integers(0, 21, (height, max(1, width // 97 + 1))), 97, 1)[:, :width]
+  mask[::9] = np.repeat(rng.integers(0, 21, (len(mask[::9]), 1)), width, 1)  # whole-row runs
+  mask[20:23] = rng.integers(0, 256, (3, width))  # noise
+  mask[40:50] = mask[39]  # rows equal to the row above
+  mask = mask.astype(np.uint8)
+  cmap = _voc_colormap()
+  for colour in (False, True):
+    buffer = io.BytesIO()
+    writer = png.MaskPngWriter(buffer, width, height, cmap, colour)
+    for start, stop in ((0, 1), (1, 2), (2, 45), (45, 45), (45, 70)):
+      writer.write(mask[start:stop])
+    writer.close()
+    w, h, colour_type, raw, palette = _png_stream(buffer.getvalue())
+    assert (w, h, colour_type) == (width, height, 2 if colour else 3)
+    expected = cmap[mask] if colour else mask
+    assert raw == _up_filtered(expected)
+    assert palette == (None if colour else cmap.tobytes())
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(buffer.getvalue()))),
+                                  expected)
+  with pytest.raises(ValueError, match='rows of'):
+    png.MaskPngWriter(io.BytesIO(), width, height, cmap, True).write(mask[:2, :, None])
+  with pytest.raises(ValueError, match='rows written of'):
+    writer = png.MaskPngWriter(io.BytesIO(), width, height, cmap, True)
+    writer.write(mask[:5])
+    writer.close()
+
+
+def test_the_masks_are_the_same_images_either_way(tmp_path, monkeypatch):
+  """`outputs.write_masks` through the kernel and through zlib (SEG_MASK_PNG=zlib): the two
+  PNGs decode to the same class map and colours, the kernel's smaller than zlib level 1's
+  (PngWriter with the default strategy) on a mask of regions."""
+  from seg.predict import outputs, png
+  if not png.kernel():
+    pytest.skip('the kernel library does not run here')
+  rng = np.random.default_rng(5)
+  mask = np.repeat(np.repeat(rng.integers(0, 21, (12, 16)), 41, 0), 37, 1)[:480, :590]
+  mask = mask.astype(np.uint8)
+  decoded = {}
+  for way in ('kernel', 'zlib'):
+    monkeypatch.setenv('SEG_MASK_PNG', way)
+    outputs.write_masks(str(tmp_path / way / 'a'), mask, predict.Options())
+    decoded[way] = [np.asarray(Image.open(tmp_path / way / name))
+                    for name in ('a.png', 'a_color.png')]
+  for kernel_image, zlib_image in zip(decoded['kernel'], decoded['zlib']):
+    np.testing.assert_array_equal(kernel_image, zlib_image)
+  np.testing.assert_array_equal(decoded['kernel'][0], mask)
+  level1 = io.BytesIO()
+  writer = png.PngWriter(level1, 590, 480, strategy=zlib.Z_DEFAULT_STRATEGY)
+  writer.write(_voc_colormap()[mask])
+  writer.close()
+  assert os.path.getsize(tmp_path / 'kernel' / 'a_color.png') < len(level1.getvalue())
+
+
 @pytest.mark.parametrize('fmt', ['float16', 'uint8'])
 def test_probabilities_are_the_softmax_of_the_logits(engine, reference, tmp_path, fmt):
   image = _scene(60, 80, 3)
