@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from seg.predict.options import Options
-from seg.predict import png
+from seg.predict.png import MaskPngWriter, PngWriter, kernel as masks_in_kernel
 from seg.predict.profile import NO_PROFILE
 
 
@@ -122,8 +122,8 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
   """STEM.png (palette indices), STEM_color.png and, with overlay, STEM_overlay.jpg.
 
   The two PNGs are encoded strip by strip (`seg.predict.png`), so no full-size RGB copy of
-  the mask is made; in the kernel library where it runs (`png.kernel()`: both from the class
-  indices), else through zlib. `image` returns the [H, W, 3] uint8 image for the overlay
+  the mask is made: in the kernel library where it runs (`masks_in_kernel`, both from the
+  class indices), else through zlib. `image` returns the [H, W, 3] uint8 image for the overlay
   (read lazily). `profile` times the stages 'colour' (class ids -> RGB; the kernel colours
   as it encodes), 'encode' and 'write'.
   """
@@ -132,13 +132,13 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
   height, width = mask.shape
 
   indices_file, colour_file = io.BytesIO(), io.BytesIO()  # compressed: a few hundred KiB
-  in_kernel = png.kernel()
+  in_kernel = masks_in_kernel()
   if in_kernel:
-    indices = png.MaskPngWriter(indices_file, width, height, cmap, colour=False)
-    colour_png = png.MaskPngWriter(colour_file, width, height, cmap, colour=True)
+    indices = MaskPngWriter(indices_file, width, height, cmap, colour=False)
+    colour_png = MaskPngWriter(colour_file, width, height, cmap, colour=True)
   else:
-    indices = png.PngWriter(indices_file, width, height, palette=cmap)
-    colour_png = png.PngWriter(colour_file, width, height)
+    indices = PngWriter(indices_file, width, height, palette=cmap)
+    colour_png = PngWriter(colour_file, width, height)
   for r in range(0, height, STRIP_ROWS):
     strip = mask[r:r + STRIP_ROWS]
     colour_rows = strip  # the kernel colours the indices as it encodes
