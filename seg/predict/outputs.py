@@ -26,7 +26,6 @@ from seg.predict.png import MaskPngWriter, PngWriter, kernel as masks_in_kernel
 from seg.predict.profile import NO_PROFILE
 
 
-OVERLAY_ALPHA = 0.5
 STRIP_ROWS = 256      # mask rows encoded at a time
 
 
@@ -61,6 +60,25 @@ def _colormap() -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def _palette_bytes() -> bytes:
   return _colormap().reshape(-1).tobytes()
+
+
+def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """[h, w, 3] uint8: the image `rgb` with the VOC colours of `mask` [h, w] blended half and
+  half over it where the class is not background (0): round((pixel + colour) / 2), halves to
+  even, as NumPy rounds the float blend; background pixels as they are.
+
+  In integers, strip by strip (uint16 temporaries of 256 rows): 3x faster than the float
+  blend on a 12 MP photo (docs/predict.md).
+  """
+  out = np.empty_like(rgb)
+  for r in range(0, mask.shape[0], STRIP_ROWS):
+    m, pixels = mask[r:r + STRIP_ROWS], rgb[r:r + STRIP_ROWS]
+    total = pixels.astype(np.uint16)
+    total += colours(m)
+    total += (total >> 1) & 1  # an odd total's half rounds to the even neighbour
+    total >>= 1
+    np.copyto(out[r:r + STRIP_ROWS], np.where(m[..., None] > 0, total.astype(np.uint8), pixels))
+  return out
 
 
 def colours(mask: np.ndarray) -> np.ndarray:
@@ -157,12 +175,7 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
   if options.overlay:
     rgb = image()
     with profile.stage('colour'):
-      out = np.empty_like(rgb)
-      for r in range(0, mask.shape[0], 256):  # strips keep float temporaries small
-        m = mask[r:r + 256]
-        alpha = np.where(m[..., None] > 0, OVERLAY_ALPHA, 0.0).astype(np.float32)
-        blend = rgb[r:r + 256].astype(np.float32) * (1 - alpha) + cmap[m] * alpha
-        out[r:r + 256] = np.round(blend).astype(np.uint8)
+      out = overlay(rgb, mask)
     with profile.stage('encode'):
       data = _encoded(Image.fromarray(out), 'JPEG', quality=90)
     with profile.stage('write'):

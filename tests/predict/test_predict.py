@@ -197,6 +197,21 @@ def test_png_writer_strips_decode_to_the_rows_written():
     PngWriter(io.BytesIO(), 139, 263).write(mask[:5])   # palette rows to an RGB file
 
 
+def test_the_overlay_is_the_half_blend_rounded_as_numpy_rounds():
+  """`outputs.overlay` (integers) against the float blend rounded by NumPy (halves to even):
+  every pixel value and class, both parities of pixel + colour, background kept."""
+  from seg.predict import outputs
+  rng = np.random.default_rng(11)
+  rgb = rng.integers(0, 256, (300, 257, 3)).astype(np.uint8)
+  mask = rng.integers(0, 22, (300, 257)).astype(np.uint8)
+  mask[:40] = 0
+  colour = _voc_colormap()[mask].astype(np.float32)
+  expected = np.where(mask[..., None] > 0, np.round(rgb * np.float32(0.5) + colour * 0.5), rgb)
+  got = outputs.overlay(rgb, mask)
+  assert got.dtype == np.uint8 and np.array_equal(got, expected.astype(np.uint8))
+  assert (((rgb.astype(int) + colour.astype(int)) % 2 == 1) & (mask[..., None] > 0)).any()
+
+
 def _png_stream(data: bytes):
   """(IHDR's width, height, colour type; the zlib-decompressed IDAT bytes: zlib checks the
   stream's Adler-32; the PLTE bytes or None) of a PNG file, every chunk's CRC checked."""
