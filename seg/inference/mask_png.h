@@ -1,5 +1,6 @@
 // The two PNGs of a class map (predict's masks: the palette PNG of its indices and the RGB
-// PNG of their colours), deflated straight from the indices, strip by strip.
+// PNG of their colours), deflated straight from the indices, strip by strip; and its
+// overlay on the image (Overlay, at the end).
 //
 // Every row is PNG-filtered 'Up' (each byte minus the byte above; the image's first row minus
 // zeros), as seg/predict/png.py's zlib writer does, so the decoded images are the same. A
@@ -239,6 +240,36 @@ inline int64_t Deflate(State* st, const uint8_t* m, const uint8_t* previous, int
     for (int shift = 24; shift >= 0; shift -= 8) w.Byte(static_cast<uint8_t>(adler >> shift));
   }
   return w.Written();
+}
+
+// predict's --overlay, in place: the pixels of rgb [height, width, 3] (row stride `stride`)
+// whose class in mask [height, width] (row stride `mask_stride`) is not 0 become
+// round((pixel + colour) / 2) with halves to even (seg/predict/outputs.py: overlay), the
+// background ones stay; the classes are read 32 at a time, only the others' pixels touched.
+inline void Overlay(uint8_t* rgb, int64_t height, int64_t width, int64_t stride,
+                    const uint8_t* mask, int64_t mask_stride, const uint8_t* colours) {
+  auto blend = [&](uint8_t* pixel, int k) {
+    for (int c = 0; c < 3; ++c) {
+      const unsigned total = pixel[c] + colours[3 * k + c];
+      pixel[c] = static_cast<uint8_t>((total + ((total >> 1) & 1)) >> 1);
+    }
+  };
+  for (int64_t y = 0; y < height; ++y) {
+    uint8_t* row = rgb + y * stride;
+    const uint8_t* m = mask + y * mask_stride;
+    int64_t x = 0;
+    for (; x + 32 <= width; x += 32) {
+      const __m256i classes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + x));
+      uint32_t others = ~static_cast<uint32_t>(
+          _mm256_movemask_epi8(_mm256_cmpeq_epi8(classes, _mm256_setzero_si256())));
+      for (; others; others &= others - 1) {
+        const int64_t at = x + __builtin_ctz(others);
+        blend(row + 3 * at, m[at]);
+      }
+    }
+    for (; x < width; ++x)
+      if (m[x]) blend(row + 3 * x, m[x]);
+  }
 }
 
 }  // namespace mask_png
