@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from seg.predict.options import Options
-from seg.predict.png import MaskPngWriter, PngWriter, kernel as masks_in_kernel
+from seg.predict.png import MaskPngWriter, PngWriter, kernel as masks_in_kernel, library, pointer
 from seg.predict.profile import NO_PROFILE
 
 
@@ -76,15 +76,11 @@ def overlay(rgb: np.ndarray, mask: np.ndarray, in_kernel: Optional[bool] = None)
   if in_kernel is None:
     in_kernel = masks_in_kernel()
   if in_kernel:
-    from seg.inference import int8_kernel
-    if not int8_kernel.available():
-      raise RuntimeError(f'the kernel library is unavailable: {int8_kernel.unavailable_reason()}')
     out = np.array(rgb, np.uint8, order='C')
     mask = np.ascontiguousarray(mask, np.uint8)
     if out.ndim != 3 or out.shape[2] != 3 or mask.shape != out.shape[:2]:
       raise ValueError(f'rgb [h, w, 3] and mask [h, w], got {out.shape} and {mask.shape}')
-    pointer = lambda a: a.ctypes.data_as(ctypes.c_void_p)
-    int8_kernel._state['lib'].SegOverlay(
+    library().SegOverlay(
         pointer(out), ctypes.c_int64(out.shape[0]), ctypes.c_int64(out.shape[1]),
         ctypes.c_int64(out.strides[0]), pointer(mask), ctypes.c_int64(mask.strides[0]),
         pointer(_colormap()))

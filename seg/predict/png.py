@@ -108,6 +108,22 @@ def kernel() -> bool:
   return True
 
 
+def library():
+  """The kernel library (ctypes) that writes masks and overlays (`MaskPngWriter`,
+  `seg.predict.outputs.overlay`); RuntimeError where it is unavailable."""
+  from seg.inference import int8_kernel
+  if not int8_kernel.available():
+    raise RuntimeError(f'the kernel library is unavailable: {int8_kernel.unavailable_reason()}')
+  lib = int8_kernel._state['lib']
+  lib.SegMaskDeflate.restype = ctypes.c_int64
+  return lib
+
+
+def pointer(array: Optional[np.ndarray]):
+  """A NumPy array's data for the library's functions (None: a null pointer)."""
+  return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
+
+
 class MaskPngWriter(PngWriter):
   """A class map's palette PNG (`colour` False: its indices, `palette` [256, 3] as PLTE) or
   its RGB PNG (True: palette[index] per pixel), written strip by strip from [r, width] uint8
@@ -116,16 +132,11 @@ class MaskPngWriter(PngWriter):
 
   def __init__(self, file: BinaryIO, width: int, height: int, palette: np.ndarray,
                colour: bool):
-    from seg.inference import int8_kernel
     palette = np.ascontiguousarray(palette, np.uint8)
     if palette.shape != (256, 3):
       raise ValueError(f'palette of shape {palette.shape}, expected (256, 3)')
-    if not int8_kernel.available():
-      raise RuntimeError(f'the kernel library is unavailable: '
-                         f'{int8_kernel.unavailable_reason()}')
+    self._deflate = library().SegMaskDeflate
     super().__init__(file, width, height, palette=None if colour else palette)
-    self._deflate = int8_kernel._state['lib'].SegMaskDeflate
-    self._deflate.restype = ctypes.c_int64
     self._colours = palette.reshape(-1) if colour else None
     self._state = np.zeros(4, np.uint64)
     self._above = None  # the last row written
@@ -154,7 +165,6 @@ class MaskPngWriter(PngWriter):
   def _call(self, rows: np.ndarray, start: bool, finish: bool) -> bytes:
     # mask_png.h, Deflate: the bytes it may write.
     out = np.empty(2 + (11 * len(rows) * (1 + 3 * self.width) + 1200) // 8 + 16, np.uint8)
-    pointer = lambda a: None if a is None else a.ctypes.data_as(ctypes.c_void_p)
     written = self._deflate(
         pointer(self._state), pointer(rows), pointer(self._above), ctypes.c_int64(len(rows)),
         ctypes.c_int64(self.width), ctypes.c_int64(rows.strides[0]), pointer(self._colours),
