@@ -136,42 +136,105 @@ inline std::vector<int64_t> Samples(const int32_t* lo, int64_t size, int64_t blo
   return samples;
 }
 
+// The classes of the n <= kLanes pixels at t and s (t's and 1 - t's of consecutive columns)
+// that all read cells lo and min(lo + 1, fw - 1) of a blended row r, into out: Pixel's
+// arithmetic, kLanes pixels at once.
+inline void Pixels(const float* r, int64_t fw, int64_t classes, int32_t lo, const float* t,
+                   const float* s, int64_t n, uint8_t* out) {
+  const int64_t hi = std::min<int64_t>(lo + 1, fw - 1);
+  const __m256 tv = _mm256_loadu_ps(t), sv = _mm256_loadu_ps(s);
+  __m256 best = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(r[lo]), sv),
+                              _mm256_mul_ps(_mm256_set1_ps(r[hi]), tv));
+  __m256 index = _mm256_setzero_ps();
+  for (int64_t c = 1; c < classes; ++c) {
+    const __m256 value = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(r[c * fw + lo]), sv),
+                                       _mm256_mul_ps(_mm256_set1_ps(r[c * fw + hi]), tv));
+    const __m256 more = _mm256_cmp_ps(value, best, _CMP_GT_OQ);  // ties keep the first
+    best = _mm256_blendv_ps(best, value, more);
+    index = _mm256_blendv_ps(index, _mm256_set1_ps(static_cast<float>(c)), more);
+  }
+  alignas(32) int32_t classes_of[kLanes];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(classes_of), _mm256_cvttps_epi32(index));
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(classes_of[i]);
+}
+
 // One image's class map [height, width] from its logits f [fh, fw, classes], on this thread:
 // the classes at the samples (Samples) first; block (i, j) covers sample rows i to i + 1 and
 // columns j to j + 1 (the last sample row and column: blocks of their own); a block whose
-// four corner samples agree takes their class, the others are computed pixel by pixel.
+// four corner samples agree takes their class, the others are computed pixel by pixel
+// (Pixels: a block lies in one cell, at most `block` <= kLanes columns wide; Pixel for wider
+// blocks). A band of rows between two sample rows is written as runs: neighbouring blocks
+// that take one class are one memset, and a band with no mixed block is one row copied.
 inline void Blocks(const float* f, int64_t fh, int64_t fw, int64_t classes, int64_t height,
                    int64_t width, const int32_t* row_lo, const float* row_t,
                    const int32_t* col_lo, const float* col_t, int64_t block, uint8_t* out) {
   const std::vector<int64_t> ys = Samples(row_lo, height, block);
   const std::vector<int64_t> xs = Samples(col_lo, width, block);
   const int64_t ny = static_cast<int64_t>(ys.size()), nx = static_cast<int64_t>(xs.size());
-  std::vector<uint8_t> grid(ny * nx), same(nx);
-  std::vector<float> r;
+  std::vector<uint8_t> grid(ny * nx);
+  std::vector<float> r, t(width + kLanes, 0.f), s(width + kLanes, 0.f);
+  for (int64_t x = 0; x < width; ++x) {
+    t[x] = col_t[x];
+    s[x] = 1.f - t[x];
+  }
+  // The samples' columns: their t and 1 - t (padded by kLanes), and where each run of
+  // samples that read one cell ends, for Pixels.
+  std::vector<float> sample_t(nx + kLanes, 0.f), sample_s(nx + kLanes, 0.f);
+  std::vector<int64_t> cell_end(nx);
+  for (int64_t j = 0; j < nx; ++j) {
+    sample_t[j] = col_t[xs[j]];
+    sample_s[j] = 1.f - sample_t[j];
+  }
+  for (int64_t j = nx - 1; j >= 0; --j)
+    cell_end[j] = j + 1 < nx && col_lo[xs[j + 1]] == col_lo[xs[j]] ? cell_end[j + 1] : j + 1;
   for (int64_t i = 0; i < ny; ++i) {
     Blend(f, fh, fw, classes, row_lo[ys[i]], row_t[ys[i]], r);
-    for (int64_t j = 0; j < nx; ++j)
-      grid[i * nx + j] = Pixel(r.data(), fw, classes, col_lo[xs[j]], col_t[xs[j]]);
+    for (int64_t j = 0; j < nx;) {
+      const int64_t n = std::min(kLanes, cell_end[j] - j);
+      Pixels(r.data(), fw, classes, col_lo[xs[j]], &sample_t[j], &sample_s[j], n,
+             &grid[i * nx + j]);
+      j += n;
+    }
   }
+  struct Run {
+    int64_t x0, x1;
+    int cls;  // -1: a mixed block, computed pixel by pixel
+  };
+  std::vector<Run> runs;
   for (int64_t i = 0; i < ny; ++i) {
     const uint8_t* g = &grid[i * nx];
     const uint8_t* below = &grid[std::min(i + 1, ny - 1) * nx];
     bool mixed = false;
+    runs.clear();
     for (int64_t j = 0; j < nx; ++j) {
       const int64_t right = std::min(j + 1, nx - 1);
-      same[j] = g[j] == below[j] && g[j] == g[right] && g[j] == below[right];
-      mixed = mixed || !same[j];
+      const bool same = g[j] == below[j] && g[j] == g[right] && g[j] == below[right];
+      const int64_t x1 = j + 1 < nx ? xs[j + 1] : width;
+      if (!same) {
+        runs.push_back({xs[j], x1, -1});
+        mixed = true;
+      } else if (!runs.empty() && runs.back().cls == g[j]) {
+        runs.back().x1 = x1;
+      } else {
+        runs.push_back({xs[j], x1, g[j]});
+      }
     }
-    const int64_t y1 = i + 1 < ny ? ys[i + 1] : height;
-    for (int64_t y = ys[i]; y < y1; ++y) {
+    const int64_t y0 = ys[i], y1 = i + 1 < ny ? ys[i + 1] : height;
+    for (int64_t y = y0; y < y1; ++y) {
       uint8_t* o = out + y * width;
+      if (!mixed && y > y0) {  // every row of the band is its first
+        std::memcpy(o, out + y0 * width, width);
+        continue;
+      }
       if (mixed) Blend(f, fh, fw, classes, row_lo[y], row_t[y], r);
-      for (int64_t j = 0; j < nx; ++j) {
-        const int64_t x1 = j + 1 < nx ? xs[j + 1] : width;
-        if (same[j]) {
-          std::memset(o + xs[j], g[j], x1 - xs[j]);
+      for (const Run& run : runs) {
+        if (run.cls >= 0) {
+          std::memset(o + run.x0, run.cls, run.x1 - run.x0);
+        } else if (run.x1 - run.x0 <= kLanes && col_lo[run.x0] == col_lo[run.x1 - 1]) {
+          Pixels(r.data(), fw, classes, col_lo[run.x0], &t[run.x0], &s[run.x0],
+                 run.x1 - run.x0, o + run.x0);
         } else {
-          for (int64_t x = xs[j]; x < x1; ++x)
+          for (int64_t x = run.x0; x < run.x1; ++x)
             o[x] = Pixel(r.data(), fw, classes, col_lo[x], col_t[x]);
         }
       }

@@ -205,6 +205,43 @@ def test_class_maps_by_blocks_are_the_per_pixel_class_maps(shape, size, span):
     assert blocks.shape == size and (blocks == every).mean() >= 0.999
 
 
+def _samples(lo, block):
+  """Every `block`-th position, the last, and both sides of every change of cell."""
+  change = np.flatnonzero(np.diff(lo))
+  return np.unique(np.concatenate([np.arange(0, len(lo), block), [len(lo) - 1], change,
+                                   change + 1]))
+
+
+@pytest.mark.parametrize('block', [3, 8, 16])
+def test_class_maps_by_blocks_follow_the_block_rule_exactly(block):
+  """Every pixel of `class_map_blocks` is the rule computed here from the per-pixel classes:
+  a block between samples whose four corners agree takes their class, any other pixel its
+  own. Rough logits (blocks at every size mixed, cells of many widths), smooth ones (long
+  runs of one class); blocks wider than 8 columns (16) take the kernel's one-pixel path."""
+  from seg.model.layers import align_corners_taps
+  rng = np.random.default_rng(block)
+  shape, size = (9, 13, 21), (301, 517)
+  taps = [align_corners_taps(n, cells, span=cells - 1.5) for n, cells in zip(size, shape)]
+  for logits in (rng.standard_normal(shape).astype(np.float32),
+                 (np.cumsum(rng.standard_normal(shape), axis=1) +
+                  np.eye(21)[rng.integers(0, 21, shape[:2])] * 8).astype(np.float32)):
+    every = float_kernel.class_map_blocks(logits, *taps, block=1)
+    ys, xs = _samples(taps[0][0], block), _samples(taps[1][0], block)
+    grid = every[np.ix_(ys, xs)]
+    below = np.minimum(np.arange(1, len(ys) + 1), len(ys) - 1)
+    right = np.minimum(np.arange(1, len(xs) + 1), len(xs) - 1)
+    same = (grid == grid[below]) & (grid == grid[:, right]) & (grid == grid[below][:, right])
+    expected = every.copy()
+    bounds = lambda samples, size: zip(samples, np.append(samples[1:], size))
+    for i, (y0, y1) in enumerate(bounds(ys, size[0])):
+      for j, (x0, x1) in enumerate(bounds(xs, size[1])):
+        if same[i, j]:
+          expected[y0:y1, x0:x1] = grid[i, j]
+    got = float_kernel.class_map_blocks(logits, *taps, block=block)
+    np.testing.assert_array_equal(got, expected)
+    assert (~same).any() and same.any()
+
+
 def test_class_maps_by_blocks_refuse_bad_taps():
   logits = np.zeros((4, 4, 3), np.float32)
   good = (np.zeros(5, np.int32), np.zeros(5, np.float32))
