@@ -34,7 +34,42 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
           struct.pack('>I', zlib.crc32(kind + data) & 0xffffffff))
 
 
-class PngWriter:
+class _PngFile:
+  """The chunks of an 8-bit palette (`palette` [256, 3]) or RGB (None) PNG of `height` rows:
+  signature, IHDR and PLTE at once, the deflated rows (`_emit`) in IDAT chunks of about
+  CHUNK_BYTES, IEND (`_end`)."""
+
+  def __init__(self, file: BinaryIO, width: int, height: int, palette: Optional[np.ndarray]):
+    self.file, self.width, self.height = file, width, height
+    self.channels = 1 if palette is not None else 3
+    self.rows_written = 0
+    self._pending = []
+    self._pending_bytes = 0
+    colour_type = 3 if palette is not None else 2
+    file.write(_SIGNATURE)
+    file.write(_chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, colour_type, 0, 0, 0)))
+    if palette is not None:
+      file.write(_chunk(b'PLTE', np.asarray(palette, np.uint8).reshape(-1).tobytes()))
+
+  def _emit(self, data: bytes, final: bool = False) -> None:
+    if data:
+      self._pending.append(data)
+      self._pending_bytes += len(data)
+    if self._pending_bytes >= CHUNK_BYTES or (final and self._pending):
+      self.file.write(_chunk(b'IDAT', b''.join(self._pending)))
+      self._pending, self._pending_bytes = [], 0
+
+  def _check_complete(self) -> None:
+    if self.rows_written != self.height:
+      raise ValueError(f'{self.rows_written} rows written of {self.height}')
+
+  def _end(self, last: bytes) -> None:
+    """The last deflated bytes, then IEND."""
+    self._emit(last, final=True)
+    self.file.write(_chunk(b'IEND', b''))
+
+
+class PngWriter(_PngFile):
   """An 8-bit palette ([h, w] rows) or RGB ([h, w, 3] rows) PNG written row strip by strip.
 
       with open(path, 'wb') as f:
@@ -46,18 +81,9 @@ class PngWriter:
   def __init__(self, file: BinaryIO, width: int, height: int,
                palette: Optional[np.ndarray] = None, level: int = ZLIB_LEVEL,
                strategy: int = ZLIB_STRATEGY):
-    self.file, self.width, self.height = file, width, height
-    self.channels = 1 if palette is not None else 3
-    self.rows_written = 0
+    super().__init__(file, width, height, palette)
     self._previous = np.zeros((width * self.channels,), np.uint8)
     self._zlib = zlib.compressobj(level, zlib.DEFLATED, zlib.MAX_WBITS, 8, strategy)
-    self._pending = []
-    self._pending_bytes = 0
-    colour_type = 3 if palette is not None else 2
-    file.write(_SIGNATURE)
-    file.write(_chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, colour_type, 0, 0, 0)))
-    if palette is not None:
-      file.write(_chunk(b'PLTE', np.asarray(palette, np.uint8).reshape(-1).tobytes()))
 
   def write(self, rows: np.ndarray) -> None:
     """The next rows: [r, width] uint8 (palette) or [r, width, 3] uint8 (RGB), any strides
@@ -77,20 +103,10 @@ class PngWriter:
     self.rows_written += len(rows)
     self._emit(self._zlib.compress(filtered))  # zlib reads the buffer: no bytes copy
 
-  def _emit(self, data: bytes, final: bool = False) -> None:
-    if data:
-      self._pending.append(data)
-      self._pending_bytes += len(data)
-    if self._pending_bytes >= CHUNK_BYTES or (final and self._pending):
-      self.file.write(_chunk(b'IDAT', b''.join(self._pending)))
-      self._pending, self._pending_bytes = [], 0
-
   def close(self) -> None:
     """Ends the file (every row must have been written)."""
-    if self.rows_written != self.height:
-      raise ValueError(f'{self.rows_written} rows written of {self.height}')
-    self._emit(self._zlib.flush(), final=True)
-    self.file.write(_chunk(b'IEND', b''))
+    self._check_complete()
+    self._end(self._zlib.flush())
 
 
 def kernel() -> bool:
@@ -124,11 +140,16 @@ def pointer(array: Optional[np.ndarray]):
   return None if array is None else array.ctypes.data_as(ctypes.c_void_p)
 
 
-class MaskPngWriter(PngWriter):
+class MaskPngWriter(_PngFile):
   """A class map's palette PNG (`colour` False: its indices, `palette` [256, 3] as PLTE) or
   its RGB PNG (True: palette[index] per pixel), written strip by strip from [r, width] uint8
   class indices in the kernel library (`kernel()` must be True): the images PngWriter
-  writes from the same rows (or from their colours), deflated differently."""
+  writes from the same rows (or from their colours), deflated differently.
+
+      png = MaskPngWriter(f, width, height, colormap, colour=False)
+      for strip in strips: png.write(strip)
+      png.close()
+  """
 
   def __init__(self, file: BinaryIO, width: int, height: int, palette: np.ndarray,
                colour: bool):
@@ -136,7 +157,7 @@ class MaskPngWriter(PngWriter):
     if palette.shape != (256, 3):
       raise ValueError(f'palette of shape {palette.shape}, expected (256, 3)')
     self._deflate = library().SegMaskDeflate
-    super().__init__(file, width, height, palette=None if colour else palette)
+    super().__init__(file, width, height, None if colour else palette)
     self._colours = palette.reshape(-1) if colour else None
     self._state = np.zeros(4, np.uint64)
     self._above = None  # the last row written
@@ -156,11 +177,10 @@ class MaskPngWriter(PngWriter):
     self._above = np.array(rows[-1])
 
   def close(self) -> None:
-    if self.rows_written != self.height:
-      raise ValueError(f'{self.rows_written} rows written of {self.height}')
-    self._emit(self._call(np.zeros((0, self.width), np.uint8), start=self.height == 0,
-                          finish=True), final=True)
-    self.file.write(_chunk(b'IEND', b''))
+    """Ends the file (every row must have been written)."""
+    self._check_complete()
+    self._end(self._call(np.zeros((0, self.width), np.uint8), start=self.height == 0,
+                         finish=True))
 
   def _call(self, rows: np.ndarray, start: bool, finish: bool) -> bytes:
     # mask_png.h, Deflate: the bytes it may write.
