@@ -2,7 +2,9 @@
 
 Each stage's seconds are summed over every image and thread (decoding and writing run in
 threads beside the model, so the sum of the stages can exceed the wall-clock time); the
-report divides them by the images processed.
+report divides them by the images processed. 'decode' counts both decodes of a downscaled
+image with `--overlay` (the one the network sees, and the full-size pixels under the
+overlay).
 """
 
 import contextlib
@@ -19,6 +21,7 @@ class Profile:
 
   def __init__(self):
     self.seconds: Dict[str, float] = {}
+    self.calls: Dict[str, int] = {}
     self._lock = threading.Lock()
 
   @contextlib.contextmanager
@@ -30,6 +33,7 @@ class Profile:
       elapsed = time.perf_counter() - start
       with self._lock:
         self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+        self.calls[name] = self.calls.get(name, 0) + 1
 
   def format(self, images: int) -> str:
     """A table: stage, total seconds, milliseconds per image."""

@@ -284,7 +284,10 @@ def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
       item.prob_file = ProbabilityFile(stem + '_prob.npy', item.probs.shape[-1],
                                        *item.mask.shape, options.probabilities)
       item.prob_file.write(0, 0, item.probs)
-    image = (lambda: load_rgb(item.job.path)) if item.resized else (lambda: item.image)
+    def full_size():  # for the overlay: a downscaled image's pixels at full size, decoded again
+      with profile.stage('decode'):
+        return load_rgb(item.job.path)
+    image = full_size if item.resized else (lambda: item.image)
     write_masks(stem, item.mask, options, image, profile)
     if item.prob_file is not None:
       item.prob_file.commit()

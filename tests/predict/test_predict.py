@@ -622,6 +622,38 @@ def test_default_masks_of_a_large_image_are_the_upsampled_argmax(engine, referen
   assert (mask == expected).mean() >= 0.999
 
 
+def test_profile_times_every_stage_an_image_passes(engine, tmp_path, monkeypatch):
+  """`--profile`: each image's decode, and with `--overlay` the second, full-size decode of a
+  downscaled one (the pixels under the overlay); the full-size class maps of the downscaled
+  images; both files' writes; the table prints each stage's seconds and ms per image."""
+  from seg.predict import profile, runner
+  profiles = []
+
+  class Recorded(profile.Profile):
+    def __init__(self):
+      super().__init__()
+      profiles.append(self)
+
+  monkeypatch.setattr(runner, 'Profile', Recorded)
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  Image.fromarray(_scene(70, 90, 0)).save(inputs / 'small.jpg')
+  Image.fromarray(_scene(300, 400, 1)).save(inputs / 'large.jpg')   # above 161: downscaled
+  Image.fromarray(_scene(322, 200, 2)).save(inputs / 'large.png')
+  failures, summary, _ = _run(engine, [str(inputs)], tmp_path / 'out', overlay=True,
+                              profile=True)
+  assert failures == 0 and len(profiles) == 1
+  calls, seconds = profiles[0].calls, profiles[0].seconds
+  assert calls['decode'] == 3 + 2 and calls['upsample'] == 2 and calls['write'] == 3 * 2
+  table = summary[summary.index('profile ('):].splitlines()[1:]
+  assert [line.split()[0] for line in table] == [
+      s for s in profile.STAGES if s in seconds]
+  for line in table:
+    name, total, _, per_image, _ = line.split()
+    assert float(total) == pytest.approx(seconds[name], abs=0.006)
+    assert float(per_image) == pytest.approx(seconds[name] / 3 * 1000, abs=0.06)
+
+
 @pytest.mark.parametrize('kernel', [False, True])
 def test_upsampled_class_map_matches_every_pixel_computed(engine, kernel):
   """seg.predict.upsampling's block shortcut against block=1 (every pixel) and NumPy, in
