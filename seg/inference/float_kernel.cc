@@ -574,8 +574,9 @@ extern "C" int64_t SegMaskDeflate(uint64_t* state, const uint8_t* rows, const ui
 
 // predict's overlay in place (mask_png.h: Overlay), through ctypes (seg/predict/outputs.py).
 extern "C" void SegOverlay(uint8_t* rgb, int64_t height, int64_t width, int64_t stride,
-                           const uint8_t* mask, int64_t mask_stride, const uint8_t* colours) {
-  seg::mask_png::Overlay(rgb, height, width, stride, mask, mask_stride, colours);
+                           int64_t pixel_bytes, const uint8_t* mask, int64_t mask_stride,
+                           const uint8_t* colours) {
+  seg::mask_png::Overlay(rgb, height, width, stride, pixel_bytes, mask, mask_stride, colours);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SegFloatProduct, FloatProduct,

@@ -242,12 +242,14 @@ inline int64_t Deflate(State* st, const uint8_t* m, const uint8_t* previous, int
   return w.Written();
 }
 
-// predict's --overlay, in place: the pixels of rgb [height, width, 3] (row stride `stride`)
-// whose class in mask [height, width] (row stride `mask_stride`) is not 0 become
+// predict's --overlay, in place: the pixels of rgb [height, width] (row stride `stride`,
+// `pixel_bytes` from one pixel to the next: 3, or 4 in Pillow's memory; R, G, B first) whose
+// class in mask [height, width] (row stride `mask_stride`) is not 0 become
 // round((pixel + colour) / 2) with halves to even (seg/predict/outputs.py: overlay), the
 // background ones stay; the classes are read 32 at a time, only the others' pixels touched.
 inline void Overlay(uint8_t* rgb, int64_t height, int64_t width, int64_t stride,
-                    const uint8_t* mask, int64_t mask_stride, const uint8_t* colours) {
+                    int64_t pixel_bytes, const uint8_t* mask, int64_t mask_stride,
+                    const uint8_t* colours) {
   auto blend = [&](uint8_t* pixel, int k) {
     for (int c = 0; c < 3; ++c) {
       const unsigned total = pixel[c] + colours[3 * k + c];
@@ -264,11 +266,11 @@ inline void Overlay(uint8_t* rgb, int64_t height, int64_t width, int64_t stride,
           _mm256_movemask_epi8(_mm256_cmpeq_epi8(classes, _mm256_setzero_si256())));
       for (; others; others &= others - 1) {
         const int64_t at = x + __builtin_ctz(others);
-        blend(row + 3 * at, m[at]);
+        blend(row + pixel_bytes * at, m[at]);
       }
     }
     for (; x < width; ++x)
-      if (m[x]) blend(row + 3 * x, m[x]);
+      if (m[x]) blend(row + pixel_bytes * x, m[x]);
   }
 }
 

@@ -10,8 +10,12 @@ bilinear, PIL) to fit it: the first half of the 'resize' large-image policy
 (`seg.predict.large_images` upsamples the class probabilities back to the original size).
 JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still covers the target
 size, so the full-size pixels are not held.
+
+For `--overlay` (`load_rgb_image`, `writable_pixels`), the full-size image stays in
+Pillow's memory and the overlay is blended there, with no copy of the photo.
 """
 
+import ctypes
 import os
 from typing import Optional, Tuple
 
@@ -64,6 +68,32 @@ def load_image(path: str, max_side: Optional[int] = None,
   (antialiased bilinear; JPEGs are decoded at a reduced scale first). `profile`
   (`seg.predict.profile`) times the stages 'decode' and 'resize'.
   """
+  oriented, original = _decoded(path, max_side, profile)
+  with profile.stage('resize'):
+    if max_side and max(oriented.size) > max_side:
+      oriented = _resize_to_fit(oriented, original, max_side)
+    return _to_rgb(oriented), original
+
+
+def load_rgb_image(path: str) -> Image.Image:
+  """An image file as a PIL image of mode RGB: `load_rgb`'s pixels in Pillow's memory, which
+  `writable_pixels` can hand out (the overlay is blended there and encoded with no copy).
+
+  Sets Pillow to allocate each image in one block from then on in this process
+  (`Image.core.set_use_block_allocator`; by default an image above 16 MB, a 4 MP photo, is
+  a chain of blocks, which Pillow's Arrow export refuses).
+  """
+  use_one_block = getattr(Image.core, 'set_use_block_allocator', None)
+  if use_one_block is not None:
+    use_one_block(1)
+  image, _ = _decoded(path)
+  return image if image.mode == 'RGB' else Image.fromarray(_to_rgb(image))
+
+
+def _decoded(path: str, max_side: Optional[int] = None,
+             profile=NO_PROFILE) -> Tuple[Image.Image, Tuple[int, int]]:
+  """(the file's pixels as a loaded PIL image, EXIF orientation applied, (H, W) original
+  size); a JPEG larger than `max_side` decoded at a reduced scale that still covers it."""
   if os.path.getsize(path) == 0:
     raise ValueError('empty file (0 bytes)')
   with Image.open(path) as image:
@@ -82,10 +112,66 @@ def load_image(path: str, max_side: Optional[int] = None,
     with profile.stage('decode'):
       image.load()  # decode errors (truncated, corrupt) happen here
       oriented = ImageOps.exif_transpose(image) if orientation in range(2, 9) else image
-    with profile.stage('resize'):
-      if max_side and max(oriented.size) > max_side:
-        oriented = _resize_to_fit(oriented, (height, width), max_side)
-      return _to_rgb(oriented), (height, width)
+    return oriented, (height, width)
+
+
+class _ArrowSchema(ctypes.Structure):
+  pass
+
+
+_ArrowSchema._fields_ = [  # the Arrow C data interface's ArrowSchema
+    ('format', ctypes.c_char_p), ('name', ctypes.c_char_p), ('metadata', ctypes.c_char_p),
+    ('flags', ctypes.c_int64), ('n_children', ctypes.c_int64),
+    ('children', ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
+    ('dictionary', ctypes.c_void_p), ('release', ctypes.c_void_p),
+    ('private_data', ctypes.c_void_p)]
+
+
+class _ArrowArray(ctypes.Structure):
+  pass
+
+
+_ArrowArray._fields_ = [  # and its ArrowArray
+    ('length', ctypes.c_int64), ('null_count', ctypes.c_int64), ('offset', ctypes.c_int64),
+    ('n_buffers', ctypes.c_int64), ('n_children', ctypes.c_int64),
+    ('buffers', ctypes.POINTER(ctypes.c_void_p)),
+    ('children', ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ('dictionary', ctypes.c_void_p), ('release', ctypes.c_void_p),
+    ('private_data', ctypes.c_void_p)]
+
+
+def _capsule_pointer(capsule, name: bytes) -> int:
+  get = ctypes.pythonapi.PyCapsule_GetPointer
+  get.restype, get.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+  return get(capsule, name)
+
+
+def writable_pixels(image: Image.Image) -> Optional[np.ndarray]:
+  """[h, w, 3] uint8, a view of an RGB image's own pixels (Pillow keeps 4 bytes a pixel:
+  strides (4 w, 4, 1)), through Pillow's Arrow export; writing it changes the image. None
+  where Pillow does not hand them out (not RGB, rows not in one block, no Arrow export).
+  The view keeps the export (and so the memory) alive; the image must not be changed
+  through Pillow while it is used."""
+  if image.mode != 'RGB' or not hasattr(image, '__arrow_c_array__'):
+    return None
+  try:
+    schema_capsule, array_capsule = image.__arrow_c_array__()
+  except ValueError:  # rows not contiguous (a chain of blocks)
+    return None
+  schema = _ArrowSchema.from_address(_capsule_pointer(schema_capsule, b'arrow_schema'))
+  array = _ArrowArray.from_address(_capsule_pointer(array_capsule, b'arrow_array'))
+  width, height = image.size
+  if (schema.format != b'+w:4' or schema.n_children != 1 or
+      schema.children[0].contents.format != b'C' or array.n_children != 1 or
+      array.length != width * height or array.offset != 0):
+    return None
+  values = array.children[0].contents
+  if values.n_buffers != 2 or values.offset != 0 or values.length != 4 * width * height or \
+      not values.buffers[1]:
+    return None
+  memory = (ctypes.c_uint8 * values.length).from_address(values.buffers[1])
+  memory.export = (schema_capsule, array_capsule, image)  # alive as long as the view
+  return np.frombuffer(memory, np.uint8).reshape(height, width, 4)[..., :3]
 
 
 def _resize_to_fit(image: Image.Image, original: Tuple[int, int], max_side: int) -> Image.Image:

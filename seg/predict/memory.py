@@ -46,7 +46,8 @@ def resident_bytes() -> int:
 def item_bytes(image_bytes: int, original: Tuple[int, int], overlay: bool) -> int:
   """What one image holds between decoding and writing: its decoded pixels, its full-size
   class map with the temporaries of `seg.predict.upsampling` (about twice the map), and
-  with an overlay the re-read image and the blend (3 + 3 bytes a pixel)."""
+  with an overlay the image re-read at full size (4 bytes a pixel in Pillow's memory, where
+  it is blended) and its JPEG (counted as 6 bytes a pixel)."""
   pixels = original[0] * original[1]
   return image_bytes + 2 * pixels + (6 * pixels if overlay else 0)
 

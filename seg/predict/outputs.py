@@ -22,6 +22,7 @@ from typing import Callable, List, Optional
 import numpy as np
 from PIL import Image
 
+from seg.predict.images import writable_pixels
 from seg.predict.options import Options
 from seg.predict.png import MaskPngWriter, PngWriter, kernel as masks_in_kernel, library, pointer
 from seg.predict.profile import NO_PROFILE
@@ -66,34 +67,45 @@ def _palette_bytes() -> bytes:
 def overlay(rgb: np.ndarray, mask: np.ndarray, in_kernel: Optional[bool] = None) -> np.ndarray:
   """[h, w, 3] uint8: the image `rgb` with the VOC colours of `mask` [h, w] blended half and
   half over it where the class is not background (0): round((pixel + colour) / 2), halves to
-  even, as NumPy rounds the float blend; background pixels as they are.
+  even, as NumPy rounds the float blend; background pixels as they are (`blend`, on a copy).
+  """
+  out = np.array(rgb, np.uint8, order='C')
+  blend(out, mask, in_kernel)
+  return out
 
-  In the kernel library where it runs (`in_kernel`, default `masks_in_kernel()`: a copy of
-  the image, then only the other pixels blended), else in NumPy's integers strip by strip
-  (uint16 temporaries of 256 rows; 3x faster than the float blend on a 12 MP photo,
+
+def blend(pixels: np.ndarray, mask: np.ndarray, in_kernel: Optional[bool] = None) -> None:
+  """`overlay` in place: pixels [h, w, 3] uint8, a view whose pixels may be 3 or 4 bytes
+  apart (Pillow's memory: `seg.predict.images.writable_pixels`), channels adjacent.
+
+  In the kernel library where it runs (`in_kernel`, default `masks_in_kernel()`: only the
+  pixels that are not background touched), else in NumPy's integers strip by strip (uint16
+  temporaries of 256 rows; 3x faster than the float blend on a 12 MP photo,
   docs/predict.md).
   """
+  if (pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3 or
+      mask.shape != pixels.shape[:2]):
+    raise ValueError(f'pixels [h, w, 3] uint8 and mask [h, w], got {pixels.dtype} '
+                     f'{pixels.shape} and {mask.shape}')
+  if not pixels.flags.writeable:
+    raise ValueError('pixels are read-only')
   if in_kernel is None:
     in_kernel = masks_in_kernel()
-  if in_kernel:
-    out = np.array(rgb, np.uint8, order='C')
+  if in_kernel and pixels.strides[2] == 1 and pixels.strides[1] in (3, 4) and \
+      pixels.strides[0] > 0:
     mask = np.ascontiguousarray(mask, np.uint8)
-    if out.ndim != 3 or out.shape[2] != 3 or mask.shape != out.shape[:2]:
-      raise ValueError(f'rgb [h, w, 3] and mask [h, w], got {out.shape} and {mask.shape}')
     library().SegOverlay(
-        pointer(out), ctypes.c_int64(out.shape[0]), ctypes.c_int64(out.shape[1]),
-        ctypes.c_int64(out.strides[0]), pointer(mask), ctypes.c_int64(mask.strides[0]),
-        pointer(_colormap()))
-    return out
-  out = np.empty_like(rgb)
+        pointer(pixels), ctypes.c_int64(pixels.shape[0]), ctypes.c_int64(pixels.shape[1]),
+        ctypes.c_int64(pixels.strides[0]), ctypes.c_int64(pixels.strides[1]), pointer(mask),
+        ctypes.c_int64(mask.strides[0]), pointer(_colormap()))
+    return
   for r in range(0, mask.shape[0], STRIP_ROWS):
-    m, pixels = mask[r:r + STRIP_ROWS], rgb[r:r + STRIP_ROWS]
-    total = pixels.astype(np.uint16)
+    m, part = mask[r:r + STRIP_ROWS], pixels[r:r + STRIP_ROWS]
+    total = part.astype(np.uint16)
     total += colours(m)
     total += (total >> 1) & 1  # an odd total's half rounds to the even neighbour
     total >>= 1
-    np.copyto(out[r:r + STRIP_ROWS], np.where(m[..., None] > 0, total.astype(np.uint8), pixels))
-  return out
+    np.copyto(part, total.astype(np.uint8), where=m[..., None] > 0)
 
 
 def colours(mask: np.ndarray) -> np.ndarray:
@@ -151,14 +163,15 @@ def _write_bytes(path: str, data: bytes) -> None:
 
 
 def write_masks(stem: str, mask: np.ndarray, options: Options,
-                image: Optional[Callable[[], np.ndarray]] = None, profile=NO_PROFILE) -> None:
+                image: Optional[Callable[[], Image.Image]] = None, profile=NO_PROFILE) -> None:
   """STEM.png (palette indices), STEM_color.png and, with overlay, STEM_overlay.jpg.
 
   The two PNGs are encoded strip by strip (`seg.predict.png`), so no full-size RGB copy of
   the mask is made: in the kernel library where it runs (`masks_in_kernel`, both from the
-  class indices), else through zlib. `image` returns the [H, W, 3] uint8 image for the overlay
-  (read lazily). `profile` times the stages 'colour' (class ids -> RGB; the kernel colours
-  as it encodes), 'encode' and 'write'.
+  class indices), else through zlib. `image` returns the image under the overlay, a PIL
+  image of mode RGB (read lazily; blended in its own memory where `writable_pixels` gives
+  it, else on a copy). `profile` times the stages 'colour' (class ids -> RGB; the kernel
+  colours as it encodes; the overlay's blend), 'encode' and 'write'.
   """
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
   cmap = _colormap()
@@ -188,10 +201,15 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
     _write_bytes(stem + '_color.png', colour_file.getvalue())
     _write_bytes(stem + '.png', indices_file.getvalue())
   if options.overlay:
-    rgb = image()
+    picture = image()
     with profile.stage('colour'):
-      out = overlay(rgb, mask)
+      pixels = writable_pixels(picture)
+      if pixels is None:
+        picture = Image.fromarray(overlay(np.asarray(picture), mask))
+      else:  # blended in Pillow's memory and encoded from there: no copy of the photo
+        blend(pixels, mask)
+        del pixels
     with profile.stage('encode'):
-      data = _encoded(Image.fromarray(out), 'JPEG', quality=90)
+      data = _encoded(picture, 'JPEG', quality=90)
     with profile.stage('write'):
       _write_bytes(stem + '_overlay.jpg', data)

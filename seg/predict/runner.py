@@ -19,10 +19,11 @@ from concurrent import futures
 from typing import Dict, Hashable, List, Optional, Tuple
 
 import numpy as np
+from PIL import Image
 
 from seg.predict.files import (IMAGE_EXTENSIONS, Job, check_output_folder, collect_inputs,
                                plan_jobs, shard_of)
-from seg.predict.images import load_image, load_rgb
+from seg.predict.images import load_image, load_rgb_image
 from seg.predict.memory import Plan, item_bytes, plan_memory, resident_bytes
 from seg.predict.upsampling import class_map, strips
 from seg.predict.large_images import predict_tiled, softmax
@@ -286,8 +287,8 @@ def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
       item.prob_file.write(0, 0, item.probs)
     def full_size():  # for the overlay: a downscaled image's pixels at full size, decoded again
       with profile.stage('decode'):
-        return load_rgb(item.job.path)
-    image = full_size if item.resized else (lambda: item.image)
+        return load_rgb_image(item.job.path)
+    image = full_size if item.resized else (lambda: Image.fromarray(item.image))
     write_masks(stem, item.mask, options, image, profile)
     if item.prob_file is not None:
       item.prob_file.commit()

@@ -28,6 +28,7 @@ from seg.inference.engine import Engine
 from seg.predict import large_images
 from seg.predict.progress import Progress, RunReport
 from seg.predict.files import collect_inputs, plan_jobs
+from seg.predict import images as images_module
 from seg.predict.images import load_image, load_rgb
 from seg.model import create_model
 
@@ -214,6 +215,75 @@ def test_the_overlay_is_the_half_blend_rounded_as_numpy_rounds(in_kernel):
   got = outputs.overlay(rgb, mask, in_kernel)
   assert got.dtype == np.uint8 and np.array_equal(got, expected.astype(np.uint8))
   assert (((rgb.astype(int) + colour.astype(int)) % 2 == 1) & (mask[..., None] > 0)).any()
+
+
+def test_writable_pixels_are_the_images_own_memory():
+  """`images.writable_pixels`: a view of an RGB image's pixels (Pillow's 4 bytes a pixel)
+  that equals its values and writes into the image; None for other modes and for an image
+  held in a chain of blocks (above Pillow's 16 MB block: 4.3 MP here)."""
+  from seg.predict import images
+  rng = np.random.default_rng(3)
+  values = rng.integers(0, 256, (1800, 2400, 3)).astype(np.uint8)
+  previous = Image.core.get_use_block_allocator()
+  try:
+    Image.core.set_use_block_allocator(0)
+    assert images.writable_pixels(Image.fromarray(values)) is None   # 17 MB: chained
+    Image.core.set_use_block_allocator(1)
+    image = Image.fromarray(values)
+    pixels = images.writable_pixels(image)
+  finally:
+    Image.core.set_use_block_allocator(previous)
+  assert pixels.shape == values.shape and pixels.strides == (4 * 2400, 4, 1)
+  np.testing.assert_array_equal(pixels, values)
+  pixels[7, 11] = (1, 2, 3)
+  assert image.getpixel((11, 7)) == (1, 2, 3)
+  assert images.writable_pixels(Image.fromarray(values[..., 0])) is None   # mode L
+  small = Image.fromarray(values[:50, :60])   # one block under any allocator
+  np.testing.assert_array_equal(images.writable_pixels(small), values[:50, :60])
+
+
+@pytest.mark.parametrize('in_kernel', [False, True])
+def test_the_blend_in_place_on_4_byte_pixels_is_the_overlay(in_kernel):
+  """`outputs.blend` on pixels 4 bytes apart (Pillow's layout) gives `overlay`'s values and
+  leaves the fourth byte alone; a read-only or misshapen array is refused."""
+  from seg.predict import outputs, png
+  if in_kernel and not png.kernel():
+    pytest.skip('the kernel library does not run here')
+  rng = np.random.default_rng(12)
+  rgbx = rng.integers(0, 256, (120, 301, 4)).astype(np.uint8)
+  mask = rng.integers(0, 22, (120, 301)).astype(np.uint8)
+  expected = outputs.overlay(rgbx[..., :3], mask, in_kernel=False)
+  fourth = rgbx[..., 3].copy()
+  outputs.blend(rgbx[..., :3], mask, in_kernel)
+  np.testing.assert_array_equal(rgbx[..., :3], expected)
+  np.testing.assert_array_equal(rgbx[..., 3], fourth)
+  frozen = np.zeros((120, 301, 3), np.uint8)
+  frozen.flags.writeable = False
+  with pytest.raises(ValueError, match='read-only'):
+    outputs.blend(frozen, mask)
+  with pytest.raises(ValueError, match=r'pixels \[h, w, 3\]'):
+    outputs.blend(np.zeros((120, 300, 3), np.uint8), mask)
+
+
+def test_the_overlay_of_a_downscaled_photo_is_blended_in_pillows_memory(engine, tmp_path,
+                                                                       monkeypatch):
+  """A photo above the eval size: its overlay JPEG is blended in the decoded image's own
+  memory (a 4.3 MP photo, above Pillow's 16 MB block) and is byte for byte the JPEG of
+  `overlay` on its decoded pixels and mask, encoded as before."""
+  from seg.predict import outputs
+  seen = []
+  monkeypatch.setattr(outputs, 'writable_pixels',
+                      lambda image: seen.append(images_module.writable_pixels(image)) or seen[-1])
+  photo = np.asarray(Image.fromarray(_scene(180, 240, 4)).resize((2400, 1800)))
+  Image.fromarray(photo).save(tmp_path / 'photo.jpg', quality=92)
+  assert _run(engine, [str(tmp_path / 'photo.jpg')], tmp_path / 'out', overlay=True)[0] == 0
+  assert len(seen) == 1 and seen[0] is not None
+  mask = _read_mask(tmp_path / 'out' / 'photo.png')
+  encoded = io.BytesIO()
+  Image.fromarray(outputs.overlay(load_rgb(str(tmp_path / 'photo.jpg')), mask)).save(
+      encoded, format='JPEG', quality=90)
+  assert (tmp_path / 'out' / 'photo_overlay.jpg').read_bytes() == encoded.getvalue()
+  assert len(np.unique(mask)) > 1
 
 
 def _png_stream(data: bytes):
