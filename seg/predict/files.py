@@ -20,7 +20,8 @@ from seg.predict.options import Options
 from seg.predict.outputs import output_suffixes
 
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
+                    '.avif', '.heic', '.heif')  # HEIC/HEIF through pillow-heif
 LIST_EXTENSIONS = ('.txt', '.lst')
 
 

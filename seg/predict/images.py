@@ -16,6 +16,7 @@ Pillow's memory and the overlay is blended there, with no copy of the photo.
 """
 
 import ctypes
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -26,6 +27,7 @@ from seg.predict.profile import NO_PROFILE
 from seg.preprocessing import MEAN_PIXEL
 
 EXIF_ORIENTATION = 0x0112
+HEIF_EXTENSIONS = ('.heic', '.heif')
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
@@ -90,13 +92,33 @@ def load_rgb_image(path: str) -> Image.Image:
   return image if image.mode == 'RGB' else Image.fromarray(_to_rgb(image))
 
 
+@functools.lru_cache(maxsize=1)
+def heif_support() -> bool:
+  """Whether Pillow opens HEIC/HEIF files (iPhones' photos) here: pillow-heif's opener,
+  registered on first call."""
+  try:
+    import pillow_heif
+  except ImportError:
+    return False
+  pillow_heif.register_heif_opener()
+  return True
+
+
+def _open(path: str) -> Image.Image:
+  """Image.open, with HEIC/HEIF files through pillow-heif (an error that says to install it
+  where it is missing)."""
+  if not heif_support() and path.lower().endswith(HEIF_EXTENSIONS):
+    raise ValueError('a HEIC/HEIF image needs pillow-heif (pip install -r requirements.txt)')
+  return Image.open(path)
+
+
 def _decoded(path: str, max_side: Optional[int] = None,
              profile=NO_PROFILE) -> Tuple[Image.Image, Tuple[int, int]]:
   """(the file's pixels as a loaded PIL image, EXIF orientation applied, (H, W) original
   size); a JPEG larger than `max_side` decoded at a reduced scale that still covers it."""
   if os.path.getsize(path) == 0:
     raise ValueError('empty file (0 bytes)')
-  with Image.open(path) as image:
+  with _open(path) as image:
     width, height = image.size
     try:
       orientation = image.getexif().get(EXIF_ORIENTATION, 1)

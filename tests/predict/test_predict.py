@@ -629,6 +629,36 @@ def test_modes_and_orientation_become_the_equivalent_rgb(engine, reference, tmp_
     _assert_same_classes(_read_mask(tmp_path / 'out' / f'{name}.png'), reference(pixels))
 
 
+def test_iphone_heic_and_avif_photos_are_read_as_viewed(engine, reference, tmp_path,
+                                                        monkeypatch):
+  """HEIC (pillow-heif; its EXIF orientation as the phone writes it) and AVIF files are found
+  in folders and read as viewers show them; without pillow-heif a HEIC input fails with the
+  reason, the others go on."""
+  pillow_heif = pytest.importorskip('pillow_heif')
+  from seg.predict import images
+  inputs = tmp_path / 'in'
+  inputs.mkdir()
+  rgb = _scene(48, 64, 10)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # the phone was turned: rotate 90 degrees clockwise to view
+  pillow_heif.from_bytes('RGB', (64, 48), rgb.tobytes()).save(
+      inputs / 'phone.heic', exif=exif.tobytes(), quality=95)
+  Image.fromarray(rgb).save(inputs / 'web.avif', quality=95)
+  turned, got = np.rot90(rgb, k=-1), load_rgb(str(inputs / 'phone.heic'))
+  assert got.shape == (64, 48, 3)
+  error = lambda a, b: np.abs(a.astype(int) - b).mean()
+  assert error(got, turned) < 6 < error(got, np.rot90(rgb, k=1))   # lossy, but turned right
+  assert error(load_rgb(str(inputs / 'web.avif')), rgb) < 6
+  assert _run(engine, [str(inputs)], tmp_path / 'out')[0] == 0
+  for name, pixels in (('phone', got), ('web', load_rgb(str(inputs / 'web.avif')))):
+    _assert_same_classes(_read_mask(tmp_path / 'out' / f'{name}.png'), reference(pixels))
+
+  monkeypatch.setattr(images, 'heif_support', lambda: False)
+  failures, summary, _ = _run(engine, [str(inputs)], tmp_path / 'again', overwrite=True)
+  assert failures == 1 and 'phone.heic' in summary and 'pillow-heif' in summary
+  assert os.path.exists(tmp_path / 'again' / 'web.png')
+
+
 # ----------------------------------------------------------------------------------------------
 # Large images and bounded memory.
 
