@@ -11,7 +11,7 @@ docs/predict.md). zlib releases the GIL, so the writer threads encode at once.
 `MaskPngWriter` writes the same two images of a class map (its palette PNG and the RGB PNG
 of its colours) from the class indices alone, in the project's kernel library
 (seg/inference/mask_png.h: runs of unchanged pixels found 32 at a time and written as
-deflate copies, one Huffman table fitted to masks; no RGB copy of the mask), where that
+deflate copies in blocks of Huffman codes fitted to each strip; no RGB copy of the mask), where that
 library runs (`kernel()`); zlib decodes it (the files are ordinary PNGs).
 """
 
@@ -183,8 +183,8 @@ class MaskPngWriter(_PngFile):
                          finish=True))
 
   def _call(self, rows: np.ndarray, start: bool, finish: bool) -> bytes:
-    # mask_png.h, Deflate: the bytes it may write.
-    out = np.empty(2 + (11 * len(rows) * (1 + 3 * self.width) + 1200) // 8 + 16, np.uint8)
+    # mask_png.h, MaxBytes: the bytes Deflate may write.
+    out = np.empty(2 + (15 * len(rows) * (1 + 3 * self.width) + 2200) // 8 + 16, np.uint8)
     written = self._deflate(
         pointer(self._state), pointer(rows), pointer(self._above), ctypes.c_int64(len(rows)),
         ctypes.c_int64(self.width), ctypes.c_int64(rows.strides[0]), pointer(self._colours),

@@ -317,7 +317,8 @@ def test_mask_png_writer_writes_the_up_filtered_rows_in_the_kernel(width):
   independent decoders: zlib's inflate (checking its Adler-32) gives exactly the Up-filtered
   rows of the indices (palette PNG) and of their VOC colours (RGB PNG, computed here), and
   Pillow decodes both images; masks of runs longer than a deflate copy, rows like the row
-  above, noise rows of any byte value (the 11-bit codes), given in uneven strips."""
+  above, noise rows of any byte value (rare symbols), given in uneven strips (a block of
+  codes fitted to each)."""
   from seg.predict import png
   if not png.kernel():
     pytest.skip('the kernel library does not run here')
@@ -348,6 +349,34 @@ def test_mask_png_writer_writes_the_up_filtered_rows_in_the_kernel(width):
     writer = png.MaskPngWriter(io.BytesIO(), width, height, cmap, True)
     writer.write(mask[:5])
     writer.close()
+
+
+def test_mask_png_codes_stay_within_deflates_15_bits():
+  """Symbol counts as skewed as Fibonacci's numbers (25 values, 1 to 75,025 times: Huffman's
+  code for them would run to 24 bits, deflate allows 15): zlib's inflate still gives the
+  Up-filtered rows of both PNGs and Pillow decodes them."""
+  from seg.predict import png
+  if not png.kernel():
+    pytest.skip('the kernel library does not run here')
+  counts = [1, 1]
+  while len(counts) < 25:
+    counts.append(counts[-1] + counts[-2])
+  values = np.repeat(np.arange(1, 26, dtype=np.uint8), counts)
+  np.random.default_rng(0).shuffle(values)
+  width = 1024
+  noise = np.resize(values, (len(values) + width - 1) // width * width).reshape(-1, width)
+  mask = np.zeros((2 * len(noise), width), np.uint8)
+  mask[1::2] = noise  # each noise row under a row of zeros: its bytes are the literals
+  cmap = _voc_colormap()
+  for colour in (False, True):
+    buffer = io.BytesIO()
+    writer = png.MaskPngWriter(buffer, width, len(mask), cmap, colour)
+    writer.write(mask)
+    writer.close()
+    expected = cmap[mask] if colour else mask
+    assert _png_stream(buffer.getvalue())[3] == _up_filtered(expected)
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(buffer.getvalue()))),
+                                  expected)
 
 
 def test_the_masks_are_the_same_images_either_way(tmp_path, monkeypatch):
