@@ -9,7 +9,8 @@ With `max_side`, an image with a larger side is downscaled (antialiased
 bilinear, PIL) to fit it: the first half of the 'resize' large-image policy
 (`seg.predict.large_images` upsamples the class probabilities back to the original size).
 JPEGs are decoded at 1/2, 1/4 or 1/8 scale when that still covers the target
-size, so the full-size pixels are not held.
+size, so the full-size pixels are not held; a HEIC photo's embedded thumbnail is
+taken where one covers it.
 
 For `--overlay` (`load_rgb_image`, `writable_pixels`), the full-size image stays in
 Pillow's memory and the overlay is blended there, with no copy of the photo.
@@ -115,7 +116,8 @@ def _open(path: str) -> Image.Image:
 def _decoded(path: str, max_side: Optional[int] = None,
              profile=NO_PROFILE) -> Tuple[Image.Image, Tuple[int, int]]:
   """(the file's pixels as a loaded PIL image, EXIF orientation applied, (H, W) original
-  size); a JPEG larger than `max_side` decoded at a reduced scale that still covers it."""
+  size); a JPEG larger than `max_side` decoded at a reduced scale that still covers it, a
+  HEIC's thumbnail taken where one does."""
   if os.path.getsize(path) == 0:
     raise ValueError('empty file (0 bytes)')
   with _open(path) as image:
@@ -126,8 +128,9 @@ def _decoded(path: str, max_side: Optional[int] = None,
       orientation = 1
     if orientation in (5, 6, 7, 8):  # turned by 90 or 270 degrees
       width, height = height, width
-    if max_side and max(width, height) > max_side and image.format == 'JPEG':
-      # Decode at 1/2, 1/4 or 1/8 scale (still at least the target size).
+    if max_side and max(width, height) > max_side and image.format in ('JPEG', 'HEIF'):
+      # A JPEG decoded at 1/2, 1/4 or 1/8 scale, a HEIC's embedded thumbnail (pillow-heif's
+      # draft: a scaled copy), where that still covers the target size.
       scale = max_side / max(width, height)
       image.draft(image.mode, (max(1, int(image.size[0] * scale)),
                                max(1, int(image.size[1] * scale))))

@@ -682,9 +682,23 @@ def test_iphone_heic_and_avif_photos_are_read_as_viewed(engine, reference, tmp_p
   for name, pixels in (('phone', got), ('web', load_rgb(str(inputs / 'web.avif')))):
     _assert_same_classes(_read_mask(tmp_path / 'out' / f'{name}.png'), reference(pixels))
 
+  # A larger photo with a thumbnail that covers the eval size: the thumbnail is decoded
+  # (pillow-heif's own decode of it, resized as any image), the mask at the full size.
+  large = np.asarray(Image.fromarray(rgb).resize((400, 300)))
+  Image.fromarray(large).save(inputs / 'large.heic', quality=95, thumbnails=[200])
+  thumbnail = np.asarray(pillow_heif.open_heif(inputs / 'large.heic')[0].get_thumbnail(0))
+  assert thumbnail.shape == (150, 200, 3)
+  image, original = load_image(str(inputs / 'large.heic'), max_side=161)
+  np.testing.assert_array_equal(image, np.asarray(Image.fromarray(thumbnail).resize(
+      (161, 121), Image.Resampling.BILINEAR)))
+  assert original == (300, 400)
+  assert _run(engine, [str(inputs / 'large.heic')], tmp_path / 'large')[0] == 0
+  assert _read_mask(tmp_path / 'large' / 'large.png').shape == (300, 400)
+
   monkeypatch.setattr(images, 'heif_support', lambda: False)
   failures, summary, _ = _run(engine, [str(inputs)], tmp_path / 'again', overwrite=True)
-  assert failures == 1 and 'phone.heic' in summary and 'pillow-heif' in summary
+  assert failures == 2 and 'phone.heic' in summary and 'large.heic' in summary
+  assert 'pillow-heif' in summary
   assert os.path.exists(tmp_path / 'again' / 'web.png')
 
 
