@@ -987,7 +987,8 @@ def test_predict_says_what_the_kernel_sets_up_once_and_keeps_compilations_quiet(
   Image.fromarray(_scene(40, 50, 12)).save(tmp_path / 'in' / 'a.png')
   Image.fromarray(_scene(300, 200, 13)).save(tmp_path / 'in' / 'b.png')  # resized: features
   lines = []
-  assert predict.predict_paths(workdir, str(tmp_path / 'in'), str(tmp_path / 'out'),
+  options = predict.Options(memory_budget=16 << 30)  # the test process holds more than a run
+  assert predict.predict_paths(workdir, str(tmp_path / 'in'), str(tmp_path / 'out'), options,
                                batch_size=2, log=lines.append,
                                progress_stream=io.StringIO()) == 0
   told = [i for i, line in enumerate(lines) if line.startswith("running the kernel's float32 "
