@@ -172,11 +172,8 @@ inline void Blocks(const float* f, int64_t fh, int64_t fw, int64_t classes, int6
   const std::vector<int64_t> xs = Samples(col_lo, width, block);
   const int64_t ny = static_cast<int64_t>(ys.size()), nx = static_cast<int64_t>(xs.size());
   std::vector<uint8_t> grid(ny * nx);
-  std::vector<float> r, t(width + kLanes, 0.f), s(width + kLanes, 0.f);
-  for (int64_t x = 0; x < width; ++x) {
-    t[x] = col_t[x];
-    s[x] = 1.f - t[x];
-  }
+  std::vector<float> r;
+  const Columns columns(col_lo, col_t, fw, width);  // t and 1 - t per column, padded
   // The samples' columns: their t and 1 - t (padded by kLanes), and where each run of
   // samples that read one cell ends, for Pixels.
   std::vector<float> sample_t(nx + kLanes, 0.f), sample_s(nx + kLanes, 0.f);
@@ -231,8 +228,8 @@ inline void Blocks(const float* f, int64_t fh, int64_t fw, int64_t classes, int6
         if (run.cls >= 0) {
           std::memset(o + run.x0, run.cls, run.x1 - run.x0);
         } else if (run.x1 - run.x0 <= kLanes && col_lo[run.x0] == col_lo[run.x1 - 1]) {
-          Pixels(r.data(), fw, classes, col_lo[run.x0], &t[run.x0], &s[run.x0],
-                 run.x1 - run.x0, o + run.x0);
+          Pixels(r.data(), fw, classes, col_lo[run.x0], &columns.t[run.x0],
+                 &columns.s[run.x0], run.x1 - run.x0, o + run.x0);
         } else {
           for (int64_t x = run.x0; x < run.x1; ++x)
             o[x] = Pixel(r.data(), fw, classes, col_lo[x], col_t[x]);
