@@ -97,7 +97,7 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
   ]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
+    info = self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
             'label': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
@@ -106,6 +106,12 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
         supervised_keys=('image', 'label'),
         homepage='http://host.robots.ox.ac.uk/pascal/VOC/voc2012/',
     )
+    # A builder whose data is not prepared yet asks TFDS for precomputed metadata on GCS;
+    # TFDS 4.9 first makes an empty temporary folder for it, then finds GCS disabled and
+    # never removes it: one folder left in /tmp by every such builder. These datasets are
+    # never on GCS, so the lookup is skipped.
+    info.initialize_from_bucket = lambda: None
+    return info
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> Dict[str, Iterator]:
     name = self.builder_config.name

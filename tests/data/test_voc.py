@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 import jax
@@ -130,12 +131,17 @@ def test_voc2012_from_archives(sources, voc_data_dir):
     assert 255 in ex['label']
 
 
-def test_train_aug_from_extracted_folders(sources, tmp_path):
+def test_train_aug_from_extracted_folders(sources, tmp_path, monkeypatch):
   root, _, labels = sources
   manual = tmp_path / 'manual'
   shutil.copytree(os.path.join(root, 'VOCdevkit'), manual / 'VOCdevkit')
   shutil.copytree(os.path.join(root, 'benchmark_RELEASE'), manual / 'benchmark_RELEASE')
+  temp = tmp_path / 'temp'
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, 'tempdir', str(temp))
   builder = voc.prepare('train_aug', str(tmp_path / 'tfds'), str(manual))
+  # Nothing left behind in the temporary folder (TFDS's metadata lookup left an empty one).
+  assert os.listdir(temp) == []
   expected = sorted((set(VOC_TRAIN) | set(SBD_TRAIN) | set(SBD_VAL)) - set(VOC_VAL))
   assert builder.info.splits['train_aug'].num_examples == len(expected) == 11
   assert builder.info.splits['val'].num_examples == len(VOC_VAL)
