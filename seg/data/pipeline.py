@@ -12,10 +12,10 @@ import re
 from typing import Dict, Iterator
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from seg.data import labels, voc
+from seg.data.tf_quiet import tf
 from seg.preprocessing import MEAN_PIXEL, padded_size
 
 # The GPU belongs to JAX; TF only decodes and augments on the CPU.

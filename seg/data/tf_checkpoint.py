@@ -6,7 +6,7 @@ Here, behind the data layer, so that `seg.weights` imports no TensorFlow.
 import os
 import re
 
-import tensorflow as tf
+from seg.data.tf_quiet import tf
 
 
 def resolve_prefix(path: str) -> str:

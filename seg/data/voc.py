@@ -32,7 +32,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from seg.data import embedded, labels
+from seg.data import embedded, labels, tf_quiet  # noqa: F401 (TFDS imports TensorFlow)
 
 
 @dataclasses.dataclass(frozen=True)

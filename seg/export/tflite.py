@@ -36,7 +36,7 @@ from seg.preprocessing import MEAN_PIXEL
 
 
 def _tf():
-  import tensorflow as tf  # only the LiteRT export needs TensorFlow
+  from seg.data.tf_quiet import tf  # only the LiteRT export needs TensorFlow
   return tf
 
 
