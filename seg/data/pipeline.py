@@ -42,6 +42,18 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
   return image
 
 
+def _read(builder, split: str, decoders) -> tf.data.Dataset:
+  """The split's records in order, never cached by TFDS itself.
+
+  TFDS keeps a small dataset (up to 250 MiB, e.g. the embedded one) in memory on its own
+  unless told not to: a split then read in part (the first val batch of TensorBoard's
+  panels) ended every `train` with TF's warning that "partially cached contents" were
+  discarded, and the training stream was cached twice (its records, then `data.cache`).
+  """
+  return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                            read_config=tfds.ReadConfig(try_autocache=False))
+
+
 def _decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Examples read with `_SKIP_IMAGE`, their image decoded by `decode_image`."""
   return ds.map(lambda ex: {**ex, 'image': decode_image(ex['image'])},
@@ -51,7 +63,7 @@ def _decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
 def split_examples(data_config, split: str) -> tf.data.Dataset:
   """The split's examples in order: image [h, w, 3] uint8 (`decode_image`), label [h, w, 1]."""
   builder = voc.prepare(data_config.dataset, data_config.data_dir)
-  return _decoded(builder.as_dataset(split=split, shuffle_files=False, decoders=_SKIP_IMAGE))
+  return _decoded(_read(builder, split, _SKIP_IMAGE))
 
 
 _LABEL_ERROR = re.compile(r'LABELS<<(.*?)>>LABELS', re.DOTALL)
@@ -239,9 +251,8 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
   if builder.info.splits[data_config.train_split].num_examples < process_count:
     raise ValueError(f'split {data_config.train_split!r} has fewer examples than processes')
   # This process's share only, before decoding and caching (`process_split`).
-  ds = builder.as_dataset(split=process_split(data_config.train_split, process_index,
-                                              process_count),
-                          shuffle_files=False, decoders=decoders)
+  ds = _read(builder, process_split(data_config.train_split, process_index, process_count),
+             decoders)
   ds = _check_labels(ds, num_classes, data_config.ignore_label)
   if decode_late:
     ds = ds.map(lambda ex: (ex['image'], ex['label']))
@@ -307,8 +318,7 @@ def oversize_images(data_config, split: str):
   key = (data_config.dataset, data_config.data_dir, split, data_config.eval_size)
   if key not in _OVERSIZE_CACHE:
     builder = voc.prepare(data_config.dataset, data_config.data_dir)
-    ds = builder.as_dataset(split=split, shuffle_files=False,
-                            decoders={'image': tfds.decode.SkipDecoding()})
+    ds = _read(builder, split, {'image': tfds.decode.SkipDecoding()})
     shapes = np.concatenate(list(tfds.as_numpy(ds.map(
         lambda ex: tf.image.extract_jpeg_shape(ex['image'])[:2],
         num_parallel_calls=tf.data.AUTOTUNE).batch(1024))) or [np.zeros((0, 2), np.int32)])
@@ -343,8 +353,7 @@ def eval_batches(data_config, batch_size: int, split: str, process_index: int = 
   shard_sizes = np.bincount(np.arange(total) % process_count, minlength=process_count)
   large_per_shard = np.bincount(large % process_count, minlength=process_count)
   steps = lambda counts: int(np.max(-(-counts // batch_size)))
-  ds = _decoded(builder.as_dataset(split=split, shuffle_files=False, decoders=_SKIP_IMAGE)
-                .shard(process_count, process_index))
+  ds = _decoded(_read(builder, split, _SKIP_IMAGE).shard(process_count, process_index))
   ds = _check_labels(ds, num_classes, data_config.ignore_label)
   fits = lambda ex: tf.reduce_max(tf.shape(ex['image'])[:2]) <= size
   where = f'split {split!r} of {builder.data_dir}'
@@ -398,6 +407,6 @@ def split_images(data_config, split: str, count: int, seed: int = 0):
   builder = voc.prepare(data_config.dataset, data_config.data_dir)
   total = builder.info.splits[split].num_examples
   chosen = set(np.random.default_rng(seed).permutation(total)[:count].tolist())
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=_SKIP_IMAGE).enumerate()
+  ds = _read(builder, split, _SKIP_IMAGE).enumerate()
   ds = ds.filter(lambda i, ex: tf.reduce_any(tf.equal(i, list(chosen) or [-1])))
   return [ex['image'] for ex in tfds.as_numpy(_decoded(ds.map(lambda i, ex: ex)))]
