@@ -27,12 +27,17 @@ exactly scale 1, zero point 0, which `convert` checks.
 TensorFlow is imported only inside these functions (the rest of the project runs without it).
 """
 
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from seg.export.network import network
 from seg.preprocessing import MEAN_PIXEL
+
+
+# The message of the UserWarning that TensorFlow's tf.lite.Interpreter gives when made.
+_INTERPRETER_DEPRECATED = r'\s*Warning: tf.lite.Interpreter is deprecated'
 
 
 def _tf():
@@ -101,7 +106,10 @@ def tf_module(folded: Dict[str, Any], model_config, height: int, width: int,
                   output_stride=model_config.output_stride)
       if not upsample:
         return {'logits': y}
-      y = tf.compat.v1.image.resize_bilinear(y, (height, width), align_corners=True)
+      # TF1's resize with aligned corners (RESIZE_BILINEAR in LiteRT); the raw op, as
+      # tf.compat.v1.image.resize_bilinear warns that it is deprecated.
+      y = tf.raw_ops.ResizeBilinear(images=y, size=(height, width), align_corners=True,
+                                    half_pixel_centers=False)
       outputs = {'classes': tf.cast(tf.argmax(y, axis=-1, output_type=tf.int32), tf.uint8)}
       if logits:
         outputs['logits'] = y
@@ -151,7 +159,12 @@ def convert(folded: Dict[str, Any], model_config, height: int, width: int,
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
     converter.inference_output_type = tf.float32
-  blob = converter.convert()
+  from seg.data.tf_quiet import filtered_stderr
+  # Without the converter's lines of noise at every conversion, and the deprecation warning
+  # of TensorFlow's interpreter that its int8 calibration runs.
+  with filtered_stderr(), warnings.catch_warnings():
+    warnings.filterwarnings('ignore', _INTERPRETER_DEPRECATED)
+    blob = converter.convert()
   if int8:
     _check_uint8_input(blob)
   return blob
@@ -163,7 +176,9 @@ def _check_uint8_input(blob: bytes) -> None:
     from ai_edge_litert.interpreter import Interpreter
   except ImportError:  # the runtime is not needed to export: TensorFlow's copy reads it too
     Interpreter = _tf().lite.Interpreter
-  detail = Interpreter(model_content=blob).get_input_details()[0]
+  with warnings.catch_warnings():  # TensorFlow's copy warns that it is deprecated
+    warnings.filterwarnings('ignore', _INTERPRETER_DEPRECATED)
+    detail = Interpreter(model_content=blob).get_input_details()[0]
   scale, zero = detail['quantization']
   if detail['dtype'] != np.uint8 or abs(scale - 1.0) > 1e-6 or zero != 0:
     raise RuntimeError(f'the int8 model\'s input is {detail["dtype"]} scale {scale} zero point '

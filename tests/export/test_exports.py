@@ -138,11 +138,15 @@ def test_network_only_exports_give_the_engines_feature_logits(model, tmp_path):
 INT8_AGREEMENT = 0.65  # measured here: 0.78 (LiteRT), 0.75 (ONNX Runtime)
 
 
-def test_tflite_int8_is_integer_reads_pixels_and_mostly_agrees(model, tmp_path):
+def test_tflite_int8_is_integer_reads_pixels_and_mostly_agrees(model, tmp_path, capfd, recwarn):
   workdir, _, _, eng, val = model
   path = tmp_path / 'model.int8.tflite'
+  capfd.readouterr()
   exporter.export_model(workdir, 'tflite', str(path), quantize='int8', calibration='train',
                         calibration_count=16, log=lambda *_: None)
+  # Without the converter's noise: its lines on stderr, the deprecated interpreter's warning.
+  assert capfd.readouterr().err == ''
+  assert [str(w.message) for w in recwarn if 'deprecated' in str(w.message)] == []
   interpreter, run = _litert(path)
   (detail,) = interpreter.get_input_details()
   assert detail['dtype'] == np.uint8 and detail['quantization'] == (1.0, 0)
@@ -158,12 +162,14 @@ def test_tflite_int8_is_integer_reads_pixels_and_mostly_agrees(model, tmp_path):
   assert _agreement(classes, eng.run_padded('classes', val, sizes)) >= INT8_AGREEMENT
 
 
-def test_onnx_int8_is_qdq_and_mostly_agrees(model, tmp_path):
+def test_onnx_int8_is_qdq_and_mostly_agrees(model, tmp_path, caplog):
   import onnx
   workdir, _, _, eng, val = model
   path = tmp_path / 'model.int8.onnx'
   exporter.export_model(workdir, 'onnx', str(path), quantize='int8', calibration='train',
                         calibration_count=16, log=lambda *_: None)
+  # Without quantize_static's advice to pre-process a graph whose BatchNorm is folded.
+  assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == []
   proto = onnx.load(str(path))
   int8_weights = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8}
   dequantized = {n.output[0] for n in proto.graph.node
