@@ -273,7 +273,10 @@ def prepare(dataset: str, data_dir: str = '', manual_dir: str = '',
   while the others wait and then reuse its result.
   """
   builder = get_builder(dataset, data_dir)
-  if builder.is_prepared():
+  # (TFDS's is_prepared() alone logs a warning for every dataset not prepared yet: "Variant
+  # folder ... has no dataset_info.json".)
+  if (os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json'))
+      and builder.is_prepared()):
     return builder
   lock_dir = os.path.dirname(builder.data_dir)  # DATA_DIR/voc_segmentation/DATASET
   os.makedirs(lock_dir, exist_ok=True)

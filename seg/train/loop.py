@@ -296,6 +296,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
             with open(train_log, 'a') as f:
               f.write(json.dumps(record) + '\n')
           last_log, last_log_step = now, step
+        elif step == start_step + 1:
+          # The first step of a run compiles (and fills the input pipeline's buffers): said
+          # once here, and left out of the rates and the ETA, which it made look several
+          # times slower at the first log.
+          now = time.time()
+          log(f'step {step} compiled and started in {_format_duration(now - run_start)}; '
+              f'progress every {config.train.log_every} steps')
+          last_log, last_log_step, last_waited = now, step, batches.waited
         if stop_requests.agreed(step, is_log_step) or step == stop_at_step:
           stopped = step
         if step % config.train.checkpoint_every == 0 or step == num_steps or stopped:
@@ -304,7 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         if stopped:
           break
         if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
+          eval_start = time.time()
           _evaluate(p_eval_step, model, state, config, step, writer, log)
+          last_log += time.time() - eval_start  # the rates count training time only
     finally:
       # Also on an error: the save in flight completes, the last good checkpoint with it.
       manager.wait_until_finished()

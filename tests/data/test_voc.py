@@ -131,7 +131,7 @@ def test_voc2012_from_archives(sources, voc_data_dir):
     assert 255 in ex['label']
 
 
-def test_train_aug_from_extracted_folders(sources, tmp_path, monkeypatch):
+def test_train_aug_from_extracted_folders(sources, tmp_path, monkeypatch, caplog):
   root, _, labels = sources
   manual = tmp_path / 'manual'
   shutil.copytree(os.path.join(root, 'VOCdevkit'), manual / 'VOCdevkit')
@@ -140,8 +140,10 @@ def test_train_aug_from_extracted_folders(sources, tmp_path, monkeypatch):
   temp.mkdir()
   monkeypatch.setattr(tempfile, 'tempdir', str(temp))
   builder = voc.prepare('train_aug', str(tmp_path / 'tfds'), str(manual))
-  # Nothing left behind in the temporary folder (TFDS's metadata lookup left an empty one).
+  # Nothing left behind in the temporary folder (TFDS's metadata lookup left an empty one),
+  # and no warning (TFDS's is_prepared() warned that the new dataset was not prepared yet).
   assert os.listdir(temp) == []
+  assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == []
   expected = sorted((set(VOC_TRAIN) | set(SBD_TRAIN) | set(SBD_VAL)) - set(VOC_VAL))
   assert builder.info.splits['train_aug'].num_examples == len(expected) == 11
   assert builder.info.splits['val'].num_examples == len(VOC_VAL)

@@ -79,6 +79,10 @@ def test_resume_continues_at_the_saved_step(tiny_config, tmp_path):
   lr = step_lib.create_learning_rate_fn(config.train)
   logged = [line for line in logs if line.startswith('step      6/6')]
   assert logged and f'lr {float(lr(5)):.2e}' in logged[0]
+  # Each run says once when its first step (the compilation) is done; that step is left out
+  # of the rates of the progress lines.
+  assert [line.split(' compiled')[0] for line in logs if 'compiled and started' in line] == [
+      'step 1', 'step 5']
 
 
 def test_restored_variables_predict_bit_identically(tiny_config, tmp_path):
