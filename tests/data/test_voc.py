@@ -131,7 +131,7 @@ def test_voc2012_from_archives(sources, voc_data_dir):
     assert 255 in ex['label']
 
 
-def test_train_aug_from_extracted_folders(sources, tmp_path, monkeypatch, caplog):
+def test_train_aug_from_extracted_folders(sources, tmp_path, monkeypatch, caplog, capsys):
   root, _, labels = sources
   manual = tmp_path / 'manual'
   shutil.copytree(os.path.join(root, 'VOCdevkit'), manual / 'VOCdevkit')
@@ -144,6 +144,11 @@ def test_train_aug_from_extracted_folders(sources, tmp_path, monkeypatch, caplog
   # and no warning (TFDS's is_prepared() warned that the new dataset was not prepared yet).
   assert os.listdir(temp) == []
   assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == []
+  # What is prepared and where, then how long it took (TFDS's own line said "Unknown size"
+  # four times and "downloaded").
+  out = capsys.readouterr().out
+  assert f"preparing 'train_aug' in {builder.data_dir} (once" in out
+  assert "wrote the TFRecords of 'train_aug' in" in out and 'Unknown size' not in out
   expected = sorted((set(VOC_TRAIN) | set(SBD_TRAIN) | set(SBD_VAL)) - set(VOC_VAL))
   assert builder.info.splits['train_aug'].num_examples == len(expected) == 11
   assert builder.info.splits['val'].num_examples == len(VOC_VAL)
