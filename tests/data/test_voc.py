@@ -172,7 +172,8 @@ def test_processes_preparing_at_once_wait_for_one_build(sources, tmp_path):
   os.makedirs(lock_dir)
   code = ('import sys; from seg.data import voc; '
           'b = voc.prepare("voc2012", sys.argv[1], sys.argv[2]); '
-          'print("examples", b.info.splits["train"].num_examples, b.info.splits["val"].num_examples)')
+          'splits = b.info.splits; '
+          'print("examples", splits["train"].num_examples, splits["val"].num_examples)')
   repo = ROOT
   logs = [tmp_path / f'process{i}.log' for i in range(2)]
   with open(os.path.join(lock_dir, '.prepare.lock'), 'a') as lock:
