@@ -249,9 +249,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   num_steps = config.train.steps
   skip_nonfinite = config.train.skip_nonfinite
   is_chief = jax.process_index() == 0
+  # A workdir trained to train.steps (or beyond: a run asked for fewer steps) is evaluated at
+  # the step it holds.
+  final_step = max(num_steps, start_step)
   log(f'{parallel.describe_devices(config.train.batch_size)}, '
       f'compute {config.train.compute_dtype}, '
-      + (f'resuming at step {start_step}' if start_step else 'starting from scratch'))
+      + (f'already trained to step {start_step} (train.steps={num_steps}): evaluating it'
+         if start_step >= num_steps > 0 else
+         f'resuming at step {start_step}' if start_step else 'starting from scratch'))
 
   p_train_step = make_p_train_step(config, learning_rate_fn)
   p_eval_step = evaluate.make_p_eval_step(model, config)
@@ -329,9 +334,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         f'python main.py train --config CONFIG --workdir {workdir}')
     return {'stopped_at_step': stopped}
 
-  report = _evaluate(p_eval_step, model, state, config, num_steps, writer, log)
+  report = _evaluate(p_eval_step, model, state, config, final_step, writer, log)
   writer.close()
-  report.update(step=num_steps, train_seconds_this_run=round(train_seconds, 1))
+  report.update(step=final_step, train_seconds_this_run=round(train_seconds, 1))
   log(format_report(report))
   if is_chief:
     _write_json(os.path.join(workdir, 'eval.json'), report)
@@ -339,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     plots.plot_per_class_iou(report, os.path.join(workdir, 'per_class_iou.png'))
     if os.path.exists(train_log):
       plots.plot_training_curves(train_log, os.path.join(workdir, 'train_curves.png'))
-  log(f'trained steps {start_step}..{num_steps} in {_format_duration(train_seconds)}; '
+  log(f'trained steps {start_step}..{final_step} in {_format_duration(train_seconds)}; '
       f'report in {os.path.join(workdir, "eval.json")}, plots and TensorBoard '
       f'(tensorboard --logdir {writer.logdir}) beside it')
   return report

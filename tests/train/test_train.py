@@ -83,6 +83,11 @@ def test_resume_continues_at_the_saved_step(tiny_config, tmp_path):
   # of the rates of the progress lines.
   assert [line.split(' compiled')[0] for line in logs if 'compiled and started' in line] == [
       'step 1', 'step 5']
+  # Asked for fewer steps than the workdir holds: nothing trained, the step held evaluated.
+  config.train.steps = 5
+  report = loop.train_and_evaluate(config, workdir, log=logs.append)
+  assert report['step'] == 6 and checkpoint.create_manager(workdir).all_steps() == [4, 6]
+  assert any('already trained to step 6 (train.steps=5)' in line for line in logs)
 
 
 def test_restored_variables_predict_bit_identically(tiny_config, tmp_path):
