@@ -31,8 +31,12 @@ def filtered_stderr(noise=NOISE):
   Held in a temporary file and passed on when the block ends (a pipe could fill and block
   a C++ writer that holds the GIL): a process that dies inside the block loses its lines.
   """
-  sys.stderr.flush()
-  saved = os.dup(2)
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (OSError, AttributeError, ValueError):  # no stderr (closed, or None): nothing to filter
+    yield
+    return
   try:
     with tempfile.TemporaryFile() as captured:
       os.dup2(captured.fileno(), 2)

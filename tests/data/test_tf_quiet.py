@@ -26,6 +26,16 @@ def test_quiet_import_drops_only_the_noise_lines(tmp_path, monkeypatch, capfd):
   assert tf_quiet.quiet_import('noisy_module') is module  # once imported, returned as it is
 
 
+def test_without_a_stderr_the_import_still_works(tmp_path, monkeypatch):
+  # A process started with stderr closed (`2>&-`): nothing to filter, but the import works.
+  (tmp_path / 'plain_module.py').write_text('VALUE = 3\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  def closed(fd):
+    raise OSError(9, 'Bad file descriptor')
+  monkeypatch.setattr(tf_quiet.os, 'dup', closed)
+  assert tf_quiet.quiet_import('plain_module').VALUE == 3
+
+
 def test_importing_the_data_layer_writes_nothing_to_stderr():
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='1')  # as main.py sets it
   result = subprocess.run([sys.executable, '-c', 'import seg.data.pipeline, seg.data.voc'],
