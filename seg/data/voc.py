@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import socket
+import sys
 import time
 import urllib.parse
 from typing import Dict, Iterable, Iterator, Optional, Tuple
@@ -302,6 +303,9 @@ def prepare(dataset: str, data_dir: str = '', manual_dir: str = '',
     try:
       # A fresh builder: one made before another process finished would not see its splits.
       builder = get_builder(dataset, data_dir)
+      # TFDS's progress bars are for a terminal: in a log file they are lines of escape codes
+      # and long paths, and the builder's own two lines say what happens.
+      tfds.display_progress_bar(getattr(sys.stderr, 'isatty', lambda: False)())
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
     finally:
