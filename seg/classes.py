@@ -16,9 +16,17 @@ EMBEDDED_CLASS_NAMES = ('background',) + tuple(
     f'{colour}-{texture}' for colour in EMBEDDED_COLOURS for texture in EMBEDDED_TEXTURES)
 
 
-def class_names(dataset: str, num_classes: int) -> List[str]:
-  """Human-readable names for `num_classes` classes of `dataset` (ids if unknown)."""
-  names = EMBEDDED_CLASS_NAMES if dataset == 'embedded' else VOC_CLASS_NAMES
+def parse_names(text: str) -> List[str]:
+  """config.data.class_names (comma-separated) as a list ([] for '')."""
+  return [name.strip() for name in text.split(',')] if text.strip() else []
+
+
+def class_names(dataset: str, num_classes: int, given: str = '') -> List[str]:
+  """Human-readable names for `num_classes` classes of `dataset` (ids if unknown); `given`
+  (config.data.class_names) first."""
+  names = parse_names(given) or (
+      EMBEDDED_CLASS_NAMES if dataset == 'embedded' else
+      VOC_CLASS_NAMES if dataset in ('voc2012', 'train_aug') else ())
   if len(names) != num_classes:
     return [str(i) for i in range(num_classes)]
   return list(names)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Tuple
 
 import ml_collections
 
+from seg.classes import parse_names
 from seg.preprocessing import ZERO_MEAN_UNIT_RANGE
 
 
@@ -42,7 +43,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.preprocessing = ZERO_MEAN_UNIT_RANGE  # inputs [-1, 1] (seg.preprocessing)
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = 'embedded'     # a `seg.data.voc.VocSegmentation` config name
+  config.data.dataset = 'embedded'     # 'embedded', 'voc2012', 'train_aug' or 'folder'
+  config.data.folder = ''              # dataset 'folder': your own, in the VOC layout (data.md)
+  # Class names, comma-separated, for reports and exports; '' = the dataset's (VOC's, the
+  # embedded's, a folder's labelmap.txt; else the class ids). `train` stores a folder's here.
+  config.data.class_names = ''
   config.data.data_dir = ''            # TFDS data_dir; '' = TFDS's default (~/tensorflow_datasets)
   config.data.train_split = 'train'
   config.data.eval_split = 'val'
@@ -134,6 +139,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in unit:
     if not 0 <= _get(config, field) < 1:
       raise ValueError(f'config.{field} must be in [0, 1), got {_get(config, field)!r}')
+  if config.data.dataset == 'folder' and not config.data.folder:
+    raise ValueError("config.data.dataset='folder' needs config.data.folder, the dataset's "
+                     'folder (--config.data.folder=DIR; its layout: docs/data.md)')
+  if config.data.folder and config.data.dataset != 'folder':
+    raise ValueError(f'config.data.folder is read only with config.data.dataset=\'folder\', '
+                     f'not {config.data.dataset!r}')
+  names = parse_names(config.data.class_names)
+  if names and len(names) != config.model.num_classes:
+    raise ValueError(f'config.data.class_names has {len(names)} names, '
+                     f'config.model.num_classes is {config.model.num_classes}')
   if config.data.max_scale < config.data.min_scale:
     raise ValueError(f'config.data.max_scale ({config.data.max_scale}) is below '
                      f'config.data.min_scale ({config.data.min_scale})')

@@ -103,13 +103,20 @@ def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int
   return 1 if failures else 0
 
 
-def prepare_data(*, dataset: str, data_dir: str = '', manual_dir: str = '') -> None:
+def prepare_data(*, dataset: str, data_dir: str = '', manual_dir: str = '',
+                 folder: str = '') -> None:
   from seg.data import voc
+  from seg.data.folder import class_summary
   with _user_errors():
-    builder = voc.prepare(dataset, data_dir, manual_dir)
+    if dataset == 'folder' and not folder:
+      raise ValueError('--dataset folder needs --folder DIR, the dataset\'s folder')
+    builder = voc.prepare(dataset, data_dir, manual_dir, root=folder)
   print(f'{dataset} prepared in {builder.data_dir}')
   for split, info in builder.info.splits.items():
     print(f'  {split:<10} {info.num_examples:>7,} examples')
+  facts = voc.folder_facts(builder)
+  if facts:
+    print(class_summary(facts))
 
 
 def import_weights(*, fmt: str, src: str, output: str, config=None) -> None:
@@ -182,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
                    profile=a.profile, memory_budget=a.memory_budget, shard=a.shard,
                    calibration=a.calibration, calibration_count=a.calibration_count)
   elif command == 'prepare-data':
-    prepare_data(dataset=a.dataset, data_dir=a.data_dir, manual_dir=a.manual_dir)
+    prepare_data(dataset=a.dataset, data_dir=a.data_dir, manual_dir=a.manual_dir,
+                 folder=a.folder)
   elif command == 'import-weights':
     import_weights(fmt=a.format, src=a.src, output=a.output,
                    config=_experiment(a.config, a.overrides))

@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help='print where the time went: seconds per stage (decode ... write)')
 
   p = commands.add_parser('prepare-data', help='build a dataset\'s TFDS files')
-  p.add_argument('--dataset', required=True, choices=('embedded', 'voc2012', 'train_aug'))
+  p.add_argument('--dataset', required=True, choices=('embedded', 'voc2012', 'train_aug',
+                                                       'folder'))
+  p.add_argument('--folder', default='',
+                 help='with --dataset folder: your dataset\'s folder, in the VOC layout '
+                      '(JPEGImages/, SegmentationClass/, ImageSets/Segmentation/SPLIT.txt)')
   p.add_argument('--manual-dir', default='',
                  help='folder with the source archives or their extracted folders '
                       '(default: DATA_DIR/downloads/manual)')

@@ -8,13 +8,14 @@ Batches come out as NumPy dicts for the process's local devices:
 """
 
 import contextlib
+import os
 import re
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from seg.data import labels, voc
+from seg.data import folder, labels, voc
 from seg.data.tf_quiet import tf
 from seg.preprocessing import MEAN_PIXEL, padded_size
 
@@ -42,6 +43,16 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
   return image
 
 
+def image_shape(encoded: tf.Tensor) -> tf.Tensor:
+  """[height, width] int32 of a JPEG's or PNG's bytes, from its header alone."""
+  def png_shape():  # IHDR: width, then height, 4 bytes each (big-endian) from byte 16
+    digits = tf.cast(tf.io.decode_raw(tf.strings.substr(encoded, 16, 8), tf.uint8), tf.int32)
+    sizes = tf.reduce_sum(tf.reshape(digits, [2, 4]) * [1 << 24, 1 << 16, 1 << 8, 1], axis=1)
+    return tf.reverse(sizes, [0])
+  return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.io.extract_jpeg_shape(encoded)[:2],
+                 png_shape)
+
+
 def _read(builder, split: str, decoders) -> tf.data.Dataset:
   """The split's records in order, never cached by TFDS itself.
 
@@ -60,9 +71,15 @@ def _decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def prepared(data_config):
+  """The builder of the config's dataset, prepared (`seg.data.voc.prepare`) if it was not."""
+  return voc.prepare(data_config.dataset, data_config.data_dir,
+                     root=data_config.get('folder', ''))
+
+
 def split_examples(data_config, split: str) -> tf.data.Dataset:
   """The split's examples in order: image [h, w, 3] uint8 (`decode_image`), label [h, w, 1]."""
-  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  builder = prepared(data_config)
   return _decoded(_read(builder, split, _SKIP_IMAGE))
 
 
@@ -243,7 +260,7 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
   cache = data_config.cache
   if cache not in CACHES:
     raise ValueError(f'data.cache must be one of {CACHES}, got {cache!r}')
-  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  builder = prepared(data_config)
   features = builder.info.features
   # 'encoded' and 'none' read the JPEG/PNG bytes and decode after the shuffle.
   decode_late = cache != 'decoded'
@@ -285,13 +302,15 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
                 f'split {data_config.train_split!r} of {builder.data_dir}')
 
 
-def prepare(data_config) -> None:
-  """Prepares the config's dataset (a no-op when prepared) and checks its two splits exist.
+def prepare(data_config, num_classes: Optional[int] = None, log=print) -> Optional[List[str]]:
+  """Prepares the config's dataset (a no-op when prepared) and checks its two splits exist;
+  returns the class names of a 'folder' dataset's labelmap.txt (else None).
 
-  Raises `voc.SourceError` (archives missing or wrong) or ValueError (unknown dataset or
-  split), before anything is compiled.
+  Raises `voc.SourceError` (archives missing or wrong), `folder.FolderError` or ValueError
+  (unknown dataset or split; a folder's classes that `num_classes` does not fit), before
+  anything is compiled.
   """
-  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  builder = prepared(data_config)
   for field in ('train_split', 'eval_split'):
     split = data_config[field]
     # TFDS split expressions: 'val[:8]', 'train+val'.
@@ -299,11 +318,29 @@ def prepare(data_config) -> None:
     if not all(name in builder.info.splits for name in names):
       raise ValueError(f'config.data.{field}={split!r}: the {data_config.dataset!r} dataset has '
                        f'the splits {", ".join(sorted(builder.info.splits))}')
+  facts = voc.folder_facts(builder)
+  if facts is None or num_classes is None:
+    return facts and facts['names']
+  names, root = facts['names'], facts['root']
+  fix = '--config.model.num_classes={}'
+  if names:
+    if len(names) != num_classes:
+      raise ValueError(f'{os.path.join(root, folder.LABELMAP)} names {len(names)} classes; '
+                       f'config.model.num_classes is {num_classes}: add {fix.format(len(names))}')
+    return names
+  top = folder.class_count(facts)
+  if top > num_classes:
+    raise ValueError(f'the labels of {root} hold class {top - 1}; config.model.num_classes is '
+                     f'{num_classes}: add {fix.format(top)} (or more)')
+  if top < num_classes:
+    log(f'note: the labels of {root} hold classes 0..{top - 1} only; config.model.num_classes '
+        f'is {num_classes} ({fix.format(top)} if the dataset has no more)')
+  return None
 
 
 def num_examples(data_config, split: str) -> int:
   """Number of examples of a prepared split."""
-  return voc.prepare(data_config.dataset, data_config.data_dir).info.splits[split].num_examples
+  return prepared(data_config).info.splits[split].num_examples
 
 
 _OVERSIZE_CACHE = {}
@@ -312,15 +349,16 @@ _OVERSIZE_CACHE = {}
 def oversize_images(data_config, split: str):
   """(indices, padded (height, width)) of the split's images larger than `eval_size`.
 
-  Reads only the JPEG headers; cached per prepared split, since training
+  Reads only the JPEG (PNG) headers; cached per prepared split, since training
   evaluates the same split many times.
   """
-  key = (data_config.dataset, data_config.data_dir, split, data_config.eval_size)
+  key = (data_config.dataset, data_config.get('folder', ''), data_config.data_dir, split,
+         data_config.eval_size)
   if key not in _OVERSIZE_CACHE:
-    builder = voc.prepare(data_config.dataset, data_config.data_dir)
+    builder = prepared(data_config)
     ds = _read(builder, split, {'image': tfds.decode.SkipDecoding()})
     shapes = np.concatenate(list(tfds.as_numpy(ds.map(
-        lambda ex: tf.image.extract_jpeg_shape(ex['image'])[:2],
+        lambda ex: image_shape(ex['image']),
         num_parallel_calls=tf.data.AUTOTUNE).batch(1024))) or [np.zeros((0, 2), np.int32)])
     indices = np.flatnonzero(shapes.max(axis=1) > data_config.eval_size)
     shape = (tuple(padded_size(int(n)) for n in shapes[indices].max(axis=0))
@@ -345,7 +383,7 @@ def eval_batches(data_config, batch_size: int, split: str, process_index: int = 
   steps line up. A label value outside 0..num_classes-1 and the ignore label raises
   labels.LabelError naming the example.
   """
-  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  builder = prepared(data_config)
   total = builder.info.splits[split].num_examples
   size = data_config.eval_size
   large, large_shape = oversize_images(data_config, split)
@@ -404,7 +442,7 @@ def split_images(data_config, split: str, count: int, seed: int = 0):
 
   For calibrating quantised models on the training data (`seg.inference.calibration`).
   """
-  builder = voc.prepare(data_config.dataset, data_config.data_dir)
+  builder = prepared(data_config)
   total = builder.info.splits[split].num_examples
   chosen = set(np.random.default_rng(seed).permutation(total)[:count].tolist())
   ds = _read(builder, split, _SKIP_IMAGE).enumerate()

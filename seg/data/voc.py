@@ -8,6 +8,9 @@ this builder. Configs:
              - VOC val (10,582 images), and val = VOC val (1,449).
   embedded   a generated dataset written in the VOC layout (`seg.data.embedded`), so
              the out-of-the-box data goes through exactly the reader real VOC uses.
+  folder     your own dataset: a folder in the VOC layout (`seg.data.folder`), its
+             splits those its ImageSets/Segmentation lists; prepared under a name
+             made from its contents (`folder_<digest>`).
 
 Labels are palette PNGs read as class indices (never through RGB; 255 = void)
 or, for images that only SBD annotates, `cls/<id>.mat` (`GTcls.Segmentation`)
@@ -19,9 +22,11 @@ extracted folders, the usual case behind a firewall) or else are downloaded by
 TFDS's download manager. Archives are checked for size and MD5 before use.
 """
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 import sys
@@ -34,7 +39,7 @@ import scipy.io
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from seg.data import embedded, labels, tf_quiet  # noqa: F401 (TFDS imports TensorFlow)
+from seg.data import embedded, folder, labels, tf_quiet  # noqa: F401 (TFDS imports TensorFlow)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +78,7 @@ class SourceError(FileNotFoundError):
 class VocSegmentationConfig(tfds.core.BuilderConfig):
   splits: Tuple[str, ...] = ('train', 'val')
   sources: Tuple[str, ...] = ()
+  root: str = ''  # the 'folder' dataset's folder
 
 
 class VocSegmentation(tfds.core.GeneratorBasedBuilder):
@@ -107,6 +113,8 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
         }),
         supervised_keys=('image', 'label'),
         homepage='http://host.robots.ox.ac.uk/pascal/VOC/voc2012/',
+        # A folder's own facts (`folder_facts`): its path, classes and pixels per class.
+        metadata=tfds.core.MetadataDict() if self.builder_config.root else None,
     )
     # A builder whose data is not prepared yet asks TFDS for precomputed metadata on GCS;
     # TFDS 4.9 first makes an empty temporary folder for it, then finds GCS disabled and
@@ -129,6 +137,8 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> Dict[str, Iterator]:
     name = self.builder_config.name
+    if self.builder_config.root:
+      return self._folder_split_generators(self.builder_config.root)
     if name == 'embedded':
       voc_root = embedded.write_voc_layout(
           os.path.join(dl_manager.download_dir, f'embedded-{self.VERSION}'))
@@ -148,6 +158,33 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
     for name in ids:
       image_path, label = read_example(voc_root, sbd_root, name)
       yield name, {'image': image_path, 'label': label[..., None], 'file_name': name}
+
+
+  def _folder_split_generators(self, root: str) -> Dict[str, Iterator]:
+    splits = folder.check_layout(root)
+    images = folder.image_files(root)
+    classes = folder.read_labelmap(root)
+    num_classes = len(classes.names) if classes else labels.IGNORE_LABEL
+    metadata = self.info.metadata
+    metadata.update({'root': os.path.abspath(root), 'names': list(classes.names) if classes
+                     else None, 'class_pixels': {}})
+
+    def examples(split, ids):
+      pixels = np.zeros(256, np.int64)
+      for name in ids:
+        image, label = folder.read_example(root, name, images.get(name), classes)
+        labels.check(label, os.path.join(root, folder.LABELS, name + '.png'), num_classes)
+        pixels += np.bincount(label.ravel(), minlength=256)
+        metadata['class_pixels'][split] = pixels.tolist()
+        yield name, {'image': image, 'label': label[..., None], 'file_name': name}
+
+    return {split: examples(split, ids) for split, ids in splits.items()}
+
+
+def folder_facts(builder) -> Optional[dict]:
+  """A prepared 'folder' dataset's {'root', 'names' (labelmap.txt's, or None),
+  'class_pixels': {split: pixels per label value 0..255}}; None for the other datasets."""
+  return dict(builder.info.metadata) if builder.builder_config.root else None
 
 
 def _manual_dir(dl_manager) -> Optional[str]:
@@ -266,27 +303,67 @@ def read_label_png(path: str) -> np.ndarray:
     return np.array(png, np.uint8)
 
 
-def get_builder(dataset: str, data_dir: str = '') -> VocSegmentation:
-  """The builder of config `dataset` under `data_dir` ('' = TFDS's default)."""
-  names = [c.name for c in VocSegmentation.BUILDER_CONFIGS]
-  if dataset not in names:
-    raise ValueError(f'unknown dataset {dataset!r}; known: {", ".join(names)}')
+DATASETS = tuple(c.name for c in VocSegmentation.BUILDER_CONFIGS) + ('folder',)
+# One config per folder and process: a folder changed while a run reads it keeps the dataset
+# that the run started with (the next run prepares the new contents).
+_FOLDER_CONFIGS: Dict[str, VocSegmentationConfig] = {}
+
+
+def folder_config(root: str) -> VocSegmentationConfig:
+  """The builder config of dataset folder `root`, named from its contents."""
+  key = os.path.abspath(root) if root else ''
+  if key not in _FOLDER_CONFIGS:
+    splits = folder.check_layout(root)
+    digest = folder.fingerprint(key, splits, folder.image_files(root))
+    _FOLDER_CONFIGS[key] = VocSegmentationConfig(
+        name=f'folder_{digest}', splits=tuple(sorted(splits)), root=key,
+        description=folder.describe(key, splits))
+  return _FOLDER_CONFIGS[key]
+
+
+class _NoCustomConfigWarning(logging.Filter):
+  def filter(self, record):  # TFDS's "Using custom data configuration" for every folder
+    return 'custom data configuration' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_custom_config():
+  logger, quiet = logging.getLogger('absl'), _NoCustomConfigWarning()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
+def get_builder(dataset: str, data_dir: str = '', root: str = '') -> VocSegmentation:
+  """The builder of config `dataset` under `data_dir` ('' = TFDS's default); dataset
+  'folder' reads the folder `root`."""
+  if dataset not in DATASETS:
+    raise ValueError(f'unknown dataset {dataset!r}; known: {", ".join(DATASETS)}')
+  if dataset == 'folder':
+    config = folder_config(root)
+    with _quiet_custom_config():
+      return VocSegmentation(config=config, data_dir=data_dir or None)
+  if root:
+    raise ValueError(f'a folder ({root}) is read only with the dataset \'folder\', not '
+                     f'{dataset!r}')
   return VocSegmentation(config=dataset, data_dir=data_dir or None)
 
 
 def prepare(dataset: str, data_dir: str = '', manual_dir: str = '',
-            log=print) -> VocSegmentation:
+            log=print, root: str = '') -> VocSegmentation:
   """Builds the dataset's TFRecords once (a no-op when already prepared).
 
   `manual_dir` holds the source archives or their extracted folders
-  (default: DATA_DIR/downloads/manual).
+  (default: DATA_DIR/downloads/manual); `root` the folder of dataset 'folder'.
 
   Safe to call from several processes at once (the processes of a multi-host
   run on one machine, or hosts sharing a data_dir): an exclusive lock on
   `DATA_DIR/voc_segmentation/DATASET/.prepare.lock` lets one of them build
   while the others wait and then reuse its result.
   """
-  builder = get_builder(dataset, data_dir)
+  builder = get_builder(dataset, data_dir, root)
   # (TFDS's is_prepared() alone logs a warning for every dataset not prepared yet: "Variant
   # folder ... has no dataset_info.json".)
   if (os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json'))
@@ -302,7 +379,7 @@ def prepare(dataset: str, data_dir: str = '', manual_dir: str = '',
       fcntl.flock(lock, fcntl.LOCK_EX)
     try:
       # A fresh builder: one made before another process finished would not see its splits.
-      builder = get_builder(dataset, data_dir)
+      builder = get_builder(dataset, data_dir, root)
       # TFDS's progress bars are for a terminal: in a log file they are lines of escape codes
       # and long paths, and the builder's own two lines say what happens.
       tfds.display_progress_bar(getattr(sys.stderr, 'isatty', lambda: False)())

@@ -88,7 +88,8 @@ def export_model(workdir: str, fmt: str, output: str, config=None, size: Optiona
   if fmt == 'hf':
     from seg.weights.hf import write_hf
     write_hf(config, variables, output,
-             class_names(config.data.dataset, config.model.num_classes))
+             class_names(config.data.dataset, config.model.num_classes,
+                         config.data.class_names))
     record['bytes'] = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output))
   else:
     folded = fold_variables(config.model, variables, xp=np)

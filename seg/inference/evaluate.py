@@ -137,7 +137,8 @@ def evaluate(p_eval_step, variables: Dict[str, Any], config, split: Optional[str
         p_eval_step(variables, parallel.shard(batch))).astype(np.int64)
   num_images = int(np.asarray(jax.device_get(
       _sum_over_processes(np.int64(num_images)))))
-  names = classes.class_names(config.data.dataset, config.model.num_classes)
+  names = classes.class_names(config.data.dataset, config.model.num_classes,
+                              config.data.class_names)
   report = iou_report(confusion, names, num_images)
   log(f'evaluated {num_images} images of {split!r} in {time.time() - start:.1f}s: '
       f'mIoU {100 * report["miou"]:.2f}%')

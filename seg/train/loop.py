@@ -69,7 +69,7 @@ def check_initialisation(config, workdir: str) -> None:
 def warn_from_scratch(config, log=print) -> None:
   """The warning of a new run from random weights on a real dataset."""
   if config.train.from_scratch and config.data.dataset != 'embedded':
-    log(f'WARNING: training {config.data.dataset} from random weights '
+    log(f'WARNING: training {config.data.folder or config.data.dataset} from random weights '
         '(train.from_scratch=True); DeepLab starts from ImageNet weights, and without them '
         'the run ends far below its figures (docs/training.md)')
 
@@ -230,7 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   batch_size = parallel.local_batch_size(config.train.batch_size)
   parallel.local_batch_size(config.eval.batch_size)  # fail now, not after training
   model = create_model(config.model)
-  pipeline.prepare(config.data)  # missing dataset archives
+  # Missing dataset archives; a dataset folder's classes that the model does not fit.
+  names = pipeline.prepare(config.data, config.model.num_classes, log)
+  if names and not config.data.class_names:  # a folder's labelmap.txt: kept in config.json
+    config.data.class_names = ','.join(names)
   checkpoint.save_config(workdir, config)  # a workdir of another model
   learning_rate_fn = create_learning_rate_fn(config.train)
   rng = jax.random.key(config.train.seed)
