@@ -128,6 +128,23 @@ def image_files(root: str) -> Dict[str, str]:
   return found
 
 
+def check_files(root: str, splits: Dict[str, List[str]], images: Dict[str, str]) -> None:
+  """FolderError naming the listed ids without an image or a label (all at once: before
+  anything is read)."""
+  label_files = set(os.listdir(os.path.join(root, LABELS)))
+  listed = sorted({i for ids in splits.values() for i in ids})
+  problems = [f'{name}: ' + ' and '.join(
+      what for what, lacking in (('no image', name not in images),
+                                 (f'no {LABELS}/{name}.png', name + '.png' not in label_files))
+      if lacking) for name in listed
+      if name not in images or name + '.png' not in label_files]
+  if problems:
+    raise FolderError(
+        f'{len(problems)} of the {len(listed):,} ids listed in {os.path.join(root, LISTS)} lack '
+        f'their files: {"; ".join(problems[:5])}{"; ..." if len(problems) > 5 else ""} '
+        f'(the image is {IMAGES}/ID.jpg or another format, the label {LABELS}/ID.png)')
+
+
 def fingerprint(root: str, splits: Dict[str, List[str]], images: Dict[str, str]) -> str:
   """A digest of the folder's contents as the dataset reads them (12 hex digits)."""
   digest = hashlib.sha256()

@@ -163,6 +163,7 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
   def _folder_split_generators(self, root: str) -> Dict[str, Iterator]:
     splits = folder.check_layout(root)
     images = folder.image_files(root)
+    folder.check_files(root, splits, images)
     classes = folder.read_labelmap(root)
     num_classes = len(classes.names) if classes else labels.IGNORE_LABEL
     metadata = self.info.metadata
