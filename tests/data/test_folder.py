@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from helpers import ROOT
 from seg import config as config_lib
 from seg.cli import commands
 from seg.data import folder, labels, pipeline, voc
@@ -257,6 +258,19 @@ def test_config_fields_of_a_folder_are_checked():
   config.data.dataset, config.data.class_names = 'folder', 'a, b'
   with pytest.raises(ValueError, match='class_names has 2 names, config.model.num_classes is 21'):
     config_lib.validate(config)
+
+
+def test_the_folder_experiment_is_the_voc_recipe_on_a_folder():
+  with pytest.raises(ValueError, match='--config.data.folder=DIR'):
+    config_lib.load_experiment(os.path.join(ROOT, 'experiments', 'folder.py'))
+  config = config_lib.load_experiment(os.path.join(ROOT, 'experiments', 'folder.py'),
+                                      [('data.folder', '/data/mine'), ('model.num_classes', '5')])
+  recipe = config_lib.load_experiment(os.path.join(ROOT, 'experiments', 'voc_mnv2_os16.py'))
+  assert (config.data.dataset, config.data.folder, config.model.num_classes) == (
+      'folder', '/data/mine', 5)
+  assert config.train == recipe.train and config.eval == recipe.eval
+  assert {k: v for k, v in config.model.items() if k != 'num_classes'} == {
+      k: v for k, v in recipe.model.items() if k != 'num_classes'}
 
 
 def test_prepare_data_prints_the_classes_and_how_to_train(tmp_path, capsys):
