@@ -32,6 +32,34 @@ def class_names(dataset: str, num_classes: int, given: str = '') -> List[str]:
   return list(names)
 
 
+def parse_colours(text: str) -> List[tuple]:
+  """config.data.class_colours ('r,g,b;r,g,b;...', one per class) as (r, g, b) tuples ([] for
+  ''); ValueError for anything else."""
+  if not text.strip():
+    return []
+  colours = []
+  for part in text.split(';'):
+    try:
+      rgb = tuple(int(v) for v in part.split(','))
+    except ValueError:
+      rgb = ()
+    if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+      raise ValueError(f'config.data.class_colours: {part.strip()!r} is not a colour r,g,b '
+                       '(0..255 each; colours separated by ;)')
+    colours.append(rgb)
+  return colours
+
+
+def palette(class_colours: str = '') -> np.ndarray:
+  """[256, 3] uint8: the VOC colour map with the classes' own colours (config.data.
+  class_colours, e.g. a folder's labelmap.txt) in place of the first ones."""
+  table = voc_colormap()
+  colours = parse_colours(class_colours)
+  if colours:
+    table[:len(colours)] = colours
+  return table
+
+
 def voc_colormap(size: int = 256) -> np.ndarray:
   """The PASCAL VOC palette: [size, 3] uint8, class i's colour from the bits of i."""
   cmap = np.zeros((size, 3), np.uint8)

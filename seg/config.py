@@ -16,7 +16,7 @@ from typing import Any, Iterable, Tuple
 
 import ml_collections
 
-from seg.classes import parse_names
+from seg.classes import parse_colours, parse_names
 from seg.preprocessing import ZERO_MEAN_UNIT_RANGE
 
 
@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Class names, comma-separated, for reports and exports; '' = the dataset's (VOC's, the
   # embedded's, a folder's labelmap.txt; else the class ids). `train` stores a folder's here.
   config.data.class_names = ''
+  # Their colours in `predict`'s masks, 'r,g,b;r,g,b;...'; '' = VOC's colour map. `train`
+  # stores a folder's labelmap.txt colours here.
+  config.data.class_colours = ''
   config.data.data_dir = ''            # TFDS data_dir; '' = TFDS's default (~/tensorflow_datasets)
   config.data.train_split = 'train'
   config.data.eval_split = 'val'
@@ -148,6 +151,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   names = parse_names(config.data.class_names)
   if names and len(names) != config.model.num_classes:
     raise ValueError(f'config.data.class_names has {len(names)} names, '
+                     f'config.model.num_classes is {config.model.num_classes}')
+  colours = parse_colours(config.data.class_colours)
+  if colours and len(colours) != config.model.num_classes:
+    raise ValueError(f'config.data.class_colours has {len(colours)} colours, '
                      f'config.model.num_classes is {config.model.num_classes}')
   if config.data.max_scale < config.data.min_scale:
     raise ValueError(f'config.data.max_scale ({config.data.max_scale}) is below '

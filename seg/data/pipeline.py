@@ -10,7 +10,7 @@ Batches come out as NumPy dicts for the process's local devices:
 import contextlib
 import os
 import re
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -302,9 +302,10 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
                 f'split {data_config.train_split!r} of {builder.data_dir}')
 
 
-def prepare(data_config, num_classes: Optional[int] = None, log=print) -> Optional[List[str]]:
+def prepare(data_config, num_classes: Optional[int] = None, log=print) -> Optional[Dict]:
   """Prepares the config's dataset (a no-op when prepared) and checks its two splits exist;
-  returns the class names of a 'folder' dataset's labelmap.txt (else None).
+  returns a 'folder' dataset's labelmap.txt, {'names': [...], 'colours': [[r, g, b], ...] or
+  None}, else None.
 
   Raises `voc.SourceError` (archives missing or wrong), `folder.FolderError` or ValueError
   (unknown dataset or split; a folder's classes that `num_classes` does not fit), before
@@ -319,15 +320,18 @@ def prepare(data_config, num_classes: Optional[int] = None, log=print) -> Option
       raise ValueError(f'config.data.{field}={split!r}: the {data_config.dataset!r} dataset has '
                        f'the splits {", ".join(sorted(builder.info.splits))}')
   facts = voc.folder_facts(builder)
-  if facts is None or num_classes is None:
-    return facts and facts['names']
+  if facts is None:
+    return None
   names, root = facts['names'], facts['root']
+  labelmap = {'names': names, 'colours': facts.get('colours')} if names else None
   fix = '--config.model.num_classes={}'
+  if num_classes is None:
+    return labelmap
   if names:
     if len(names) != num_classes:
       raise ValueError(f'{os.path.join(root, folder.LABELMAP)} names {len(names)} classes; '
                        f'config.model.num_classes is {num_classes}: add {fix.format(len(names))}')
-    return names
+    return labelmap
   top = folder.class_count(facts)
   if top > num_classes:
     raise ValueError(f'the labels of {root} hold class {top - 1}; config.model.num_classes is '

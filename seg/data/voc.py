@@ -167,8 +167,11 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
     classes = folder.read_labelmap(root)
     num_classes = len(classes.names) if classes else labels.IGNORE_LABEL
     metadata = self.info.metadata
-    metadata.update({'root': os.path.abspath(root), 'names': list(classes.names) if classes
-                     else None, 'class_pixels': {}})
+    metadata.update({'root': os.path.abspath(root),
+                     'names': list(classes.names) if classes else None,
+                     'colours': [list(c) for c in classes.colours]
+                                if classes and classes.colours else None,
+                     'class_pixels': {}})
 
     def examples(split, ids):
       pixels = np.zeros(256, np.int64)
@@ -183,7 +186,7 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
 
 
 def folder_facts(builder) -> Optional[dict]:
-  """A prepared 'folder' dataset's {'root', 'names' (labelmap.txt's, or None),
+  """A prepared 'folder' dataset's {'root', 'names' and 'colours' (labelmap.txt's, or None),
   'class_pixels': {split: pixels per label value 0..255}}; None for the other datasets."""
   return dict(builder.info.metadata) if builder.builder_config.root else None
 

@@ -3,6 +3,8 @@
 import dataclasses
 from typing import Optional, Tuple
 
+import numpy as np
+
 from seg.predict.memory import DEFAULT_BUDGET
 
 LARGE_IMAGE_POLICIES = ('resize', 'tile')
@@ -32,6 +34,9 @@ class Options:
   memory_budget: int = DEFAULT_BUDGET
   shard: Tuple[int, int] = (0, 1)
   profile: bool = False         # time every stage and print the breakdown (`seg.predict.profile`)
+  # [256, 3] uint8 colours of the classes in the masks; None: the model's (`predict_paths`:
+  # its config.data.class_colours), else VOC's.
+  palette: Optional[np.ndarray] = None
 
   def __post_init__(self):
     if self.probabilities not in PROBABILITY_FORMATS:

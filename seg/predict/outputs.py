@@ -3,7 +3,8 @@
 Under the output folder, mirroring the input's relative path (see
 `seg.predict.files.collect_inputs`):
   NAME.png          class indices as a palette PNG of the input's size (VOC's format)
-  NAME_color.png    the same classes as an RGB image in the VOC colours
+  NAME_color.png    the same classes as an RGB image in the VOC colours (or the model's own:
+                    `Options.palette`, a folder dataset's labelmap.txt)
   NAME_overlay.jpg  (--overlay) the image blended with the class colours
   NAME_prob.npy     (--probabilities) class probabilities [classes, height, width],
                     float16, or uint8 holding round(255 * p)
@@ -59,22 +60,25 @@ def _colormap() -> np.ndarray:
   return voc_colormap()  # a 2,048-step Python loop: once, not per image
 
 
-@functools.lru_cache(maxsize=1)
-def _palette_bytes() -> bytes:
-  return _colormap().reshape(-1).tobytes()
+def _table(palette: Optional[np.ndarray]) -> np.ndarray:
+  """The [256, 3] uint8 colours to use: `palette`, else VOC's."""
+  return _colormap() if palette is None else np.ascontiguousarray(palette, np.uint8)
 
 
-def overlay(rgb: np.ndarray, mask: np.ndarray, in_kernel: Optional[bool] = None) -> np.ndarray:
-  """[h, w, 3] uint8: the image `rgb` with the VOC colours of `mask` [h, w] blended half and
-  half over it where the class is not background (0): round((pixel + colour) / 2), halves to
-  even, as NumPy rounds the float blend; background pixels as they are (`blend`, on a copy).
+def overlay(rgb: np.ndarray, mask: np.ndarray, in_kernel: Optional[bool] = None,
+            palette: Optional[np.ndarray] = None) -> np.ndarray:
+  """[h, w, 3] uint8: the image `rgb` with the colours of `mask` [h, w] (`palette` [256, 3],
+  default VOC's) blended half and half over it where the class is not background (0):
+  round((pixel + colour) / 2), halves to even, as NumPy rounds the float blend; background
+  pixels as they are (`blend`, on a copy).
   """
   out = np.array(rgb, np.uint8, order='C')
-  blend(out, mask, in_kernel)
+  blend(out, mask, in_kernel, palette)
   return out
 
 
-def blend(pixels: np.ndarray, mask: np.ndarray, in_kernel: Optional[bool] = None) -> None:
+def blend(pixels: np.ndarray, mask: np.ndarray, in_kernel: Optional[bool] = None,
+          palette: Optional[np.ndarray] = None) -> None:
   """`overlay` in place: pixels [h, w, 3] uint8, a view whose pixels may be 3 or 4 bytes
   apart (Pillow's memory: `seg.predict.images.writable_pixels`), channels adjacent.
 
@@ -97,26 +101,26 @@ def blend(pixels: np.ndarray, mask: np.ndarray, in_kernel: Optional[bool] = None
     library().SegOverlay(
         pointer(pixels), ctypes.c_int64(pixels.shape[0]), ctypes.c_int64(pixels.shape[1]),
         ctypes.c_int64(pixels.strides[0]), ctypes.c_int64(pixels.strides[1]), pointer(mask),
-        ctypes.c_int64(mask.strides[0]), pointer(_colormap()))
+        ctypes.c_int64(mask.strides[0]), pointer(_table(palette)))
     return
   for r in range(0, mask.shape[0], STRIP_ROWS):
     m, part = mask[r:r + STRIP_ROWS], pixels[r:r + STRIP_ROWS]
     total = part.astype(np.uint16)
-    total += colours(m)
+    total += colours(m, palette)
     total += (total >> 1) & 1  # an odd total's half rounds to the even neighbour
     total >>= 1
     np.copyto(part, total.astype(np.uint8), where=m[..., None] > 0)
 
 
-def colours(mask: np.ndarray) -> np.ndarray:
-  """[h, w, 3] uint8: the VOC colours of an [h, w] class map.
+def colours(mask: np.ndarray, palette: Optional[np.ndarray] = None) -> np.ndarray:
+  """[h, w, 3] uint8: the colours (`palette` [256, 3], default VOC's) of an [h, w] class map.
 
   Pillow's palette conversion: one C loop that releases the GIL (the writer threads colour
   at once), several times faster than indexing the [256, 3] table with the mask.
   """
   mask = np.ascontiguousarray(mask, np.uint8)
   image = Image.frombuffer('P', (mask.shape[1], mask.shape[0]), mask, 'raw', 'P', 0, 1)
-  image.putpalette(_palette_bytes())
+  image.putpalette(_table(palette).tobytes())
   return np.asarray(image.convert('RGB'))
 
 
@@ -174,7 +178,7 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
   colours as it encodes; the overlay's blend), 'encode' and 'write'.
   """
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
-  cmap = _colormap()
+  cmap = _table(options.palette)
   height, width = mask.shape
 
   indices_file, colour_file = io.BytesIO(), io.BytesIO()  # compressed: a few hundred KiB
@@ -190,7 +194,7 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
     colour_rows = strip  # the kernel colours the indices as it encodes
     if not in_kernel:
       with profile.stage('colour'):
-        colour_rows = colours(strip)
+        colour_rows = colours(strip, cmap)
     with profile.stage('encode'):
       indices.write(strip)
       colour_png.write(colour_rows)
@@ -205,9 +209,9 @@ def write_masks(stem: str, mask: np.ndarray, options: Options,
     with profile.stage('colour'):
       pixels = writable_pixels(picture)
       if pixels is None:
-        picture = Image.fromarray(overlay(np.asarray(picture), mask))
+        picture = Image.fromarray(overlay(np.asarray(picture), mask, palette=cmap))
       else:  # blended in Pillow's memory and encoded from there: no copy of the photo
-        blend(pixels, mask)
+        blend(pixels, mask, palette=cmap)
         del pixels
     with profile.stage('encode'):
       data = _encoded(picture, 'JPEG', quality=90)

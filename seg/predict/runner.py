@@ -21,6 +21,7 @@ from typing import Dict, Hashable, List, Optional, Tuple
 import numpy as np
 from PIL import Image
 
+from seg.classes import palette
 from seg.predict.files import (IMAGE_EXTENSIONS, Job, check_output_folder, collect_inputs,
                                plan_jobs, shard_of)
 from seg.predict.images import load_image, load_rgb_image
@@ -330,6 +331,9 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
     split = f', each batch of {batch_size} as {parts} parts at once' if parts > 1 else ''
     log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '
         f'{step}{split}')
+  own_colours = getattr(getattr(engine, 'config', None), 'data', {}).get('class_colours')
+  if options.palette is None and own_colours:  # a folder dataset's labelmap.txt colours
+    options = dataclasses.replace(options, palette=palette(own_colours))
   jobs = plan_jobs(files, output_dir, options)  # all inputs: names never depend on the shard
   index, count = options.shard
   if count > 1:

@@ -231,9 +231,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   parallel.local_batch_size(config.eval.batch_size)  # fail now, not after training
   model = create_model(config.model)
   # Missing dataset archives; a dataset folder's classes that the model does not fit.
-  names = pipeline.prepare(config.data, config.model.num_classes, log)
-  if names and not config.data.class_names:  # a folder's labelmap.txt: kept in config.json
-    config.data.class_names = ','.join(names)
+  labelmap = pipeline.prepare(config.data, config.model.num_classes, log)
+  if labelmap:  # a folder's labelmap.txt, kept in config.json (for eval, predict, exports)
+    if not config.data.class_names:
+      config.data.class_names = ','.join(labelmap['names'])
+    if labelmap['colours'] and not config.data.class_colours:
+      config.data.class_colours = ';'.join(','.join(map(str, c)) for c in labelmap['colours'])
   checkpoint.save_config(workdir, config)  # a workdir of another model
   learning_rate_fn = create_learning_rate_fn(config.train)
   rng = jax.random.key(config.train.seed)

@@ -14,6 +14,8 @@ from helpers import ROOT
 from seg import config as config_lib
 from seg.cli import commands
 from seg.data import folder, labels, pipeline, voc
+from seg.predict.options import Options
+from seg.predict.runner import predict_paths
 from seg.train import loop
 
 NAMES = ('background', 'road', 'car')
@@ -183,7 +185,8 @@ def test_prepared_folder_reads_back_its_images_labels_and_classes(tmp_path):
   written = _write_folder(root)
   config = config_lib.default_config()
   config.data.dataset, config.data.folder, config.data.data_dir = 'folder', root, data_dir
-  assert pipeline.prepare(config.data, num_classes=3) == list(NAMES)
+  assert pipeline.prepare(config.data, num_classes=3) == {
+      'names': list(NAMES), 'colours': [list(c) for c in COLOURS]}
   order = {}
   for split, ids in (('train', TRAIN), ('val', VAL)):
     examples = list(pipeline.split_examples(config.data, split).as_numpy_iterator())
@@ -290,7 +293,7 @@ def test_prepare_data_prints_the_classes_and_how_to_train(tmp_path, capsys):
     commands.prepare_data(dataset='folder', data_dir=str(tmp_path / 'tfds'))
 
 
-def test_training_on_a_folder_keeps_its_class_names(tmp_path, tiny_config):
+def test_training_on_a_folder_keeps_its_class_names_and_colours(tmp_path, tiny_config):
   root = str(tmp_path / 'mine')
   _write_folder(root)
   config = tiny_config
@@ -303,4 +306,17 @@ def test_training_on_a_folder_keeps_its_class_names(tmp_path, tiny_config):
   assert list(report['per_class_iou']) == list(NAMES)
   assert report['num_images'] == len(VAL)
   with open(os.path.join(workdir, 'config.json')) as f:
-    assert json.load(f)['data']['class_names'] == ','.join(NAMES)
+    data = json.load(f)['data']
+  assert data['class_names'] == ','.join(NAMES)
+  assert data['class_colours'] == ';'.join(','.join(map(str, c)) for c in COLOURS)
+  # predict draws the masks in labelmap.txt's colours.
+  image = os.path.join(root, folder.IMAGES, VAL[0] + '.jpg')
+  options = Options(overlay=True, memory_budget=16 << 30)  # the test process holds more
+  assert predict_paths(workdir, [image], str(tmp_path / 'masks'), options, batch_size=4,
+                       log=lambda _: None) == 0
+  with Image.open(str(tmp_path / 'masks' / VAL[0]) + '.png') as png:
+    mask = np.asarray(png)
+    palette = np.asarray(png.getpalette()[:9], np.uint8).reshape(3, 3)
+  np.testing.assert_array_equal(palette, COLOURS)
+  coloured = np.asarray(Image.open(str(tmp_path / 'masks' / VAL[0]) + '_color.png'))
+  np.testing.assert_array_equal(coloured, np.array(COLOURS, np.uint8)[mask])

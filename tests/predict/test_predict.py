@@ -198,11 +198,13 @@ def test_png_writer_strips_decode_to_the_rows_written():
     PngWriter(io.BytesIO(), 139, 263).write(mask[:5])   # palette rows to an RGB file
 
 
+@pytest.mark.parametrize('own_palette', [False, True])
 @pytest.mark.parametrize('in_kernel', [False, True])
-def test_the_overlay_is_the_half_blend_rounded_as_numpy_rounds(in_kernel):
+def test_the_overlay_is_the_half_blend_rounded_as_numpy_rounds(in_kernel, own_palette):
   """`outputs.overlay` (NumPy's integers, or the kernel library) against the float blend
   rounded by NumPy (halves to even): every pixel value and class, both parities of pixel +
-  colour, background kept, widths not a multiple of the kernel's 32 pixels."""
+  colour, background kept, widths not a multiple of the kernel's 32 pixels; in VOC's
+  colours or a model's own (a folder dataset's labelmap.txt)."""
   from seg.predict import outputs, png
   if in_kernel and not png.kernel():
     pytest.skip('the kernel library does not run here')
@@ -210,9 +212,10 @@ def test_the_overlay_is_the_half_blend_rounded_as_numpy_rounds(in_kernel):
   rgb = rng.integers(0, 256, (300, 257, 3)).astype(np.uint8)
   mask = rng.integers(0, 22, (300, 257)).astype(np.uint8)
   mask[:40] = 0
-  colour = _voc_colormap()[mask].astype(np.float32)
+  palette = rng.integers(0, 256, (256, 3)).astype(np.uint8) if own_palette else None
+  colour = (_voc_colormap() if palette is None else palette)[mask].astype(np.float32)
   expected = np.where(mask[..., None] > 0, np.round(rgb * np.float32(0.5) + colour * 0.5), rgb)
-  got = outputs.overlay(rgb, mask, in_kernel)
+  got = outputs.overlay(rgb, mask, in_kernel, palette=palette)
   assert got.dtype == np.uint8 and np.array_equal(got, expected.astype(np.uint8))
   assert (((rgb.astype(int) + colour.astype(int)) % 2 == 1) & (mask[..., None] > 0)).any()
 
