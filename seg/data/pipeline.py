@@ -302,44 +302,70 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
                 f'split {data_config.train_split!r} of {builder.data_dir}')
 
 
-def prepare(data_config, num_classes: Optional[int] = None, log=print) -> Optional[Dict]:
+def prepare(data_config, num_classes: Optional[int] = None, log=print,
+            process_count: int = 1) -> Optional[Dict]:
   """Prepares the config's dataset (a no-op when prepared) and checks its two splits exist;
   returns a 'folder' dataset's labelmap.txt, {'names': [...], 'colours': [[r, g, b], ...] or
   None}, else None.
 
   Raises `voc.SourceError` (archives missing or wrong), `folder.FolderError` or ValueError
-  (unknown dataset or split; a folder's classes that `num_classes` does not fit), before
-  anything is compiled.
+  (unknown dataset or split; a folder's classes that `num_classes` does not fit, or its
+  training images that `data.cache` cannot hold in this machine's memory), before anything
+  is compiled.
   """
   builder = prepared(data_config)
   for field in ('train_split', 'eval_split'):
-    split = data_config[field]
-    # TFDS split expressions: 'val[:8]', 'train+val'.
-    names = [part.split('[')[0].strip() for part in split.split('+')]
+    names = _split_names(data_config[field])
     if not all(name in builder.info.splits for name in names):
-      raise ValueError(f'config.data.{field}={split!r}: the {data_config.dataset!r} dataset has '
-                       f'the splits {", ".join(sorted(builder.info.splits))}')
+      raise ValueError(f'config.data.{field}={data_config[field]!r}: the '
+                       f'{data_config.dataset!r} dataset has the splits '
+                       f'{", ".join(sorted(builder.info.splits))}')
   facts = voc.folder_facts(builder)
   if facts is None:
     return None
+  if num_classes is not None:
+    _check_folder_classes(facts, num_classes, log)
+    _check_cache_fits(facts, data_config, process_count, log)
+  return {'names': facts['names'], 'colours': facts.get('colours')} if facts['names'] else None
+
+
+def _split_names(split: str) -> list:
+  """The split names of a TFDS split expression ('val[:8]', 'train+val')."""
+  return [part.split('[')[0].strip() for part in split.split('+')]
+
+
+def _check_folder_classes(facts: dict, num_classes: int, log) -> None:
   names, root = facts['names'], facts['root']
-  labelmap = {'names': names, 'colours': facts.get('colours')} if names else None
   fix = '--config.model.num_classes={}'
-  if num_classes is None:
-    return labelmap
-  if names:
-    if len(names) != num_classes:
-      raise ValueError(f'{os.path.join(root, folder.LABELMAP)} names {len(names)} classes; '
-                       f'config.model.num_classes is {num_classes}: add {fix.format(len(names))}')
-    return labelmap
   top = folder.class_count(facts)
+  if names and top != num_classes:
+    raise ValueError(f'{os.path.join(root, folder.LABELMAP)} names {top} classes; '
+                     f'config.model.num_classes is {num_classes}: add {fix.format(top)}')
   if top > num_classes:
     raise ValueError(f'the labels of {root} hold class {top - 1}; config.model.num_classes is '
                      f'{num_classes}: add {fix.format(top)} (or more)')
   if top < num_classes:
     log(f'note: the labels of {root} hold classes 0..{top - 1} only; config.model.num_classes '
         f'is {num_classes} ({fix.format(top)} if the dataset has no more)')
-  return None
+
+
+def _check_cache_fits(facts: dict, data_config, process_count: int, log) -> None:
+  """data.cache='decoded' keeps 4 bytes a pixel of the training images: a folder of phone
+  photos can need more memory than the machine has, found only after minutes of caching."""
+  if data_config.cache != 'decoded':
+    return
+  pixels = sum(int(np.sum(facts['class_pixels'].get(name, 0)))
+               for name in _split_names(data_config.train_split))
+  needed = 4 * pixels // max(process_count, 1)
+  memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  what = (f"data.cache='decoded' keeps the training images decoded: "
+          f'{needed / 2**30:.1f} GiB in each process (4 bytes a pixel), this machine has '
+          f'{memory / 2**30:.1f} GiB')
+  if needed > memory:
+    raise ValueError(f'{what}: add --config.data.cache=encoded (decoded again at every use) '
+                     'or make the images smaller')
+  if needed > memory // 2:
+    log(f'note: {what} (--config.data.cache=encoded holds the JPEG/PNG bytes instead)')
 
 
 def num_examples(data_config, split: str) -> int:

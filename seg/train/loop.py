@@ -231,7 +231,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   parallel.local_batch_size(config.eval.batch_size)  # fail now, not after training
   model = create_model(config.model)
   # Missing dataset archives; a dataset folder's classes that the model does not fit.
-  labelmap = pipeline.prepare(config.data, config.model.num_classes, log)
+  labelmap = pipeline.prepare(config.data, config.model.num_classes, log, jax.process_count())
   if labelmap:  # a folder's labelmap.txt, kept in config.json (for eval, predict, exports)
     if not config.data.class_names:
       config.data.class_names = ','.join(labelmap['names'])

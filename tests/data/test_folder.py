@@ -250,6 +250,27 @@ def test_classes_the_model_does_not_fit_stop_before_training(tmp_path):
                    'has no more)']
 
 
+def test_a_decoded_cache_larger_than_the_memory_stops_before_training(tmp_path, monkeypatch):
+  root = str(tmp_path / 'mine')
+  written = _write_folder(root)
+  config = config_lib.default_config()
+  config.data.dataset, config.data.folder = 'folder', root
+  config.data.data_dir = str(tmp_path / 'tfds')
+  needed = 4 * sum(written[name].size for name in TRAIN)   # 4 bytes a training pixel
+  page = 4096
+  sysconf = {'SC_PAGE_SIZE': page}
+  monkeypatch.setattr(os, 'sysconf', lambda name: sysconf.get(name, needed // page - 1))
+  with pytest.raises(ValueError, match=rf"data.cache='decoded' keeps the training images "
+                                       rf"decoded: {needed / 2**30:.1f} GiB in each process .* "
+                                       r'add --config.data.cache=encoded'):
+    pipeline.prepare(config.data, num_classes=3)
+  notes = []
+  pipeline.prepare(config.data, num_classes=3, log=notes.append, process_count=2)  # half each
+  assert len(notes) == 1 and notes[0].startswith("note: data.cache='decoded' keeps")
+  config.data.cache = 'encoded'
+  assert pipeline.prepare(config.data, num_classes=3)['names'] == list(NAMES)
+
+
 def test_config_fields_of_a_folder_are_checked():
   config = config_lib.default_config()
   config.data.dataset = 'folder'
