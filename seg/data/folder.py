@@ -105,7 +105,7 @@ def check_layout(root: str) -> Dict[str, List[str]]:
       raise FolderError(f'{os.path.join(root, LISTS, file_name)}: a split name has only '
                         'letters, digits and _')
     with open(os.path.join(root, LISTS, file_name), encoding='utf-8') as f:
-      ids = [line.split()[0] for line in f if line.strip()]
+      ids = [line.strip() for line in f if line.strip()]  # (an id may hold spaces)
     if ids:
       splits[split] = ids
   if not splits:
@@ -114,12 +114,25 @@ def check_layout(root: str) -> Dict[str, List[str]]:
   return splits
 
 
+def _files(folder: str) -> List[str]:
+  """The files under `folder`, as paths relative to it ('a.jpg', 'sub/b.jpg'), hidden ones
+  left out."""
+  found = []
+  for parent, folders, names in os.walk(folder):
+    folders[:] = [f for f in folders if not f.startswith('.')]
+    relative = os.path.relpath(parent, folder)
+    found += [n if relative == '.' else os.path.join(relative, n) for n in names
+              if not n.startswith('.')]
+  return found
+
+
 def image_files(root: str) -> Dict[str, str]:
-  """{id: file name} of ROOT/JPEGImages; FolderError where two files share an id."""
+  """{id: file name} of ROOT/JPEGImages (ids with folders, 'sub/name', as annotation tools
+  write them for images in subfolders); FolderError where two files share an id."""
   found = {}
-  for file_name in os.listdir(os.path.join(root, IMAGES)):
+  for file_name in sorted(_files(os.path.join(root, IMAGES))):
     stem, ext = os.path.splitext(file_name)
-    if not ext or file_name.startswith('.'):
+    if not ext:
       continue
     if stem in found:
       raise FolderError(f'{os.path.join(root, IMAGES)} holds {found[stem]} and {file_name}: '
@@ -131,7 +144,7 @@ def image_files(root: str) -> Dict[str, str]:
 def check_files(root: str, splits: Dict[str, List[str]], images: Dict[str, str]) -> None:
   """FolderError naming the listed ids without an image or a label (all at once: before
   anything is read)."""
-  label_files = set(os.listdir(os.path.join(root, LABELS)))
+  label_files = set(_files(os.path.join(root, LABELS)))
   listed = sorted({i for ids in splits.values() for i in ids})
   problems = [f'{name}: ' + ' and '.join(
       what for what, lacking in (('no image', name not in images),

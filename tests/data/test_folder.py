@@ -210,6 +210,25 @@ def test_prepared_folder_reads_back_its_images_labels_and_classes(tmp_path):
   assert list(pipeline.oversize_images(config.data, 'val')[0]) == [order['val'].index('img11')]
 
 
+def test_ids_in_subfolders_as_annotation_tools_write_them(tmp_path):
+  root = str(tmp_path / 'mine')
+  written = _write_folder(root, labelmap=False, label_format='L')
+  for d in (folder.IMAGES, folder.LABELS):
+    os.makedirs(os.path.join(root, d, 'day 2'))
+  pixels = np.full((50, 40, 3), 90, np.uint8)
+  Image.fromarray(pixels).save(os.path.join(root, folder.IMAGES, 'day 2', 'x.png'))
+  Image.fromarray(written['img00'][:50, :40]).save(os.path.join(root, folder.LABELS, 'day 2',
+                                                                'x.png'))
+  with open(os.path.join(root, folder.LISTS, 'train.txt'), 'a') as f:
+    f.write('day 2/x\n')
+  builder = voc.prepare('folder', str(tmp_path / 'tfds'), root=root)
+  read = {ex['file_name'].decode(): ex for ex in builder.as_dataset(split='train')
+          .as_numpy_iterator()}
+  assert sorted(read) == sorted(TRAIN + ['day 2/x'])
+  np.testing.assert_array_equal(read['day 2/x']['image'], pixels)
+  np.testing.assert_array_equal(read['day 2/x']['label'][..., 0], written['img00'][:50, :40])
+
+
 def test_a_changed_folder_is_prepared_again(tmp_path):
   root, data_dir = str(tmp_path / 'mine'), str(tmp_path / 'tfds')
   _write_folder(root, labelmap=False, label_format='L')
