@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from helpers import ROOT
-from seg import config as config_lib
+from seg import classes, config as config_lib
 from seg.cli import commands
 from seg.data import folder, labels, pipeline, voc
 from seg.predict.options import Options
@@ -290,6 +290,17 @@ def test_a_decoded_cache_larger_than_the_memory_stops_before_training(tmp_path, 
   assert pipeline.prepare(config.data, num_classes=3)['names'] == list(NAMES)
 
 
+def test_class_names_and_colours_of_a_config():
+  assert classes.class_names('folder', 3, 'background, road ,car') == list(NAMES)
+  assert classes.class_names('folder', 3) == ['0', '1', '2']          # no names: the ids
+  assert classes.class_names('voc2012', 21)[15] == 'person'
+  table = classes.palette('0,0,0;250,50,50;50,50,250')
+  np.testing.assert_array_equal(table[:3], COLOURS)
+  np.testing.assert_array_equal(table[3:], classes.voc_colormap()[3:])  # the rest: VOC's
+  with pytest.raises(ValueError, match="'250,50' is not a colour r,g,b"):
+    classes.palette('0,0,0;250,50')
+
+
 def test_config_fields_of_a_folder_are_checked():
   config = config_lib.default_config()
   config.data.dataset = 'folder'
@@ -300,6 +311,9 @@ def test_config_fields_of_a_folder_are_checked():
     config_lib.validate(config)
   config.data.dataset, config.data.class_names = 'folder', 'a, b'
   with pytest.raises(ValueError, match='class_names has 2 names, config.model.num_classes is 21'):
+    config_lib.validate(config)
+  config.data.class_names, config.data.class_colours = '', '1,2,3'
+  with pytest.raises(ValueError, match='class_colours has 1 colours, config.model.num_classes'):
     config_lib.validate(config)
 
 
