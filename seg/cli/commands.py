@@ -116,7 +116,7 @@ def prepare_data(*, dataset: str, data_dir: str = '', manual_dir: str = '',
     print(f'  {split:<10} {info.num_examples:>7,} examples')
   facts = voc.folder_facts(builder)
   if facts:
-    print(class_summary(facts))
+    print(class_summary(facts, data_dir))
 
 
 def import_weights(*, fmt: str, src: str, output: str, config=None) -> None:

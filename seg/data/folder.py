@@ -270,9 +270,9 @@ def class_count(facts: dict) -> int:
   return int(used[-1]) + 1 if len(used) else 1
 
 
-def class_summary(facts: dict) -> str:
+def class_summary(facts: dict, data_dir: str = '') -> str:
   """The classes a prepared folder's labels hold, with their share of the labelled pixels,
-  and the config fields that train on it."""
+  and the config fields that train on it (prepared in `data_dir`, '' = TFDS's default)."""
   pixels, names, count = label_pixels(facts), facts['names'], class_count(facts)
   labelled = max(int(pixels[:labels.IGNORE_LABEL].sum()), 1)
   lines = [f'  {count} classes ({"labelmap.txt" if names else "class ids in the labels"}), '
@@ -282,7 +282,8 @@ def class_summary(facts: dict) -> str:
     lines.append(f'    {i:>3} {name:<20} {100 * pixels[i] / labelled:6.2f}%'
                  + ('  (in no label)' if not pixels[i] else ''))
   lines.append(f'  train on it: --config.data.dataset=folder --config.data.folder={facts["root"]}'
-               f' --config.model.num_classes={count}')
+               f' --config.model.num_classes={count}'
+               + (f' --config.data.data_dir={data_dir}' if data_dir else ''))
   return '\n'.join(lines)
 
 

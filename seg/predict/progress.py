@@ -18,6 +18,9 @@ class RunReport:
   duplicates: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, first)
   interrupted: bool = False
   peak_bytes_held: int = 0  # decoded images held at once, waiting for the model or writers
+  max_side: int = 0         # the run's --max-side (default: the model's eval size)
+  resized: int = 0          # inputs above it, predicted smaller and brought back to full size
+  tiled: int = 0            # inputs above it, cut into tiles (--large-images=tile)
 
   def format(self, output_dir: str) -> str:
     rate = self.processed / max(self.seconds, 1e-9)
@@ -27,6 +30,13 @@ class RunReport:
              f'  skipped    {self.skipped:>8,}  (outputs already there; --overwrite redoes them)',
              f'  failed     {len(self.failures):>8,}',
              f'  time       {self.seconds:>8.1f} s  ({rate:.2f} images/s)']
+    if self.resized:
+      lines.append(f'  resized    {self.resized:>8,}  above {self.max_side} px: predicted at '
+                   f'{self.max_side} px, masks brought back to full size (--max-side; '
+                   '`eval` runs images whole)')
+    if self.tiled:
+      lines.append(f'  tiled      {self.tiled:>8,}  above {self.max_side} px: predicted in '
+                   f'tiles of {self.max_side} px')
     if self.ignored:
       lines.append(f'  ignored    {self.ignored:>8,}  files without an image extension in '
                    'input folders')

@@ -115,7 +115,7 @@ class Pipeline:
   def run(self, jobs: List[Job]) -> RunReport:
     """Decodes, predicts and writes every job; returns what happened."""
     start = time.time()
-    self.report = RunReport(total=len(jobs))
+    self.report = RunReport(total=len(jobs), max_side=self.options.max_side)
     todo = []
     for job in jobs:
       if job.error:
@@ -158,8 +158,12 @@ class Pipeline:
         continue
       held = item_bytes(image.nbytes, original, self.options.overlay)
       self.budget.acquire(held)
-      self._decoded.put(Item(job, image, original, held=held,
-                             tiled=max(image.shape[:2]) > self.options.max_side))
+      item = Item(job, image, original, held=held,
+                  tiled=max(image.shape[:2]) > self.options.max_side)
+      with self._lock:
+        self.report.resized += item.resized
+        self.report.tiled += item.tiled
+      self._decoded.put(item)
     with self._lock:
       self._decoders_running -= 1
 

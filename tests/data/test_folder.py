@@ -342,7 +342,7 @@ def test_prepare_data_prints_the_classes_and_how_to_train(tmp_path, capsys):
   for i, name in enumerate(NAMES):
     assert f'    {i:>3} {name:<20} {shares[i]:6.2f}%\n' in out
   assert (f'--config.data.dataset=folder --config.data.folder={os.path.abspath(root)} '
-          '--config.model.num_classes=3') in out
+          f'--config.model.num_classes=3 --config.data.data_dir={tmp_path / "tfds"}\n') in out
   with pytest.raises(commands.CommandError, match='--dataset folder needs --folder DIR'):
     commands.prepare_data(dataset='folder', data_dir=str(tmp_path / 'tfds'))
 

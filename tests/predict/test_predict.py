@@ -737,10 +737,11 @@ def test_large_images_resize_within_the_compiled_shapes(engine, reference, tmp_p
   Image.fromarray(image).save(tmp_path / 'big.png')
   Image.fromarray(image[:100, :120]).save(tmp_path / 'small.png')
   engine.shapes_run.clear()
-  failures, _, _ = _run(engine, [str(tmp_path / 'big.png'), str(tmp_path / 'small.png')],
-                        tmp_path / 'out', large_images='resize', max_side=161,
-                        probabilities='float16')
+  failures, summary, _ = _run(engine, [str(tmp_path / 'big.png'), str(tmp_path / 'small.png')],
+                              tmp_path / 'out', large_images='resize', max_side=161,
+                              probabilities='float16')
   assert failures == 0
+  assert '  resized           1  above 161 px: predicted at 161 px' in summary  # big.png only
   assert {shape[2:] for shape in engine.shapes_run} == {(EVAL_SIZE, EVAL_SIZE)}
   # Independently: PIL's bilinear downscale, the plain model, its logits upsampled in NumPy.
   small = np.asarray(Image.fromarray(image).resize((161, 121), Image.Resampling.BILINEAR))
@@ -843,8 +844,10 @@ def test_large_images_tile_within_the_compiled_shapes(engine, reference, tmp_pat
   image = _scene(300, 400, 11)
   Image.fromarray(image).save(tmp_path / 'big.png')
   engine.shapes_run.clear()
-  assert _run(engine, [str(tmp_path / 'big.png')], tmp_path / 'out', large_images='tile',
-              max_side=161)[0] == 0
+  failures, summary, _ = _run(engine, [str(tmp_path / 'big.png')], tmp_path / 'out',
+                              large_images='tile', max_side=161)
+  assert failures == 0
+  assert '  tiled             1  above 161 px' in summary and 'resized' not in summary
   assert {shape[2:] for shape in engine.shapes_run} == {(EVAL_SIZE, EVAL_SIZE)}
   mask = _read_mask(tmp_path / 'out' / 'big.png')
   assert mask.shape == (300, 400)
