@@ -281,6 +281,10 @@ def class_summary(facts: dict, data_dir: str = '') -> str:
     name = names[i] if names else str(i)
     lines.append(f'    {i:>3} {name:<20} {100 * pixels[i] / labelled:6.2f}%'
                  + ('  (in no label)' if not pixels[i] else ''))
+  largest = facts.get('largest') or {}
+  if largest:
+    lines.append('  largest images (height x width): ' + ', '.join(
+        f'{split} {h}x{w}' for split, (h, w) in sorted(largest.items())))
   lines.append(f'  train on it: --config.data.dataset=folder --config.data.folder={facts["root"]}'
                f' --config.model.num_classes={count}'
                + (f' --config.data.data_dir={data_dir}' if data_dir else ''))

@@ -326,6 +326,7 @@ def prepare(data_config, num_classes: Optional[int] = None, log=print,
   if num_classes is not None:
     _check_folder_classes(facts, num_classes, log)
     _check_cache_fits(facts, data_config, process_count, log)
+    _note_large_eval_images(facts, data_config, log)
   return {'names': facts['names'], 'colours': facts.get('colours')} if facts['names'] else None
 
 
@@ -366,6 +367,22 @@ def _check_cache_fits(facts: dict, data_config, process_count: int, log) -> None
                      'or make the images smaller')
   if needed > memory // 2:
     log(f'note: {what} (--config.data.cache=encoded holds the JPEG/PNG bytes instead)')
+
+
+def _note_large_eval_images(facts: dict, data_config, log) -> None:
+  """Eval split images above data.eval_size are evaluated whole, but `predict` resizes its
+  inputs to eval_size: say so, and the eval_size that treats both alike."""
+  sizes = [facts.get('largest', {}).get(name) for name in _split_names(data_config.eval_split)]
+  sizes = [size for size in sizes if size]
+  if not sizes:
+    return
+  height, width = max(size[0] for size in sizes), max(size[1] for size in sizes)
+  if max(height, width) > data_config.eval_size:
+    log(f'note: the {data_config.eval_split!r} images of {facts["root"]} reach {height}x{width}, '
+        f'above data.eval_size={data_config.eval_size}: eval runs them whole (in one more '
+        f'compiled shape), `predict` resizes inputs to {data_config.eval_size} px (masks less '
+        f'sharp than eval\'s); --config.data.eval_size={padded_size(max(height, width))} '
+        'evaluates and predicts them alike')
 
 
 def num_examples(data_config, split: str) -> int:

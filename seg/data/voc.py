@@ -171,15 +171,16 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
                      'names': list(classes.names) if classes else None,
                      'colours': [list(c) for c in classes.colours]
                                 if classes and classes.colours else None,
-                     'class_pixels': {}})
+                     'class_pixels': {}, 'largest': {}})
 
     def examples(split, ids):
-      pixels = np.zeros(256, np.int64)
+      pixels, largest = np.zeros(256, np.int64), [0, 0]
       for name in ids:
         image, label = folder.read_example(root, name, images.get(name), classes)
         labels.check(label, os.path.join(root, folder.LABELS, name + '.png'), num_classes)
         pixels += np.bincount(label.ravel(), minlength=256)
-        metadata['class_pixels'][split] = pixels.tolist()
+        largest = [max(largest[0], label.shape[0]), max(largest[1], label.shape[1])]
+        metadata['class_pixels'][split], metadata['largest'][split] = pixels.tolist(), largest
         yield name, {'image': image, 'label': label[..., None], 'file_name': name}
 
     return {split: examples(split, ids) for split, ids in splits.items()}
@@ -187,7 +188,8 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
 
 def folder_facts(builder) -> Optional[dict]:
   """A prepared 'folder' dataset's {'root', 'names' and 'colours' (labelmap.txt's, or None),
-  'class_pixels': {split: pixels per label value 0..255}}; None for the other datasets."""
+  'class_pixels': {split: pixels per label value 0..255}, 'largest': {split: [largest height,
+  largest width]}}; None for the other datasets."""
   return dict(builder.info.metadata) if builder.builder_config.root else None
 
 

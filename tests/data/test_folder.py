@@ -269,6 +269,24 @@ def test_classes_the_model_does_not_fit_stop_before_training(tmp_path):
                    'has no more)']
 
 
+def test_eval_images_above_eval_size_are_noted_with_the_size_for_both(tmp_path):
+  root = str(tmp_path / 'mine')
+  _write_folder(root)
+  config = config_lib.default_config()
+  config.data.dataset, config.data.folder = 'folder', root
+  config.data.data_dir = str(tmp_path / 'tfds')
+  notes = []
+  config.data.eval_size = 93   # the val images: 84 to 93 high, 80 wide
+  pipeline.prepare(config.data, num_classes=3, log=notes.append)
+  assert notes == []
+  config.data.eval_size = 81
+  pipeline.prepare(config.data, num_classes=3, log=notes.append)
+  assert len(notes) == 1 and notes[0].startswith(
+      f"note: the 'val' images of {os.path.abspath(root)} reach 93x80, above "
+      'data.eval_size=81: eval runs them whole')
+  assert notes[0].endswith('--config.data.eval_size=129 evaluates and predicts them alike')
+
+
 def test_a_decoded_cache_larger_than_the_memory_stops_before_training(tmp_path, monkeypatch):
   root = str(tmp_path / 'mine')
   written = _write_folder(root)
@@ -339,6 +357,7 @@ def test_prepare_data_prints_the_classes_and_how_to_train(tmp_path, capsys):
   shares = 100 * pixels[:3] / pixels[:3].sum()
   assert '  train            8 examples\n  val              4 examples\n' in out
   assert f'void: {pixels[255]:,} pixels' in out
+  assert '  largest images (height x width): train 81x80, val 93x80\n' in out  # 60 + 3 i high
   for i, name in enumerate(NAMES):
     assert f'    {i:>3} {name:<20} {shares[i]:6.2f}%\n' in out
   assert (f'--config.data.dataset=folder --config.data.folder={os.path.abspath(root)} '
