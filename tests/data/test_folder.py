@@ -72,6 +72,17 @@ def _write_folder(root, labelmap=True, label_format='rgb'):
   return written
 
 
+def _folder_config(tmp_path, config=None, **write):
+  """(`config` (default: the defaults) reading a new dataset folder, its root, the labels
+  written)."""
+  root = str(tmp_path / 'mine')
+  written = _write_folder(root, **write)
+  config = config or config_lib.default_config()
+  config.data.dataset, config.data.folder = 'folder', root
+  config.data.data_dir = str(tmp_path / 'tfds')
+  return config, root, written
+
+
 @pytest.fixture(autouse=True)
 def _fresh_folder_configs():
   voc._FOLDER_CONFIGS.clear()  # each test's folders fingerprinted afresh
@@ -181,10 +192,7 @@ def test_layout_errors_say_what_is_missing(tmp_path):
 
 
 def test_prepared_folder_reads_back_its_images_labels_and_classes(tmp_path):
-  root, data_dir = str(tmp_path / 'mine'), str(tmp_path / 'tfds')
-  written = _write_folder(root)
-  config = config_lib.default_config()
-  config.data.dataset, config.data.folder, config.data.data_dir = 'folder', root, data_dir
+  config, root, written = _folder_config(tmp_path)
   assert pipeline.prepare(config.data, num_classes=3) == {
       'names': list(NAMES), 'colours': [list(c) for c in COLOURS]}
   order = {}
@@ -245,11 +253,7 @@ def test_a_changed_folder_is_prepared_again(tmp_path):
 
 
 def test_classes_the_model_does_not_fit_stop_before_training(tmp_path):
-  root = str(tmp_path / 'mine')
-  _write_folder(root)
-  config = config_lib.default_config()
-  config.data.dataset, config.data.folder = 'folder', root
-  config.data.data_dir = str(tmp_path / 'tfds')
+  config, root, _ = _folder_config(tmp_path)
   with pytest.raises(ValueError, match='labelmap.txt names 3 classes; config.model.num_classes '
                                        'is 21: add --config.model.num_classes=3'):
     pipeline.prepare(config.data, num_classes=21)
@@ -270,11 +274,7 @@ def test_classes_the_model_does_not_fit_stop_before_training(tmp_path):
 
 
 def test_eval_images_above_eval_size_are_noted_with_the_size_for_both(tmp_path):
-  root = str(tmp_path / 'mine')
-  _write_folder(root)
-  config = config_lib.default_config()
-  config.data.dataset, config.data.folder = 'folder', root
-  config.data.data_dir = str(tmp_path / 'tfds')
+  config, root, _ = _folder_config(tmp_path)
   notes = []
   config.data.eval_size = 93   # the val images: 84 to 93 high, 80 wide
   pipeline.prepare(config.data, num_classes=3, log=notes.append)
@@ -288,11 +288,7 @@ def test_eval_images_above_eval_size_are_noted_with_the_size_for_both(tmp_path):
 
 
 def test_a_decoded_cache_larger_than_the_memory_stops_before_training(tmp_path, monkeypatch):
-  root = str(tmp_path / 'mine')
-  written = _write_folder(root)
-  config = config_lib.default_config()
-  config.data.dataset, config.data.folder = 'folder', root
-  config.data.data_dir = str(tmp_path / 'tfds')
+  config, root, written = _folder_config(tmp_path)
   needed = 4 * sum(written[name].size for name in TRAIN)   # 4 bytes a training pixel
   page = 4096
   sysconf = {'SC_PAGE_SIZE': page}
@@ -367,11 +363,7 @@ def test_prepare_data_prints_the_classes_and_how_to_train(tmp_path, capsys):
 
 
 def test_training_on_a_folder_keeps_its_class_names_and_colours(tmp_path, tiny_config):
-  root = str(tmp_path / 'mine')
-  _write_folder(root)
-  config = tiny_config
-  config.data.dataset, config.data.folder = 'folder', root
-  config.data.data_dir = str(tmp_path / 'tfds')
+  config, root, _ = _folder_config(tmp_path, tiny_config)
   config.model.num_classes = 3
   config.train.steps = 2
   workdir = str(tmp_path / 'run')
