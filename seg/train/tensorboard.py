@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from seg.classes import voc_colormap
+from seg.classes import palette
 
 SUBDIR = 'tensorboard'
 
@@ -61,15 +61,16 @@ class SummaryWriter:
       self._writer.close()
 
 
-def colorize(labels: np.ndarray, ignore_label: int = 255) -> np.ndarray:
-  """labels [..., h, w] int -> [..., h, w, 3] uint8 in the VOC colours (void white)."""
-  cmap = voc_colormap()
+def colorize(labels: np.ndarray, ignore_label: int = 255, class_colours: str = '') -> np.ndarray:
+  """labels [..., h, w] int -> [..., h, w, 3] uint8 in the VOC colours, or the classes' own
+  (config.data.class_colours), void white."""
+  cmap = palette(class_colours)
   cmap[ignore_label] = 255
   return cmap[np.asarray(labels, np.int64) % 256]
 
 
 def example_panels(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                   ignore_label: int = 255) -> np.ndarray:
+                   ignore_label: int = 255, class_colours: str = '') -> np.ndarray:
   """Side-by-side image | true mask | predicted mask.
 
   Args:
@@ -80,8 +81,8 @@ def example_panels(images: np.ndarray, labels: np.ndarray, predictions: np.ndarr
     [n, h, 3 * w, 3] uint8.
   """
   image = np.clip(np.asarray(images), 0, 255).astype(np.uint8)
-  return np.concatenate([image, colorize(labels, ignore_label),
-                         colorize(predictions, ignore_label)], axis=2)
+  return np.concatenate([image, colorize(labels, ignore_label, class_colours),
+                         colorize(predictions, ignore_label, class_colours)], axis=2)
 
 
 def validation_examples(model, variables, config, num: int = 3) -> Optional[np.ndarray]:
@@ -103,4 +104,4 @@ def validation_examples(model, variables, config, num: int = 3) -> Optional[np.n
       variables, images, sizes)
   predictions = np.asarray(jnp.argmax(logits, -1))
   return example_panels(batch['image'][keep], batch['label'][keep], predictions,
-                        config.data.ignore_label)
+                        config.data.ignore_label, config.data.class_colours)

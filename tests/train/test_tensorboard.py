@@ -76,3 +76,7 @@ def test_example_panels_put_image_truth_and_prediction_side_by_side():
   np.testing.assert_array_equal(panels[0, 0, 3], [255, 255, 255])  # void is white
   np.testing.assert_array_equal(panels[0, 1, 2], [128, 0, 0])      # VOC class 1 (aeroplane red)
   np.testing.assert_array_equal(panels[0, 1, 5], [0, 128, 0])      # class 2
+  own = tensorboard.example_panels(images, labels, predictions, class_colours='1,2,3;4,5,6;7,8,9')
+  np.testing.assert_array_equal(own[0, 1, 2], [4, 5, 6])      # a folder's labelmap.txt colours
+  np.testing.assert_array_equal(own[0, 1, 5], [7, 8, 9])
+  np.testing.assert_array_equal(own[0, 0, 3], [255, 255, 255])
