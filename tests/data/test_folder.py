@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 from helpers import ROOT
 from seg import classes, config as config_lib
 from seg.cli import commands
+from seg.cli.parser import build_parser
 from seg.data import folder, labels, pipeline, voc
 from seg.predict.options import Options
 from seg.predict.runner import predict_paths
@@ -360,6 +361,8 @@ def test_prepare_data_prints_the_classes_and_how_to_train(tmp_path, capsys):
           f'--config.model.num_classes=3 --config.data.data_dir={tmp_path / "tfds"}\n') in out
   with pytest.raises(commands.CommandError, match='--dataset folder needs --folder DIR'):
     commands.prepare_data(dataset='folder', data_dir=str(tmp_path / 'tfds'))
+  args = build_parser().parse_args(['prepare-data', '--dataset', 'folder', '--folder', root])
+  assert (args.dataset, args.folder) == ('folder', root)
 
 
 def test_training_on_a_folder_keeps_its_class_names_and_colours(tmp_path, tiny_config):
