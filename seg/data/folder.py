@@ -36,7 +36,7 @@ LISTS = os.path.join('ImageSets', 'Segmentation')
 LABELMAP = 'labelmap.txt'
 VOID_COLOUR = (224, 224, 192)  # VOC's void boundary colour
 # The encoded bytes of these are stored as they are (the input pipeline decodes both).
-_STORED_AS_IS = {'JPEG': 'jpg', 'PNG': 'png'}
+_STORED_AS_IS = ('JPEG', 'PNG')
 _SPLIT_NAME = re.compile(r'^[A-Za-z0-9_]+$')
 _ORIENTATION = 0x0112
 

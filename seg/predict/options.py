@@ -52,6 +52,8 @@ class Options:
         raise ValueError('max_side must be positive')
     if self.workers < 1:
       raise ValueError('workers must be positive')
+    if self.palette is not None and np.shape(self.palette) != (256, 3):
+      raise ValueError(f'palette must be [256, 3] colours, got shape {np.shape(self.palette)}')
     index, count = self.shard
     if not 0 <= index < count:
       raise ValueError(f'--shard {index}/{count}: give K/N with 0 <= K < N')

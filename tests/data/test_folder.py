@@ -314,6 +314,8 @@ def test_class_names_and_colours_of_a_config():
   np.testing.assert_array_equal(table[3:], classes.voc_colormap()[3:])  # the rest: VOC's
   with pytest.raises(ValueError, match="'250,50' is not a colour r,g,b"):
     classes.palette('0,0,0;250,50')
+  with pytest.raises(ValueError, match=r'palette must be \[256, 3\] colours, got shape \(3, 3\)'):
+    Options(palette=np.array(COLOURS))   # the kernel reads 256 colours
 
 
 def test_config_fields_of_a_folder_are_checked():
