@@ -287,8 +287,20 @@ def class_summary(facts: dict, data_dir: str = '') -> str:
         f'{split} {h}x{w}' for split, (h, w) in sorted(largest.items())))
   lines.append(f'  train on it: --config.data.dataset=folder --config.data.folder={facts["root"]}'
                f' --config.model.num_classes={count}'
-               + (f' --config.data.data_dir={data_dir}' if data_dir else ''))
+               + (f' --config.data.data_dir={data_dir}' if data_dir else '')
+               + split_flags(sorted(facts['class_pixels'])))
   return '\n'.join(lines)
+
+
+def split_flags(splits: List[str]) -> str:
+  """The split flags to add for a folder without train and val lists ('' with both): one list
+  (CVAT's default.txt) sliced 80/20 by TFDS, else the choice."""
+  if 'train' in splits and 'val' in splits:
+    return ''
+  if len(splits) == 1:
+    return (f" --config.data.train_split='{splits[0]}[:80%]'"
+            f" --config.data.eval_split='{splits[0]}[80%:]'")
+  return f' --config.data.train_split=... --config.data.eval_split=... (of {", ".join(splits)})'
 
 
 def describe(root: str, splits: Dict[str, List[str]]) -> str:

@@ -317,9 +317,11 @@ def prepare(data_config, num_classes: Optional[int] = None, log=print,
   for field in ('train_split', 'eval_split'):
     names = _split_names(data_config[field])
     if not all(name in builder.info.splits for name in names):
+      splits = sorted(builder.info.splits)
       raise ValueError(f'config.data.{field}={data_config[field]!r}: the '
-                       f'{data_config.dataset!r} dataset has the splits '
-                       f'{", ".join(sorted(builder.info.splits))}')
+                       f'{data_config.dataset!r} dataset has the splits {", ".join(splits)}'
+                       + (f'; for one list: add{folder.split_flags(splits)}'
+                          if len(splits) == 1 else ''))
   facts = voc.folder_facts(builder)
   if facts is None:
     return None

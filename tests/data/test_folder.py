@@ -5,6 +5,7 @@ PNGs; JPEG, PNG, BMP and EXIF-rotated images)."""
 import io
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -236,6 +237,28 @@ def test_ids_in_subfolders_as_annotation_tools_write_them(tmp_path):
   assert sorted(read) == sorted(TRAIN + ['day 2/x'])
   np.testing.assert_array_equal(read['day 2/x']['image'], pixels)
   np.testing.assert_array_equal(read['day 2/x']['label'][..., 0], written['img00'][:50, :40])
+
+
+def test_one_list_is_split_by_slices_as_the_error_says(tmp_path, capsys):
+  config, root, _ = _folder_config(tmp_path)
+  lists = os.path.join(root, folder.LISTS)
+  with open(os.path.join(lists, 'default.txt'), 'w') as f:   # CVAT's one list
+    f.write('\n'.join(TRAIN + VAL) + '\n')
+  os.remove(os.path.join(lists, 'train.txt'))
+  os.remove(os.path.join(lists, 'val.txt'))
+  flags = "--config.data.train_split='default[:80%]' --config.data.eval_split='default[80%:]'"
+  with pytest.raises(ValueError, match=re.escape(f'has the splits default; for one list: add '
+                                                 f'{flags}')):
+    pipeline.prepare(config.data, num_classes=3)
+  commands.prepare_data(dataset='folder', data_dir=config.data.data_dir, folder=root)
+  assert capsys.readouterr().out.rstrip().endswith(flags)
+  config.data.train_split, config.data.eval_split = 'default[:80%]', 'default[80%:]'
+  pipeline.prepare(config.data, num_classes=3)
+  names = {split: [ex['file_name'].decode() for ex in
+                   pipeline.split_examples(config.data, split).as_numpy_iterator()]
+           for split in (config.data.train_split, config.data.eval_split)}
+  train, val = names.values()
+  assert sorted(train + val) == TRAIN + VAL and 8 <= len(train) <= 10   # apart, all of them
 
 
 def test_a_changed_folder_is_prepared_again(tmp_path):
