@@ -8,8 +8,10 @@
 A label is a PNG of class indices (palette or grey-scale; 255 = void, ignored), as VOC's,
 or a colour PNG whose colours labelmap.txt names, as CVAT and Datumaro export the VOC
 format ("Segmentation mask"): the class of a colour is its line in labelmap.txt (a
-`# ...` header skipped), VOC's void colour (224, 224, 192) is 255. labelmap.txt also gives
-the classes' names (eval.json, the exports).
+`# ...` header skipped), VOC's void colour (224, 224, 192) is 255. Colour PNGs without a
+labelmap.txt are VOC's 21 classes in VOC's colours (CVAT's rule: labelmap.txt is needed
+only for labels other than VOC's). labelmap.txt also gives the classes' names (eval.json,
+the exports) and colours (`predict`'s masks).
 
 The folder is prepared as TFRecords once, under a name made from its contents (every
 listed file's size and modification time, the lists, labelmap.txt): a folder changed
@@ -29,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageOps
 
+from seg.classes import VOC_CLASS_NAMES, voc_colormap
 from seg.data import labels
 
 IMAGES, LABELS = 'JPEGImages', 'SegmentationClass'
@@ -50,6 +53,13 @@ class Classes:
   """labelmap.txt: names in class order, and each class's colour (None: no colours given)."""
   names: Tuple[str, ...]
   colours: Optional[Tuple[Tuple[int, int, int], ...]]
+  source: str = LABELMAP  # where they come from, for messages
+
+
+# The classes of colour labels without labelmap.txt.
+VOC_CLASSES = Classes(VOC_CLASS_NAMES,
+                      tuple(tuple(c) for c in voc_colormap()[:len(VOC_CLASS_NAMES)].tolist()),
+                      f'VOC\'s colour map (the folder has no {LABELMAP})')
 
 
 def read_labelmap(root: str) -> Optional[Classes]:
@@ -85,6 +95,17 @@ def read_labelmap(root: str) -> Optional[Classes]:
   if len(names) > labels.IGNORE_LABEL:
     raise FolderError(f'{path} names {len(names)} classes; at most {labels.IGNORE_LABEL}')
   return Classes(tuple(names), tuple(colours) if colours else None)
+
+
+def folder_classes(root: str, splits: Dict[str, List[str]]) -> Optional[Classes]:
+  """The classes of the folder's labels: labelmap.txt's; without it VOC's when its labels are
+  colour PNGs (the first listed one decides), else None (class indices)."""
+  classes = read_labelmap(root)
+  if classes is not None:
+    return classes
+  first = os.path.join(root, LABELS, next(iter(splits.values()))[0] + '.png')
+  with Image.open(first) as png:
+    return VOC_CLASSES if png.mode in ('RGB', 'RGBA') else None
 
 
 def check_layout(root: str) -> Dict[str, List[str]]:
@@ -199,10 +220,11 @@ def read_label(path: str, classes: Optional[Classes]) -> np.ndarray:
           f'{path} is a colour PNG: its classes need {LABELMAP} (name:r,g,b:: lines, the '
           'classes in order) in the dataset folder, or save labels as class indices')
     rgb = np.array(png.convert('RGB'), np.uint8)
-  return _indices_of_colours(rgb, classes.colours, path)
+  return _indices_of_colours(rgb, classes, path)
 
 
-def _indices_of_colours(rgb: np.ndarray, colours, path: str) -> np.ndarray:
+def _indices_of_colours(rgb: np.ndarray, classes: Classes, path: str) -> np.ndarray:
+  colours = classes.colours
   codes = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
   palette = [(r << 16) | (g << 8) | b for r, g, b in colours]
   void = (VOID_COLOUR[0] << 16) | (VOID_COLOUR[1] << 8) | VOID_COLOUR[2]
@@ -217,7 +239,7 @@ def _indices_of_colours(rgb: np.ndarray, colours, path: str) -> np.ndarray:
     unknown, counts = np.unique(codes[~known], return_counts=True)
     shown = ', '.join(f'({c >> 16}, {(c >> 8) & 255}, {c & 255}): {n} px'
                       for c, n in sorted(zip(unknown, counts), key=lambda x: -x[1])[:5])
-    raise labels.LabelError(f'{path}: colours that {LABELMAP} does not name: {shown}'
+    raise labels.LabelError(f'{path}: colours that {classes.source} does not name: {shown}'
                             + (', ...' if len(unknown) > 5 else ''))
   return values[position]
 
@@ -275,7 +297,8 @@ def class_summary(facts: dict, data_dir: str = '') -> str:
   and the config fields that train on it (prepared in `data_dir`, '' = TFDS's default)."""
   pixels, names, count = label_pixels(facts), facts['names'], class_count(facts)
   labelled = max(int(pixels[:labels.IGNORE_LABEL].sum()), 1)
-  lines = [f'  {count} classes ({"labelmap.txt" if names else "class ids in the labels"}), '
+  source = (facts.get('classes_from') or LABELMAP) if names else 'class ids in the labels'
+  lines = [f'  {count} classes ({source}), '
            f'share of the labelled pixels; void: {pixels[255]:,} pixels']
   for i in range(count):
     name = names[i] if names else str(i)

@@ -342,8 +342,10 @@ def _check_folder_classes(facts: dict, num_classes: int, log) -> None:
   fix = '--config.model.num_classes={}'
   top = folder.class_count(facts)
   if names and top != num_classes:
-    raise ValueError(f'{os.path.join(root, folder.LABELMAP)} names {top} classes; '
-                     f'config.model.num_classes is {num_classes}: add {fix.format(top)}')
+    source = facts.get('classes_from') or folder.LABELMAP
+    where = os.path.join(root, source) if source == folder.LABELMAP else source
+    raise ValueError(f'{where} names {top} classes; config.model.num_classes is {num_classes}: '
+                     f'add {fix.format(top)}')
   if top > num_classes:
     raise ValueError(f'the labels of {root} hold class {top - 1}; config.model.num_classes is '
                      f'{num_classes}: add {fix.format(top)} (or more)')

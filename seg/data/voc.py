@@ -164,13 +164,14 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
     splits = folder.check_layout(root)
     images = folder.image_files(root)
     folder.check_files(root, splits, images)
-    classes = folder.read_labelmap(root)
+    classes = folder.folder_classes(root, splits)
     num_classes = len(classes.names) if classes else labels.IGNORE_LABEL
     metadata = self.info.metadata
     metadata.update({'root': os.path.abspath(root),
                      'names': list(classes.names) if classes else None,
                      'colours': [list(c) for c in classes.colours]
                                 if classes and classes.colours else None,
+                     'classes_from': classes.source if classes else None,
                      'class_pixels': {}, 'largest': {}})
 
     def examples(split, ids):
@@ -187,7 +188,8 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
 
 
 def folder_facts(builder) -> Optional[dict]:
-  """A prepared 'folder' dataset's {'root', 'names' and 'colours' (labelmap.txt's, or None),
+  """A prepared 'folder' dataset's {'root', 'names' and 'colours' (labelmap.txt's, VOC's for
+  colour labels without it, or None), 'classes_from' (which of the two, or None),
   'class_pixels': {split: pixels per label value 0..255}, 'largest': {split: [largest height,
   largest width]}}; None for the other datasets."""
   return dict(builder.info.metadata) if builder.builder_config.root else None

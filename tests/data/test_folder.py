@@ -135,6 +135,34 @@ def test_colour_labels_become_the_labelmap_indices(tmp_path):
   np.testing.assert_array_equal(folder.read_label(path, None), label)
 
 
+def test_colour_labels_without_labelmap_are_vocs_classes(tmp_path):
+  """CVAT's rule: labelmap.txt is needed only for labels other than VOC's."""
+  voc_colours = _voc_colours_written_out()
+  config, root, written = _folder_config(tmp_path, labelmap=False, label_format='L')
+  for name, label in written.items():   # the same labels as colour PNGs in VOC's colours
+    Image.fromarray(voc_colours[label]).save(os.path.join(root, folder.LABELS, name + '.png'))
+  with pytest.raises(ValueError, match=r"VOC's colour map \(the folder has no labelmap.txt\) "
+                                       r'names 21 classes; config.model.num_classes is 3: add '
+                                       r'--config.model.num_classes=21'):
+    pipeline.prepare(config.data, num_classes=3)
+  classes = pipeline.prepare(config.data, num_classes=21)
+  assert classes['names'][15] == 'person' and len(classes['names']) == 21
+  np.testing.assert_array_equal(classes['colours'], voc_colours[:21])
+  for ex in pipeline.split_examples(config.data, 'val').as_numpy_iterator():
+    np.testing.assert_array_equal(ex['label'][..., 0], written[ex['file_name'].decode()])
+
+
+def _voc_colours_written_out():
+  """VOC's colour map from the bits of each index, apart from seg.classes; 255 its void."""
+  cmap = np.zeros((256, 3), np.uint8)
+  for i in range(256):
+    for bit in range(8):
+      for channel in range(3):
+        cmap[i, channel] |= ((i >> (3 * bit + channel)) & 1) << (7 - bit)
+  assert tuple(cmap[255]) == folder.VOID_COLOUR
+  return cmap
+
+
 def test_images_stored_as_files_converted_or_upright(tmp_path):
   root = str(tmp_path)
   for d in (folder.IMAGES, folder.LABELS):
@@ -281,9 +309,10 @@ def test_classes_the_model_does_not_fit_stop_before_training(tmp_path):
   with pytest.raises(ValueError, match='labelmap.txt names 3 classes; config.model.num_classes '
                                        'is 21: add --config.model.num_classes=3'):
     pipeline.prepare(config.data, num_classes=21)
-  os.remove(os.path.join(root, folder.LABELMAP))   # colour labels now unreadable
+  os.remove(os.path.join(root, folder.LABELMAP))   # colour labels: VOC's colours, not these
   voc._FOLDER_CONFIGS.clear()
-  with pytest.raises(labels.LabelError, match='colour PNG: its classes need labelmap.txt'):
+  with pytest.raises(labels.LabelError, match=r"colours that VOC's colour map \(the folder has "
+                                              r'no labelmap.txt\) does not name: \(50, 50, 250\)'):
     pipeline.prepare(config.data, num_classes=3)
   _write_folder(root, labelmap=False, label_format='L')   # indices 0..2 and 255
   voc._FOLDER_CONFIGS.clear()
