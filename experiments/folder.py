@@ -9,7 +9,8 @@ The folder holds JPEGImages/ID.jpg, SegmentationClass/ID.png (class indices, or 
 with labelmap.txt) and ImageSets/Segmentation/train.txt and val.txt (docs/data.md, "Your
 own dataset"); `prepare-data` prints its classes and the num_classes to give. Starts from
 ImageNet weights as the VOC configs do (`import-weights`, docs/weights.md), or from a
-VOC-trained workdir (its head is replaced when the classes differ: train.init_part 'auto').
+VOC-trained workdir (all but its last layer when the classes differ, as DeepLab's
+initialize_last_layer=False: train.init_part 'auto').
 
 The recipe's 30,000 steps of 16 crops are ~45 passes over VOC's 10,582 images: for a
 smaller folder, fewer steps (`--config.train.steps`) see it as often. Images larger than

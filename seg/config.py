@@ -82,8 +82,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.keep_checkpoints = 3
   config.train.eval_every = 5000       # 0 = only at the end
   # Initialisation of a new run (not of a resumed one) from a workdir, e.g. one written by
-  # `import-weights`: init_part 'all' (whole network), 'backbone' (fresh head) or 'auto'
-  # (whole network if its head fits the config's classes and head type, else backbone).
+  # `import-weights`: init_part 'all' (whole network), 'all_but_logits' (a fresh last layer,
+  # DeepLab's initialize_last_layer=False: other classes), 'backbone' (fresh head) or 'auto'
+  # (whole network if its head fits, all but the logits if only the classes differ, else
+  # backbone).
   config.train.init_from = ''
   config.train.init_part = 'auto'
   # DeepLab always starts from ImageNet weights: a new run with an empty init_from is an
@@ -112,7 +114,7 @@ CHOICES = {
     'model.divisible_by': (8, 1),
     'model.preprocessing': (ZERO_MEAN_UNIT_RANGE,),
     'data.cache': ('decoded', 'encoded', 'none'),
-    'train.init_part': ('auto', 'all', 'backbone'),
+    'train.init_part': ('auto', 'all', 'all_but_logits', 'backbone'),
     'train.compute_dtype': ('float32', 'bfloat16'),
     'train.optimizer': ('sgd', 'adam'),
 }

@@ -382,13 +382,37 @@ def test_train_init_loads_the_whole_network_or_a_new_head(hf_small, small_import
   np.testing.assert_allclose(loaded['params']['MobilenetV2']['Conv']['conv']['kernel'], stem)
   np.testing.assert_allclose(loaded['params']['head']['logits']['kernel'][0, 0], classifier)
 
-  tiny_config.model.num_classes = 5  # another dataset: the head starts afresh
+  # Another dataset (5 classes): all but the last layer, as DeepLab's initialize_last_layer=False.
+  tiny_config.model.num_classes = 5
   fresh5 = _fresh_variables(tiny_config.model)
+  whole = loaded
   loaded = init_from.init_from_workdir(tiny_config, dict(fresh5), logs.append)
-  assert 'head (17 variables) freshly initialised because its head differs (21 classes' in logs[-1]
+  assert logs[-1].endswith('all but the logits layer (270 variables) loaded, the logits (2 '
+                           'variables) freshly initialised because its classes differ (21; the '
+                           "config: 5), as DeepLab's initialize_last_layer=False")
   np.testing.assert_allclose(loaded['params']['MobilenetV2']['Conv']['conv']['kernel'], stem)
+  for scope in ('aspp0', 'image_pooling', 'concat_projection'):   # the head below the logits
+    np.testing.assert_array_equal(loaded['params']['head'][scope]['conv']['kernel'],
+                                  whole['params']['head'][scope]['conv']['kernel'])
+    assert not np.array_equal(loaded['params']['head'][scope]['conv']['kernel'],
+                              fresh5['params']['head'][scope]['conv']['kernel'])
   np.testing.assert_array_equal(loaded['params']['head']['logits']['kernel'],
                                 fresh5['params']['head']['logits']['kernel'])
+  tiny_config.train.init_part = 'backbone'
+  loaded = init_from.init_from_workdir(tiny_config, dict(fresh5), logs.append)
+  assert 'head (17 variables) freshly initialised because train.init_part=backbone' in logs[-1]
+  np.testing.assert_array_equal(loaded['params']['head']['aspp0']['conv']['kernel'],
+                                fresh5['params']['head']['aspp0']['conv']['kernel'])
+  tiny_config.model.head = 'aspp'   # another head: nothing of it fits
+  tiny_config.train.init_part = 'auto'
+  loaded = init_from.init_from_workdir(tiny_config, _fresh_variables(tiny_config.model),
+                                       logs.append)
+  assert "freshly initialised because its head differs (21 classes, head 'reduced'" in logs[-1]
+  tiny_config.train.init_part = 'all_but_logits'
+  with pytest.raises(mapping.WeightsMismatchError, match='init_part=all_but_logits but the head '
+                                                         'below its logits layer'):
+    init_from.init_from_workdir(tiny_config, _fresh_variables(tiny_config.model), logs.append)
+  tiny_config.model.head = 'reduced'
   tiny_config.train.init_part = 'all'
   with pytest.raises(mapping.WeightsMismatchError, match=r'params/head/logits/bias: file \(21,\)'):
     init_from.init_from_workdir(tiny_config, dict(fresh5), logs.append)
