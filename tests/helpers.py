@@ -1,5 +1,5 @@
 """What several test modules share: the repository root, models with non-trivial weights,
-a poisoned input stream. (Fixtures live in conftest.py.)"""
+a poisoned input stream, VOC's colour map. (Fixtures live in conftest.py.)"""
 
 import os
 
@@ -13,6 +13,16 @@ from seg.model import create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 EVAL_SIZE = 65  # the canvas of the engine tests: small, of the form k * 16 + 1
+
+
+def voc_colormap():
+  """The VOC palette written out independently of seg.classes (bit interleaving of the id)."""
+  cmap = np.zeros((256, 3), np.uint8)
+  for i in range(256):
+    for bit in range(8):
+      for channel in range(3):
+        cmap[i, channel] |= ((i >> (3 * bit + channel)) & 1) << (7 - bit)
+  return cmap
 
 
 def random_variables(model_config, seed=0):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from helpers import ROOT
+from helpers import ROOT, voc_colormap
 from seg import classes, config as config_lib
 from seg.cli import commands
 from seg.cli.parser import build_parser
@@ -137,7 +137,8 @@ def test_colour_labels_become_the_labelmap_indices(tmp_path):
 
 def test_colour_labels_without_labelmap_are_vocs_classes(tmp_path):
   """CVAT's rule: labelmap.txt is needed only for labels other than VOC's."""
-  voc_colours = _voc_colours_written_out()
+  voc_colours = voc_colormap()   # written out apart from seg.classes
+  assert tuple(voc_colours[255]) == folder.VOID_COLOUR
   config, root, written = _folder_config(tmp_path, labelmap=False, label_format='L')
   for name, label in written.items():   # the same labels as colour PNGs in VOC's colours
     Image.fromarray(voc_colours[label]).save(os.path.join(root, folder.LABELS, name + '.png'))
@@ -150,17 +151,6 @@ def test_colour_labels_without_labelmap_are_vocs_classes(tmp_path):
   np.testing.assert_array_equal(classes['colours'], voc_colours[:21])
   for ex in pipeline.split_examples(config.data, 'val').as_numpy_iterator():
     np.testing.assert_array_equal(ex['label'][..., 0], written[ex['file_name'].decode()])
-
-
-def _voc_colours_written_out():
-  """VOC's colour map from the bits of each index, apart from seg.classes; 255 its void."""
-  cmap = np.zeros((256, 3), np.uint8)
-  for i in range(256):
-    for bit in range(8):
-      for channel in range(3):
-        cmap[i, channel] |= ((i >> (3 * bit + channel)) & 1) << (7 - bit)
-  assert tuple(cmap[255]) == folder.VOID_COLOUR
-  return cmap
 
 
 def test_images_stored_as_files_converted_or_upright(tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT
+from helpers import ROOT, voc_colormap
 from experiments import tiny
 from seg import checkpoint, predict
 from seg.inference.engine import Engine
@@ -33,16 +33,6 @@ from seg.predict.images import load_image, load_rgb
 from seg.model import create_model
 
 EVAL_SIZE = 161  # tiny.py's: every test image up to 161 pixels shares one compiled shape
-
-
-def _voc_colormap():
-  """The VOC palette written out independently of seg.classes (bit interleaving of the id)."""
-  cmap = np.zeros((256, 3), np.uint8)
-  for i in range(256):
-    for bit in range(8):
-      for channel in range(3):
-        cmap[i, channel] |= ((i >> (3 * bit + channel)) & 1) << (7 - bit)
-  return cmap
 
 
 def _scene(height, width, seed):
@@ -149,7 +139,7 @@ def test_masks_are_the_plain_models_argmax_at_the_original_size(engine, referenc
   failures, summary, progress = _run(engine, [str(inputs)], tmp_path / 'out', overlay=True)
   assert failures == 0 and 'processed         3' in summary
   assert 'images/s' in progress and 'ETA' in progress
-  cmap = _voc_colormap()
+  cmap = voc_colormap()
   classes_seen = set()
   for name, image in images.items():
     stem = tmp_path / 'out' / os.path.splitext(name)[0]
@@ -182,7 +172,7 @@ def test_png_writer_strips_decode_to_the_rows_written():
   mask = np.repeat(np.repeat(rng.integers(0, 21, (30, 20)), 9, 0), 7, 1)[:263, :139]
   mask[100:110] = rng.integers(0, 256, (10, 139))     # noise: rows unlike the row above
   mask = mask.astype(np.uint8)
-  cmap = _voc_colormap()
+  cmap = voc_colormap()
   np.testing.assert_array_equal(outputs.colours(mask), cmap[mask])
   rgba = np.concatenate([cmap[mask], np.full(mask.shape + (1,), 77, np.uint8)], -1)
   for rows, palette in ((mask, cmap), (rgba[..., :3], None)):
@@ -213,7 +203,7 @@ def test_the_overlay_is_the_half_blend_rounded_as_numpy_rounds(in_kernel, own_pa
   mask = rng.integers(0, 22, (300, 257)).astype(np.uint8)
   mask[:40] = 0
   palette = rng.integers(0, 256, (256, 3)).astype(np.uint8) if own_palette else None
-  colour = (_voc_colormap() if palette is None else palette)[mask].astype(np.float32)
+  colour = (voc_colormap() if palette is None else palette)[mask].astype(np.float32)
   expected = np.where(mask[..., None] > 0, np.round(rgb * np.float32(0.5) + colour * 0.5), rgb)
   got = outputs.overlay(rgb, mask, in_kernel, palette=palette)
   assert got.dtype == np.uint8 and np.array_equal(got, expected.astype(np.uint8))
@@ -332,7 +322,7 @@ def test_mask_png_writer_writes_the_up_filtered_rows_in_the_kernel(width):
   mask[20:23] = rng.integers(0, 256, (3, width))  # noise
   mask[40:50] = mask[39]  # rows equal to the row above
   mask = mask.astype(np.uint8)
-  cmap = _voc_colormap()
+  cmap = voc_colormap()
   for colour in (False, True):
     buffer = io.BytesIO()
     writer = png.MaskPngWriter(buffer, width, height, cmap, colour)
@@ -370,7 +360,7 @@ def test_mask_png_codes_stay_within_deflates_15_bits():
   noise = np.resize(values, (len(values) + width - 1) // width * width).reshape(-1, width)
   mask = np.zeros((2 * len(noise), width), np.uint8)
   mask[1::2] = noise  # each noise row under a row of zeros: its bytes are the literals
-  cmap = _voc_colormap()
+  cmap = voc_colormap()
   for colour in (False, True):
     buffer = io.BytesIO()
     writer = png.MaskPngWriter(buffer, width, len(mask), cmap, colour)
@@ -403,7 +393,7 @@ def test_the_masks_are_the_same_images_either_way(tmp_path, monkeypatch):
   np.testing.assert_array_equal(decoded['kernel'][0], mask)
   level1 = io.BytesIO()
   writer = png.PngWriter(level1, 590, 480, strategy=zlib.Z_DEFAULT_STRATEGY)
-  writer.write(_voc_colormap()[mask])
+  writer.write(voc_colormap()[mask])
   writer.close()
   assert os.path.getsize(tmp_path / 'kernel' / 'a_color.png') < len(level1.getvalue())
 
