@@ -159,7 +159,6 @@ class VocSegmentation(tfds.core.GeneratorBasedBuilder):
       image_path, label = read_example(voc_root, sbd_root, name)
       yield name, {'image': image_path, 'label': label[..., None], 'file_name': name}
 
-
   def _folder_split_generators(self, root: str) -> Dict[str, Iterator]:
     splits = folder.check_layout(root)
     images = folder.image_files(root)
