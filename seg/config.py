@@ -10,6 +10,7 @@ version gets the fields it lacks from here (`with_defaults`), so code never repe
 
 import ast
 import importlib.util
+import math
 import os
 import sys
 from typing import Any, Iterable, Tuple
@@ -92,6 +93,19 @@ def default_config() -> ml_collections.ConfigDict:
   # error unless from_scratch allows random weights (experiments/quickstart.py and tiny.py
   # do, by design). init_from, when given, is used either way.
   config.train.from_scratch = False
+  # The loss and the gradients as DeepLab's train.py shapes them (docs/training.md#the-loss):
+  # label_weights, one per class, weigh each pixel's loss by its label (() = all 1); with
+  # top_k_percent_pixels < 1 only that share of the batch's pixels with the largest losses
+  # count (hard pixel mining), reached linearly over hard_example_mining_step steps (0: at
+  # once). Gradients are multiplied by bias_gradient_multiplier for conv biases (DeepLab: 2,
+  # the logits') and by last_layer_gradient_multiplier in the head (or, with
+  # last_layers_contain_logits_only, the logits alone): DeepLab's get_model_gradient_multipliers.
+  config.train.label_weights = ()
+  config.train.top_k_percent_pixels = 1.0
+  config.train.hard_example_mining_step = 0
+  config.train.bias_gradient_multiplier = 2.0
+  config.train.last_layer_gradient_multiplier = 1.0
+  config.train.last_layers_contain_logits_only = False
   config.train.compute_dtype = 'float32'  # 'bfloat16': mixed precision (params, loss stay f32)
   config.train.skip_nonfinite = False  # True: skip (and count) steps with a NaN/inf loss or grad
   config.train.summary_images = 3      # validation images sent to TensorBoard at each eval
@@ -163,9 +177,37 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f'config.data.min_scale ({config.data.min_scale})')
   if config.train.learning_rate < 0 or config.train.weight_decay < 0:
     raise ValueError('config.train.learning_rate and weight_decay must not be negative')
+  _validate_loss(config.train, config.model.num_classes)
   scales = tuple(config.eval.scales)
   if not scales or min(float(x) for x in scales) <= 0:
     raise ValueError(f'config.eval.scales must be positive numbers, got {scales}')
+
+
+def _validate_loss(train, num_classes: int) -> None:
+  """The loss and gradient-multiplier fields of `config.train` (see default_config)."""
+  weights = tuple(train.label_weights)
+  if weights:
+    try:
+      values = [float(w) for w in weights]
+    except (TypeError, ValueError):
+      raise ValueError(f'config.train.label_weights must be numbers, got {weights}') from None
+    if len(values) != num_classes:
+      raise ValueError(f'config.train.label_weights has {len(values)} weights, '
+                       f'config.model.num_classes is {num_classes} (one weight per class, '
+                       "in class order, e.g. --config.train.label_weights='(1, 1, 5)')")
+    if min(values) < 0 or not max(values) > 0 or not all(math.isfinite(v) for v in values):
+      raise ValueError(f'config.train.label_weights must be finite, not negative and not all '
+                       f'zero, got {weights}')
+  if not 0 < train.top_k_percent_pixels <= 1:
+    raise ValueError('config.train.top_k_percent_pixels must be in (0, 1] (a share of the '
+                     f'pixels, 0.25 for the hardest quarter), got {train.top_k_percent_pixels!r}')
+  if train.hard_example_mining_step < 0:
+    raise ValueError('config.train.hard_example_mining_step must not be negative, got '
+                     f'{train.hard_example_mining_step!r}')
+  for field in ('bias_gradient_multiplier', 'last_layer_gradient_multiplier'):
+    value = train[field]
+    if not (value >= 0 and math.isfinite(value)):
+      raise ValueError(f'config.train.{field} must be a finite number >= 0, got {value!r}')
 
 
 def load_experiment(path: str, overrides: Iterable[Tuple[str, str]] = ()) -> ml_collections.ConfigDict:
@@ -270,7 +312,9 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   Renamed fields are translated: `model.bn_momentum` (one decay, before the backbone's and
   the head's were separate) becomes both `model.backbone_bn_momentum` and
   `model.head_bn_momentum`, so an old run resumes with the decay it was trained with. A
-  config.json from before `model.divisible_by` gets 8, the only rounding there was.
+  config.json from before `model.divisible_by` gets 8, the only rounding there was; one from
+  before `train.bias_gradient_multiplier` gets 1, the multiplier it was trained with (the
+  default, DeepLab's 2, would change a resumed run's updates half-way).
   """
   merged = default_config()
   model = config.get('model')
@@ -289,5 +333,8 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
       else:
         target[key] = value
 
+  train = config.get('train')
+  if train is not None and 'bias_gradient_multiplier' not in train:
+    merged.train.bias_gradient_multiplier = 1.0
   fill(merged, config)
   return merged

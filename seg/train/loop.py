@@ -66,6 +66,21 @@ def check_initialisation(config, workdir: str) -> None:
       'figures)')
 
 
+def keep_bias_rule_of_old_run(config, workdir: str, log=print) -> None:
+  """A run checkpointed before `train.bias_gradient_multiplier` existed trained its conv
+  biases at 1x: resumed, it keeps 1x (DeepLab's 2x half-way would change its recipe)."""
+  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+  if (config.train.bias_gradient_multiplier == 1.0 or not os.path.isfile(path)
+      or checkpoint.latest_step(workdir) is None):
+    return
+  with open(path) as f:
+    if 'bias_gradient_multiplier' in json.load(f).get('train', {}):
+      return
+  config.train.bias_gradient_multiplier = 1.0
+  log(f'{workdir} was trained before train.bias_gradient_multiplier existed (biases at 1x): '
+      'resuming with 1.0, not DeepLab\'s 2.0')
+
+
 def warn_from_scratch(config, log=print) -> None:
   """The warning of a new run from random weights on a real dataset."""
   if config.train.from_scratch and config.data.dataset != 'embedded':
@@ -237,6 +252,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       config.data.class_names = ','.join(labelmap['names'])
     if labelmap['colours'] and not config.data.class_colours:
       config.data.class_colours = ';'.join(','.join(map(str, c)) for c in labelmap['colours'])
+  keep_bias_rule_of_old_run(config, workdir, log)
   checkpoint.save_config(workdir, config)  # a workdir of another model
   learning_rate_fn = create_learning_rate_fn(config.train)
   rng = jax.random.key(config.train.seed)

@@ -16,7 +16,7 @@ from jax import lax
 
 from seg.parallel import AXIS_NAME
 from seg.preprocessing import preprocess, preprocess_in_box
-from seg.train.loss import cross_entropy_sum
+from seg.train.loss import hardest_pixels_sum, mining_fraction, pixel_losses
 
 
 class TrainState(train_state.TrainState):
@@ -55,10 +55,42 @@ def weight_decay_mask(params: Any) -> Any:
 OPTIMIZERS = ('sgd', 'adam')   # config.train.optimizer (seg.config.CHOICES)
 
 
+# The head's scopes, DeepLab's `last_layers` (model.get_extra_layer_scopes: logits, image
+# pooling, ASPP, concat projection), or only the logits with last_layers_contain_logits_only.
+HEAD_SCOPE, LOGITS_SCOPE = 'head', 'logits'
+
+
+def gradient_multiplier(path, train_config) -> float:
+  """DeepLab's train_utils.get_model_gradient_multipliers for the parameter at `path`:
+  `bias_gradient_multiplier` (DeepLab: 2) for conv biases (TF's `biases`: the logits'; not
+  BatchNorm's offsets, TF's `beta`), times `last_layer_gradient_multiplier` in the last
+  layers (the whole head, or only the logits)."""
+  keys = [str(getattr(k, 'key', k)) for k in path]
+  head = keys[0] == HEAD_SCOPE and (
+      not train_config.last_layers_contain_logits_only or keys[1:2] == [LOGITS_SCOPE])
+  bias = keys[-1] == 'bias' and 'BatchNorm' not in keys
+  return ((train_config.bias_gradient_multiplier if bias else 1.0)
+          * (train_config.last_layer_gradient_multiplier if head else 1.0))
+
+
+def _decay_then_multiply(decay: optax.GradientTransformation,
+                         train_config) -> optax.GradientTransformation:
+  """`decay`, then each gradient times its `gradient_multiplier` (DeepLab multiplies the
+  gradient of the whole loss, L2 included). The state is `decay`'s own, so checkpoints of
+  runs from before the multipliers restore unchanged."""
+  def update(updates, state, params=None):
+    updates, state = decay.update(updates, state, params)
+    def scale(path, g):
+      factor = gradient_multiplier(path, train_config)
+      return g if factor == 1.0 else g * jnp.asarray(factor, g.dtype)
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+  return optax.GradientTransformation(decay.init, update)
+
+
 def create_optimizer(train_config, learning_rate_fn) -> optax.GradientTransformation:
   """`train_config.optimizer`: 'sgd' (with `momentum`, DeepLab's) or 'adam' (optax's default
   betas and epsilon); weight decay either way as the gradient of TF's L2 loss
-  wd / 2 * |w|^2, added before the optimiser."""
+  wd / 2 * |w|^2, added before the gradient multipliers and the optimiser."""
   name = train_config.optimizer
   if name == 'sgd':
     update = optax.sgd(learning_rate_fn, momentum=train_config.momentum)
@@ -66,8 +98,8 @@ def create_optimizer(train_config, learning_rate_fn) -> optax.GradientTransforma
     update = optax.adam(learning_rate_fn)
   else:
     raise ValueError(f"config.train.optimizer must be 'sgd' or 'adam', got {name!r}")
-  return optax.chain(
-      optax.add_decayed_weights(train_config.weight_decay, mask=weight_decay_mask), update)
+  decay = optax.add_decayed_weights(train_config.weight_decay, mask=weight_decay_mask)
+  return optax.chain(_decay_then_multiply(decay, train_config), update)
 
 
 def create_train_state(rng: jax.Array, config: ml_collections.ConfigDict, model,
@@ -99,12 +131,18 @@ def _advance_counts(old_state, new_state):
 
 def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *,
                learning_rate_fn: Callable, ignore_label: int,
-               compute_dtype: Optional[Any] = None) -> Tuple[TrainState, Dict]:
+               compute_dtype: Optional[Any] = None,
+               label_weights: Optional[Tuple[float, ...]] = None,
+               top_k_percent_pixels: float = 1.0,
+               hard_example_mining_step: int = 0) -> Tuple[TrainState, Dict]:
   """One synchronous SGD step; runs under `pmap(axis_name=AXIS_NAME)`.
 
   The loss is the mean over the valid pixels of the whole global batch (sums
   and counts are reduced across devices), so any split of a batch across
-  devices gives the same update as one device with the whole batch.
+  devices gives the same update as one device with the whole batch. With
+  `label_weights` each pixel's loss is weighted by its class (still divided by the
+  number of valid pixels); with `top_k_percent_pixels` < 1 only the hardest pixels of
+  the global batch count (DeepLab's hard pixel mining, seg.train.loss).
 
   A step whose global loss or gradient is not finite changes nothing but the
   step counter and `nonfinite_steps` / `first_nonfinite_step`: the loop then
@@ -135,16 +173,23 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         rngs={'dropout': rng}, mutable=['batch_stats'])
     logits = logits.astype(jnp.float32)
-    loss_sum, count = cross_entropy_sum(logits, labels, ignore_label)
+    losses, valid = pixel_losses(logits, labels, ignore_label, label_weights)
+    if top_k_percent_pixels < 1.0:
+      fraction = mining_fraction(state.step, top_k_percent_pixels, hard_example_mining_step)
+      loss_sum, count = hardest_pixels_sum(losses, fraction, AXIS_NAME)
+    else:
+      loss_sum, count = jnp.sum(losses), jnp.sum(valid).astype(jnp.float32)
     total = jnp.maximum(lax.psum(count, AXIS_NAME), 1.0)
     return loss_sum / total, (updates['batch_stats'], logits, loss_sum, count)
 
   grads, (batch_stats, logits, loss_sum, count) = jax.grad(loss_fn, has_aux=True)(state.params)
   # Each device's loss is already divided by the global pixel count: sum, not mean.
   grads = lax.psum(grads, AXIS_NAME)
-  correct = jnp.sum((jnp.argmax(logits, -1) == labels) & (labels != ignore_label))
-  sums = lax.psum({'loss': loss_sum, 'correct': correct.astype(jnp.float32), 'count': count},
-                  AXIS_NAME)
+  valid = labels != ignore_label
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+  sums = lax.psum({'loss': loss_sum, 'loss_count': count,
+                   'correct': correct.astype(jnp.float32),
+                   'count': jnp.sum(valid).astype(jnp.float32)}, AXIS_NAME)
   # Both reduced over the axis, so every device takes the same decision.
   finite = jnp.isfinite(sums['loss']) & _all_finite(grads)
   batch_stats = jax.tree.map(lambda x: x.astype(jnp.float32), batch_stats)
@@ -160,7 +205,7 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
       first_nonfinite_step=jnp.where(
           ~finite & (state.first_nonfinite_step < 0), updated.step.astype(jnp.int32),
           state.first_nonfinite_step))
-  metrics = {'loss': sums['loss'] / jnp.maximum(sums['count'], 1.0),
+  metrics = {'loss': sums['loss'] / jnp.maximum(sums['loss_count'], 1.0),
              'pixel_accuracy': sums['correct'] / jnp.maximum(sums['count'], 1.0),
              'learning_rate': learning_rate_fn(state.step)}
   return new_state, metrics
@@ -169,7 +214,11 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
 def make_p_train_step(config, learning_rate_fn):
   """The one pmapped training step, with the state's buffers donated."""
   dtype = config.train.compute_dtype
+  weights = tuple(float(w) for w in config.train.label_weights) or None
   return jax.pmap(functools.partial(train_step, learning_rate_fn=learning_rate_fn,
                                     ignore_label=config.data.ignore_label,
-                                    compute_dtype=None if dtype == 'float32' else jnp.dtype(dtype)),
+                                    compute_dtype=None if dtype == 'float32' else jnp.dtype(dtype),
+                                    label_weights=weights,
+                                    top_k_percent_pixels=config.train.top_k_percent_pixels,
+                                    hard_example_mining_step=config.train.hard_example_mining_step),
                   axis_name=AXIS_NAME, donate_argnums=(0,))

@@ -47,6 +47,12 @@ def tiny_config():
   config.train.batch_size = 8
   # No dropout: its masks are drawn per device, so they depend on how the batch is split.
   config.model.dropout_rate = 0.0
+  # DeepLab's loss options, all on: class weights, hard pixel mining (its share falling over
+  # the steps, one threshold over every process's pixels) and the gradient multipliers.
+  config.train.label_weights = (1.0, 0.5, 2.0, 0.0, 1.5)
+  config.train.top_k_percent_pixels = 0.4
+  config.train.hard_example_mining_step = 2
+  config.train.last_layer_gradient_multiplier = 3.0
   return config
 
 

@@ -68,6 +68,15 @@ def test_voc_recipe_is_deeplabs():
   # width 1.0 rounds channels to multiples of 8 (divisible_by 8).
   assert c.model.preprocessing == 'zero_mean_unit_range'
   assert c.model.width == 1.0 and c.model.divisible_by == 8
+  # deeplab/train.py: the loss over all pixels (top_k_percent_pixels 1.0,
+  # hard_example_mining_step 0), every label weight 1 (common.py label_weights None); the
+  # gradient multipliers of train_utils.get_model_gradient_multipliers: biases 2x,
+  # last_layer_gradient_multiplier 1.0 over the whole head (last_layers_contain_logits_only
+  # False).
+  assert tuple(c.train.label_weights) == () and c.train.top_k_percent_pixels == 1.0
+  assert c.train.hard_example_mining_step == 0 and c.train.bias_gradient_multiplier == 2.0
+  assert c.train.last_layer_gradient_multiplier == 1.0
+  assert not c.train.last_layers_contain_logits_only
   # deeplab/train.py: fine-tuned from tf_initial_checkpoint (ImageNet), never from scratch.
   assert c.train.init_from == '' and not c.train.from_scratch
 

@@ -172,7 +172,8 @@ def test_cross_entropy_against_numpy_with_ignored_pixels():
 def test_one_optimizer_update_is_tf_momentum_with_l2_on_the_poly_schedule(tiny_config):
   # TF-slim / DeepLab: loss + wd / 2 * |w|^2 over the non-depthwise conv kernels (gradient
   # g + wd * w), MomentumOptimizer: accum = momentum * accum + g; w -= lr * accum, with
-  # lr = base * (1 - step / steps) ** power at the step before the update (TF's global_step).
+  # lr = base * (1 - step / steps) ** power at the step before the update (TF's global_step);
+  # the logits' bias with DeepLab's 2x gradient (tests/train/test_loss.py: the multipliers).
   cfg = tiny_config.train
   cfg.steps, cfg.learning_rate, cfg.lr_power, cfg.warmup_steps = 10, 0.05, 0.9, 0
   cfg.momentum, cfg.weight_decay = 0.9, 0.01
@@ -198,7 +199,7 @@ def test_one_optimizer_update_is_tf_momentum_with_l2_on_the_poly_schedule(tiny_c
     rate = 0.05 * (1 - step / 10) ** 0.9
     for k in names:
       decayed = g[k] + (0.01 * w[k] if k == 'kernel' else 0.0)   # only the regular kernel
-      accum[k] = 0.9 * accum[k] + decayed
+      accum[k] = 0.9 * accum[k] + (2.0 if k == 'bias' else 1.0) * decayed
       w[k] = w[k] - rate * accum[k]
   for k in names:
     np.testing.assert_allclose(got[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -230,7 +231,7 @@ def test_the_adam_option_is_adam_with_l2_on_the_poly_schedule(tiny_config):
   for step, g in enumerate(grads):
     rate = 0.01 * (1 - step / 10) ** 0.9
     for k in names:
-      d = g[k] + (0.01 * w[k] if k == 'kernel' else 0.0)
+      d = (g[k] + (0.01 * w[k] if k == 'kernel' else 0.0)) * (2.0 if k == 'bias' else 1.0)
       m[k] = 0.9 * m[k] + 0.1 * d
       v2[k] = 0.999 * v2[k] + 0.001 * d * d
       m_hat, v_hat = m[k] / (1 - 0.9 ** (step + 1)), v2[k] / (1 - 0.999 ** (step + 1))
