@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
   # error unless from_scratch allows random weights (experiments/quickstart.py and tiny.py
   # do, by design). init_from, when given, is used either way.
   config.train.from_scratch = False
-  # The loss and the gradients as DeepLab's train.py shapes them (docs/training.md#the-loss):
+  # The loss and the gradients as DeepLab's train.py shapes them (docs/training.md, "The loss"):
   # label_weights, one per class, weigh each pixel's loss by its label (() = all 1); with
   # top_k_percent_pixels < 1 only that share of the batch's pixels with the largest losses
   # count (hard pixel mining), reached linearly over hard_example_mining_step steps (0: at

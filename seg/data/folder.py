@@ -26,7 +26,7 @@ import hashlib
 import io
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -304,6 +304,9 @@ def class_summary(facts: dict, data_dir: str = '') -> str:
     name = names[i] if names else str(i)
     lines.append(f'    {i:>3} {name:<20} {100 * pixels[i] / labelled:6.2f}%'
                  + ('  (in no label)' if not pixels[i] else ''))
+  hint = rare_class_hint(pixels[:count] / labelled, names or [str(i) for i in range(count)])
+  if hint:
+    lines.append(hint)
   largest = facts.get('largest') or {}
   if largest:
     lines.append('  largest images (height x width): ' + ', '.join(
@@ -313,6 +316,24 @@ def class_summary(facts: dict, data_dir: str = '') -> str:
                + (f' --config.data.data_dir={data_dir}' if data_dir else '')
                + split_flags(sorted(facts['class_pixels'])))
   return '\n'.join(lines)
+
+
+RARE_SHARE = 0.02   # a class under this share of the labelled pixels is called rare
+
+
+def rare_class_hint(shares, names: Sequence[str]) -> str:
+  """A line naming the classes present in under RARE_SHARE of the labelled pixels, with the
+  label weights that lifted such a class in docs/training.md's measurement (5 for them, 1 for
+  the others); '' when there are none (or when every present class is rare)."""
+  present = [i for i, share in enumerate(shares) if share > 0]
+  rare = [i for i in present if shares[i] < RARE_SHARE]
+  if not rare or len(rare) == len(present):
+    return ''
+  weights = ', '.join('5' if i in rare else '1' for i in range(len(shares)))
+  return (f'  rare (under {RARE_SHARE:.0%} of the labelled pixels): '
+          + ', '.join(names[i] for i in rare)
+          + f"; to weigh them up: --config.train.label_weights='({weights})' "
+          '(docs/training.md, "The loss")')
 
 
 def split_flags(splits: List[str]) -> str:

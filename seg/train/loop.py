@@ -17,7 +17,8 @@ from seg.inference import evaluate
 from seg.inference.metrics import format_report
 from seg.model import create_model
 from seg.train import tensorboard
-from seg.train.step import TrainState, create_learning_rate_fn, create_train_state, make_p_train_step
+from seg.train.step import (TrainState, create_learning_rate_fn, create_train_state,
+                             describe_loss, make_p_train_step)
 
 
 def init_from_pretrained(state: TrainState, config, log=print) -> TrainState:
@@ -274,8 +275,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   # A workdir trained to train.steps (or beyond: a run asked for fewer steps) is evaluated at
   # the step it holds.
   final_step = max(num_steps, start_step)
+  loss = describe_loss(config.train)
   log(f'{parallel.describe_devices(config.train.batch_size)}, '
-      f'compute {config.train.compute_dtype}, '
+      f'compute {config.train.compute_dtype}, ' + (f'loss: {loss}, ' if loss else '')
       + (f'already trained to step {start_step} (train.steps={num_steps}): evaluating it'
          if start_step >= num_steps > 0 else
          f'resuming at step {start_step}' if start_step else 'starting from scratch'))

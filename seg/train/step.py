@@ -211,6 +211,24 @@ def train_step(state: TrainState, batch: Dict[str, jax.Array], rng: jax.Array, *
   return new_state, metrics
 
 
+def describe_loss(train_config) -> str:
+  """The loss options and multipliers that differ from DeepLab's defaults, for the log."""
+  parts = []
+  if tuple(train_config.label_weights):
+    parts.append('label weights ' + ', '.join(f'{float(w):g}' for w in train_config.label_weights))
+  if train_config.top_k_percent_pixels < 1:
+    share = f'hardest {train_config.top_k_percent_pixels:.0%} of pixels'
+    if train_config.hard_example_mining_step:
+      share += f' (reached at step {train_config.hard_example_mining_step})'
+    parts.append(share)
+  if train_config.last_layer_gradient_multiplier != 1:
+    where = 'logits' if train_config.last_layers_contain_logits_only else 'head'
+    parts.append(f'{where} gradients x{train_config.last_layer_gradient_multiplier:g}')
+  if train_config.bias_gradient_multiplier != 2:
+    parts.append(f'bias gradients x{train_config.bias_gradient_multiplier:g}')
+  return ', '.join(parts)
+
+
 def make_p_train_step(config, learning_rate_fn):
   """The one pmapped training step, with the state's buffers donated."""
   dtype = config.train.compute_dtype

@@ -401,6 +401,7 @@ def test_prepare_data_prints_the_classes_and_how_to_train(tmp_path, capsys):
   assert '  largest images (height x width): train 81x80, val 93x80\n' in out  # 60 + 3 i high
   for i, name in enumerate(NAMES):
     assert f'    {i:>3} {name:<20} {shares[i]:6.2f}%\n' in out
+  assert 'rare' not in out   # every class above 2% of the labelled pixels
   assert (f'--config.data.dataset=folder --config.data.folder={os.path.abspath(root)} '
           f'--config.model.num_classes=3 --config.data.data_dir={tmp_path / "tfds"}\n') in out
   with pytest.raises(commands.CommandError, match='--dataset folder needs --folder DIR'):
@@ -432,3 +433,19 @@ def test_training_on_a_folder_keeps_its_class_names_and_colours(tmp_path, tiny_c
   np.testing.assert_array_equal(palette, COLOURS)
   coloured = np.asarray(Image.open(str(tmp_path / 'masks' / VAL[0]) + '_color.png'))
   np.testing.assert_array_equal(coloured, np.array(COLOURS, np.uint8)[mask])
+
+
+def test_rare_classes_are_named_with_the_weights_to_lift_them():
+  names = ['background', 'blob', 'speck', 'absent', 'dot']
+  hint = folder.rare_class_hint(np.array([0.88, 0.105, 0.007, 0.0, 0.008]), names)
+  assert hint == ("  rare (under 2% of the labelled pixels): speck, dot; to weigh them up: "
+                  "--config.train.label_weights='(1, 1, 5, 1, 5)' "
+                  '(docs/training.md, "The loss")')
+  # The weights are a valid config value for as many classes.
+  config = config_lib.default_config()
+  config.model.num_classes = 5
+  config_lib.apply_overrides(config, [('train.label_weights', re.search(
+      r"label_weights='(.*?)'", hint).group(1))])
+  config_lib.validate(config)
+  assert folder.rare_class_hint(np.array([0.5, 0.3, 0.2]), names) == ''
+  assert folder.rare_class_hint(np.array([0.01, 0.0]), names) == ''  # all present are rare

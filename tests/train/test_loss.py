@@ -310,3 +310,12 @@ def test_a_run_checkpointed_before_the_bias_multiplier_resumes_with_it_at_one(tm
   import ml_collections
   assert config_lib.with_defaults(
       ml_collections.ConfigDict(old)).train.bias_gradient_multiplier == 1.0
+
+
+def test_train_names_the_options_that_differ_from_deeplabs_in_its_first_line(tiny_config):
+  cfg = tiny_config.train
+  assert step_lib.describe_loss(cfg) == ''
+  cfg.label_weights, cfg.top_k_percent_pixels, cfg.hard_example_mining_step = (1, 0.5, 4), 0.25, 90
+  cfg.last_layer_gradient_multiplier, cfg.last_layers_contain_logits_only = 10.0, True
+  assert step_lib.describe_loss(cfg) == ('label weights 1, 0.5, 4, hardest 25% of pixels '
+                                         '(reached at step 90), logits gradients x10')
