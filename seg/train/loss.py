@@ -26,7 +26,8 @@ def pixel_losses(logits: jax.Array, labels: jax.Array, ignore_label: int = 255,
     label_weights: one weight per class, or None for 1 everywhere.
 
   Returns:
-    (losses [batch, height, width] float32, valid [batch, height, width] bool).
+    (losses [batch, height, width] float32 (or the logits' wider type), valid
+    [batch, height, width] bool).
   """
   valid = labels != ignore_label
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
@@ -100,4 +101,7 @@ def hardest_pixels_sum(losses: jax.Array, fraction: jax.Array,
   # Losses are never negative: a positive threshold means all k places hold non-zero losses;
   # a zero threshold keeps every positive loss (and zeros, which neither add nor count).
   count = jnp.sum(jnp.where(threshold > 0, weights, (flat > 0) * weights))
+  # A NaN or infinite loss anywhere would fall out of the comparisons unseen: it makes the
+  # sum NaN instead, so the step's non-finite guard (train.skip_nonfinite) sees it.
+  loss_sum = jnp.where(jnp.all(jnp.isfinite(every)), loss_sum, jnp.nan)
   return loss_sum, count

@@ -319,3 +319,13 @@ def test_train_names_the_options_that_differ_from_deeplabs_in_its_first_line(tin
   cfg.last_layer_gradient_multiplier, cfg.last_layers_contain_logits_only = 10.0, True
   assert step_lib.describe_loss(cfg) == ('label weights 1, 0.5, 4, hardest 25% of pixels '
                                          '(reached at step 90), logits gradients x10')
+
+
+def test_a_non_finite_pixel_loss_makes_the_mined_loss_nan_not_invisible():
+  # NaN sorts last and fails every comparison: without a check it would drop out of the
+  # top k, and the step's non-finite guard would never see it.
+  losses = jnp.asarray(np.r_[np.linspace(0.1, 2.0, 19), np.nan].astype(np.float32))
+  total, _ = hardest_pixels_sum(losses, jnp.float32(0.5))
+  assert np.isnan(float(total))
+  total, count = hardest_pixels_sum(losses[:19], jnp.float32(0.5))
+  assert np.isfinite(float(total)) and float(count) == 9
