@@ -62,3 +62,24 @@ def poisoned(real_train_batches, poison_step):
         batch['image'][0, 0, 0, 0] = np.nan
       yield batch
   return batches
+
+
+def optimizer_updates(train_config, paths, seed=0, steps=2):
+  """Random float32 parameters at `paths` ({key: flax path}), `steps` random gradients, and
+  the parameters after the project's optimiser applied them one by one (seg.train.step):
+  (values, grads, got), each keyed as `paths`, for tests that redo the arithmetic in NumPy."""
+  from flax.training import train_state
+  from seg.train import step as step_lib
+  rng = np.random.default_rng(seed)
+  values = {k: rng.normal(size=(3, 2)).astype(np.float32) for k in paths}
+  grads = [{k: rng.normal(size=(3, 2)).astype(np.float32) for k in paths}
+           for _ in range(steps)]
+  nest = lambda flat: flax.traverse_util.unflatten_dict({paths[k]: jnp.asarray(v)
+                                                         for k, v in flat.items()})
+  state = train_state.TrainState.create(
+      apply_fn=None, params=nest(values), tx=step_lib.create_optimizer(
+          train_config, step_lib.create_learning_rate_fn(train_config)))
+  for g in grads:
+    state = state.apply_gradients(grads=nest(g))
+  flat = flax.traverse_util.flatten_dict(state.params)
+  return values, grads, {k: np.asarray(flat[paths[k]]) for k in paths}

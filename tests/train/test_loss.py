@@ -6,14 +6,13 @@ import functools
 import json
 import os
 
-import flax
-import flax.training.train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from helpers import optimizer_updates
 from seg import config as config_lib
 from seg.train import loop
 from seg.train import step as step_lib
@@ -225,17 +224,7 @@ def test_one_sgd_update_applies_deeplabs_gradient_multipliers(tiny_config, multi
       10, 0.05, 0.9, 0.9, 0.01
   cfg.last_layer_gradient_multiplier = multiplier
   cfg.last_layers_contain_logits_only = logits_only
-  rng = np.random.default_rng(0)
-  values = {k: rng.normal(size=(3, 2)).astype(np.float32) for k in PARAMS}
-  grads = [{k: rng.normal(size=(3, 2)).astype(np.float32) for k in PARAMS} for _ in range(2)]
-  nest = lambda flat: flax.traverse_util.unflatten_dict({k: jnp.asarray(v)
-                                                         for k, v in flat.items()})
-  state = flax.training.train_state.TrainState.create(
-      apply_fn=None, params=nest(values),
-      tx=step_lib.create_optimizer(cfg, step_lib.create_learning_rate_fn(cfg)))
-  for g in grads:
-    state = state.apply_gradients(grads=nest(g))
-  got = flax.traverse_util.flatten_dict(state.params)
+  values, grads, got = optimizer_updates(cfg, {k: k for k in PARAMS})
 
   factor = _tf_multipliers(PARAMS, multiplier, logits_only)
   decayed = {k for k, v in PARAMS.items() if v.endswith('/weights')}
@@ -247,7 +236,7 @@ def test_one_sgd_update_applies_deeplabs_gradient_multipliers(tiny_config, multi
       accum[k] = 0.9 * accum[k] + factor[k] * (g[k] + (0.01 * w[k] if k in decayed else 0.0))
       w[k] = w[k] - rate * accum[k]
   for k in PARAMS:
-    np.testing.assert_allclose(np.asarray(got[k]), w[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
+    np.testing.assert_allclose(got[k], w[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
   assert factor[('head', 'logits', 'bias')] == 2 * multiplier
 
 

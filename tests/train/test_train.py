@@ -1,12 +1,11 @@
 """The training step, the optimiser recipe, learning and checkpoint resumption."""
 
-import flax
-import flax.training.train_state
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import optimizer_updates
 from seg import checkpoint, parallel
 from seg.train import loop
 from seg.train import step as step_lib
@@ -177,21 +176,11 @@ def test_one_optimizer_update_is_tf_momentum_with_l2_on_the_poly_schedule(tiny_c
   cfg = tiny_config.train
   cfg.steps, cfg.learning_rate, cfg.lr_power, cfg.warmup_steps = 10, 0.05, 0.9, 0
   cfg.momentum, cfg.weight_decay = 0.9, 0.01
-  rng = np.random.default_rng(0)
   names = {'kernel': ('MobilenetV2', 'expanded_conv_1', 'project', 'conv', 'kernel'),
            'depthwise': ('MobilenetV2', 'expanded_conv_1', 'depthwise', 'depthwise', 'kernel'),
            'scale': ('MobilenetV2', 'Conv', 'BatchNorm', 'scale'),
            'bias': ('head', 'logits', 'bias')}
-  values = {k: rng.normal(size=(3, 2)).astype(np.float32) for k in names}
-  grads = [{k: rng.normal(size=(3, 2)).astype(np.float32) for k in names} for _ in range(2)]
-  nest = lambda flat: flax.traverse_util.unflatten_dict({names[k]: jnp.asarray(v)
-                                                         for k, v in flat.items()})
-  lr = step_lib.create_learning_rate_fn(cfg)
-  state = flax.training.train_state.TrainState.create(
-      apply_fn=None, params=nest(values), tx=step_lib.create_optimizer(cfg, lr))
-  for g in grads:
-    state = state.apply_gradients(grads=nest(g))
-  got = {k: np.asarray(flax.traverse_util.flatten_dict(state.params)[names[k]]) for k in names}
+  values, grads, got = optimizer_updates(cfg, names, seed=0, steps=2)
 
   w = {k: v.astype(np.float64) for k, v in values.items()}
   accum = {k: np.zeros_like(v) for k, v in w.items()}
@@ -212,18 +201,8 @@ def test_the_adam_option_is_adam_with_l2_on_the_poly_schedule(tiny_config):
   cfg.optimizer, cfg.steps, cfg.learning_rate, cfg.lr_power, cfg.warmup_steps = \
       'adam', 10, 0.01, 0.9, 0
   cfg.weight_decay = 0.01
-  rng = np.random.default_rng(1)
   names = {'kernel': ('head', 'logits', 'kernel'), 'bias': ('head', 'logits', 'bias')}
-  values = {k: rng.normal(size=(3, 2)).astype(np.float32) for k in names}
-  grads = [{k: rng.normal(size=(3, 2)).astype(np.float32) for k in names} for _ in range(3)]
-  nest = lambda flat: flax.traverse_util.unflatten_dict({names[k]: jnp.asarray(v)
-                                                         for k, v in flat.items()})
-  state = flax.training.train_state.TrainState.create(
-      apply_fn=None, params=nest(values),
-      tx=step_lib.create_optimizer(cfg, step_lib.create_learning_rate_fn(cfg)))
-  for g in grads:
-    state = state.apply_gradients(grads=nest(g))
-  got = {k: np.asarray(flax.traverse_util.flatten_dict(state.params)[names[k]]) for k in names}
+  values, grads, got = optimizer_updates(cfg, names, seed=1, steps=3)
 
   w = {k: v.astype(np.float64) for k, v in values.items()}
   m = {k: np.zeros_like(v) for k, v in w.items()}
