@@ -14,7 +14,9 @@ initialize_last_layer=False: train.init_part 'auto').
 
 The recipe's 30,000 steps of 16 crops are ~45 passes over VOC's 10,582 images: for a
 smaller folder, fewer steps (`--config.train.steps`) see it as often. Images larger than
-data.eval_size (513) are evaluated whole, in one more compiled shape.
+data.eval_size (513) are evaluated whole, in one more compiled shape. A class in a small
+share of the pixels can be weighed up with DeepLab's `--config.train.label_weights`
+(`prepare-data` prints weights to try; docs/training.md, "The loss").
 """
 
 from seg.config import default_config
