@@ -63,6 +63,14 @@ def unreplicate(tree: Any) -> Any:
   return jax.tree.map(first, tree)
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+  """A pmapped output of per-example rows [devices, n, ...] as this process's rows
+  [local devices * n, ...], in the order `shard` split them (also under several processes,
+  where the global array holds other hosts' rows too)."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards]).reshape((-1,) + x.shape[2:])
+
+
 class Launch(NamedTuple):
   """How a cluster launcher started this process (`cluster_launch`).
 

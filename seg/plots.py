@@ -1,9 +1,11 @@
-"""PNG plots beside a run's JSON: training curves and per-class IoU (matplotlib, Agg)."""
+"""PNG plots beside a run's JSON: training curves, per-class IoU, the confusion matrix
+(matplotlib, Agg)."""
 
 import json
 from typing import Dict, List
 
 import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
@@ -51,6 +53,34 @@ def plot_per_class_iou(report: Dict, path: str) -> None:
   ax.set_ylim(0, 100)
   ax.legend(loc='lower right')
   ax.grid(axis='y', alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_confusion_matrix(report: Dict, path: str) -> None:
+  """`report['confusion_matrix']` as a heat map, each row (a label) as shares of its pixels:
+  the diagonal is each class's recall, the rest where its pixels went. Shares printed in the
+  cells up to 30 classes."""
+  names = list(report['per_class_iou'])
+  confusion = np.asarray(report['confusion_matrix'], np.float64)
+  shares = 100 * confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+  side = max(5.0, 0.42 * len(names) + 2.5)
+  fig, ax = plt.subplots(figsize=(side + 1.2, side))
+  image = ax.imshow(shares, cmap='Blues', vmin=0, vmax=100)
+  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label='% of the label\'s pixels')
+  ticks = range(len(names))
+  ax.set_xticks(ticks, names, rotation=70, ha='right', fontsize=8)
+  ax.set_yticks(ticks, names, fontsize=8)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('label')
+  if len(names) <= 30:
+    for (row, column), value in np.ndenumerate(shares):
+      if value >= 0.05:
+        ax.text(column, row, f'{value:.0f}' if value >= 9.5 else f'{value:.1f}',
+                ha='center', va='center', fontsize=6,
+                color='white' if value > 60 else 'black')
+  ax.set_title(f'confusion matrix (rows sum to 100%), mIoU {100 * report["miou"]:.2f}%')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

@@ -10,7 +10,7 @@ Batches come out as NumPy dicts for the process's local devices:
 import contextlib
 import os
 import re
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -425,7 +425,8 @@ def eval_batches(data_config, batch_size: int, split: str, process_index: int = 
 
   Images are padded (never resized or cropped) to `eval_size` x `eval_size`; a batch is
   {'image' [n, h, w, 3] uint8, 'size' [n, 2] int32 (each image's height and width, the
-  rest is padding), 'label' [n, h, w] uint8 (padding = the ignore label), 'mask' [n]}.
+  rest is padding), 'label' [n, h, w] uint8 (padding = the ignore label), 'mask' [n],
+  'index' [n] int32 (each example's place in the split, `split_ids`; padding -1)}.
   Images larger than that come after them, padded to one larger shape: the
   split's largest height and width rounded up to k * 64 + 1 (one more
   compiled shape; VOC's images, at most 500 pixels, never need it). In both
@@ -442,7 +443,8 @@ def eval_batches(data_config, batch_size: int, split: str, process_index: int = 
   shard_sizes = np.bincount(np.arange(total) % process_count, minlength=process_count)
   large_per_shard = np.bincount(large % process_count, minlength=process_count)
   steps = lambda counts: int(np.max(-(-counts // batch_size)))
-  ds = _decoded(_read(builder, split, _SKIP_IMAGE).shard(process_count, process_index))
+  ds = _read(builder, split, _SKIP_IMAGE).enumerate().map(lambda i, ex: {**ex, 'index': i})
+  ds = _decoded(ds.shard(process_count, process_index))
   ds = _check_labels(ds, num_classes, data_config.ignore_label)
   fits = lambda ex: tf.reduce_max(tf.shape(ex['image'])[:2]) <= size
   where = f'split {split!r} of {builder.data_dir}'
@@ -470,13 +472,13 @@ def _padded_batches(ds: tf.data.Dataset, ignore_label: int, batch_size: int, hei
     label = tf.pad(tf.cast(ex['label'], tf.int32) - ignore_label, paddings) + ignore_label
     return {'image': tf.pad(tf.cast(ex['image'], tf.uint8), paddings),
             'size': tf.cast(shape, tf.int32), 'label': tf.cast(label, tf.uint8)[..., 0],
-            'mask': tf.ones([], tf.float32)}
+            'mask': tf.ones([], tf.float32), 'index': tf.cast(ex['index'], tf.int32)}
 
   ds = ds.map(_pad, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(2)
   padding = {'image': np.zeros((height, width, 3), np.uint8),
              'size': np.zeros(2, np.int32),
              'label': np.full((height, width), ignore_label, np.uint8),
-             'mask': np.zeros((), np.float32)}
+             'mask': np.zeros((), np.float32), 'index': np.full((), -1, np.int32)}
   produced = 0
   for batch in tfds.as_numpy(ds):
     missing = batch_size - len(batch['mask'])
@@ -486,6 +488,13 @@ def _padded_batches(ds: tf.data.Dataset, ignore_label: int, batch_size: int, hei
     yield batch
   for _ in range(steps - produced):
     yield {k: np.stack([v] * batch_size) for k, v in padding.items()}
+
+
+def split_ids(data_config, split: str) -> List[str]:
+  """The split's example ids (VOC's image ids, a folder's list lines) in split order."""
+  ds = _read(prepared(data_config), split,
+             {'image': tfds.decode.SkipDecoding(), 'label': tfds.decode.SkipDecoding()})
+  return [name.decode() for name in tfds.as_numpy(ds.map(lambda ex: ex['file_name']))]
 
 
 def split_images(data_config, split: str, count: int, seed: int = 0):

@@ -14,7 +14,7 @@ from jax import lax
 from seg import checkpoint, classes, parallel
 from seg.inference import fold
 from seg.inference.forward import forward
-from seg.inference.metrics import confusion_matrix, format_report, iou_report
+from seg.inference import metrics
 from seg.model import create_model
 from seg.model.layers import resize_bilinear
 from seg.parallel import AXIS_NAME
@@ -61,8 +61,9 @@ def multi_scale_logits(folded, images: jax.Array, *, model_config, scales=(1.0,)
 
 def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_config,
               ignore_label: int, scales=(1.0,), flip: bool = False,
-              dtype=jnp.float32, upsample_argmax: str = 'xla') -> jax.Array:
-  """Confusion matrix of one batch, summed over every device of the pmap axis.
+              dtype=jnp.float32, upsample_argmax: str = 'xla') -> Dict[str, jax.Array]:
+  """The confusion matrix of one batch, summed over every device of the pmap axis
+  ('confusion'), and each of this device's examples' `metrics.class_counts` ('counts').
 
   The logits come from the inference engine's folded forward pass
   (`seg.inference.forward.forward`, float32), the same function `predict`, `benchmark`
@@ -94,9 +95,10 @@ def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_c
                                 flip=flip, dtype=dtype)
     predictions = jnp.argmax(scores, axis=-1)
   predictions = predictions.astype(jnp.int32)
-  cm = confusion_matrix(batch['label'], predictions, model_config.num_classes, batch['mask'],
-                        ignore_label)
-  return lax.psum(cm, AXIS_NAME)
+  matrices = metrics.confusion_matrices(batch['label'], predictions, model_config.num_classes,
+                                        batch['mask'], ignore_label)
+  return {'confusion': lax.psum(matrices.sum(0), AXIS_NAME),
+          'counts': metrics.class_counts(matrices)}
 
 
 def make_p_eval_step(model, config, dtype=jnp.float32, upsample_argmax: str = 'xla'):
@@ -122,34 +124,65 @@ def evaluate(p_eval_step, variables: Dict[str, Any], config, split: Optional[str
              log=print) -> Dict:
   """Runs `p_eval_step` over a whole split; `variables` are replicated on the devices.
 
-  Returns the report of `seg.inference.metrics.iou_report`.
+  Returns the report of `seg.inference.metrics.iou_report` with 'images': every image's
+  scores, worst first (`metrics.image_rows`; the split's ids, gathered from every process).
   """
   from seg.data import pipeline  # TensorFlow stays out of the import of this module.
   split = split or config.data.eval_split
   batch_size = parallel.local_batch_size(config.eval.batch_size)
   confusion = np.zeros((config.model.num_classes,) * 2, np.int64)
-  num_images, start = 0, time.time()
+  indices, counts, start = [], [], time.time()
   batches = pipeline.eval_batches(config.data, batch_size, split, jax.process_index(),
                                   jax.process_count(), num_classes=config.model.num_classes)
   for batch in batches:
-    num_images += int(batch['mask'].sum())
-    confusion += parallel.unreplicate(
-        p_eval_step(variables, parallel.shard(batch))).astype(np.int64)
-  num_images = int(np.asarray(jax.device_get(
-      _sum_over_processes(np.int64(num_images)))))
+    indices.append(batch.pop('index'))
+    out = p_eval_step(variables, parallel.shard(batch))
+    confusion += parallel.unreplicate(out['confusion']).astype(np.int64)
+    counts.append(parallel.local_rows(out['counts']))
+  indices, counts = _gather_over_processes(np.concatenate(indices),
+                                           np.concatenate(counts).astype(np.int64))
+  real = indices >= 0   # padding examples are -1
   names = classes.class_names(config.data.dataset, config.model.num_classes,
                               config.data.class_names)
-  report = iou_report(confusion, names, num_images)
-  log(f'evaluated {num_images} images of {split!r} in {time.time() - start:.1f}s: '
+  report = metrics.iou_report(confusion, names, int(real.sum()))
+  ids = pipeline.split_ids(config.data, split)
+  report['images'] = metrics.image_rows([ids[i] for i in indices[real]], counts[real], names)
+  log(f'evaluated {report["num_images"]} images of {split!r} in {time.time() - start:.1f}s: '
       f'mIoU {100 * report["miou"]:.2f}%')
   return report
 
 
-def _sum_over_processes(value):
+def _gather_over_processes(*arrays):
+  """Each array's rows from every process, concatenated (all processes hold equal shapes:
+  `eval_batches` gives each as many batches)."""
   if jax.process_count() == 1:
-    return value
+    return arrays
   from jax.experimental import multihost_utils
-  return multihost_utils.process_allgather(value).sum()
+  return tuple(np.concatenate(list(np.asarray(multihost_utils.process_allgather(a))))
+               for a in arrays)
+
+
+WORST_IN_JSON = 20
+
+
+def write_report(report: Dict, path: str, charts: str, log=print) -> None:
+  """`report` (`evaluate`'s) as files: the JSON at `path` (the images left to the CSV but the
+  WORST_IN_JSON lowest-scoring), every image's scores in PATH_STEM_images.csv (worst first),
+  and two charts, CHARTSper_class_iou.png and CHARTSconfusion_matrix.png."""
+  from seg import plots
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  images = report.get('images', [])
+  summary = {k: v for k, v in report.items() if k != 'images'}
+  summary['worst_images'] = [{k: r[k] for k in ('id', 'miou', 'pixel_accuracy')}
+                             for r in images[:WORST_IN_JSON]]
+  with open(path, 'w') as f:
+    json.dump(summary, f, indent=2)
+  table = os.path.splitext(path)[0] + '_images.csv'
+  metrics.write_image_csv(images, list(report['per_class_iou']), table)
+  plots.plot_per_class_iou(report, charts + 'per_class_iou.png')
+  plots.plot_confusion_matrix(report, charts + 'confusion_matrix.png')
+  log(f'wrote {path}, {table} (every image, worst first) and the charts '
+      f'{charts}per_class_iou.png, {charts}confusion_matrix.png')
 
 
 def engine_dtype(name: str):
@@ -202,13 +235,7 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
                     parallel.replicate(variables), config, log=log)
   report['step'] = step
   report['dtype'] = dtype
-  log(format_report(report))
+  log(metrics.format_report(report))
   if output and jax.process_index() == 0:
-    from seg import plots
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, 'w') as f:
-      json.dump(report, f, indent=2)
-    chart = os.path.splitext(output)[0] + '_per_class_iou.png'
-    plots.plot_per_class_iou(report, chart)
-    log(f'wrote {output} and {chart}')
+    write_report(report, output, os.path.splitext(output)[0] + '_', log)
   return report

@@ -177,11 +177,6 @@ def _format_duration(seconds: float) -> str:
   return f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m{seconds:02d}s'
 
 
-def _write_json(path: str, value) -> None:
-  with open(path, 'w') as f:
-    json.dump(value, f, indent=2)
-
-
 def _evaluate(p_eval_step, model, state, config, step, writer, log) -> Dict:
   """Evaluates the replicated `state` and sends the report and example masks to TensorBoard."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -363,12 +358,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   report.update(step=final_step, train_seconds_this_run=round(train_seconds, 1))
   log(format_report(report))
   if is_chief:
-    _write_json(os.path.join(workdir, 'eval.json'), report)
+    evaluate.write_report(report, os.path.join(workdir, 'eval.json'),
+                          os.path.join(workdir, ''), log=lambda _: None)
     from seg import plots  # matplotlib only once there is something to draw
-    plots.plot_per_class_iou(report, os.path.join(workdir, 'per_class_iou.png'))
     if os.path.exists(train_log):
       plots.plot_training_curves(train_log, os.path.join(workdir, 'train_curves.png'))
   log(f'trained steps {start_step}..{final_step} in {_format_duration(train_seconds)}; '
-      f'report in {os.path.join(workdir, "eval.json")}, plots and TensorBoard '
-      f'(tensorboard --logdir {writer.logdir}) beside it')
+      f'report in {os.path.join(workdir, "eval.json")} (every val image\'s scores in '
+      f'eval_images.csv), plots and TensorBoard (tensorboard --logdir {writer.logdir}) '
+      'beside it')
   return report

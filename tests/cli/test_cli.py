@@ -1,5 +1,6 @@
 """main.py end to end on the tiny config: train, eval, predict, summary."""
 
+import csv
 import glob
 import json
 import os
@@ -141,8 +142,35 @@ def test_eval_report_scores_what_numpy_computes_from_the_predicted_masks(discern
     got = report['per_class_iou'][name]
     assert (got is None) if np.isnan(want) else abs(got - want) <= 1e-4, (name, got, want)
   assert 'red-solid' in stdout and 'pixel accuracy' in stdout
-  with Image.open(tmp_path / 'report_per_class_iou.png') as chart:
-    assert chart.format == 'PNG' and chart.width > 600
+  for chart_name in ('report_per_class_iou.png', 'report_confusion_matrix.png'):
+    with Image.open(tmp_path / chart_name) as chart:
+      assert chart.format == 'PNG' and chart.width > 600
+  # The confusion matrix itself (rows: labels), to the same few pixels.
+  num_classes = len(EMBEDDED_CLASS_NAMES)
+  expected_cm = _numpy_confusion(pairs.values())
+  assert np.abs(np.array(report['confusion_matrix'])
+                - expected_cm[:num_classes, :num_classes]).sum() <= 8
+  assert expected_cm.sum() == np.sum(report['confusion_matrix'])
+
+  # Every image's own scores (the CSV, worst first), against NumPy on that image's mask alone.
+  with open(tmp_path / 'report_images.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert sorted(r['id'] for r in rows) == sorted(pairs)
+  mious = [float(r['miou']) for r in rows]
+  assert mious == sorted(mious)
+  exact = 0
+  for r in rows:
+    label, mask = pairs[r['id']]
+    ious, accuracy = _numpy_ious([(label, mask)])
+    assert abs(float(r['miou']) - float(np.nanmean(ious))) <= 0.02, r['id']
+    assert int(r['pixels']) == int((label != 255).sum())
+    per_class = np.array([float(r[n]) if r[n] else np.nan for n in EMBEDDED_CLASS_NAMES])
+    exact += (np.allclose(per_class, ious[:num_classes], atol=1e-4, equal_nan=True)
+              and abs(float(r['miou']) - float(np.nanmean(ious))) < 1e-4
+              and abs(float(r['pixel_accuracy']) - accuracy) < 1e-4)
+  assert exact >= len(rows) - 4   # the near-tie pixels above touch at most 4 images
+  assert [w['id'] for w in report['worst_images']] == [r['id'] for r in rows[:20]]
+  assert 'lowest image mIoU: ' + rows[0]['id'] in stdout
 
 
 def test_the_mask_check_can_tell_the_jpeg_decoders_apart(discerning, val_masks):

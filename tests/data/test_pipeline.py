@@ -1,5 +1,6 @@
 """DeepLab augmentation and padded evaluation batches."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -78,9 +79,20 @@ def test_eval_batches_count_every_image_once(tiny_config):
   config = tiny_config
   total = pipeline.num_examples(config.data, 'val')
   batch = 16    # does not divide 150: the last batch is padded
-  seen, batches = 0, 0
+  [voc_root] = glob.glob(os.path.join(config.data.data_dir, 'downloads', 'embedded-*',
+                                      'VOCdevkit', 'VOC2012'))
+  ids = pipeline.split_ids(config.data, 'val')   # in the split's (TFDS's) order
+  assert sorted(ids) == sorted(voc.read_split_list(voc_root, 'val'))
+  seen, batches, indices = 0, 0, []
   for b in pipeline.eval_batches(config.data, batch, 'val'):
     batches += 1
+    indices += b['index'].tolist()
+    assert np.all((b['index'] >= 0) == (b['mask'] > 0))   # padding examples are -1
+    # Each example's index names its id: the label file of that id is the batch's label.
+    for label, (h, w), index in zip(b['label'], b['size'], b['index']):
+      if index >= 0:
+        png = os.path.join(voc_root, 'SegmentationClass', ids[index] + '.png')
+        np.testing.assert_array_equal(label[:h, :w], voc.read_label_png(png))
     assert b['image'].shape == (batch, config.data.eval_size, config.data.eval_size, 3)
     assert b['image'].dtype == np.uint8    # 4x fewer bytes to the device than float32
     assert b['label'].shape == (batch, config.data.eval_size, config.data.eval_size)
@@ -93,6 +105,7 @@ def test_eval_batches_count_every_image_once(tiny_config):
               and (not valid or np.any(label[:h, :w] != 255)))
   assert seen == total == 150
   assert batches == -(-total // batch)
+  assert sorted(i for i in indices if i >= 0) == list(range(total))
 
 
 def test_a_split_read_in_part_ends_without_a_warning(data_dir):

@@ -200,13 +200,26 @@ def test_pmapped_eval_counts_batches_of_two_shapes(tiny_model, upsample_argmax):
     labels[:, :5] = 255
     mask = np.array([1, 1, 1, 0], np.float32)
     batch = {'image': images, 'size': sizes, 'label': labels, 'mask': mask}
-    got = np.asarray(p_eval_step(replicated, parallel.shard(batch))[0])
+    out = p_eval_step(replicated, parallel.shard(batch))
+    got = np.asarray(out['confusion'][0])
     predictions = np.argmax(np.asarray(apply(variables, reference)), -1)
     valid = (labels != 255) & (mask[:, None, None] > 0)
     expected = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(expected, (labels[valid], predictions[valid]), 1)
     assert got.sum() == expected.sum()
     assert np.abs(got - expected).sum() <= 4  # a near-tie pixel may flip class
+    # Each example's labelled, predicted and correct pixels per class, in batch order (one
+    # example per device here); the padding example counts nothing.
+    counts = parallel.local_rows(out['counts'])
+    assert counts.shape == (4, 3, num_classes)
+    for i in range(4):
+      keep = valid[i]
+      expected_counts = [np.bincount(labels[i][keep], minlength=num_classes),
+                         np.bincount(predictions[i][keep], minlength=num_classes),
+                         np.bincount(labels[i][keep & (labels[i] == predictions[i])],
+                                     minlength=num_classes)]
+      assert np.abs(counts[i] - np.array(expected_counts)).sum() <= 6   # near-ties
+    assert not counts[3].any() and counts[:3, 0].sum() == valid.sum()
 
 
 def _numpy_resize(x, size):
@@ -236,7 +249,7 @@ def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
   batch = {'image': images, 'size': np.full((4, 2), EVAL_SIZE, np.int32), 'label': labels,
            'mask': np.ones(4, np.float32)}
   got = np.asarray(evaluate.make_p_eval_step(model, config)(
-      parallel.replicate(variables), parallel.shard(batch))[0])
+      parallel.replicate(variables), parallel.shard(batch))['confusion'][0])
 
   features = jax.jit(lambda v, x: model.apply(v, x, train=False, upsample=False))
   x = images.astype(np.float64) / 127.5 - 1.0

@@ -1,15 +1,18 @@
 """One process of tests/train/test_multihost.py: a few training steps under jax.distributed,
-or the one-device reference.
+then an evaluation, or the one-device reference.
 
-    python tests/train/multihost_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_DIR
+    python tests/train/multihost_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUT_DIR DATA_DIR
     python tests/train/multihost_worker.py reference OUT_DIR
 
 Each process feeds its own slice of the same synthetic global batches, then the
-processes save one orbax checkpoint together into OUT_DIR/run. The reference trains the whole
+processes save one orbax checkpoint together into OUT_DIR/run and evaluate `eval_model` on
+the embedded val split in DATA_DIR, each process its shard; the first writes the report
+(its confusion matrix and every image's scores) to OUT_DIR/eval.json. The reference trains the whole
 global batches on ONE device (global normalisation by construction) and writes the leaves of
 its params and batch_stats to OUT_DIR/reference.npz.
 """
 
+import json
 import os
 import sys
 
@@ -77,7 +80,28 @@ def run_steps(config, process_index, process_count):
   return state
 
 
-def main(coordinator, num_processes, process_id, out_dir):
+def eval_model(data_dir):
+  """The config (tiny, the embedded dataset's 21 classes, read from `data_dir`) and variables
+  of a seeded model whose logits kernel is random (std 1), so that it predicts many classes."""
+  from seg.classes import EMBEDDED_CLASS_NAMES
+  from seg.model import create_model
+  config = load_experiment(TINY)
+  config.unlock()
+  config.data.data_dir = data_dir
+  config.model.num_classes = len(EMBEDDED_CLASS_NAMES)
+  config.eval.batch_size = 8
+  model = create_model(config.model)
+  size = config.data.eval_size
+  with jax.enable_x64(False):   # the same weights in the workers (float64 for training)
+    variables = jax.device_get(model.init(jax.random.key(3), np.zeros((1, size, size, 3),
+                                                                      np.float32), train=False))
+  kernel = variables['params']['head']['logits']['kernel']
+  variables['params']['head']['logits']['kernel'] = np.random.default_rng(0).normal(
+      0, 1, kernel.shape).astype(np.float32)
+  return config, variables
+
+
+def main(coordinator, num_processes, process_id, out_dir, data_dir):
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
   parallel.initialize_distributed(coordinator, int(num_processes), int(process_id))
   jax.config.update('jax_enable_x64', True)
@@ -87,6 +111,13 @@ def main(coordinator, num_processes, process_id, out_dir):
   manager = checkpoint.create_manager(os.path.join(out_dir, 'run'))
   loop.save_state(manager, state)
   manager.wait_until_finished()
+  from seg.inference import evaluate
+  config, variables = eval_model(data_dir)
+  report = evaluate.evaluate(evaluate.make_p_eval_step(None, config),
+                             parallel.replicate(variables), config, log=print)
+  if jax.process_index() == 0:
+    with open(os.path.join(out_dir, 'eval.json'), 'w') as f:
+      json.dump(report, f)
   print(f'process {jax.process_index()} done')
 
 

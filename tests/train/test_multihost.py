@@ -1,7 +1,9 @@
 """Two processes on localhost (2 fake CPU devices each, gloo collectives) train exactly as one
 process on ONE device with the whole batch, though their devices hold unequal numbers of valid
-pixels, and their collective orbax checkpoint restores in one process."""
+pixels, and their collective orbax checkpoint restores in one process; they evaluate a split
+as one process does, every image counted once under its own id."""
 
+import json
 import os
 import socket
 import subprocess
@@ -11,7 +13,7 @@ import jax
 import numpy as np
 
 import multihost_worker  # beside this file (pytest puts the folder on the path)
-from seg import checkpoint
+from seg import checkpoint, parallel
 from seg.model import create_model
 from seg.train import step as step_lib
 
@@ -24,7 +26,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_device_with_the_whole_batch(tmp_path):
+def test_two_processes_equal_one_device_with_the_whole_batch(tmp_path, data_dir):
   assert jax.device_count() == 4
   config = multihost_worker.tiny_config()
   # The precondition that makes the comparison discerning: the 4 devices' shares of each
@@ -40,7 +42,8 @@ def test_two_processes_equal_one_device_with_the_whole_batch(tmp_path):
   worker = os.path.join(HERE, 'multihost_worker.py')
   # The two processes together, then the one-device reference in a process of its own
   # (after them: three at once would add its ~1.4 GB to the test workers' peak).
-  for commands in ([[worker, coordinator, '2', str(i), str(tmp_path)] for i in range(2)],
+  for commands in ([[worker, coordinator, '2', str(i), str(tmp_path), data_dir]
+                    for i in range(2)],
                    [[worker, 'reference', str(tmp_path)]]):
     workers = [subprocess.Popen([sys.executable, *command], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for command in commands]
@@ -75,3 +78,20 @@ def test_two_processes_equal_one_device_with_the_whole_batch(tmp_path):
   moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
               for a, b in zip(jax.tree.leaves(init.params), jax.tree.leaves(restored['params'])))
   assert moved > 1e-3
+
+  # The evaluation: the two processes' report (each read its shard of the split; the per-image
+  # rows gathered onto the first) against this process's evaluation of the same model.
+  from seg.inference import evaluate
+  eval_config, variables = multihost_worker.eval_model(data_dir)
+  here = evaluate.evaluate(evaluate.make_p_eval_step(None, eval_config),
+                           parallel.replicate(variables), eval_config, log=lambda _: None)
+  with open(tmp_path / 'eval.json') as f:
+    theirs = json.load(f)
+  assert theirs['num_images'] == here['num_images'] == 150
+  assert len({r['id'] for r in theirs['images']}) == 150
+  assert np.abs(np.array(theirs['confusion_matrix'])
+                - np.array(here['confusion_matrix'])).sum() <= 4   # near-tie pixels
+  rows = {r['id']: r for r in here['images']}
+  assert sum(r['pixels'] == rows[r['id']]['pixels'] and abs(r['miou'] - rows[r['id']]['miou'])
+             < 1e-6 for r in theirs['images']) >= 146
+  assert len({round(r['miou'], 3) for r in here['images']}) > 20   # the images do differ

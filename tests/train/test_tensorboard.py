@@ -61,9 +61,17 @@ def test_run_writes_tensorboard_summaries_and_plots_and_skips_nonfinite(
     image = np.asarray(Image.open(io.BytesIO(png)))
     assert step == 4 and image.shape == (161, 3 * 161, 3)
 
-  for name in ('train_curves.png', 'per_class_iou.png'):
+  for name in ('train_curves.png', 'per_class_iou.png', 'confusion_matrix.png'):
     with Image.open(os.path.join(workdir, name)) as image:
       assert image.format == 'PNG' and min(image.size) >= 300
+  # eval.json holds the confusion matrix and the worst images; eval_images.csv every image.
+  saved = json.load(open(os.path.join(workdir, 'eval.json')))
+  # (the psum over devices, and each image's counts: the same labelled pixels)
+  assert np.sum(saved['confusion_matrix']) == sum(r['pixels'] for r in report['images']) > 0
+  with open(os.path.join(workdir, 'eval_images.csv')) as f:
+    assert len(f.read().splitlines()) == 1 + report['num_images']
+  assert saved['worst_images'] == [{k: r[k] for k in ('id', 'miou', 'pixel_accuracy')}
+                                   for r in report['images'][:20]]
 
 
 def test_example_panels_put_image_truth_and_prediction_side_by_side():
