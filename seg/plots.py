@@ -2,6 +2,7 @@
 (matplotlib, Agg)."""
 
 import json
+import os
 from typing import Dict, List
 
 import matplotlib
@@ -12,22 +13,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_train_log(path: str) -> List[Dict]:
-  """The records of WORKDIR/train_log.jsonl, one per step, in step order."""
+  """The records of WORKDIR/train_log.jsonl (or eval_log.jsonl), one per step, in step order."""
   with open(path) as f:
     records = [json.loads(line) for line in f if line.strip()]
   # A run killed after logging past its last checkpoint logs those steps again: keep the last.
   return sorted({r['step']: r for r in records}.values(), key=lambda r: r['step'])
 
 
-def plot_training_curves(train_log_path: str, path: str) -> None:
-  """Loss, pixel accuracy, learning rate and images/s against the step, as one PNG."""
+def plot_training_curves(train_log_path: str, path: str, eval_log_path: str = '') -> None:
+  """Loss, pixel accuracy (and the val split's), val mIoU, learning rate, images/s and the
+  share of time waiting for input against the step, as one PNG. The val figures come from
+  `eval_log_path` (WORKDIR/eval_log.jsonl: one record per evaluation, `train.eval_every`)."""
   records = read_train_log(train_log_path)
+  evals = read_train_log(eval_log_path) if eval_log_path and os.path.exists(eval_log_path) else []
   steps = [r['step'] for r in records]
   panels = (('loss', 'training loss'), ('pixel_accuracy', 'pixel accuracy'),
-            ('learning_rate', 'learning rate'), ('images_per_second', 'images/s'))
-  fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+            ('miou', 'val mIoU'), ('learning_rate', 'learning rate'),
+            ('images_per_second', 'images/s'), ('input_wait_fraction', 'share waiting for input'))
+  fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
   for ax, (key, title) in zip(axes.flat, panels):
-    ax.plot(steps, [r.get(key, float('nan')) for r in records], lw=1.2)
+    if key != 'miou':
+      ax.plot(steps, [r.get(key, float('nan')) for r in records], lw=1.2, label='training')
+    if key in ('miou', 'pixel_accuracy') and evals:
+      ax.plot([r['step'] for r in evals], [r[key] for r in evals], 'o-', color='tab:red',
+              lw=1, ms=4, label='val')
+      if key == 'pixel_accuracy':
+        ax.legend(loc='lower right')
     ax.set_title(title)
     ax.grid(alpha=0.3)
   for ax in axes[1]:

@@ -177,10 +177,15 @@ def _format_duration(seconds: float) -> str:
   return f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m{seconds:02d}s'
 
 
-def _evaluate(p_eval_step, model, state, config, step, writer, log) -> Dict:
-  """Evaluates the replicated `state` and sends the report and example masks to TensorBoard."""
+def _evaluate(p_eval_step, model, state, config, step, writer, log, eval_log: str) -> Dict:
+  """Evaluates the replicated `state`, sends the report and example masks to TensorBoard and
+  appends its figures to `eval_log` (JSON lines: step, miou, pixel_accuracy)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   report = evaluate.evaluate(p_eval_step, variables, config, log=log)
+  if jax.process_index() == 0:
+    with open(eval_log, 'a') as f:
+      f.write(json.dumps({'step': step, 'miou': report['miou'],
+                          'pixel_accuracy': report['pixel_accuracy']}) + '\n')
   writer.report(step, report)
   if config.train.summary_images and jax.process_index() == 0:
     panels = tensorboard.validation_examples(model, parallel.unreplicate(variables), config,
@@ -227,8 +232,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   or SIGINT stops after the current step (with several processes: at the next
   logging step) with a checkpoint; so does `stop_at_step` (a preemption at a
   known step, for tests). Written by process 0: WORKDIR/config.json,
-  train_log.jsonl (appended at every logging step), tensorboard/, eval.json,
-  train_curves.png, per_class_iou.png.
+  train_log.jsonl (appended at every logging step), eval_log.jsonl (at every evaluation),
+  tensorboard/, eval.json, eval_images.csv, train_curves.png, per_class_iou.png,
+  confusion_matrix.png.
 
   Returns the final evaluation report (also WORKDIR/eval.json), or, when
   stopped early, {'stopped_at_step': step}.
@@ -289,6 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   batches = TimedBatches(parallel.prefetch_to_device(batches, 2))
   writer = tensorboard.SummaryWriter(workdir, enabled=is_chief)
   train_log = os.path.join(workdir, 'train_log.jsonl')
+  eval_log = os.path.join(workdir, 'eval_log.jsonl')
   last_log, last_log_step, run_start = time.time(), start_step, time.time()
   last_waited = 0.0
   step, stopped = start_step, None
@@ -337,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
           break
         if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
           eval_start = time.time()
-          _evaluate(p_eval_step, model, state, config, step, writer, log)
+          _evaluate(p_eval_step, model, state, config, step, writer, log, eval_log)
           last_log += time.time() - eval_start  # the rates count training time only
     finally:
       # Also on an error: the save in flight completes, the last good checkpoint with it.
@@ -353,7 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         f'python main.py train --config CONFIG --workdir {workdir}')
     return {'stopped_at_step': stopped}
 
-  report = _evaluate(p_eval_step, model, state, config, final_step, writer, log)
+  report = _evaluate(p_eval_step, model, state, config, final_step, writer, log, eval_log)
   writer.close()
   report.update(step=final_step, train_seconds_this_run=round(train_seconds, 1))
   log(format_report(report))
@@ -362,7 +369,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
                           os.path.join(workdir, ''), log=lambda _: None)
     from seg import plots  # matplotlib only once there is something to draw
     if os.path.exists(train_log):
-      plots.plot_training_curves(train_log, os.path.join(workdir, 'train_curves.png'))
+      plots.plot_training_curves(train_log, os.path.join(workdir, 'train_curves.png'),
+                                 eval_log)
   log(f'trained steps {start_step}..{final_step} in {_format_duration(train_seconds)}; '
       f'report in {os.path.join(workdir, "eval.json")} (every val image\'s scores in '
       f'eval_images.csv), plots and TensorBoard (tensorboard --logdir {writer.logdir}) '

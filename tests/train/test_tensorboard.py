@@ -32,6 +32,7 @@ def test_run_writes_tensorboard_summaries_and_plots_and_skips_nonfinite(
     tiny_config, tmp_path, monkeypatch):
   config = tiny_config
   config.train.steps, config.train.log_every, config.train.summary_images = 4, 2, 2
+  config.train.eval_every = 3   # an evaluation at step 3, and the final one at step 4
   config.train.skip_nonfinite = True
   config.data.eval_split = 'val[:8]'  # the summaries of an evaluation, not its figure
   monkeypatch.setattr(pipeline, 'train_batches', poisoned(pipeline.train_batches, 3))
@@ -52,15 +53,23 @@ def test_run_writes_tensorboard_summaries_and_plots_and_skips_nonfinite(
                              rtol=1e-6)
   np.testing.assert_allclose(events['train/loss'][0][1], log[0]['loss'], rtol=1e-6)
   assert events['train/nonfinite_steps'][-1] == (4, 1.0)
-  np.testing.assert_allclose(events['eval/miou'][0][1], report['miou'], rtol=1e-6)
+  assert [s for s, _ in events['eval/miou']] == [3, 4]
+  np.testing.assert_allclose(events['eval/miou'][-1][1], report['miou'], rtol=1e-6)
   for name, iou in report['per_class_iou'].items():
     if iou is not None:
-      np.testing.assert_allclose(events[f'eval/iou/{name}'][0][1], iou, rtol=1e-6)
+      np.testing.assert_allclose(events[f'eval/iou/{name}'][-1][1], iou, rtol=1e-6)
   for i in range(2):
-    step, png = events[f'eval/examples/{i}'][0]
+    step, png = events[f'eval/examples/{i}'][-1]
     image = np.asarray(Image.open(io.BytesIO(png)))
     assert step == 4 and image.shape == (161, 3 * 161, 3)
 
+  # Each evaluation's figures, in eval_log.jsonl as in TensorBoard (the val curves' source).
+  with open(os.path.join(workdir, 'eval_log.jsonl')) as f:
+    evals = [json.loads(line) for line in f]
+  assert [r['step'] for r in evals] == [3, 4]
+  for record, (_, miou) in zip(evals, events['eval/miou']):
+    np.testing.assert_allclose(record['miou'], miou, rtol=1e-6)
+  assert evals[-1]['pixel_accuracy'] == report['pixel_accuracy']
   for name in ('train_curves.png', 'per_class_iou.png', 'confusion_matrix.png'):
     with Image.open(os.path.join(workdir, name)) as image:
       assert image.format == 'PNG' and min(image.size) >= 300
