@@ -16,7 +16,10 @@ The recipe's 30,000 steps of 16 crops are ~45 passes over VOC's 10,582 images: f
 smaller folder, fewer steps (`--config.train.steps`) see it as often. Images larger than
 data.eval_size (513) are evaluated whole, in one more compiled shape. A class in a small
 share of the pixels can be weighed up with DeepLab's `--config.train.label_weights`
-(`prepare-data` prints weights to try; docs/training.md, "The loss").
+(`prepare-data` prints weights to try; docs/training.md, "The loss"). Every
+`train.eval_every` steps (5,000; fewer for a short run) the val split is evaluated and
+WORKDIR/best keeps the weights of the best evaluation (a workdir of its own: `eval`,
+`predict` and `export` take `--workdir WORKDIR/best`).
 """
 
 from seg.config import default_config

@@ -82,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 1000
   config.train.keep_checkpoints = 3
   config.train.eval_every = 5000       # 0 = only at the end
+  config.train.keep_best = True        # WORKDIR/best: the weights of the best evaluation
   # Initialisation of a new run (not of a resumed one) from a workdir, e.g. one written by
   # `import-weights`: init_part 'all' (whole network), 'all_but_logits' (a fresh last layer,
   # DeepLab's initialize_last_layer=False: other classes), 'backbone' (fresh head) or 'auto'

@@ -119,7 +119,9 @@ def most_mistaken_for(confusion: np.ndarray, class_names: Sequence[str]) -> List
   out = []
   for c, row in enumerate(off):
     j = int(np.argmax(row))
-    out.append(f'{class_names[j]} {100 * row[j] / confusion[c].sum():.1f}%' if row[j] else '')
+    share = 100 * row[j] / max(confusion[c].sum(), 1)
+    out.append('' if not row[j] else f'{class_names[j]} ' + (
+        f'{share:.1f}%' if share >= 0.1 else f'{share:.2f}%' if share >= 0.01 else '<0.01%'))
   return out
 
 

@@ -17,6 +17,7 @@ from seg.inference import evaluate
 from seg.inference.metrics import format_report
 from seg.model import create_model
 from seg.train import tensorboard
+from seg.train.best import BestWeights
 from seg.train.step import (TrainState, create_learning_rate_fn, create_train_state,
                              describe_loss, make_p_train_step)
 
@@ -177,15 +178,19 @@ def _format_duration(seconds: float) -> str:
   return f'{minutes // 60}h{minutes % 60:02d}m' if minutes >= 60 else f'{minutes}m{seconds:02d}s'
 
 
-def _evaluate(p_eval_step, model, state, config, step, writer, log, eval_log: str) -> Dict:
-  """Evaluates the replicated `state`, sends the report and example masks to TensorBoard and
-  appends its figures to `eval_log` (JSON lines: step, miou, pixel_accuracy)."""
+def _evaluate(p_eval_step, model, state, config, step, writer, log, eval_log: str,
+              best: Optional[BestWeights]) -> Dict:
+  """Evaluates the replicated `state`, sends the report and example masks to TensorBoard,
+  appends its figures to `eval_log` (JSON lines: step, miou, pixel_accuracy) and offers the
+  weights to `best`."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   report = evaluate.evaluate(p_eval_step, variables, config, log=log)
   if jax.process_index() == 0:
     with open(eval_log, 'a') as f:
       f.write(json.dumps({'step': step, 'miou': report['miou'],
                           'pixel_accuracy': report['pixel_accuracy']}) + '\n')
+  if best is not None:
+    best.offer(state, step, report['miou'])
   writer.report(step, report)
   if config.train.summary_images and jax.process_index() == 0:
     panels = tensorboard.validation_examples(model, parallel.unreplicate(variables), config,
@@ -234,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   known step, for tests). Written by process 0: WORKDIR/config.json,
   train_log.jsonl (appended at every logging step), eval_log.jsonl (at every evaluation),
   tensorboard/, eval.json, eval_images.csv, train_curves.png, per_class_iou.png,
-  confusion_matrix.png.
+  confusion_matrix.png, and best/ (`seg.train.best`, with train.keep_best).
 
   Returns the final evaluation report (also WORKDIR/eval.json), or, when
   stopped early, {'stopped_at_step': step}.
@@ -296,6 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   writer = tensorboard.SummaryWriter(workdir, enabled=is_chief)
   train_log = os.path.join(workdir, 'train_log.jsonl')
   eval_log = os.path.join(workdir, 'eval_log.jsonl')
+  best = BestWeights(workdir, config, log) if config.train.keep_best else None
   last_log, last_log_step, run_start = time.time(), start_step, time.time()
   last_waited = 0.0
   step, stopped = start_step, None
@@ -344,7 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
           break
         if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
           eval_start = time.time()
-          _evaluate(p_eval_step, model, state, config, step, writer, log, eval_log)
+          _evaluate(p_eval_step, model, state, config, step, writer, log, eval_log,
+                    best)
           last_log += time.time() - eval_start  # the rates count training time only
     finally:
       # Also on an error: the save in flight completes, the last good checkpoint with it.
@@ -360,7 +367,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
         f'python main.py train --config CONFIG --workdir {workdir}')
     return {'stopped_at_step': stopped}
 
-  report = _evaluate(p_eval_step, model, state, config, final_step, writer, log, eval_log)
+  report = _evaluate(p_eval_step, model, state, config, final_step, writer, log, eval_log,
+                     best)
   writer.close()
   report.update(step=final_step, train_seconds_this_run=round(train_seconds, 1))
   log(format_report(report))

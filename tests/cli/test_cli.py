@@ -51,6 +51,10 @@ def test_train_prints_progress_and_writes_a_report(trained):
   report = json.load(open(os.path.join(workdir, 'eval.json')))
   assert report['num_images'] == 150
   assert set(report) >= {'miou', 'per_class_iou', 'pixel_accuracy', 'num_images'}
+  # The only evaluation is the best so far: best/ holds its weights (train.keep_best).
+  assert json.load(open(os.path.join(workdir, 'best', 'best.json'))) == {
+      'step': 6, 'miou': report['miou']}
+  assert 'best val mIoU so far' in stdout
   # JAX's own variable chooses the persistent compilation cache (default ~/.cache/seg/jax).
   assert any(name.startswith('jit_') for name in os.listdir(cache))
 

@@ -115,6 +115,9 @@ def test_report_table_names_each_class_s_commonest_mistake_and_the_worst_images(
   report = iou_report(cm, ['bg', 'cat', 'dog'], 2)
   assert report['confusion_matrix'] == cm.tolist()
   assert metrics.most_mistaken_for(cm, ['bg', 'cat', 'dog']) == ['dog 16.7%', 'dog 30.0%', '']
+  # Small shares keep a digit that says they are not zero.
+  assert metrics.most_mistaken_for([[9996, 4], [0, 1]], ['a', 'b'])[0] == 'b 0.04%'
+  assert metrics.most_mistaken_for([[99999, 1], [0, 1]], ['a', 'b'])[0] == 'b <0.01%'
   report['images'] = [{'id': 'x1', 'miou': 0.25, 'pixel_accuracy': 0.5, 'pixels': 8,
                        'iou': {'bg': 0.25}},
                       {'id': 'x2', 'miou': 0.75, 'pixel_accuracy': 0.9, 'pixels': 19,

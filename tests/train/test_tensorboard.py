@@ -33,6 +33,7 @@ def test_run_writes_tensorboard_summaries_and_plots_and_skips_nonfinite(
   config = tiny_config
   config.train.steps, config.train.log_every, config.train.summary_images = 4, 2, 2
   config.train.eval_every = 3   # an evaluation at step 3, and the final one at step 4
+  config.train.keep_best = False
   config.train.skip_nonfinite = True
   config.data.eval_split = 'val[:8]'  # the summaries of an evaluation, not its figure
   monkeypatch.setattr(pipeline, 'train_batches', poisoned(pipeline.train_batches, 3))
@@ -70,6 +71,7 @@ def test_run_writes_tensorboard_summaries_and_plots_and_skips_nonfinite(
   for record, (_, miou) in zip(evals, events['eval/miou']):
     np.testing.assert_allclose(record['miou'], miou, rtol=1e-6)
   assert evals[-1]['pixel_accuracy'] == report['pixel_accuracy']
+  assert not os.path.exists(os.path.join(workdir, 'best'))   # keep_best off
   for name in ('train_curves.png', 'per_class_iou.png', 'confusion_matrix.png'):
     with Image.open(os.path.join(workdir, name)) as image:
       assert image.format == 'PNG' and min(image.size) >= 300
