@@ -87,6 +87,12 @@ def evaluate(*, workdir: str, config=None, output: Optional[str] = None,
     evaluate_lib.evaluate_workdir(workdir, config, output, dtype=dtype, **calibrate)
 
 
+def compare(*, workdirs: Sequence[str]) -> None:
+  from seg.train import compare as compare_lib
+  with _user_errors():
+    compare_lib.compare(workdirs)
+
+
 def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int = 8,
             dtype: str = 'float32', calibration: str = '',
             calibration_count: Optional[int] = None, **options) -> int:
@@ -181,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     evaluate(workdir=a.workdir, config=_workdir_config(a.workdir, a.config, a.overrides),
              output=a.output, dtype=a.dtype, calibration=a.calibration,
              calibration_count=a.calibration_count)
+  elif command == 'compare':
+    compare(workdirs=a.workdirs)
   elif command == 'predict':
     return predict(workdir=a.workdir, inputs=a.input, output=a.output,
                    batch_size=a.batch_size, dtype=a.dtype, overwrite=a.overwrite,

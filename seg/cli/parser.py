@@ -88,10 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
   p = commands.add_parser('eval', help='mIoU of the latest checkpoint of a workdir')
   p.add_argument('--workdir', required=True)
   _add_config(p, False, ' (default: the workdir\'s own config)')
-  p.add_argument('--output', help='also write the report as JSON (and a per-class chart)')
+  p.add_argument('--output', help='also write the report as JSON, every image\'s scores '
+                 'as OUTPUT_STEM_images.csv and two charts (per-class IoU, confusion matrix)')
   p.add_argument('--dtype', default='float32', choices=DTYPES,
                  help='engine compute dtype (int8: calibrated once, see --calibration)')
   _add_calibration(p, '--dtype int8')
+
+  p = commands.add_parser('compare', help='runs side by side: config differences, mIoU, '
+                          'per-class IoU, from their workdirs')
+  p.add_argument('workdirs', nargs='+', metavar='WORKDIR', help='training workdirs (A, B, ...)')
 
   p = commands.add_parser('predict', help='masks for image files, folders, globs and lists')
   p.add_argument('--workdir', required=True)

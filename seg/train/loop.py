@@ -383,4 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
       f'report in {os.path.join(workdir, "eval.json")} (every val image\'s scores in '
       f'eval_images.csv), plots and TensorBoard (tensorboard --logdir {writer.logdir}) '
       'beside it')
+  if best is not None and best.step is not None and best.step != final_step:
+    log(f'the best evaluation was at step {best.step} ({100 * best.miou:.2f}% val mIoU, '
+        f'{100 * report["miou"]:.2f}% at the end): its weights are in {best.path}')
   return report

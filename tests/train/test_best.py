@@ -46,6 +46,8 @@ def test_best_weights_survive_later_worse_evaluations_and_a_resumption(
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(seen[1]),
                                                         jax.tree.leaves(seen[2])))
   assert sum('best val mIoU so far' in line for line in logs) == 2   # at steps 2 and 4
+  assert logs[-1] == (f'the best evaluation was at step 4 (50.00% val mIoU, 40.00% at the '
+                      f'end): its weights are in {best}')
 
   # Resumed to step 10, evaluated at 8 (0.45: loses to the earlier best, which the resumed
   # run read back) and at 10 (0.7: best/ moves there, keeping one checkpoint).
