@@ -1,4 +1,5 @@
-"""Class names and the PASCAL VOC colour map (no TensorFlow: used by eval and predict)."""
+"""Class names, the PASCAL VOC colour map and class maps drawn in it (no TensorFlow: used by
+eval and predict)."""
 
 from typing import List
 
@@ -72,3 +73,27 @@ def voc_colormap(size: int = 256) -> np.ndarray:
       c >>= 3
     cmap[i] = (r, g, b)
   return cmap
+
+
+def colorize(labels: np.ndarray, ignore_label: int = 255, class_colours: str = '') -> np.ndarray:
+  """labels [..., h, w] int -> [..., h, w, 3] uint8 in the VOC colours, or the classes' own
+  (config.data.class_colours), void white."""
+  cmap = palette(class_colours)
+  cmap[ignore_label] = 255
+  return cmap[np.asarray(labels, np.int64) % 256]
+
+
+def example_panels(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                   ignore_label: int = 255, class_colours: str = '') -> np.ndarray:
+  """Side-by-side image | true mask | predicted mask.
+
+  Args:
+    images: [n, h, w, 3] float in [0, 255].
+    labels, predictions: [n, h, w] class indices (labels may hold ignore_label).
+
+  Returns:
+    [n, h, 3 * w, 3] uint8.
+  """
+  image = np.clip(np.asarray(images), 0, 255).astype(np.uint8)
+  return np.concatenate([image, colorize(labels, ignore_label, class_colours),
+                         colorize(predictions, ignore_label, class_colours)], axis=2)

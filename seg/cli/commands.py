@@ -80,11 +80,12 @@ def _calibration(dtype: str, calibration: str, calibration_count: int):
 
 def evaluate(*, workdir: str, config=None, output: Optional[str] = None,
              dtype: str = 'float32', calibration: str = '',
-             calibration_count: Optional[int] = None) -> None:
+             calibration_count: Optional[int] = None, worst: int = 0) -> None:
   from seg.inference import evaluate as evaluate_lib
   calibrate = _calibration(dtype, calibration, calibration_count)
   with _user_errors():  # also e.g. no calibration images
-    evaluate_lib.evaluate_workdir(workdir, config, output, dtype=dtype, **calibrate)
+    evaluate_lib.evaluate_workdir(workdir, config, output, dtype=dtype, worst=worst,
+                                  **calibrate)
 
 
 def compare(*, workdirs: Sequence[str]) -> None:
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
   elif command == 'eval':
     evaluate(workdir=a.workdir, config=_workdir_config(a.workdir, a.config, a.overrides),
              output=a.output, dtype=a.dtype, calibration=a.calibration,
-             calibration_count=a.calibration_count)
+             calibration_count=a.calibration_count, worst=a.worst)
   elif command == 'compare':
     compare(workdirs=a.workdirs)
   elif command == 'predict':

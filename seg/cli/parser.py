@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config(p, False, ' (default: the workdir\'s own config)')
   p.add_argument('--output', help='also write the report as JSON, every image\'s scores '
                  'as OUTPUT_STEM_images.csv and two charts (per-class IoU, confusion matrix)')
+  p.add_argument('--worst', type=_positive, default=0, metavar='N',
+                 help='with --output: image | label | prediction panels of the N '
+                      'lowest-scoring images in OUTPUT_STEM_worst/')
   p.add_argument('--dtype', default='float32', choices=DTYPES,
                  help='engine compute dtype (int8: calibrated once, see --calibration)')
   _add_calibration(p, '--dtype int8')

@@ -497,6 +497,16 @@ def split_ids(data_config, split: str) -> List[str]:
   return [name.decode() for name in tfds.as_numpy(ds.map(lambda ex: ex['file_name']))]
 
 
+def named_examples(data_config, split: str, ids) -> Dict[str, tuple]:
+  """{id: (image [h, w, 3] uint8, label [h, w] uint8)} of the split's examples with these ids
+  (`split_ids`'), decoded as for evaluation."""
+  wanted = tf.constant(sorted(set(ids)) or [''])
+  ds = _read(prepared(data_config), split, _SKIP_IMAGE)
+  ds = _decoded(ds.filter(lambda ex: tf.reduce_any(tf.equal(ex['file_name'], wanted))))
+  return {ex['file_name'].decode(): (ex['image'], ex['label'][..., 0])
+          for ex in tfds.as_numpy(ds)}
+
+
 def split_images(data_config, split: str, count: int, seed: int = 0):
   """Up to `count` decoded images of a split, [h, w, 3] uint8 each, a seeded random choice.
 

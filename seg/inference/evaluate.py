@@ -4,7 +4,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +12,8 @@ import numpy as np
 from jax import lax
 
 from seg import checkpoint, classes, parallel
-from seg.inference import fold
+from seg.inference import fold, metrics
 from seg.inference.forward import forward
-from seg.inference import metrics
 from seg.model import create_model
 from seg.model.layers import resize_bilinear
 from seg.parallel import AXIS_NAME
@@ -185,6 +184,29 @@ def write_report(report: Dict, path: str, charts: str, log=print) -> None:
       f'{charts}per_class_iou.png, {charts}confusion_matrix.png')
 
 
+def write_worst_panels(eng, config, rows, count: int, folder: str, log=print) -> List[str]:
+  """PNG panels, image | label | prediction (`classes.example_panels`), of the `count`
+  lowest-scoring images of `rows` (`evaluate`'s report['images']) into `folder`, named
+  RANK_ID.png (a '/' in an id as '__'). The predictions are the engine's single-scale ones,
+  what `predict` writes. Returns the paths."""
+  from PIL import Image
+  from seg.data import pipeline
+  chosen = [r['id'] for r in rows if r['miou'] is not None][:count]
+  examples = pipeline.named_examples(config.data, config.data.eval_split, chosen)
+  masks = eng.predict([examples[name][0] for name in chosen])
+  os.makedirs(folder, exist_ok=True)
+  paths = []
+  for rank, (name, mask) in enumerate(zip(chosen, masks), 1):
+    image, label = examples[name]
+    panel = classes.example_panels(image[None], label[None], mask[None],
+                                   config.data.ignore_label, config.data.class_colours)[0]
+    paths.append(os.path.join(folder, f'{rank:02d}_{name.replace("/", "__")}.png'))
+    Image.fromarray(panel).save(paths[-1])
+  log(f'wrote {len(paths)} panels (image | label | prediction) of the lowest-scoring images '
+      f'to {folder}')
+  return paths
+
+
 def engine_dtype(name: str):
   from seg.inference.engine import DTYPES
   return DTYPES[name]
@@ -192,16 +214,19 @@ def engine_dtype(name: str):
 
 def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
                      log=print, dtype: str = 'float32', calibration: Optional[str] = None,
-                     calibration_count: Optional[int] = None) -> Dict:
+                     calibration_count: Optional[int] = None, worst: int = 0) -> Dict:
   """`main.py eval`: evaluates the latest checkpoint of `workdir` and prints the table.
 
   `config` defaults to the one the workdir was trained with; data and eval
   fields of a given config may differ from training (e.g. another split).
   `dtype`: the engine's compute dtype (int8: scales from `workdir/int8_scales.json`, or
   calibrated on the training split, or `calibration`'s images, and stored there).
-  `output` (report JSON) gets a bar chart of the per-class IoU beside it,
-  OUTPUT_STEM_per_class_iou.png.
+  `output` (report JSON) gets the image CSV and the charts beside it (`write_report`), and
+  with `worst` the panels of that many lowest-scoring images in OUTPUT_STEM_worst/
+  (`write_worst_panels`).
   """
+  if worst and not output:
+    raise ValueError('--worst writes its panels beside the report: give --output too')
   config = config or checkpoint.load_config(workdir)
   model = create_model(config.model)
   variables, step = checkpoint.load_model_variables(workdir, model)
@@ -238,4 +263,7 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
   log(metrics.format_report(report))
   if output and jax.process_index() == 0:
     write_report(report, output, os.path.splitext(output)[0] + '_', log)
+    if worst:
+      write_worst_panels(eng, config, report['images'], worst,
+                         os.path.splitext(output)[0] + '_worst', log)
   return report

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from seg.classes import palette
+from seg.classes import example_panels
 
 SUBDIR = 'tensorboard'
 
@@ -59,30 +59,6 @@ class SummaryWriter:
   def close(self) -> None:
     if self._writer:
       self._writer.close()
-
-
-def colorize(labels: np.ndarray, ignore_label: int = 255, class_colours: str = '') -> np.ndarray:
-  """labels [..., h, w] int -> [..., h, w, 3] uint8 in the VOC colours, or the classes' own
-  (config.data.class_colours), void white."""
-  cmap = palette(class_colours)
-  cmap[ignore_label] = 255
-  return cmap[np.asarray(labels, np.int64) % 256]
-
-
-def example_panels(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
-                   ignore_label: int = 255, class_colours: str = '') -> np.ndarray:
-  """Side-by-side image | true mask | predicted mask.
-
-  Args:
-    images: [n, h, w, 3] float in [0, 255].
-    labels, predictions: [n, h, w] class indices (labels may hold ignore_label).
-
-  Returns:
-    [n, h, 3 * w, 3] uint8.
-  """
-  image = np.clip(np.asarray(images), 0, 255).astype(np.uint8)
-  return np.concatenate([image, colorize(labels, ignore_label, class_colours),
-                         colorize(predictions, ignore_label, class_colours)], axis=2)
 
 
 def validation_examples(model, variables, config, num: int = 3) -> Optional[np.ndarray]:

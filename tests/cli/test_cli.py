@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers import ROOT
 from seg import checkpoint
-from seg.classes import EMBEDDED_CLASS_NAMES
+from seg.classes import EMBEDDED_CLASS_NAMES, colorize
 from seg.data import voc
 from seg.inference.engine import Engine
 from seg.model import create_model
@@ -125,9 +125,9 @@ def test_eval_report_scores_what_numpy_computes_from_the_predicted_masks(discern
   # An independent path to eval's figures: `predict` on the JPEG files (Pillow), its index
   # PNGs, labels from the VOC palette PNGs, the confusion matrix in NumPy. Eval decodes the
   # same JPEGs through the TFDS pipeline, batches, pads and counts on the device.
-  pairs, _ = val_masks
+  pairs, jpegs = val_masks
   output = str(tmp_path / 'report.json')
-  stdout = _main('eval', '--workdir', discerning, '--output', output).stdout
+  stdout = _main('eval', '--workdir', discerning, '--output', output, '--worst', '3').stdout
   report = json.load(open(output))
   masks = [mask for _, mask in pairs.values()]
   assert len(np.unique(np.concatenate([m.ravel() for m in masks]))) > 10
@@ -175,6 +175,19 @@ def test_eval_report_scores_what_numpy_computes_from_the_predicted_masks(discern
   assert exact >= len(rows) - 4   # the near-tie pixels above touch at most 4 images
   assert [w['id'] for w in report['worst_images']] == [r['id'] for r in rows[:20]]
   assert 'lowest image mIoU: ' + rows[0]['id'] in stdout
+
+  # --worst 3: the three lowest images as image | label | prediction, in the classes' colours.
+  panels = sorted(os.listdir(tmp_path / 'report_worst'))
+  assert panels == [f'{rank:02d}_{r["id"]}.png' for rank, r in enumerate(rows[:3], 1)]
+  for name, r in zip(panels, rows):
+    label, mask = pairs[r['id']]
+    panel = np.asarray(Image.open(tmp_path / 'report_worst' / name))
+    height, width = label.shape
+    assert panel.shape == (height, 3 * width, 3)
+    [jpeg] = [path for path in jpegs if os.path.basename(path) == r['id'] + '.jpg']
+    np.testing.assert_array_equal(panel[:, :width], np.asarray(Image.open(jpeg).convert('RGB')))
+    np.testing.assert_array_equal(panel[:, width:2 * width], colorize(label))
+    assert np.sum(np.any(panel[:, 2 * width:] != colorize(mask), -1)) <= 4   # near ties
 
 
 def test_the_mask_check_can_tell_the_jpeg_decoders_apart(discerning, val_masks):

@@ -73,6 +73,12 @@ def test_eval_of_a_folder_that_is_no_workdir(tmp_path):
   assert 'config.json not found: is' in message
 
 
+def test_eval_worst_without_output_is_refused_before_anything_is_read(tmp_path):
+  # tmp_path holds no workdir: the flag's mistake is named first, not the missing config.
+  message = _error('eval', '--workdir', str(tmp_path), '--worst', '5')
+  assert message == '--worst writes its panels beside the report: give --output too'
+
+
 def test_predict_of_a_missing_input(tmp_path):
   message = _error('predict', '--workdir', str(tmp_path), '--input', str(tmp_path / 'nothing'),
                    '--output', str(tmp_path / 'out'))

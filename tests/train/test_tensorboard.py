@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from helpers import poisoned
+from seg import classes
 from seg.data import pipeline
 from seg.train import loop, tensorboard
 
@@ -89,13 +90,13 @@ def test_example_panels_put_image_truth_and_prediction_side_by_side():
   images = np.full((1, 2, 2, 3), 300.0)
   labels = np.array([[[0, 255], [1, 1]]])
   predictions = np.array([[[1, 1], [0, 2]]])
-  panels = tensorboard.example_panels(images, labels, predictions)
+  panels = classes.example_panels(images, labels, predictions)
   assert panels.shape == (1, 2, 6, 3) and panels.dtype == np.uint8
   assert (panels[0, :, :2] == 255).all()                      # clipped image
   np.testing.assert_array_equal(panels[0, 0, 3], [255, 255, 255])  # void is white
   np.testing.assert_array_equal(panels[0, 1, 2], [128, 0, 0])      # VOC class 1 (aeroplane red)
   np.testing.assert_array_equal(panels[0, 1, 5], [0, 128, 0])      # class 2
-  own = tensorboard.example_panels(images, labels, predictions, class_colours='1,2,3;4,5,6;7,8,9')
+  own = classes.example_panels(images, labels, predictions, class_colours='1,2,3;4,5,6;7,8,9')
   np.testing.assert_array_equal(own[0, 1, 2], [4, 5, 6])      # a folder's labelmap.txt colours
   np.testing.assert_array_equal(own[0, 1, 5], [7, 8, 9])
   np.testing.assert_array_equal(own[0, 0, 3], [255, 255, 255])
