@@ -1,5 +1,6 @@
 """What several test modules share: the repository root, models with non-trivial weights,
-a poisoned input stream, VOC's colour map. (Fixtures live in conftest.py.)"""
+a poisoned input stream, VOC's colour map, NumPy's aligned-corner resize. (Fixtures live in
+conftest.py.)"""
 
 import os
 
@@ -83,3 +84,16 @@ def optimizer_updates(train_config, paths, seed=0, steps=2):
     state = state.apply_gradients(grads=nest(g))
   flat = flax.traverse_util.flatten_dict(state.params)
   return values, grads, {k: np.asarray(flat[paths[k]]) for k in paths}
+
+
+def numpy_resize_aligned(x, size):
+  """Aligned-corner bilinear resize of [n, h, w, c], written out with explicit indices."""
+  def axis(values, out, ax):
+    n_in = values.shape[ax]
+    if out == 1 or n_in == 1:
+      return np.take(values, [0] * out, axis=ax)
+    src = np.arange(out) * (n_in - 1) / (out - 1)
+    lo = np.clip(np.floor(src).astype(int), 0, n_in - 2)
+    frac = (src - lo).reshape([-1 if a == ax else 1 for a in range(values.ndim)])
+    return np.take(values, lo, axis=ax) * (1 - frac) + np.take(values, lo + 1, axis=ax) * frac
+  return axis(axis(np.asarray(x, np.float64), size[0], 1), size[1], 2)

@@ -96,7 +96,8 @@ def compare(*, workdirs: Sequence[str]) -> None:
 
 def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int = 8,
             dtype: str = 'float32', calibration: str = '',
-            calibration_count: Optional[int] = None, **options) -> int:
+            calibration_count: Optional[int] = None, scales=None, flip=None,
+            **options) -> int:
   from seg.inference.engine import batch_devices
   from seg.predict import Options, predict_paths
   from seg.predict.memory import parse_budget
@@ -106,7 +107,7 @@ def predict(*, workdir: str, inputs: Sequence[str], output: str, batch_size: int
       options['memory_budget'] = parse_budget(options['memory_budget'])
     failures = predict_paths(workdir, inputs, output, Options(**options),
                              batch_size=batch_size, dtype=dtype, devices=batch_devices(),
-                             **calibrate)
+                             scales=scales, flip=flip, **calibrate)
   return 1 if failures else 0
 
 
@@ -196,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
                    overlay=a.overlay, probabilities=a.probabilities,
                    large_images=a.large_images, max_side=a.max_side, workers=a.workers,
                    profile=a.profile, memory_budget=a.memory_budget, shard=a.shard,
-                   calibration=a.calibration, calibration_count=a.calibration_count)
+                   calibration=a.calibration, calibration_count=a.calibration_count,
+                   scales=a.scales, flip=a.flip)
   elif command == 'prepare-data':
     prepare_data(dataset=a.dataset, data_dir=a.data_dir, manual_dir=a.manual_dir,
                  folder=a.folder)

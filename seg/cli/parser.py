@@ -39,6 +39,17 @@ class _Bool(argparse.Action):
     setattr(namespace, self.dest, not option_string.startswith('--no'))
 
 
+def _scales(text: str):
+  try:
+    scales = tuple(float(v) for v in text.split(','))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r}: give comma-separated scales, '
+                                     'e.g. 0.75,1,1.25') from None
+  if min(scales) <= 0:
+    raise argparse.ArgumentTypeError(f'{text!r}: scales must be positive')
+  return scales
+
+
 def _positive(text: str) -> int:
   value = int(text)
   if value < 1:
@@ -130,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                  help='decoding threads, and as many writing threads')
   p.add_argument('--dtype', default='float32', choices=DTYPES, help='engine compute dtype')
   _add_calibration(p, '--dtype int8')
+  p.add_argument('--scales', type=_scales, default=None, metavar='S,S,...',
+                 help='multi-scale inference: the softmax averaged over the image at these '
+                      'scales, e.g. 0.75,1,1.25 (default: the workdir\'s config.eval.scales, '
+                      'so the masks are those eval scores; usually 1)')
+  p.add_argument('--flip', action=_Bool, default=None,
+                 help='also average the left-right flipped image (default: the workdir\'s '
+                      'config.eval.flip)')
   p.add_argument('--profile', action=_Bool,
                  help='print where the time went: seconds per stage (decode ... write)')
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from seg.inference.fold import cast_folded, fold_variables
-from seg.inference.forward import class_map, forward
+from seg.inference.forward import class_map, forward, is_multi_scale, multi_scale_logits
 from seg.preprocessing import bucket_shape, preprocess_padded
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'int8': jnp.int8}
@@ -144,6 +144,11 @@ class Engine:
   AVX-512 float32 and bfloat16 run in the project's kernel (`f32_formulation`,
   `bf16_formulation`: 'kernel'; 'xla' asks for XLA's products), int8 as
   `int8_formulation` says (`seg.inference.cpu_features`).
+
+  `scales`, `flip`: DeepLab's multi-scale and flipped inference (`multi_scale_logits`, what
+  `eval` scores with `config.eval.scales` / `config.eval.flip`): class maps are then the argmax
+  of the softmax averaged over every pass, `probabilities` that average, and `features` the
+  average on the whole canvas (`features_are_probabilities`); `logits` stay the plain pass's.
   """
 
   def __init__(self, config, variables: Dict[str, Any], dtype='float32', batch_size: int = 1,
@@ -154,7 +159,8 @@ class Engine:
                bf16_formulation: Optional[str] = None,
                f32_formulation: Optional[str] = None,
                upsample_argmax: Optional[str] = None,
-               split_batches: Optional[bool] = None):
+               split_batches: Optional[bool] = None,
+               scales: Sequence[float] = (1.0,), flip: bool = False):
     if isinstance(dtype, str):
       if dtype not in DTYPES:
         raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
@@ -163,6 +169,11 @@ class Engine:
       raise ValueError(f'batch_size must be positive, got {batch_size}')
     if device is not None and devices is not None:
       raise ValueError('give device or devices, not both')
+    scales = tuple(float(s) for s in scales)
+    if not scales or min(scales) <= 0:
+      raise ValueError(f'scales must be positive numbers, got {scales}')
+    self.scales, self.flip = scales, bool(flip)
+    self.multi_scale = is_multi_scale(scales, flip)
     self.config = config
     self.dtype = dtype
     self.batch_size = batch_size
@@ -212,6 +223,9 @@ class Engine:
     self.upsample_argmax = upsample_argmax_for(self.device.platform, upsample_argmax, log)
     self._class_map = jax.jit(functools.partial(class_map, **self._batch_static,
                                                 upsample_argmax=self.upsample_argmax))
+    if self.multi_scale:  # the average of every pass, and its argmax
+      self._class_map = jax.jit(
+          lambda f, x, s: jnp.argmax(self._averaged(f, x, s), axis=-1).astype(jnp.uint8))
     # Several devices (a CPU shown to XLA as two) compute a batch as parts at once
     # (`run_padded`), which keeps every core busy in XLA's single-threaded stretches. Where
     # the kernels run the network and the class map, on threads of their own on every core,
@@ -223,9 +237,24 @@ class Engine:
                                                    **self._batch_static))
     self._features = jax.jit(lambda f, x, s: forward(f, preprocess_padded(x, s), upsample=False,
                                                      **self._batch_static))
+    self._probabilities = jax.jit(self._averaged if self.multi_scale else
+                                  lambda f, x, s: jax.nn.softmax(self._logits(f, x, s), -1))
+    if self.multi_scale:
+      self._features = self._probabilities
     self._compiled: Dict[Tuple, Any] = {}
     self.compile_seconds: Dict[Tuple, float] = {}
     self.shapes_run = set()  # (kind, batch, height, width) of the calls so far
+
+  def _averaged(self, folded, images, sizes) -> jax.Array:
+    """The softmax averaged over `scales` and flips on the whole canvas (`multi_scale_logits`)."""
+    return multi_scale_logits(folded, preprocess_padded(images, sizes), scales=self.scales,
+                              flip=self.flip, **self._batch_static)
+
+  @property
+  def features_are_probabilities(self) -> bool:
+    """Whether `features` are averaged probabilities on the canvas (multi-scale), not
+    logits on the feature grid."""
+    return self.multi_scale
 
   def bucket(self, height: int, width: int) -> Tuple[int, int]:
     """The padded shape of an image: images of equal buckets share one compiled call."""
@@ -251,14 +280,17 @@ class Engine:
 
   def compiled(self, kind: str, batch: int, height: int, width: int,
                device: Optional[jax.Device] = None):
-    """The executable for ('classes' | 'logits' | 'features', batch, height, width) on
+    """The executable for ('classes' | 'logits' | 'features' | 'probabilities', batch,
+    height, width) on
     `device` (default the engine's first), compiled once."""
     device = device or self.device
+    if kind == 'features' and self.multi_scale:  # the same program (`features`)
+      kind = 'probabilities'
     key = (kind, batch, height, width, device)
     if key not in self._compiled:
       start = time.perf_counter()
-      fn = {'classes': self._class_map, 'logits': self._logits,
-            'features': self._features}[kind]
+      fn = {'classes': self._class_map, 'logits': self._logits, 'features': self._features,
+            'probabilities': self._probabilities}[kind]
       on = jax.sharding.SingleDeviceSharding(device)
       images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8, sharding=on)
       sizes = jax.ShapeDtypeStruct((batch, 2), jnp.int32, sharding=on)
@@ -333,14 +365,26 @@ class Engine:
   def features(self, images: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, Tuple[int, int]]]:
     """Logits on the feature grid, before the model's upsampling: for each image of the
     list, ([fh, fw, classes] float32 of its whole padded canvas, (canvas height, width)).
+    With several scales or flips (`features_are_probabilities`), the averaged probabilities
+    of the whole canvas instead ([canvas height, width, classes]: a grid of one cell per
+    pixel, which the same rule takes to any size).
 
     The model's logits are these resized with aligned corners to the canvas
     (`resize_bilinear`); `seg.predict.upsampling` takes them to any size by the same rule.
     """
     return self._batches(list(images), 'features')
 
+  def probabilities(self, images) -> Any:
+    """float32 class probabilities [n, h, w, classes] (or a list): the softmax of `logits`,
+    or with several scales or flips their average (what `predict`'s classes are the argmax
+    of)."""
+    if isinstance(images, np.ndarray):
+      return np.stack(self._batches(list(images), 'probabilities'))
+    return self._batches(list(images), 'probabilities')
+
   def logits(self, images) -> Any:
-    """float32 logits [n, h, w, classes] (or a list), computed like `predict`."""
+    """float32 logits [n, h, w, classes] (or a list) of the plain pass (one scale, no flip,
+    whatever `scales` and `flip` say), computed like `predict`."""
     if isinstance(images, np.ndarray):
       return np.stack(self._batches(list(images), 'logits'))
     return self._batches(list(images), 'logits')

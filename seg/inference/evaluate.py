@@ -13,49 +13,10 @@ from jax import lax
 
 from seg import checkpoint, classes, parallel
 from seg.inference import fold, metrics
-from seg.inference.forward import forward
+from seg.inference.forward import forward, multi_scale_logits
 from seg.model import create_model
-from seg.model.layers import resize_bilinear
 from seg.parallel import AXIS_NAME
 from seg.preprocessing import preprocess_padded
-
-
-def scaled_size(size: int, scale: float) -> int:
-  """DeepLab's `scale_dimension`: int((size - 1) * scale + 1), keeping k * 16 + 1 grids."""
-  return int((size - 1) * scale + 1)
-
-
-def multi_scale_logits(folded, images: jax.Array, *, model_config, scales=(1.0,),
-                       flip: bool = False, dtype=jnp.float32) -> jax.Array:
-  """Class scores at full resolution, averaged over input scales (and flips) as DeepLab does.
-
-  For one scale without flip these are the network's logits. Otherwise each
-  scale s runs the network on the image resized (aligned corners) to
-  `scaled_size(h, s) x scaled_size(w, s)`, resizes its logits straight to
-  [h, w], and the softmax probabilities of every scale (and of every flipped
-  image, flipped back) are averaged: the "MF" rows of DeepLab's papers.
-
-  Args:
-    images: [n, h, w, 3] in [-1, 1] (padding already 0).
-
-  Returns:
-    [n, h, w, classes] float32: logits, or averaged probabilities.
-  """
-  height, width = images.shape[1:3]
-  run = functools.partial(forward, folded, width=model_config.width,
-                          output_stride=model_config.output_stride, upsample=False,
-                          dtype=dtype)
-  if tuple(scales) == (1.0,) and not flip:
-    return resize_bilinear(run(images), (height, width))
-  probabilities = 0.0
-  for scale in scales:
-    size = (scaled_size(height, scale), scaled_size(width, scale))
-    scaled = images if size == (height, width) else resize_bilinear(images, size)
-    variants = [(scaled, False)] + ([(scaled[:, :, ::-1], True)] if flip else [])
-    for x, flipped in variants:
-      p = jax.nn.softmax(resize_bilinear(run(x), (height, width)), axis=-1)
-      probabilities = probabilities + (p[:, :, ::-1] if flipped else p)
-  return probabilities / (len(scales) * (2 if flip else 1))
 
 
 def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_config,
@@ -90,7 +51,8 @@ def eval_step(variables: Dict[str, Any], batch: Dict[str, jax.Array], *, model_c
                        output_stride=model_config.output_stride, dtype=dtype)
     predictions = float_kernel.upsampled_argmax(features, *images.shape[1:3])
   else:
-    scores = multi_scale_logits(folded, images, model_config=model_config, scales=scales,
+    scores = multi_scale_logits(folded, images, width=model_config.width,
+                                output_stride=model_config.output_stride, scales=scales,
                                 flip=flip, dtype=dtype)
     predictions = jnp.argmax(scores, axis=-1)
   predictions = predictions.astype(jnp.int32)
@@ -187,8 +149,8 @@ def write_report(report: Dict, path: str, charts: str, log=print) -> None:
 def write_worst_panels(eng, config, rows, count: int, folder: str, log=print) -> List[str]:
   """PNG panels, image | label | prediction (`classes.example_panels`), of the `count`
   lowest-scoring images of `rows` (`evaluate`'s report['images']) into `folder`, named
-  RANK_ID.png (a '/' in an id as '__'). The predictions are the engine's single-scale ones,
-  what `predict` writes. Returns the paths."""
+  RANK_ID.png (a '/' in an id as '__'). The predictions are the engine's (`eng`, built with
+  `config.eval.scales` and `flip`: what `predict` writes by default). Returns the paths."""
   from PIL import Image
   from seg.data import pipeline
   chosen = [r['id'] for r in rows if r['miou'] is not None][:count]
@@ -235,7 +197,8 @@ def evaluate_workdir(workdir: str, config=None, output: Optional[str] = None,
   from seg.inference import engine
   scales = engine.int8_scales_for(workdir, config, variables, log, calibration,
                                   calibration_count) if dtype == 'int8' else None
-  eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales, log=log)
+  eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales, log=log,
+                      scales=config.eval.scales, flip=config.eval.flip)  # --worst's panels
   if eng.int8_formulation:
     loop = ''
     if eng.int8_formulation == 'kernel':

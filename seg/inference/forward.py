@@ -428,6 +428,51 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   return logits
 
 
+def scaled_size(size: int, scale: float) -> int:
+  """DeepLab's `scale_dimension`: int((size - 1) * scale + 1), keeping k * 16 + 1 grids."""
+  return int((size - 1) * scale + 1)
+
+
+def is_multi_scale(scales, flip: bool) -> bool:
+  """Whether (`scales`, `flip`) asks for more than the one plain pass."""
+  return tuple(float(s) for s in scales) != (1.0,) or bool(flip)
+
+
+def multi_scale_logits(folded, images: jax.Array, *, width: float, output_stride: int,
+                       scales=(1.0,), flip: bool = False, dtype=jnp.float32,
+                       image_by_image: bool = False) -> jax.Array:
+  """Class scores at full resolution, averaged over input scales (and flips) as DeepLab does.
+
+  For one scale without flip these are the network's logits. Otherwise each
+  scale s runs the network on the image resized (aligned corners) to
+  `scaled_size(h, s) x scaled_size(w, s)`, resizes its logits straight to
+  [h, w], and the softmax probabilities of every scale (and of every flipped
+  image, flipped back) are averaged: the "MF" rows of DeepLab's papers. A padded
+  canvas is scaled and flipped whole, padding included: `eval` and `predict` agree.
+
+  Args:
+    images: [n, h, w, 3] in [-1, 1] (padding already 0).
+    width, output_stride, dtype, image_by_image: `forward`'s.
+
+  Returns:
+    [n, h, w, classes] float32: logits, or averaged probabilities.
+  """
+  height, image_width = images.shape[1:3]
+  run = functools.partial(forward, folded, width=width, output_stride=output_stride,
+                          upsample=False, dtype=dtype, image_by_image=image_by_image)
+  if not is_multi_scale(scales, flip):
+    return resize_bilinear(run(images), (height, image_width))
+  probabilities = 0.0
+  for scale in scales:
+    size = (scaled_size(height, scale), scaled_size(image_width, scale))
+    scaled = images if size == (height, image_width) else resize_bilinear(images, size)
+    variants = [(scaled, False)] + ([(scaled[:, :, ::-1], True)] if flip else [])
+    for x, flipped in variants:
+      p = jax.nn.softmax(resize_bilinear(run(x), (height, image_width)), axis=-1)
+      probabilities = probabilities + (p[:, :, ::-1] if flipped else p)
+  return probabilities / (len(scales) * (2 if flip else 1))
+
+
 UPSAMPLE_ARGMAX = ('xla', 'kernel')
 
 

@@ -3,9 +3,11 @@
   resize  the image is downscaled (antialiased bilinear, Pillow, `seg.predict.images`) to fit
           `max_side`, predicted, and its logits are taken back to the original size with the
           model's aligned-corner rule (`seg.predict.upsampling`); the class map is their argmax
+          (with several scales or flips: the canvas's averaged probabilities, and theirs)
   tile    the image is cut into `max_side` tiles overlapping by `TILE_OVERLAP` pixels; each
           pixel takes the prediction of the tile whose centre region holds it (every tile
-          sees only its own context) (`predict_tiled`)
+          sees only its own context; with several scales or flips each tile is averaged on
+          its own) (`predict_tiled`)
 Either way the number of compiled shapes is that of images up to `max_side`.
 """
 
@@ -50,7 +52,9 @@ def predict_tiled(engine, item, options: Options) -> None:
   for start in range(0, len(cells), engine.batch_size):
     batch = cells[start:start + engine.batch_size]
     crops = [item.image[rows[i]:rows[i] + tile, cols[j]:cols[j] + tile] for i, j in batch]
-    if want_probs:
+    if want_probs and getattr(engine, 'multi_scale', False):
+      results = engine.probabilities(crops)   # averaged over scales and flips
+    elif want_probs:
       results = [softmax(l) for l in engine.logits(crops)]
     else:
       results = engine.predict(crops)

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from concurrent import futures
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -43,6 +43,7 @@ class Item:
   mask: Optional[np.ndarray] = None
   probs: Optional[np.ndarray] = None      # [h, w, C] at the image's size
   features: Optional[np.ndarray] = None   # [fh, fw, C] logits of a resized image's canvas
+  averaged: bool = False                  # features: averaged probabilities (several scales)
   canvas: Tuple[int, int] = (0, 0)        # the padded canvas `features` belong to
   held: int = 0                           # bytes counted against the in-flight budget
   prob_file: Optional[ProbabilityFile] = None
@@ -84,11 +85,12 @@ class Pipeline:
           when it reaches `engine.batch_size`, or earlier when nothing more can arrive (the
           decoders are done, or blocked on the budget).
   run     the engine on the batch (class maps; logits where probabilities are needed or
-          the image was downscaled); oversized images run tile by tile at once.
+          the image was downscaled, the averaged probabilities with several scales or
+          flips); oversized images run tile by tile at once.
   write   `workers` threads write the outputs; at most 2 * workers + batch size items wait.
 
   engine: a `seg.inference.engine.Engine` (anything with its `batch_size`, `bucket`,
-  `predict` and `logits`).
+  `predict`, `logits` and `features`; `probabilities` where it is `multi_scale`).
   """
 
   def __init__(self, engine, options: Options, progress_stream=None,
@@ -157,6 +159,10 @@ class Pipeline:
         self._finish(job, e)
         continue
       held = item_bytes(image.nbytes, original, self.options.overlay)
+      if image.shape[:2] != tuple(original) and getattr(self.engine, 'multi_scale', False):
+        # its scores come back as the whole canvas's probabilities (`Engine.features`)
+        held += 4 * self.engine.config.model.num_classes * int(np.prod(
+            self.engine.bucket(*image.shape[:2])))
       self.budget.acquire(held)
       item = Item(job, image, original, held=held,
                   tiled=max(image.shape[:2]) > self.options.max_side)
@@ -201,9 +207,18 @@ class Pipeline:
       if resized:  # logits on the feature grid, taken to the full size by the writers
         with self.profile.stage('network'):
           results = self.engine.features([item.image for item in resized])
+        averaged = getattr(self.engine, 'features_are_probabilities', False)
         for item, (features, canvas) in zip(resized, results):
-          item.features, item.canvas = features, canvas
-      if plain and self.options.want_probabilities:
+          item.features, item.canvas, item.averaged = features, canvas, averaged
+      if plain and self.options.want_probabilities and getattr(self.engine, 'multi_scale',
+                                                               False):
+        with self.profile.stage('network'):
+          all_probabilities = self.engine.probabilities([item.image for item in plain])
+        for item, probabilities in zip(plain, all_probabilities):
+          item.probs = probabilities
+          with self.profile.stage('argmax'):
+            item.mask = probabilities.argmax(axis=-1).astype(np.uint8)
+      elif plain and self.options.want_probabilities:
         with self.profile.stage('network'):
           all_logits = self.engine.logits([item.image for item in plain])
         for item, logits in zip(plain, all_logits):
@@ -277,11 +292,11 @@ def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
         item.prob_file = ProbabilityFile(stem + '_prob.npy', item.features.shape[-1],
                                          *item.original, options.probabilities)
         item.mask = np.empty(item.original, np.uint8)
-        for row, logits in strips(item.features, item.original, resized, item.canvas):
+        for row, scores in strips(item.features, item.original, resized, item.canvas):
           with profile.stage('upsample'):
-            item.prob_file.write(row, 0, softmax(logits))
+            item.prob_file.write(row, 0, scores if item.averaged else softmax(scores))
           with profile.stage('argmax'):
-            item.mask[row:row + len(logits)] = logits.argmax(axis=-1)
+            item.mask[row:row + len(scores)] = scores.argmax(axis=-1)
       else:
         with profile.stage('upsample'):
           item.mask = class_map(item.features, item.original, resized, item.canvas)
@@ -303,10 +318,30 @@ def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
     raise
 
 
+def inference_passes(workdir: str, scales: Optional[Sequence[float]] = None,
+                     flip: Optional[bool] = None) -> Tuple[Tuple[float, ...], bool]:
+  """(scales, flip) of a `predict` run: those given, else the workdir's config.eval ones."""
+  from seg import checkpoint
+  evaluation = checkpoint.load_config(workdir).eval  # older configs: at their defaults
+  scales = evaluation.scales if scales is None else scales
+  flip = evaluation.flip if flip is None else flip
+  return tuple(float(s) for s in scales), bool(flip)
+
+
+def describe_passes(scales: Sequence[float], flip: bool) -> str:
+  """'scales 0.75, 1, 1.25 and their flips: 6 passes per image, ...' for the log."""
+  passes = len(scales) * (2 if flip else 1)
+  listed = ', '.join(f'{s:g}' for s in scales)
+  return (f'multi-scale inference: scale{"s" if len(scales) > 1 else ""} {listed}'
+          f'{" and their flips" if flip else ""}, {passes} passes per image, softmax averaged '
+          f'(--scales 1 --no-flip: one pass)')
+
+
 def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Options] = None,
                   batch_size: int = 8, engine=None, log=print, progress_stream=None,
                   dtype: str = 'float32', devices=None, calibration: Optional[str] = None,
-                  calibration_count: Optional[int] = None) -> int:
+                  calibration_count: Optional[int] = None,
+                  scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None) -> int:
   """`main.py predict`: masks for every input; prints a summary, returns the number of failures.
 
   Ctrl-C stops reading new inputs, lets the writes under way finish, prints the summary and
@@ -317,6 +352,9 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
     engine: the model to run (default: an `Engine` for the latest checkpoint of `workdir`
       with `batch_size`, `dtype` and `devices`; int8 calibrated on `calibration`'s images,
       `seg.inference.engine.int8_scales_for`).
+    scales, flip: the default engine's multi-scale and flipped inference; None: the
+      workdir's `config.eval.scales` / `config.eval.flip`, so that the masks are those `eval`
+      scores.
   """
   options = options or Options()
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -327,14 +365,17 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
   if engine is None:
     from seg.inference.engine import Engine
+    scales, flip = inference_passes(workdir, scales, flip)
     engine, step = Engine.from_workdir(workdir, calibration, calibration_count,
                                        batch_size=batch_size, dtype=dtype, devices=devices,
-                                       log=log)  # kernel builds and checks, calibration
+                                       log=log, scales=scales, flip=flip)
     engine.log = None  # its compilations would come under the progress bar
     parts = engine.parts(batch_size)
     split = f', each batch of {batch_size} as {parts} parts at once' if parts > 1 else ''
     log(f'{len(files)} input file(s) from {", ".join(inputs)}; model of {workdir} at step '
         f'{step}{split}')
+    if engine.multi_scale:
+      log(describe_passes(engine.scales, engine.flip))
   own_colours = getattr(getattr(engine, 'config', None), 'data', {}).get('class_colours')
   if options.palette is None and own_colours:  # a folder dataset's labelmap.txt colours
     options = dataclasses.replace(options, palette=palette(own_colours))

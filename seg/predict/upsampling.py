@@ -7,7 +7,9 @@ feature grid of the padded canvas (`Engine.features`, [fh, fw, classes], output 
 one step to the original size: original pixel Y of H lies at Y * (h - 1) / (H - 1) in the
 h-pixel downscaled image (corners to corners), which lies at that times (fh - 1) / (Hc - 1) on
 the feature grid of the Hc-pixel canvas. For an image that was not downscaled this is exactly
-the model's own upsampling, cropped.
+the model's own upsampling, cropped. With several scales or flips (`predict --scales`) the
+engine gives the averaged probabilities of the whole canvas instead (one grid cell per canvas
+pixel: fh = Hc), and the same rule takes them to the original size.
 
 The mask is the argmax of those upsampled logits, computed without upsampling every class at
 every pixel (`class_map`): the argmax is first taken on a grid of every BLOCK-th row and

@@ -129,3 +129,15 @@ def test_calibration_flags_without_int8_are_refused(tmp_path):
     assert _error(*argv) == '--calibration and --calibration-count are for --dtype int8'
   assert 'needs --workdir' in _error('benchmark', '--config', 'experiments/tiny.py',
                                      '--dtype', 'int8', '--calibration', 'photos/')
+
+
+@pytest.mark.parametrize('value,message', [('0,1', 'scales must be positive'),
+                                           ('1;1.5', 'give comma-separated scales')])
+def test_predict_scales_must_be_positive_numbers(tmp_path, capsys, value, message):
+  argv = ['predict', '--workdir', str(tmp_path), '--input', str(tmp_path), '--output',
+          str(tmp_path / 'out'), '--scales', value]
+  with pytest.raises(SystemExit) as exit_status:
+    parser_lib.parse(parser_lib.build_parser(), argv)
+  assert exit_status.value.code == 2 and message in capsys.readouterr().err
+  args = parser_lib.parse(parser_lib.build_parser(), argv[:-1] + ['0.75,1,1.25', '--no-flip'])
+  assert args.scales == (0.75, 1.0, 1.25) and args.flip is False

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import EVAL_SIZE, ROOT, random_variables, tiny_engine_config
+from helpers import (EVAL_SIZE, ROOT, numpy_resize_aligned, random_variables,
+                     tiny_engine_config)
 from seg import parallel
 from seg.inference import engine, evaluate, float_kernel, fold
 from seg.inference.forward import forward, low_precision_from_stride
@@ -222,19 +223,6 @@ def test_pmapped_eval_counts_batches_of_two_shapes(tiny_model, upsample_argmax):
     assert not counts[3].any() and counts[:3, 0].sum() == valid.sum()
 
 
-def _numpy_resize(x, size):
-  """Aligned-corner bilinear resize of [n, h, w, c], written out with explicit indices."""
-  def axis(values, out, ax):
-    n_in = values.shape[ax]
-    if out == 1 or n_in == 1:
-      return np.take(values, [0] * out, axis=ax)
-    src = np.arange(out) * (n_in - 1) / (out - 1)
-    lo = np.clip(np.floor(src).astype(int), 0, n_in - 2)
-    frac = (src - lo).reshape([-1 if a == ax else 1 for a in range(values.ndim)])
-    return np.take(values, lo, axis=ax) * (1 - frac) + np.take(values, lo + 1, axis=ax) * frac
-  return axis(axis(np.asarray(x, np.float64), size[0], 1), size[1], 2)
-
-
 def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
   # NumPy reference of DeepLab's multi-scale + flip inference: resize the image to
   # int((65 - 1) * s + 1), logits at the output stride straight back to 65x65, softmax,
@@ -255,10 +243,10 @@ def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
   x = images.astype(np.float64) / 127.5 - 1.0
   probabilities = 0.0
   for scale, size in [(0.5, 33), (1.25, 81)]:
-    scaled = _numpy_resize(x, (size, size)).astype(np.float32)
+    scaled = numpy_resize_aligned(x, (size, size)).astype(np.float32)
     for flip in (False, True):
       inputs = scaled[:, :, ::-1] if flip else scaled
-      logits = _numpy_resize(np.asarray(features(variables, inputs)), (EVAL_SIZE, EVAL_SIZE))
+      logits = numpy_resize_aligned(np.asarray(features(variables, inputs)), (EVAL_SIZE, EVAL_SIZE))
       p = np.exp(logits - logits.max(-1, keepdims=True))
       p /= p.sum(-1, keepdims=True)
       probabilities = probabilities + (p[:, :, ::-1] if flip else p)
@@ -268,8 +256,81 @@ def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
   assert got.sum() == expected.sum() == labels.size
   assert np.abs(got - expected).sum() <= 8  # near-ties may flip under float32 reordering
   # One scale of the average differs from the plain evaluation on this random model.
-  single = np.argmax(_numpy_resize(np.asarray(features(variables, x)), (65, 65)), -1)
+  single = np.argmax(numpy_resize_aligned(np.asarray(features(variables, x)), (65, 65)), -1)
   assert (single != predictions).mean() > 0.01
+
+
+def _numpy_softmax(logits):
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return p / p.sum(-1, keepdims=True)
+
+
+def test_multi_scale_engine_gives_deeplabs_average_on_the_padded_canvas(tiny_model):
+  # What `predict --scales 0.5,1.25 --flip` runs, against NumPy and the Flax model: each image
+  # padded (bottom, right) to the 65x65 canvas, the whole canvas resized to 33 and 81 and
+  # flipped, the logits resized back, softmax, flips undone, mean; then cropped.
+  config, model, variables = tiny_model
+  eng = engine.Engine(config, variables, batch_size=2, scales=(0.5, 1.25), flip=True)
+  assert eng.multi_scale and eng.features_are_probabilities
+  rng = np.random.default_rng(11)
+  images = [rng.integers(0, 256, shape).astype(np.uint8) for shape in
+            [(50, 60, 3), (65, 41, 3), (30, 65, 3)]]
+  features = jax.jit(lambda x: model.apply(variables, x, train=False, upsample=False))
+  expected = []
+  for image in images:
+    canvas = np.zeros((1, EVAL_SIZE, EVAL_SIZE, 3))
+    canvas[0, :image.shape[0], :image.shape[1]] = image / 127.5 - 1.0
+    total = 0.0
+    for size in (33, 81):
+      scaled = numpy_resize_aligned(canvas, (size, size)).astype(np.float32)
+      for flip in (False, True):
+        logits = np.asarray(features(scaled[:, :, ::-1] if flip else scaled))
+        p = _numpy_softmax(numpy_resize_aligned(logits, (EVAL_SIZE, EVAL_SIZE)))[0]
+        total = total + (p[:, ::-1] if flip else p)
+    expected.append(total / 4)
+  probabilities = eng.probabilities(images)
+  masks = eng.predict(images)
+  for image, p, mask, (canvas_scores, canvas), want in zip(
+      images, probabilities, masks, eng.features(images), expected):
+    h, w = image.shape[:2]
+    assert p.shape == (h, w, config.model.num_classes) and mask.shape == (h, w)
+    np.testing.assert_allclose(p, want[:h, :w], atol=1e-5)
+    np.testing.assert_allclose(canvas_scores, want, atol=1e-5)
+    assert canvas == (EVAL_SIZE, EVAL_SIZE)
+    top = np.sort(want[:h, :w], -1)
+    clear = top[..., -1] - top[..., -2] > 2e-5   # random weights: close probabilities
+    assert clear.mean() > 0.98
+    assert np.array_equal(mask[clear], want[:h, :w].argmax(-1)[clear])
+  # The plain pass's logits stay available, and its classes differ from the average's here.
+  plain = eng.logits(images[:1])[0].argmax(-1)
+  assert (plain != masks[0]).mean() > 0.01
+  # `eval` with config.eval.scales / flip scores these masks: its pmapped step on the same
+  # images, padded on one canvas as `eval_batches` sends them (a fourth example is padding).
+  config = config.copy_and_resolve_references()
+  config.eval.scales, config.eval.flip = (0.5, 1.25), True
+  canvas = np.zeros((4, EVAL_SIZE, EVAL_SIZE, 3), np.uint8)
+  sizes = np.ones((4, 2), np.int32)
+  labels = rng.integers(0, config.model.num_classes, (4, EVAL_SIZE, EVAL_SIZE)).astype(np.uint8)
+  for i, image in enumerate(images):
+    canvas[i, :image.shape[0], :image.shape[1]] = image
+    sizes[i] = image.shape[:2]
+    labels[i, image.shape[0]:], labels[i, :, image.shape[1]:] = 255, 255
+  batch = {'image': canvas, 'size': sizes, 'label': labels,
+           'mask': np.array([1, 1, 1, 0], np.float32)}
+  got = np.asarray(evaluate.make_p_eval_step(model, config)(
+      parallel.replicate(variables), parallel.shard(batch))['confusion'][0])
+  expected = np.zeros_like(got)
+  for image, mask, label in zip(images, masks, labels):
+    crop = label[:image.shape[0], :image.shape[1]]
+    np.add.at(expected, (crop.ravel(), mask.ravel()), 1)
+  assert got.sum() == expected.sum() == sum(image.shape[0] * image.shape[1] for image in images)
+  assert np.abs(got - expected).sum() <= 8   # near-ties may flip under float32 reordering
+
+
+def test_scales_must_be_positive(tiny_model):
+  config, _, variables = tiny_model
+  with pytest.raises(ValueError, match='scales must be positive'):
+    engine.Engine(config, variables, scales=(1.0, 0.0))
 
 
 CACHE_SCRIPT = r'''

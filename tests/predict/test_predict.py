@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT, voc_colormap
+from helpers import ROOT, numpy_resize_aligned, voc_colormap
 from experiments import tiny
 from seg import checkpoint, predict
 from seg.inference.engine import Engine
@@ -849,6 +849,80 @@ def test_large_images_tile_within_the_compiled_shapes(engine, reference, tmp_pat
   _assert_same_classes(mask[198:, 297:], reference(image[139:, 239:])[59:, 58:])
 
 
+@pytest.fixture(scope='module')
+def averaged(model_dir):
+  """image [h, w, 3] uint8 (h, w <= 161) -> [161, 161, 21] float64: the softmax of the plain
+  Flax model averaged over scales 0.75 and 1.25 of its padded canvas (121 and 201 pixels,
+  DeepLab's int((161 - 1) * s + 1)) and their flips, each pass's logits resized back to the
+  canvas (NumPy, aligned corners): DeepLab's multi-scale + flipped inference."""
+  _, model, variables = model_dir
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False, upsample=False))
+
+  def probabilities(image):
+    canvas = np.zeros((1, EVAL_SIZE, EVAL_SIZE, 3))
+    canvas[0, :image.shape[0], :image.shape[1]] = image / 127.5 - 1.0
+    total = 0.0
+    for size in (121, 201):
+      scaled = numpy_resize_aligned(canvas, (size, size)).astype(np.float32)
+      for flip in (False, True):
+        logits = numpy_resize_aligned(np.asarray(apply(scaled[:, :, ::-1] if flip else scaled)),
+                                      (EVAL_SIZE, EVAL_SIZE))[0]
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        total = total + (p[:, ::-1] if flip else p)
+    return total / 4
+  return probabilities
+
+
+def test_multi_scale_masks_and_probabilities_average_every_pass(model_dir, averaged, tmp_path):
+  workdir, _, _ = model_dir
+  multi, _ = Engine.from_workdir(workdir, batch_size=2, scales=(0.75, 1.25), flip=True)
+  small, big = _scene(100, 120, 30), _scene(300, 400, 31)
+  Image.fromarray(small).save(tmp_path / 'small.png')
+  Image.fromarray(big).save(tmp_path / 'big.png')
+  inputs = [str(tmp_path / 'small.png'), str(tmp_path / 'big.png')]
+  assert _run(multi, inputs, tmp_path / 'out', probabilities='float16')[0] == 0
+
+  def check(mask, probabilities, stored):
+    assert mask.shape == probabilities.shape[:2] and stored.shape == (21, *mask.shape)
+    np.testing.assert_allclose(stored.astype(np.float32), np.moveaxis(probabilities, -1, 0),
+                               atol=2e-3)
+    top = np.sort(probabilities, -1)
+    clear = top[..., -1] - top[..., -2] > 1e-4
+    assert clear.mean() > 0.95
+    assert np.array_equal(mask[clear], probabilities.argmax(-1)[clear])
+
+  out = tmp_path / 'out'
+  check(_read_mask(out / 'small.png'), averaged(small)[:100, :120],
+        np.load(out / 'small_prob.npy'))
+  # The large photo: downscaled by Pillow to 161x121, its canvas's averaged probabilities
+  # taken to 300x400 by the aligned-corner rule (one grid cell per canvas pixel).
+  resized = np.asarray(Image.fromarray(big).resize((161, 121), Image.Resampling.BILINEAR))
+  canvas = averaged(resized)
+  rows = _aligned_weights(300, 121, EVAL_SIZE, EVAL_SIZE)
+  cols = _aligned_weights(400, 161, EVAL_SIZE, EVAL_SIZE)
+  check(_read_mask(out / 'big.png'), np.einsum('oh,hwc,pw->opc', rows, canvas, cols),
+        np.load(out / 'big_prob.npy'))
+  # Tiled, each tile is averaged on its own (the first tile owns rows and columns [0, 129)).
+  assert _run(multi, [str(tmp_path / 'big.png')], tmp_path / 'tiles', large_images='tile',
+              max_side=161, probabilities='float16')[0] == 0
+  check(_read_mask(tmp_path / 'tiles' / 'big.png')[:129, :129],
+        averaged(big[:161, :161])[:129, :129],
+        np.load(tmp_path / 'tiles' / 'big_prob.npy')[:, :129, :129])
+
+
+def test_predict_runs_the_passes_eval_scores_unless_told_otherwise(tmp_path):
+  config = tiny.get_config()
+  checkpoint.save_config(str(tmp_path), config)
+  assert predict.runner.inference_passes(str(tmp_path)) == ((1.0,), False)
+  config.eval.scales, config.eval.flip = (0.5, 1.0, 1.5), True
+  checkpoint.save_config(str(tmp_path), config)
+  assert predict.runner.inference_passes(str(tmp_path)) == ((0.5, 1.0, 1.5), True)
+  assert predict.runner.inference_passes(str(tmp_path), [1], False) == ((1.0,), False)
+  assert predict.runner.describe_passes((0.5, 1.0, 1.5), True).startswith(
+      'multi-scale inference: scales 0.5, 1, 1.5 and their flips, 6 passes per image')
+
+
 def test_tile_layout():
   assert large_images.tile_starts(100, 161, 64) == ([0], [0, 100])
   assert large_images.tile_starts(300, 161, 64) == ([0, 97, 139], [0, 129, 198, 300])
@@ -937,7 +1011,7 @@ def test_progress_updates_one_line_on_a_terminal():
 # The command.
 
 
-def test_main_predict_exit_status_progress_and_summary(model_dir, tmp_path):
+def test_main_predict_exit_status_progress_and_summary(model_dir, averaged, tmp_path):
   workdir, _, _ = model_dir
   (tmp_path / 'in').mkdir()
   (tmp_path / 'more').mkdir()
@@ -949,9 +1023,17 @@ def test_main_predict_exit_status_progress_and_summary(model_dir, tmp_path):
   more = f'{tmp_path}/more/c.png,{tmp_path}/more/list.txt'  # a comma list, a second --input
   args = [sys.executable, 'main.py', 'predict', '--workdir', workdir, '--input',
           str(tmp_path / 'in'), '--output', str(tmp_path / 'out'), '--input', more, '--overlay',
-          '--probabilities=uint8', '--batch-size=2', '--workers=1']
+          '--probabilities=uint8', '--batch-size=2', '--workers=1', '--scales=0.75,1.25',
+          '--flip']
   result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 1, result.stderr[-2000:]
+  assert ('multi-scale inference: scales 0.75, 1.25 and their flips, 4 passes per image'
+          in result.stdout)
+  expected = averaged(_scene(40, 50, 12))[:40, :50]
+  top = np.sort(expected, -1)
+  clear = top[..., -1] - top[..., -2] > 1e-4
+  assert clear.mean() > 0.95 and np.array_equal(_read_mask(tmp_path / 'out' / 'a.png')[clear],
+                                                 expected.argmax(-1)[clear])
   assert 'processed         3' in result.stdout and 'failed            2' in result.stdout
   assert 'empty file' in result.stdout and 'missing.png: not found' in result.stdout
   assert 'images/s' in result.stderr and 'ETA' in result.stderr  # the progress line
