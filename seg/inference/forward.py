@@ -27,6 +27,7 @@ It re-expresses the trained model's function for speed, without changing it:
 """
 
 import functools
+import math
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -428,9 +429,19 @@ def forward(folded: Dict[str, Any], images: jax.Array, *, width: float, output_s
   return logits
 
 
-def scaled_size(size: int, scale: float) -> int:
-  """DeepLab's `scale_dimension`: int((size - 1) * scale + 1), keeping k * 16 + 1 grids."""
-  return int((size - 1) * scale + 1)
+def scaled_size(size: int, scale: float, stride: int = 16) -> int:
+  """The side of a `size`-pixel side at `scale`: (size - 1) * scale rounded to a multiple of
+  `stride` (the output stride), plus 1, so that the feature grid's corners lie on the scaled
+  image's corners as they do on a k * stride + 1 canvas (`resize_bilinear` takes the logits
+  back assuming they do).
+
+  DeepLab's `scale_dimension`, int((size - 1) * scale + 1), is the same size for its 513
+  canvas and scales in steps of 0.25; on other canvases it is off the grid by up to
+  stride / 2 pixels (the quickstart's 161 at 1.25: 201, not 209), which cost its model 16.9
+  points at that scale (docs/training.md, "Evaluation").
+  """
+  cells = max(1, math.floor((size - 1) * scale / stride + 0.5))
+  return cells * stride + 1
 
 
 def is_multi_scale(scales, flip: bool) -> bool:
@@ -445,10 +456,10 @@ def multi_scale_logits(folded, images: jax.Array, *, width: float, output_stride
 
   For one scale without flip these are the network's logits. Otherwise each
   scale s runs the network on the image resized (aligned corners) to
-  `scaled_size(h, s) x scaled_size(w, s)`, resizes its logits straight to
-  [h, w], and the softmax probabilities of every scale (and of every flipped
-  image, flipped back) are averaged: the "MF" rows of DeepLab's papers. A padded
-  canvas is scaled and flipped whole, padding included: `eval` and `predict` agree.
+  `scaled_size(h, s) x scaled_size(w, s)` (on the output stride's grid), resizes its logits
+  straight to [h, w], and the softmax probabilities of every scale (and of every flipped
+  image, flipped back) are averaged: the "MF" rows of DeepLab's papers. A padded canvas is
+  scaled and flipped whole, padding included: `eval` and `predict` agree.
 
   Args:
     images: [n, h, w, 3] in [-1, 1] (padding already 0).
@@ -464,7 +475,8 @@ def multi_scale_logits(folded, images: jax.Array, *, width: float, output_stride
     return resize_bilinear(run(images), (height, image_width))
   probabilities = 0.0
   for scale in scales:
-    size = (scaled_size(height, scale), scaled_size(image_width, scale))
+    size = (scaled_size(height, scale, output_stride),
+            scaled_size(image_width, scale, output_stride))
     scaled = images if size == (height, image_width) else resize_bilinear(images, size)
     variants = [(scaled, False)] + ([(scaled[:, :, ::-1], True)] if flip else [])
     for x, flipped in variants:

@@ -13,7 +13,7 @@ from helpers import (EVAL_SIZE, ROOT, numpy_resize_aligned, random_variables,
                      tiny_engine_config)
 from seg import parallel
 from seg.inference import engine, evaluate, float_kernel, fold
-from seg.inference.forward import forward, low_precision_from_stride
+from seg.inference.forward import forward, low_precision_from_stride, scaled_size
 from seg.model import block_specs
 from seg.preprocessing import MEAN_PIXEL, bucket_shape, preprocess
 
@@ -258,6 +258,18 @@ def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
   # One scale of the average differs from the plain evaluation on this random model.
   single = np.argmax(numpy_resize_aligned(np.asarray(features(variables, x)), (65, 65)), -1)
   assert (single != predictions).mean() > 0.01
+
+
+@pytest.mark.parametrize('scale', [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0])
+def test_scaled_sizes_stay_on_the_feature_grid(scale):
+  # DeepLab's int((size - 1) * s + 1) where that is on the grid (its 513 canvas and its
+  # scales), else the nearest k * stride + 1.
+  assert scaled_size(513, scale) == int(512 * scale + 1)
+  for size, stride in [(161, 16), (161, 8), (65, 16), (129, 32), (97, 16)]:
+    got = scaled_size(size, scale, stride)
+    assert (got - 1) % stride == 0 and abs(got - 1 - (size - 1) * scale) <= stride / 2
+  assert scaled_size(161, 1.25) == 209 and \
+      scaled_size(161, 0.75) == 129
 
 
 def _numpy_softmax(logits):

@@ -852,9 +852,11 @@ def test_large_images_tile_within_the_compiled_shapes(engine, reference, tmp_pat
 @pytest.fixture(scope='module')
 def averaged(model_dir):
   """image [h, w, 3] uint8 (h, w <= 161) -> [161, 161, 21] float64: the softmax of the plain
-  Flax model averaged over scales 0.75 and 1.25 of its padded canvas (121 and 201 pixels,
-  DeepLab's int((161 - 1) * s + 1)) and their flips, each pass's logits resized back to the
-  canvas (NumPy, aligned corners): DeepLab's multi-scale + flipped inference."""
+  Flax model averaged over scales 0.75 and 1.25 of its padded canvas and their flips, each
+  pass's logits resized back to the canvas (NumPy, aligned corners): DeepLab's multi-scale +
+  flipped inference. The scaled canvases are 129 and 209 pixels: 160 * s = 120 and 200 to the
+  nearest multiple of the output stride 16 (DeepLab's int(160 * s + 1) would be 121 and 201,
+  off the grid)."""
   _, model, variables = model_dir
   apply = jax.jit(lambda x: model.apply(variables, x, train=False, upsample=False))
 
@@ -862,7 +864,7 @@ def averaged(model_dir):
     canvas = np.zeros((1, EVAL_SIZE, EVAL_SIZE, 3))
     canvas[0, :image.shape[0], :image.shape[1]] = image / 127.5 - 1.0
     total = 0.0
-    for size in (121, 201):
+    for size in (129, 209):
       scaled = numpy_resize_aligned(canvas, (size, size)).astype(np.float32)
       for flip in (False, True):
         logits = numpy_resize_aligned(np.asarray(apply(scaled[:, :, ::-1] if flip else scaled)),
