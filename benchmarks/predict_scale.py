@@ -1,13 +1,16 @@
 """What the processing scale of `predict` does to mIoU on large photos (stand-ins).
 
-    python benchmarks/predict_scale.py --workdir runs/qs [--count 150] [--factors 4,8]
+    python benchmarks/predict_scale.py --workdir runs/qs [--count 150] [--factors 4,8] \
+        [--scales 0.75,1,1.25 --flip]
 
 The embedded val images (<= 160 pixels) upscaled by each factor (bicubic, saved as JPEG
 quality 92) stand in for large photos; their labels are upscaled with nearest neighbours.
 Each setting of `predict` (--large-images=resize at several --max-side, and tile) writes
 masks for them, and the script prints one JSON line per (factor, setting): the mIoU over the
 21 classes (one confusion matrix over every labelled pixel, as `eval` counts) and seconds.
-The row `factor 1` is the images at their own size (what `eval` scores).
+The row `factor 1` is the images at their own size (what `eval` scores). `--scales` and
+`--flip` run every setting with that multi-scale / flipped inference (`predict --scales`);
+`--factors=` (empty) runs only factor 1.
 """
 
 import json
@@ -24,6 +27,8 @@ EMBEDDED = os.path.expanduser('~/tensorflow_datasets/downloads/embedded-1.2.0/VO
 flags.DEFINE_string('workdir', None, 'A trained workdir.', required=True)
 flags.DEFINE_integer('count', 150, 'Val images used (the first ones of val.txt).')
 flags.DEFINE_string('factors', '4,8', 'Upscaling factors.')
+flags.DEFINE_list('scales', ['1'], 'Inference scales (predict --scales).')
+flags.DEFINE_bool('flip', False, 'Also the flipped images (predict --flip).')
 FLAGS = flags.FLAGS
 
 
@@ -43,12 +48,14 @@ def _miou(masks_dir, names, labels):
 def main(_):
   from seg.inference.engine import Engine, batch_devices
   from seg.predict import Options, predict_paths
-  engine, step = Engine.from_workdir(FLAGS.workdir, batch_size=8, devices=batch_devices())
+  scales = tuple(float(s) for s in FLAGS.scales)
+  engine, step = Engine.from_workdir(FLAGS.workdir, batch_size=8, devices=batch_devices(),
+                                     scales=scales, flip=FLAGS.flip)
   eval_size = engine.eval_size
   with open(os.path.join(EMBEDDED, 'ImageSets', 'Segmentation', 'val.txt')) as f:
     names = f.read().split()[:FLAGS.count]
   with tempfile.TemporaryDirectory() as tmp:
-    for factor in [1] + [int(v) for v in FLAGS.factors.split(',')]:
+    for factor in [1] + [int(v) for v in FLAGS.factors.split(',') if v]:
       folder = os.path.join(tmp, f'x{factor}')
       os.makedirs(folder)
       labels = {}
@@ -77,7 +84,8 @@ def main(_):
         print(json.dumps({'factor': factor, 'largest_side': longest, 'policy': policy,
                           'max_side': side, 'images': len(names), 'failures': failures,
                           'miou': round(100 * _miou(out, names, labels), 2),
-                          'seconds': round(seconds, 1), 'workdir': FLAGS.workdir,
+                          'seconds': round(seconds, 1), 'scales': scales,
+                          'flip': FLAGS.flip, 'workdir': FLAGS.workdir,
                           'step': step}), flush=True)
 
 

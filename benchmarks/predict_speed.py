@@ -9,7 +9,7 @@
 `--photos DIR` (repeatable) runs `predict --profile` on each folder (e.g. the synthetic
 phone photos of `benchmarks/large_photos.py`) and on the embedded JPEGs, and prints the
 breakdown per stage (ms per image, summed over threads) with the run's images/s and peak RSS;
-`--extra` adds flags to those runs.
+`--extra` adds flags to those runs (e.g. `--extra=--scales=0.75,1,1.25 --extra=--flip`).
 
 `--random-weights CONFIG` times a model of that config with random weights of
 the right shapes (speed does not depend on the values) instead of a workdir.
@@ -104,7 +104,8 @@ def main(_):
     if FLAGS.photos:
       runs = [(f'{folder} {" ".join(FLAGS.extra)}'.strip(),
                ['--input', folder, '--profile', *FLAGS.extra]) for folder in FLAGS.photos]
-      runs.append(('embedded JPEGs', ['--input', FLAGS.images, '--profile']))
+      runs.append((f'embedded JPEGs {" ".join(FLAGS.extra)}'.strip(),
+                   ['--input', FLAGS.images, '--profile', *FLAGS.extra]))
       for i, (name, args) in enumerate(runs):
         print(json.dumps(_run(name, args, os.path.join(tmp, f'photos{i}'))), flush=True)
       return
