@@ -15,6 +15,7 @@ import ml_collections
 
 from seg import config as config_lib
 from seg.train import best as best_lib
+from seg.train import changes as changes_lib
 
 # Fields that say what the evaluation measured: runs that differ in one are listed with a
 # warning that their figures are not comparable.
@@ -22,19 +23,10 @@ SAME_EVALUATION = ('data.dataset', 'data.folder', 'data.eval_split', 'data.eval_
                    'eval.scales', 'eval.flip')
 
 
-def _flat(tree: Dict, prefix: str = '') -> Dict[str, object]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = tuple(value) if isinstance(value, list) else value
-  return out
-
-
 def read_run(workdir: str) -> Dict:
   """{'workdir', 'config' (flat, with today's defaults), 'eval' (eval.json or None),
-  'best' (best/best.json or None)}; FileNotFoundError if `workdir` holds no run."""
+  'best' (best/best.json or None), 'resumed_with_changes' (config_changes.jsonl's records)};
+  FileNotFoundError if `workdir` holds no run."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} not found: is {workdir} a training workdir?')
@@ -47,9 +39,10 @@ def read_run(workdir: str) -> Dict:
       return None
     with open(name) as f:
       return json.load(f)
-  return {'workdir': workdir, 'config': _flat(config.to_dict()),
+  return {'workdir': workdir, 'config': changes_lib.flat(config.to_dict()),
           'eval': optional('eval.json'),
-          'best': optional(best_lib.FOLDER, best_lib.RECORD)}
+          'best': optional(best_lib.FOLDER, best_lib.RECORD),
+          'resumed_with_changes': changes_lib.read(workdir)}
 
 
 def _text(value) -> str:
@@ -87,6 +80,11 @@ def format_comparison(runs: Sequence[Dict]) -> str:
   if apart:
     lines.append(f'  evaluated differently ({", ".join(apart)}): their figures are not '
                  'comparable')
+  for label, run in zip(labels, runs):  # config.json holds a resumed run's last values
+    for entry in run.get('resumed_with_changes', []):
+      changed = ', '.join(f'{k} {_text(v[0])} -> {_text(v[1])}'
+                          for k, v in entry['changes'].items())
+      lines.append(f'  {label} resumed at step {entry["step"]} with {changed}')
 
   def row(title, values, delta=True):
     text = f'  {title:<28}' + ''.join(f'{_percent(v):>{width}}' for v in values)

@@ -16,6 +16,7 @@ from seg import config as config_lib
 from seg.inference import evaluate
 from seg.inference.metrics import format_report
 from seg.model import create_model
+from seg.train import changes as changes_lib
 from seg.train import tensorboard
 from seg.train.best import BestWeights
 from seg.train.step import (TrainState, create_learning_rate_fn, create_train_state,
@@ -81,6 +82,19 @@ def keep_bias_rule_of_old_run(config, workdir: str, log=print) -> None:
   config.train.bias_gradient_multiplier = 1.0
   log(f'{workdir} was trained before train.bias_gradient_multiplier existed (biases at 1x): '
       'resuming with 1.0, not DeepLab\'s 2.0')
+
+
+def report_changes(previous, config, workdir: str, log=print) -> None:
+  """Says and records (`seg.train.changes`) what the config resuming `workdir` changed."""
+  changed = changes_lib.changed_fields(previous, config)
+  if not changed:
+    return
+  step = checkpoint.latest_step(workdir)
+  rates = changes_lib.learning_rates_at(previous, config, step)
+  for line in changes_lib.describe(changed, step, rates):
+    log(line)
+  if jax.process_index() == 0:
+    changes_lib.record(workdir, changed, step)
 
 
 def warn_from_scratch(config, log=print) -> None:
@@ -260,7 +274,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
     if labelmap['colours'] and not config.data.class_colours:
       config.data.class_colours = ';'.join(','.join(map(str, c)) for c in labelmap['colours'])
   keep_bias_rule_of_old_run(config, workdir, log)
+  previous = changes_lib.previous_config(workdir)  # the run being resumed, if any
   checkpoint.save_config(workdir, config)  # a workdir of another model
+  if previous is not None:
+    report_changes(previous, config, workdir, log)
   learning_rate_fn = create_learning_rate_fn(config.train)
   rng = jax.random.key(config.train.seed)
   init_rng, step_rng = jax.random.split(rng)

@@ -1,5 +1,8 @@
 """The training step, the optimiser recipe, learning and checkpoint resumption."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +76,14 @@ def test_resume_continues_at_the_saved_step(tiny_config, tmp_path):
   config.train.steps = 6
   loop.train_and_evaluate(config, workdir, log=logs.append)
   assert any('resuming at step 4' in line for line in logs)
+  # It says, and keeps, that it resumed with another schedule: the poly rate at step 4 was 0
+  # (the end of a 4-step run) and is now lr * (1 - 4 / 6) ** power (tiny: no warm-up).
+  assert logs[logs.index('  train.steps: 4 -> 6') - 1].startswith(
+      'WARNING: resuming at step 4 with a config that trains otherwise')
+  expected = config.train.learning_rate * (1 - 4 / 6) ** config.train.lr_power
+  assert f'  learning rate at step 4: 0 under the previous schedule, {expected:.3g} now' in logs
+  [entry] = [json.loads(line) for line in open(os.path.join(workdir, 'config_changes.jsonl'))]
+  assert entry['step'] == 4 and entry['changes'] == {'train.steps': [4, 6]}
   assert checkpoint.create_manager(workdir).all_steps() == [4, 6]   # keeps the last 2
   # The learning rate continued the schedule of a 6-step run from step 4.
   lr = step_lib.create_learning_rate_fn(config.train)
