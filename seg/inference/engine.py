@@ -281,8 +281,7 @@ class Engine:
   def compiled(self, kind: str, batch: int, height: int, width: int,
                device: Optional[jax.Device] = None):
     """The executable for ('classes' | 'logits' | 'features' | 'probabilities', batch,
-    height, width) on
-    `device` (default the engine's first), compiled once."""
+    height, width) on `device` (default the engine's first), compiled once."""
     device = device or self.device
     if kind == 'features' and self.multi_scale:  # the same program (`features`)
       kind = 'probabilities'

@@ -329,7 +329,8 @@ def inference_passes(workdir: str, scales: Optional[Sequence[float]] = None,
 
 
 def describe_passes(scales: Sequence[float], flip: bool) -> str:
-  """'scales 0.75, 1, 1.25 and their flips: 6 passes per image, ...' for the log."""
+  """'multi-scale inference: scales 0.75, 1, 1.25 and their flips, 6 passes per image, ...'
+  for the log."""
   passes = len(scales) * (2 if flip else 1)
   listed = ', '.join(f'{s:g}' for s in scales)
   return (f'multi-scale inference: scale{"s" if len(scales) > 1 else ""} {listed}'
@@ -366,6 +367,7 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
   if engine is None:
     from seg.inference.engine import Engine
     scales, flip = inference_passes(workdir, scales, flip)
+    # kernel builds and checks, calibration: said here, before the progress bar
     engine, step = Engine.from_workdir(workdir, calibration, calibration_count,
                                        batch_size=batch_size, dtype=dtype, devices=devices,
                                        log=log, scales=scales, flip=flip)
