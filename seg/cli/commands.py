@@ -159,6 +159,7 @@ def export(*, workdir: str, output: str, fmt: str = 'jax', config=None,
            height: int = 0, width: int = 0, size: str = '', quantize: str = '',
            calibration: str = '', calibration_count: Optional[int] = None,
            logits: bool = False) -> None:
+  _say_exports_run_one_pass(workdir, config)
   if fmt == 'jax':
     if size or quantize or logits:
       raise CommandError('--size, --quantize and --logits are for --format tflite or onnx '
@@ -175,6 +176,22 @@ def export(*, workdir: str, output: str, fmt: str = 'jax', config=None,
   with _user_errors():
     exporter.export_model(workdir, fmt, output, config, size or None, quantize or None,
                           calibration or None, calibration_count, logits)
+
+
+def _say_exports_run_one_pass(workdir: str, config=None) -> None:
+  """A model evaluated (and by default predicted) with several scales or flips is exported
+  as its one plain pass: said, so that nobody expects the exported masks to be eval's."""
+  from seg import checkpoint
+  from seg.inference.forward import is_multi_scale
+  try:
+    evaluation = (config or checkpoint.load_config(workdir)).eval
+  except FileNotFoundError:
+    return   # the export itself names the missing workdir
+  if is_multi_scale(evaluation.scales, evaluation.flip):
+    listed = ', '.join(f'{s:g}' for s in evaluation.scales)
+    print(f'note: the config evaluates (and predict runs) scales {listed}'
+          f'{" with flips" if evaluation.flip else ""}; the export holds one pass at scale 1 '
+          '(average the passes yourself for those masks)')
 
 
 def run(args: argparse.Namespace) -> int:

@@ -258,3 +258,20 @@ def test_compilation_cache_is_per_user_unless_jax_variable_chooses(monkeypatch, 
   assert process.compilation_cache_dir() == str(tmp_path / 'xdg' / 'seg' / 'jax')
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'mine'))
   assert process.compilation_cache_dir() == str(tmp_path / 'mine')
+
+
+def test_export_says_a_multi_scale_model_is_exported_as_one_pass(tmp_path, capsys):
+  from experiments import tiny
+  from seg.cli import commands
+  config = tiny.get_config()
+  checkpoint.save_config(str(tmp_path), config)
+  commands._say_exports_run_one_pass(str(tmp_path))
+  assert capsys.readouterr().out == ''
+  config.eval.scales, config.eval.flip = (0.75, 1.0, 1.25), True
+  checkpoint.save_config(str(tmp_path), config)
+  commands._say_exports_run_one_pass(str(tmp_path))
+  assert capsys.readouterr().out == (
+      'note: the config evaluates (and predict runs) scales 0.75, 1, 1.25 with flips; the '
+      'export holds one pass at scale 1 (average the passes yourself for those masks)\n')
+  commands._say_exports_run_one_pass(str(tmp_path / 'none'))   # the export names it
+  assert capsys.readouterr().out == ''
