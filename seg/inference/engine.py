@@ -246,9 +246,15 @@ class Engine:
     self.shapes_run = set()  # (kind, batch, height, width) of the calls so far
 
   def _averaged(self, folded, images, sizes) -> jax.Array:
-    """The softmax averaged over `scales` and flips on the whole canvas (`multi_scale_logits`)."""
-    return multi_scale_logits(folded, preprocess_padded(images, sizes), scales=self.scales,
-                              flip=self.flip, **self._batch_static)
+    """The softmax averaged over `scales` and flips on the whole canvas (`multi_scale_logits`);
+    image by image where the engine runs so (`image_by_image`): then one image's passes and
+    class planes are live at a time, not the batch's."""
+    average = functools.partial(multi_scale_logits, folded, scales=self.scales, flip=self.flip,
+                                **self.static)
+    if not self.image_by_image or images.shape[0] == 1:
+      return average(preprocess_padded(images, sizes))
+    return jax.lax.map(lambda each: average(preprocess_padded(each[0][None], each[1][None]))[0],
+                       (images, sizes))
 
   @property
   def features_are_probabilities(self) -> bool:
