@@ -95,8 +95,11 @@ def plan_memory(engine, max_side: int, budget: int, held: int) -> Plan:
   spare = budget - held - SLACK
   eval_side = engine.eval_size
   if spare <= per_pixel * eval_side * eval_side * parts:
+    passes = (f' or run fewer passes than {len(engine.scales) * (2 if engine.flip else 1)} '
+              '(--scales, --flip)' if getattr(engine, 'multi_scale', False) else '')
     raise ValueError(f'--memory-budget {budget >> 20} MiB is below what the model needs '
-                     f'({(held + SLACK) >> 20} MiB held, plus its eval-size canvas): raise it')
+                     f'({(held + SLACK) >> 20} MiB held, plus its eval-size canvas): raise it'
+                     f'{passes}')
   side = max_side
   while side > eval_side and per_pixel * parts * _canvas_pixels(side, eval_side) > spare / 2:
     side = max(eval_side, side - 64)

@@ -946,7 +946,8 @@ def test_a_budget_of_one_image_at_a_time_still_finishes(engine, tmp_path):
   assert summary.processed == 5 and summary.peak_bytes_held <= 2 * 30 * 30 * 5
 
 
-def test_the_memory_budget_bounds_the_compiled_shape_and_what_is_in_flight(engine, tmp_path):
+def test_the_memory_budget_bounds_the_compiled_shape_and_what_is_in_flight(engine, tmp_path,
+                                                                             monkeypatch):
   from seg.predict import memory
   per_pixel, parts = memory.activation_per_pixel(engine)
   assert per_pixel > 0
@@ -959,8 +960,17 @@ def test_the_memory_budget_bounds_the_compiled_shape_and_what_is_in_flight(engin
   assert plan.max_side == 513
   assert abs(plan.in_flight - (spare - per_pixel * parts * 513 ** 2)) <= 2
   assert memory.plan_memory(engine, 321, budget, held).max_side == 321  # a smaller request stands
-  with pytest.raises(ValueError, match='memory-budget'):
+  with pytest.raises(ValueError, match='memory-budget') as refused:
     memory.plan_memory(engine, 2049, held + memory.SLACK + int(eval_canvas), held)
+  assert str(refused.value).endswith('raise it')
+  # With several passes per image the refusal names the other way out.
+  monkeypatch.setattr(engine, 'multi_scale', True)
+  monkeypatch.setattr(engine, 'scales', (0.75, 1.0, 1.25))
+  monkeypatch.setattr(engine, 'flip', True)
+  with pytest.raises(ValueError, match=r'raise it or run fewer passes than 6 \(--scales, '
+                                       r'--flip\)$'):
+    memory.plan_memory(engine, 2049, held + memory.SLACK + int(eval_canvas), held)
+  monkeypatch.undo()
   assert memory.parse_budget('1.5G') == 1536 << 20 and memory.parse_budget('800') == 800 << 20
   # A run under a tiny budget of images in flight still finishes, one image at a time, and
   # an oversized --max-side never compiles a shape above what the budget allows.
