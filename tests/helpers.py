@@ -1,6 +1,6 @@
 """What several test modules share: the repository root, models with non-trivial weights,
-a poisoned input stream, VOC's colour map, NumPy's aligned-corner resize. (Fixtures live in
-conftest.py.)"""
+a poisoned input stream, VOC's colour map, NumPy's aligned-corner resize and multi-scale
+average. (Fixtures live in conftest.py.)"""
 
 import os
 
@@ -97,3 +97,23 @@ def numpy_resize_aligned(x, size):
     frac = (src - lo).reshape([-1 if a == ax else 1 for a in range(values.ndim)])
     return np.take(values, lo, axis=ax) * (1 - frac) + np.take(values, lo + 1, axis=ax) * frac
   return axis(axis(np.asarray(x, np.float64), size[0], 1), size[1], 2)
+
+
+def numpy_multi_scale(features, image, canvas_size, sizes):
+  """DeepLab's multi-scale + flipped softmax written out in NumPy: `image` [h, w, 3] uint8 in
+  [-1, 1] on a canvas_size square (padding 0 at the bottom and right), the canvas resized with
+  aligned corners to each of `sizes` and mirrored, `features` (x [1, s, s, 3] float32 -> the
+  model's logits at its output stride) on each, every pass's logits resized back to the
+  canvas, softmax, the mirror undone, the mean: [canvas_size, canvas_size, classes] float64."""
+  canvas = np.zeros((1, canvas_size, canvas_size, 3))
+  canvas[0, :image.shape[0], :image.shape[1]] = image / 127.5 - 1.0
+  total = 0.0
+  for size in sizes:
+    scaled = numpy_resize_aligned(canvas, (size, size)).astype(np.float32)
+    for flip in (False, True):
+      logits = np.asarray(features(scaled[:, :, ::-1] if flip else scaled))
+      logits = numpy_resize_aligned(logits, (canvas_size, canvas_size))[0]
+      p = np.exp(logits - logits.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      total = total + (p[:, ::-1] if flip else p)
+  return total / (2 * len(sizes))

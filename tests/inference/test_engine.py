@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import (EVAL_SIZE, ROOT, numpy_resize_aligned, random_variables,
-                     tiny_engine_config)
+from helpers import (EVAL_SIZE, ROOT, numpy_multi_scale, numpy_resize_aligned,
+                     random_variables, tiny_engine_config)
 from seg import parallel
 from seg.inference import engine, evaluate, float_kernel, fold
 from seg.inference.forward import forward, low_precision_from_stride, scaled_size
@@ -224,9 +224,10 @@ def test_pmapped_eval_counts_batches_of_two_shapes(tiny_model, upsample_argmax):
 
 
 def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
-  # NumPy reference of DeepLab's multi-scale + flip inference: resize the image to
-  # int((65 - 1) * s + 1), logits at the output stride straight back to 65x65, softmax,
-  # flipped copies flipped back, mean, argmax; one confusion matrix.
+  # NumPy reference of DeepLab's multi-scale + flip inference (`numpy_multi_scale`): the image
+  # resized to (65 - 1) * s + 1 (33 and 81, on the stride-16 grid), logits at the output
+  # stride straight back to 65x65, softmax, flipped copies flipped back, mean, argmax; one
+  # confusion matrix.
   config, model, variables = tiny_model
   config = config.copy_and_resolve_references()
   config.eval.scales, config.eval.flip = (0.5, 1.25), True
@@ -239,24 +240,16 @@ def test_multi_scale_flipped_eval_averages_softmax_like_deeplab(tiny_model):
   got = np.asarray(evaluate.make_p_eval_step(model, config)(
       parallel.replicate(variables), parallel.shard(batch))['confusion'][0])
 
-  features = jax.jit(lambda v, x: model.apply(v, x, train=False, upsample=False))
-  x = images.astype(np.float64) / 127.5 - 1.0
-  probabilities = 0.0
-  for scale, size in [(0.5, 33), (1.25, 81)]:
-    scaled = numpy_resize_aligned(x, (size, size)).astype(np.float32)
-    for flip in (False, True):
-      inputs = scaled[:, :, ::-1] if flip else scaled
-      logits = numpy_resize_aligned(np.asarray(features(variables, inputs)), (EVAL_SIZE, EVAL_SIZE))
-      p = np.exp(logits - logits.max(-1, keepdims=True))
-      p /= p.sum(-1, keepdims=True)
-      probabilities = probabilities + (p[:, :, ::-1] if flip else p)
-  predictions = np.argmax(probabilities, -1)
+  features = jax.jit(lambda x: model.apply(variables, x, train=False, upsample=False))
+  predictions = np.stack([numpy_multi_scale(features, image, EVAL_SIZE, (33, 81)).argmax(-1)
+                          for image in images])
   expected = np.zeros((num_classes, num_classes), np.int64)
   np.add.at(expected, (labels.reshape(-1), predictions.reshape(-1)), 1)
   assert got.sum() == expected.sum() == labels.size
   assert np.abs(got - expected).sum() <= 8  # near-ties may flip under float32 reordering
   # One scale of the average differs from the plain evaluation on this random model.
-  single = np.argmax(numpy_resize_aligned(np.asarray(features(variables, x)), (65, 65)), -1)
+  x = (images / 127.5 - 1.0).astype(np.float32)
+  single = np.argmax(numpy_resize_aligned(np.asarray(features(x)), (65, 65)), -1)
   assert (single != predictions).mean() > 0.01
 
 
@@ -272,11 +265,6 @@ def test_scaled_sizes_stay_on_the_feature_grid(scale):
       scaled_size(161, 0.75) == 129
 
 
-def _numpy_softmax(logits):
-  p = np.exp(logits - logits.max(-1, keepdims=True))
-  return p / p.sum(-1, keepdims=True)
-
-
 def test_multi_scale_engine_gives_deeplabs_average_on_the_padded_canvas(tiny_model):
   # What `predict --scales 0.5,1.25 --flip` runs, against NumPy and the Flax model: each image
   # padded (bottom, right) to the 65x65 canvas, the whole canvas resized to 33 and 81 and
@@ -288,18 +276,7 @@ def test_multi_scale_engine_gives_deeplabs_average_on_the_padded_canvas(tiny_mod
   images = [rng.integers(0, 256, shape).astype(np.uint8) for shape in
             [(50, 60, 3), (65, 41, 3), (30, 65, 3)]]
   features = jax.jit(lambda x: model.apply(variables, x, train=False, upsample=False))
-  expected = []
-  for image in images:
-    canvas = np.zeros((1, EVAL_SIZE, EVAL_SIZE, 3))
-    canvas[0, :image.shape[0], :image.shape[1]] = image / 127.5 - 1.0
-    total = 0.0
-    for size in (33, 81):
-      scaled = numpy_resize_aligned(canvas, (size, size)).astype(np.float32)
-      for flip in (False, True):
-        logits = np.asarray(features(scaled[:, :, ::-1] if flip else scaled))
-        p = _numpy_softmax(numpy_resize_aligned(logits, (EVAL_SIZE, EVAL_SIZE)))[0]
-        total = total + (p[:, ::-1] if flip else p)
-    expected.append(total / 4)
+  expected = [numpy_multi_scale(features, image, EVAL_SIZE, (33, 81)) for image in images]
   probabilities = eng.probabilities(images)
   masks = eng.predict(images)
   for image, p, mask, (canvas_scores, canvas), want in zip(

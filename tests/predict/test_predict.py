@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT, numpy_resize_aligned, voc_colormap
+from helpers import ROOT, numpy_multi_scale, voc_colormap
 from experiments import tiny
 from seg import checkpoint, predict
 from seg.inference.engine import Engine
@@ -859,21 +859,7 @@ def averaged(model_dir):
   off the grid)."""
   _, model, variables = model_dir
   apply = jax.jit(lambda x: model.apply(variables, x, train=False, upsample=False))
-
-  def probabilities(image):
-    canvas = np.zeros((1, EVAL_SIZE, EVAL_SIZE, 3))
-    canvas[0, :image.shape[0], :image.shape[1]] = image / 127.5 - 1.0
-    total = 0.0
-    for size in (129, 209):
-      scaled = numpy_resize_aligned(canvas, (size, size)).astype(np.float32)
-      for flip in (False, True):
-        logits = numpy_resize_aligned(np.asarray(apply(scaled[:, :, ::-1] if flip else scaled)),
-                                      (EVAL_SIZE, EVAL_SIZE))[0]
-        p = np.exp(logits - logits.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        total = total + (p[:, ::-1] if flip else p)
-    return total / 4
-  return probabilities
+  return lambda image: numpy_multi_scale(apply, image, EVAL_SIZE, (129, 209))
 
 
 def test_multi_scale_masks_and_probabilities_average_every_pass(model_dir, averaged, tmp_path):
