@@ -42,6 +42,12 @@ def _experiment(path: Optional[str], overrides: Sequence[Tuple[str, str]]):
     return config_lib.load_experiment(path, overrides)
 
 
+def _passes_as_overrides(scales, flip) -> list:
+  """eval's --scales / --flip as the --config.eval overrides they stand for."""
+  return ([('eval.scales', repr(tuple(scales)))] if scales is not None else []) + \
+      ([('eval.flip', str(flip))] if flip is not None else [])
+
+
 def _workdir_config(workdir: str, path: Optional[str], overrides):
   """The experiment file's config, else the workdir's own, with the overrides applied."""
   if path is not None:
@@ -203,7 +209,8 @@ def run(args: argparse.Namespace) -> int:
     train(config=_experiment(a.config, a.overrides), workdir=a.workdir,
           coordinator=a.coordinator, num_processes=a.num_processes, process_id=a.process_id)
   elif command == 'eval':
-    evaluate(workdir=a.workdir, config=_workdir_config(a.workdir, a.config, a.overrides),
+    overrides = list(a.overrides) + _passes_as_overrides(a.scales, a.flip)
+    evaluate(workdir=a.workdir, config=_workdir_config(a.workdir, a.config, overrides),
              output=a.output, dtype=a.dtype, calibration=a.calibration,
              calibration_count=a.calibration_count, worst=a.worst)
   elif command == 'compare':

@@ -73,6 +73,14 @@ def _add_calibration(p, what: str) -> None:
                  help=f'{what}: how many calibration images (a seeded choice; default 200)')
 
 
+def _add_passes(p, scales: str, flip: str) -> None:
+  p.add_argument('--scales', type=_scales, default=None, metavar='S,S,...',
+                 help='multi-scale inference: the softmax averaged over the image at these '
+                      f'scales, e.g. 0.75,1,1.25 (default: {scales})')
+  p.add_argument('--flip', action=_Bool, default=None,
+                 help=f'also average the left-right flipped image (default: {flip})')
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The parser of every command (`args.command` names the one given)."""
   parser = argparse.ArgumentParser(
@@ -107,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', default='float32', choices=DTYPES,
                  help='engine compute dtype (int8: calibrated once, see --calibration)')
   _add_calibration(p, '--dtype int8')
+  _add_passes(p, "the config's eval.scales; the same as --config.eval.scales='(...)'",
+              "the config's eval.flip")
 
   p = commands.add_parser('compare', help='runs side by side: config differences, mIoU, '
                           'per-class IoU, from their workdirs')
@@ -141,13 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help='decoding threads, and as many writing threads')
   p.add_argument('--dtype', default='float32', choices=DTYPES, help='engine compute dtype')
   _add_calibration(p, '--dtype int8')
-  p.add_argument('--scales', type=_scales, default=None, metavar='S,S,...',
-                 help='multi-scale inference: the softmax averaged over the image at these '
-                      'scales, e.g. 0.75,1,1.25 (default: the workdir\'s config.eval.scales, '
-                      'so the masks are those eval scores; usually 1)')
-  p.add_argument('--flip', action=_Bool, default=None,
-                 help='also average the left-right flipped image (default: the workdir\'s '
-                      'config.eval.flip)')
+  _add_passes(p, "the workdir's config.eval.scales, so the masks are those eval scores; "
+                 'usually 1', "the workdir's config.eval.flip")
   p.add_argument('--profile', action=_Bool,
                  help='print where the time went: seconds per stage (decode ... write)')
 

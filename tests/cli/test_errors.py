@@ -141,3 +141,17 @@ def test_predict_scales_must_be_positive_numbers(tmp_path, capsys, value, messag
   assert exit_status.value.code == 2 and message in capsys.readouterr().err
   args = parser_lib.parse(parser_lib.build_parser(), argv[:-1] + ['0.75,1,1.25', '--no-flip'])
   assert args.scales == (0.75, 1.0, 1.25) and args.flip is False
+
+
+def test_eval_scales_and_flip_stand_for_the_config_eval_overrides(tmp_path):
+  from experiments import tiny
+  from seg import checkpoint
+  checkpoint.save_config(str(tmp_path), tiny.get_config())
+  args = parser_lib.parse(parser_lib.build_parser(),
+                          ['eval', '--workdir', str(tmp_path), '--scales', '0.75,1', '--flip'])
+  overrides = commands._passes_as_overrides(args.scales, args.flip)
+  assert overrides == [('eval.scales', '(0.75, 1.0)'), ('eval.flip', 'True')]
+  config = commands._workdir_config(str(tmp_path), None, overrides)
+  assert tuple(config.eval.scales) == (0.75, 1.0) and config.eval.flip is True
+  args = parser_lib.parse(parser_lib.build_parser(), ['eval', '--workdir', str(tmp_path)])
+  assert commands._passes_as_overrides(args.scales, args.flip) == []
