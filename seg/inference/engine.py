@@ -239,8 +239,6 @@ class Engine:
                                                      **self._batch_static))
     self._probabilities = jax.jit(self._averaged if self.multi_scale else
                                   lambda f, x, s: jax.nn.softmax(self._logits(f, x, s), -1))
-    if self.multi_scale:
-      self._features = self._probabilities
     self._compiled: Dict[Tuple, Any] = {}
     self.compile_seconds: Dict[Tuple, float] = {}
     self.shapes_run = set()  # (kind, batch, height, width) of the calls so far
@@ -289,7 +287,7 @@ class Engine:
     """The executable for ('classes' | 'logits' | 'features' | 'probabilities', batch,
     height, width) on `device` (default the engine's first), compiled once."""
     device = device or self.device
-    if kind == 'features' and self.multi_scale:  # the same program (`features`)
+    if kind == 'features' and self.multi_scale:  # averaged probabilities: that program
       kind = 'probabilities'
     key = (kind, batch, height, width, device)
     if key not in self._compiled:
