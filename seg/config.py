@@ -57,6 +57,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'val'
   config.data.crop_size = 513          # training crop (k * 16 + 1 keeps grids aligned)
   config.data.eval_size = 513          # evaluation pads every image to this size
+  # `predict`'s default --max-side (inputs with a larger side are downscaled to it); 0 =
+  # data.eval_size. `train` sets a folder's largest eval image side here when it is above
+  # eval_size, so that `predict` runs images like those whole, as `eval` does.
+  config.data.predict_max_side = 0
   config.data.min_scale = 0.5
   config.data.max_scale = 2.0
   config.data.scale_step = 0.25
@@ -173,6 +177,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if colours and len(colours) != config.model.num_classes:
     raise ValueError(f'config.data.class_colours has {len(colours)} colours, '
                      f'config.model.num_classes is {config.model.num_classes}')
+  if config.data.predict_max_side < 0:
+    raise ValueError('config.data.predict_max_side must not be negative (0: data.eval_size), '
+                     f'got {config.data.predict_max_side}')
   if config.data.max_scale < config.data.min_scale:
     raise ValueError(f'config.data.max_scale ({config.data.max_scale}) is below '
                      f'config.data.min_scale ({config.data.min_scale})')

@@ -164,8 +164,7 @@ def export(*, workdir: str, output: str, fmt: str = 'jax', config=None,
            platforms: str = 'cpu,cuda', dtype: str = 'float32', batch_size: Optional[int] = None,
            height: int = 0, width: int = 0, size: str = '', quantize: str = '',
            calibration: str = '', calibration_count: Optional[int] = None,
-           logits: bool = False) -> None:
-  _say_exports_run_one_pass(workdir, config)
+           logits: bool = False, scales=None, flip=None) -> None:
   if fmt == 'jax':
     if size or quantize or logits:
       raise CommandError('--size, --quantize and --logits are for --format tflite or onnx '
@@ -174,19 +173,25 @@ def export(*, workdir: str, output: str, fmt: str = 'jax', config=None,
     from seg.inference import export as export_lib
     with _user_errors():
       export_lib.export_workdir(workdir, output, platforms.split(','), config, dtype, batch_size,
-                                height or None, width or None, **calibrate)
+                                height or None, width or None, **calibrate, scales=scales,
+                                flip=flip)
     return
   if height or width:
     raise CommandError('--height/--width are for --format jax; use --size HxW')
+  if scales is not None or flip is not None:
+    raise CommandError(f'--scales and --flip are for --format jax: the {fmt} export holds one '
+                       'pass at scale 1')
+  _say_exports_run_one_pass(workdir, fmt, config)
   from seg.export import exporter
   with _user_errors():
     exporter.export_model(workdir, fmt, output, config, size or None, quantize or None,
                           calibration or None, calibration_count, logits)
 
 
-def _say_exports_run_one_pass(workdir: str, config=None) -> None:
+def _say_exports_run_one_pass(workdir: str, fmt: str, config=None) -> None:
   """A model evaluated (and by default predicted) with several scales or flips is exported
-  as its one plain pass: said, so that nobody expects the exported masks to be eval's."""
+  to LiteRT, ONNX or Hugging Face as its one plain pass: said, so that nobody expects the
+  exported masks to be eval's."""
   from seg import checkpoint
   from seg.inference.forward import is_multi_scale
   try:
@@ -196,8 +201,8 @@ def _say_exports_run_one_pass(workdir: str, config=None) -> None:
   if is_multi_scale(evaluation.scales, evaluation.flip):
     listed = ', '.join(f'{s:g}' for s in evaluation.scales)
     print(f'note: the config evaluates (and predict runs) scales {listed}'
-          f'{" with flips" if evaluation.flip else ""}; the export holds one pass at scale 1 '
-          '(average the passes yourself for those masks)')
+          f'{" with flips" if evaluation.flip else ""}; the {fmt} export holds one pass at '
+          'scale 1 (average the passes yourself for those masks; --format jax holds them)')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -241,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
            config=_workdir_config(a.workdir, a.config, a.overrides), platforms=a.platforms,
            dtype=a.dtype, batch_size=None if a.symbolic_batch else a.batch_size,
            height=a.height, width=a.width, size=a.size, quantize=a.quantize,
-           calibration=a.calibration, calibration_count=a.calibration_count, logits=a.logits)
+           calibration=a.calibration, calibration_count=a.calibration_count, logits=a.logits,
+           scales=a.scales, flip=a.flip)
   else:  # argparse only lets the commands above through
     raise AssertionError(command)
   sys.stdout.flush()

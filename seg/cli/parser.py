@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                       'logits upsampled back (resize), or cut into tiles (tile)')
   p.add_argument('--max-side', type=_positive, default=None,
                  help="the largest side predicted in one piece (default: the model's "
-                      'data.eval_size, the scale it was trained and evaluated at)')
+                      'data.predict_max_side: its data.eval_size, or the side of the largest '
+                      'eval image when larger, the scale it was trained and evaluated at)')
   p.add_argument('--memory-budget', default='1536M',
                  help='what the whole process may hold (e.g. 1536M, 4G); it bounds the '
                       'largest compiled shape and the images in flight')
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--batch-size', type=_positive, default=1)
   p.add_argument('--height', type=int, default=0, help='jax: canvas height (default eval_size)')
   p.add_argument('--width', type=int, default=0, help='jax: canvas width (default eval_size)')
+  _add_passes(p, "jax: the workdir's config.eval.scales, so the file gives the masks eval "
+                 'scores; the other formats hold one pass at scale 1', "jax: config.eval.flip")
   return parser
 
 

@@ -10,7 +10,7 @@ Batches come out as NumPy dicts for the process's local devices:
 import contextlib
 import os
 import re
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -305,8 +305,9 @@ def train_batches(data_config, batch_size: int, seed: int, process_index: int = 
 def prepare(data_config, num_classes: Optional[int] = None, log=print,
             process_count: int = 1) -> Optional[Dict]:
   """Prepares the config's dataset (a no-op when prepared) and checks its two splits exist;
-  returns a 'folder' dataset's labelmap.txt, {'names': [...], 'colours': [[r, g, b], ...] or
-  None}, else None.
+  returns what `train` keeps of a 'folder' dataset: {'names': labelmap.txt's class names or
+  None, 'colours': their [[r, g, b], ...] or None, 'eval_side': the eval split's largest
+  image side}; None for the other datasets.
 
   Raises `voc.SourceError` (archives missing or wrong), `folder.FolderError` or ValueError
   (unknown dataset or split; a folder's classes that `num_classes` does not fit, or its
@@ -329,7 +330,9 @@ def prepare(data_config, num_classes: Optional[int] = None, log=print,
     _check_folder_classes(facts, num_classes, log)
     _check_cache_fits(facts, data_config, process_count, log)
     _note_large_eval_images(facts, data_config, log)
-  return {'names': facts['names'], 'colours': facts.get('colours')} if facts['names'] else None
+  largest = _largest_eval_image(facts, data_config)
+  return {'names': facts['names'] or None, 'colours': facts.get('colours'),
+          'eval_side': max(largest) if largest else 0}
 
 
 def _split_names(split: str) -> list:
@@ -373,20 +376,29 @@ def _check_cache_fits(facts: dict, data_config, process_count: int, log) -> None
     log(f'note: {what} (--config.data.cache=encoded holds the JPEG/PNG bytes instead)')
 
 
-def _note_large_eval_images(facts: dict, data_config, log) -> None:
-  """Eval split images above data.eval_size are evaluated whole, but `predict` resizes its
-  inputs to eval_size: say so, and the eval_size that treats both alike."""
+def _largest_eval_image(facts: dict, data_config) -> Optional[Tuple[int, int]]:
+  """(largest height, largest width) of the images of the folder's eval split(s), or None."""
   sizes = [facts.get('largest', {}).get(name) for name in _split_names(data_config.eval_split)]
   sizes = [size for size in sizes if size]
-  if not sizes:
+  return (max(s[0] for s in sizes), max(s[1] for s in sizes)) if sizes else None
+
+
+def _note_large_eval_images(facts: dict, data_config, log) -> None:
+  """Eval split images above data.eval_size are evaluated whole, in one more compiled shape:
+  say so, with the eval_size that avoids it, and the side `predict` will run whole
+  (`train` sets data.predict_max_side to it unless the config gives one)."""
+  largest = _largest_eval_image(facts, data_config)
+  if not largest or max(largest) <= data_config.eval_size:
     return
-  height, width = max(size[0] for size in sizes), max(size[1] for size in sizes)
-  if max(height, width) > data_config.eval_size:
-    log(f'note: the {data_config.eval_split!r} images of {facts["root"]} reach {height}x{width}, '
-        f'above data.eval_size={data_config.eval_size}: eval runs them whole (in one more '
-        f'compiled shape), `predict` resizes inputs to {data_config.eval_size} px (masks less '
-        f'sharp than eval\'s); --config.data.eval_size={padded_size(max(height, width))} '
-        'evaluates and predicts them alike')
+  side = max(largest)
+  predict = data_config.get('predict_max_side', 0)
+  after = (f'`predict` runs inputs up to {side} px whole too (data.predict_max_side={side}; '
+           f'larger ones downscaled to it)' if not predict else
+           f'`predict` downscales inputs above data.predict_max_side={predict} px')
+  log(f'note: the {data_config.eval_split!r} images of {facts["root"]} reach '
+      f'{largest[0]}x{largest[1]}, above data.eval_size={data_config.eval_size}: eval runs '
+      f'them whole, in one more compiled shape (--config.data.eval_size='
+      f'{padded_size(side)} avoids it); {after}')
 
 
 def num_examples(data_config, split: str) -> int:

@@ -178,6 +178,8 @@ class Engine:
     self.dtype = dtype
     self.batch_size = batch_size
     self.eval_size = config.data.eval_size
+    # `predict`'s default largest side (config.data.predict_max_side; 0: the eval size).
+    self.predict_max_side = config.data.get('predict_max_side', 0) or self.eval_size
     # A batch is split over `devices` when their number divides it (see `run_padded`).
     self.devices = list(devices) if devices else [device or jax.local_devices()[0]]
     self.device = self.devices[0]

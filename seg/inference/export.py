@@ -5,7 +5,10 @@
 The file holds StableHLO for every platform asked for (CPU and CUDA by
 default; lowering for CUDA needs no GPU) with the folded weights inside. The
 function is `seg.inference.forward.class_map`: uint8 images and their valid sizes in,
-class ids out, preprocessing and padding included. Its input is
+class ids out, preprocessing and padding included; for a model evaluated with several
+scales or flips (`config.eval.scales`, `eval.flip`, or `--scales/--flip`), the argmax of the
+softmax averaged over those passes (`seg.inference.forward.multi_scale_logits`), the masks
+`eval` scores and `predict` writes. Its input is
 `images: uint8 [batch, H, W, 3]` (batch symbolic unless `--no-symbolic-batch`,
 H x W fixed at export: the eval bucket or `--height/--width`) and
 `sizes: int32 [batch, 2]`, each image's (height, width); an image sits at the
@@ -38,8 +41,10 @@ import numpy as np
 from seg import checkpoint
 from seg.inference import engine
 from seg.inference.fold import cast_folded
-from seg.inference.forward import class_map
+from seg.inference.forward import (chosen_passes, class_map, describe_passes,
+                                   multi_scale_logits)
 from seg.model import create_model
+from seg.preprocessing import preprocess_padded
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 
@@ -50,7 +55,8 @@ def export_engine(eng: engine.Engine, platforms: Sequence[str] = ('cpu', 'cuda')
   """The engine's class-map function with its weights baked in, lowered for `platforms`.
 
   Args:
-    eng: a `seg.inference.engine.Engine` (its dtype is the exported compute dtype).
+    eng: a `seg.inference.engine.Engine` (its dtype is the exported compute dtype; its
+      `scales` and `flip`, the passes averaged).
     batch_size: fixed batch; None = a symbolic batch dimension.
     height, width: the canvas size (default the engine's eval_size).
   """
@@ -67,7 +73,13 @@ def export_engine(eng: engine.Engine, platforms: Sequence[str] = ('cpu', 'cuda')
     # XLA's products in the engine's dtype: the project's kernels are not part of an export.
     from seg.inference import float_kernel
     folded = cast_folded(float_kernel.unpacked(folded), eng.dtype, xp=np)
-  fn = jax.jit(lambda images, sizes: class_map(folded, images, sizes, **eng.static))
+  if eng.multi_scale:
+    average = lambda images, sizes: multi_scale_logits(
+        folded, preprocess_padded(images, sizes), scales=eng.scales, flip=eng.flip,
+        **eng.static)
+    fn = jax.jit(lambda images, sizes: jnp.argmax(average(images, sizes), -1).astype(jnp.uint8))
+  else:
+    fn = jax.jit(lambda images, sizes: class_map(folded, images, sizes, **eng.static))
   return jax_export.export(fn, platforms=tuple(platforms))(
       jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8),
       jax.ShapeDtypeStruct((batch, 2), jnp.int32))
@@ -77,17 +89,21 @@ def export_workdir(workdir: str, output: str, platforms: Sequence[str] = ('cpu',
                    config=None, dtype: str = 'float32', batch_size: Optional[int] = None,
                    height: Optional[int] = None, width: Optional[int] = None,
                    log=print, calibration: Optional[str] = None,
-                   calibration_count: Optional[int] = None) -> jax_export.Exported:
-  """`main.py export`: serialises the latest checkpoint of `workdir` to `output`."""
+                   calibration_count: Optional[int] = None, scales=None,
+                   flip: Optional[bool] = None) -> jax_export.Exported:
+  """`main.py export`: serialises the latest checkpoint of `workdir` to `output`; `scales`,
+  `flip`: the passes averaged (default: the config's `eval.scales`, `eval.flip`)."""
   start = time.time()
   config = config or checkpoint.load_config(workdir)
+  scales, flip = chosen_passes(config.eval, scales, flip)
   variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
-  scales = (engine.int8_scales_for(workdir, config, variables, log, calibration,
-                                   calibration_count) if dtype == 'int8' else None)
+  int8_scales = (engine.int8_scales_for(workdir, config, variables, log, calibration,
+                                        calibration_count) if dtype == 'int8' else None)
   # int8: int8 weights in the file whatever this CPU prefers (4x smaller, runs anywhere);
   # float32 and bfloat16: XLA's products (the project's kernels are not part of an export).
-  eng = engine.Engine(config, variables, dtype=dtype, int8_scales=scales,
-                      int8_formulation='int8', bf16_formulation='xla', f32_formulation='xla')
+  eng = engine.Engine(config, variables, dtype=dtype, int8_scales=int8_scales,
+                      int8_formulation='int8', bf16_formulation='xla', f32_formulation='xla',
+                      scales=scales, flip=flip)
   exported = export_engine(eng, platforms, batch_size, height, width)
   blob = exported.serialize()
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -98,5 +114,7 @@ def export_workdir(workdir: str, output: str, platforms: Sequence[str] = ('cpu',
       f'platforms {", ".join(exported.platforms)}, {dtype}, in {time.time() - start:.1f}s')
   log(f'  images: uint8 {images.str_short()}  sizes: int32 {sizes.str_short()}  ->  '
       f'class ids: uint8 {exported.out_avals[0].str_short()}')
+  if eng.multi_scale:
+    log(f'  {describe_passes(eng.scales, eng.flip)}')
   log('  load it with jax and numpy only: see seg/inference/export.py')
   return exported

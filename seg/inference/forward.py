@@ -29,7 +29,7 @@ It re-expresses the trained model's function for speed, without changing it:
 import functools
 import math
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -447,6 +447,25 @@ def scaled_size(size: int, scale: float, stride: int = 16) -> int:
 def is_multi_scale(scales, flip: bool) -> bool:
   """Whether (`scales`, `flip`) asks for more than the one plain pass."""
   return tuple(float(s) for s in scales) != (1.0,) or bool(flip)
+
+
+def chosen_passes(evaluation, scales: Optional[Sequence[float]] = None,
+                  flip: Optional[bool] = None) -> Tuple[Tuple[float, ...], bool]:
+  """(scales, flip) of an inference: those given, else the config's (`evaluation`:
+  `config.eval`), so that `predict` and the export give the masks `eval` scores."""
+  scales = evaluation.scales if scales is None else scales
+  flip = evaluation.flip if flip is None else flip
+  return tuple(float(s) for s in scales), bool(flip)
+
+
+def describe_passes(scales: Sequence[float], flip: bool) -> str:
+  """'multi-scale inference: scales 0.75, 1, 1.25 and their flips, 6 passes per image, ...'
+  for the log."""
+  passes = len(scales) * (2 if flip else 1)
+  listed = ', '.join(f'{s:g}' for s in scales)
+  return (f'multi-scale inference: scale{"s" if len(scales) > 1 else ""} {listed}'
+          f'{" and their flips" if flip else ""}, {passes} passes per image, softmax averaged '
+          f'(--scales 1 --no-flip: one pass)')
 
 
 def multi_scale_logits(folded, images: jax.Array, *, width: float, output_stride: int,

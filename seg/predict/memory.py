@@ -10,8 +10,9 @@ The budget is spent on three things (`plan_memory`):
   in flight   decoded images and their full-size outputs between decoding and writing
               (`item_bytes`), held under what is left (`seg.predict.runner.Budget`, which
               always lets one image through).
-The largest side (`--max-side`, or the model's eval size by default) is lowered until its
-activations take at most half of what the held memory leaves, so images keep flowing.
+The largest side (`--max-side`, or the model's `data.predict_max_side` by default, its eval
+size unless `train` found larger eval images) is lowered until its activations take at most
+half of what the held memory leaves, so images keep flowing (its log line says so).
 """
 
 import dataclasses
@@ -60,6 +61,7 @@ class Plan:
   parts: int                    # canvases computed at once (one per device)
   max_side: int
   in_flight: int                # bytes for decoded images and outputs
+  asked: int = 0                # the largest side asked for, when the budget lowered it
 
   def activations(self, side: int) -> int:
     return int(self.activation_per_pixel * side * side * self.parts)
@@ -68,7 +70,9 @@ class Plan:
     mib = lambda n: f'{n / (1 << 20):,.0f} MiB'
     return (f'memory budget {mib(self.budget)}: {mib(self.held)} held, '
             f'{mib(self.activations(self.max_side))} network at side {self.max_side}, '
-            f'{mib(self.in_flight)} for images in flight')
+            f'{mib(self.in_flight)} for images in flight'
+            + (f' (the largest side lowered from {self.asked} px to fit; --memory-budget '
+               'raises it)' if self.asked > self.max_side else ''))
 
 
 def activation_per_pixel(engine) -> Tuple[float, int]:
@@ -103,7 +107,7 @@ def plan_memory(engine, max_side: int, budget: int, held: int) -> Plan:
   side = max_side
   while side > eval_side and per_pixel * parts * _canvas_pixels(side, eval_side) > spare / 2:
     side = max(eval_side, side - 64)
-  result = Plan(budget, held, per_pixel, parts, side, 0)
+  result = Plan(budget, held, per_pixel, parts, side, 0, max_side)
   result.in_flight = int(spare - per_pixel * parts * _canvas_pixels(side, eval_side))
   return result
 

@@ -19,7 +19,8 @@ class Options:
   overwrite: redo inputs whose outputs exist (default: skip them, so a run resumes).
   overlay: also write NAME_overlay.jpg; probabilities: also NAME_prob.npy ('float16'/'uint8').
   large_images: images with a side above `max_side` are 'resize'd to fit or cut into 'tile's;
-    max_side None: the model's eval size (`config.data.eval_size`, what it was evaluated at).
+    max_side None: the model's `config.data.predict_max_side`, by default its eval size
+    (`config.data.eval_size`), or a folder's largest eval image when larger.
   workers: decoding threads, and as many writing threads.
   memory_budget: bytes the whole process may hold (`seg.predict.memory`).
   shard: (index, count): only the inputs whose relative path hashes to `index` of `count`

@@ -18,7 +18,7 @@ class RunReport:
   duplicates: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, first)
   interrupted: bool = False
   peak_bytes_held: int = 0  # decoded images held at once, waiting for the model or writers
-  max_side: int = 0         # the run's --max-side (default: the model's eval size)
+  max_side: int = 0         # the run's --max-side (default: the model's predict_max_side)
   resized: int = 0          # inputs above it, predicted smaller and brought back to full size
   tiled: int = 0            # inputs above it, cut into tiles (--large-images=tile)
 

@@ -95,7 +95,7 @@ class Pipeline:
 
   def __init__(self, engine, options: Options, progress_stream=None,
                bytes_in_flight: Optional[int] = None):
-    max_side = options.max_side or engine.eval_size
+    max_side = options.max_side or engine.predict_max_side
     self.memory: Optional[Plan] = None
     if bytes_in_flight is None:  # the budget decides the largest side and what is in flight
       self.memory = plan_memory(engine, max_side, options.memory_budget, resident_bytes())
@@ -322,20 +322,8 @@ def inference_passes(workdir: str, scales: Optional[Sequence[float]] = None,
                      flip: Optional[bool] = None) -> Tuple[Tuple[float, ...], bool]:
   """(scales, flip) of a `predict` run: those given, else the workdir's config.eval ones."""
   from seg import checkpoint
-  evaluation = checkpoint.load_config(workdir).eval  # older configs: at their defaults
-  scales = evaluation.scales if scales is None else scales
-  flip = evaluation.flip if flip is None else flip
-  return tuple(float(s) for s in scales), bool(flip)
-
-
-def describe_passes(scales: Sequence[float], flip: bool) -> str:
-  """'multi-scale inference: scales 0.75, 1, 1.25 and their flips, 6 passes per image, ...'
-  for the log."""
-  passes = len(scales) * (2 if flip else 1)
-  listed = ', '.join(f'{s:g}' for s in scales)
-  return (f'multi-scale inference: scale{"s" if len(scales) > 1 else ""} {listed}'
-          f'{" and their flips" if flip else ""}, {passes} passes per image, softmax averaged '
-          f'(--scales 1 --no-flip: one pass)')
+  from seg.inference.forward import chosen_passes
+  return chosen_passes(checkpoint.load_config(workdir).eval, scales, flip)  # older: defaults
 
 
 def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Options] = None,
@@ -366,6 +354,7 @@ def predict_paths(workdir: str, inputs, output_dir: str, options: Optional[Optio
     raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
   if engine is None:
     from seg.inference.engine import Engine
+    from seg.inference.forward import describe_passes
     scales, flip = inference_passes(workdir, scales, flip)
     # kernel builds and checks, calibration: said here, before the progress bar
     engine, step = Engine.from_workdir(workdir, calibration, calibration_count,

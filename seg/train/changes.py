@@ -25,11 +25,11 @@ RECORD = 'config_changes.jsonl'
 
 # Fields that leave the training of the steps to come as it was: where to read the data, what
 # to log, evaluate and keep, and how a new run starts (read at step 0 only).
-NOT_TRAINING = ('data.data_dir', 'data.eval_split', 'data.eval_size', 'data.cache',
-                'train.log_every', 'train.checkpoint_every', 'train.keep_checkpoints',
-                'train.eval_every', 'train.keep_best', 'train.summary_images',
-                'train.init_from', 'train.init_part', 'train.from_scratch',
-                'train.skip_nonfinite')
+NOT_TRAINING = ('data.data_dir', 'data.eval_split', 'data.eval_size', 'data.predict_max_side',
+                'data.cache', 'train.log_every', 'train.checkpoint_every',
+                'train.keep_checkpoints', 'train.eval_every', 'train.keep_best',
+                'train.summary_images', 'train.init_from', 'train.init_part',
+                'train.from_scratch', 'train.skip_nonfinite')
 
 
 def flat(tree: Dict, prefix: str = '') -> Dict[str, object]:

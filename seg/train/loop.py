@@ -243,6 +243,18 @@ class TimedBatches:
       self.waited += time.perf_counter() - start
 
 
+def keep_folder_facts(config: ml_collections.ConfigDict, facts: Dict) -> None:
+  """Keeps in the config (then config.json, for eval, predict and exports) a dataset folder's
+  labelmap.txt names and colours, and the side up to which its eval images run whole as
+  `predict`'s default --max-side; fields the config gives are kept."""
+  if facts['names'] and not config.data.class_names:
+    config.data.class_names = ','.join(facts['names'])
+  if facts['colours'] and not config.data.class_colours:
+    config.data.class_colours = ';'.join(','.join(map(str, c)) for c in facts['colours'])
+  if facts['eval_side'] > config.data.eval_size and not config.data.predict_max_side:
+    config.data.predict_max_side = facts['eval_side']
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=print,
                        stop_at_step: Optional[int] = None) -> Dict:
   """Trains (resuming from the latest checkpoint in `workdir`), then evaluates.
@@ -267,12 +279,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, log=prin
   parallel.local_batch_size(config.eval.batch_size)  # fail now, not after training
   model = create_model(config.model)
   # Missing dataset archives; a dataset folder's classes that the model does not fit.
-  labelmap = pipeline.prepare(config.data, config.model.num_classes, log, jax.process_count())
-  if labelmap:  # a folder's labelmap.txt, kept in config.json (for eval, predict, exports)
-    if not config.data.class_names:
-      config.data.class_names = ','.join(labelmap['names'])
-    if labelmap['colours'] and not config.data.class_colours:
-      config.data.class_colours = ';'.join(','.join(map(str, c)) for c in labelmap['colours'])
+  folder_facts = pipeline.prepare(config.data, config.model.num_classes, log,
+                                  jax.process_count())
+  if folder_facts:
+    keep_folder_facts(config, folder_facts)
   keep_bias_rule_of_old_run(config, workdir, log)
   previous = changes_lib.previous_config(workdir)  # the run being resumed, if any
   checkpoint.save_config(workdir, config)  # a workdir of another model

@@ -262,16 +262,62 @@ def test_compilation_cache_is_per_user_unless_jax_variable_chooses(monkeypatch, 
 
 def test_export_says_a_multi_scale_model_is_exported_as_one_pass(tmp_path, capsys):
   from experiments import tiny
-  from seg.cli import commands
+  from seg.cli import commands, parser
   config = tiny.get_config()
   checkpoint.save_config(str(tmp_path), config)
-  commands._say_exports_run_one_pass(str(tmp_path))
+  commands._say_exports_run_one_pass(str(tmp_path), 'onnx')
   assert capsys.readouterr().out == ''
   config.eval.scales, config.eval.flip = (0.75, 1.0, 1.25), True
   checkpoint.save_config(str(tmp_path), config)
-  commands._say_exports_run_one_pass(str(tmp_path))
+  commands._say_exports_run_one_pass(str(tmp_path), 'onnx')
   assert capsys.readouterr().out == (
       'note: the config evaluates (and predict runs) scales 0.75, 1, 1.25 with flips; the '
-      'export holds one pass at scale 1 (average the passes yourself for those masks)\n')
-  commands._say_exports_run_one_pass(str(tmp_path / 'none'))   # the export names it
+      'onnx export holds one pass at scale 1 (average the passes yourself for those masks; '
+      '--format jax holds them)\n')
+  commands._say_exports_run_one_pass(str(tmp_path / 'none'), 'onnx')   # the export names it
   assert capsys.readouterr().out == ''
+  # --scales/--flip are refused where the format cannot hold them, before anything is read.
+  for flags in (['--scales', '0.5,1'], ['--no-flip']):
+    with pytest.raises(commands.CommandError, match='--scales and --flip are for --format '
+                                                    'jax: the tflite export holds one pass'):
+      commands.run(parser.parse(parser.build_parser(), [
+          'export', '--workdir', str(tmp_path), '--format', 'tflite', '--output',
+          str(tmp_path / 'm.tflite'), *flags]))
+
+
+def test_the_jax_export_holds_the_passes_the_config_evaluates(discerning, val_masks, tmp_path):
+  # A model evaluated with scales 0.5, 1.25 and flips: `export` (jax) writes the argmax of
+  # their averaged softmax by default, as NumPy computes it (`numpy_multi_scale`) from the
+  # Flax model's logits, on val images padded to the 161 canvas.
+  import jax
+  from jax import export as jax_export
+  from helpers import numpy_multi_scale
+  from seg.cli import commands
+  from seg.inference.forward import scaled_size
+  config = checkpoint.load_config(discerning)
+  config.eval.scales, config.eval.flip = (0.5, 1.25), True
+  output = str(tmp_path / 'model.jax')
+  commands.export(workdir=discerning, output=output, config=config, platforms='cpu')
+  with open(output, 'rb') as f:
+    predict = jax_export.deserialize(bytearray(f.read()))
+  model = create_model(config.model)
+  variables, _ = checkpoint.load_model_variables(discerning, model)
+  features = jax.jit(lambda x: model.apply(variables, x, train=False, upsample=False))
+  size = config.data.eval_size
+  images = [np.asarray(Image.open(path).convert('RGB')) for path in val_masks[1][:3]]
+  canvas = np.zeros((len(images), size, size, 3), np.uint8)
+  for i, image in enumerate(images):
+    canvas[i, :image.shape[0], :image.shape[1]] = image
+  masks = np.asarray(predict.call(canvas, np.array([i.shape[:2] for i in images], np.int32)))
+  sides = [scaled_size(size, s, config.model.output_stride) for s in config.eval.scales]
+  plain = [val_masks[0][os.path.basename(path)[:-4]][1] for path in val_masks[1][:3]]
+  changed = 0
+  for image, mask, one_pass in zip(images, masks, plain):
+    want = numpy_multi_scale(features, image, size, sides)[:image.shape[0], :image.shape[1]]
+    top = np.sort(want, -1)
+    clear = top[..., -1] - top[..., -2] > 1e-4
+    assert clear.mean() > 0.99
+    mask = mask[:image.shape[0], :image.shape[1]]
+    np.testing.assert_array_equal(mask[clear], want.argmax(-1)[clear])
+    changed += (mask != one_pass).sum()
+  assert changed > 0.01 * sum(image.size // 3 for image in images)  # predict's one pass differs

@@ -44,6 +44,11 @@ def _paint(label, colours=COLOURS):
   return palette[label]
 
 
+def _height(name):
+  """The height of image `name` of `_write_folder` (all are 80 wide)."""
+  return 60 + 3 * (TRAIN + VAL).index(name)
+
+
 def _write_folder(root, labelmap=True, label_format='rgb'):
   """The dataset folder; returns {id: label indices}."""
   rng = np.random.default_rng(0)
@@ -56,7 +61,7 @@ def _write_folder(root, labelmap=True, label_format='rgb'):
         f.write(f'{name}:{r},{g},{b}::\n')
   written = {}
   for i, name in enumerate(TRAIN + VAL):
-    h, w = 60 + 3 * i, 80
+    h, w = _height(name), 80
     label = _indices(rng, h, w)
     pixels = (np.array(COLOURS, np.uint8)[np.minimum(label, 2)]
               + rng.integers(0, 40, (h, w, 3)).astype(np.uint8))
@@ -214,7 +219,8 @@ def test_layout_errors_say_what_is_missing(tmp_path):
 def test_prepared_folder_reads_back_its_images_labels_and_classes(tmp_path):
   config, root, written = _folder_config(tmp_path)
   assert pipeline.prepare(config.data, num_classes=3) == {
-      'names': list(NAMES), 'colours': [list(c) for c in COLOURS]}
+      'names': list(NAMES), 'colours': [list(c) for c in COLOURS],
+      'eval_side': max(_height(name) for name in VAL)}
   order = {}
   for split, ids in (('train', TRAIN), ('val', VAL)):
     examples = list(pipeline.split_examples(config.data, split).as_numpy_iterator())
@@ -309,25 +315,31 @@ def test_classes_the_model_does_not_fit_stop_before_training(tmp_path):
   with pytest.raises(ValueError, match='hold class 2; config.model.num_classes is 2: add '
                                        '--config.model.num_classes=3'):
     pipeline.prepare(config.data, num_classes=2)
-  notes = []
-  assert pipeline.prepare(config.data, num_classes=5, log=notes.append) is None
+  notes = []   # no labelmap.txt: no names or colours to keep; the val images' largest side
+  assert pipeline.prepare(config.data, num_classes=5, log=notes.append) == {
+      'names': None, 'colours': None, 'eval_side': max(_height(name) for name in VAL)}
   assert notes == [f'note: the labels of {os.path.abspath(root)} hold classes 0..2 only; '
                    'config.model.num_classes is 5 (--config.model.num_classes=3 if the dataset '
                    'has no more)']
 
 
-def test_eval_images_above_eval_size_are_noted_with_the_size_for_both(tmp_path):
+def test_eval_images_above_eval_size_are_noted_with_the_side_predict_runs_whole(tmp_path):
   config, root, _ = _folder_config(tmp_path)
   notes = []
   config.data.eval_size = 93   # the val images: 84 to 93 high, 80 wide
-  pipeline.prepare(config.data, num_classes=3, log=notes.append)
+  assert pipeline.prepare(config.data, num_classes=3, log=notes.append)['eval_side'] == 93
   assert notes == []
   config.data.eval_size = 81
   pipeline.prepare(config.data, num_classes=3, log=notes.append)
-  assert len(notes) == 1 and notes[0].startswith(
+  assert notes == [
       f"note: the 'val' images of {os.path.abspath(root)} reach 93x80, above "
-      'data.eval_size=81: eval runs them whole')
-  assert notes[0].endswith('--config.data.eval_size=129 evaluates and predicts them alike')
+      'data.eval_size=81: eval runs them whole, in one more compiled shape '
+      '(--config.data.eval_size=129 avoids it); `predict` runs inputs up to 93 px whole too '
+      '(data.predict_max_side=93; larger ones downscaled to it)']
+  config.data.predict_max_side = 85   # the config's own value is kept, and said
+  pipeline.prepare(config.data, num_classes=3, log=notes.append)
+  assert notes[-1].endswith('(--config.data.eval_size=129 avoids it); `predict` downscales '
+                            'inputs above data.predict_max_side=85 px')
 
 
 def test_a_decoded_cache_larger_than_the_memory_stops_before_training(tmp_path, monkeypatch):
@@ -410,10 +422,12 @@ def test_prepare_data_prints_the_classes_and_how_to_train(tmp_path, capsys):
   assert (args.dataset, args.folder) == ('folder', root)
 
 
-def test_training_on_a_folder_keeps_its_class_names_and_colours(tmp_path, tiny_config):
+def test_training_on_a_folder_keeps_its_classes_and_the_side_predict_runs_whole(tmp_path,
+                                                                               tiny_config):
   config, root, _ = _folder_config(tmp_path, tiny_config)
   config.model.num_classes = 3
   config.train.steps = 2
+  config.data.eval_size = 81   # below the val images' 84-93 px: eval runs them whole
   workdir = str(tmp_path / 'run')
   report = loop.train_and_evaluate(config, workdir, log=lambda _: None)
   assert list(report['per_class_iou']) == list(NAMES)
@@ -422,16 +436,24 @@ def test_training_on_a_folder_keeps_its_class_names_and_colours(tmp_path, tiny_c
     data = json.load(f)['data']
   assert data['class_names'] == ','.join(NAMES)
   assert data['class_colours'] == ';'.join(','.join(map(str, c)) for c in COLOURS)
-  # predict draws the masks in labelmap.txt's colours.
-  image = os.path.join(root, folder.IMAGES, VAL[0] + '.jpg')
-  options = Options(overlay=True, memory_budget=16 << 30)  # the test process holds more
-  assert predict_paths(workdir, [image], str(tmp_path / 'masks'), options, batch_size=4,
-                       log=lambda _: None) == 0
-  with Image.open(str(tmp_path / 'masks' / VAL[0]) + '.png') as png:
+  assert data['predict_max_side'] == max(_height(name) for name in VAL) == 93
+  # predict draws the masks in labelmap.txt's colours, and runs the largest val image whole,
+  # as eval did; with --max-side at the eval size it would have downscaled it.
+  image = os.path.join(root, folder.IMAGES, VAL[-1] + '.png')
+  for max_side, resized in ((None, []), (81, ['  resized           1  above 81 px'])):
+    lines = []
+    options = Options(overlay=True, max_side=max_side, overwrite=True,
+                      memory_budget=16 << 30)  # the test process holds more
+    assert predict_paths(workdir, [image], str(tmp_path / 'masks'), options, batch_size=4,
+                         log=lines.append) == 0
+    summary = '\n'.join(lines).splitlines()
+    assert [line[:34] for line in summary if 'resized' in line] == resized
+  with Image.open(str(tmp_path / 'masks' / VAL[-1]) + '.png') as png:
     mask = np.asarray(png)
     palette = np.asarray(png.getpalette()[:9], np.uint8).reshape(3, 3)
+  assert mask.shape == (93, 80)
   np.testing.assert_array_equal(palette, COLOURS)
-  coloured = np.asarray(Image.open(str(tmp_path / 'masks' / VAL[0]) + '_color.png'))
+  coloured = np.asarray(Image.open(str(tmp_path / 'masks' / VAL[-1]) + '_color.png'))
   np.testing.assert_array_equal(coloured, np.array(COLOURS, np.uint8)[mask])
 
 

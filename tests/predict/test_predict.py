@@ -25,6 +25,7 @@ from helpers import ROOT, numpy_multi_scale, voc_colormap
 from experiments import tiny
 from seg import checkpoint, predict
 from seg.inference.engine import Engine
+from seg.inference import forward
 from seg.predict import large_images
 from seg.predict.progress import Progress, RunReport
 from seg.predict.files import collect_inputs, plan_jobs
@@ -907,7 +908,7 @@ def test_predict_runs_the_passes_eval_scores_unless_told_otherwise(tmp_path):
   checkpoint.save_config(str(tmp_path), config)
   assert predict.runner.inference_passes(str(tmp_path)) == ((0.5, 1.0, 1.5), True)
   assert predict.runner.inference_passes(str(tmp_path), [1], False) == ((1.0,), False)
-  assert predict.runner.describe_passes((0.5, 1.0, 1.5), True).startswith(
+  assert forward.describe_passes((0.5, 1.0, 1.5), True).startswith(
       'multi-scale inference: scales 0.5, 1, 1.5 and their flips, 6 passes per image')
 
 
@@ -945,7 +946,10 @@ def test_the_memory_budget_bounds_the_compiled_shape_and_what_is_in_flight(engin
   plan = memory.plan_memory(engine, 2049, budget, held)
   assert plan.max_side == 513
   assert abs(plan.in_flight - (spare - per_pixel * parts * 513 ** 2)) <= 2
-  assert memory.plan_memory(engine, 321, budget, held).max_side == 321  # a smaller request stands
+  assert plan.describe().endswith('(the largest side lowered from 2049 px to fit; '
+                                  '--memory-budget raises it)')
+  smaller = memory.plan_memory(engine, 321, budget, held)
+  assert smaller.max_side == 321 and 'lowered' not in smaller.describe()  # it stands
   with pytest.raises(ValueError, match='memory-budget') as refused:
     memory.plan_memory(engine, 2049, held + memory.SLACK + int(eval_canvas), held)
   assert str(refused.value).endswith('raise it')
