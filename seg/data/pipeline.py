@@ -410,7 +410,9 @@ _OVERSIZE_CACHE = {}
 
 
 def oversize_images(data_config, split: str):
-  """(indices, padded (height, width)) of the split's images larger than `eval_size`.
+  """(indices, padded (height, width)) of the split's images larger than `eval_size`: one
+  square canvas, `padded_size` of their largest side (`predict` pads images of that size to
+  the same canvas: `seg.inference.engine.Engine.bucket`).
 
   Reads only the JPEG (PNG) headers; cached per prepared split, since training
   evaluates the same split many times.
@@ -424,8 +426,8 @@ def oversize_images(data_config, split: str):
         lambda ex: image_shape(ex['image']),
         num_parallel_calls=tf.data.AUTOTUNE).batch(1024))) or [np.zeros((0, 2), np.int32)])
     indices = np.flatnonzero(shapes.max(axis=1) > data_config.eval_size)
-    shape = (tuple(padded_size(int(n)) for n in shapes[indices].max(axis=0))
-             if len(indices) else None)
+    side = padded_size(int(shapes[indices].max())) if len(indices) else 0
+    shape = (side, side) if len(indices) else None
     _OVERSIZE_CACHE[key] = (indices, shape)
   return _OVERSIZE_CACHE[key]
 
@@ -439,9 +441,9 @@ def eval_batches(data_config, batch_size: int, split: str, process_index: int = 
   {'image' [n, h, w, 3] uint8, 'size' [n, 2] int32 (each image's height and width, the
   rest is padding), 'label' [n, h, w] uint8 (padding = the ignore label), 'mask' [n],
   'index' [n] int32 (each example's place in the split, `split_ids`; padding -1)}.
-  Images larger than that come after them, padded to one larger shape: the
-  split's largest height and width rounded up to k * 64 + 1 (one more
-  compiled shape; VOC's images, at most 500 pixels, never need it). In both
+  Images larger than that come after them, padded to one larger square: the
+  split's largest side rounded up to k * 64 + 1 (one more compiled shape;
+  VOC's images, at most 500 pixels, never need it). In both
   groups the last batch is completed with masked padding examples, and every
   process yields the same number of batches of each shape so that collective
   steps line up. A label value outside 0..num_classes-1 and the ignore label raises

@@ -21,7 +21,7 @@ import numpy as np
 
 from seg.inference.fold import cast_folded, fold_variables
 from seg.inference.forward import class_map, forward, is_multi_scale, multi_scale_logits
-from seg.preprocessing import bucket_shape, preprocess_padded
+from seg.preprocessing import bucket_shape, padded_size, preprocess_padded
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'int8': jnp.int8}
 
@@ -178,8 +178,11 @@ class Engine:
     self.dtype = dtype
     self.batch_size = batch_size
     self.eval_size = config.data.eval_size
-    # `predict`'s default largest side (config.data.predict_max_side; 0: the eval size).
+    # `predict`'s default largest side (config.data.predict_max_side; 0: the eval size), and
+    # for images above the eval size up to it, the one square canvas `eval` pads them to.
     self.predict_max_side = config.data.get('predict_max_side', 0) or self.eval_size
+    self.large_canvas = (padded_size(self.predict_max_side)
+                         if self.predict_max_side > self.eval_size else 0)
     # A batch is split over `devices` when their number divides it (see `run_padded`).
     self.devices = list(devices) if devices else [device or jax.local_devices()[0]]
     self.device = self.devices[0]
@@ -263,7 +266,12 @@ class Engine:
     return self.multi_scale
 
   def bucket(self, height: int, width: int) -> Tuple[int, int]:
-    """The padded shape of an image: images of equal buckets share one compiled call."""
+    """The padded shape of an image: images of equal buckets share one compiled call. An
+    image above the eval size and up to `predict_max_side` (a dataset folder's eval images)
+    gets `large_canvas`, as `eval` pads it (`seg.data.pipeline.oversize_images`): the image
+    pooling sees the same padding, and the masks are eval's."""
+    if self.large_canvas and self.eval_size < max(height, width) <= self.predict_max_side:
+      return self.large_canvas, self.large_canvas
     return bucket_shape(height, width, self.eval_size)
 
   @classmethod

@@ -20,7 +20,6 @@ import os
 import re
 from typing import Tuple
 
-from seg.preprocessing import bucket_shape
 
 DEFAULT_BUDGET = 1536 << 20   # bytes: the whole process under ~1.5 GB
 SLACK = 128 << 20             # Python objects, decoder and encoder temporaries, allocator slack
@@ -105,13 +104,14 @@ def plan_memory(engine, max_side: int, budget: int, held: int) -> Plan:
                      f'({(held + SLACK) >> 20} MiB held, plus its eval-size canvas): raise it'
                      f'{passes}')
   side = max_side
-  while side > eval_side and per_pixel * parts * _canvas_pixels(side, eval_side) > spare / 2:
+  while side > eval_side and per_pixel * parts * _canvas_pixels(engine, side) > spare / 2:
     side = max(eval_side, side - 64)
   result = Plan(budget, held, per_pixel, parts, side, 0, max_side)
-  result.in_flight = int(spare - per_pixel * parts * _canvas_pixels(side, eval_side))
+  result.in_flight = int(spare - per_pixel * parts * _canvas_pixels(engine, side))
   return result
 
 
-def _canvas_pixels(side: int, eval_side: int) -> int:
-  h, w = bucket_shape(side, side, eval_side)
+def _canvas_pixels(engine, side: int) -> int:
+  """Pixels of the largest canvas of images up to `side` (`engine.bucket`)."""
+  h, w = engine.bucket(side, side)
   return h * w

@@ -16,6 +16,7 @@ from seg import classes, config as config_lib
 from seg.cli import commands
 from seg.cli.parser import build_parser
 from seg.data import folder, labels, pipeline, voc
+from seg.inference.engine import Engine
 from seg.predict.options import Options
 from seg.predict.runner import predict_paths
 from seg.train import loop
@@ -437,6 +438,12 @@ def test_training_on_a_folder_keeps_its_classes_and_the_side_predict_runs_whole(
   assert data['class_names'] == ','.join(NAMES)
   assert data['class_colours'] == ';'.join(','.join(map(str, c)) for c in COLOURS)
   assert data['predict_max_side'] == max(_height(name) for name in VAL) == 93
+  # predict pads those images to the one square canvas eval pads them to (the image pooling
+  # sees the same padding): 129 = 2 * 64 + 1 holds 93.
+  engine, _ = Engine.from_workdir(workdir)
+  assert pipeline.oversize_images(config.data, 'val')[1] == (129, 129)
+  assert engine.bucket(84, 80) == engine.bucket(93, 80) == (129, 129)
+  assert engine.bucket(81, 60) == (81, 81) and engine.bucket(200, 80) == (257, 129)
   # predict draws the masks in labelmap.txt's colours, and runs the largest val image whole,
   # as eval did; with --max-side at the eval size it would have downscaled it.
   image = os.path.join(root, folder.IMAGES, VAL[-1] + '.png')
