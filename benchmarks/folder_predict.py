@@ -1,7 +1,7 @@
 """Do `predict`'s masks score what `eval` reports on a dataset folder of larger images?
 
-    python benchmarks/folder_predict.py --output /tmp/fp [--train 60] [--val 30] [--factor 2] \
-        [--steps 300] [--seed 0]
+    python benchmarks/folder_predict.py --output /tmp/fp [--train 300] [--val 60] [--factor 2] \
+        [--steps 2000] [--seed 0]
 
 Writes a dataset folder in the VOC layout (as CVAT exports it: JPEGs, colour label PNGs in
 VOC's colours, split lists) from the first embedded train and val images upscaled by
@@ -30,10 +30,10 @@ EMBEDDED = os.path.expanduser('~/tensorflow_datasets/downloads/embedded-1.2.0/VO
 
 flags.DEFINE_string('output', None, 'A new folder for the dataset, the run and the masks.',
                     required=True)
-flags.DEFINE_integer('train', 60, 'Training images (the first of the embedded train split).')
-flags.DEFINE_integer('val', 30, 'Val images (the first of the embedded val split).')
+flags.DEFINE_integer('train', 300, 'Training images (the first of the embedded train split).')
+flags.DEFINE_integer('val', 60, 'Val images (the first of the embedded val split).')
 flags.DEFINE_integer('factor', 2, 'Upscaling factor of images and labels.')
-flags.DEFINE_integer('steps', 300, 'Training steps.')
+flags.DEFINE_integer('steps', 2000, 'Training steps.')
 flags.DEFINE_integer('seed', 0, 'train.seed')
 FLAGS = flags.FLAGS
 
