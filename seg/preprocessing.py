@@ -75,6 +75,16 @@ def padded_size(size: int) -> int:
   return -(-(size - 1) // BUCKET) * BUCKET + 1
 
 
+def large_canvas(data_config) -> int:
+  """The side of the square canvas `eval` pads a dataset folder's images above
+  `data.eval_size` to (`padded_size` of the largest), which `predict` gives every image above
+  the eval size up to `data.predict_max_side` (`train` sets it to that largest side), and the
+  jax and LiteRT exports take as their default canvas; 0 where predict_max_side is not above
+  the eval size."""
+  side = data_config.get('predict_max_side', 0)
+  return padded_size(side) if side > data_config.eval_size else 0
+
+
 def bucket_shape(height: int, width: int, eval_size: int) -> Tuple[int, int]:
   """The padded shape of an image: `eval_size` square, or `padded_size` of a larger side."""
   if height < 1 or width < 1:

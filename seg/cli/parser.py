@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config(p, False, ' (default: the workdir\'s own config)')
   p.add_argument('--size', default='', metavar='HxW',
                  help='tflite/onnx: the input size, e.g. 257x257 (tflite default: eval_size '
-                      'square; onnx default: any size)')
+                      "square, or a folder model's larger eval canvas; onnx default: any size)")
   p.add_argument('--quantize', choices=('int8',),
                  help='tflite/onnx: int8 post-training quantization (needs --calibration)')
   p.add_argument('--calibration', default='', metavar='IMAGES',
@@ -221,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--symbolic-batch', action=_Bool, default=True,
                  help='jax: a symbolic batch dimension (else --batch-size)')
   p.add_argument('--batch-size', type=_positive, default=1)
-  p.add_argument('--height', type=int, default=0, help='jax: canvas height (default eval_size)')
-  p.add_argument('--width', type=int, default=0, help='jax: canvas width (default eval_size)')
+  p.add_argument('--height', type=int, default=0,
+                 help="jax: canvas height (default eval_size, or a folder model's larger eval "
+                      'canvas)')
+  p.add_argument('--width', type=int, default=0, help='jax: canvas width (default: as --height)')
   _add_passes(p, "jax: the workdir's config.eval.scales, so the file gives the masks eval "
                  'scores; the other formats hold one pass at scale 1', "jax: config.eval.flip")
   return parser

@@ -27,6 +27,7 @@ from seg.export.inputs import calibration_canvases, parse_size
 from seg.inference.calibration import DEFAULT_COUNT
 from seg.inference.fold import fold_variables
 from seg.model import create_model
+from seg.preprocessing import large_canvas
 
 QUANTIZE = ('int8',)
 
@@ -69,14 +70,15 @@ def export_model(workdir: str, fmt: str, output: str, config=None, size: Optiona
   if fmt == 'jax':
     raise ValueError('the jax format is written by seg.inference.export.export_workdir')
   config = config or checkpoint.load_config(workdir)
-  hw = parse_size(size, config.data.eval_size) if fmt != 'hf' else None
+  canvas = large_canvas(config.data) or config.data.eval_size   # a folder model's: eval's square
+  hw = parse_size(size, canvas) if fmt != 'hf' else None
   if fmt == 'onnx' and not size:
     hw = None   # dynamic height and width
   variables, step = checkpoint.load_model_variables(workdir, create_model(config.model))
   variables = jax.device_get(variables)
   canvases = []
   if quantize:
-    ch, cw = hw or (config.data.eval_size, config.data.eval_size)
+    ch, cw = hw or (canvas, canvas)
     canvases = calibration_canvases(calibration, config, calibration_count or DEFAULT_COUNT,
                                     ch, cw)
     log(f'calibration: {len(canvases)} images from {calibration} on {ch}x{cw} canvases')

@@ -21,7 +21,7 @@ import numpy as np
 
 from seg.inference.fold import cast_folded, fold_variables
 from seg.inference.forward import class_map, forward, is_multi_scale, multi_scale_logits
-from seg.preprocessing import bucket_shape, padded_size, preprocess_padded
+from seg.preprocessing import bucket_shape, large_canvas, preprocess_padded
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'int8': jnp.int8}
 
@@ -181,8 +181,7 @@ class Engine:
     # `predict`'s default largest side (config.data.predict_max_side; 0: the eval size), and
     # for images above the eval size up to it, the one square canvas `eval` pads them to.
     self.predict_max_side = config.data.get('predict_max_side', 0) or self.eval_size
-    self.large_canvas = (padded_size(self.predict_max_side)
-                         if self.predict_max_side > self.eval_size else 0)
+    self.large_canvas = large_canvas(config.data)
     # A batch is split over `devices` when their number divides it (see `run_padded`).
     self.devices = list(devices) if devices else [device or jax.local_devices()[0]]
     self.device = self.devices[0]

@@ -10,7 +10,8 @@ scales or flips (`config.eval.scales`, `eval.flip`, or `--scales/--flip`), the a
 softmax averaged over those passes (`seg.inference.forward.multi_scale_logits`), the masks
 `eval` scores and `predict` writes. Its input is
 `images: uint8 [batch, H, W, 3]` (batch symbolic unless `--no-symbolic-batch`,
-H x W fixed at export: the eval bucket or `--height/--width`) and
+H x W fixed at export: `--height/--width`, by default the eval size square, or for a model
+trained on a dataset folder of larger eval images the square `eval` pads them to) and
 `sizes: int32 [batch, 2]`, each image's (height, width); an image sits at the
 top left of its canvas and everything outside it counts as the mean pixel,
 as in `eval` and `predict`. The output is uint8 [batch, H, W].
@@ -58,7 +59,8 @@ def export_engine(eng: engine.Engine, platforms: Sequence[str] = ('cpu', 'cuda')
     eng: a `seg.inference.engine.Engine` (its dtype is the exported compute dtype; its
       `scales` and `flip`, the passes averaged).
     batch_size: fixed batch; None = a symbolic batch dimension.
-    height, width: the canvas size (default the engine's eval_size).
+    height, width: the canvas size (default the engine's eval_size, or its `large_canvas`:
+      a model trained on a folder of larger eval images, `seg.preprocessing.large_canvas`).
   """
   unknown = [p for p in platforms if p not in PLATFORMS]
   if unknown or not platforms:
@@ -66,7 +68,8 @@ def export_engine(eng: engine.Engine, platforms: Sequence[str] = ('cpu', 'cuda')
   if eng.int8_formulation == 'kernel':
     raise ValueError("the engine runs the project's int8 kernel, which an export cannot carry: "
                      "build it with int8_formulation='int8'")
-  height, width = height or eng.eval_size, width or eng.eval_size
+  side = eng.large_canvas or eng.eval_size   # a folder model's: eval's larger square
+  height, width = height or side, width or side
   batch = jax_export.symbolic_shape('batch')[0] if batch_size is None else batch_size
   folded = jax.device_get(eng.folded)  # constants of the exported module
   if 'kernel' in (eng.f32_formulation, eng.bf16_formulation):

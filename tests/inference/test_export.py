@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import random_variables, tiny_engine_config
+from seg import preprocessing
 from seg.inference import engine, export
 
 # The loader of seg/inference/export.py's docstring, run in a process that cannot import this project.
@@ -73,3 +74,18 @@ def test_unknown_platform_is_a_clear_error():
   _, variables = random_variables(config.model)
   with pytest.raises(ValueError, match='platforms'):
     export.export_engine(engine.Engine(config, variables), ('cpu', 'gpu0'))
+
+
+def test_a_folder_models_export_takes_evals_larger_canvas_by_default():
+  # `train` sets data.predict_max_side to a folder's largest eval image side (100 here) when
+  # it is above the eval size (65): eval pads such images to padded_size(100) = 129 square,
+  # predict too, and the export's canvas defaults to it; without it, the eval size.
+  config = tiny_engine_config()
+  _, variables = random_variables(config.model)
+  shapes = []
+  for predict_max_side in (0, 65, 100):
+    config.data.predict_max_side = predict_max_side
+    assert preprocessing.large_canvas(config.data) == (129 if predict_max_side > 65 else 0)
+    exported = export.export_engine(engine.Engine(config, variables), ('cpu',))
+    shapes.append(exported.in_avals[0].shape[1:3])
+  assert shapes == [(65, 65), (65, 65), (129, 129)]
