@@ -21,9 +21,9 @@ import pytest  # noqa: E402
 
 from experiments import tiny  # noqa: E402
 
-# The modules that take longest (seconds of one worker, 2026-12-08, a 2-core AMD EPYC Zen 4
-# VM, `--durations`: ~330, ~320, ~200, ~150, ~150, ~130, ~120), handed to the two workers
-# first. pytest-xdist's `--dist loadfile` otherwise orders modules by their number of tests,
+# The modules that take longest (2026-12-08, a 2-core AMD EPYC Zen 4 VM: their tests among
+# the 60 slowest of `--durations=60` add up to ~330, ~320, 200, ~150, ~150, ~130 and 123 s),
+# handed to the two workers first. pytest-xdist's `--dist loadfile` otherwise orders modules by their number of tests,
 # which left the one-test modules of 200 and 120 s (`test_multihost`, `test_gpu_check`) to the
 # end of the run, one worker busy and the other idle.
 LONGEST_FIRST = ('train/test_faults.py', 'train/test_train.py', 'train/test_multihost.py',
