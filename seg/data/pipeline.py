@@ -326,11 +326,11 @@ def prepare(data_config, num_classes: Optional[int] = None, log=print,
   facts = voc.folder_facts(builder)
   if facts is None:
     return None
+  largest = _largest_eval_image(facts, data_config)
   if num_classes is not None:
     _check_folder_classes(facts, num_classes, log)
     _check_cache_fits(facts, data_config, process_count, log)
-    _note_large_eval_images(facts, data_config, log)
-  largest = _largest_eval_image(facts, data_config)
+    _note_large_eval_images(facts['root'], largest, data_config, log)
   return {'names': facts['names'] or None, 'colours': facts.get('colours'),
           'eval_side': max(largest) if largest else 0}
 
@@ -383,11 +383,12 @@ def _largest_eval_image(facts: dict, data_config) -> Optional[Tuple[int, int]]:
   return (max(s[0] for s in sizes), max(s[1] for s in sizes)) if sizes else None
 
 
-def _note_large_eval_images(facts: dict, data_config, log) -> None:
+def _note_large_eval_images(root: str, largest: Optional[Tuple[int, int]], data_config,
+                            log) -> None:
   """Eval split images above data.eval_size are evaluated whole, in one more compiled shape:
   say so, with the eval_size that avoids it, and the side `predict` will run whole
-  (`train` sets data.predict_max_side to it unless the config gives one)."""
-  largest = _largest_eval_image(facts, data_config)
+  (`train` sets data.predict_max_side to it unless the config gives one); `largest`: the
+  folder's (height, width) (`_largest_eval_image`)."""
   if not largest or max(largest) <= data_config.eval_size:
     return
   side = max(largest)
@@ -395,7 +396,7 @@ def _note_large_eval_images(facts: dict, data_config, log) -> None:
   after = (f'`predict` runs inputs up to {side} px whole too (data.predict_max_side={side}; '
            f'larger ones downscaled to it)' if not predict else
            f'`predict` downscales inputs above data.predict_max_side={predict} px')
-  log(f'note: the {data_config.eval_split!r} images of {facts["root"]} reach '
+  log(f'note: the {data_config.eval_split!r} images of {root} reach '
       f'{largest[0]}x{largest[1]}, above data.eval_size={data_config.eval_size}: eval runs '
       f'them whole, in one more compiled shape (--config.data.eval_size='
       f'{padded_size(side)} avoids it); {after}')
