@@ -1,6 +1,6 @@
-"""What several test modules share: the repository root, models with non-trivial weights,
-a poisoned input stream, VOC's colour map, NumPy's aligned-corner resize and multi-scale
-average. (Fixtures live in conftest.py.)"""
+"""What several test modules share: the repository root, models with non-trivial weights
+(and a workdir of one), generated scenes, a poisoned input stream, VOC's colour map, NumPy's
+aligned-corner resize and multi-scale average. (Fixtures live in conftest.py.)"""
 
 import os
 
@@ -42,6 +42,44 @@ def random_variables(model_config, seed=0):
     if key[-1] in draw and 'logits' not in key:
       flat[key] = jnp.asarray(draw[key[-1]](value.shape), jnp.float32)
   return model, flax.traverse_util.unflatten_dict(flat)
+
+
+def scene(height, width, seed):
+  """[height, width, 3] uint8: a smooth background with a few bright discs, varied content
+  for a varied mask."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:height, :width]
+  image = np.stack([(yy * 255 // max(height - 1, 1)), (xx * 255 // max(width - 1, 1)),
+                    np.full_like(yy, rng.integers(0, 255))], -1).astype(np.float32)
+  for _ in range(3):
+    cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(8, 30)
+    inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+    image[inside] = rng.integers(0, 255, 3)
+  return image.astype(np.uint8)
+
+
+def write_random_workdir(workdir, config, seed=0):
+  """A workdir of `config`'s model at step 0 with random weights and BatchNorm statistics
+  (model.init itself takes ~25 s to compile here): He-scaled kernels keep activations in
+  range, so the argmax varies over an image. Returns (model, variables)."""
+  from seg import checkpoint
+  model = create_model(config.model)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name == 'kernel':
+      fan_in = int(np.prod(shape[:-1])) if shape[-2] > 1 else int(np.prod(shape[:2]))
+      return rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
+    if name in ('scale', 'var'):
+      return rng.uniform(0.8, 1.2, shape).astype(np.float32)
+    return rng.normal(0, 0.1, shape).astype(np.float32)  # biases, means
+  variables = jax.tree_util.tree_map_with_path(fill, checkpoint.abstract_variables(model))
+  checkpoint.save_config(workdir, config)
+  manager = checkpoint.create_manager(workdir)
+  checkpoint.save(manager, 0, variables, {'step': np.int32(0)})
+  manager.wait_until_finished()
+  return model, variables
 
 
 def tiny_engine_config(**model_overrides):

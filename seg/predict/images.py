@@ -73,9 +73,33 @@ def load_image(path: str, max_side: Optional[int] = None,
   """
   oriented, original = _decoded(path, max_side, profile)
   with profile.stage('resize'):
-    if max_side and max(oriented.size) > max_side:
-      oriented = _resize_to_fit(oriented, original, max_side)
-    return _to_rgb(oriented), original
+    return fitted(oriented, original, max_side), original
+
+
+def fitted(image: Image.Image, original: Tuple[int, int], max_side: Optional[int]) -> np.ndarray:
+  """A loaded PIL image as [h, w, 3] uint8 RGB, downscaled to fit `max_side` where its
+  `original` (H, W) size is larger (the image may be a reduced-scale decode of it)."""
+  if max_side and max(image.size) > max_side:
+    image = _resize_to_fit(image, original, max_side)
+  return _to_rgb(image)
+
+
+def image_from_array(pixels: np.ndarray) -> Image.Image:
+  """uint8 pixels [h, w] (grey), [h, w, 1], [h, w, 3] (RGB) or [h, w, 4] (RGBA) as a PIL
+  image, which `fitted` treats as it treats a decoded file of those pixels."""
+  pixels = np.asarray(pixels)
+  if pixels.dtype != np.uint8:
+    hint = (' (values in [0, 1]? multiply by 255 first)'
+            if pixels.dtype.kind == 'f' and pixels.size and np.nanmax(pixels) <= 1 else '')
+    raise ValueError(f'expected uint8 pixels (0-255), got {pixels.dtype}{hint}')
+  if pixels.ndim == 3 and pixels.shape[2] == 1:
+    pixels = pixels[..., 0]
+  mode = {2: 'L'}.get(pixels.ndim) or {3: 'RGB', 4: 'RGBA'}.get(
+      pixels.shape[2] if pixels.ndim == 3 else 0)
+  if mode is None or 0 in pixels.shape[:2]:
+    raise ValueError(f'expected an image [height, width], [height, width, 3] or [height, '
+                     f'width, 4], got shape {pixels.shape}')
+  return Image.fromarray(np.ascontiguousarray(pixels))  # mode L, RGB or RGBA
 
 
 def load_rgb_image(path: str) -> Image.Image:

@@ -11,13 +11,12 @@
 Either way the number of compiled shapes is that of images up to `max_side`.
 """
 
-import os
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from seg.predict.options import TILE_OVERLAP, Options
-from seg.predict.outputs import ProbabilityFile
+from seg.predict.options import TILE_OVERLAP
+from seg.predict.outputs import OpenProbabilities
 
 def softmax(logits: np.ndarray) -> np.ndarray:
   """[..., classes] float -> probabilities over the last axis, float32."""
@@ -40,13 +39,14 @@ def tile_starts(size: int, tile: int, overlap: int) -> Tuple[List[int], List[int
   return starts, bounds
 
 
-def predict_tiled(engine, item, options: Options) -> None:
-  """Fills item.mask (and a probability file) tile by tile; see the module docstring."""
+def predict_tiled(engine, item, tile: int,
+                  open_probabilities: Optional[OpenProbabilities] = None) -> None:
+  """Fills item.mask tile by tile (see the module docstring); with `open_probabilities`,
+  the probabilities too, into `item.prob_file` (`seg.predict.runner.complete`)."""
   height, width = item.image.shape[:2]
-  tile = options.max_side
   rows, row_bounds = tile_starts(height, tile, TILE_OVERLAP)
   cols, col_bounds = tile_starts(width, tile, TILE_OVERLAP)
-  want_probs = options.probabilities != 'none'
+  want_probs = open_probabilities is not None
   item.mask = np.zeros((height, width), np.uint8)
   cells = [(i, j) for i in range(len(rows)) for j in range(len(cols))]
   for start in range(0, len(cells), engine.batch_size):
@@ -64,9 +64,7 @@ def predict_tiled(engine, item, options: Options) -> None:
       owned = result[r0:r1, c0:c1]
       if want_probs:
         if item.prob_file is None:
-          os.makedirs(os.path.dirname(item.job.stem) or '.', exist_ok=True)
-          item.prob_file = ProbabilityFile(item.job.stem + '_prob.npy', result.shape[-1],
-                                           height, width, options.probabilities)
+          item.prob_file = open_probabilities(result.shape[-1], height, width)
         item.prob_file.write(row_bounds[i], col_bounds[j], owned)
         owned = owned.argmax(axis=-1)
       item.mask[row_bounds[i]:row_bounds[i + 1], col_bounds[j]:col_bounds[j + 1]] = owned

@@ -18,7 +18,7 @@ import ctypes
 import functools
 import io
 import os
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 from PIL import Image
@@ -151,6 +151,23 @@ class ProbabilityFile:
     self.array = None
     if os.path.exists(self.temporary):
       os.remove(self.temporary)
+
+
+# (classes, height, width) -> where an image's probabilities go: anything with `write(row,
+# col, probs)` (`ProbabilityFile`), and `commit()` / `discard()` for files.
+OpenProbabilities = Callable[[int, int, int], Any]
+
+
+def probability_file_for(stem: str, options: Options) -> Optional[OpenProbabilities]:
+  """STEM_prob.npy in `options.probabilities`'s format, opened when an image's size and
+  classes are known; None where no probabilities are asked for."""
+  if not options.want_probabilities:
+    return None
+  def open_file(num_classes: int, height: int, width: int) -> ProbabilityFile:
+    os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
+    return ProbabilityFile(stem + '_prob.npy', num_classes, height, width,
+                           options.probabilities)
+  return open_file
 
 
 def _encoded(image: Image.Image, fmt: str, **params) -> bytes:

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from concurrent import futures
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -29,14 +29,14 @@ from seg.predict.memory import Plan, item_bytes, plan_memory, resident_bytes
 from seg.predict.upsampling import class_map, strips
 from seg.predict.large_images import predict_tiled, softmax
 from seg.predict.options import Options
-from seg.predict.outputs import ProbabilityFile, write_masks
+from seg.predict.outputs import OpenProbabilities, probability_file_for, write_masks
 from seg.predict.profile import NO_PROFILE, Profile
 from seg.predict.progress import Progress, RunReport, failure_reason
 
 @dataclasses.dataclass
 class Item:
   """A decoded input on its way through the model to the writers."""
-  job: Job
+  job: Optional[Job]                # None for images given in memory (`Segmenter`)
   image: np.ndarray                 # [h, w, 3] uint8, downscaled if resized
   original: Tuple[int, int]         # (H, W) of the input
   tiled: bool = False
@@ -46,7 +46,7 @@ class Item:
   averaged: bool = False                  # features: averaged probabilities (several scales)
   canvas: Tuple[int, int] = (0, 0)        # the padded canvas `features` belong to
   held: int = 0                           # bytes counted against the in-flight budget
-  prob_file: Optional[ProbabilityFile] = None
+  prob_file: Any = None                   # where its probabilities go (`complete`)
 
   @property
   def resized(self) -> bool:
@@ -201,36 +201,8 @@ class Pipeline:
         self._run_batch(pending.pop(key))
 
   def _run_batch(self, items: List[Item]) -> None:
-    resized = [item for item in items if item.resized]
-    plain = [item for item in items if not item.resized]
     try:
-      if resized:  # logits on the feature grid, taken to the full size by the writers
-        with self.profile.stage('network'):
-          results = self.engine.features([item.image for item in resized])
-        averaged = getattr(self.engine, 'features_are_probabilities', False)
-        for item, (features, canvas) in zip(resized, results):
-          item.features, item.canvas, item.averaged = features, canvas, averaged
-      if plain and self.options.want_probabilities and getattr(self.engine, 'multi_scale',
-                                                               False):
-        with self.profile.stage('network'):
-          all_probabilities = self.engine.probabilities([item.image for item in plain])
-        for item, probabilities in zip(plain, all_probabilities):
-          item.probs = probabilities
-          with self.profile.stage('argmax'):
-            item.mask = probabilities.argmax(axis=-1).astype(np.uint8)
-      elif plain and self.options.want_probabilities:
-        with self.profile.stage('network'):
-          all_logits = self.engine.logits([item.image for item in plain])
-        for item, logits in zip(plain, all_logits):
-          with self.profile.stage('upsample'):
-            item.probs = softmax(logits)
-          with self.profile.stage('argmax'):
-            item.mask = logits.argmax(axis=-1).astype(np.uint8)
-      elif plain:
-        with self.profile.stage('network'):
-          masks = self.engine.predict([item.image for item in plain])
-        for item, mask in zip(plain, masks):
-          item.mask = mask
+      run_items(self.engine, items, self.options.want_probabilities, self.profile)
     except Exception as e:
       for item in items:
         self._drop(item, e)
@@ -241,7 +213,8 @@ class Pipeline:
   def _run_tiled(self, item: Item) -> None:
     try:
       with self.profile.stage('network'):
-        predict_tiled(self.engine, item, self.options)
+        predict_tiled(self.engine, item, self.options.max_side,
+                      probability_file_for(item.job.stem, self.options))
     except Exception as e:
       self._drop(item, e)
       return
@@ -281,30 +254,73 @@ class Pipeline:
       self.progress.update(failed=error is not None)
 
 
+def run_items(engine, items: List[Item], want_probabilities: bool = False,
+              profile=NO_PROFILE) -> None:
+  """The network on decoded items of one padding bucket (`engine.bucket`): a downscaled
+  image gets the logits of its canvas's feature grid (`item.features`; with several scales
+  or flips, the canvas's averaged probabilities), which `complete` takes to the full size;
+  the others get their mask, and their probabilities where wanted (`item.probs`)."""
+  resized = [item for item in items if item.resized]
+  plain = [item for item in items if not item.resized]
+  if resized:
+    with profile.stage('network'):
+      results = engine.features([item.image for item in resized])
+    averaged = getattr(engine, 'features_are_probabilities', False)
+    for item, (features, canvas) in zip(resized, results):
+      item.features, item.canvas, item.averaged = features, canvas, averaged
+  if plain and want_probabilities and getattr(engine, 'multi_scale', False):
+    with profile.stage('network'):
+      all_probabilities = engine.probabilities([item.image for item in plain])
+    for item, probabilities in zip(plain, all_probabilities):
+      item.probs = probabilities
+      with profile.stage('argmax'):
+        item.mask = probabilities.argmax(axis=-1).astype(np.uint8)
+  elif plain and want_probabilities:
+    with profile.stage('network'):
+      all_logits = engine.logits([item.image for item in plain])
+    for item, logits in zip(plain, all_logits):
+      with profile.stage('upsample'):
+        item.probs = softmax(logits)
+      with profile.stage('argmax'):
+        item.mask = logits.argmax(axis=-1).astype(np.uint8)
+  elif plain:
+    with profile.stage('network'):
+      masks = engine.predict([item.image for item in plain])
+    for item, mask in zip(plain, masks):
+      item.mask = mask
+
+
+def complete(item: Item, open_probabilities: Optional[OpenProbabilities] = None,
+             profile=NO_PROFILE) -> None:
+  """`item.mask` at the input's full size (a downscaled image's logits taken there,
+  `seg.predict.upsampling`); with `open_probabilities`, its probabilities written into
+  `item.prob_file = open_probabilities(classes, height, width)` as well (row strips of a
+  downscaled image, the whole of another; a tiled item's are written already)."""
+  if item.resized:
+    resized = item.image.shape[:2]
+    if open_probabilities is not None:
+      item.prob_file = open_probabilities(item.features.shape[-1], *item.original)
+      item.mask = np.empty(item.original, np.uint8)
+      for row, scores in strips(item.features, item.original, resized, item.canvas):
+        with profile.stage('upsample'):
+          item.prob_file.write(row, 0, scores if item.averaged else softmax(scores))
+        with profile.stage('argmax'):
+          item.mask[row:row + len(scores)] = scores.argmax(axis=-1)
+    else:
+      with profile.stage('upsample'):
+        item.mask = class_map(item.features, item.original, resized, item.canvas)
+    item.features = None
+  elif open_probabilities is not None and item.prob_file is None:
+    item.prob_file = open_probabilities(item.probs.shape[-1], *item.mask.shape)
+    item.prob_file.write(0, 0, item.probs)
+
+
 def write_item(item: Item, options: Options, profile=NO_PROFILE) -> None:
   """Writes every output of one predicted item (a resized one is taken to full size first)."""
   stem = item.job.stem
   os.makedirs(os.path.dirname(stem) or '.', exist_ok=True)
   try:
-    if item.resized:
-      resized = item.image.shape[:2]
-      if options.want_probabilities:
-        item.prob_file = ProbabilityFile(stem + '_prob.npy', item.features.shape[-1],
-                                         *item.original, options.probabilities)
-        item.mask = np.empty(item.original, np.uint8)
-        for row, scores in strips(item.features, item.original, resized, item.canvas):
-          with profile.stage('upsample'):
-            item.prob_file.write(row, 0, scores if item.averaged else softmax(scores))
-          with profile.stage('argmax'):
-            item.mask[row:row + len(scores)] = scores.argmax(axis=-1)
-      else:
-        with profile.stage('upsample'):
-          item.mask = class_map(item.features, item.original, resized, item.canvas)
-      item.features = None
-    elif options.want_probabilities and item.prob_file is None:
-      item.prob_file = ProbabilityFile(stem + '_prob.npy', item.probs.shape[-1],
-                                       *item.mask.shape, options.probabilities)
-      item.prob_file.write(0, 0, item.probs)
+    complete(item, probability_file_for(stem, options), profile)
     def full_size():  # for the overlay: a downscaled image's pixels at full size, decoded again
       with profile.stage('decode'):
         return load_rgb_image(item.job.path)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import ROOT, numpy_multi_scale, voc_colormap
+from helpers import ROOT, numpy_multi_scale, scene, voc_colormap, write_random_workdir
 from experiments import tiny
 from seg import checkpoint, predict
 from seg.inference.engine import Engine
@@ -36,43 +36,11 @@ from seg.model import create_model
 EVAL_SIZE = 161  # tiny.py's: every test image up to 161 pixels shares one compiled shape
 
 
-def _scene(height, width, seed):
-  """A smooth background with a few bright shapes: varied content for a varied mask."""
-  rng = np.random.default_rng(seed)
-  yy, xx = np.mgrid[:height, :width]
-  image = np.stack([(yy * 255 // max(height - 1, 1)), (xx * 255 // max(width - 1, 1)),
-                    np.full_like(yy, rng.integers(0, 255))], -1).astype(np.float32)
-  for _ in range(3):
-    cy, cx, r = rng.integers(0, height), rng.integers(0, width), rng.integers(8, 30)
-    inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
-    image[inside] = rng.integers(0, 255, 3)
-  return image.astype(np.uint8)
-
-
 @pytest.fixture(scope='module')
 def model_dir(tmp_path_factory):
   """(workdir, model, variables): tiny.py with random weights and BatchNorm statistics."""
-  config = tiny.get_config()
-  model = create_model(config.model)
-  # Random values of the right shapes (model.init itself takes ~25 s to compile here):
-  # He-scaled kernels keep activations in range, so the argmax varies over the image.
-  rng = np.random.default_rng(0)
-
-  def fill(path, leaf):
-    name, shape = path[-1].key, leaf.shape
-    if name == 'kernel':
-      fan_in = int(np.prod(shape[:-1])) if shape[-2] > 1 else int(np.prod(shape[:2]))
-      return rng.normal(0, np.sqrt(2 / fan_in), shape).astype(np.float32)
-    if name in ('scale', 'var'):
-      return rng.uniform(0.8, 1.2, shape).astype(np.float32)
-    return rng.normal(0, 0.1, shape).astype(np.float32)  # biases, means
-  variables = jax.tree_util.tree_map_with_path(fill, checkpoint.abstract_variables(model))
   workdir = str(tmp_path_factory.mktemp('predict') / 'run')
-  checkpoint.save_config(workdir, config)
-  manager = checkpoint.create_manager(workdir)
-  checkpoint.save(manager, 0, variables, {'step': np.int32(0)})
-  manager.wait_until_finished()
-  return workdir, model, variables
+  return (workdir, *write_random_workdir(workdir, tiny.get_config()))
 
 
 @pytest.fixture(scope='module')
@@ -133,8 +101,8 @@ def _run(engine, inputs, output, **options):
 def test_masks_are_the_plain_models_argmax_at_the_original_size(engine, reference, tmp_path):
   inputs = tmp_path / 'in'
   (inputs / 'sub' / 'deeper').mkdir(parents=True)
-  images = {'a.jpg': _scene(70, 90, 0), 'sub/b.png': _scene(161, 100, 1),
-            'sub/deeper/c.png': _scene(40, 41, 2)}
+  images = {'a.jpg': scene(70, 90, 0), 'sub/b.png': scene(161, 100, 1),
+            'sub/deeper/c.png': scene(40, 41, 2)}
   for name, image in images.items():
     Image.fromarray(image).save(inputs / name)
   failures, summary, progress = _run(engine, [str(inputs)], tmp_path / 'out', overlay=True)
@@ -268,7 +236,7 @@ def test_the_overlay_of_a_downscaled_photo_is_blended_in_pillows_memory(engine, 
   seen = []
   monkeypatch.setattr(outputs, 'writable_pixels',
                       lambda image: seen.append(images_module.writable_pixels(image)) or seen[-1])
-  photo = np.asarray(Image.fromarray(_scene(180, 240, 4)).resize((2400, 1800)))
+  photo = np.asarray(Image.fromarray(scene(180, 240, 4)).resize((2400, 1800)))
   Image.fromarray(photo).save(tmp_path / 'photo.jpg', quality=92)
   assert _run(engine, [str(tmp_path / 'photo.jpg')], tmp_path / 'out', overlay=True)[0] == 0
   assert len(seen) == 1 and seen[0] is not None
@@ -401,7 +369,7 @@ def test_the_masks_are_the_same_images_either_way(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('fmt', ['float16', 'uint8'])
 def test_probabilities_are_the_softmax_of_the_logits(engine, reference, tmp_path, fmt):
-  image = _scene(60, 80, 3)
+  image = scene(60, 80, 3)
   Image.fromarray(image).save(tmp_path / 'x.png')
   assert _run(engine, [str(tmp_path / 'x.png')], tmp_path / 'out', probabilities=fmt)[0] == 0
   probs = np.load(tmp_path / 'out' / 'x_prob.npy')
@@ -471,7 +439,7 @@ def test_a_file_found_twice_is_predicted_once_and_named_in_the_summary(tmp_path)
 
 def test_never_writes_into_the_input_tree(tmp_path):
   (tmp_path / 'in').mkdir()
-  Image.fromarray(_scene(20, 20, 0)).save(tmp_path / 'in' / 'a.png')
+  Image.fromarray(scene(20, 20, 0)).save(tmp_path / 'in' / 'a.png')
   with pytest.raises(ValueError, match='inside the input folder'):
     predict.predict_paths('unused', str(tmp_path / 'in'), str(tmp_path / 'in' / 'masks'))
   # A listed file that lies inside the output folder (here: the output is its folder).
@@ -486,8 +454,8 @@ def test_never_writes_into_the_input_tree(tmp_path):
 def test_name_collisions_get_distinct_outputs(engine, reference, tmp_path):
   inputs = tmp_path / 'in'
   inputs.mkdir()
-  images = {'a.jpg': _scene(50, 60, 4), 'a.png': _scene(50, 60, 5),
-            'a_color.png': _scene(30, 30, 6), 'b.png': _scene(30, 40, 7)}
+  images = {'a.jpg': scene(50, 60, 4), 'a.png': scene(50, 60, 5),
+            'a_color.png': scene(30, 30, 6), 'b.png': scene(30, 40, 7)}
   for name, image in images.items():
     Image.fromarray(image).save(inputs / name)
   assert _run(engine, [str(inputs)], tmp_path / 'out')[0] == 0
@@ -508,7 +476,7 @@ def test_resumes_skips_done_inputs_and_overwrites_on_request(engine, tmp_path, m
   inputs, out = tmp_path / 'in', tmp_path / 'out'
   inputs.mkdir()
   for i in range(3):
-    Image.fromarray(_scene(30, 30, i)).save(inputs / f'{i}.png')
+    Image.fromarray(scene(30, 30, i)).save(inputs / f'{i}.png')
   # An interrupted write: the index PNG of 1.png fails half-way through.
   from seg.predict import outputs
   real_open = open
@@ -559,7 +527,7 @@ def test_ctrl_c_keeps_finished_outputs_and_the_next_run_resumes(engine, tmp_path
   inputs, out = tmp_path / 'in', tmp_path / 'out'
   inputs.mkdir()
   for i in range(5):
-    Image.fromarray(_scene(30, 30, i)).save(inputs / f'{i}.png')
+    Image.fromarray(scene(30, 30, i)).save(inputs / f'{i}.png')
   lines = []
   with pytest.raises(KeyboardInterrupt):
     predict.predict_paths('unused', str(inputs), str(out),
@@ -576,7 +544,7 @@ def test_bad_files_are_reported_one_by_one_and_the_run_goes_on(engine, tmp_path)
   inputs = tmp_path / 'in'
   inputs.mkdir()
   good = io.BytesIO()
-  Image.fromarray(_scene(64, 64, 8)).save(good, format='JPEG')
+  Image.fromarray(scene(64, 64, 8)).save(good, format='JPEG')
   (inputs / 'good.jpg').write_bytes(good.getvalue())
   (inputs / 'truncated.jpg').write_bytes(good.getvalue()[:len(good.getvalue()) // 2])
   (inputs / 'empty.png').write_bytes(b'')
@@ -614,7 +582,7 @@ def _png16(path, values):
 def test_modes_and_orientation_become_the_equivalent_rgb(engine, reference, tmp_path):
   inputs = tmp_path / 'in'
   inputs.mkdir()
-  rgb = _scene(48, 64, 9)
+  rgb = scene(48, 64, 9)
   gray = rgb.mean(-1).round().astype(np.uint8)
   expected = {}
   Image.fromarray(gray).save(inputs / 'gray.png')
@@ -661,7 +629,7 @@ def test_iphone_heic_and_avif_photos_are_read_as_viewed(engine, reference, tmp_p
   from seg.predict import images
   inputs = tmp_path / 'in'
   inputs.mkdir()
-  rgb = _scene(48, 64, 10)
+  rgb = scene(48, 64, 10)
   exif = Image.Exif()
   exif[0x0112] = 6  # the phone was turned: rotate 90 degrees clockwise to view
   pillow_heif.from_bytes('RGB', (64, 48), rgb.tobytes()).save(
@@ -724,7 +692,7 @@ def _upsampled_reference(reference, small, height, width):
 
 
 def test_large_images_resize_within_the_compiled_shapes(engine, reference, tmp_path):
-  image = _scene(300, 400, 10)  # "large" here: max_side 161 = the tiny eval_size
+  image = scene(300, 400, 10)  # "large" here: max_side 161 = the tiny eval_size
   Image.fromarray(image).save(tmp_path / 'big.png')
   Image.fromarray(image[:100, :120]).save(tmp_path / 'small.png')
   engine.shapes_run.clear()
@@ -750,7 +718,7 @@ def test_large_images_resize_within_the_compiled_shapes(engine, reference, tmp_p
 def test_default_masks_of_a_large_image_are_the_upsampled_argmax(engine, reference, tmp_path):
   """The default setting (the model's eval size, blocks computed exactly only where their
   corners differ) against the argmax of every upsampled pixel: >= 99.9% equal."""
-  image = _scene(480, 640, 21)
+  image = scene(480, 640, 21)
   Image.fromarray(image).save(tmp_path / 'photo.png')
   assert _run(engine, [str(tmp_path / 'photo.png')], tmp_path / 'out')[0] == 0
   small = np.asarray(Image.fromarray(image).resize((161, 121), Image.Resampling.BILINEAR))
@@ -775,9 +743,9 @@ def test_profile_times_every_stage_an_image_passes(engine, tmp_path, monkeypatch
   monkeypatch.setattr(runner, 'Profile', Recorded)
   inputs = tmp_path / 'in'
   inputs.mkdir()
-  Image.fromarray(_scene(70, 90, 0)).save(inputs / 'small.jpg')
-  Image.fromarray(_scene(300, 400, 1)).save(inputs / 'large.jpg')   # above 161: downscaled
-  Image.fromarray(_scene(322, 200, 2)).save(inputs / 'large.png')
+  Image.fromarray(scene(70, 90, 0)).save(inputs / 'small.jpg')
+  Image.fromarray(scene(300, 400, 1)).save(inputs / 'large.jpg')   # above 161: downscaled
+  Image.fromarray(scene(322, 200, 2)).save(inputs / 'large.png')
   failures, summary, _ = _run(engine, [str(inputs)], tmp_path / 'out', overlay=True,
                               profile=True)
   assert failures == 0 and len(profiles) == 1
@@ -822,7 +790,7 @@ def test_upsampled_class_map_matches_every_pixel_computed(engine, kernel):
 def test_a_large_turned_jpeg_keeps_its_full_oriented_size(engine, tmp_path):
   exif = Image.Exif()
   exif[0x0112] = 6  # stored 400 wide, 300 high; viewed 300 wide, 400 high
-  Image.fromarray(_scene(300, 400, 12)).save(tmp_path / 'turned.jpg', exif=exif)
+  Image.fromarray(scene(300, 400, 12)).save(tmp_path / 'turned.jpg', exif=exif)
   image, original = load_image(str(tmp_path / 'turned.jpg'), max_side=161)
   assert original == (400, 300) and image.shape == (161, 121, 3)
   assert _run(engine, [str(tmp_path / 'turned.jpg')], tmp_path / 'out', max_side=161,
@@ -832,7 +800,7 @@ def test_a_large_turned_jpeg_keeps_its_full_oriented_size(engine, tmp_path):
 
 
 def test_large_images_tile_within_the_compiled_shapes(engine, reference, tmp_path):
-  image = _scene(300, 400, 11)
+  image = scene(300, 400, 11)
   Image.fromarray(image).save(tmp_path / 'big.png')
   engine.shapes_run.clear()
   failures, summary, _ = _run(engine, [str(tmp_path / 'big.png')], tmp_path / 'out',
@@ -866,7 +834,7 @@ def averaged(model_dir):
 def test_multi_scale_masks_and_probabilities_average_every_pass(model_dir, averaged, tmp_path):
   workdir, _, _ = model_dir
   multi, _ = Engine.from_workdir(workdir, batch_size=2, scales=(0.75, 1.25), flip=True)
-  small, big = _scene(100, 120, 30), _scene(300, 400, 31)
+  small, big = scene(100, 120, 30), scene(300, 400, 31)
   Image.fromarray(small).save(tmp_path / 'small.png')
   Image.fromarray(big).save(tmp_path / 'big.png')
   inputs = [str(tmp_path / 'small.png'), str(tmp_path / 'big.png')]
@@ -920,7 +888,7 @@ def test_tile_layout():
 
 def test_a_budget_of_one_image_at_a_time_still_finishes(engine, tmp_path):
   for i in range(5):
-    Image.fromarray(_scene(30 + i, 30, i)).save(tmp_path / f'{i}.png')
+    Image.fromarray(scene(30 + i, 30, i)).save(tmp_path / f'{i}.png')
   files = collect_inputs([str(tmp_path)]).files
   options = predict.Options(workers=2)
   jobs = plan_jobs(files, str(tmp_path.parent / 'budget-out'), options)
@@ -964,7 +932,7 @@ def test_the_memory_budget_bounds_the_compiled_shape_and_what_is_in_flight(engin
   assert memory.parse_budget('1.5G') == 1536 << 20 and memory.parse_budget('800') == 800 << 20
   # A run under a tiny budget of images in flight still finishes, one image at a time, and
   # an oversized --max-side never compiles a shape above what the budget allows.
-  Image.fromarray(_scene(300, 400, 30)).save(tmp_path / 'big.png')
+  Image.fromarray(scene(300, 400, 30)).save(tmp_path / 'big.png')
   engine.shapes_run.clear()
   lines = []
   failures = predict.predict_paths('unused', [str(tmp_path / 'big.png')], str(tmp_path / 'o'),
@@ -987,7 +955,7 @@ def test_shards_cover_every_input_once_and_stay_put(engine, tmp_path):
   # End to end: three shards of one folder write every mask exactly once between them.
   (tmp_path / 'in').mkdir()
   for i in range(7):
-    Image.fromarray(_scene(20 + i, 24, 40 + i)).save(tmp_path / 'in' / f'{i}.png')
+    Image.fromarray(scene(20 + i, 24, 40 + i)).save(tmp_path / 'in' / f'{i}.png')
   written = []
   for index in range(3):
     out = tmp_path / f'out{index}'
@@ -1017,10 +985,10 @@ def test_main_predict_exit_status_progress_and_summary(model_dir, averaged, tmp_
   workdir, _, _ = model_dir
   (tmp_path / 'in').mkdir()
   (tmp_path / 'more').mkdir()
-  Image.fromarray(_scene(40, 50, 12)).save(tmp_path / 'in' / 'a.png')
+  Image.fromarray(scene(40, 50, 12)).save(tmp_path / 'in' / 'a.png')
   (tmp_path / 'in' / 'b.jpg').write_bytes(b'')
-  Image.fromarray(_scene(30, 20, 13)).save(tmp_path / 'more' / 'c.png')
-  Image.fromarray(_scene(20, 30, 14)).save(tmp_path / 'more' / 'd.png')
+  Image.fromarray(scene(30, 20, 13)).save(tmp_path / 'more' / 'c.png')
+  Image.fromarray(scene(20, 30, 14)).save(tmp_path / 'more' / 'd.png')
   (tmp_path / 'more' / 'list.txt').write_text('d.png\nmissing.png\n')
   more = f'{tmp_path}/more/c.png,{tmp_path}/more/list.txt'  # a comma list, a second --input
   args = [sys.executable, 'main.py', 'predict', '--workdir', workdir, '--input',
@@ -1031,7 +999,7 @@ def test_main_predict_exit_status_progress_and_summary(model_dir, averaged, tmp_
   assert result.returncode == 1, result.stderr[-2000:]
   assert ('multi-scale inference: scales 0.75, 1.25 and their flips, 4 passes per image'
           in result.stdout)
-  expected = averaged(_scene(40, 50, 12))[:40, :50]
+  expected = averaged(scene(40, 50, 12))[:40, :50]
   top = np.sort(expected, -1)
   clear = top[..., -1] - top[..., -2] > 1e-4
   assert clear.mean() > 0.95 and np.array_equal(_read_mask(tmp_path / 'out' / 'a.png')[clear],
@@ -1064,8 +1032,8 @@ def test_predict_says_what_the_kernel_sets_up_once_and_keeps_compilations_quiet(
   record = str(tmp_path / 'record.json')  # none yet: the loops run apart again
   monkeypatch.setattr(loop_check, 'record_path', lambda library: record)
   (tmp_path / 'in').mkdir()
-  Image.fromarray(_scene(40, 50, 12)).save(tmp_path / 'in' / 'a.png')
-  Image.fromarray(_scene(300, 200, 13)).save(tmp_path / 'in' / 'b.png')  # resized: features
+  Image.fromarray(scene(40, 50, 12)).save(tmp_path / 'in' / 'a.png')
+  Image.fromarray(scene(300, 200, 13)).save(tmp_path / 'in' / 'b.png')  # resized: features
   lines = []
   options = predict.Options(memory_budget=16 << 30)  # the test process holds more than a run
   assert predict.predict_paths(workdir, str(tmp_path / 'in'), str(tmp_path / 'out'), options,

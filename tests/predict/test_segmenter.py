@@ -1,0 +1,160 @@
+"""`seg.predict.Segmenter`: a workdir's model called from Python on files, arrays and PIL images.
+
+The facts: a file's mask and probabilities are those `predict` writes for it (its PNG and
+_prob.npy, read back here), arrays and PIL images get the masks of files holding the same
+pixels, small images the argmax of the plain Flax model on eval's padded canvas, and colours
+and overlays are VOC's palette written out in the test.
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import scene, voc_colormap, write_random_workdir
+from experiments import tiny
+from seg import predict
+from seg.inference.engine import Engine
+from seg.predict import Segmenter
+
+EVAL_SIZE = 161  # tiny.py's
+MAX_SIDE = 130   # below the large images' sides, above twice the tiles' overlap
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+  """(workdir, Flax model, variables): tiny.py, random weights."""
+  workdir = str(tmp_path_factory.mktemp('segmenter') / 'run')
+  config = tiny.get_config()
+  assert config.data.eval_size == EVAL_SIZE
+  return (workdir, *write_random_workdir(workdir, config))
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+  """{name: (path, pixels)}: small and large RGB, grey and RGBA PNGs and a large JPEG."""
+  folder = tmp_path_factory.mktemp('images')
+  rgba = np.dstack([scene(90, 110, 3), np.tile(np.linspace(0, 255, 110), (90, 1))])
+  pixels = {'small': scene(100, 120, 1), 'wide': scene(150, 70, 2),
+            'grey': scene(80, 96, 4)[..., 0], 'rgba': rgba.astype(np.uint8),
+            'large': scene(300, 250, 5), 'photo': scene(280, 360, 6)}
+  found = {}
+  for name, array in pixels.items():
+    path = str(folder / (name + ('.jpg' if name == 'photo' else '.png')))
+    Image.fromarray(array).save(path, **({'quality': 92} if name == 'photo' else {}))
+    found[name] = (path, array)
+  return found
+
+
+def _predicted(model, images, output, **options):
+  """predict_paths on every image, once for the masks and once with float16 probabilities
+  (whose masks are argmaxes of other programs: near-ties may differ):
+  {name: (mask, probabilities [H, W, C])} read back."""
+  workdir = model[0]
+  engine, _ = Engine.from_workdir(workdir, batch_size=2)
+  paths = [path for path, _ in images.values()]
+  for probabilities in ('none', 'float16'):
+    failures = predict.predict_paths(
+        workdir, paths, str(output / probabilities), predict.Options(
+            probabilities=probabilities, memory_budget=16 << 30, **options),
+        engine=engine, log=lambda line: None, progress_stream=open(os.devnull, 'w'))
+    assert failures == 0
+  return {name: (np.asarray(Image.open(output / 'none' / f'{name}.png')),
+                 np.moveaxis(np.load(output / 'float16' / f'{name}_prob.npy'), 0, -1).astype(
+                     np.float32))
+          for name in images}
+
+
+@pytest.fixture(scope='module')
+def segmenter(model):
+  return Segmenter(model[0], batch_size=2, max_side=MAX_SIDE)
+
+
+def test_files_get_the_masks_and_probabilities_predict_writes(model, images, segmenter,
+                                                              tmp_path):
+  written = _predicted(model, images, tmp_path, max_side=MAX_SIDE)
+  names = list(images)
+  masks = segmenter([images[name][0] for name in names])
+  probabilities = segmenter.probabilities([images[name][0] for name in names])
+  for name, mask, probs in zip(names, masks, probabilities):
+    expected_mask, expected_probs = written[name]
+    assert mask.dtype == np.uint8 and mask.shape == images[name][1].shape[:2], name
+    assert np.array_equal(mask, expected_mask), name
+    assert probs.shape == mask.shape + (21,)
+    np.testing.assert_allclose(probs, expected_probs, atol=1e-3, err_msg=name)  # float16's
+  # the large ones were downscaled to fit MAX_SIDE: many classes, not one upscaled blob
+  assert len(np.unique(masks[names.index('large')])) > 1
+  single = segmenter(images['photo'][0])
+  assert np.array_equal(single, masks[names.index('photo')])
+
+
+def test_small_images_get_the_plain_flax_models_argmax(model, images, segmenter):
+  _, flax_model, variables = model
+  pixels = images['small'][1]
+  canvas = np.full((1, EVAL_SIZE, EVAL_SIZE, 3), 127.5, np.float32)  # eval's padding
+  canvas[0, :100, :120] = pixels
+  logits = np.asarray(jax.jit(lambda x: flax_model.apply(variables, x, train=False))(
+      canvas / 127.5 - 1.0))[0, :100, :120]
+  top = np.sort(logits, axis=-1)
+  clear = top[..., -1] - top[..., -2] > 1e-3  # near-ties may flip in the last bits
+  mask = segmenter(pixels)
+  assert clear.mean() > 0.95
+  assert np.array_equal(mask[clear], logits.argmax(-1)[clear])
+
+
+def test_arrays_and_pil_images_get_the_masks_of_their_files(images, segmenter):
+  for name in ('small', 'wide', 'grey', 'rgba', 'large'):  # PNGs: the same pixels exactly
+    path, pixels = images[name]
+    from_file = segmenter(path)
+    assert np.array_equal(segmenter(pixels), from_file), name
+    assert np.array_equal(segmenter(Image.open(path)), from_file), name
+  grey = images['grey'][1]
+  assert np.array_equal(segmenter(grey[..., None]), segmenter(grey))
+  batch = np.stack([scene(64, 64, seed) for seed in (7, 8, 9)])
+  masks = segmenter(batch)
+  assert masks.shape == (3, 64, 64) and masks.dtype == np.uint8
+  for mask, pixels in zip(masks, batch):
+    assert np.array_equal(mask, segmenter(pixels))
+
+
+def test_tiles_as_predict_tiles(model, images, tmp_path):
+  tiled = Segmenter(model[0], batch_size=2, max_side=MAX_SIDE, large_images='tile')
+  large = {name: images[name] for name in ('large', 'small')}
+  written = _predicted(model, large, tmp_path, max_side=MAX_SIDE, large_images='tile')
+  for name, (path, pixels) in large.items():
+    assert np.array_equal(tiled(pixels), written[name][0]), name
+    np.testing.assert_allclose(tiled.probabilities(path), written[name][1], atol=1e-3)
+
+
+def test_colours_overlay_and_names(images, segmenter):
+  path, pixels = images['small']
+  mask = segmenter(path)
+  cmap = voc_colormap()
+  assert np.array_equal(segmenter.colours(mask), cmap[mask])
+  blended = np.round((pixels.astype(np.float64) + cmap[mask]) / 2)  # halves to even
+  expected = np.where(mask[..., None] == 0, pixels, blended).astype(np.uint8)
+  assert np.array_equal(segmenter.overlay(pixels, mask), expected)
+  assert np.array_equal(segmenter.overlay(path, mask), expected)
+  with pytest.raises(ValueError, match='the mask is 10x10, the image 100x120'):
+    segmenter.overlay(pixels, mask[:10, :10])
+  assert len(segmenter.class_names) == 21 and segmenter.class_names[0] == 'background'
+  assert 'step 0' in repr(segmenter) and 'max side 130 (resize)' in repr(segmenter)
+
+
+def test_bad_inputs_say_what_is_wrong(model, segmenter, tmp_path):
+  with pytest.raises(ValueError, match=r'got float32 \(values in \[0, 1\]\? multiply by 255'):
+    segmenter(np.zeros((20, 20, 3), np.float32))
+  with pytest.raises(ValueError, match=r'got shape \(20, 20, 2\)'):
+    segmenter(np.zeros((20, 20, 2), np.uint8))
+  with pytest.raises(TypeError, match='got int'):
+    segmenter(3)
+  with pytest.raises(FileNotFoundError):
+    segmenter(str(tmp_path / 'missing.png'))
+  broken = tmp_path / 'broken.png'
+  broken.write_bytes(b'not a png')
+  with pytest.raises(ValueError, match=f'{broken}: not an image'):
+    segmenter([str(broken)])
+  with pytest.raises(ValueError, match='max_side must exceed 128 to tile'):
+    Segmenter(model[0], max_side=100, large_images='tile')
