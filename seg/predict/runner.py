@@ -8,6 +8,8 @@ complete, an interrupted run resumes where it stopped.
 Images are padded exactly as evaluation pads them (`seg.preprocessing`), so that a val image
 gets here the same mask that `eval` scores. Images of one padding bucket share a batch. Images
 with a side above `max_side` follow the large-image policy (`seg.predict.large_images`).
+The run and full-size steps (`run_items`, `complete`) are also `Segmenter`'s, which gives the
+same masks in memory (`seg.predict.segmenter`).
 """
 
 import dataclasses

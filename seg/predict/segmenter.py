@@ -6,6 +6,7 @@
     masks = model([pixels, 'b.png', pil_image])      # a list in, a list out
     probs = model.probabilities(pixels)              # [H, W, classes] float32
     rgb = model.colours(mask)                        # model.class_names[mask[y, x]]
+    report = model.evaluate(paths, label_paths)      # mIoU as `eval` computes it
 
 Each image goes the way `predict` takes it (`seg.predict.runner`): a file is decoded as
 `predict` decodes it (EXIF orientation, 16-bit, transparency, reduced-scale JPEG decoding);
@@ -174,6 +175,83 @@ class Segmenter:
     over the passes with several scales or flips; `predict`'s classes are their argmax
     (`predict --probabilities` writes them as [classes, H, W] float16 or uint8)."""
     return self._run(images, probabilities=True)
+
+  # scoring -----------------------------------------------------------------------------
+
+  def _label(self, label, where: str) -> np.ndarray:
+    """A label as class indices [H, W] uint8: an array as it is; a file read as a dataset
+    folder's labels are (palette or grey indices, or colours: the model's class colours,
+    else VOC's for 21 classes), `seg.data.folder.read_label`."""
+    from seg.data import folder, labels
+    if isinstance(label, (str, os.PathLike)):
+      colours = self.config.data.get('class_colours', '')
+      classes = (folder.Classes(tuple(self.class_names),
+                                tuple(tuple(c) for c in self.palette[:len(self.class_names)]
+                                      .tolist()), "the model's class colours") if colours
+                 else folder.VOC_CLASSES if len(self.class_names) == 21 else None)
+      label = folder.read_label(os.fspath(label), classes)
+    label = np.asarray(label)
+    if label.ndim != 2 or label.dtype.kind not in 'ui':
+      raise ValueError(f'{where}: a label is [height, width] class indices, got shape '
+                       f'{label.shape} {label.dtype}')
+    ignore = self.config.data.ignore_label
+    wide = np.unique(label[(label < 0) | (label > 255)])  # beyond uint8: none is a class
+    if len(wide):
+      raise labels.LabelError(labels.describe(where, wide, len(self.class_names), ignore))
+    return labels.check(label.astype(np.uint8), where, len(self.class_names), ignore)
+
+  def evaluate(self, images, labels, ids: Optional[Sequence[str]] = None,
+               chunk: int = 16) -> Dict[str, Any]:
+    """The model's scores on `images` against their `labels`, computed as `eval` computes
+    them: one confusion matrix over every labelled pixel of all the images (the ignore
+    label, 255, counts nowhere), per-class IoU, their mean over the classes present, pixel
+    accuracy, and every image's own scores (worst first).
+
+    Args:
+      images: what `predict` takes (a list of paths, arrays or PIL images).
+      labels: one per image, at its size: uint8 arrays of class indices, or label files as
+        a dataset folder holds them (palette or grey PNGs of indices, or colour PNGs in the
+        model's class colours; VOC's colours for a 21-class model).
+      ids: the images' names in the report (default: file names, else their positions).
+      chunk: images predicted at a time (their masks are held until scored).
+
+    Returns:
+      `seg.inference.metrics.iou_report`'s dict ('miou', 'per_class_iou',
+      'pixel_accuracy', 'num_images', 'confusion_matrix') with 'images' (`image_rows`);
+      `seg.inference.metrics.format_report` prints it as `eval` does.
+    """
+    from seg.inference import metrics
+    batch = not _is_single(images)
+    images = list(images) if batch else [images]
+    labels = (list(labels) if isinstance(labels, np.ndarray) and labels.ndim == 3 and batch
+              else [labels] if _is_single(labels) else list(labels))
+    if len(images) != len(labels):
+      raise ValueError(f'{len(images)} image(s) and {len(labels)} label(s): give one label '
+                       'per image')
+    if ids is None:
+      ids = [os.path.splitext(os.path.basename(os.fspath(image)))[0]
+             if isinstance(image, (str, os.PathLike)) else str(i)
+             for i, image in enumerate(images)]
+    num_classes = len(self.class_names)
+    counts = np.zeros((len(images), 3, num_classes), np.int64)  # labelled, predicted, right
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for start in range(0, len(images), chunk):
+      masks = self.predict(images[start:start + chunk])
+      for i, mask in enumerate(masks, start):
+        label = self._label(labels[i], f'label of {ids[i]}')
+        if label.shape != mask.shape:
+          raise ValueError(f'label of {ids[i]}: {label.shape[0]}x{label.shape[1]}, its image '
+                           f'{mask.shape[0]}x{mask.shape[1]}')
+        valid = label != self.config.data.ignore_label
+        truth, predicted = label[valid].astype(np.int64), mask[valid].astype(np.int64)
+        confusion += np.bincount(truth * num_classes + predicted,
+                                 minlength=num_classes ** 2).reshape(num_classes, num_classes)
+        counts[i] = [np.bincount(truth, minlength=num_classes),
+                     np.bincount(predicted, minlength=num_classes),
+                     np.bincount(truth[truth == predicted], minlength=num_classes)]
+    report = metrics.iou_report(confusion, self.class_names, len(images))
+    report['images'] = metrics.image_rows(ids, counts, self.class_names)
+    return report
 
   # showing the masks -------------------------------------------------------------------
 

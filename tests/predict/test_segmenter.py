@@ -158,3 +158,74 @@ def test_bad_inputs_say_what_is_wrong(model, segmenter, tmp_path):
     segmenter([str(broken)])
   with pytest.raises(ValueError, match='max_side must exceed 128 to tile'):
     Segmenter(model[0], max_side=100, large_images='tile')
+
+
+def _numpy_scores(masks, labels, num_classes=21, ignore=255):
+  """mIoU, per-class IoU and pixel accuracy over all the pixels, class by class with sets."""
+  mask, label = np.concatenate([m.ravel() for m in masks]), np.concatenate(
+      [l.ravel() for l in labels])
+  valid = label != ignore
+  ious = {}
+  for c in range(num_classes):
+    union = np.sum(((mask == c) | (label == c)) & valid)
+    if union:
+      ious[c] = np.sum((mask == c) & (label == c) & valid) / union
+  return np.mean(list(ious.values())), ious, np.mean(mask[valid] == label[valid])
+
+
+def test_evaluate_scores_as_numpy_does(images, segmenter, tmp_path):
+  names = ['small', 'wide', 'large', 'photo']
+  paths = [images[name][0] for name in names]
+  masks = segmenter(paths)
+  rng = np.random.default_rng(0)
+  labels = []
+  for mask in masks:  # the masks, a third of them changed, some pixels ignored
+    label = np.where(rng.random(mask.shape) < 0.3, rng.integers(0, 21, mask.shape), mask)
+    label[rng.random(mask.shape) < 0.05] = 255
+    labels.append(label.astype(np.uint8))
+  report = segmenter.evaluate(paths, labels)
+  miou, ious, accuracy = _numpy_scores(masks, labels)
+  assert report['miou'] == pytest.approx(miou) and report['num_images'] == 4
+  assert report['pixel_accuracy'] == pytest.approx(accuracy)
+  names_of = segmenter.class_names
+  for c in range(21):
+    expected = ious.get(c)
+    got = report['per_class_iou'][names_of[c]]
+    assert (got is None) if expected is None else got == pytest.approx(expected), c
+  rows = {row['id']: row for row in report['images']}
+  for name, mask, label in zip(names, masks, labels):
+    assert rows[name]['miou'] == pytest.approx(_numpy_scores([mask], [label])[0]), name
+  # label files as a dataset holds them: palette, grey and VOC-coloured PNGs, the same scores
+  files = []
+  for i, (label, mode) in enumerate(zip(labels, ('P', 'L', 'RGB', 'P'))):
+    path = str(tmp_path / f'label{i}.png')
+    if mode == 'P':
+      png = Image.fromarray(label, 'P')
+      png.putpalette(voc_colormap().tobytes())
+    elif mode == 'L':
+      png = Image.fromarray(label)
+    else:
+      png = Image.fromarray(voc_colormap()[label])  # 255 -> VOC's void colour
+    png.save(path)
+    files.append(path)
+  from_files = segmenter.evaluate(paths, files)
+  assert from_files['confusion_matrix'] == report['confusion_matrix']
+
+
+def test_evaluate_says_what_is_wrong_with_a_label(images, segmenter, tmp_path):
+  path, pixels = images['small']
+  label = np.zeros(pixels.shape[:2], np.uint8)
+  with pytest.raises(ValueError, match='1 image.s. and 2 label.s.'):
+    segmenter.evaluate([path], [label, label])
+  with pytest.raises(ValueError, match='label of small: 10x120, its image 100x120'):
+    segmenter.evaluate(path, label[:10])
+  label[5, 5] = 30
+  with pytest.raises(ValueError, match='label of small: label values 30 are neither classes'):
+    segmenter.evaluate(path, label)
+  with pytest.raises(ValueError, match='label values 300 are neither'):
+    segmenter.evaluate(pixels, np.full(pixels.shape[:2], 300, np.int32))
+  odd = tmp_path / 'odd.png'
+  Image.fromarray(np.full(pixels.shape, (1, 2, 3), np.uint8)).save(odd)
+  with pytest.raises(ValueError, match=r"colours that VOC's colour map .* does not name: "
+                                       r'\(1, 2, 3\): 12000 px'):
+    segmenter.evaluate(path, str(odd))
