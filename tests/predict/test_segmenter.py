@@ -229,3 +229,27 @@ def test_evaluate_says_what_is_wrong_with_a_label(images, segmenter, tmp_path):
   with pytest.raises(ValueError, match=r"colours that VOC's colour map .* does not name: "
                                        r'\(1, 2, 3\): 12000 px'):
     segmenter.evaluate(path, str(odd))
+
+
+def test_a_folder_models_names_and_colours(model, images, tmp_path):
+  """A model trained on a dataset folder keeps labelmap.txt's names and colours in its config:
+  its masks' colours are those, and colour label PNGs are read through them."""
+  config = tiny.get_config()
+  own = [(10 * i, 255 - 10 * i, (37 * i) % 256) for i in range(21)]
+  config.data.class_colours = ';'.join(f'{r},{g},{b}' for r, g, b in own)
+  config.data.class_names = ','.join(f'thing{i}' for i in range(21))
+  workdir = str(tmp_path / 'folder-run')
+  write_random_workdir(workdir, config)
+  segmenter = Segmenter(workdir)
+  assert segmenter.class_names[3] == 'thing3'
+  path, pixels = images['small']
+  mask = segmenter(path)
+  assert np.array_equal(segmenter.colours(mask), np.array(own, np.uint8)[mask])
+  label = np.where(np.arange(mask.size).reshape(mask.shape) % 7 == 0, 2, mask).astype(np.uint8)
+  coloured = tmp_path / 'label.png'
+  Image.fromarray(np.array(own, np.uint8)[label]).save(coloured)
+  assert (segmenter.evaluate(path, str(coloured))['confusion_matrix'] ==
+          segmenter.evaluate(path, label)['confusion_matrix'])
+  Image.fromarray(voc_colormap()[label]).save(coloured)  # VOC's colours are not this model's
+  with pytest.raises(ValueError, match="colours that the model's class colours does not name"):
+    segmenter.evaluate(path, str(coloured))
