@@ -1,7 +1,7 @@
 """Model, training step, metrics, evaluation and prediction import no TensorFlow.
 
-The GPU machines have JAX but not TensorFlow: every module outside `seg/data` must import
-and the training step must run there.
+The GPU machines have JAX but not TensorFlow: every module outside `seg/data` must import,
+and the training step and `Segmenter` (masks and scores from Python) must run there.
 """
 
 import os
@@ -13,12 +13,10 @@ from helpers import ROOT
 SCRIPT = r'''
 import sys
 
-class NoTensorFlow:
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
-      raise ImportError(f'{name} is not installed here')
-
-sys.meta_path.insert(0, NoTensorFlow())
+# As where they are not installed: importing them fails, importlib.util.find_spec gives None
+# (etils, under orbax, asks it).
+for absent in ('tensorflow', 'tensorflow_datasets'):
+  sys.modules[absent] = None
 import jax, jax.numpy as jnp
 import importlib, pkgutil
 import seg
@@ -39,7 +37,17 @@ from flax import jax_utils
 batch = {'image': jnp.zeros((1, 2, 33, 33, 3)), 'label': jnp.zeros((1, 2, 33, 33), jnp.uint8)}
 state, out = p_step(jax_utils.replicate(state), batch, jax_utils.replicate(jax.random.key(1)))
 assert jnp.isfinite(out['loss']).all()
-assert not any(k.startswith('tensorflow') for k in sys.modules)
+import tempfile, numpy as np
+from PIL import Image
+sys.path.insert(0, 'tests')
+from helpers import scene, write_random_workdir
+folder = tempfile.mkdtemp()
+write_random_workdir(folder + '/run', config)
+Image.fromarray(np.zeros((40, 50), np.uint8)).save(folder + '/label.png')
+from seg.predict import Segmenter  # masks and scores from Python, a label file read
+report = Segmenter(folder + '/run').evaluate(scene(40, 50, 0), folder + '/label.png')
+assert report['num_images'] == 1 and 0 <= report['miou'] <= 1
+assert not any(k.startswith('tensorflow') and m is not None for k, m in sys.modules.items())
 print('ok')
 '''
 
