@@ -160,6 +160,9 @@ class Segmenter:
       results.append(stores[index].array if probabilities else item.mask)
     if single:
       return results[0]
+    if batch_array and not results:  # an empty batch: an empty batch of results
+      classes = (self.config.model.num_classes,) if probabilities else ()
+      return np.zeros(images.shape[:3] + classes, np.float32 if probabilities else np.uint8)
     return np.stack(results) if batch_array else results
 
   def predict(self, images) -> Any:
@@ -225,6 +228,8 @@ class Segmenter:
     images = list(images) if batch else [images]
     labels = (list(labels) if isinstance(labels, np.ndarray) and labels.ndim == 3 and batch
               else [labels] if _is_single(labels) else list(labels))
+    if not images:
+      raise ValueError('no images to evaluate')
     if len(images) != len(labels):
       raise ValueError(f'{len(images)} image(s) and {len(labels)} label(s): give one label '
                        'per image')

@@ -117,6 +117,8 @@ def test_arrays_and_pil_images_get_the_masks_of_their_files(images, segmenter):
   assert masks.shape == (3, 64, 64) and masks.dtype == np.uint8
   for mask, pixels in zip(masks, batch):
     assert np.array_equal(mask, segmenter(pixels))
+  assert segmenter([]) == [] and segmenter(batch[:0]).shape == (0, 64, 64)
+  assert segmenter.probabilities(batch[:0]).shape == (0, 64, 64, 21)
 
 
 def test_tiles_as_predict_tiles(model, images, tmp_path):
@@ -215,6 +217,8 @@ def test_evaluate_scores_as_numpy_does(images, segmenter, tmp_path):
 def test_evaluate_says_what_is_wrong_with_a_label(images, segmenter, tmp_path):
   path, pixels = images['small']
   label = np.zeros(pixels.shape[:2], np.uint8)
+  with pytest.raises(ValueError, match='no images to evaluate'):
+    segmenter.evaluate([], [])
   with pytest.raises(ValueError, match='1 image.s. and 2 label.s.'):
     segmenter.evaluate([path], [label, label])
   with pytest.raises(ValueError, match='label of small: 10x120, its image 100x120'):
