@@ -94,6 +94,18 @@ def evaluate(*, workdir: str, config=None, output: Optional[str] = None,
                                   **calibrate)
 
 
+def evaluate_files(*, workdir: str, images: Sequence[str], labels: str,
+                   output: Optional[str] = None, dtype: str = 'float32',
+                   calibration: str = '', calibration_count: Optional[int] = None,
+                   worst: int = 0, scales=None, flip=None,
+                   max_side: Optional[int] = None) -> None:
+  from seg.predict import scoring
+  calibrate = _calibration(dtype, calibration, calibration_count)
+  with _user_errors():
+    scoring.evaluate_files(workdir, images, labels, output, worst, dtype=dtype, scales=scales,
+                           flip=flip, max_side=max_side, **calibrate)
+
+
 def compare(*, workdirs: Sequence[str]) -> None:
   from seg.train import compare as compare_lib
   with _user_errors():
@@ -213,7 +225,21 @@ def run(args: argparse.Namespace) -> int:
   elif command == 'train':
     train(config=_experiment(a.config, a.overrides), workdir=a.workdir,
           coordinator=a.coordinator, num_processes=a.num_processes, process_id=a.process_id)
+  elif command == 'eval' and (a.images or a.labels):
+    if not (a.images and a.labels):
+      raise CommandError('--images and --labels go together: the images to score and the '
+                         'folder of their label PNGs')
+    if a.config is not None or a.overrides:
+      raise CommandError('--config applies to the dataset\'s split; with --images give '
+                         '--scales/--flip/--max-side')
+    evaluate_files(workdir=a.workdir, images=a.images, labels=a.labels, output=a.output,
+                   dtype=a.dtype, calibration=a.calibration,
+                   calibration_count=a.calibration_count, worst=a.worst, scales=a.scales,
+                   flip=a.flip, max_side=a.max_side)
   elif command == 'eval':
+    if a.max_side is not None:
+      raise CommandError('--max-side goes with --images (the dataset\'s split is evaluated '
+                         'at full size)')
     overrides = list(a.overrides) + _passes_as_overrides(a.scales, a.flip)
     evaluate(workdir=a.workdir, config=_workdir_config(a.workdir, a.config, overrides),
              output=a.output, dtype=a.dtype, calibration=a.calibration,

@@ -117,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
   _add_calibration(p, '--dtype int8')
   _add_passes(p, "the config's eval.scales; the same as --config.eval.scales='(...)'",
               "the config's eval.flip")
+  p.add_argument('--images', action='append',
+                 help='instead of the dataset\'s split: image files, folders, globs or lists '
+                      '(as predict\'s --input), scored against --labels; no dataset to '
+                      'prepare, no TensorFlow')
+  p.add_argument('--labels', metavar='DIR',
+                 help='with --images: the label PNGs, LABELS/RELATIVE_PATH.png (the path '
+                      'predict mirrors) or LABELS/NAME.png, as a dataset folder\'s labels')
+  p.add_argument('--max-side', type=_positive, default=None, metavar='N',
+                 help='with --images: as predict\'s (default: the model\'s)')
 
   p = commands.add_parser('compare', help='runs side by side: config differences, mIoU, '
                           'per-class IoU, from their workdirs')

@@ -62,7 +62,8 @@ class Segmenter:
   Args:
     workdir: a `train` workdir (or `import-weights` output, or a workdir's `best/`).
     dtype: 'float32', 'bfloat16' or 'int8' (int8 calibrates on the training split once and
-      keeps the scales in the workdir, or on `calibration`'s images: `predict --dtype int8`).
+      keeps the scales in the workdir, or on `calibration`'s images, `calibration_count` of
+      them: `predict --dtype int8`).
     scales, flip: the passes averaged (DeepLab's multi-scale and flipped inference); None:
       the model's `config.eval.scales` / `config.eval.flip`, the masks `eval` scores.
     max_side: images with a larger side are downscaled to it ('resize') or cut into tiles of
@@ -76,13 +77,13 @@ class Segmenter:
   def __init__(self, workdir: str, *, dtype: str = 'float32',
                scales: Optional[Sequence[float]] = None, flip: Optional[bool] = None,
                max_side: Optional[int] = None, large_images: str = 'resize',
-               batch_size: int = 1, calibration: Optional[str] = None, devices=None,
-               log=None):
+               batch_size: int = 1, calibration: Optional[str] = None,
+               calibration_count: Optional[int] = None, devices=None, log=None):
     from seg.inference.engine import Engine
     Options(max_side=max_side, large_images=large_images)  # the same checks as predict's
     scales, flip = inference_passes(workdir, scales, flip)
     self.engine, self.step = Engine.from_workdir(
-        workdir, calibration, batch_size=batch_size, dtype=dtype, devices=devices, log=log,
+        workdir, calibration, calibration_count, batch_size=batch_size, dtype=dtype, devices=devices, log=log,
         scales=scales, flip=flip)
     self.workdir = workdir
     self.config = self.engine.config
@@ -181,7 +182,7 @@ class Segmenter:
 
   # scoring -----------------------------------------------------------------------------
 
-  def _label(self, label, where: str) -> np.ndarray:
+  def label(self, label, where: str = 'label') -> np.ndarray:
     """A label as class indices [H, W] uint8: an array as it is; a file read as a dataset
     folder's labels are (palette or grey indices, or colours: the model's class colours,
     else VOC's for 21 classes), `seg.data.folder.read_label`."""
@@ -204,7 +205,7 @@ class Segmenter:
     return labels.check(label.astype(np.uint8), where, len(self.class_names), ignore)
 
   def evaluate(self, images, labels, ids: Optional[Sequence[str]] = None,
-               chunk: int = 16) -> Dict[str, Any]:
+               chunk: int = 16, progress=None) -> Dict[str, Any]:
     """The model's scores on `images` against their `labels`, computed as `eval` computes
     them: one confusion matrix over every labelled pixel of all the images (the ignore
     label, 255, counts nowhere), per-class IoU, their mean over the classes present, pixel
@@ -217,6 +218,7 @@ class Segmenter:
         model's class colours; VOC's colours for a 21-class model).
       ids: the images' names in the report (default: file names, else their positions).
       chunk: images predicted at a time (their masks are held until scored).
+      progress: called with no arguments after each image (e.g. `Progress(n).update`).
 
     Returns:
       `seg.inference.metrics.iou_report`'s dict ('miou', 'per_class_iou',
@@ -243,7 +245,7 @@ class Segmenter:
     for start in range(0, len(images), chunk):
       masks = self.predict(images[start:start + chunk])
       for i, mask in enumerate(masks, start):
-        label = self._label(labels[i], f'label of {ids[i]}')
+        label = self.label(labels[i], f'label of {ids[i]}')
         if label.shape != mask.shape:
           raise ValueError(f'label of {ids[i]}: {label.shape[0]}x{label.shape[1]}, its image '
                            f'{mask.shape[0]}x{mask.shape[1]}')
@@ -254,6 +256,8 @@ class Segmenter:
         counts[i] = [np.bincount(truth, minlength=num_classes),
                      np.bincount(predicted, minlength=num_classes),
                      np.bincount(truth[truth == predicted], minlength=num_classes)]
+        if progress is not None:
+          progress()
     report = metrics.iou_report(confusion, self.class_names, len(images))
     report['images'] = metrics.image_rows(ids, counts, self.class_names)
     return report
