@@ -1,7 +1,8 @@
 """Model, training step, metrics, evaluation and prediction import no TensorFlow.
 
 The GPU machines have JAX but not TensorFlow: every module outside `seg/data` must import,
-and the training step and `Segmenter` (masks and scores from Python) must run there.
+and the training step, `Segmenter` and `eval --images` (masks and scores of files) must
+run there.
 """
 
 import os
@@ -41,12 +42,18 @@ import tempfile, numpy as np
 from PIL import Image
 sys.path.insert(0, 'tests')
 from helpers import scene, write_random_workdir
+import os
 folder = tempfile.mkdtemp()
 write_random_workdir(folder + '/run', config)
-Image.fromarray(np.zeros((40, 50), np.uint8)).save(folder + '/label.png')
-from seg.predict import Segmenter  # masks and scores from Python, a label file read
-report = Segmenter(folder + '/run').evaluate(scene(40, 50, 0), folder + '/label.png')
+for sub in ('images', 'labels'):
+  os.makedirs(f'{folder}/{sub}')
+Image.fromarray(scene(40, 50, 0)).save(folder + '/images/a.png')
+Image.fromarray(np.zeros((40, 50), np.uint8)).save(folder + '/labels/a.png')
+from seg.predict import scoring  # eval --images --labels: Segmenter's masks and scores
+report = scoring.evaluate_files(folder + '/run', [folder + '/images'], folder + '/labels',
+                                output=folder + '/report/r.json', log=lambda line: None)
 assert report['num_images'] == 1 and 0 <= report['miou'] <= 1
+assert os.path.exists(folder + '/report/r_images.csv')
 assert not any(k.startswith('tensorflow') and m is not None for k, m in sys.modules.items())
 print('ok')
 '''

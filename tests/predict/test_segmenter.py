@@ -6,6 +6,7 @@ pixels, small images the argmax of the plain Flax model on eval's padded canvas,
 and overlays are VOC's palette written out in the test.
 """
 
+import json
 import os
 
 import jax
@@ -257,3 +258,60 @@ def test_a_folder_models_names_and_colours(model, images, tmp_path):
   Image.fromarray(voc_colormap()[label]).save(coloured)  # VOC's colours are not this model's
   with pytest.raises(ValueError, match="colours that the model's class colours does not name"):
     segmenter.evaluate(path, str(coloured))
+
+
+def _eval_files(*argv):
+  from seg.cli import commands, parser
+  return commands.run(parser.parse(parser.build_parser(), ['eval', *argv]))
+
+
+def test_eval_scores_image_and_label_files(model, images, segmenter, tmp_path, capsys):
+  """`main.py eval --images --labels`: labels found by relative path (nested) or by name,
+  the report `Segmenter.evaluate`'s, as NumPy counts it, written as eval writes it."""
+  photos, labels = tmp_path / 'photos', tmp_path / 'labels'
+  (photos / 'trip').mkdir(parents=True)
+  (labels / 'trip').mkdir(parents=True)
+  rng = np.random.default_rng(1)
+  masks, truths = [], []
+  for name, where in (('small', 'trip/'), ('large', ''), ('photo', 'trip/')):
+    path, pixels = images[name]
+    os.symlink(path, photos / (where + os.path.basename(path)))
+    mask = segmenter(path)
+    truth = np.where(rng.random(mask.shape) < 0.2, 0, mask).astype(np.uint8)
+    truth[:5] = 255
+    png = Image.fromarray(truth, 'P')
+    png.putpalette(voc_colormap().tobytes())
+    png.save(labels / f'{where if name != "photo" else ""}{name}.png')  # photo: by name only
+    masks.append(mask)
+    truths.append(truth)
+  output = tmp_path / 'report' / 'files.json'
+  _eval_files('--workdir', model[0], '--images', str(photos), '--labels', str(labels),
+              '--max-side', str(MAX_SIDE), '--output', str(output), '--worst', '2')
+  printed = capsys.readouterr()
+  report = json.loads(output.read_text())
+  miou, ious, accuracy = _numpy_scores(masks, truths)
+  assert report['miou'] == pytest.approx(miou) and report['num_images'] == 3
+  assert report['pixel_accuracy'] == pytest.approx(accuracy)
+  assert {r['id'] for r in report['worst_images']} == {'trip/small', 'large', 'trip/photo'}
+  assert f'{100 * miou:.2f}%' in printed.out  # the table
+  assert (tmp_path / 'report' / 'files_images.csv').exists()
+  assert len(os.listdir(tmp_path / 'report' / 'files_worst')) == 2
+
+
+def test_eval_files_says_what_is_missing(model, images, tmp_path):
+  from seg.cli.commands import CommandError
+  photos = tmp_path / 'photos'
+  photos.mkdir()
+  os.symlink(images['small'][0], photos / 'small.png')
+  (tmp_path / 'labels').mkdir()
+  with pytest.raises(CommandError, match=r'1 of 1 image\(s\) have no label in .*labels: '
+                                         r'small.png \(for the first: no .*labels/small.png'):
+    _eval_files('--workdir', model[0], '--images', str(photos), '--labels',
+                str(tmp_path / 'labels'))
+  with pytest.raises(CommandError, match='--images and --labels go together'):
+    _eval_files('--workdir', model[0], '--images', str(photos))
+  with pytest.raises(CommandError, match='--max-side goes with --images'):
+    _eval_files('--workdir', model[0], '--max-side', '100')
+  with pytest.raises(CommandError, match='--config applies to the dataset'):
+    _eval_files('--workdir', model[0], '--images', str(photos), '--labels', str(photos),
+                '--config.eval.flip=True')
