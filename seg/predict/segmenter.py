@@ -83,8 +83,8 @@ class Segmenter:
     Options(max_side=max_side, large_images=large_images)  # the same checks as predict's
     scales, flip = inference_passes(workdir, scales, flip)
     self.engine, self.step = Engine.from_workdir(
-        workdir, calibration, calibration_count, batch_size=batch_size, dtype=dtype, devices=devices, log=log,
-        scales=scales, flip=flip)
+        workdir, calibration, calibration_count, batch_size=batch_size, dtype=dtype,
+        devices=devices, log=log, scales=scales, flip=flip)
     self.workdir = workdir
     self.config = self.engine.config
     self.max_side = max_side or self.engine.predict_max_side
