@@ -247,8 +247,11 @@ class Segmenter:
       for i, mask in enumerate(masks, start):
         label = self.label(labels[i], f'label of {ids[i]}')
         if label.shape != mask.shape:
+          turned = (' (turned: a file\'s EXIF orientation is applied, as viewers show it; '
+                    'was the label drawn on the stored pixels?)'
+                    if label.shape == mask.shape[::-1] else '')
           raise ValueError(f'label of {ids[i]}: {label.shape[0]}x{label.shape[1]}, its image '
-                           f'{mask.shape[0]}x{mask.shape[1]}')
+                           f'{mask.shape[0]}x{mask.shape[1]}{turned}')
         valid = label != self.config.data.ignore_label
         truth, predicted = label[valid].astype(np.int64), mask[valid].astype(np.int64)
         confusion += np.bincount(truth * num_classes + predicted,

@@ -222,8 +222,10 @@ def test_evaluate_says_what_is_wrong_with_a_label(images, segmenter, tmp_path):
     segmenter.evaluate([], [])
   with pytest.raises(ValueError, match='1 image.s. and 2 label.s.'):
     segmenter.evaluate([path], [label, label])
-  with pytest.raises(ValueError, match='label of small: 10x120, its image 100x120'):
+  with pytest.raises(ValueError, match='label of small: 10x120, its image 100x120$'):
     segmenter.evaluate(path, label[:10])
+  with pytest.raises(ValueError, match=r'120x100, its image 100x120 \(turned: .* EXIF'):
+    segmenter.evaluate(path, label.T)
   label[5, 5] = 30
   with pytest.raises(ValueError, match='label of small: label values 30 are neither classes'):
     segmenter.evaluate(path, label)
