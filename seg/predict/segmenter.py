@@ -37,6 +37,8 @@ from seg.predict.options import Options
 from seg.predict.outputs import colours, overlay
 from seg.predict.runner import Item, complete, inference_passes, run_items
 
+CHUNK = 32  # inputs decoded at once (their results are the caller's)
+
 
 class _Probabilities:
   """An image's probabilities in memory, [height, width, classes] float32 (what `complete`
@@ -136,6 +138,18 @@ class Segmenter:
     single = _is_single(images)
     batch_array = isinstance(images, np.ndarray) and images.ndim == 4
     inputs = [images] if single else list(images)
+    results = []
+    for start in range(0, len(inputs), CHUNK):  # decoded pixels of one chunk held at a time
+      results += self._run_chunk(inputs[start:start + CHUNK], probabilities)
+    if single:
+      return results[0]
+    if batch_array and not results:  # an empty batch: an empty batch of results
+      classes = (self.config.model.num_classes,) if probabilities else ()
+      return np.zeros(images.shape[:3] + classes, np.float32 if probabilities else np.uint8)
+    return np.stack(results) if batch_array else results
+
+  def _run_chunk(self, inputs: Sequence[Any], probabilities: bool) -> List[np.ndarray]:
+    """Masks (or probabilities) of some inputs, as `predict`'s pipeline computes them."""
     items = [self._item(image) for image in inputs]
     stores: Dict[int, _Probabilities] = {}
 
@@ -159,12 +173,7 @@ class Segmenter:
     for index, item in enumerate(items):
       complete(item, store_for(index))  # a tiled item's are written already
       results.append(stores[index].array if probabilities else item.mask)
-    if single:
-      return results[0]
-    if batch_array and not results:  # an empty batch: an empty batch of results
-      classes = (self.config.model.num_classes,) if probabilities else ()
-      return np.zeros(images.shape[:3] + classes, np.float32 if probabilities else np.uint8)
-    return np.stack(results) if batch_array else results
+    return results
 
   def predict(self, images) -> Any:
     """Class ids at every pixel: [H, W] uint8 for one image (a path, a PIL image or an

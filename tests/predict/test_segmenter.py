@@ -19,6 +19,7 @@ from experiments import tiny
 from seg import predict
 from seg.inference.engine import Engine
 from seg.predict import Segmenter
+from seg.predict import segmenter as segmenter_module
 
 EVAL_SIZE = 161  # tiny.py's
 MAX_SIDE = 130   # below the large images' sides, above twice the tiles' overlap
@@ -105,7 +106,7 @@ def test_small_images_get_the_plain_flax_models_argmax(model, images, segmenter)
   assert np.array_equal(mask[clear], logits.argmax(-1)[clear])
 
 
-def test_arrays_and_pil_images_get_the_masks_of_their_files(images, segmenter):
+def test_arrays_and_pil_images_get_the_masks_of_their_files(images, segmenter, monkeypatch):
   for name in ('small', 'wide', 'grey', 'rgba', 'large'):  # PNGs: the same pixels exactly
     path, pixels = images[name]
     from_file = segmenter(path)
@@ -119,6 +120,8 @@ def test_arrays_and_pil_images_get_the_masks_of_their_files(images, segmenter):
   for mask, pixels in zip(masks, batch):
     assert np.array_equal(mask, segmenter(pixels))
   assert segmenter([]) == [] and segmenter(batch[:0]).shape == (0, 64, 64)
+  monkeypatch.setattr(segmenter_module, 'CHUNK', 2)  # a long list: decoded chunk by chunk
+  assert np.array_equal(segmenter(batch), masks)
   assert segmenter.probabilities(batch[:0]).shape == (0, 64, 64, 21)
 
 
