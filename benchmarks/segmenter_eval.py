@@ -4,9 +4,10 @@
         [--scales 0.75,1,1.25 --flip]
 
 Runs `main.py eval` on the workdir's val split (embedded VOC, or its dataset folder), then
-`Segmenter(workdir).evaluate` on that split's image and label files, and prints one JSON
-line: both mIoUs and pixel accuracies, whether the two confusion matrices are equal, the
-number of pixels where they differ, and the seconds each took (eval's includes its start).
+`Segmenter(workdir).evaluate` on that split's image and label files, then `main.py eval
+--images LIST --labels DIR` on them (a list file of the images), and prints one JSON line:
+the mIoUs and pixel accuracies, whether the confusion matrices equal eval's, the number of
+pixels counted differently, and the seconds each took (the commands' with their start).
 """
 
 import json
@@ -68,15 +69,31 @@ def main(_):
                     scales=[float(s) for s in FLAGS.scales] if FLAGS.scales else None)
   report = model.evaluate(images, labels)
   seconds = time.time() - start
-  a, b = np.array(evaluated['confusion_matrix']), np.array(report['confusion_matrix'])
+  listing = os.path.join(os.path.dirname(report_path), 'images.txt')
+  with open(listing, 'w') as f:
+    f.write('\n'.join(images) + '\n')
+  files_path = os.path.join(os.path.dirname(report_path), 'files.json')
+  start = time.time()
+  subprocess.run([sys.executable, os.path.join(ROOT, 'main.py'), 'eval', '--workdir',
+                  FLAGS.workdir, '--dtype', FLAGS.dtype, '--images', listing, '--labels',
+                  os.path.dirname(labels[0]), '--output', files_path] + passes,
+                 check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  files_seconds = time.time() - start
+  with open(files_path) as f:
+    from_files = json.load(f)
+  a = np.array(evaluated['confusion_matrix'])
+  b, c = np.array(report['confusion_matrix']), np.array(from_files['confusion_matrix'])
   print(json.dumps({
       'workdir': FLAGS.workdir, 'dtype': FLAGS.dtype, 'images': len(images),
       'eval_miou': evaluated['miou'], 'segmenter_miou': report['miou'],
+      'eval_images_miou': from_files['miou'],
       'eval_pixel_accuracy': evaluated['pixel_accuracy'],
       'segmenter_pixel_accuracy': report['pixel_accuracy'],
-      'same_confusion_matrix': bool(np.array_equal(a, b)),
-      'pixels_counted_differently': int(np.abs(a - b).sum() // 2),
-      'eval_seconds': round(eval_seconds, 1), 'segmenter_seconds': round(seconds, 1)}))
+      'segmenter_same_confusion_matrix': bool(np.array_equal(a, b)),
+      'segmenter_pixels_counted_differently': int(np.abs(a - b).sum() // 2),
+      'eval_images_same_confusion_matrix': bool(np.array_equal(a, c)),
+      'eval_seconds': round(eval_seconds, 1), 'segmenter_seconds': round(seconds, 1),
+      'eval_images_seconds': round(files_seconds, 1)}))
 
 
 if __name__ == '__main__':
