@@ -42,3 +42,27 @@ def test_importing_the_data_layer_writes_nothing_to_stderr():
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stderr == ''
+
+
+def test_a_process_that_dies_in_the_block_still_shows_its_lines():
+  # TensorFlow's import aborting (a failed check, a CPU it was not built for): what it wrote
+  # before dying reaches stderr, less the noise lines.
+  script = ('import os\n'
+            'from seg.data.tf_quiet import filtered_stderr\n'
+            'with filtered_stderr():\n'
+            '  os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on.\\n"\n'
+            '              b"F0000 this CPU lacks AVX: why the import died\\n")\n'
+            '  os.abort()\n')
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == -6  # SIGABRT
+  assert result.stderr == 'F0000 this CPU lacks AVX: why the import died\n'
+
+
+def test_without_a_forwarding_process_the_lines_come_at_the_end(monkeypatch, capfd):
+  def no_process(*args, **kwargs):
+    raise OSError(2, 'No such file or directory')
+  monkeypatch.setattr(tf_quiet.subprocess, 'Popen', no_process)
+  with tf_quiet.filtered_stderr():
+    os.write(2, b'kept\nI0000 oneDNN custom operations are on. dropped\n')
+  assert capfd.readouterr().err == 'kept\n'
