@@ -262,12 +262,10 @@ class Segmenter:
           raise ValueError(f'label of {ids[i]}: {label.shape[0]}x{label.shape[1]}, its image '
                            f'{mask.shape[0]}x{mask.shape[1]}{turned}')
         valid = label != self.config.data.ignore_label
-        truth, predicted = label[valid].astype(np.int64), mask[valid].astype(np.int64)
-        confusion += np.bincount(truth * num_classes + predicted,
-                                 minlength=num_classes ** 2).reshape(num_classes, num_classes)
-        counts[i] = [np.bincount(truth, minlength=num_classes),
-                     np.bincount(predicted, minlength=num_classes),
-                     np.bincount(truth[truth == predicted], minlength=num_classes)]
+        cells = label[valid].astype(np.int64) * num_classes + mask[valid]
+        matrix = np.bincount(cells, minlength=num_classes ** 2).reshape(num_classes, -1)
+        confusion += matrix
+        counts[i] = [matrix.sum(1), matrix.sum(0), np.diagonal(matrix)]  # `class_counts`
         if progress is not None:
           progress()
     report = metrics.iou_report(confusion, self.class_names, len(images))
