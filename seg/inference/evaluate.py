@@ -146,27 +146,36 @@ def write_report(report: Dict, path: str, charts: str, log=print) -> None:
       f'{charts}per_class_iou.png, {charts}confusion_matrix.png')
 
 
-def write_worst_panels(eng, config, rows, count: int, folder: str, log=print) -> List[str]:
+def write_panels(rows, count: int, folder: str, example, ignore_label: int = 255,
+                 class_colours: str = '', log=print) -> List[str]:
   """PNG panels, image | label | prediction (`classes.example_panels`), of the `count`
-  lowest-scoring images of `rows` (`evaluate`'s report['images']) into `folder`, named
-  RANK_ID.png (a '/' in an id as '__'). The predictions are the engine's (`eng`, built with
-  `config.eval.scales` and `flip`: what `predict` writes by default). Returns the paths."""
+  lowest-scoring images of `rows` (a report's 'images', worst first) into `folder`, named
+  RANK_ID.png (a '/' in an id as '__'); `example(id)` gives (image [h, w, 3], label [h, w],
+  prediction [h, w]). Returns the paths."""
   from PIL import Image
-  from seg.data import pipeline
   chosen = [r['id'] for r in rows if r['miou'] is not None][:count]
-  examples = pipeline.named_examples(config.data, config.data.eval_split, chosen)
-  masks = eng.predict([examples[name][0] for name in chosen])
   os.makedirs(folder, exist_ok=True)
   paths = []
-  for rank, (name, mask) in enumerate(zip(chosen, masks), 1):
-    image, label = examples[name]
-    panel = classes.example_panels(image[None], label[None], mask[None],
-                                   config.data.ignore_label, config.data.class_colours)[0]
+  for rank, name in enumerate(chosen, 1):
+    image, label, mask = example(name)
+    panel = classes.example_panels(image[None], label[None], mask[None], ignore_label,
+                                   class_colours)[0]
     paths.append(os.path.join(folder, f'{rank:02d}_{name.replace("/", "__")}.png'))
     Image.fromarray(panel).save(paths[-1])
   log(f'wrote {len(paths)} panels (image | label | prediction) of the lowest-scoring images '
       f'to {folder}')
   return paths
+
+
+def write_worst_panels(eng, config, rows, count: int, folder: str, log=print) -> List[str]:
+  """`write_panels` of a dataset split's images: the predictions are the engine's (`eng`,
+  built with `config.eval.scales` and `flip`: what `predict` writes by default)."""
+  from seg.data import pipeline
+  chosen = [r['id'] for r in rows if r['miou'] is not None][:count]
+  examples = pipeline.named_examples(config.data, config.data.eval_split, chosen)
+  masks = dict(zip(chosen, eng.predict([examples[name][0] for name in chosen])))
+  return write_panels(rows, count, folder, lambda name: (*examples[name], masks[name]),
+                      config.data.ignore_label, config.data.class_colours, log)
 
 
 def engine_dtype(name: str):

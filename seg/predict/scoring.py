@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from seg.predict.files import IMAGE_EXTENSIONS, InputFile, collect_inputs
+from seg.predict.images import load_rgb
 from seg.predict.progress import Progress
 from seg.predict.segmenter import Segmenter
 
@@ -40,29 +41,6 @@ def label_paths(files: Sequence[InputFile], labels: str) -> Tuple[List[str], Lis
   return found, missing
 
 
-def write_panels(segmenter: Segmenter, rows, images: Dict[str, str], labels: Dict[str, str],
-                 count: int, folder: str, log=print) -> List[str]:
-  """`eval --worst`'s panels (image | label | prediction, `seg.classes.example_panels`) of the
-  `count` lowest-scoring images of `rows` into `folder`, as RANK_ID.png."""
-  from PIL import Image
-  from seg.classes import example_panels
-  from seg.predict.images import load_rgb
-  chosen = [r['id'] for r in rows if r['miou'] is not None][:count]
-  os.makedirs(folder, exist_ok=True)
-  paths = []
-  for rank, name in enumerate(chosen, 1):
-    image = load_rgb(images[name])
-    label = segmenter.label(labels[name], name)
-    panel = example_panels(image[None], label[None], segmenter(image)[None],
-                           segmenter.config.data.ignore_label,
-                           segmenter.config.data.get('class_colours', ''))[0]
-    paths.append(os.path.join(folder, f'{rank:02d}_{name.replace(os.sep, "__")}.png'))
-    Image.fromarray(panel).save(paths[-1])
-  log(f'wrote {len(paths)} panels (image | label | prediction) of the lowest-scoring images '
-      f'to {folder}')
-  return paths
-
-
 def evaluate_files(workdir: str, images: Sequence[str], labels: str,
                    output: Optional[str] = None, worst: int = 0, log=print,
                    progress_stream=None, **segmenter_options) -> Dict:
@@ -71,7 +49,7 @@ def evaluate_files(workdir: str, images: Sequence[str], labels: str,
   docstring), with a progress line on `progress_stream` (default stderr).
   `segmenter_options`: `Segmenter`'s (dtype, scales, flip, max_side, ...)."""
   from seg.inference import metrics
-  from seg.inference.evaluate import write_report
+  from seg.inference.evaluate import write_panels, write_report
   if worst and not output:
     raise ValueError('--worst writes its panels beside the report: give --output too')
   if not os.path.isdir(labels):
@@ -107,6 +85,12 @@ def evaluate_files(workdir: str, images: Sequence[str], labels: str,
     stem = os.path.splitext(output)[0]
     write_report(report, output, stem + '_', log)
     if worst:
-      write_panels(segmenter, report['images'], dict(zip(ids, (f.path for f in files))),
-                   dict(zip(ids, label_files)), worst, stem + '_worst', log)
+      paths, label_of = dict(zip(ids, (f.path for f in files))), dict(zip(ids, label_files))
+
+      def example(name):  # image | label | the mask `predict` writes
+        image = load_rgb(paths[name])
+        return image, segmenter.label(label_of[name], name), segmenter(image)
+      write_panels(report['images'], worst, stem + '_worst', example,
+                   segmenter.config.data.ignore_label,
+                   segmenter.config.data.get('class_colours', ''), log)
   return report
