@@ -51,6 +51,17 @@ class _Probabilities:
     self.array[row:row + probs.shape[0], col:col + probs.shape[1]] = probs
 
 
+def _pil_image(image) -> Image.Image:
+  """An array or PIL image (not a path) as a loaded PIL image (`image_from_array`)."""
+  if isinstance(image, np.ndarray):
+    return image_from_array(image)
+  if not isinstance(image, Image.Image):
+    raise TypeError(f'expected a path, a PIL image or a uint8 array, got '
+                    f'{type(image).__name__}')
+  image.load()
+  return image
+
+
 def _is_single(images) -> bool:
   """One image (a path, a PIL image, an array but a batch), not a list or batch of them."""
   if isinstance(images, np.ndarray):
@@ -119,17 +130,11 @@ class Segmenter:
         from seg.predict.progress import failure_reason
         raise ValueError(f'{os.fspath(image)}: {failure_reason(e)}') from e
     else:
-      if isinstance(image, np.ndarray):
-        if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 and not (
-            resize_side and max(image.shape[:2]) > resize_side):
-          pixels = np.ascontiguousarray(image)  # taken as it is
-          return Item(None, pixels, pixels.shape[:2],
-                      tiled=max(pixels.shape[:2]) > self.max_side)
-        image = image_from_array(image)
-      elif not isinstance(image, Image.Image):
-        raise TypeError(f'expected a path, a PIL image or a uint8 array, got '
-                        f'{type(image).__name__}')
-      image.load()
+      if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and \
+          image.dtype == np.uint8 and not (resize_side and max(image.shape[:2]) > resize_side):
+        pixels = np.ascontiguousarray(image)  # taken as it is
+        return Item(None, pixels, pixels.shape[:2], tiled=max(pixels.shape[:2]) > self.max_side)
+      image = _pil_image(image)
       original = (image.height, image.width)
       pixels = fitted(image, original, resize_side)
     return Item(None, pixels, tuple(original), tiled=max(pixels.shape[:2]) > self.max_side)
@@ -284,11 +289,7 @@ class Segmenter:
     if isinstance(image, (str, os.PathLike)):
       pixels = load_rgb(os.fspath(image))
     else:
-      if isinstance(image, np.ndarray):
-        image = image_from_array(image)
-      elif not isinstance(image, Image.Image):
-        raise TypeError(f'expected a path, a PIL image or a uint8 array, got '
-                        f'{type(image).__name__}')
+      image = _pil_image(image)
       pixels = fitted(image, (image.height, image.width), None)
     mask = np.asarray(mask, np.uint8)
     if mask.shape != pixels.shape[:2]:
